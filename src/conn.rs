@@ -1,0 +1,442 @@
+//! One connection as both sides see it: the host side (callbacks, the inbox of events waiting
+//! for dispatch, flow control) and the gate through which the I/O task learns when it may read.
+//!
+//! All of it sits behind one mutex per connection. Callbacks are always called with that mutex
+//! released, so a callback may call any API function on any connection.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+
+use crate::callbacks::{self, Callbacks, WsMessageKind};
+use crate::dispatch::Hub;
+use crate::error::{Error, WsStatus};
+use crate::handles::{self, WsConn};
+
+/// What the host asks the I/O task to do, in the order it asked.
+pub enum Command {
+    /// A message and its payload length (for the send-queue accounting).
+    Send(Message, usize),
+    Close(CloseFrame),
+}
+
+/// A received message, ready to be handed to the host.
+pub enum Payload {
+    /// UTF-8 text followed by one NUL that is not part of the message.
+    Text(Vec<u8>),
+    Binary(Bytes),
+}
+
+impl Payload {
+    pub fn text(text: &[u8]) -> Payload {
+        let mut bytes = Vec::with_capacity(text.len() + 1);
+        bytes.extend_from_slice(text);
+        bytes.push(0);
+        Payload::Text(bytes)
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Text(bytes) => bytes.len() - 1,
+            Payload::Binary(bytes) => bytes.len(),
+        }
+    }
+}
+
+/// Events the I/O task produces for the host, delivered in this order per connection.
+pub enum Event {
+    Open,
+    Message(Payload),
+    /// Final: a completed close handshake. `reason` ends with a NUL.
+    Close { code: u16, reason: Vec<u8> },
+    /// Final: everything else.
+    Error(Error),
+}
+
+impl Event {
+    pub fn close(code: u16, reason: &str) -> Event {
+        let mut bytes = Vec::with_capacity(reason.len() + 1);
+        bytes.extend_from_slice(reason.as_bytes());
+        bytes.push(0);
+        Event::Close { code, reason: bytes }
+    }
+
+    fn is_final(&self) -> bool {
+        matches!(self, Event::Close { .. } | Event::Error(_))
+    }
+}
+
+/// Where the connection stands as the host sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// The open callback has not run yet.
+    Connecting,
+    Open,
+    /// The host called close.
+    Closing,
+    /// The final callback is running.
+    Finished,
+}
+
+struct State {
+    phase: Phase,
+    callbacks: Callbacks,
+    inbox: VecDeque<Event>,
+    inbox_bytes: usize,
+    inbox_messages: usize,
+    /// The connection is in the hub's ready list (or being dispatched right now).
+    scheduled: bool,
+    flow_control: bool,
+    /// Flow control: a message was delivered and message_complete has not been called yet.
+    awaiting_complete: bool,
+    close_requested: bool,
+    /// The client is being freed: the task must stop.
+    shutdown: bool,
+    /// The I/O task, when it waits for the gate or for a control change.
+    task_waker: Option<Waker>,
+    protocol: Option<String>,
+}
+
+pub struct Conn {
+    pub id: WsConn,
+    pub hub: Arc<Hub>,
+    state: Mutex<State>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// Bytes accepted by send and not yet handed to the socket (the browser's bufferedAmount).
+    buffered: AtomicUsize,
+    send_queue_limit: usize,
+    receive_queue_limit: usize,
+}
+
+/// Whether the I/O task may read from the socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    Open,
+    /// The host has not taken enough of what was read (flow control, or the receive queue limit).
+    Closed,
+    /// The client is being freed.
+    Shutdown,
+}
+
+/// What the I/O task must do about requests made while it was connecting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    Proceed,
+    CloseRequested,
+    Shutdown,
+}
+
+impl Conn {
+    pub fn new(
+        id: WsConn,
+        hub: Arc<Hub>,
+        commands: mpsc::UnboundedSender<Command>,
+        send_queue_limit: usize,
+        receive_queue_limit: usize,
+    ) -> Conn {
+        Conn {
+            id,
+            hub,
+            state: Mutex::new(State {
+                phase: Phase::Connecting,
+                callbacks: Callbacks::default(),
+                inbox: VecDeque::new(),
+                inbox_bytes: 0,
+                inbox_messages: 0,
+                scheduled: false,
+                flow_control: false,
+                awaiting_complete: false,
+                close_requested: false,
+                shutdown: false,
+                task_waker: None,
+                protocol: None,
+            }),
+            commands,
+            buffered: AtomicUsize::new(0),
+            send_queue_limit,
+            receive_queue_limit,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data behind: every update is a
+        // handful of plain assignments. Keep going rather than poisoning the connection.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    // ---- host side -------------------------------------------------------------------------
+
+    pub fn callbacks_mut<R>(&self, f: impl FnOnce(&mut Callbacks) -> R) -> R {
+        f(&mut self.lock().callbacks)
+    }
+
+    /// Queues a message; it goes out after the handshake, in order with the other sends.
+    pub fn send(&self, message: Message, len: usize) -> Result<(), Error> {
+        {
+            let st = self.lock();
+            if matches!(st.phase, Phase::Closing | Phase::Finished) {
+                return Err(Error::new(WsStatus::Closing, "the connection is closing: nothing more can be sent"));
+            }
+        }
+        let queued = self.buffered.load(Ordering::Relaxed);
+        if queued.saturating_add(len) > self.send_queue_limit {
+            return Err(Error::new(
+                WsStatus::SendQueueFull,
+                format!("{queued} bytes wait to be sent and the limit is {}", self.send_queue_limit),
+            ));
+        }
+        self.buffered.fetch_add(len, Ordering::Relaxed);
+        if self.commands.send(Command::Send(message, len)).is_err() {
+            self.buffered.fetch_sub(len, Ordering::Relaxed);
+            return Err(Error::new(WsStatus::Closing, "the connection has ended: nothing more can be sent"));
+        }
+        Ok(())
+    }
+
+    /// Starts the close handshake (or aborts the connect). A second call is a no-op.
+    pub fn close(&self, frame: CloseFrame) -> Result<(), Error> {
+        let waker = {
+            let mut st = self.lock();
+            match st.phase {
+                Phase::Connecting | Phase::Open => {}
+                Phase::Closing => {
+                    return Err(Error::new(WsStatus::AlreadyClosing, "close was already called on this connection"))
+                }
+                Phase::Finished => return Err(Error::new(WsStatus::Closing, "the connection is already closed")),
+            }
+            st.phase = Phase::Closing;
+            st.close_requested = true;
+            // The task no longer honours flow control once closing: it must read the peer's close.
+            st.task_waker.take()
+        };
+        // If the task has already ended, there is nothing left to close: ignore the error.
+        let _ = self.commands.send(Command::Close(frame));
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    pub fn set_flow_control(self: &Arc<Self>, enabled: bool) {
+        let mut st = self.lock();
+        st.flow_control = enabled;
+        if !enabled && st.awaiting_complete {
+            self.release(st);
+        }
+    }
+
+    pub fn message_complete(self: &Arc<Self>) {
+        let st = self.lock();
+        if st.awaiting_complete {
+            self.release(st);
+        }
+    }
+
+    /// Ends a wait for message_complete: reschedules held events and lets the task read again.
+    fn release(self: &Arc<Self>, mut st: MutexGuard<'_, State>) {
+        st.awaiting_complete = false;
+        let schedule = !st.scheduled && deliverable(&st);
+        if schedule {
+            st.scheduled = true;
+        }
+        let waker = self.reading_allowed(&st).then(|| st.task_waker.take()).flatten();
+        drop(st);
+        if schedule {
+            self.hub.schedule(self.clone());
+        }
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    pub fn buffered_amount(&self) -> usize {
+        self.buffered.load(Ordering::Relaxed)
+    }
+
+    pub fn protocol(&self) -> Option<String> {
+        self.lock().protocol.clone()
+    }
+
+    /// Runs the callbacks of the events that are deliverable now, at most as many as were queued
+    /// when it started (so a fast peer cannot keep one dispatch call busy forever). Returns how
+    /// many callbacks ran.
+    pub fn dispatch(self: &Arc<Self>) -> u32 {
+        let budget = self.lock().inbox.len();
+        let mut ran = 0;
+        for _ in 0..budget {
+            let Some((event, callbacks)) = self.next_event() else { break };
+            let ran_one = match &event {
+                Event::Open => callbacks::call_open(callbacks.open, self.id),
+                Event::Message(Payload::Text(bytes)) => {
+                    callbacks::call_message(callbacks.message, self.id, &bytes[..bytes.len() - 1], WsMessageKind::Text)
+                }
+                Event::Message(Payload::Binary(bytes)) => {
+                    callbacks::call_message(callbacks.message, self.id, bytes, WsMessageKind::Binary)
+                }
+                Event::Close { code, reason } => callbacks::call_close(callbacks.close, self.id, *code, reason),
+                Event::Error(e) => {
+                    let mut text = e.message.replace('\0', " ").into_bytes();
+                    text.push(0);
+                    callbacks::call_error(callbacks.error, self.id, e.status, &text)
+                }
+            };
+            ran += ran_one as u32;
+            if event.is_final() {
+                self.become_gone();
+                return ran;
+            }
+        }
+        let mut st = self.lock();
+        st.scheduled = deliverable(&st);
+        if st.scheduled {
+            drop(st);
+            self.hub.schedule(self.clone());
+        }
+        ran
+    }
+
+    /// Takes the next deliverable event and the callbacks to run for it.
+    fn next_event(&self) -> Option<(Event, Callbacks)> {
+        let mut st = self.lock();
+        if !deliverable(&st) {
+            return None;
+        }
+        let event = st.inbox.pop_front()?;
+        let mut callbacks = st.callbacks;
+        match &event {
+            Event::Open => {
+                if st.phase == Phase::Connecting {
+                    st.phase = Phase::Open;
+                } else {
+                    // The host closed before the open was delivered: it no longer expects one.
+                    callbacks.open.0 = None;
+                }
+            }
+            Event::Message(payload) => {
+                st.inbox_bytes -= payload.len();
+                st.inbox_messages -= 1;
+                // With flow control on, this message holds the next ones until message_complete,
+                // which the callback itself may call: so the hold starts before the call. Without
+                // a callback there is nobody to complete it, so nothing is held.
+                st.awaiting_complete = st.flow_control && callbacks.message.0.is_some();
+            }
+            Event::Close { .. } | Event::Error(_) => st.phase = Phase::Finished,
+        }
+        let waker = self.reading_allowed(&st).then(|| st.task_waker.take()).flatten();
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Some((event, callbacks))
+    }
+
+    /// Called after the final callback returned: the handle stops working everywhere.
+    fn become_gone(&self) {
+        handles::remove(self.id);
+        let mut st = self.lock();
+        st.callbacks = Callbacks::default();
+        st.inbox.clear();
+        st.scheduled = false;
+        drop(st);
+        self.hub.connection_gone();
+    }
+
+    // ---- I/O task side ---------------------------------------------------------------------
+
+    /// Queues an event for the host; schedules the connection if it can be dispatched now.
+    pub fn deliver(self: &Arc<Self>, event: Event) {
+        let mut st = self.lock();
+        if st.shutdown {
+            return;
+        }
+        if let Event::Message(payload) = &event {
+            st.inbox_bytes += payload.len();
+            st.inbox_messages += 1;
+        }
+        st.inbox.push_back(event);
+        let schedule = !st.scheduled && deliverable(&st);
+        if schedule {
+            st.scheduled = true;
+            drop(st);
+            self.hub.schedule(self.clone());
+        }
+    }
+
+    /// Whether the task may read the next message now; if not, `waker` is woken when it may,
+    /// or when the client is freed.
+    pub fn gate(&self, waker: &Waker) -> Gate {
+        let mut st = self.lock();
+        if st.shutdown {
+            return Gate::Shutdown;
+        }
+        // Kept even when open, so that freeing the client wakes a task waiting on its socket.
+        store_waker(&mut st.task_waker, waker);
+        if self.reading_allowed(&st) {
+            Gate::Open
+        } else {
+            Gate::Closed
+        }
+    }
+
+    /// What the host asked for while the task was busy connecting; `waker` is woken on a change.
+    pub fn control(&self, waker: &Waker) -> Control {
+        let mut st = self.lock();
+        if st.shutdown {
+            return Control::Shutdown;
+        }
+        if st.close_requested {
+            return Control::CloseRequested;
+        }
+        store_waker(&mut st.task_waker, waker);
+        Control::Proceed
+    }
+
+    pub fn set_protocol(&self, protocol: Option<String>) {
+        self.lock().protocol = protocol;
+    }
+
+    /// The task wrote `bytes` of queued messages to the socket.
+    pub fn sent(&self, bytes: usize) {
+        self.buffered.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// The client is being freed: drop pending events and tell the task to stop.
+    pub fn shut_down(&self) {
+        let mut st = self.lock();
+        st.shutdown = true;
+        st.inbox.clear();
+        st.callbacks = Callbacks::default();
+        let waker = st.task_waker.take();
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    fn reading_allowed(&self, st: &State) -> bool {
+        let held_by_flow_control =
+            st.flow_control && !st.close_requested && (st.awaiting_complete || st.inbox_messages > 0);
+        !held_by_flow_control && st.inbox_bytes < self.receive_queue_limit
+    }
+}
+
+/// Whether the first event in the inbox may be handed to the host now.
+fn deliverable(st: &State) -> bool {
+    match st.inbox.front() {
+        None => false,
+        Some(Event::Message(_)) => !st.awaiting_complete,
+        Some(_) => true,
+    }
+}
+
+fn store_waker(slot: &mut Option<Waker>, waker: &Waker) {
+    match slot {
+        Some(w) if w.will_wake(waker) => {}
+        _ => *slot = Some(waker.clone()),
+    }
+}

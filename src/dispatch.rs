@@ -1,0 +1,194 @@
+//! The hand-over from the library's I/O threads to the host's thread.
+//!
+//! Connections with deliverable events sit in a ready list. An eventfd is readable exactly while
+//! that list is not empty, so a host's poll/epoll loop (level-triggered or edge-triggered) never
+//! misses a wake-up. `dispatch` runs callbacks on the calling thread and nowhere else.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::conn::Conn;
+use crate::error::{Error, WsStatus};
+
+/// An eventfd used as a level-triggered "callbacks are pending" flag.
+struct Wakeup(OwnedFd);
+
+impl Wakeup {
+    fn new() -> io::Result<Wakeup> {
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Wakeup(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn set(&self) {
+        let one: u64 = 1;
+        // Can only fail with EAGAIN when the counter is near u64::MAX: it is readable then anyway.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn clear(&self) {
+        let mut value: u64 = 0;
+        // EAGAIN means it was not set: fine.
+        unsafe { libc::read(self.0.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+    }
+}
+
+static NEXT_HUB_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What one client's connections share with the host's thread.
+pub struct Hub {
+    pub id: u64,
+    ready: Mutex<VecDeque<Arc<Conn>>>,
+    wakeup: Wakeup,
+    dispatching: AtomicBool,
+    /// Connections not gone yet.
+    live: AtomicUsize,
+    /// I/O tasks still running, and a condition signalled when one ends (for ws_client_free).
+    tasks: Mutex<usize>,
+    task_ended: Condvar,
+}
+
+/// Clears the dispatching flag when a dispatch ends, even by a panic.
+struct DispatchGuard<'a>(&'a AtomicBool);
+
+impl Drop for DispatchGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Hub {
+    pub fn new() -> io::Result<Hub> {
+        Ok(Hub {
+            id: NEXT_HUB_ID.fetch_add(1, Ordering::Relaxed),
+            ready: Mutex::new(VecDeque::new()),
+            wakeup: Wakeup::new()?,
+            dispatching: AtomicBool::new(false),
+            live: AtomicUsize::new(0),
+            tasks: Mutex::new(0),
+            task_ended: Condvar::new(),
+        })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.wakeup.0.as_raw_fd()
+    }
+
+    /// Puts a connection with deliverable events on the ready list.
+    pub fn schedule(&self, conn: Arc<Conn>) {
+        let mut ready = lock(&self.ready);
+        if ready.is_empty() {
+            self.wakeup.set();
+        }
+        ready.push_back(conn);
+    }
+
+    /// Runs the callbacks pending now on the calling thread. Returns how many ran and whether
+    /// more are pending (events that arrived meanwhile, or beyond one round's budget).
+    pub fn dispatch(&self) -> Result<(u32, bool), Error> {
+        let _guard = self.enter_dispatch()?;
+        let batch = {
+            let mut ready = lock(&self.ready);
+            self.wakeup.clear();
+            std::mem::take(&mut *ready)
+        };
+        let ran = batch.into_iter().map(|conn| conn.dispatch()).sum();
+        Ok((ran, !lock(&self.ready).is_empty()))
+    }
+
+    fn enter_dispatch(&self) -> Result<DispatchGuard<'_>, Error> {
+        self.dispatching
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .map(|_| DispatchGuard(&self.dispatching))
+            .map_err(|_| {
+                Error::new(
+                    WsStatus::DispatchInProgress,
+                    "a dispatch of this client is running (called from inside a callback or from another thread)",
+                )
+            })
+    }
+
+    /// Marks the start of ws_client_free; fails if a dispatch is running. Never undone.
+    pub fn begin_shutdown(&self) -> Result<(), Error> {
+        std::mem::forget(self.enter_dispatch()?);
+        Ok(())
+    }
+
+    /// Waits for callbacks to be pending for at most `timeout`. Returns true if they are.
+    pub fn wait(&self, timeout: Option<Duration>) -> bool {
+        let ms = match timeout {
+            None => -1,
+            Some(t) => t.as_millis().min(i32::MAX as u128) as i32,
+        };
+        let mut pfd = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        n > 0
+    }
+
+    /// Dispatches until no connection is left or `timeout` has passed.
+    pub fn run(&self, timeout: Option<Duration>) -> Result<(), Error> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let (_, more) = self.dispatch()?;
+            if self.live_connections() == 0 {
+                return Ok(());
+            }
+            if more {
+                continue;
+            }
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if remaining == Some(Duration::ZERO) {
+                return Err(Error::new(WsStatus::Timeout, "the time is up and connections are still alive"));
+            }
+            self.wait(remaining);
+        }
+    }
+
+    pub fn connection_added(&self) {
+        self.live.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn connection_gone(&self) {
+        self.live.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn live_connections(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    pub fn task_started(&self) {
+        *lock(&self.tasks) += 1;
+    }
+
+    pub fn task_ended(&self) {
+        *lock(&self.tasks) -= 1;
+        self.task_ended.notify_all();
+    }
+
+    /// Waits until every I/O task has ended, or `timeout`. Returns whether they all ended.
+    pub fn wait_for_tasks(&self, timeout: Duration) -> bool {
+        let tasks = lock(&self.tasks);
+        let (tasks, _) = self
+            .task_ended
+            .wait_timeout_while(tasks, timeout, |n| *n > 0)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *tasks == 0
+    }
+
+    /// Drops every scheduled connection (breaks the hub -> conn -> hub reference cycle).
+    pub fn clear(&self) {
+        let drained: Vec<_> = lock(&self.ready).drain(..).collect();
+        drop(drained);
+        self.wakeup.clear();
+    }
+}

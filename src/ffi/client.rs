@@ -1,0 +1,159 @@
+//! `ws_client_*`, dispatch, and the library-wide functions.
+
+use std::os::raw::{c_char, c_int};
+use std::time::Duration;
+
+use super::{c_str, null, write_out};
+use crate::client::Client;
+use crate::error::{self, Error, WsStatus};
+use crate::handles::WsConn;
+use crate::options::Options;
+
+/// A client context: the library's I/O threads and the event queue of one host event loop.
+/// Opaque; create it with ws_client_new() and free it with ws_client_free().
+pub struct WsClient {
+    inner: Client,
+}
+
+/// The library's version, e.g. "0.1.0". Static; any thread.
+#[no_mangle]
+pub extern "C" fn ws_version() -> *const c_char {
+    ffi_boundary!(std::ptr::null(), { concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast() })
+}
+
+/// A static, NUL-terminated description of a status number ("unknown status" for numbers that
+/// are not a ws_status). Any thread, also inside callbacks.
+#[no_mangle]
+pub extern "C" fn ws_status_str(status: u32) -> *const c_char {
+    ffi_boundary!(std::ptr::null(), {
+        match WsStatus::from_u32(status) {
+            Some(s) => s.describe().as_ptr().cast(),
+            None => "unknown status\0".as_ptr().cast(),
+        }
+    })
+}
+
+/// The message of the last failed call on the calling thread: it says exactly what was wrong
+/// ("invalid URI \"http://x\": the scheme is http:, not ws: or wss:"). Valid until the next
+/// failing call on this thread; "" if none failed yet. Any thread, also inside callbacks.
+#[no_mangle]
+pub extern "C" fn ws_last_error() -> *const c_char {
+    ffi_boundary!(std::ptr::null(), { error::last_error_ptr() })
+}
+
+/// Creates a client context and starts its I/O thread. Returns NULL on failure (see
+/// ws_last_error()). Any thread.
+#[no_mangle]
+pub extern "C" fn ws_client_new() -> *mut WsClient {
+    ffi_boundary!(std::ptr::null_mut(), {
+        match Client::new() {
+            Ok(inner) => Box::into_raw(Box::new(WsClient { inner })),
+            Err(e) => {
+                error::set_last_error(&e.message);
+                std::ptr::null_mut()
+            }
+        }
+    })
+}
+
+/// Frees a client: every connection still alive is closed (code 1001, sent best-effort within a
+/// short time) and becomes gone, without any further callback; the I/O threads stop; then it
+/// returns. ws_client_free(NULL) is a no-op returning WS_STATUS_OK.
+///
+/// Returns WS_STATUS_DISPATCH_IN_PROGRESS and frees nothing if called while a dispatch of this
+/// client runs (from inside a callback, or on another thread). No other call on this client
+/// may run concurrently with it or follow it; calls with its connection handles stay safe and
+/// answer WS_STATUS_GONE.
+#[no_mangle]
+pub unsafe extern "C" fn ws_client_free(client: *mut WsClient) -> WsStatus {
+    ffi_status!({
+        let Some(c) = client.as_ref() else { return Ok(()) };
+        c.inner.hub().begin_shutdown()?;
+        Box::from_raw(client).inner.shut_down();
+        Ok(())
+    })
+}
+
+/// The file descriptor that is readable while callbacks are pending: add it to your poll,
+/// epoll or select set (for reading) and call ws_dispatch() when it is readable. It stays
+/// readable until a dispatch has taken every pending event, so level- and edge-triggered
+/// loops both work. Never read, write or close it. -1 if client is NULL. Any thread.
+#[no_mangle]
+pub unsafe extern "C" fn ws_client_fd(client: *const WsClient) -> c_int {
+    ffi_boundary!(-1, {
+        match client.as_ref() {
+            Some(c) => c.inner.hub().fd(),
+            None => -1,
+        }
+    })
+}
+
+/// How many of the client's connections are not gone yet (0 if client is NULL). Any thread.
+#[no_mangle]
+pub unsafe extern "C" fn ws_client_connection_count(client: *const WsClient) -> usize {
+    ffi_boundary!(0, { client.as_ref().map_or(0, |c| c.inner.hub().live_connections()) })
+}
+
+/// Runs the callbacks that are pending now, on the calling thread, which is by definition the
+/// host's thread: no callback ever runs anywhere else. Events that arrive during the call wait
+/// for the next one, so a busy peer cannot keep it running forever.
+///
+/// `callbacks_run` (optional) receives how many callbacks ran; `more_pending` (optional)
+/// whether more are pending already (then call it again, or wait for the fd).
+///
+/// Returns WS_STATUS_DISPATCH_IN_PROGRESS and runs nothing if a dispatch of this client is
+/// already running: from inside a callback (dispatch is not re-entrant) or on another thread.
+#[no_mangle]
+pub unsafe extern "C" fn ws_dispatch(client: *mut WsClient, callbacks_run: *mut u32, more_pending: *mut bool) -> WsStatus {
+    ffi_status!({
+        let client = client.as_ref().ok_or_else(|| null("client"))?;
+        let (ran, more) = client.inner.hub().dispatch()?;
+        write_out(callbacks_run, ran);
+        write_out(more_pending, more);
+        Ok(())
+    })
+}
+
+/// A ready-made event loop: waits on the fd and dispatches until no connection of the client
+/// is left (WS_STATUS_OK) or `timeout_ms` milliseconds have passed (WS_STATUS_TIMEOUT); a
+/// negative timeout means no limit. Callbacks run on the calling thread. Not inside a callback
+/// (WS_STATUS_DISPATCH_IN_PROGRESS).
+#[no_mangle]
+pub unsafe extern "C" fn ws_run(client: *mut WsClient, timeout_ms: i32) -> WsStatus {
+    ffi_status!({
+        let client = client.as_ref().ok_or_else(|| null("client"))?;
+        let timeout = u64::try_from(timeout_ms).ok().map(Duration::from_millis);
+        client.inner.hub().run(timeout)
+    })
+}
+
+pub(super) unsafe fn connect(
+    client: *mut WsClient,
+    uri: *const c_char,
+    options: Option<&Options>,
+    conn_out: *mut WsConn,
+) -> Result<(), Error> {
+    let client = client.as_ref().ok_or_else(|| null("client"))?;
+    let uri = c_str(uri, "uri")?;
+    if conn_out.is_null() {
+        return Err(null("conn_out"));
+    }
+    let conn = client.inner.connect(uri, options)?;
+    conn_out.write(conn);
+    Ok(())
+}
+
+/// Starts connecting to an absolute ws: or wss: URI and returns at once with the handle in
+/// `*conn_out`: DNS, TCP, TLS and the HTTP upgrade happen on the library's threads. No callback
+/// runs before ws_connect has returned, and callbacks registered before the host's next
+/// ws_dispatch are in force when the connection opens. Messages sent before it opens are
+/// queued and sent in order right after the handshake.
+///
+/// Fails at once, with no connection made and `*conn_out` untouched, on a NULL argument, a
+/// URI that is not valid UTF-8 (WS_STATUS_INVALID_UTF8) or not an absolute ws:/wss: URI with a
+/// host and a valid port (WS_STATUS_INVALID_URI). Any thread, also inside callbacks (for
+/// example to reconnect from a close callback).
+#[no_mangle]
+pub unsafe extern "C" fn ws_connect(client: *mut WsClient, uri: *const c_char, conn_out: *mut WsConn) -> WsStatus {
+    ffi_status!({ connect(client, uri, None, conn_out) })
+}

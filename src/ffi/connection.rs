@@ -1,0 +1,159 @@
+//! Functions on one connection, named by its `ws_conn` handle. All of them may be called from
+//! any thread and from inside callbacks; on a gone handle they answer WS_STATUS_GONE.
+
+use std::ffi::c_void;
+use std::os::raw::c_char;
+
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
+
+use super::{byte_slice, c_str, live, null, write_out};
+use crate::callbacks::{UserPtr, WsCloseCallback, WsErrorCallback, WsMessageCallback, WsOpenCallback};
+use crate::error::{Error, WsStatus};
+use crate::handles::WsConn;
+
+/// Sets (or with NULL clears) the open callback. A later registration replaces the earlier
+/// one. In force for the next event dispatched. Any thread, also inside callbacks.
+#[no_mangle]
+pub extern "C" fn ws_on_open(conn: WsConn, callback: WsOpenCallback, user: *mut c_void) -> WsStatus {
+    ffi_status!({
+        live(conn)?.callbacks_mut(|c| c.open = (callback, UserPtr(user)));
+        Ok(())
+    })
+}
+
+/// Sets (or with NULL clears) the message callback; see ws_message_cb. Any thread, also inside
+/// callbacks.
+#[no_mangle]
+pub extern "C" fn ws_on_message(conn: WsConn, callback: WsMessageCallback, user: *mut c_void) -> WsStatus {
+    ffi_status!({
+        live(conn)?.callbacks_mut(|c| c.message = (callback, UserPtr(user)));
+        Ok(())
+    })
+}
+
+/// Sets (or with NULL clears) the close callback; see ws_close_cb. Any thread, also inside
+/// callbacks.
+#[no_mangle]
+pub extern "C" fn ws_on_close(conn: WsConn, callback: WsCloseCallback, user: *mut c_void) -> WsStatus {
+    ffi_status!({
+        live(conn)?.callbacks_mut(|c| c.close = (callback, UserPtr(user)));
+        Ok(())
+    })
+}
+
+/// Sets (or with NULL clears) the error callback; see ws_error_cb. Any thread, also inside
+/// callbacks.
+#[no_mangle]
+pub extern "C" fn ws_on_error(conn: WsConn, callback: WsErrorCallback, user: *mut c_void) -> WsStatus {
+    ffi_status!({
+        live(conn)?.callbacks_mut(|c| c.error = (callback, UserPtr(user)));
+        Ok(())
+    })
+}
+
+/// Queues a text message of `len` bytes (no NUL needed; embedded NULs are sent). The bytes are
+/// copied before it returns. Before the connection opens, messages wait and go out in order
+/// right after the handshake.
+///
+/// WS_STATUS_INVALID_UTF8 if the text is not valid UTF-8 (nothing is sent);
+/// WS_STATUS_CLOSING after ws_close or once the connection has ended; WS_STATUS_SEND_QUEUE_FULL
+/// if the bytes waiting to be sent would pass the send queue limit. Any thread, also inside
+/// callbacks.
+#[no_mangle]
+pub unsafe extern "C" fn ws_send(conn: WsConn, text: *const c_char, len: usize) -> WsStatus {
+    ffi_status!({
+        let bytes = byte_slice(text.cast(), len, "text")?;
+        let text = Utf8Bytes::try_from(Bytes::copy_from_slice(bytes))
+            .map_err(|e| Error::new(WsStatus::InvalidUtf8, format!("text is not valid UTF-8 ({e})")))?;
+        live(conn)?.send(Message::Text(text), len)
+    })
+}
+
+/// Queues a binary message of `len` bytes (copied before it returns). Otherwise as ws_send().
+#[no_mangle]
+pub unsafe extern "C" fn ws_send_binary(conn: WsConn, data: *const c_void, len: usize) -> WsStatus {
+    ffi_status!({
+        let bytes = byte_slice(data.cast(), len, "data")?;
+        live(conn)?.send(Message::Binary(Bytes::copy_from_slice(bytes)), len)
+    })
+}
+
+/// Starts the close handshake after the messages already queued: `code` 0 means 1000, else
+/// 1000 or 3000..4999; `reason` (NULL for none) is UTF-8 of at most 123 bytes. The close (or
+/// error) callback follows. While connecting, it aborts the connection and the close callback
+/// follows with code 1006. A second call does nothing and returns WS_STATUS_ALREADY_CLOSING.
+/// Any thread, also inside callbacks.
+#[no_mangle]
+pub unsafe extern "C" fn ws_close(conn: WsConn, code: u16, reason: *const c_char) -> WsStatus {
+    ffi_status!({
+        let code = if code == 0 { 1000 } else { code };
+        if !(code == 1000 || (3000..=4999).contains(&code)) {
+            return Err(Error::new(WsStatus::InvalidArgument, format!("close code {code} is not 1000 or 3000..4999")));
+        }
+        let reason = if reason.is_null() { "" } else { c_str(reason, "reason")? };
+        if reason.len() > 123 {
+            return Err(Error::new(WsStatus::InvalidArgument, "close reason is longer than 123 bytes"));
+        }
+        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+        live(conn)?.close(frame)
+    })
+}
+
+/// Turns flow control on or off (off by default). On: after each message callback, no further
+/// message callback runs until ws_message_complete() is called (inside the callback or any time
+/// later, from any thread), and meanwhile the library stops reading the socket so TCP
+/// back-pressure reaches the server. Off: messages are delivered as fast as the host
+/// dispatches. Turning it off releases a held message. Any thread, also inside callbacks.
+#[no_mangle]
+pub extern "C" fn ws_set_flow_control(conn: WsConn, enabled: bool) -> WsStatus {
+    ffi_status!({
+        live(conn)?.set_flow_control(enabled);
+        Ok(())
+    })
+}
+
+/// Tells the library that the last message has been handled: with flow control on, the next
+/// message may be delivered. Harmless (WS_STATUS_OK) when no message is waiting for it. Any
+/// thread, also inside callbacks.
+#[no_mangle]
+pub extern "C" fn ws_message_complete(conn: WsConn) -> WsStatus {
+    ffi_status!({
+        live(conn)?.message_complete();
+        Ok(())
+    })
+}
+
+/// Writes to `*bytes_out` how many payload bytes were accepted by ws_send/ws_send_binary and
+/// not yet written to the socket (the browser's bufferedAmount). Any thread.
+#[no_mangle]
+pub unsafe extern "C" fn ws_buffered_amount(conn: WsConn, bytes_out: *mut usize) -> WsStatus {
+    ffi_status!({
+        if bytes_out.is_null() {
+            return Err(null("bytes_out"));
+        }
+        write_out(bytes_out, live(conn)?.buffered_amount());
+        Ok(())
+    })
+}
+
+/// Copies the subprotocol the server chose (NUL-terminated; "" if none, or not open yet) into
+/// `buf` of `buf_len` bytes and its length to `*len_out` (optional). If it does not fit,
+/// returns WS_STATUS_BUFFER_TOO_SMALL with the length needed in `*len_out`. Any thread.
+#[no_mangle]
+pub unsafe extern "C" fn ws_protocol(conn: WsConn, buf: *mut c_char, buf_len: usize, len_out: *mut usize) -> WsStatus {
+    ffi_status!({
+        let protocol = live(conn)?.protocol().unwrap_or_default();
+        write_out(len_out, protocol.len());
+        if buf.is_null() || buf_len <= protocol.len() {
+            return Err(Error::new(
+                WsStatus::BufferTooSmall,
+                format!("the protocol needs {} bytes plus the NUL", protocol.len()),
+            ));
+        }
+        std::ptr::copy_nonoverlapping(protocol.as_ptr(), buf.cast(), protocol.len());
+        *buf.add(protocol.len()) = 0;
+        Ok(())
+    })
+}

@@ -1,0 +1,162 @@
+//! `ws_options_*`: connection options that can grow without breaking the ABI.
+
+use std::os::raw::c_char;
+use std::time::Duration;
+
+use super::client::{connect, WsClient};
+use super::{c_str, null};
+use crate::error::{Error, WsStatus};
+use crate::handles::WsConn;
+use crate::options::Options;
+
+/// Options for ws_connect_with_options(). Opaque; create with ws_options_new(), free with
+/// ws_options_free(). One thread at a time may use an options object; connect copies it, so it
+/// may be changed or freed right after.
+pub struct WsOptions {
+    inner: Options,
+}
+
+unsafe fn options_mut<'a>(options: *mut WsOptions) -> Result<&'a mut Options, Error> {
+    options.as_mut().map(|o| &mut o.inner).ok_or_else(|| null("options"))
+}
+
+fn millis(ms: u32, what: &str) -> Result<Duration, Error> {
+    if ms == 0 {
+        return Err(Error::new(WsStatus::InvalidArgument, format!("{what} must be at least 1 ms")));
+    }
+    Ok(Duration::from_millis(ms.into()))
+}
+
+/// New options holding the defaults (those of plain ws_connect). NULL only if out of memory.
+/// Any thread.
+#[no_mangle]
+pub extern "C" fn ws_options_new() -> *mut WsOptions {
+    ffi_boundary!(std::ptr::null_mut(), { Box::into_raw(Box::new(WsOptions { inner: Options::default() })) })
+}
+
+/// Frees options; NULL is a no-op. Any thread.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_free(options: *mut WsOptions) {
+    ffi_boundary!((), {
+        if !options.is_null() {
+            drop(Box::from_raw(options));
+        }
+    })
+}
+
+/// Also trusts the CA certificates of a PEM file (read now), in addition to the system's trust
+/// store. WS_STATUS_CERTIFICATE_FILE if it cannot be read or holds no certificate.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_add_ca_file(options: *mut WsOptions, pem_path: *const c_char) -> WsStatus {
+    ffi_status!({
+        let options = options_mut(options)?;
+        options.add_ca_file(c_str(pem_path, "pem_path")?)
+    })
+}
+
+/// Adds an HTTP header to the upgrade request (e.g. "Authorization"). The headers the
+/// WebSocket handshake sets itself (Host, Connection, Upgrade, Sec-WebSocket-*) are refused
+/// with WS_STATUS_INVALID_ARGUMENT; use ws_options_add_subprotocol for subprotocols.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_add_header(options: *mut WsOptions, name: *const c_char, value: *const c_char) -> WsStatus {
+    ffi_status!({
+        let options = options_mut(options)?;
+        options.add_header(c_str(name, "name")?, c_str(value, "value")?)
+    })
+}
+
+/// Offers a subprotocol (in the order added). After open, ws_protocol() tells which one the
+/// server chose; a server that chooses one not offered fails the handshake.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_add_subprotocol(options: *mut WsOptions, protocol: *const c_char) -> WsStatus {
+    ffi_status!({
+        let options = options_mut(options)?;
+        options.add_subprotocol(c_str(protocol, "protocol")?)
+    })
+}
+
+/// Time allowed for DNS, TCP, TLS and the upgrade together (default 30000 ms; at least 1).
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_set_connect_timeout_ms(options: *mut WsOptions, timeout_ms: u32) -> WsStatus {
+    ffi_status!({
+        options_mut(options)?.connect_timeout = millis(timeout_ms, "the connect timeout")?;
+        Ok(())
+    })
+}
+
+/// Time the peer has to complete a close handshake before the connection ends with
+/// WS_STATUS_CLOSE_TIMEOUT (default 10000 ms; at least 1).
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_set_close_timeout_ms(options: *mut WsOptions, timeout_ms: u32) -> WsStatus {
+    ffi_status!({
+        options_mut(options)?.close_timeout = millis(timeout_ms, "the close timeout")?;
+        Ok(())
+    })
+}
+
+/// Keepalive: after `interval_ms` without receiving anything, send a ping; if nothing arrives
+/// within `timeout_ms` after it, end with WS_STATUS_KEEPALIVE_TIMEOUT. Default 30000 and
+/// 30000; interval 0 turns keepalive pings off. Silence while the library is not reading (flow
+/// control, slow host) does not count.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_set_keepalive(options: *mut WsOptions, interval_ms: u32, timeout_ms: u32) -> WsStatus {
+    ffi_status!({
+        let options = options_mut(options)?;
+        let timeout = millis(timeout_ms, "the keepalive timeout")?;
+        options.keepalive_interval = (interval_ms > 0).then(|| Duration::from_millis(interval_ms.into()));
+        options.keepalive_timeout = timeout;
+        Ok(())
+    })
+}
+
+/// Largest message (and frame) accepted from the peer; a larger one fails the connection with
+/// close code 1009 and WS_STATUS_MESSAGE_TOO_BIG. Default 64 MiB; at least 1.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_set_max_message_size(options: *mut WsOptions, bytes: usize) -> WsStatus {
+    ffi_status!({ options_mut(options)?.set_max_message_size(bytes) })
+}
+
+/// Bytes read from the socket at a time (default 16 KiB, 256 B .. 16 MiB). Larger buffers
+/// read big messages with fewer system calls; smaller ones keep many connections lean.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_set_read_buffer_size(options: *mut WsOptions, bytes: usize) -> WsStatus {
+    ffi_status!({ options_mut(options)?.set_read_buffer_size(bytes) })
+}
+
+/// Received bytes that may wait for the host's dispatch before the library stops reading the
+/// socket (default 1 MiB; at least 1). Memory per connection for received data stays below
+/// this plus one message.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_set_receive_queue_limit(options: *mut WsOptions, bytes: usize) -> WsStatus {
+    ffi_status!({
+        if bytes == 0 {
+            return Err(Error::new(WsStatus::InvalidArgument, "the receive queue limit must be at least 1 byte"));
+        }
+        options_mut(options)?.receive_queue_limit = bytes;
+        Ok(())
+    })
+}
+
+/// Bytes that may wait to be sent before ws_send refuses with WS_STATUS_SEND_QUEUE_FULL
+/// (default 64 MiB; at least 1).
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_set_send_queue_limit(options: *mut WsOptions, bytes: usize) -> WsStatus {
+    ffi_status!({
+        if bytes == 0 {
+            return Err(Error::new(WsStatus::InvalidArgument, "the send queue limit must be at least 1 byte"));
+        }
+        options_mut(options)?.send_queue_limit = bytes;
+        Ok(())
+    })
+}
+
+/// ws_connect() with options (NULL options means the defaults).
+#[no_mangle]
+pub unsafe extern "C" fn ws_connect_with_options(
+    client: *mut WsClient,
+    uri: *const c_char,
+    options: *const WsOptions,
+    conn_out: *mut WsConn,
+) -> WsStatus {
+    ffi_status!({ connect(client, uri, options.as_ref().map(|o| &o.inner), conn_out) })
+}

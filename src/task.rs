@@ -1,0 +1,488 @@
+//! The I/O task of one connection, on the library's tokio threads: connect (DNS, TCP, TLS, HTTP
+//! upgrade), then move messages both ways until the connection ends, then hand the host exactly
+//! one final event.
+//!
+//! The session is one hand-written poll loop rather than `select!` over futures: nothing is
+//! cancelled half-way, reading and writing never block each other, and one task (no split
+//! stream, no second task) serves a connection, which keeps idle connections small.
+
+use std::future::{poll_fn, Future};
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+use tokio_tungstenite::tungstenite::handshake::client::{Request, Response};
+use tokio_tungstenite::tungstenite::http::header::SEC_WEBSOCKET_PROTOCOL;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::conn::{Command, Conn, Control, Event, Gate, Payload};
+use crate::error::{Error, WsStatus};
+use crate::options::Options;
+use crate::tls::{self, TlsConfigs};
+use crate::uri::Target;
+
+/// Bytes tungstenite collects before it writes mid-batch; a batch is flushed at its end anyway.
+const WRITE_BUFFER_SIZE: usize = 64 << 10;
+/// How long a client being freed waits for its close frame to be written.
+const SHUTDOWN_CLOSE_WAIT: Duration = Duration::from_millis(250);
+/// Rounds of work before the task yields to the other connections on its thread.
+const ROUNDS_PER_POLL: usize = 64;
+
+/// Everything a connection task needs.
+pub struct Launch {
+    pub conn: Arc<Conn>,
+    pub target: Target,
+    pub options: Arc<Options>,
+    pub tls: Arc<TlsConfigs>,
+    pub commands: mpsc::UnboundedReceiver<Command>,
+}
+
+/// Runs a connection to its end and queues its final event (none when the client is freed).
+pub async fn run(launch: Launch) {
+    let conn = launch.conn.clone();
+    let outcome = AssertUnwindSafe(drive(launch)).catch_unwind().await;
+    let final_event = outcome.unwrap_or_else(|_| {
+        Some(Event::Error(Error::new(WsStatus::Internal, "internal error: the connection task panicked")))
+    });
+    if let Some(event) = final_event {
+        conn.deliver(event);
+    }
+    conn.hub.task_ended();
+}
+
+async fn drive(launch: Launch) -> Option<Event> {
+    let Launch { conn, target, options, tls, commands } = launch;
+    let connecting = tokio::time::timeout(options.connect_timeout, connect(&conn, &target, &options, &tls));
+    let until_control = poll_fn(|cx| match conn.control(cx.waker()) {
+        Control::Proceed => Poll::Pending,
+        other => Poll::Ready(other),
+    });
+    let connected = tokio::select! {
+        biased;
+        control = until_control => return match control {
+            Control::Shutdown => None,
+            _ => Some(Event::close(1006, "closed by the application before the connection opened")),
+        },
+        connected = connecting => connected,
+    };
+    let connected = match connected {
+        Err(_) => {
+            let ms = options.connect_timeout.as_millis();
+            let msg = format!("connect timeout: {}:{} not connected within {ms} ms", target.host, target.port);
+            return Some(Event::Error(Error::new(WsStatus::ConnectTimeout, msg)));
+        }
+        Ok(Err(e)) => return Some(Event::Error(e)),
+        Ok(Ok(connected)) => connected,
+    };
+    conn.deliver(Event::Open);
+    match connected {
+        Connected::Plain(ws) => Session::new(conn, ws, commands, options).run().await,
+        Connected::Tls(ws) => Session::new(conn, ws, commands, options).run().await,
+    }
+}
+
+enum Connected {
+    Plain(WebSocketStream<TcpStream>),
+    Tls(WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+async fn connect(conn: &Conn, target: &Target, options: &Options, tls: &TlsConfigs) -> Result<Connected, Error> {
+    let request = build_request(target, options)?;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(options.read_buffer_size)
+        .write_buffer_size(WRITE_BUFFER_SIZE)
+        .max_message_size(Some(options.max_message_size))
+        .max_frame_size(Some(options.max_message_size));
+    let tcp = connect_tcp(&target.host, target.port).await?;
+    let (connected, response) = if target.tls {
+        let tls_config = tls.get(&options.extra_ca)?;
+        let name = ServerName::try_from(target.host.clone())
+            .map_err(|_| Error::new(WsStatus::Tls, format!("TLS: {} is not a valid server name", target.host)))?;
+        let stream = TlsConnector::from(tls_config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| Error::new(WsStatus::Tls, tls::describe_handshake_error(&e, &target.host)))?;
+        let (ws, response) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+            .await
+            .map_err(handshake_error)?;
+        (Connected::Tls(ws), response)
+    } else {
+        let (ws, response) = tokio_tungstenite::client_async_with_config(request, tcp, Some(config))
+            .await
+            .map_err(handshake_error)?;
+        (Connected::Plain(ws), response)
+    };
+    conn.set_protocol(chosen_protocol(&response));
+    Ok(connected)
+}
+
+fn build_request(target: &Target, options: &Options) -> Result<Request, Error> {
+    let mut request = (&target.uri)
+        .into_client_request()
+        .map_err(|e| Error::new(WsStatus::InvalidUri, format!("invalid URI: {e}")))?;
+    let headers = request.headers_mut();
+    for (name, value) in &options.headers {
+        headers.append(name.clone(), value.clone());
+    }
+    if !options.subprotocols.is_empty() {
+        let list = HeaderValue::from_str(&options.subprotocols.join(", "))
+            .map_err(|_| Error::new(WsStatus::InvalidArgument, "invalid subprotocol list"))?;
+        headers.insert(SEC_WEBSOCKET_PROTOCOL, list);
+    }
+    Ok(request)
+}
+
+fn chosen_protocol(response: &Response) -> Option<String> {
+    let value = response.headers().get(SEC_WEBSOCKET_PROTOCOL)?;
+    value.to_str().ok().map(|s| s.trim().to_owned())
+}
+
+async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, Error> {
+    let addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| Error::new(WsStatus::Dns, format!("DNS: cannot resolve {host}: {e}")))?;
+    let mut last_failure = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => {
+                // Small messages go out at once; batching is done above the socket.
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Err(e) => last_failure = Some((addr, e)),
+        }
+    }
+    Err(match last_failure {
+        None => Error::new(WsStatus::Dns, format!("DNS: {host} has no address")),
+        Some((addr, e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Error::new(WsStatus::ConnectFailed, format!("connection refused by {addr}"))
+        }
+        Some((addr, e)) => Error::new(WsStatus::ConnectFailed, format!("cannot connect to {addr}: {e}")),
+    })
+}
+
+fn handshake_error(err: WsError) -> Error {
+    match err {
+        WsError::Http(response) => {
+            let status = response.status();
+            let reason = status.canonical_reason().map(|r| format!(" {r}")).unwrap_or_default();
+            Error::new(WsStatus::HandshakeRejected, format!("handshake rejected: HTTP {}{reason}", status.as_u16()))
+        }
+        WsError::Protocol(ProtocolError::SecWebSocketAcceptKeyMismatch) => {
+            Error::new(WsStatus::HandshakeRejected, "handshake rejected: wrong Sec-WebSocket-Accept from the server")
+        }
+        WsError::Protocol(ProtocolError::SecWebSocketSubProtocolError(e)) => {
+            Error::new(WsStatus::HandshakeRejected, format!("handshake rejected: subprotocol: {e}"))
+        }
+        WsError::Io(e) => Error::new(WsStatus::ConnectionLost, format!("connection lost during the WebSocket handshake: {e}")),
+        other => Error::new(WsStatus::HandshakeRejected, format!("handshake rejected: {other}")),
+    }
+}
+
+/// How a session ended: the final event (None when the client is being freed) and a close
+/// frame to send on the way out, if the protocol asks for one.
+struct End {
+    event: Option<Event>,
+    close_with: Option<CloseFrame>,
+}
+
+impl End {
+    fn event(event: Event) -> End {
+        End { event: Some(event), close_with: None }
+    }
+
+    fn failing(status: WsStatus, message: String, code: CloseCode, reason: &'static str) -> End {
+        End {
+            event: Some(Event::Error(Error::new(status, message))),
+            close_with: Some(CloseFrame { code, reason: reason.into() }),
+        }
+    }
+}
+
+struct Session<S> {
+    conn: Arc<Conn>,
+    ws: WebSocketStream<S>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    options: Arc<Options>,
+    /// Payload bytes handed to tungstenite and not yet flushed to the socket.
+    unflushed: usize,
+    needs_flush: bool,
+    close_sent: bool,
+    /// The peer's close frame (code, reason), once it arrived.
+    peer_close: Option<(u16, String)>,
+    close_deadline: Option<Instant>,
+    last_heard: Instant,
+    ping_sent: Option<Instant>,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    fn new(conn: Arc<Conn>, ws: WebSocketStream<S>, commands: mpsc::UnboundedReceiver<Command>, options: Arc<Options>) -> Self {
+        let now = Instant::now();
+        let first_check = now + options.keepalive_interval.unwrap_or(Duration::from_secs(3600));
+        Session {
+            conn,
+            ws,
+            commands,
+            options,
+            unflushed: 0,
+            needs_flush: false,
+            close_sent: false,
+            peer_close: None,
+            close_deadline: None,
+            last_heard: now,
+            ping_sent: None,
+            timer: Box::pin(tokio::time::sleep_until(first_check)),
+        }
+    }
+
+    async fn run(mut self) -> Option<Event> {
+        let end = poll_fn(|cx| self.poll(cx)).await;
+        let close_with = match (&end.event, end.close_with) {
+            (None, _) => Some((CloseFrame { code: CloseCode::Away, reason: "client shutting down".into() }, SHUTDOWN_CLOSE_WAIT)),
+            (Some(_), Some(frame)) => Some((frame, self.options.close_timeout.min(Duration::from_secs(1)))),
+            (Some(_), None) => None,
+        };
+        if let Some((frame, wait)) = close_with {
+            // Best effort: the connection is ending either way.
+            let _ = tokio::time::timeout(wait, self.ws.close(Some(frame))).await;
+        }
+        end.event
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        for _ in 0..ROUNDS_PER_POLL {
+            match self.step(cx) {
+                Ok(true) => continue,
+                Ok(false) => return Poll::Pending,
+                Err(end) => return Poll::Ready(end),
+            }
+        }
+        // Plenty done: let the other connections on this thread run, then come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// One round of work. Ok(true): progress was made, go again. Ok(false): all is waiting.
+    fn step(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
+        let mut progress = self.write_commands(cx)?;
+        self.flush(cx)?;
+        if self.peer_close.is_some() && !self.needs_flush {
+            // Both close frames have been exchanged: the close handshake is complete.
+            let (code, reason) = self.peer_close.take().unwrap_or((1005, String::new()));
+            return Err(End::event(Event::close(code, &reason)));
+        }
+        match self.conn.gate(cx.waker()) {
+            Gate::Shutdown => return Err(End { event: None, close_with: None }),
+            Gate::Open => progress |= self.read(cx)?,
+            Gate::Closed => {
+                // The host is behind, not the peer: silence while we do not read proves nothing.
+                self.last_heard = Instant::now();
+                self.ping_sent = None;
+            }
+        }
+        progress |= self.check_timers(cx)?;
+        Ok(progress)
+    }
+
+    /// Hands queued sends (and a close request) to tungstenite, as long as it accepts them.
+    fn write_commands(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
+        let mut progress = false;
+        loop {
+            match self.ws.poll_ready_unpin(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Err(self.io_failure(e)),
+                Poll::Pending => return Ok(progress),
+            }
+            let command = match self.commands.poll_recv(cx) {
+                Poll::Ready(Some(command)) => command,
+                Poll::Ready(None) | Poll::Pending => return Ok(progress),
+            };
+            progress = true;
+            match command {
+                Command::Send(_, len) if self.close_sent || self.peer_close.is_some() => {
+                    // Sent after the close started: no longer allowed on the wire.
+                    self.conn.sent(len);
+                }
+                Command::Send(message, len) => {
+                    self.ws.start_send_unpin(message).map_err(|e| self.io_failure(e))?;
+                    self.unflushed += len;
+                    self.needs_flush = true;
+                }
+                Command::Close(frame) => {
+                    if !self.close_sent && self.peer_close.is_none() {
+                        self.ws.start_send_unpin(Message::Close(Some(frame))).map_err(|e| self.io_failure(e))?;
+                        self.close_sent = true;
+                        self.needs_flush = true;
+                        self.arm_close_deadline();
+                    }
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self, cx: &mut Context<'_>) -> Result<(), End> {
+        if !self.needs_flush {
+            return Ok(());
+        }
+        match self.ws.poll_flush_unpin(cx) {
+            Poll::Ready(Ok(())) => {
+                self.conn.sent(std::mem::take(&mut self.unflushed));
+                self.needs_flush = false;
+                Ok(())
+            }
+            Poll::Ready(Err(e)) => Err(self.io_failure(e)),
+            Poll::Pending => Ok(()),
+        }
+    }
+
+    fn read(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
+        let message = match self.ws.poll_next_unpin(cx) {
+            Poll::Pending => return Ok(false),
+            Poll::Ready(None) => return Err(self.stream_ended()),
+            Poll::Ready(Some(Err(e))) => return Err(self.read_failure(e)),
+            Poll::Ready(Some(Ok(message))) => message,
+        };
+        self.last_heard = Instant::now();
+        self.ping_sent = None;
+        match message {
+            Message::Text(text) => self.conn.deliver(Event::Message(Payload::text(text.as_bytes()))),
+            Message::Binary(bytes) => self.conn.deliver(Event::Message(Payload::Binary(bytes))),
+            // tungstenite queued the pong (or the close reply): get it onto the wire.
+            Message::Ping(_) => self.needs_flush = true,
+            Message::Close(frame) => {
+                let (code, reason) = match frame {
+                    Some(f) => (u16::from(f.code), f.reason.as_str().to_owned()),
+                    None => (1005, String::new()),
+                };
+                self.peer_close = Some((code, reason));
+                self.needs_flush = true;
+                self.arm_close_deadline();
+            }
+            Message::Pong(_) | Message::Frame(_) => {}
+        }
+        Ok(true)
+    }
+
+    fn arm_close_deadline(&mut self) {
+        if self.close_deadline.is_none() {
+            let deadline = Instant::now() + self.options.close_timeout;
+            self.close_deadline = Some(deadline);
+            let earliest = deadline.min(self.timer.deadline());
+            self.timer.as_mut().reset(earliest);
+        }
+    }
+
+    /// Close deadline and keepalive. Returns whether it did something (sent a ping).
+    fn check_timers(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return Ok(false);
+        }
+        let now = Instant::now();
+        let mut next = now + Duration::from_secs(3600);
+        if let Some(deadline) = self.close_deadline {
+            if now >= deadline {
+                let ms = self.options.close_timeout.as_millis();
+                return Err(End::event(Event::Error(Error::new(
+                    WsStatus::CloseTimeout,
+                    format!("close timeout: the peer did not complete the close handshake within {ms} ms"),
+                ))));
+            }
+            next = next.min(deadline);
+        }
+        let mut pinged = false;
+        if let (Some(interval), false) = (self.options.keepalive_interval, self.close_sent || self.peer_close.is_some()) {
+            let timeout = self.options.keepalive_timeout;
+            match self.ping_sent {
+                Some(sent) if now >= sent + timeout => {
+                    let ms = (now - self.last_heard).as_millis();
+                    return Err(End::event(Event::Error(Error::new(
+                        WsStatus::KeepaliveTimeout,
+                        format!("keepalive timeout: nothing received from the peer for {ms} ms, not even a pong"),
+                    ))));
+                }
+                Some(sent) => next = next.min(sent + timeout),
+                None if now >= self.last_heard + interval => {
+                    self.ws.start_send_unpin(Message::Ping(Bytes::new())).map_err(|e| self.io_failure(e))?;
+                    self.needs_flush = true;
+                    self.ping_sent = Some(now);
+                    pinged = true;
+                    next = next.min(now + timeout);
+                }
+                None => next = next.min(self.last_heard + interval),
+            }
+        }
+        self.timer.as_mut().reset(next);
+        // Poll the re-armed timer so that it wakes this task.
+        let _ = self.timer.as_mut().poll(cx);
+        Ok(pinged)
+    }
+
+    /// The stream ended cleanly from tungstenite's point of view.
+    fn stream_ended(&mut self) -> End {
+        match self.peer_close.take() {
+            Some((code, reason)) => End::event(Event::close(code, &reason)),
+            None => End::event(Event::Error(Error::new(
+                WsStatus::ConnectionLost,
+                "connection closed by the peer without a close handshake",
+            ))),
+        }
+    }
+
+    fn read_failure(&mut self, err: WsError) -> End {
+        match err {
+            WsError::Utf8(_) => End::failing(
+                WsStatus::Protocol,
+                "protocol error: invalid UTF-8 in a text message from the peer".into(),
+                CloseCode::Invalid,
+                "invalid UTF-8",
+            ),
+            WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => End::failing(
+                WsStatus::MessageTooBig,
+                format!("message too big: {size} bytes, the limit is {max_size}"),
+                CloseCode::Size,
+                "message too big",
+            ),
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => self.stream_ended(),
+            WsError::Protocol(p) => End::failing(
+                WsStatus::Protocol,
+                format!("protocol error: {p}"),
+                CloseCode::Protocol,
+                "protocol error",
+            ),
+            WsError::Capacity(c) => {
+                End::failing(WsStatus::Protocol, format!("protocol error: {c}"), CloseCode::Protocol, "protocol error")
+            }
+            other => self.io_failure(other),
+        }
+    }
+
+    fn io_failure(&mut self, err: WsError) -> End {
+        let message = match &err {
+            WsError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "connection reset by the peer".into(),
+            WsError::Io(e) => format!("connection lost: {e}"),
+            WsError::ConnectionClosed | WsError::AlreadyClosed => "connection closed".into(),
+            other => format!("connection lost: {other}"),
+        };
+        if let Some((code, reason)) = self.peer_close.take() {
+            // The peer's close frame arrived: the handshake is as complete as it can be.
+            return End::event(Event::close(code, &reason));
+        }
+        End::event(Event::Error(Error::new(WsStatus::ConnectionLost, message)))
+    }
+}
