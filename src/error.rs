@@ -72,7 +72,7 @@ pub enum WsStatus {
 
 impl WsStatus {
     /// Every status, for `ws_status_str` and the tests.
-    pub const ALL: [WsStatus; 26] = [
+    pub(crate) const ALL: [WsStatus; 26] = [
         WsStatus::Ok,
         WsStatus::NullArgument,
         WsStatus::InvalidArgument,
