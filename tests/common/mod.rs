@@ -1,0 +1,224 @@
+//! Test helpers: drive the library only through its exported C functions, record every
+//! callback, and wait for events (never for time) with a generous safety deadline.
+
+#![allow(dead_code)]
+
+pub mod server;
+
+use std::ffi::{c_void, CStr, CString};
+use std::os::raw::c_char;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub use wsclient::ffi::client::*;
+pub use wsclient::ffi::connection::*;
+pub use wsclient::ffi::options::*;
+pub use wsclient::{WsConn, WsMessageKind, WsStatus};
+
+/// Safety net for waits: tests synchronise on events; this only stops a broken test.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ev {
+    Open(WsConn),
+    Text(WsConn, Vec<u8>),
+    Binary(WsConn, Vec<u8>),
+    Close(WsConn, u16, String),
+    Error(WsConn, WsStatus, String),
+}
+
+impl Ev {
+    pub fn conn(&self) -> WsConn {
+        match self {
+            Ev::Open(c) | Ev::Text(c, _) | Ev::Binary(c, _) | Ev::Close(c, ..) | Ev::Error(c, ..) => *c,
+        }
+    }
+    pub fn is_final(&self) -> bool {
+        matches!(self, Ev::Close(..) | Ev::Error(..))
+    }
+}
+
+/// Records callbacks. Lives on the test's stack/heap; its address is the `user` pointer.
+#[derive(Default)]
+pub struct Recorder {
+    pub events: Mutex<Vec<Ev>>,
+    /// Thread on which callbacks ran (all must be the dispatching thread).
+    pub threads: Mutex<Vec<std::thread::ThreadId>>,
+}
+
+impl Recorder {
+    pub fn push(&self, ev: Ev) {
+        self.threads.lock().unwrap().push(std::thread::current().id());
+        self.events.lock().unwrap().push(ev);
+    }
+    pub fn events(&self) -> Vec<Ev> {
+        self.events.lock().unwrap().clone()
+    }
+    pub fn of(&self, conn: WsConn) -> Vec<Ev> {
+        self.events().into_iter().filter(|e| e.conn() == conn).collect()
+    }
+    pub fn finals(&self, conn: WsConn) -> usize {
+        self.of(conn).iter().filter(|e| e.is_final()).count()
+    }
+    pub fn texts(&self, conn: WsConn) -> Vec<String> {
+        self.of(conn)
+            .into_iter()
+            .filter_map(|e| match e {
+                Ev::Text(_, t) => Some(String::from_utf8(t).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+pub unsafe fn rec<'a>(user: *mut c_void) -> &'a Recorder {
+    &*(user as *const Recorder)
+}
+
+pub unsafe extern "C" fn on_open(conn: WsConn, user: *mut c_void) {
+    rec(user).push(Ev::Open(conn));
+}
+
+pub unsafe extern "C" fn on_message(conn: WsConn, data: *const u8, len: usize, kind: WsMessageKind, user: *mut c_void) {
+    let bytes = std::slice::from_raw_parts(data, len).to_vec();
+    match kind {
+        WsMessageKind::Text => {
+            assert_eq!(*data.add(len), 0, "text must be NUL-terminated");
+            assert!(std::str::from_utf8(&bytes).is_ok(), "text must be UTF-8");
+            rec(user).push(Ev::Text(conn, bytes))
+        }
+        WsMessageKind::Binary => rec(user).push(Ev::Binary(conn, bytes)),
+    }
+}
+
+pub unsafe extern "C" fn on_close(conn: WsConn, code: u16, reason: *const c_char, len: usize, user: *mut c_void) {
+    assert_eq!(*reason.add(len), 0, "reason must be NUL-terminated");
+    let reason = String::from_utf8(std::slice::from_raw_parts(reason.cast::<u8>(), len).to_vec()).unwrap();
+    rec(user).push(Ev::Close(conn, code, reason));
+}
+
+pub unsafe extern "C" fn on_error(conn: WsConn, kind: WsStatus, message: *const c_char, user: *mut c_void) {
+    let message = CStr::from_ptr(message).to_str().unwrap().to_owned();
+    rec(user).push(Ev::Error(conn, kind, message));
+}
+
+/// Registers all four recording callbacks on `conn`.
+pub fn watch(conn: WsConn, recorder: &Recorder) {
+    let user = recorder as *const Recorder as *mut c_void;
+    assert_eq!(ws_on_open(conn, Some(on_open), user), WsStatus::Ok);
+    assert_eq!(ws_on_message(conn, Some(on_message), user), WsStatus::Ok);
+    assert_eq!(ws_on_close(conn, Some(on_close), user), WsStatus::Ok);
+    assert_eq!(ws_on_error(conn, Some(on_error), user), WsStatus::Ok);
+}
+
+pub fn cstr(s: &str) -> CString {
+    CString::new(s).unwrap()
+}
+
+pub fn last_error() -> String {
+    unsafe { CStr::from_ptr(ws_last_error()).to_str().unwrap().to_owned() }
+}
+
+/// A client freed on drop.
+pub struct Client(pub *mut WsClient);
+
+impl Client {
+    pub fn new() -> Client {
+        let c = ws_client_new();
+        assert!(!c.is_null(), "ws_client_new: {}", last_error());
+        Client(c)
+    }
+
+    pub fn connect(&self, url: &str) -> WsConn {
+        let mut conn = 0;
+        let status = unsafe { ws_connect(self.0, cstr(url).as_ptr(), &mut conn) };
+        assert_eq!(status, WsStatus::Ok, "connect {url}: {}", last_error());
+        assert_ne!(conn, 0);
+        conn
+    }
+
+    pub fn connect_with(&self, url: &str, options: *const WsOptions) -> WsConn {
+        let mut conn = 0;
+        let status = unsafe { ws_connect_with_options(self.0, cstr(url).as_ptr(), options, &mut conn) };
+        assert_eq!(status, WsStatus::Ok, "connect {url}: {}", last_error());
+        conn
+    }
+
+    pub fn fd(&self) -> i32 {
+        unsafe { ws_client_fd(self.0) }
+    }
+
+    /// One dispatch; returns (callbacks run, more pending).
+    pub fn dispatch(&self) -> (u32, bool) {
+        let (mut ran, mut more) = (0u32, false);
+        let status = unsafe { ws_dispatch(self.0, &mut ran, &mut more) };
+        assert_eq!(status, WsStatus::Ok, "dispatch: {}", last_error());
+        (ran, more)
+    }
+
+    /// Waits for the fd to become readable (at most `timeout`); true if it is.
+    pub fn wait_readable(&self, timeout: Duration) -> bool {
+        let mut pfd = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
+        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) > 0 }
+    }
+
+    /// Dispatches until `done` holds, waiting on the fd between dispatches.
+    pub fn run_until(&self, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        while !done() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "timed out waiting for {what}");
+            if self.wait_readable(left) {
+                self.dispatch();
+            }
+        }
+    }
+
+    /// Dispatches until `conn`'s final callback has run.
+    pub fn run_until_final(&self, recorder: &Recorder, conn: WsConn) {
+        self.run_until("the final callback", || recorder.finals(conn) > 0);
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let status = unsafe { ws_client_free(self.0) };
+        if !std::thread::panicking() {
+            assert_eq!(status, WsStatus::Ok);
+        }
+    }
+}
+
+/// Options freed on drop.
+pub struct Options(pub *mut WsOptions);
+
+impl Options {
+    pub fn new() -> Options {
+        Options(ws_options_new())
+    }
+}
+
+impl Drop for Options {
+    fn drop(&mut self) {
+        unsafe { ws_options_free(self.0) };
+    }
+}
+
+pub fn send_text(conn: WsConn, text: &str) -> WsStatus {
+    unsafe { ws_send(conn, text.as_ptr().cast(), text.len()) }
+}
+
+pub fn send_binary(conn: WsConn, data: &[u8]) -> WsStatus {
+    unsafe { ws_send_binary(conn, data.as_ptr().cast(), data.len()) }
+}
+
+pub fn close(conn: WsConn, code: u16, reason: &str) -> WsStatus {
+    let reason = cstr(reason);
+    unsafe { ws_close(conn, code, reason.as_ptr()) }
+}
+
+/// A port on 127.0.0.1 where nothing listens.
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}

@@ -1,0 +1,306 @@
+//! A local WebSocket test server (plain and TLS, on 127.0.0.1 with ephemeral ports) whose
+//! behaviour is chosen by the request path. Used by the Rust tests, and by examples/testserver.rs
+//! for the C examples and `make demo`.
+//!
+//! Paths:
+//!   /echo                      echo text as text and binary as binary
+//!   /push?n=N&size=S&code=C    N messages ("msg 0".. or S-byte binary), then close with C (1000)
+//!   /close?code=C&reason=R     close at once with code C and reason R
+//!   /drop                      send "bye", then drop the TCP connection without a close frame
+//!   /reject                    refuse the upgrade with HTTP 403
+//!   /silent                    upgrade, then never read nor write
+//!   /headers                   send the Authorization header's value, then echo
+//!   /protocol                  choose the first offered subprotocol, then echo
+//!   /badproto                  choose subprotocol "bogus" whatever was offered
+//!   /ping                      ping "are you there", send "pong:<payload>" when the pong arrives, then echo
+//! Every close frame a server connection receives is logged as "close CODE REASON".
+
+#![allow(dead_code, clippy::result_large_err)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+use tokio_tungstenite::WebSocketStream;
+
+/// Lines the server writes about what it saw, and a way to wait for one.
+#[derive(Default)]
+pub struct ServerLog {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+impl ServerLog {
+    fn push(&self, line: String) {
+        self.lines.lock().unwrap().push(line);
+        self.changed.notify_all();
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until a line satisfies `pred`; returns it.
+    pub fn wait_for(&self, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut lines = self.lines.lock().unwrap();
+        loop {
+            if let Some(line) = lines.iter().find(|l| pred(l)) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "server log never showed the expected line; it has {:?}", *lines);
+            lines = self.changed.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+}
+
+pub struct TestServer {
+    pub port: u16,
+    pub tls_port: u16,
+    /// A TLS port whose certificate names only "wrong.example".
+    pub wrong_name_port: u16,
+    /// Accepts TCP and never answers anything.
+    pub blackhole_port: u16,
+    pub dir: PathBuf,
+    pub ca_pem: PathBuf,
+    pub log: Arc<ServerLog>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Tls {
+    ca_pem: String,
+    good: tokio_rustls::TlsAcceptor,
+    wrong_name: tokio_rustls::TlsAcceptor,
+}
+
+fn make_tls() -> Tls {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "wsclient test CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let acceptor = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "wsclient test server");
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let chain = vec![cert.der().clone(), ca_cert.der().clone()];
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    };
+    Tls {
+        good: acceptor(vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]),
+        wrong_name: acceptor(vec!["wrong.example".into()]),
+        ca_pem: ca_cert.pem(),
+    }
+}
+
+impl TestServer {
+    pub fn start() -> TestServer {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let log = Arc::new(ServerLog::default());
+        let tls = make_tls();
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("wsclient-test-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_pem = dir.join("ca.pem");
+        std::fs::write(&ca_pem, &tls.ca_pem).unwrap();
+        let (port, tls_port, wrong_name_port, blackhole_port) = runtime.block_on(async {
+            let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let secure = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let wrong = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let blackhole = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let ports = (
+                plain.local_addr().unwrap().port(),
+                secure.local_addr().unwrap().port(),
+                wrong.local_addr().unwrap().port(),
+                blackhole.local_addr().unwrap().port(),
+            );
+            tokio::spawn(serve(plain, None, log.clone()));
+            tokio::spawn(serve(secure, Some(tls.good), log.clone()));
+            tokio::spawn(serve(wrong, Some(tls.wrong_name), log.clone()));
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Ok((stream, _)) = blackhole.accept().await {
+                    held.push(stream);
+                }
+            });
+            ports
+        });
+        TestServer { port, tls_port, wrong_name_port, blackhole_port, dir, ca_pem, log, runtime: Some(runtime) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn wss_url(&self, host: &str, path: &str) -> String {
+        format!("wss://{host}:{}{path}", self.tls_port)
+    }
+}
+
+async fn serve(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>, log: Arc<ServerLog>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { return };
+        let _ = tcp.set_nodelay(true);
+        let log = log.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                None => handle(tcp, log).await,
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(tcp).await {
+                        handle(stream, log).await
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == key).map(|(_, v)| v))
+}
+
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog>) {
+    let mut path = String::new();
+    let mut query = String::new();
+    let mut authorization = String::new();
+    let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        path = req.uri().path().to_owned();
+        query = req.uri().query().unwrap_or("").to_owned();
+        authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let offered = req.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).unwrap_or("");
+        match path.as_str() {
+            "/reject" => {
+                let mut refusal = ErrorResponse::new(Some("go away".into()));
+                *refusal.status_mut() = StatusCode::FORBIDDEN;
+                return Err(refusal);
+            }
+            "/protocol" => {
+                if let Some(first) = offered.split(',').map(str::trim).find(|p| !p.is_empty()) {
+                    resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_str(first).unwrap());
+                }
+            }
+            "/badproto" => {
+                resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static("bogus"));
+            }
+            _ => {}
+        }
+        Ok(resp)
+    };
+    let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await else {
+        return;
+    };
+    log.push(format!("open {path}"));
+    match path.as_str() {
+        "/push" => {
+            let n: usize = param(&query, "n").and_then(|v| v.parse().ok()).unwrap_or(10);
+            let size: Option<usize> = param(&query, "size").and_then(|v| v.parse().ok());
+            let code: u16 = param(&query, "code").and_then(|v| v.parse().ok()).unwrap_or(1000);
+            for i in 0..n {
+                let message = match size {
+                    Some(size) => {
+                        let mut bytes = vec![(i % 251) as u8; size];
+                        bytes[..8.min(size)].copy_from_slice(&(i as u64).to_le_bytes()[..8.min(size)]);
+                        Message::Binary(Bytes::from(bytes))
+                    }
+                    None => Message::text(format!("msg {i}")),
+                };
+                if ws.feed(message).await.is_err() {
+                    return;
+                }
+            }
+            let _ = ws.send(Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: "done".into() }))).await;
+            drain(ws, &log).await;
+        }
+        "/close" => {
+            let code: u16 = param(&query, "code").and_then(|v| v.parse().ok()).unwrap_or(1000);
+            let reason = param(&query, "reason").unwrap_or("").to_owned();
+            let _ = ws.send(Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() }))).await;
+            drain(ws, &log).await;
+        }
+        "/drop" => {
+            let _ = ws.send(Message::text("bye")).await;
+            drop(ws);
+        }
+        "/silent" => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        "/headers" => {
+            let _ = ws.send(Message::text(format!("authorization: {authorization}"))).await;
+            echo(ws, &log).await;
+        }
+        "/ping" => {
+            let _ = ws.send(Message::Ping(Bytes::from_static(b"are you there"))).await;
+            while let Some(Ok(message)) = ws.next().await {
+                if let Message::Pong(payload) = message {
+                    let text = format!("pong:{}", String::from_utf8_lossy(&payload));
+                    let _ = ws.send(Message::text(text)).await;
+                    break;
+                }
+            }
+            echo(ws, &log).await;
+        }
+        _ => echo(ws, &log).await,
+    }
+}
+
+fn log_close(log: &ServerLog, frame: &Option<CloseFrame>) {
+    match frame {
+        Some(f) => log.push(format!("close {} {}", u16::from(f.code), f.reason)),
+        None => log.push("close none".into()),
+    }
+}
+
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketStream<S>, log: &ServerLog) {
+    while let Some(Ok(message)) = ws.next().await {
+        match message {
+            Message::Text(_) | Message::Binary(_) => {
+                if ws.send(message).await.is_err() {
+                    return;
+                }
+            }
+            Message::Close(frame) => log_close(log, &frame),
+            _ => {}
+        }
+    }
+}
+
+/// Reads until the client's close reply (or the end), logging it.
+async fn drain<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketStream<S>, log: &ServerLog) {
+    while let Some(Ok(message)) = ws.next().await {
+        if let Message::Close(frame) = message {
+            log_close(log, &frame);
+        }
+    }
+}
