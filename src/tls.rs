@@ -82,6 +82,7 @@ pub fn describe_handshake_error(err: &std::io::Error, host: &str) -> String {
                 "TLS: certificate not valid yet".into()
             }
             CertificateError::Revoked => "TLS: certificate revoked".into(),
+            CertificateError::BadSignature => "TLS: certificate not trusted (bad signature)".into(),
             other => format!("TLS: invalid certificate ({other:?})"),
         },
         rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {

@@ -373,3 +373,19 @@ fn run_returns_when_no_connection_is_left() {
     watch(conn, &rec);
     assert_eq!(unsafe { ws_run(client.0, 50) }, WsStatus::Timeout);
 }
+
+/// IPv6 literals work (where the machine has IPv6 loopback).
+#[test]
+fn ipv6_literal() {
+    let server = TestServer::start();
+    let Some(port) = server.ipv6_port else {
+        eprintln!("no IPv6 loopback here: nothing to test");
+        return;
+    };
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&format!("ws://[::1]:{port}/echo?over=ipv6"));
+    watch(conn, &rec);
+    assert_eq!(send_text(conn, "v6"), WsStatus::Ok);
+    client.run_until("the echo over IPv6", || rec.texts(conn) == ["v6"]);
+}

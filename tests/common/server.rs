@@ -70,6 +70,8 @@ pub struct TestServer {
     pub wrong_name_port: u16,
     /// Accepts TCP and never answers anything.
     pub blackhole_port: u16,
+    /// The plain server on [::1], where the machine has IPv6 loopback.
+    pub ipv6_port: Option<u16>,
     pub dir: PathBuf,
     pub ca_pem: PathBuf,
     pub log: Arc<ServerLog>,
@@ -96,7 +98,11 @@ fn make_tls() -> Tls {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "wsclient test CA");
+    // A distinct name per CA, so that two test servers' CAs are never mistaken for each other.
+    static CA_SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let serial = CA_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("wsclient test CA {} {serial}", std::process::id());
+    ca_params.distinguished_name.push(DnType::CommonName, name);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
@@ -133,17 +139,23 @@ impl TestServer {
         std::fs::create_dir_all(&dir).unwrap();
         let ca_pem = dir.join("ca.pem");
         std::fs::write(&ca_pem, &tls.ca_pem).unwrap();
-        let (port, tls_port, wrong_name_port, blackhole_port) = runtime.block_on(async {
+        let (port, tls_port, wrong_name_port, blackhole_port, ipv6_port) = runtime.block_on(async {
             let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let secure = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let wrong = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let blackhole = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let ipv6 = TcpListener::bind("[::1]:0").await.ok();
+            let ipv6_port = ipv6.as_ref().map(|l| l.local_addr().unwrap().port());
             let ports = (
                 plain.local_addr().unwrap().port(),
                 secure.local_addr().unwrap().port(),
                 wrong.local_addr().unwrap().port(),
                 blackhole.local_addr().unwrap().port(),
+                ipv6_port,
             );
+            if let Some(listener) = ipv6 {
+                tokio::spawn(serve(listener, None, log.clone()));
+            }
             tokio::spawn(serve(plain, None, log.clone()));
             tokio::spawn(serve(secure, Some(tls.good), log.clone()));
             tokio::spawn(serve(wrong, Some(tls.wrong_name), log.clone()));
@@ -155,7 +167,7 @@ impl TestServer {
             });
             ports
         });
-        TestServer { port, tls_port, wrong_name_port, blackhole_port, dir, ca_pem, log, runtime: Some(runtime) }
+        TestServer { port, tls_port, wrong_name_port, blackhole_port, ipv6_port, dir, ca_pem, log, runtime: Some(runtime) }
     }
 
     pub fn url(&self, path: &str) -> String {
