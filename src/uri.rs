@@ -19,6 +19,15 @@ fn bad(reason: &str, uri: &str) -> Error {
     Error::new(WsStatus::InvalidUri, format!("invalid URI {uri:?}: {reason}"))
 }
 
+/// The text after the port colon of an authority, if it has one (IPv6 brackets skipped).
+fn explicit_port(authority: &str) -> Option<&str> {
+    let after_host = match authority.strip_prefix('[') {
+        Some(rest) => &rest[rest.find(']')? + 1..],
+        None => authority,
+    };
+    after_host.rfind(':').map(|i| &after_host[i + 1..])
+}
+
 pub fn parse(text: &str) -> Result<Target, Error> {
     if text.is_empty() {
         return Err(bad("it is empty", text));
@@ -45,16 +54,14 @@ pub fn parse(text: &str) -> Result<Target, Error> {
     if host.is_empty() {
         return Err(bad("it has no host", text));
     }
-    let port = match authority.port() {
+    let port = match explicit_port(authority.as_str()) {
         None => if tls { 443 } else { 80 },
-        Some(p) => match p.as_str().parse::<u16>() {
-            Ok(n) if n > 0 => n,
+        Some("") => return Err(bad("the port is empty", text)),
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => n,
             _ => return Err(bad("the port must be a number from 1 to 65535", text)),
         },
     };
-    if authority.as_str().ends_with(':') {
-        return Err(bad("the port is empty", text));
-    }
     Ok(Target { host: host.to_owned(), port, tls, uri })
 }
 

@@ -13,7 +13,8 @@
 //!   /protocol                  choose the first offered subprotocol, then echo
 //!   /badproto                  choose subprotocol "bogus" whatever was offered
 //!   /ping                      ping "are you there", send "pong:<payload>" when the pong arrives, then echo
-//! Every close frame a server connection receives is logged as "close CODE REASON".
+//! Every close frame a server connection receives is logged as "close CODE REASON", and every
+//! ping the echo receives as "ping".
 
 #![allow(dead_code, clippy::result_large_err)]
 
@@ -50,11 +51,17 @@ impl ServerLog {
 
     /// Waits (bounded) until a line satisfies `pred`; returns it.
     pub fn wait_for(&self, pred: impl Fn(&str) -> bool) -> String {
+        self.wait_for_count(1, pred)
+    }
+
+    /// Waits (bounded) until `n` lines satisfy `pred`; returns the first.
+    pub fn wait_for_count(&self, n: usize, pred: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut lines = self.lines.lock().unwrap();
         loop {
-            if let Some(line) = lines.iter().find(|l| pred(l)) {
-                return line.clone();
+            let matching: Vec<&String> = lines.iter().filter(|l| pred(l)).collect();
+            if matching.len() >= n {
+                return matching[0].clone();
             }
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(!left.is_zero(), "server log never showed the expected line; it has {:?}", *lines);
@@ -303,6 +310,7 @@ async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketStream<S>, log
                 }
             }
             Message::Close(frame) => log_close(log, &frame),
+            Message::Ping(_) => log.push("ping".into()),
             _ => {}
         }
     }
