@@ -359,7 +359,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Poll::Ready(Some(Ok(message))) => message,
         };
         self.last_heard = Instant::now();
-        self.ping_sent = None;
+        if self.ping_sent.take().is_some() {
+            // The ping was answered: the next check is one interval from now, not the timeout.
+            if let Some(interval) = self.options.keepalive_interval {
+                let next = self.last_heard + interval;
+                let next = self.close_deadline.map_or(next, |d| d.min(next));
+                self.timer.as_mut().reset(next);
+            }
+        }
         match message {
             Message::Text(text) => self.conn.deliver(Event::Message(Payload::text(text.as_bytes()))),
             Message::Binary(bytes) => self.conn.deliver(Event::Message(Payload::Binary(bytes))),
