@@ -88,6 +88,8 @@ struct State {
     callbacks: Callbacks,
     inbox: VecDeque<Event>,
     inbox_bytes: usize,
+    /// The most `inbox_bytes` ever reached (the receive-queue bound is tested against it).
+    peak_inbox_bytes: usize,
     inbox_messages: usize,
     /// The connection is in the hub's ready list (or being dispatched right now).
     scheduled: bool,
@@ -147,6 +149,7 @@ impl Conn {
                 callbacks: Callbacks::default(),
                 inbox: VecDeque::new(),
                 inbox_bytes: 0,
+                peak_inbox_bytes: 0,
                 inbox_messages: 0,
                 scheduled: false,
                 flow_control: false,
@@ -258,6 +261,11 @@ impl Conn {
         self.buffered.load(Ordering::Relaxed)
     }
 
+    /// The most received bytes that ever waited for dispatch at once (diagnostics and tests).
+    pub fn peak_queued_bytes(&self) -> usize {
+        self.lock().peak_inbox_bytes
+    }
+
     pub fn protocol(&self) -> Option<String> {
         self.lock().protocol.clone()
     }
@@ -356,6 +364,7 @@ impl Conn {
         }
         if let Event::Message(payload) = &event {
             st.inbox_bytes += payload.len();
+            st.peak_inbox_bytes = st.peak_inbox_bytes.max(st.inbox_bytes);
             st.inbox_messages += 1;
         }
         st.inbox.push_back(event);

@@ -389,3 +389,34 @@ fn ipv6_literal() {
     assert_eq!(send_text(conn, "v6"), WsStatus::Ok);
     client.run_until("the echo over IPv6", || rec.texts(conn) == ["v6"]);
 }
+
+/// 5. Flow control off and a host that does not dispatch: the library stops reading once the
+/// receive queue limit is reached (so TCP back-pressure holds the server), and nothing is lost.
+#[test]
+fn a_slow_host_bounds_what_waits_and_loses_nothing() {
+    let server = TestServer::start();
+    let client = Client::new();
+    let options = Options::new();
+    let limit = 64 << 10;
+    assert_eq!(unsafe { ws_options_set_receive_queue_limit(options.0, limit) }, WsStatus::Ok);
+    let rec = Recorder::default();
+    let size = 16 << 10;
+    let count = 2048; // 32 MiB, far more than the socket buffers hold
+    let conn = client.connect_with(&server.url(&format!("/push?n={count}&size={size}")), options.0);
+    watch(conn, &rec);
+    // The host dispatches nothing while the server pushes 2 MiB (what the socket buffers alone
+    // can hold), 32 times the limit: without the bound, all of it would wait in the library.
+    server.log.wait_for(|l| l == "pushed 2 MiB");
+    let peak = wsclient::handles::lookup(conn).unwrap().peak_queued_bytes();
+    assert!(peak < limit + size, "{peak} bytes waited for dispatch, the limit is {limit}");
+    client.run_until_final(&rec, conn);
+    let binaries: Vec<Vec<u8>> = rec.of(conn).into_iter().filter_map(|e| match e { Ev::Binary(_, b) => Some(b), _ => None }).collect();
+    assert_eq!(binaries.len(), count);
+    for (i, b) in binaries.iter().enumerate() {
+        assert_eq!(b.len(), size);
+        assert_eq!(u64::from_le_bytes(b[..8].try_into().unwrap()), i as u64, "in order");
+    }
+    assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 1000, "done".into())));
+    let peak = wsclient::handles::lookup(conn).map(|c| c.peak_queued_bytes());
+    assert_eq!(peak, None, "gone after the final callback");
+}

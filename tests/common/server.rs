@@ -4,7 +4,8 @@
 //!
 //! Paths:
 //!   /echo                      echo text as text and binary as binary
-//!   /push?n=N&size=S&code=C    N messages ("msg 0".. or S-byte binary), then close with C (1000)
+//!   /push?n=N&size=S&code=C    N messages ("msg 0".. or S-byte binary), then close with C (1000);
+//!                              logs "pushed K MiB" as each MiB reaches the socket
 //!   /close?code=C&reason=R     close at once with code C and reason R
 //!   /drop                      send "bye", then drop the TCP connection without a close frame
 //!   /reject                    refuse the upgrade with HTTP 403
@@ -257,6 +258,14 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
                 };
                 if ws.feed(message).await.is_err() {
                     return;
+                }
+                // Progress, in whole MiB that reached the socket.
+                let (before, after) = (i * size.unwrap_or(0) >> 20, (i + 1) * size.unwrap_or(0) >> 20);
+                if after > before {
+                    if ws.flush().await.is_err() {
+                        return;
+                    }
+                    log.push(format!("pushed {after} MiB"));
                 }
             }
             let _ = ws.send(Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: "done".into() }))).await;
