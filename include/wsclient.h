@@ -238,7 +238,7 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * The library's version, e.g. "0.1.0". Static; any thread.
+ * The library's version, e.g. "0.1.0". Static; any thread, also inside callbacks.
  */
 const char *ws_version(void);
 
@@ -257,7 +257,7 @@ const char *ws_last_error(void);
 
 /**
  * Creates a client context and starts its I/O thread. Returns NULL on failure (see
- * ws_last_error()). Any thread.
+ * ws_last_error()). Any thread, also inside callbacks.
  */
 ws_client *ws_client_new(void);
 
@@ -277,12 +277,14 @@ ws_status ws_client_free(ws_client *client);
  * The file descriptor that is readable while callbacks are pending: add it to your poll,
  * epoll or select set (for reading) and call ws_dispatch() when it is readable. It stays
  * readable until a dispatch has taken every pending event, so level- and edge-triggered
- * loops both work. Never read, write or close it. -1 if client is NULL. Any thread.
+ * loops both work. Never read, write or close it. -1 if client is NULL. Any thread, also
+ * inside callbacks.
  */
 int ws_client_fd(const ws_client *client);
 
 /**
- * How many of the client's connections are not gone yet (0 if client is NULL). Any thread.
+ * How many of the client's connections are not gone yet (0 if client is NULL). Any thread,
+ * also inside callbacks.
  */
 size_t ws_client_connection_count(const ws_client *client);
 
@@ -359,6 +361,7 @@ ws_status ws_send(ws_conn conn, const char *text, size_t len);
 
 /**
  * Queues a binary message of `len` bytes (copied before it returns). Otherwise as ws_send().
+ * Any thread, also inside callbacks.
  */
 ws_status ws_send_binary(ws_conn conn, const void *data, size_t len);
 
@@ -389,31 +392,34 @@ ws_status ws_message_complete(ws_conn conn);
 
 /**
  * Writes to `*bytes_out` how many payload bytes were accepted by ws_send/ws_send_binary and
- * not yet written to the socket (the browser's bufferedAmount). Any thread.
+ * not yet written to the socket (the browser's bufferedAmount). Any thread, also inside
+ * callbacks.
  */
 ws_status ws_buffered_amount(ws_conn conn, size_t *bytes_out);
 
 /**
  * Copies the subprotocol the server chose (NUL-terminated; "" if none, or not open yet) into
  * `buf` of `buf_len` bytes and its length to `*len_out` (optional). If it does not fit,
- * returns WS_STATUS_BUFFER_TOO_SMALL with the length needed in `*len_out`. Any thread.
+ * returns WS_STATUS_BUFFER_TOO_SMALL with the length needed in `*len_out`. Any thread, also
+ * inside callbacks.
  */
 ws_status ws_protocol(ws_conn conn, char *buf, size_t buf_len, size_t *len_out);
 
 /**
  * New options holding the defaults (those of plain ws_connect). NULL only if out of memory.
- * Any thread.
+ * Any thread, also inside callbacks.
  */
 ws_options *ws_options_new(void);
 
 /**
- * Frees options; NULL is a no-op. Any thread.
+ * Frees options; NULL is a no-op. Any thread, also inside callbacks.
  */
 void ws_options_free(ws_options *options);
 
 /**
  * Also trusts the CA certificates of a PEM file (read now), in addition to the system's trust
  * store. WS_STATUS_CERTIFICATE_FILE if it cannot be read or holds no certificate.
+ * Any thread, also inside callbacks; one thread at a time per options object.
  */
 ws_status ws_options_add_ca_file(ws_options *options, const char *pem_path);
 
@@ -421,23 +427,27 @@ ws_status ws_options_add_ca_file(ws_options *options, const char *pem_path);
  * Adds an HTTP header to the upgrade request (e.g. "Authorization"). The headers the
  * WebSocket handshake sets itself (Host, Connection, Upgrade, Sec-WebSocket-*) are refused
  * with WS_STATUS_INVALID_ARGUMENT; use ws_options_add_subprotocol for subprotocols.
+ * Any thread, also inside callbacks; one thread at a time per options object.
  */
 ws_status ws_options_add_header(ws_options *options, const char *name, const char *value);
 
 /**
  * Offers a subprotocol (in the order added). After open, ws_protocol() tells which one the
  * server chose; a server that chooses one not offered fails the handshake.
+ * Any thread, also inside callbacks; one thread at a time per options object.
  */
 ws_status ws_options_add_subprotocol(ws_options *options, const char *protocol);
 
 /**
  * Time allowed for DNS, TCP, TLS and the upgrade together (default 30000 ms; at least 1).
+ * Any thread, also inside callbacks; one thread at a time per options object.
  */
 ws_status ws_options_set_connect_timeout_ms(ws_options *options, uint32_t timeout_ms);
 
 /**
  * Time the peer has to complete a close handshake before the connection ends with
  * WS_STATUS_CLOSE_TIMEOUT (default 10000 ms; at least 1).
+ * Any thread, also inside callbacks; one thread at a time per options object.
  */
 ws_status ws_options_set_close_timeout_ms(ws_options *options, uint32_t timeout_ms);
 
@@ -446,18 +456,21 @@ ws_status ws_options_set_close_timeout_ms(ws_options *options, uint32_t timeout_
  * within `timeout_ms` after it, end with WS_STATUS_KEEPALIVE_TIMEOUT. Default 30000 and
  * 30000; interval 0 turns keepalive pings off. Silence while the library is not reading (flow
  * control, slow host) does not count.
+ * Any thread, also inside callbacks; one thread at a time per options object.
  */
 ws_status ws_options_set_keepalive(ws_options *options, uint32_t interval_ms, uint32_t timeout_ms);
 
 /**
  * Largest message (and frame) accepted from the peer; a larger one fails the connection with
  * close code 1009 and WS_STATUS_MESSAGE_TOO_BIG. Default 64 MiB; at least 1.
+ * Any thread, also inside callbacks; one thread at a time per options object.
  */
 ws_status ws_options_set_max_message_size(ws_options *options, size_t bytes);
 
 /**
  * Bytes read from the socket at a time (default 16 KiB, 256 B .. 16 MiB). Larger buffers
  * read big messages with fewer system calls; smaller ones keep many connections lean.
+ * Any thread, also inside callbacks; one thread at a time per options object.
  */
 ws_status ws_options_set_read_buffer_size(ws_options *options, size_t bytes);
 
@@ -465,17 +478,20 @@ ws_status ws_options_set_read_buffer_size(ws_options *options, size_t bytes);
  * Received bytes that may wait for the host's dispatch before the library stops reading the
  * socket (default 1 MiB; at least 1). Memory per connection for received data stays below
  * this plus one message.
+ * Any thread, also inside callbacks; one thread at a time per options object.
  */
 ws_status ws_options_set_receive_queue_limit(ws_options *options, size_t bytes);
 
 /**
  * Bytes that may wait to be sent before ws_send refuses with WS_STATUS_SEND_QUEUE_FULL
  * (default 64 MiB; at least 1).
+ * Any thread, also inside callbacks; one thread at a time per options object.
  */
 ws_status ws_options_set_send_queue_limit(ws_options *options, size_t bytes);
 
 /**
- * ws_connect() with options (NULL options means the defaults).
+ * ws_connect() with options (NULL options means the defaults); the options are copied. Any
+ * thread, also inside callbacks.
  */
 ws_status ws_connect_with_options(ws_client *client,
                                   const char *uri,

@@ -420,3 +420,25 @@ fn a_slow_host_bounds_what_waits_and_loses_nothing() {
     let peak = wsclient::handles::lookup(conn).map(|c| c.peak_queued_bytes());
     assert_eq!(peak, None, "gone after the final callback");
 }
+
+unsafe extern "C" fn count_open(_conn: WsConn, user: *mut c_void) {
+    *(user as *mut u32) += 1;
+}
+
+/// A later registration replaces the earlier one; NULL clears it.
+#[test]
+fn registration_replaces_and_null_clears() {
+    let server = TestServer::start();
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&server.url("/push?n=2"));
+    watch(conn, &rec);
+    let mut opens = 0u32;
+    // Replaces the recorder's open callback: only the counter sees the open.
+    assert_eq!(ws_on_open(conn, Some(count_open), &mut opens as *mut u32 as *mut c_void), WsStatus::Ok);
+    // Clears the message callback: messages are consumed without a call.
+    assert_eq!(ws_on_message(conn, None, std::ptr::null_mut()), WsStatus::Ok);
+    client.run_until_final(&rec, conn);
+    assert_eq!(opens, 1);
+    assert_eq!(rec.of(conn), vec![Ev::Close(conn, 1000, "done".into())]);
+}

@@ -15,7 +15,7 @@ pub struct WsClient {
     inner: Client,
 }
 
-/// The library's version, e.g. "0.1.0". Static; any thread.
+/// The library's version, e.g. "0.1.0". Static; any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_version() -> *const c_char {
     ffi_boundary!(std::ptr::null(), { concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast() })
@@ -42,7 +42,7 @@ pub extern "C" fn ws_last_error() -> *const c_char {
 }
 
 /// Creates a client context and starts its I/O thread. Returns NULL on failure (see
-/// ws_last_error()). Any thread.
+/// ws_last_error()). Any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_client_new() -> *mut WsClient {
     ffi_boundary!(std::ptr::null_mut(), {
@@ -77,7 +77,8 @@ pub unsafe extern "C" fn ws_client_free(client: *mut WsClient) -> WsStatus {
 /// The file descriptor that is readable while callbacks are pending: add it to your poll,
 /// epoll or select set (for reading) and call ws_dispatch() when it is readable. It stays
 /// readable until a dispatch has taken every pending event, so level- and edge-triggered
-/// loops both work. Never read, write or close it. -1 if client is NULL. Any thread.
+/// loops both work. Never read, write or close it. -1 if client is NULL. Any thread, also
+/// inside callbacks.
 #[no_mangle]
 pub unsafe extern "C" fn ws_client_fd(client: *const WsClient) -> c_int {
     ffi_boundary!(-1, {
@@ -88,7 +89,8 @@ pub unsafe extern "C" fn ws_client_fd(client: *const WsClient) -> c_int {
     })
 }
 
-/// How many of the client's connections are not gone yet (0 if client is NULL). Any thread.
+/// How many of the client's connections are not gone yet (0 if client is NULL). Any thread,
+/// also inside callbacks.
 #[no_mangle]
 pub unsafe extern "C" fn ws_client_connection_count(client: *const WsClient) -> usize {
     ffi_boundary!(0, { client.as_ref().map_or(0, |c| c.inner.hub().live_connections()) })

@@ -72,6 +72,7 @@ pub unsafe extern "C" fn ws_send(conn: WsConn, text: *const c_char, len: usize) 
 }
 
 /// Queues a binary message of `len` bytes (copied before it returns). Otherwise as ws_send().
+/// Any thread, also inside callbacks.
 #[no_mangle]
 pub unsafe extern "C" fn ws_send_binary(conn: WsConn, data: *const c_void, len: usize) -> WsStatus {
     ffi_status!({
@@ -126,7 +127,8 @@ pub extern "C" fn ws_message_complete(conn: WsConn) -> WsStatus {
 }
 
 /// Writes to `*bytes_out` how many payload bytes were accepted by ws_send/ws_send_binary and
-/// not yet written to the socket (the browser's bufferedAmount). Any thread.
+/// not yet written to the socket (the browser's bufferedAmount). Any thread, also inside
+/// callbacks.
 #[no_mangle]
 pub unsafe extern "C" fn ws_buffered_amount(conn: WsConn, bytes_out: *mut usize) -> WsStatus {
     ffi_status!({
@@ -140,7 +142,8 @@ pub unsafe extern "C" fn ws_buffered_amount(conn: WsConn, bytes_out: *mut usize)
 
 /// Copies the subprotocol the server chose (NUL-terminated; "" if none, or not open yet) into
 /// `buf` of `buf_len` bytes and its length to `*len_out` (optional). If it does not fit,
-/// returns WS_STATUS_BUFFER_TOO_SMALL with the length needed in `*len_out`. Any thread.
+/// returns WS_STATUS_BUFFER_TOO_SMALL with the length needed in `*len_out`. Any thread, also
+/// inside callbacks.
 #[no_mangle]
 pub unsafe extern "C" fn ws_protocol(conn: WsConn, buf: *mut c_char, buf_len: usize, len_out: *mut usize) -> WsStatus {
     ffi_status!({

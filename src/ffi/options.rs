@@ -28,13 +28,13 @@ fn millis(ms: u32, what: &str) -> Result<Duration, Error> {
 }
 
 /// New options holding the defaults (those of plain ws_connect). NULL only if out of memory.
-/// Any thread.
+/// Any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_options_new() -> *mut WsOptions {
     ffi_boundary!(std::ptr::null_mut(), { Box::into_raw(Box::new(WsOptions { inner: Options::default() })) })
 }
 
-/// Frees options; NULL is a no-op. Any thread.
+/// Frees options; NULL is a no-op. Any thread, also inside callbacks.
 #[no_mangle]
 pub unsafe extern "C" fn ws_options_free(options: *mut WsOptions) {
     ffi_boundary!((), {
@@ -46,6 +46,7 @@ pub unsafe extern "C" fn ws_options_free(options: *mut WsOptions) {
 
 /// Also trusts the CA certificates of a PEM file (read now), in addition to the system's trust
 /// store. WS_STATUS_CERTIFICATE_FILE if it cannot be read or holds no certificate.
+/// Any thread, also inside callbacks; one thread at a time per options object.
 #[no_mangle]
 pub unsafe extern "C" fn ws_options_add_ca_file(options: *mut WsOptions, pem_path: *const c_char) -> WsStatus {
     ffi_status!({
@@ -57,6 +58,7 @@ pub unsafe extern "C" fn ws_options_add_ca_file(options: *mut WsOptions, pem_pat
 /// Adds an HTTP header to the upgrade request (e.g. "Authorization"). The headers the
 /// WebSocket handshake sets itself (Host, Connection, Upgrade, Sec-WebSocket-*) are refused
 /// with WS_STATUS_INVALID_ARGUMENT; use ws_options_add_subprotocol for subprotocols.
+/// Any thread, also inside callbacks; one thread at a time per options object.
 #[no_mangle]
 pub unsafe extern "C" fn ws_options_add_header(options: *mut WsOptions, name: *const c_char, value: *const c_char) -> WsStatus {
     ffi_status!({
@@ -67,6 +69,7 @@ pub unsafe extern "C" fn ws_options_add_header(options: *mut WsOptions, name: *c
 
 /// Offers a subprotocol (in the order added). After open, ws_protocol() tells which one the
 /// server chose; a server that chooses one not offered fails the handshake.
+/// Any thread, also inside callbacks; one thread at a time per options object.
 #[no_mangle]
 pub unsafe extern "C" fn ws_options_add_subprotocol(options: *mut WsOptions, protocol: *const c_char) -> WsStatus {
     ffi_status!({
@@ -76,6 +79,7 @@ pub unsafe extern "C" fn ws_options_add_subprotocol(options: *mut WsOptions, pro
 }
 
 /// Time allowed for DNS, TCP, TLS and the upgrade together (default 30000 ms; at least 1).
+/// Any thread, also inside callbacks; one thread at a time per options object.
 #[no_mangle]
 pub unsafe extern "C" fn ws_options_set_connect_timeout_ms(options: *mut WsOptions, timeout_ms: u32) -> WsStatus {
     ffi_status!({
@@ -86,6 +90,7 @@ pub unsafe extern "C" fn ws_options_set_connect_timeout_ms(options: *mut WsOptio
 
 /// Time the peer has to complete a close handshake before the connection ends with
 /// WS_STATUS_CLOSE_TIMEOUT (default 10000 ms; at least 1).
+/// Any thread, also inside callbacks; one thread at a time per options object.
 #[no_mangle]
 pub unsafe extern "C" fn ws_options_set_close_timeout_ms(options: *mut WsOptions, timeout_ms: u32) -> WsStatus {
     ffi_status!({
@@ -98,6 +103,7 @@ pub unsafe extern "C" fn ws_options_set_close_timeout_ms(options: *mut WsOptions
 /// within `timeout_ms` after it, end with WS_STATUS_KEEPALIVE_TIMEOUT. Default 30000 and
 /// 30000; interval 0 turns keepalive pings off. Silence while the library is not reading (flow
 /// control, slow host) does not count.
+/// Any thread, also inside callbacks; one thread at a time per options object.
 #[no_mangle]
 pub unsafe extern "C" fn ws_options_set_keepalive(options: *mut WsOptions, interval_ms: u32, timeout_ms: u32) -> WsStatus {
     ffi_status!({
@@ -111,6 +117,7 @@ pub unsafe extern "C" fn ws_options_set_keepalive(options: *mut WsOptions, inter
 
 /// Largest message (and frame) accepted from the peer; a larger one fails the connection with
 /// close code 1009 and WS_STATUS_MESSAGE_TOO_BIG. Default 64 MiB; at least 1.
+/// Any thread, also inside callbacks; one thread at a time per options object.
 #[no_mangle]
 pub unsafe extern "C" fn ws_options_set_max_message_size(options: *mut WsOptions, bytes: usize) -> WsStatus {
     ffi_status!({ options_mut(options)?.set_max_message_size(bytes) })
@@ -118,6 +125,7 @@ pub unsafe extern "C" fn ws_options_set_max_message_size(options: *mut WsOptions
 
 /// Bytes read from the socket at a time (default 16 KiB, 256 B .. 16 MiB). Larger buffers
 /// read big messages with fewer system calls; smaller ones keep many connections lean.
+/// Any thread, also inside callbacks; one thread at a time per options object.
 #[no_mangle]
 pub unsafe extern "C" fn ws_options_set_read_buffer_size(options: *mut WsOptions, bytes: usize) -> WsStatus {
     ffi_status!({ options_mut(options)?.set_read_buffer_size(bytes) })
@@ -126,6 +134,7 @@ pub unsafe extern "C" fn ws_options_set_read_buffer_size(options: *mut WsOptions
 /// Received bytes that may wait for the host's dispatch before the library stops reading the
 /// socket (default 1 MiB; at least 1). Memory per connection for received data stays below
 /// this plus one message.
+/// Any thread, also inside callbacks; one thread at a time per options object.
 #[no_mangle]
 pub unsafe extern "C" fn ws_options_set_receive_queue_limit(options: *mut WsOptions, bytes: usize) -> WsStatus {
     ffi_status!({
@@ -139,6 +148,7 @@ pub unsafe extern "C" fn ws_options_set_receive_queue_limit(options: *mut WsOpti
 
 /// Bytes that may wait to be sent before ws_send refuses with WS_STATUS_SEND_QUEUE_FULL
 /// (default 64 MiB; at least 1).
+/// Any thread, also inside callbacks; one thread at a time per options object.
 #[no_mangle]
 pub unsafe extern "C" fn ws_options_set_send_queue_limit(options: *mut WsOptions, bytes: usize) -> WsStatus {
     ffi_status!({
@@ -150,7 +160,8 @@ pub unsafe extern "C" fn ws_options_set_send_queue_limit(options: *mut WsOptions
     })
 }
 
-/// ws_connect() with options (NULL options means the defaults).
+/// ws_connect() with options (NULL options means the defaults); the options are copied. Any
+/// thread, also inside callbacks.
 #[no_mangle]
 pub unsafe extern "C" fn ws_connect_with_options(
     client: *mut WsClient,
