@@ -6,13 +6,13 @@ CFLAGS ?= -O2 -g
 WARN := -std=c11 -Wall -Wextra -Wpedantic -Werror
 LIBDIR := target/release
 BUILD := examples-c/build
-EXAMPLES := $(BUILD)/echo $(BUILD)/flow
+EXAMPLES := $(BUILD)/echo $(BUILD)/flow $(BUILD)/wsjs
 # Debian packages the tests and examples need (installed by `make deps` when root).
-DEB_PACKAGES := valgrind pkg-config
+DEB_PACKAGES := valgrind pkg-config duktape-dev
 
 .PHONY: all lib examples deps test demo header clean
 
-all: lib examples
+all: deps lib examples
 
 # The library (libwsclient.so with soname libwsclient.so.0, libwsclient.a) and the bundled test server.
 lib:
@@ -23,6 +23,11 @@ examples: $(EXAMPLES)
 
 $(BUILD):
 	mkdir -p $@
+
+# wsjs embeds Duktape (Debian's duktape-dev, found with pkg-config).
+$(BUILD)/wsjs: examples-c/wsjs.c include/wsclient.h lib | $(BUILD)
+	$(CC) $(WARN) $(CFLAGS) -Iinclude $$(pkg-config --cflags duktape) $< -o $@ \
+	  -L$(LIBDIR) -lwsclient -Wl,-rpath,$(abspath $(LIBDIR)) $$(pkg-config --libs duktape) -lm
 
 $(BUILD)/%: examples-c/%.c include/wsclient.h lib | $(BUILD)
 	$(CC) $(WARN) $(CFLAGS) -Iinclude $< -o $@ -L$(LIBDIR) -lwsclient -Wl,-rpath,$(abspath $(LIBDIR))

@@ -1,0 +1,563 @@
+/*
+ * wsjs: runs a JavaScript file in Duktape with the documented WebsocketClient objects, bound
+ * through wsclient's public C API only. It is also the reference for binding another engine.
+ *
+ *   wsjs SCRIPT.js
+ *
+ * Globals: WebsocketClient.connect(uri), log(...), setTimeout(fn, ms), clearTimeout(id).
+ * After the script has run, the event loop (poll on the library's fd, plus timers) runs until
+ * no connection and no timer is left; then wsjs exits 0. An uncaught exception, at top level or
+ * in a callback, prints its stack to stderr and exits 1.
+ *
+ * Strings: Duktape keeps strings in CESU-8 (characters outside the BMP as surrogate pairs), the
+ * library speaks UTF-8: every string crossing the boundary is converted here.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <duktape.h>
+
+#include "wsclient.h"
+
+/* Hidden properties (Duktape hides keys starting with 0xFF) of a connection object. */
+#define KEY_HANDLE "\xff" "handle"
+#define KEY_GONE "\xff" "gone"
+#define KEY_ON(name) ("\xff" "on" name)
+
+struct timer {
+    double id;
+    double deadline_ms;
+};
+
+/* The host: one per process, used from the one thread that runs JavaScript. */
+static struct {
+    duk_context *ctx;
+    ws_client *client;
+    int fatal;             /* an uncaught exception happened: stop running JavaScript */
+    struct timer *timers;
+    size_t ntimers, cap;
+    double next_timer_id;
+} host;
+
+/* ---- UTF-8 <-> CESU-8 ------------------------------------------------------------------- */
+
+static size_t put3(unsigned char *out, unsigned u) {
+    out[0] = (unsigned char)(0xE0 | (u >> 12));
+    out[1] = (unsigned char)(0x80 | ((u >> 6) & 0x3F));
+    out[2] = (unsigned char)(0x80 | (u & 0x3F));
+    return 3;
+}
+
+/* UTF-8 from the library -> CESU-8 for Duktape: 4-byte sequences become surrogate pairs. */
+static unsigned char *utf8_to_cesu8(const unsigned char *s, size_t n, size_t *out_len) {
+    unsigned char *out = malloc(n + n / 2 + 1), *o = out;
+    if (!out) return NULL;
+    for (size_t i = 0; i < n;) {
+        if (s[i] >= 0xF0 && i + 3 < n) {
+            unsigned cp = ((s[i] & 0x07u) << 18) | ((s[i + 1] & 0x3Fu) << 12) | ((s[i + 2] & 0x3Fu) << 6) |
+                          (s[i + 3] & 0x3Fu);
+            cp -= 0x10000;
+            o += put3(o, 0xD800 + (cp >> 10));
+            o += put3(o, 0xDC00 + (cp & 0x3FF));
+            i += 4;
+        } else {
+            *o++ = s[i++];
+        }
+    }
+    *o = 0; /* also a C string */
+    *out_len = (size_t)(o - out);
+    return out;
+}
+
+/* The code unit of a 3-byte sequence at s (no checks beyond the lead byte's range). */
+static unsigned surrogate_at(const unsigned char *s, size_t left) {
+    if (left < 3 || s[0] != 0xED || s[1] < 0xA0) return 0;
+    return ((s[0] & 0x0Fu) << 12) | ((s[1] & 0x3Fu) << 6) | (s[2] & 0x3Fu);
+}
+
+/* CESU-8 from Duktape -> UTF-8: surrogate pairs join, lone surrogates become U+FFFD (as a
+ * browser's send() does). */
+static unsigned char *cesu8_to_utf8(const unsigned char *s, size_t n, size_t *out_len) {
+    unsigned char *out = malloc(n + 1), *o = out;
+    if (!out) return NULL;
+    for (size_t i = 0; i < n;) {
+        unsigned hi = surrogate_at(s + i, n - i);
+        if (!hi) {
+            *o++ = s[i++];
+            continue;
+        }
+        unsigned lo = surrogate_at(s + i + 3, n - i - 3);
+        if (hi <= 0xDBFF && lo >= 0xDC00) {
+            unsigned cp = 0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00);
+            *o++ = (unsigned char)(0xF0 | (cp >> 18));
+            *o++ = (unsigned char)(0x80 | ((cp >> 12) & 0x3F));
+            *o++ = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
+            *o++ = (unsigned char)(0x80 | (cp & 0x3F));
+            i += 6;
+        } else {
+            o += put3(o, 0xFFFD);
+            i += 3;
+        }
+    }
+    *o = 0; /* also a C string */
+    *out_len = (size_t)(o - out);
+    return out;
+}
+
+/* Pushes a UTF-8 string as a JavaScript string. */
+static void push_utf8(duk_context *ctx, const char *s, size_t n) {
+    size_t len;
+    unsigned char *cesu = utf8_to_cesu8((const unsigned char *)s, n, &len);
+    if (!cesu) duk_error(ctx, DUK_ERR_ERROR, "out of memory");
+    duk_push_lstring(ctx, (const char *)cesu, len);
+    free(cesu);
+}
+
+/* The value at idx as a malloc'd UTF-8 string (caller frees). */
+static char *to_utf8(duk_context *ctx, duk_idx_t idx, size_t *len) {
+    duk_size_t n;
+    const char *s = duk_safe_to_lstring(ctx, idx, &n);
+    char *utf8 = (char *)cesu8_to_utf8((const unsigned char *)s, n, len);
+    if (!utf8) duk_error(ctx, DUK_ERR_ERROR, "out of memory");
+    return utf8;
+}
+
+/* ---- errors ------------------------------------------------------------------------------ */
+
+/* Prints the error on top of the stack (its stack trace if it has one) and marks the host
+ * fatal: wsjs exits 1 once control is back in the event loop. */
+static void report_uncaught(duk_context *ctx) {
+    if (duk_is_error(ctx, -1)) {
+        if (duk_get_prop_string(ctx, -1, "stack")) duk_replace(ctx, -2);
+        else duk_pop(ctx);
+    }
+    size_t len;
+    char *text = to_utf8(ctx, -1, &len);
+    fprintf(stderr, "uncaught exception: %s\n", text);
+    fflush(stderr);
+    free(text);
+    duk_pop(ctx);
+    host.fatal = 1;
+}
+
+/* Throws a JavaScript Error carrying the library's message for a failed call. */
+static duk_ret_t throw_status(duk_context *ctx, ws_status status) {
+    return duk_error(ctx, DUK_ERR_ERROR, "%s", status == WS_STATUS_GONE ? "the connection is gone" : ws_last_error());
+}
+
+/* ---- connection objects ------------------------------------------------------------------ */
+
+static void push_handle_key(duk_context *ctx, ws_conn conn) {
+    char key[24];
+    snprintf(key, sizeof key, "%" PRIx64, conn);
+    duk_push_string(ctx, key);
+}
+
+/* Pushes the live connection object for conn (from the stash), or undefined. */
+static void push_conn_object(duk_context *ctx, ws_conn conn) {
+    duk_push_heap_stash(ctx);
+    duk_get_prop_string(ctx, -1, "conns");
+    push_handle_key(ctx, conn);
+    duk_get_prop(ctx, -2);
+    duk_replace(ctx, -3);
+    duk_pop(ctx);
+}
+
+/* The handle of `this`; throws if the connection is gone. */
+static ws_conn this_handle(duk_context *ctx) {
+    duk_push_this(ctx);
+    duk_get_prop_string(ctx, -1, KEY_GONE);
+    int gone = duk_to_boolean(ctx, -1);
+    duk_get_prop_string(ctx, -2, KEY_HANDLE);
+    ws_conn conn = (ws_conn)strtoull(duk_safe_to_string(ctx, -1), NULL, 16);
+    duk_pop_3(ctx);
+    if (gone || conn == 0) duk_error(ctx, DUK_ERR_ERROR, "the connection is gone");
+    return conn;
+}
+
+/* conn.onopen(fn) and friends: store fn (or clear it with null/undefined), return this. */
+static duk_ret_t set_callback(duk_context *ctx, const char *key) {
+    this_handle(ctx);
+    if (!duk_is_function(ctx, 0) && !duk_is_null_or_undefined(ctx, 0))
+        return duk_error(ctx, DUK_ERR_TYPE_ERROR, "callback must be a function");
+    duk_push_this(ctx);
+    duk_dup(ctx, 0);
+    duk_put_prop_string(ctx, -2, key);
+    return 1;
+}
+static duk_ret_t js_onopen(duk_context *ctx) { return set_callback(ctx, KEY_ON("open")); }
+static duk_ret_t js_onclose(duk_context *ctx) { return set_callback(ctx, KEY_ON("close")); }
+static duk_ret_t js_onerror(duk_context *ctx) { return set_callback(ctx, KEY_ON("error")); }
+static duk_ret_t js_onmessage(duk_context *ctx) { return set_callback(ctx, KEY_ON("message")); }
+
+/* conn.send(data): a string goes as text, a buffer (Uint8Array, ArrayBuffer, ...) as binary. */
+static duk_ret_t js_send(duk_context *ctx) {
+    ws_conn conn = this_handle(ctx);
+    ws_status status;
+    if (duk_is_buffer_data(ctx, 0)) {
+        duk_size_t len;
+        void *data = duk_get_buffer_data(ctx, 0, &len);
+        status = ws_send_binary(conn, data, len);
+    } else {
+        size_t len;
+        char *text = to_utf8(ctx, 0, &len);
+        status = ws_send(conn, text, len);
+        free(text);
+    }
+    if (status != WS_STATUS_OK) return throw_status(ctx, status);
+    duk_push_this(ctx);
+    return 1;
+}
+
+/* conn.close([code[, reason]]): a second close, or one during the final callback, is a no-op. */
+static duk_ret_t js_close(duk_context *ctx) {
+    ws_conn conn = this_handle(ctx);
+    uint16_t code = duk_is_undefined(ctx, 0) ? 0 : (uint16_t)duk_to_uint16(ctx, 0);
+    ws_status status;
+    if (duk_is_undefined(ctx, 1)) {
+        status = ws_close(conn, code, NULL);
+    } else {
+        size_t len;
+        char *reason = to_utf8(ctx, 1, &len);
+        status = ws_close(conn, code, reason);
+        free(reason);
+    }
+    if (status != WS_STATUS_OK && status != WS_STATUS_ALREADY_CLOSING && status != WS_STATUS_CLOSING)
+        return throw_status(ctx, status);
+    duk_push_this(ctx);
+    return 1;
+}
+
+static duk_ret_t js_set_flow_control(duk_context *ctx) {
+    ws_status status = ws_set_flow_control(this_handle(ctx), duk_to_boolean(ctx, 0));
+    if (status != WS_STATUS_OK) return throw_status(ctx, status);
+    duk_push_this(ctx);
+    return 1;
+}
+
+static duk_ret_t js_message_complete(duk_context *ctx) {
+    ws_status status = ws_message_complete(this_handle(ctx));
+    if (status != WS_STATUS_OK) return throw_status(ctx, status);
+    duk_push_this(ctx);
+    return 1;
+}
+
+/* ---- library callbacks -> JavaScript ----------------------------------------------------- */
+
+/* Calls conn[key](conn, ...nargs values on the stack) if set; consumes the nargs values. */
+static void call_js(duk_context *ctx, ws_conn conn, const char *key, duk_idx_t nargs) {
+    if (host.fatal) {
+        duk_pop_n(ctx, nargs);
+        return;
+    }
+    push_conn_object(ctx, conn);            /* [args.. obj] */
+    if (!duk_is_object(ctx, -1)) {
+        duk_pop_n(ctx, nargs + 1);
+        return;
+    }
+    duk_get_prop_string(ctx, -1, key);      /* [args.. obj fn] */
+    if (!duk_is_function(ctx, -1)) {
+        duk_pop_n(ctx, nargs + 2);
+        return;
+    }
+    duk_dup(ctx, -2);                        /* this */
+    duk_dup(ctx, -3);                        /* first argument: the connection */
+    for (duk_idx_t i = 0; i < nargs; i++) duk_dup(ctx, -(nargs + 4)); /* the next argument */
+    if (duk_pcall_method(ctx, nargs + 1) != DUK_EXEC_SUCCESS) {
+        report_uncaught(ctx);
+        duk_pop_n(ctx, nargs + 1);
+        return;
+    }
+    duk_pop_n(ctx, nargs + 2);              /* result, obj, args */
+}
+
+/* After the final callback: the object is gone and no longer kept alive by the host. */
+static void forget(duk_context *ctx, ws_conn conn) {
+    push_conn_object(ctx, conn);
+    if (duk_is_object(ctx, -1)) {
+        duk_push_true(ctx);
+        duk_put_prop_string(ctx, -2, KEY_GONE);
+    }
+    duk_pop(ctx);
+    duk_push_heap_stash(ctx);
+    duk_get_prop_string(ctx, -1, "conns");
+    push_handle_key(ctx, conn);
+    duk_del_prop(ctx, -2);
+    duk_pop_2(ctx);
+}
+
+static void on_open(ws_conn conn, void *user) {
+    call_js(user, conn, KEY_ON("open"), 0);
+}
+
+static void on_message(ws_conn conn, const uint8_t *data, size_t len, ws_message_kind kind, void *user) {
+    duk_context *ctx = user;
+    if (kind == WS_MESSAGE_KIND_TEXT) {
+        push_utf8(ctx, (const char *)data, len);
+    } else {
+        void *copy = duk_push_fixed_buffer(ctx, len);
+        if (len) memcpy(copy, data, len);
+        duk_push_buffer_object(ctx, -1, 0, len, DUK_BUFOBJ_UINT8ARRAY);
+        duk_remove(ctx, -2);
+    }
+    call_js(ctx, conn, KEY_ON("message"), 1);
+}
+
+static void on_close(ws_conn conn, uint16_t code, const char *reason, size_t reason_len, void *user) {
+    duk_context *ctx = user;
+    duk_push_uint(ctx, code);
+    push_utf8(ctx, reason, reason_len);
+    call_js(ctx, conn, KEY_ON("close"), 2);
+    forget(ctx, conn);
+}
+
+static void on_error(ws_conn conn, ws_status kind, const char *message, void *user) {
+    duk_context *ctx = user;
+    (void)kind;
+    push_utf8(ctx, message, strlen(message));
+    call_js(ctx, conn, KEY_ON("error"), 1);
+    forget(ctx, conn);
+}
+
+/* WebsocketClient.connect(uri) */
+static duk_ret_t js_connect(duk_context *ctx) {
+    size_t len;
+    char *uri = to_utf8(ctx, 0, &len);
+    ws_conn conn;
+    ws_status status = ws_connect(host.client, uri, &conn);
+    free(uri);
+    if (status != WS_STATUS_OK) return duk_error(ctx, DUK_ERR_ERROR, "%s", ws_last_error());
+    ws_on_open(conn, on_open, ctx);
+    ws_on_message(conn, on_message, ctx);
+    ws_on_close(conn, on_close, ctx);
+    ws_on_error(conn, on_error, ctx);
+
+    duk_push_object(ctx);                               /* the WebsocketClientConnection */
+    duk_push_heap_stash(ctx);
+    duk_get_prop_string(ctx, -1, "proto");
+    duk_set_prototype(ctx, -3);
+    duk_pop(ctx);                                       /* [obj] */
+    push_handle_key(ctx, conn);
+    duk_put_prop_string(ctx, -2, KEY_HANDLE);
+    duk_push_heap_stash(ctx);                           /* stash.conns[key] = obj until gone */
+    duk_get_prop_string(ctx, -1, "conns");
+    push_handle_key(ctx, conn);
+    duk_dup(ctx, -4);
+    duk_put_prop(ctx, -3);
+    duk_pop_2(ctx);
+    return 1;
+}
+
+/* ---- log and timers ---------------------------------------------------------------------- */
+
+static duk_ret_t js_log(duk_context *ctx) {
+    duk_idx_t n = duk_get_top(ctx);
+    for (duk_idx_t i = 0; i < n; i++) {
+        size_t len;
+        char *text = to_utf8(ctx, i, &len);
+        if (i) fputc(' ', stdout);
+        fwrite(text, 1, len, stdout);
+        free(text);
+    }
+    fputc('\n', stdout);
+    fflush(stdout);
+    return 0;
+}
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static void push_timers(duk_context *ctx) {
+    duk_push_heap_stash(ctx);
+    duk_get_prop_string(ctx, -1, "timers");
+    duk_remove(ctx, -2);
+}
+
+/* setTimeout(fn, ms) -> id */
+static duk_ret_t js_set_timeout(duk_context *ctx) {
+    if (!duk_is_function(ctx, 0)) return duk_error(ctx, DUK_ERR_TYPE_ERROR, "setTimeout needs a function");
+    double ms = duk_is_undefined(ctx, 1) ? 0 : duk_to_number(ctx, 1);
+    if (!(ms > 0)) ms = 0;
+    if (host.ntimers == host.cap) {
+        size_t cap = host.cap ? host.cap * 2 : 16;
+        struct timer *t = realloc(host.timers, cap * sizeof *t);
+        if (!t) return duk_error(ctx, DUK_ERR_ERROR, "out of memory");
+        host.timers = t;
+        host.cap = cap;
+    }
+    double id = ++host.next_timer_id;
+    host.timers[host.ntimers++] = (struct timer){id, now_ms() + ms};
+    push_timers(ctx);
+    duk_push_number(ctx, id);
+    duk_dup(ctx, 0);
+    duk_put_prop(ctx, -3);
+    duk_push_number(ctx, id);
+    return 1;
+}
+
+static void remove_timer(duk_context *ctx, double id) {
+    for (size_t i = 0; i < host.ntimers; i++) {
+        if (host.timers[i].id == id) {
+            host.timers[i] = host.timers[--host.ntimers];
+            push_timers(ctx);
+            duk_push_number(ctx, id);
+            duk_del_prop(ctx, -2);
+            duk_pop(ctx);
+            return;
+        }
+    }
+}
+
+/* clearTimeout(id) */
+static duk_ret_t js_clear_timeout(duk_context *ctx) {
+    if (duk_is_number(ctx, 0)) remove_timer(ctx, duk_get_number(ctx, 0));
+    return 0;
+}
+
+/* Milliseconds until the next timer (-1: none). */
+static int next_timer_timeout(void) {
+    if (!host.ntimers) return -1;
+    double first = host.timers[0].deadline_ms;
+    for (size_t i = 1; i < host.ntimers; i++)
+        if (host.timers[i].deadline_ms < first) first = host.timers[i].deadline_ms;
+    double wait = first - now_ms();
+    return wait <= 0 ? 0 : (int)(wait + 1);
+}
+
+/* Runs the timers that are due, earliest first (ties in creation order). */
+static void run_due_timers(duk_context *ctx) {
+    for (;;) {
+        double now = now_ms();
+        size_t best = host.ntimers;
+        for (size_t i = 0; i < host.ntimers; i++) {
+            struct timer *t = &host.timers[i];
+            if (t->deadline_ms > now) continue;
+            if (best == host.ntimers || t->deadline_ms < host.timers[best].deadline_ms ||
+                (t->deadline_ms == host.timers[best].deadline_ms && t->id < host.timers[best].id))
+                best = i;
+        }
+        if (best == host.ntimers || host.fatal) return;
+        double id = host.timers[best].id;
+        push_timers(ctx);
+        duk_push_number(ctx, id);
+        duk_get_prop(ctx, -2);                  /* [timers fn] */
+        remove_timer(ctx, id);
+        if (duk_pcall(ctx, 0) != DUK_EXEC_SUCCESS) report_uncaught(ctx);
+        else duk_pop(ctx);
+        duk_pop(ctx);
+    }
+}
+
+/* ---- set-up and the event loop ----------------------------------------------------------- */
+
+static void define_globals(duk_context *ctx) {
+    static const duk_function_list_entry methods[] = {
+        {"onopen", js_onopen, 1},           {"onclose", js_onclose, 1},
+        {"onerror", js_onerror, 1},         {"onmessage", js_onmessage, 1},
+        {"send", js_send, 1},               {"close", js_close, 2},
+        {"setFlowControl", js_set_flow_control, 1},
+        {"messageComplete", js_message_complete, 0},
+        {NULL, NULL, 0}};
+    duk_push_heap_stash(ctx);
+    duk_push_object(ctx);
+    duk_put_function_list(ctx, -1, methods);
+    duk_put_prop_string(ctx, -2, "proto");
+    duk_push_object(ctx);
+    duk_put_prop_string(ctx, -2, "conns");
+    duk_push_object(ctx);
+    duk_put_prop_string(ctx, -2, "timers");
+    duk_pop(ctx);
+
+    duk_push_object(ctx);
+    duk_push_c_function(ctx, js_connect, 1);
+    duk_put_prop_string(ctx, -2, "connect");
+    duk_put_global_string(ctx, "WebsocketClient");
+    duk_push_c_function(ctx, js_log, DUK_VARARGS);
+    duk_put_global_string(ctx, "log");
+    duk_push_c_function(ctx, js_set_timeout, 2);
+    duk_put_global_string(ctx, "setTimeout");
+    duk_push_c_function(ctx, js_clear_timeout, 1);
+    duk_put_global_string(ctx, "clearTimeout");
+}
+
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap);
+    size_t got;
+    while (buf && (got = fread(buf + n, 1, cap - n, f)) > 0) {
+        n += got;
+        if (n == cap) buf = realloc(buf, cap *= 2);
+    }
+    fclose(f);
+    *len = n;
+    return buf;
+}
+
+/* Compiles and runs the script (UTF-8 source, converted for Duktape). 0 on success. */
+static int run_script(duk_context *ctx, const char *path) {
+    size_t len, cesu_len;
+    char *source = read_file(path, &len);
+    if (!source) {
+        fprintf(stderr, "wsjs: cannot read %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    unsigned char *cesu = utf8_to_cesu8((unsigned char *)source, len, &cesu_len);
+    free(source);
+    if (!cesu) return -1;
+    duk_push_lstring(ctx, (const char *)cesu, cesu_len);
+    free(cesu);
+    duk_push_string(ctx, path);
+    if (duk_pcompile(ctx, DUK_COMPILE_SHEBANG) != 0 || duk_pcall(ctx, 0) != DUK_EXEC_SUCCESS) {
+        report_uncaught(ctx);
+        return -1;
+    }
+    duk_pop(ctx);
+    return 0;
+}
+
+static void event_loop(duk_context *ctx) {
+    struct pollfd pfd = {.fd = ws_client_fd(host.client), .events = POLLIN};
+    while (!host.fatal && (ws_client_connection_count(host.client) > 0 || host.ntimers > 0)) {
+        int n = poll(&pfd, 1, next_timer_timeout());
+        if (n < 0 && errno != EINTR) {
+            perror("wsjs: poll");
+            host.fatal = 1;
+            break;
+        }
+        if (n > 0 && ws_dispatch(host.client, NULL, NULL) != WS_STATUS_OK) {
+            fprintf(stderr, "wsjs: dispatch: %s\n", ws_last_error());
+            host.fatal = 1;
+        }
+        run_due_timers(ctx);
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2) {
+        fprintf(stderr, "usage: %s SCRIPT.js\n", argv[0]);
+        return 2;
+    }
+    host.client = ws_client_new();
+    host.ctx = duk_create_heap_default();
+    if (!host.client || !host.ctx) {
+        fprintf(stderr, "wsjs: cannot start: %s\n", ws_last_error());
+        return 1;
+    }
+    define_globals(host.ctx);
+    if (run_script(host.ctx, argv[1]) == 0) event_loop(host.ctx);
+    ws_client_free(host.client);      /* no callback runs after this */
+    duk_destroy_heap(host.ctx);
+    free(host.timers);
+    return host.fatal ? 1 : 0;
+}
