@@ -10,7 +10,10 @@ EXAMPLES := $(BUILD)/echo $(BUILD)/flow $(BUILD)/wsjs
 # Debian packages the tests and examples need (installed by `make deps` when root).
 DEB_PACKAGES := valgrind pkg-config duktape-dev
 
-.PHONY: all lib examples deps test demo header clean
+VENV := .venv
+PEER_PYTHON := $(VENV)/bin/python
+
+.PHONY: all lib examples deps peers test demo header clean
 
 all: deps lib examples
 
@@ -35,6 +38,7 @@ $(BUILD)/%: examples-c/%.c include/wsclient.h lib | $(BUILD)
 deps:
 	@missing=""; \
 	for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$missing"; \
@@ -44,9 +48,16 @@ deps:
 	  fi; \
 	fi
 
+# The independent test peer: Python's websockets, pinned, in a local virtualenv.
+peers: $(VENV)/.installed
+$(VENV)/.installed: tests/peers/requirements.txt
+	python3 -m venv $(VENV)
+	$(PEER_PYTHON) -m pip install -q -r tests/peers/requirements.txt
+	touch $@
+
 # Every test: Rust unit and integration tests (the C functions against local servers, ws and
 # wss), the header check, and the C examples under valgrind (run by tests/c_examples.rs).
-test: deps all
+test: deps all peers
 	$(CARGO) test -- --test-threads=4
 
 # Runs the C echo example over wss against the bundled local server, with a throwaway CA.

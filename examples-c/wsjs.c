@@ -4,7 +4,8 @@
  *
  *   wsjs SCRIPT.js
  *
- * Globals: WebsocketClient.connect(uri), log(...), setTimeout(fn, ms), clearTimeout(id).
+ * Globals: WebsocketClient.connect(uri), log(...), setTimeout(fn, ms), clearTimeout(id), and
+ * memoryUsage() (the process's resident size in bytes, for tests).
  * After the script has run, the event loop (poll on the library's fd, plus timers) runs until
  * no connection and no timer is left; then wsjs exits 0. An uncaught exception, at top level or
  * in a callback, prints its stack to stderr and exits 1.
@@ -20,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <duktape.h>
 
@@ -457,6 +459,16 @@ static void run_due_timers(duk_context *ctx) {
     }
 }
 
+/* memoryUsage() -> resident set size of the process in bytes (a wsjs extra, for tests). */
+static duk_ret_t js_memory_usage(duk_context *ctx) {
+    long pages = 0, resident = 0;
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (!f || fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = -1;
+    if (f) fclose(f);
+    duk_push_number(ctx, resident < 0 ? -1 : (double)resident * (double)sysconf(_SC_PAGESIZE));
+    return 1;
+}
+
 /* ---- set-up and the event loop ----------------------------------------------------------- */
 
 static void define_globals(duk_context *ctx) {
@@ -487,6 +499,8 @@ static void define_globals(duk_context *ctx) {
     duk_put_global_string(ctx, "setTimeout");
     duk_push_c_function(ctx, js_clear_timeout, 1);
     duk_put_global_string(ctx, "clearTimeout");
+    duk_push_c_function(ctx, js_memory_usage, 0);
+    duk_put_global_string(ctx, "memoryUsage");
 }
 
 static char *read_file(const char *path, size_t *len) {

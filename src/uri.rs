@@ -38,6 +38,9 @@ pub fn parse(text: &str) -> Result<Target, Error> {
     if text.contains('#') {
         return Err(bad("a WebSocket URI cannot have a fragment (#)", text));
     }
+    if !text.contains("://") {
+        return Err(bad("it is not absolute (ws://host/... or wss://host/...)", text));
+    }
     let uri: Uri = text.parse().map_err(|e| bad(&format!("{e}"), text))?;
     let tls = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
         Some("ws") => false,

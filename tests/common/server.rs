@@ -3,7 +3,8 @@
 //! for the C examples and `make demo`.
 //!
 //! Paths:
-//!   /echo                      echo text as text and binary as binary
+//!   /echo?close_after=N        echo text as text and binary as binary; with close_after, close
+//!                              with 1000 after echoing N messages (any other path echoes too)
 //!   /push?n=N&size=S&code=C    N messages ("msg 0".. or S-byte binary), then close with C (1000);
 //!                              logs "pushed K MiB" as each MiB reaches the socket
 //!   /close?code=C&reason=R     close at once with code C and reason R
@@ -299,7 +300,10 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
             }
             echo(ws, &log).await;
         }
-        _ => echo(ws, &log).await,
+        _ => {
+            let close_after = param(&query, "close_after").and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
+            echo_then_close(ws, &log, close_after).await
+        }
     }
 }
 
@@ -310,12 +314,21 @@ fn log_close(log: &ServerLog, frame: &Option<CloseFrame>) {
     }
 }
 
-async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketStream<S>, log: &ServerLog) {
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(ws: WebSocketStream<S>, log: &ServerLog) {
+    echo_then_close(ws, log, usize::MAX).await
+}
+
+async fn echo_then_close<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketStream<S>, log: &ServerLog, close_after: usize) {
+    let mut echoed = 0;
     while let Some(Ok(message)) = ws.next().await {
         match message {
             Message::Text(_) | Message::Binary(_) => {
                 if ws.send(message).await.is_err() {
                     return;
+                }
+                echoed += 1;
+                if echoed == close_after {
+                    let _ = ws.send(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "".into() }))).await;
                 }
             }
             Message::Close(frame) => log_close(log, &frame),

@@ -1,0 +1,2 @@
+log("before");
+throw new Error("top-level failure");
