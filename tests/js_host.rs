@@ -246,3 +246,13 @@ fn ten_thousand_connections_do_not_grow_memory() {
     // 9,000 connections would add megabytes. Allow 1 MiB of allocator noise.
     assert!(growth < (1 << 20) as f64, "memory grew by {growth} bytes over 9,000 connections");
 }
+
+/// `make demo`'s script, through examples-c/demo.sh, over wss with the throwaway CA.
+#[test]
+fn the_demo_runs() {
+    let output = Command::new(root().join("examples-c/demo.sh")).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("presence of 4 users: bob=available, carol=busy, dave=away, erin=available"), "{stdout}");
+    assert!(stdout.contains("connection closed: 1000 bye alice\n[demo] wsjs exited with 0"), "{stdout}");
+}

@@ -15,6 +15,7 @@
 //!   /protocol                  choose the first offered subprotocol, then echo
 //!   /badproto                  choose subprotocol "bogus" whatever was offered
 //!   /ping                      ping "are you there", send "pong:<payload>" when the pong arrives, then echo
+//!   /PBX0/APPS/demo            a small JSON app service for `make demo` (Login, SubscribePresence, Logout)
 //! Every close frame a server connection receives is logged as "close CODE REASON", and every
 //! ping the echo receives as "ping".
 
@@ -282,6 +283,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
             let _ = ws.send(Message::text("bye")).await;
             drop(ws);
         }
+        "/PBX0/APPS/demo" => demo_service(ws, &log).await,
         "/silent" => {
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
@@ -343,6 +345,42 @@ async fn drain<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketStream<S>, lo
     while let Some(Ok(message)) = ws.next().await {
         if let Message::Close(frame) = message {
             log_close(log, &frame);
+        }
+    }
+}
+
+/// The app service of `make demo`: answers a few JSON requests by their "mt" field.
+async fn demo_service<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketStream<S>, log: &ServerLog) {
+    let is = |text: &str, mt: &str| text.contains(&format!("\"mt\":\"{mt}\""));
+    while let Some(Ok(message)) = ws.next().await {
+        let Message::Text(text) = message else {
+            if let Message::Close(frame) = message {
+                log_close(log, &frame);
+            }
+            continue;
+        };
+        let replies: Vec<String> = if is(&text, "Login") {
+            vec![r#"{"mt":"LoginResult","ok":true,"user":"alice","server":"wsclient demo PBX"}"#.into()]
+        } else if is(&text, "SubscribePresence") {
+            let people = [("bob", "available"), ("carol", "busy"), ("dave", "away"), ("erin", "available")];
+            let mut replies: Vec<String> = people
+                .iter()
+                .map(|(user, status)| format!(r#"{{"mt":"PresenceChanged","user":"{user}","status":"{status}"}}"#))
+                .collect();
+            replies.push(format!(r#"{{"mt":"SubscribePresenceResult","count":{}}}"#, people.len()));
+            replies
+        } else if is(&text, "Logout") {
+            let _ = ws.send(Message::text(r#"{"mt":"LogoutResult"}"#)).await;
+            let frame = CloseFrame { code: CloseCode::Normal, reason: "bye alice".into() };
+            let _ = ws.send(Message::Close(Some(frame))).await;
+            continue;
+        } else {
+            vec![r#"{"mt":"Error","text":"unknown request"}"#.into()]
+        };
+        for reply in replies {
+            if ws.send(Message::text(reply)).await.is_err() {
+                return;
+            }
         }
     }
 }
