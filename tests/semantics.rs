@@ -8,6 +8,17 @@ use std::ffi::c_void;
 use common::server::TestServer;
 use common::*;
 
+/// Connects to `path` over ws, or over wss trusting the test server's CA.
+fn connect_over(client: &Client, server: &TestServer, tls: bool, path: &str) -> WsConn {
+    if !tls {
+        return client.connect(&server.url(path));
+    }
+    let options = Options::new();
+    let ca = cstr(server.ca_pem.to_str().unwrap());
+    assert_eq!(unsafe { ws_options_add_ca_file(options.0, ca.as_ptr()) }, WsStatus::Ok);
+    client.connect_with(&server.wss_url("localhost", path), options.0)
+}
+
 /// 1. connect returns at once; callbacks registered after it are in force; nothing runs before
 /// the host dispatches, and everything runs on the dispatching thread.
 #[test]
@@ -33,10 +44,16 @@ fn callbacks_registered_after_connect_are_in_force_and_run_on_the_dispatching_th
 /// 2. Messages sent before open are queued and go out in order right after the handshake.
 #[test]
 fn sends_before_open_go_out_in_order() {
+    for tls in [false, true] {
+        sends_before_open_go_out_in_order_over(tls);
+    }
+}
+
+fn sends_before_open_go_out_in_order_over(tls: bool) {
     let server = TestServer::start();
     let client = Client::new();
     let rec = Recorder::default();
-    let conn = client.connect(&server.url("/echo"));
+    let conn = connect_over(&client, &server, tls, "/echo");
     watch(conn, &rec);
     let sent: Vec<String> = (0..100).map(|i| format!("early {i}")).collect();
     for text in &sent {
@@ -79,8 +96,8 @@ fn server_close_reports_its_code_and_reason() {
     let server = TestServer::start();
     let client = Client::new();
     let rec = Recorder::default();
-    for code in [1000u16, 1001, 1011, 4000] {
-        let conn = client.connect(&server.url(&format!("/close?code={code}&reason=server%20says")));
+    for (code, tls) in [(1000u16, false), (1001, true), (1011, false), (4000, true)] {
+        let conn = connect_over(&client, &server, tls, &format!("/close?code={code}&reason=server%20says"));
         watch(conn, &rec);
         client.run_until_final(&rec, conn);
         assert_eq!(rec.of(conn), vec![Ev::Open(conn), Ev::Close(conn, code, "server%20says".into())]);
@@ -90,10 +107,16 @@ fn server_close_reports_its_code_and_reason() {
 /// 3. A client-initiated close sends the code and reason to the server and ends with close.
 #[test]
 fn client_close_sends_code_and_reason() {
+    for tls in [false, true] {
+        client_close_sends_code_and_reason_over(tls);
+    }
+}
+
+fn client_close_sends_code_and_reason_over(tls: bool) {
     let server = TestServer::start();
     let client = Client::new();
     let rec = Recorder::default();
-    let conn = client.connect(&server.url("/echo"));
+    let conn = connect_over(&client, &server, tls, "/echo");
     watch(conn, &rec);
     client.run_until("open", || !rec.of(conn).is_empty());
     assert_eq!(close(conn, 4321, "client done"), WsStatus::Ok);
@@ -140,9 +163,9 @@ fn rejected_handshake_is_an_error_naming_the_status() {
 fn messages_before_close_are_all_delivered_first() {
     let server = TestServer::start();
     let client = Client::new();
-    for flow in [false, true] {
+    for (flow, tls) in [(false, false), (true, false), (false, true), (true, true)] {
         let rec = Recorder::default();
-        let conn = client.connect(&server.url("/push?n=500&code=4001"));
+        let conn = connect_over(&client, &server, tls, "/push?n=500&code=4001");
         watch(conn, &rec);
         assert_eq!(ws_set_flow_control(conn, flow), WsStatus::Ok);
         client.run_until("the end", || {
@@ -165,10 +188,16 @@ unsafe extern "C" fn record_without_completing(conn: WsConn, data: *const u8, le
 /// across many dispatches; completing from outside the callback releases exactly the next.
 #[test]
 fn flow_control_holds_messages_until_complete() {
+    for tls in [false, true] {
+        flow_control_holds_messages_until_complete_over(tls);
+    }
+}
+
+fn flow_control_holds_messages_until_complete_over(tls: bool) {
     let server = TestServer::start();
     let client = Client::new();
     let rec = Recorder::default();
-    let conn = client.connect(&server.url("/push?n=20"));
+    let conn = connect_over(&client, &server, tls, "/push?n=20");
     watch(conn, &rec);
     let user = &rec as *const Recorder as *mut c_void;
     assert_eq!(ws_on_message(conn, Some(record_without_completing), user), WsStatus::Ok);
@@ -211,7 +240,7 @@ fn close_inside_the_open_callback() {
     let server = TestServer::start();
     let client = Client::new();
     let rec = Recorder::default();
-    let conn = client.connect(&server.url("/echo"));
+    let conn = connect_over(&client, &server, true, "/echo");
     watch(conn, &rec);
     ws_on_open(conn, Some(close_on_open), &rec as *const Recorder as *mut c_void);
     client.run_until_final(&rec, conn);
