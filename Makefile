@@ -6,14 +6,17 @@ CFLAGS ?= -O2 -g
 WARN := -std=c11 -Wall -Wextra -Wpedantic -Werror
 LIBDIR := target/release
 BUILD := examples-c/build
-EXAMPLES := $(BUILD)/echo $(BUILD)/flow $(BUILD)/wsjs
+EXAMPLES := $(BUILD)/echo $(BUILD)/flow $(BUILD)/bench $(BUILD)/wsjs
 # Debian packages the tests and examples need (installed by `make deps` when root).
 DEB_PACKAGES := valgrind pkg-config duktape-dev
 
 VENV := .venv
 PEER_PYTHON := $(VENV)/bin/python
 
-.PHONY: all lib examples deps peers test demo header clean
+.PHONY: all lib examples deps peers test demo bench header clean
+
+# The shared benchmark harness (beside this repository).
+SHARED ?= $(abspath ../shared)
 
 all: deps lib examples
 
@@ -63,6 +66,11 @@ test: deps all peers
 # Runs the C echo example over wss against the bundled local server, with a throwaway CA.
 demo: deps all
 	examples-c/demo.sh
+
+# Runs the shared benchmark harness with our client (examples-c/bench.c) added beside the
+# others, prints the tables and keeps them in BENCHMARKS.md. RUNS=.. ONLY=W1,W2 pass through.
+bench: all
+	examples-c/bench.sh $(SHARED)/bench $(abspath $(BUILD)/bench)
 
 # Rewrites include/wsclient.h from the sources (the header test fails while it is stale).
 header:

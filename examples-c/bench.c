@@ -1,0 +1,182 @@
+/*
+ * bench: the wsclient client for the shared benchmark harness (../shared/bench), used the way a
+ * host uses the library: its own poll() loop on the library's fd, ws_dispatch(), callbacks on
+ * this thread, the next message sent from inside the callback.
+ *
+ *   bench --url ws://127.0.0.1:18701 --mode pingpong|pipeline|flood|conns --size S --count N
+ *         [--window W] [--conns C] [--ca CA.pem]
+ *
+ * Prints one JSON line {"client","mode","size","count","wall_s","msgs_per_s","mb_per_s",
+ * "peak_rss_kib"}; exit 2 for an unsupported mode, 1 on failure.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "wsclient.h"
+
+enum mode { PINGPONG, PIPELINE, FLOOD, CONNS };
+
+static struct {
+    const char *url, *ca;
+    enum mode mode;
+    const char *mode_name;
+    long size, count, window, conns;
+} args = {"ws://127.0.0.1:18701", NULL, PINGPONG, "pingpong", 64, 1000, 1, 1};
+
+static struct {
+    char *payload;
+    ws_conn *conns;
+    long sent, received, echoed, closed, failed;
+    double rx_bytes;
+} run;
+
+static void parse(int argc, char **argv) {
+    for (int i = 1; i + 1 < argc; i += 2) {
+        const char *k = argv[i], *v = argv[i + 1];
+        if (!strcmp(k, "--url")) args.url = v;
+        else if (!strcmp(k, "--mode")) args.mode_name = v;
+        else if (!strcmp(k, "--size")) args.size = atol(v);
+        else if (!strcmp(k, "--count")) args.count = atol(v);
+        else if (!strcmp(k, "--window")) args.window = atol(v);
+        else if (!strcmp(k, "--conns")) args.conns = atol(v);
+        else if (!strcmp(k, "--ca")) args.ca = v;
+        else {
+            fprintf(stderr, "unknown argument %s\n", k);
+            exit(2);
+        }
+    }
+    static const char *const names[] = {"pingpong", "pipeline", "flood", "conns"};
+    int found = 0;
+    for (int m = 0; m < 4; m++)
+        if (!strcmp(args.mode_name, names[m])) args.mode = (enum mode)m, found = 1;
+    if (!found) {
+        fprintf(stderr, "unsupported mode %s\n", args.mode_name);
+        exit(2);
+    }
+    if (args.window < 1) args.window = 1;
+    if (args.conns < 1) args.conns = 1;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static long peak_rss_kib(void) {
+    char line[256];
+    long kib = 0;
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return 0;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmHWM:", 6)) kib = atol(line + 6);
+    fclose(f);
+    return kib;
+}
+
+static void send_one(ws_conn conn) {
+    ws_status s = args.mode == PIPELINE ? ws_send_binary(conn, run.payload, (size_t)args.size)
+                                        : ws_send(conn, run.payload, (size_t)args.size);
+    if (s != WS_STATUS_OK) {
+        fprintf(stderr, "send: %s\n", ws_last_error());
+        run.failed++;
+    }
+    run.sent++;
+}
+
+static void on_open(ws_conn conn, void *user) {
+    (void)user;
+    if (args.mode == PINGPONG || args.mode == CONNS) send_one(conn);
+    if (args.mode == PIPELINE)
+        while (run.sent < args.count && run.sent < args.window) send_one(conn);
+}
+
+static void on_message(ws_conn conn, const uint8_t *data, size_t len, ws_message_kind kind, void *user) {
+    (void)data, (void)kind, (void)user;
+    run.rx_bytes += (double)len;
+    run.received++;
+    switch (args.mode) {
+    case PINGPONG:
+        if (run.received < args.count) send_one(conn);
+        else ws_close(conn, 1000, NULL);
+        break;
+    case PIPELINE:
+        if (run.sent < args.count) send_one(conn);
+        if (run.received == args.count) ws_close(conn, 1000, NULL);
+        break;
+    case CONNS:
+        if (++run.echoed == args.conns)
+            for (long i = 0; i < args.conns; i++) ws_close(run.conns[i], 1000, NULL);
+        break;
+    case FLOOD:
+        break;
+    }
+}
+
+static void on_close(ws_conn conn, uint16_t code, const char *reason, size_t len, void *user) {
+    (void)conn, (void)code, (void)reason, (void)len, (void)user;
+    run.closed++;
+}
+
+static void on_error(ws_conn conn, ws_status kind, const char *message, void *user) {
+    (void)conn, (void)kind, (void)user;
+    fprintf(stderr, "error: %s\n", message);
+    run.failed++;
+    run.closed++;
+}
+
+int main(int argc, char **argv) {
+    parse(argc, argv);
+    char url[512];
+    if (args.mode == FLOOD) snprintf(url, sizeof url, "%s/flood?size=%ld&count=%ld", args.url, args.size, args.count);
+    else snprintf(url, sizeof url, "%s/echo", args.url);
+    long nconns = args.mode == CONNS ? args.conns : 1;
+    run.payload = malloc((size_t)args.size + 1);
+    run.conns = calloc((size_t)nconns, sizeof *run.conns);
+    if (!run.payload || !run.conns) return 1;
+    memset(run.payload, 'x', (size_t)args.size);
+
+    ws_client *client = ws_client_new();
+    ws_options *options = ws_options_new();
+    if (!client || !options) return 1;
+    if (args.ca && ws_options_add_ca_file(options, args.ca) != WS_STATUS_OK) {
+        fprintf(stderr, "CA: %s\n", ws_last_error());
+        return 1;
+    }
+    double t0 = now_s();
+    for (long i = 0; i < nconns; i++) {
+        if (ws_connect_with_options(client, url, options, &run.conns[i]) != WS_STATUS_OK) {
+            fprintf(stderr, "connect: %s\n", ws_last_error());
+            return 1;
+        }
+        ws_on_open(run.conns[i], on_open, NULL);
+        ws_on_message(run.conns[i], on_message, NULL);
+        ws_on_close(run.conns[i], on_close, NULL);
+        ws_on_error(run.conns[i], on_error, NULL);
+    }
+    ws_options_free(options);
+
+    struct pollfd pfd = {.fd = ws_client_fd(client), .events = POLLIN};
+    while (run.closed < nconns) {
+        if (poll(&pfd, 1, 60000) <= 0) {
+            fprintf(stderr, "no event within 60 s\n");
+            return 1;
+        }
+        ws_dispatch(client, NULL, NULL);
+    }
+    double wall = now_s() - t0;
+    ws_client_free(client);
+    if (run.failed) return 1;
+
+    long count = args.mode == CONNS ? args.conns : run.received;
+    printf("{\"client\":\"wsclient\",\"mode\":\"%s\",\"size\":%ld,\"count\":%ld,\"wall_s\":%.6f,"
+           "\"msgs_per_s\":%.1f,\"mb_per_s\":%.3f,\"peak_rss_kib\":%ld}\n",
+           args.mode_name, args.size, count, wall, count / wall, run.rx_bytes / wall / 1e6, peak_rss_kib());
+    free(run.payload);
+    free(run.conns);
+    return 0;
+}
