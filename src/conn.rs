@@ -5,7 +5,7 @@
 //! released, so a callback may call any API function on any connection.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
@@ -111,14 +111,26 @@ pub struct Conn {
     commands: mpsc::UnboundedSender<Command>,
     /// Bytes accepted by send and not yet handed to the socket (the browser's bufferedAmount).
     buffered: AtomicUsize,
+    /// Bumped by every callback registration, so a dispatch batch notices it without a lock.
+    callbacks_version: AtomicU64,
+    /// Mirrors `State::flow_control` for the same reason.
+    flow_control_on: AtomicBool,
     send_queue_limit: usize,
     receive_queue_limit: usize,
+}
+
+/// How much the I/O task may read before it asks the gate again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allowance {
+    pub messages: usize,
+    /// Bytes of messages (the last message may pass it: messages are never split).
+    pub bytes: usize,
 }
 
 /// Whether the I/O task may read from the socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gate {
-    Open,
+    Open(Allowance),
     /// The host has not taken enough of what was read (flow control, or the receive queue limit).
     Closed,
     /// The client is being freed.
@@ -161,6 +173,8 @@ impl Conn {
             }),
             commands,
             buffered: AtomicUsize::new(0),
+            callbacks_version: AtomicU64::new(0),
+            flow_control_on: AtomicBool::new(false),
             send_queue_limit,
             receive_queue_limit,
         }
@@ -175,7 +189,9 @@ impl Conn {
     // ---- host side -------------------------------------------------------------------------
 
     pub fn callbacks_mut<R>(&self, f: impl FnOnce(&mut Callbacks) -> R) -> R {
-        f(&mut self.lock().callbacks)
+        let result = f(&mut self.lock().callbacks);
+        self.callbacks_version.fetch_add(1, Ordering::AcqRel);
+        result
     }
 
     /// Queues a message; it goes out after the handshake, in order with the other sends.
@@ -228,6 +244,7 @@ impl Conn {
     pub fn set_flow_control(self: &Arc<Self>, enabled: bool) {
         let mut st = self.lock();
         st.flow_control = enabled;
+        self.flow_control_on.store(enabled, Ordering::Release);
         if !enabled && st.awaiting_complete {
             self.release(st);
         }
@@ -273,30 +290,38 @@ impl Conn {
     /// Runs the callbacks of the events that are deliverable now, at most as many as were queued
     /// when it started (so a fast peer cannot keep one dispatch call busy forever). Returns how
     /// many callbacks ran.
+    ///
+    /// Events are taken from the inbox in batches under one lock; a callback that turns flow
+    /// control on sends the rest of the batch back to the inbox, to wait for message_complete.
     pub fn dispatch(self: &Arc<Self>) -> u32 {
-        let budget = self.lock().inbox.len();
+        let mut budget = self.lock().inbox.len();
         let mut ran = 0;
-        for _ in 0..budget {
-            let Some((event, callbacks)) = self.next_event() else { break };
-            let ran_one = match &event {
-                Event::Open => callbacks::call_open(callbacks.open, self.id),
-                Event::Message(Payload::Text(bytes)) => {
-                    callbacks::call_message(callbacks.message, self.id, &bytes[..bytes.len() - 1], WsMessageKind::Text)
+        let mut batch = VecDeque::new();
+        while budget > 0 {
+            let flow_control_at_take = self.flow_control_on.load(Ordering::Acquire);
+            let mut callbacks = self.take_batch(budget, &mut batch);
+            if batch.is_empty() {
+                break;
+            }
+            budget -= batch.len();
+            let mut version = self.callbacks_version.load(Ordering::Acquire);
+            while let Some(event) = batch.pop_front() {
+                let current = self.callbacks_version.load(Ordering::Acquire);
+                if current != version {
+                    // A callback re-registered callbacks: the new ones are in force from now on.
+                    callbacks = self.lock().callbacks;
+                    version = current;
                 }
-                Event::Message(Payload::Binary(bytes)) => {
-                    callbacks::call_message(callbacks.message, self.id, bytes, WsMessageKind::Binary)
+                ran += self.deliver_to_host(&event, &callbacks) as u32;
+                if event.is_final() {
+                    self.become_gone();
+                    return ran;
                 }
-                Event::Close { code, reason } => callbacks::call_close(callbacks.close, self.id, *code, reason),
-                Event::Error(e) => {
-                    let mut text = e.message.replace('\0', " ").into_bytes();
-                    text.push(0);
-                    callbacks::call_error(callbacks.error, self.id, e.status, &text)
+                let turned_on = !flow_control_at_take && self.flow_control_on.load(Ordering::Acquire);
+                if turned_on && !batch.is_empty() {
+                    budget += batch.len();
+                    self.put_back(&mut batch);
                 }
-            };
-            ran += ran_one as u32;
-            if event.is_final() {
-                self.become_gone();
-                return ran;
             }
         }
         let mut st = self.lock();
@@ -308,39 +333,75 @@ impl Conn {
         ran
     }
 
-    /// Takes the next deliverable event and the callbacks to run for it.
-    fn next_event(&self) -> Option<(Event, Callbacks)> {
-        let mut st = self.lock();
-        if !deliverable(&st) {
-            return None;
+    /// Calls the host's callback for one event; returns whether one was registered.
+    fn deliver_to_host(&self, event: &Event, callbacks: &Callbacks) -> bool {
+        match event {
+            Event::Open => callbacks::call_open(callbacks.open, self.id),
+            Event::Message(Payload::Text(bytes)) => {
+                callbacks::call_message(callbacks.message, self.id, &bytes[..bytes.len() - 1], WsMessageKind::Text)
+            }
+            Event::Message(Payload::Binary(bytes)) => {
+                callbacks::call_message(callbacks.message, self.id, bytes, WsMessageKind::Binary)
+            }
+            Event::Close { code, reason } => callbacks::call_close(callbacks.close, self.id, *code, reason),
+            Event::Error(e) => {
+                let mut text = e.message.replace('\0', " ").into_bytes();
+                text.push(0);
+                callbacks::call_error(callbacks.error, self.id, e.status, &text)
+            }
         }
-        let event = st.inbox.pop_front()?;
+    }
+
+    /// Moves up to `max` deliverable events into `batch` (one at a time under flow control) and
+    /// returns the callbacks in force.
+    fn take_batch(&self, max: usize, batch: &mut VecDeque<Event>) -> Callbacks {
+        let mut st = self.lock();
         let mut callbacks = st.callbacks;
-        match &event {
-            Event::Open => {
-                if st.phase == Phase::Connecting {
-                    st.phase = Phase::Open;
-                } else {
-                    // The host closed before the open was delivered: it no longer expects one.
-                    callbacks.open.0 = None;
+        while batch.len() < max && deliverable(&st) {
+            let Some(event) = st.inbox.pop_front() else { break };
+            match &event {
+                Event::Open => {
+                    if st.phase == Phase::Connecting {
+                        st.phase = Phase::Open;
+                    } else {
+                        // The host closed before the open was delivered: it no longer expects one.
+                        callbacks.open.0 = None;
+                    }
                 }
+                Event::Message(payload) => {
+                    st.inbox_bytes -= payload.len();
+                    st.inbox_messages -= 1;
+                    // With flow control on, this message holds the next ones until
+                    // message_complete, which the callback itself may call: so the hold starts
+                    // before the call. Without a callback nobody would complete it: no hold.
+                    st.awaiting_complete = st.flow_control && callbacks.message.0.is_some();
+                }
+                Event::Close { .. } | Event::Error(_) => st.phase = Phase::Finished,
             }
-            Event::Message(payload) => {
-                st.inbox_bytes -= payload.len();
-                st.inbox_messages -= 1;
-                // With flow control on, this message holds the next ones until message_complete,
-                // which the callback itself may call: so the hold starts before the call. Without
-                // a callback there is nobody to complete it, so nothing is held.
-                st.awaiting_complete = st.flow_control && callbacks.message.0.is_some();
+            let stop = st.awaiting_complete || event.is_final();
+            batch.push_back(event);
+            if stop {
+                break;
             }
-            Event::Close { .. } | Event::Error(_) => st.phase = Phase::Finished,
         }
         let waker = self.reading_allowed(&st).then(|| st.task_waker.take()).flatten();
         drop(st);
         if let Some(w) = waker {
             w.wake();
         }
-        Some((event, callbacks))
+        callbacks
+    }
+
+    /// Returns undelivered events of a batch to the front of the inbox.
+    fn put_back(&self, batch: &mut VecDeque<Event>) {
+        let mut st = self.lock();
+        while let Some(event) = batch.pop_back() {
+            if let Event::Message(payload) = &event {
+                st.inbox_bytes += payload.len();
+                st.inbox_messages += 1;
+            }
+            st.inbox.push_front(event);
+        }
     }
 
     /// Called after the final callback returned: the handle stops working everywhere.
@@ -356,18 +417,28 @@ impl Conn {
 
     // ---- I/O task side ---------------------------------------------------------------------
 
-    /// Queues an event for the host; schedules the connection if it can be dispatched now.
+    /// Queues one event for the host; schedules the connection if it can be dispatched now.
     pub fn deliver(self: &Arc<Self>, event: Event) {
+        let mut batch = vec![event];
+        self.deliver_batch(&mut batch);
+    }
+
+    /// Queues events for the host under one lock (emptying `events`), and schedules the
+    /// connection if it can be dispatched now: one wake-up of the host per batch.
+    pub fn deliver_batch(self: &Arc<Self>, events: &mut Vec<Event>) {
         let mut st = self.lock();
         if st.shutdown {
+            events.clear();
             return;
         }
-        if let Event::Message(payload) = &event {
-            st.inbox_bytes += payload.len();
-            st.peak_inbox_bytes = st.peak_inbox_bytes.max(st.inbox_bytes);
-            st.inbox_messages += 1;
+        for event in events.drain(..) {
+            if let Event::Message(payload) = &event {
+                st.inbox_bytes += payload.len();
+                st.inbox_messages += 1;
+            }
+            st.inbox.push_back(event);
         }
-        st.inbox.push_back(event);
+        st.peak_inbox_bytes = st.peak_inbox_bytes.max(st.inbox_bytes);
         let schedule = !st.scheduled && deliverable(&st);
         if schedule {
             st.scheduled = true;
@@ -376,8 +447,8 @@ impl Conn {
         }
     }
 
-    /// Whether the task may read the next message now; if not, `waker` is woken when it may,
-    /// or when the client is freed.
+    /// Whether (and how much) the task may read now; if it may not, `waker` is woken when it
+    /// may, or when the client is freed.
     pub fn gate(&self, waker: &Waker) -> Gate {
         let mut st = self.lock();
         if st.shutdown {
@@ -385,11 +456,14 @@ impl Conn {
         }
         // Kept even when open, so that freeing the client wakes a task waiting on its socket.
         store_waker(&mut st.task_waker, waker);
-        if self.reading_allowed(&st) {
-            Gate::Open
-        } else {
-            Gate::Closed
+        if !self.reading_allowed(&st) {
+            return Gate::Closed;
         }
+        let one_at_a_time = st.flow_control && !st.close_requested;
+        Gate::Open(Allowance {
+            messages: if one_at_a_time { 1 } else { usize::MAX },
+            bytes: self.receive_queue_limit - st.inbox_bytes,
+        })
     }
 
     /// What the host asked for while the task was busy connecting; `waker` is woken on a change.

@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::conn::{Command, Conn, Control, Event, Gate, Payload};
+use crate::conn::{Allowance, Command, Conn, Control, Event, Gate, Payload};
 use crate::error::{Error, WsStatus};
 use crate::options::Options;
 use crate::tls::{self, TlsConfigs};
@@ -42,6 +42,8 @@ const WRITE_BUFFER_SIZE: usize = 64 << 10;
 const SHUTDOWN_CLOSE_WAIT: Duration = Duration::from_millis(250);
 /// Rounds of work before the task yields to the other connections on its thread.
 const ROUNDS_PER_POLL: usize = 64;
+/// Messages read before they are handed to the host as one batch (one lock, one wake-up).
+const MAX_BATCH: usize = 256;
 
 /// Everything a connection task needs.
 pub struct Launch {
@@ -229,6 +231,8 @@ struct Session<S> {
     last_heard: Instant,
     ping_sent: Option<Instant>,
     timer: Pin<Box<Sleep>>,
+    /// Events read but not yet handed to the host.
+    batch: Vec<Event>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -248,6 +252,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             last_heard: now,
             ping_sent: None,
             timer: Box::pin(tokio::time::sleep_until(first_check)),
+            batch: Vec::new(),
         }
     }
 
@@ -266,6 +271,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        let outcome = self.poll_rounds(cx);
+        // What was read goes to the host before the task waits or ends (so messages always
+        // precede the final event).
+        if !self.batch.is_empty() {
+            self.conn.deliver_batch(&mut self.batch);
+        }
+        outcome
+    }
+
+    fn poll_rounds(&mut self, cx: &mut Context<'_>) -> Poll<End> {
         for _ in 0..ROUNDS_PER_POLL {
             match self.step(cx) {
                 Ok(true) => continue,
@@ -287,9 +302,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let (code, reason) = self.peer_close.take().unwrap_or((1005, String::new()));
             return Err(End::event(Event::close(code, &reason)));
         }
+        if !self.batch.is_empty() {
+            // Hand over what was read, so that the gate below counts it.
+            self.conn.deliver_batch(&mut self.batch);
+        }
         match self.conn.gate(cx.waker()) {
             Gate::Shutdown => return Err(End { event: None, close_with: None }),
-            Gate::Open => progress |= self.read(cx)?,
+            Gate::Open(allowance) => progress |= self.read(cx, allowance)?,
             Gate::Closed => {
                 // The host is behind, not the peer: silence while we do not read proves nothing.
                 self.last_heard = Instant::now();
@@ -351,13 +370,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    fn read(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
-        let message = match self.ws.poll_next_unpin(cx) {
-            Poll::Pending => return Ok(false),
-            Poll::Ready(None) => return Err(self.stream_ended()),
-            Poll::Ready(Some(Err(e))) => return Err(self.read_failure(e)),
-            Poll::Ready(Some(Ok(message))) => message,
-        };
+    /// Reads messages into the batch, as many as the allowance permits and the socket has.
+    fn read(&mut self, cx: &mut Context<'_>, allowance: Allowance) -> Result<bool, End> {
+        let (mut messages, mut bytes) = (0, 0);
+        while messages < allowance.messages && bytes < allowance.bytes && self.batch.len() < MAX_BATCH {
+            let message = match self.ws.poll_next_unpin(cx) {
+                Poll::Pending => break,
+                Poll::Ready(None) => return Err(self.stream_ended()),
+                Poll::Ready(Some(Err(e))) => return Err(self.read_failure(e)),
+                Poll::Ready(Some(Ok(message))) => message,
+            };
+            messages += 1;
+            match message {
+                Message::Text(text) => {
+                    bytes += text.len();
+                    self.batch.push(Event::Message(Payload::text(text.as_bytes())));
+                }
+                Message::Binary(data) => {
+                    bytes += data.len();
+                    self.batch.push(Event::Message(Payload::Binary(data)));
+                }
+                // tungstenite queued the pong (or the close reply): get it onto the wire.
+                Message::Ping(_) => self.needs_flush = true,
+                Message::Close(frame) => {
+                    let (code, reason) = match frame {
+                        Some(f) => (u16::from(f.code), f.reason.as_str().to_owned()),
+                        None => (1005, String::new()),
+                    };
+                    self.peer_close = Some((code, reason));
+                    self.needs_flush = true;
+                    self.arm_close_deadline();
+                    break;
+                }
+                Message::Pong(_) | Message::Frame(_) => {}
+            }
+        }
+        if messages > 0 {
+            self.heard();
+        }
+        Ok(messages > 0)
+    }
+
+    /// Something arrived: the peer is alive.
+    fn heard(&mut self) {
         self.last_heard = Instant::now();
         if self.ping_sent.take().is_some() {
             // The ping was answered: the next check is one interval from now, not the timeout.
@@ -367,23 +422,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.timer.as_mut().reset(next);
             }
         }
-        match message {
-            Message::Text(text) => self.conn.deliver(Event::Message(Payload::text(text.as_bytes()))),
-            Message::Binary(bytes) => self.conn.deliver(Event::Message(Payload::Binary(bytes))),
-            // tungstenite queued the pong (or the close reply): get it onto the wire.
-            Message::Ping(_) => self.needs_flush = true,
-            Message::Close(frame) => {
-                let (code, reason) = match frame {
-                    Some(f) => (u16::from(f.code), f.reason.as_str().to_owned()),
-                    None => (1005, String::new()),
-                };
-                self.peer_close = Some((code, reason));
-                self.needs_flush = true;
-                self.arm_close_deadline();
-            }
-            Message::Pong(_) | Message::Frame(_) => {}
-        }
-        Ok(true)
     }
 
     fn arm_close_deadline(&mut self) {

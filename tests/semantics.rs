@@ -471,3 +471,32 @@ fn registration_replaces_and_null_clears() {
     assert_eq!(opens, 1);
     assert_eq!(rec.of(conn), vec![Ev::Close(conn, 1000, "done".into())]);
 }
+
+unsafe extern "C" fn enable_flow_control_on_first(conn: WsConn, data: *const u8, len: usize, kind: WsMessageKind, user: *mut c_void) {
+    on_message(conn, data, len, kind, user);
+    assert_eq!(ws_set_flow_control(conn, true), WsStatus::Ok);
+}
+
+/// Flow control turned on inside a message callback holds the messages already received (even
+/// those taken in the same dispatch batch) until message_complete.
+#[test]
+fn flow_control_turned_on_inside_a_callback_holds_the_rest() {
+    let server = TestServer::start();
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&server.url("/push?n=50"));
+    watch(conn, &rec);
+    ws_on_message(conn, Some(enable_flow_control_on_first), &rec as *const Recorder as *mut c_void);
+    client.run_until("the first messages", || !rec.texts(conn).is_empty());
+    let seen = rec.texts(conn).len();
+    // From the second message on, each one waits for message_complete.
+    assert!(seen <= 2, "{seen} messages delivered before any message_complete");
+    while rec.finals(conn) == 0 {
+        let before = rec.texts(conn).len();
+        assert_eq!(ws_message_complete(conn), WsStatus::Ok);
+        client.run_until("the next event", || rec.texts(conn).len() > before || rec.finals(conn) > 0);
+        assert!(rec.texts(conn).len() <= before + 1, "more than one message per message_complete");
+    }
+    let expected: Vec<String> = (0..50).map(|i| format!("msg {i}")).collect();
+    assert_eq!(rec.texts(conn), expected);
+}
