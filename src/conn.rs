@@ -426,10 +426,15 @@ impl Conn {
     /// Queues events for the host under one lock (emptying `events`), and schedules the
     /// connection if it can be dispatched now: one wake-up of the host per batch.
     pub fn deliver_batch(self: &Arc<Self>, events: &mut Vec<Event>) {
+        self.deliver_then_gate(events, None);
+    }
+
+    /// `deliver_batch`, then (with a waker) the gate, under the same lock.
+    pub fn deliver_then_gate(self: &Arc<Self>, events: &mut Vec<Event>, waker: Option<&Waker>) -> Gate {
         let mut st = self.lock();
         if st.shutdown {
             events.clear();
-            return;
+            return Gate::Shutdown;
         }
         for event in events.drain(..) {
             if let Event::Message(payload) = &event {
@@ -440,23 +445,29 @@ impl Conn {
         }
         st.peak_inbox_bytes = st.peak_inbox_bytes.max(st.inbox_bytes);
         let schedule = !st.scheduled && deliverable(&st);
+        st.scheduled |= schedule;
+        let gate = waker.map_or(Gate::Closed, |w| self.gate_locked(&mut st, w));
+        drop(st);
         if schedule {
-            st.scheduled = true;
-            drop(st);
             self.hub.schedule(self.clone());
         }
+        gate
     }
 
     /// Whether (and how much) the task may read now; if it may not, `waker` is woken when it
     /// may, or when the client is freed.
     pub fn gate(&self, waker: &Waker) -> Gate {
         let mut st = self.lock();
+        self.gate_locked(&mut st, waker)
+    }
+
+    fn gate_locked(&self, st: &mut State, waker: &Waker) -> Gate {
         if st.shutdown {
             return Gate::Shutdown;
         }
         // Kept even when open, so that freeing the client wakes a task waiting on its socket.
         store_waker(&mut st.task_waker, waker);
-        if !self.reading_allowed(&st) {
+        if !self.reading_allowed(st) {
             return Gate::Closed;
         }
         let one_at_a_time = st.flow_control && !st.close_requested;

@@ -86,11 +86,18 @@ impl Hub {
 
     /// Puts a connection with deliverable events on the ready list.
     pub fn schedule(&self, conn: Arc<Conn>) {
-        let mut ready = lock(&self.ready);
-        if ready.is_empty() {
+        let was_empty = {
+            let mut ready = lock(&self.ready);
+            let was_empty = ready.is_empty();
+            ready.push_back(conn);
+            was_empty
+        };
+        // Signalled after the lock is released: a host woken at once must not find it taken.
+        // A dispatch that runs in between takes the connection and the signal is then spurious
+        // (one dispatch with nothing to do), never lost.
+        if was_empty {
             self.wakeup.set();
         }
-        ready.push_back(conn);
     }
 
     /// Runs the callbacks pending now on the calling thread. Returns how many ran and whether

@@ -302,11 +302,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let (code, reason) = self.peer_close.take().unwrap_or((1005, String::new()));
             return Err(End::event(Event::close(code, &reason)));
         }
-        if !self.batch.is_empty() {
-            // Hand over what was read, so that the gate below counts it.
-            self.conn.deliver_batch(&mut self.batch);
-        }
-        match self.conn.gate(cx.waker()) {
+        // Hand over what was read (so that the gate counts it) and ask the gate, in one lock.
+        let gate = if self.batch.is_empty() {
+            self.conn.gate(cx.waker())
+        } else {
+            self.conn.deliver_then_gate(&mut self.batch, Some(cx.waker()))
+        };
+        match gate {
             Gate::Shutdown => return Err(End { event: None, close_with: None }),
             Gate::Open(allowance) => progress |= self.read(cx, allowance)?,
             Gate::Closed => {
