@@ -7,7 +7,8 @@
  *         [--window W] [--conns C] [--ca CA.pem]
  *
  * Prints one JSON line {"client","mode","size","count","wall_s","msgs_per_s","mb_per_s",
- * "peak_rss_kib"}; exit 2 for an unsupported mode, 1 on failure.
+ * "peak_rss_kib"}; exit 2 for an unsupported mode, 1 on failure. WSB_READ_BUFFER=BYTES sets the
+ * read buffer option (default: the library's default), for trade-off measurements.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <poll.h>
@@ -143,6 +144,11 @@ int main(int argc, char **argv) {
     ws_client *client = ws_client_new();
     ws_options *options = ws_options_new();
     if (!client || !options) return 1;
+    const char *read_buffer = getenv("WSB_READ_BUFFER");
+    if (read_buffer && ws_options_set_read_buffer_size(options, (size_t)atol(read_buffer)) != WS_STATUS_OK) {
+        fprintf(stderr, "WSB_READ_BUFFER: %s\n", ws_last_error());
+        return 1;
+    }
     if (args.ca && ws_options_add_ca_file(options, args.ca) != WS_STATUS_OK) {
         fprintf(stderr, "CA: %s\n", ws_last_error());
         return 1;

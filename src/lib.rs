@@ -11,6 +11,7 @@
 //! - `dispatch`: the ready list, the wake-up descriptor and dispatch on the host's thread;
 //! - `task`: the I/O task of one connection;
 //! - `handles`: the table behind `ws_conn` handles;
+//! - `handshake`: the HTTP upgrade;
 //! - `options`, `uri`, `tls`, `error`, `callbacks`: what their names say.
 
 pub mod callbacks;
@@ -20,6 +21,7 @@ pub mod dispatch;
 pub mod error;
 pub mod ffi;
 pub mod handles;
+pub mod handshake;
 pub mod options;
 pub mod task;
 pub mod tls;

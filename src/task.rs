@@ -20,18 +20,15 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsConnector;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
-use tokio_tungstenite::tungstenite::handshake::client::{Request, Response};
-use tokio_tungstenite::tungstenite::http::header::SEC_WEBSOCKET_PROTOCOL;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::conn::{Allowance, Command, Conn, Control, Event, Gate, Payload};
 use crate::error::{Error, WsStatus};
+use crate::handshake;
 use crate::options::Options;
 use crate::tls::{self, TlsConfigs};
 use crate::uri::Target;
@@ -54,6 +51,17 @@ pub struct Launch {
     pub commands: mpsc::UnboundedReceiver<Command>,
 }
 
+#[doc(hidden)]
+pub fn future_size() -> usize {
+    fn size<F: Future>(_: &F) -> usize { std::mem::size_of::<F>() }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let hub = Arc::new(crate::dispatch::Hub::new().unwrap());
+    let conn = Arc::new(Conn::new(1, hub, tx, 1, 1));
+    let target = crate::uri::parse("ws://127.0.0.1:1/").unwrap();
+    let launch = Launch { conn, target, options: Arc::new(Options::default()), tls: Arc::new(TlsConfigs::default()), commands: rx };
+    size(&run(launch))
+}
+
 /// Runs a connection to its end and queues its final event (none when the client is freed).
 pub async fn run(launch: Launch) {
     let conn = launch.conn.clone();
@@ -69,7 +77,9 @@ pub async fn run(launch: Launch) {
 
 async fn drive(launch: Launch) -> Option<Event> {
     let Launch { conn, target, options, tls, commands } = launch;
-    let connecting = tokio::time::timeout(options.connect_timeout, connect(&conn, &target, &options, &tls));
+    // Boxed, as is the session below: the task itself stays small, and each phase holds only
+    // the memory it needs (the connect machinery is freed once connected).
+    let connecting = Box::pin(tokio::time::timeout(options.connect_timeout, connect(&conn, &target, &options, &tls)));
     let until_control = poll_fn(|cx| match conn.control(cx.waker()) {
         Control::Proceed => Poll::Pending,
         other => Poll::Ready(other),
@@ -93,8 +103,8 @@ async fn drive(launch: Launch) -> Option<Event> {
     };
     conn.deliver(Event::Open);
     match connected {
-        Connected::Plain(ws) => Session::new(conn, ws, commands, options).run().await,
-        Connected::Tls(ws) => Session::new(conn, ws, commands, options).run().await,
+        Connected::Plain(ws) => Box::pin(Session::new(conn, ws, commands, options).run()).await,
+        Connected::Tls(ws) => Box::pin(Session::new(conn, ws, commands, options).run()).await,
     }
 }
 
@@ -104,54 +114,29 @@ enum Connected {
 }
 
 async fn connect(conn: &Conn, target: &Target, options: &Options, tls: &TlsConfigs) -> Result<Connected, Error> {
-    let request = build_request(target, options)?;
     let config = WebSocketConfig::default()
         .read_buffer_size(options.read_buffer_size)
         .write_buffer_size(WRITE_BUFFER_SIZE)
         .max_message_size(Some(options.max_message_size))
         .max_frame_size(Some(options.max_message_size));
-    let tcp = connect_tcp(&target.host, target.port).await?;
-    let (connected, response) = if target.tls {
-        let tls_config = tls.get(&options.extra_ca)?;
-        let name = ServerName::try_from(target.host.clone())
-            .map_err(|_| Error::new(WsStatus::Tls, format!("TLS: {} is not a valid server name", target.host)))?;
-        let stream = TlsConnector::from(tls_config)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| Error::new(WsStatus::Tls, tls::describe_handshake_error(&e, &target.host)))?;
-        let (ws, response) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
-            .await
-            .map_err(handshake_error)?;
-        (Connected::Tls(ws), response)
-    } else {
-        let (ws, response) = tokio_tungstenite::client_async_with_config(request, tcp, Some(config))
-            .await
-            .map_err(handshake_error)?;
-        (Connected::Plain(ws), response)
-    };
-    conn.set_protocol(chosen_protocol(&response));
-    Ok(connected)
-}
-
-fn build_request(target: &Target, options: &Options) -> Result<Request, Error> {
-    let mut request = (&target.uri)
-        .into_client_request()
-        .map_err(|e| Error::new(WsStatus::InvalidUri, format!("invalid URI: {e}")))?;
-    let headers = request.headers_mut();
-    for (name, value) in &options.headers {
-        headers.append(name.clone(), value.clone());
+    let mut tcp = connect_tcp(&target.host, target.port).await?;
+    if !target.tls {
+        let upgraded = handshake::upgrade(&mut tcp, target, options).await?;
+        conn.set_protocol(upgraded.protocol);
+        let ws = WebSocketStream::from_partially_read(tcp, upgraded.leftover, Role::Client, Some(config)).await;
+        return Ok(Connected::Plain(ws));
     }
-    if !options.subprotocols.is_empty() {
-        let list = HeaderValue::from_str(&options.subprotocols.join(", "))
-            .map_err(|_| Error::new(WsStatus::InvalidArgument, "invalid subprotocol list"))?;
-        headers.insert(SEC_WEBSOCKET_PROTOCOL, list);
-    }
-    Ok(request)
-}
-
-fn chosen_protocol(response: &Response) -> Option<String> {
-    let value = response.headers().get(SEC_WEBSOCKET_PROTOCOL)?;
-    value.to_str().ok().map(|s| s.trim().to_owned())
+    let tls_config = tls.get(&options.extra_ca)?;
+    let name = ServerName::try_from(target.host.clone())
+        .map_err(|_| Error::new(WsStatus::Tls, format!("TLS: {} is not a valid server name", target.host)))?;
+    let mut stream = TlsConnector::from(tls_config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| Error::new(WsStatus::Tls, tls::describe_handshake_error(&e, &target.host)))?;
+    let upgraded = handshake::upgrade(&mut stream, target, options).await?;
+    conn.set_protocol(upgraded.protocol);
+    let ws = WebSocketStream::from_partially_read(stream, upgraded.leftover, Role::Client, Some(config)).await;
+    Ok(Connected::Tls(ws))
 }
 
 async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, Error> {
@@ -176,24 +161,6 @@ async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, Error> {
         }
         Some((addr, e)) => Error::new(WsStatus::ConnectFailed, format!("cannot connect to {addr}: {e}")),
     })
-}
-
-fn handshake_error(err: WsError) -> Error {
-    match err {
-        WsError::Http(response) => {
-            let status = response.status();
-            let reason = status.canonical_reason().map(|r| format!(" {r}")).unwrap_or_default();
-            Error::new(WsStatus::HandshakeRejected, format!("handshake rejected: HTTP {}{reason}", status.as_u16()))
-        }
-        WsError::Protocol(ProtocolError::SecWebSocketAcceptKeyMismatch) => {
-            Error::new(WsStatus::HandshakeRejected, "handshake rejected: wrong Sec-WebSocket-Accept from the server")
-        }
-        WsError::Protocol(ProtocolError::SecWebSocketSubProtocolError(e)) => {
-            Error::new(WsStatus::HandshakeRejected, format!("handshake rejected: subprotocol: {e}"))
-        }
-        WsError::Io(e) => Error::new(WsStatus::ConnectionLost, format!("connection lost during the WebSocket handshake: {e}")),
-        other => Error::new(WsStatus::HandshakeRejected, format!("handshake rejected: {other}")),
-    }
 }
 
 /// How a session ended: the final event (None when the client is being freed) and a close
