@@ -4,8 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-
 use crate::conn::Conn;
 use crate::dispatch::Hub;
 use crate::error::{Error, WsStatus};
@@ -61,13 +59,12 @@ impl Client {
             None => self.default_options.clone(),
         };
         let runtime = self.runtime.as_ref().ok_or_else(|| Error::new(WsStatus::Runtime, "the client is shutting down"))?;
-        let (commands_tx, commands) = mpsc::unbounded_channel();
         let conn = handles::insert(|id| {
-            Arc::new(Conn::new(id, self.hub.clone(), commands_tx, options.send_queue_limit, options.receive_queue_limit))
+            Arc::new(Conn::new(id, self.hub.clone(), options.send_queue_limit, options.receive_queue_limit))
         });
         self.hub.connection_added();
         self.hub.task_started();
-        let launch = Launch { conn: conn.clone(), target, options, tls: self.tls.clone(), commands };
+        let launch = Launch { conn: conn.clone(), target, options, tls: self.tls.clone() };
         runtime.spawn(task::run(launch));
         Ok(conn.id)
     }

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
@@ -102,13 +101,17 @@ struct State {
     /// The I/O task, when it waits for the gate or for a control change.
     task_waker: Option<Waker>,
     protocol: Option<String>,
+    /// Sends and the close request, in the order the host made them, for the I/O task. A plain
+    /// queue under the connection's lock: nothing is allocated until something is sent.
+    outbox: VecDeque<Command>,
+    /// The I/O task has ended: nothing queued now would ever be sent.
+    task_ended: bool,
 }
 
 pub struct Conn {
     pub id: WsConn,
     pub hub: Arc<Hub>,
     state: Mutex<State>,
-    commands: mpsc::UnboundedSender<Command>,
     /// Bytes accepted by send and not yet handed to the socket (the browser's bufferedAmount).
     buffered: AtomicUsize,
     /// Bumped by every callback registration, so a dispatch batch notices it without a lock.
@@ -149,7 +152,6 @@ impl Conn {
     pub fn new(
         id: WsConn,
         hub: Arc<Hub>,
-        commands: mpsc::UnboundedSender<Command>,
         send_queue_limit: usize,
         receive_queue_limit: usize,
     ) -> Conn {
@@ -170,8 +172,9 @@ impl Conn {
                 shutdown: false,
                 task_waker: None,
                 protocol: None,
+                outbox: VecDeque::new(),
+                task_ended: false,
             }),
-            commands,
             buffered: AtomicUsize::new(0),
             callbacks_version: AtomicU64::new(0),
             flow_control_on: AtomicBool::new(false),
@@ -196,11 +199,12 @@ impl Conn {
 
     /// Queues a message; it goes out after the handshake, in order with the other sends.
     pub fn send(&self, message: Message, len: usize) -> Result<(), Error> {
-        {
-            let st = self.lock();
-            if matches!(st.phase, Phase::Closing | Phase::Finished) {
-                return Err(Error::new(WsStatus::Closing, "the connection is closing: nothing more can be sent"));
-            }
+        let mut st = self.lock();
+        if matches!(st.phase, Phase::Closing | Phase::Finished) {
+            return Err(Error::new(WsStatus::Closing, "the connection is closing: nothing more can be sent"));
+        }
+        if st.task_ended {
+            return Err(Error::new(WsStatus::Closing, "the connection has ended: nothing more can be sent"));
         }
         let queued = self.buffered.load(Ordering::Relaxed);
         if queued.saturating_add(len) > self.send_queue_limit {
@@ -210,9 +214,10 @@ impl Conn {
             ));
         }
         self.buffered.fetch_add(len, Ordering::Relaxed);
-        if self.commands.send(Command::Send(message, len)).is_err() {
-            self.buffered.fetch_sub(len, Ordering::Relaxed);
-            return Err(Error::new(WsStatus::Closing, "the connection has ended: nothing more can be sent"));
+        let waker = push_command(&mut st, Command::Send(message, len));
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
         }
         Ok(())
     }
@@ -229,12 +234,11 @@ impl Conn {
                 Phase::Finished => return Err(Error::new(WsStatus::Closing, "the connection is already closed")),
             }
             st.phase = Phase::Closing;
-            st.close_requested = true;
             // The task no longer honours flow control once closing: it must read the peer's close.
-            st.task_waker.take()
+            st.close_requested = true;
+            // Woken either way: the task may be connecting, or holding reads for flow control.
+            push_command(&mut st, Command::Close(frame)).or_else(|| st.task_waker.take())
         };
-        // If the task has already ended, there is nothing left to close: ignore the error.
-        let _ = self.commands.send(Command::Close(frame));
         if let Some(w) = waker {
             w.wake();
         }
@@ -467,6 +471,10 @@ impl Conn {
         }
         // Kept even when open, so that freeing the client wakes a task waiting on its socket.
         store_waker(&mut st.task_waker, waker);
+        if !st.outbox.is_empty() {
+            // Queued since the task last looked, while it had no waker here: look again.
+            waker.wake_by_ref();
+        }
         if !self.reading_allowed(st) {
             return Gate::Closed;
         }
@@ -492,6 +500,24 @@ impl Conn {
 
     pub fn set_protocol(&self, protocol: Option<String>) {
         self.lock().protocol = protocol;
+    }
+
+    /// Moves the queued commands into `into` (in order); one lock for all of them.
+    pub fn take_commands(&self, into: &mut VecDeque<Command>) {
+        let mut st = self.lock();
+        if into.is_empty() {
+            std::mem::swap(into, &mut st.outbox);
+        } else {
+            into.extend(st.outbox.drain(..));
+        }
+    }
+
+    /// The task is ending: later sends fail at once instead of waiting forever.
+    pub fn task_ending(&self) {
+        let mut st = self.lock();
+        st.task_ended = true;
+        let unsent: usize = st.outbox.drain(..).map(|c| if let Command::Send(_, len) = c { len } else { 0 }).sum();
+        self.buffered.fetch_sub(unsent, Ordering::Relaxed);
     }
 
     /// The task wrote `bytes` of queued messages to the socket.
@@ -525,6 +551,17 @@ fn deliverable(st: &State) -> bool {
         None => false,
         Some(Event::Message(_)) => !st.awaiting_complete,
         Some(_) => true,
+    }
+}
+
+/// Queues a command; returns the task's waker if the task may be waiting for one.
+fn push_command(st: &mut State, command: Command) -> Option<Waker> {
+    let was_empty = st.outbox.is_empty();
+    st.outbox.push_back(command);
+    if was_empty {
+        st.task_waker.take()
+    } else {
+        None
     }
 }
 

@@ -6,6 +6,7 @@
 //! cancelled half-way, reading and writing never block each other, and one task (no split
 //! stream, no second task) serves a connection, which keeps idle connections small.
 
+use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -17,7 +18,6 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
@@ -48,17 +48,15 @@ pub struct Launch {
     pub target: Target,
     pub options: Arc<Options>,
     pub tls: Arc<TlsConfigs>,
-    pub commands: mpsc::UnboundedReceiver<Command>,
 }
 
 #[doc(hidden)]
 pub fn future_size() -> usize {
     fn size<F: Future>(_: &F) -> usize { std::mem::size_of::<F>() }
-    let (tx, rx) = mpsc::unbounded_channel();
     let hub = Arc::new(crate::dispatch::Hub::new().unwrap());
-    let conn = Arc::new(Conn::new(1, hub, tx, 1, 1));
+    let conn = Arc::new(Conn::new(1, hub, 1, 1));
     let target = crate::uri::parse("ws://127.0.0.1:1/").unwrap();
-    let launch = Launch { conn, target, options: Arc::new(Options::default()), tls: Arc::new(TlsConfigs::default()), commands: rx };
+    let launch = Launch { conn, target, options: Arc::new(Options::default()), tls: Arc::new(TlsConfigs::default()) };
     size(&run(launch))
 }
 
@@ -69,6 +67,7 @@ pub async fn run(launch: Launch) {
     let final_event = outcome.unwrap_or_else(|_| {
         Some(Event::Error(Error::new(WsStatus::Internal, "internal error: the connection task panicked")))
     });
+    conn.task_ending();
     if let Some(event) = final_event {
         conn.deliver(event);
     }
@@ -76,7 +75,7 @@ pub async fn run(launch: Launch) {
 }
 
 async fn drive(launch: Launch) -> Option<Event> {
-    let Launch { conn, target, options, tls, commands } = launch;
+    let Launch { conn, target, options, tls } = launch;
     // Boxed, as is the session below: the task itself stays small, and each phase holds only
     // the memory it needs (the connect machinery is freed once connected).
     let connecting = Box::pin(tokio::time::timeout(options.connect_timeout, connect(&conn, &target, &options, &tls)));
@@ -103,8 +102,8 @@ async fn drive(launch: Launch) -> Option<Event> {
     };
     conn.deliver(Event::Open);
     match connected {
-        Connected::Plain(ws) => Box::pin(Session::new(conn, ws, commands, options).run()).await,
-        Connected::Tls(ws) => Box::pin(Session::new(conn, ws, commands, options).run()).await,
+        Connected::Plain(ws) => Box::pin(Session::new(conn, ws, options).run()).await,
+        Connected::Tls(ws) => Box::pin(Session::new(conn, ws, options).run()).await,
     }
 }
 
@@ -186,7 +185,8 @@ impl End {
 struct Session<S> {
     conn: Arc<Conn>,
     ws: WebSocketStream<S>,
-    commands: mpsc::UnboundedReceiver<Command>,
+    /// Commands taken from the connection's outbox, not yet handed to tungstenite.
+    commands: VecDeque<Command>,
     options: Arc<Options>,
     /// Payload bytes handed to tungstenite and not yet flushed to the socket.
     unflushed: usize,
@@ -203,13 +203,13 @@ struct Session<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    fn new(conn: Arc<Conn>, ws: WebSocketStream<S>, commands: mpsc::UnboundedReceiver<Command>, options: Arc<Options>) -> Self {
+    fn new(conn: Arc<Conn>, ws: WebSocketStream<S>, options: Arc<Options>) -> Self {
         let now = Instant::now();
         let first_check = now + options.keepalive_interval.unwrap_or(Duration::from_secs(3600));
         Session {
             conn,
             ws,
-            commands,
+            commands: VecDeque::new(),
             options,
             unflushed: 0,
             needs_flush: false,
@@ -297,10 +297,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Poll::Ready(Err(e)) => return Err(self.io_failure(e)),
                 Poll::Pending => return Ok(progress),
             }
-            let command = match self.commands.poll_recv(cx) {
-                Poll::Ready(Some(command)) => command,
-                Poll::Ready(None) | Poll::Pending => return Ok(progress),
-            };
+            if self.commands.is_empty() {
+                self.conn.take_commands(&mut self.commands);
+            }
+            let Some(command) = self.commands.pop_front() else { return Ok(progress) };
             progress = true;
             match command {
                 Command::Send(_, len) if self.close_sent || self.peer_close.is_some() => {
