@@ -101,18 +101,26 @@ async fn drive(launch: Launch) -> Option<Event> {
         Ok(Ok(connected)) => connected,
     };
     conn.deliver(Event::Open);
-    match connected {
-        Connected::Plain(ws) => Box::pin(Session::new(conn, ws, options).run()).await,
-        Connected::Tls(ws) => Box::pin(Session::new(conn, ws, options).run()).await,
-    }
+    connected.await
 }
 
-enum Connected {
-    Plain(WebSocketStream<TcpStream>),
-    Tls(WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>),
+/// The session of a connected stream, boxed: the task's own future stays small whatever the
+/// stream type (a TLS stream alone is kilobytes).
+type SessionFuture = Pin<Box<dyn Future<Output = Option<Event>> + Send>>;
+
+fn session<S>(conn: &Arc<Conn>, ws: WebSocketStream<S>, options: &Arc<Options>) -> SessionFuture
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    Box::pin(Session::new(conn.clone(), ws, options.clone()).run())
 }
 
-async fn connect(conn: &Conn, target: &Target, options: &Options, tls: &TlsConfigs) -> Result<Connected, Error> {
+async fn connect(
+    conn: &Arc<Conn>,
+    target: &Target,
+    options: &Arc<Options>,
+    tls: &TlsConfigs,
+) -> Result<SessionFuture, Error> {
     let config = WebSocketConfig::default()
         .read_buffer_size(options.read_buffer_size)
         .write_buffer_size(WRITE_BUFFER_SIZE)
@@ -123,7 +131,7 @@ async fn connect(conn: &Conn, target: &Target, options: &Options, tls: &TlsConfi
         let upgraded = handshake::upgrade(&mut tcp, target, options).await?;
         conn.set_protocol(upgraded.protocol);
         let ws = WebSocketStream::from_partially_read(tcp, upgraded.leftover, Role::Client, Some(config)).await;
-        return Ok(Connected::Plain(ws));
+        return Ok(session(conn, ws, options));
     }
     let tls_config = tls.get(&options.extra_ca)?;
     let name = ServerName::try_from(target.host.clone())
@@ -135,7 +143,7 @@ async fn connect(conn: &Conn, target: &Target, options: &Options, tls: &TlsConfi
     let upgraded = handshake::upgrade(&mut stream, target, options).await?;
     conn.set_protocol(upgraded.protocol);
     let ws = WebSocketStream::from_partially_read(stream, upgraded.leftover, Role::Client, Some(config)).await;
-    Ok(Connected::Tls(ws))
+    Ok(session(conn, ws, options))
 }
 
 async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, Error> {
