@@ -468,8 +468,9 @@ ws_status ws_options_set_keepalive(ws_options *options, uint32_t interval_ms, ui
 ws_status ws_options_set_max_message_size(ws_options *options, size_t bytes);
 
 /**
- * Bytes read from the socket at a time (default 16 KiB, 256 B .. 16 MiB). Larger buffers
- * read big messages with fewer system calls; smaller ones keep many connections lean.
+ * Bytes read from the socket at a time, and the buffer each connection keeps for it (default
+ * 4 KiB, 256 B .. 16 MiB). 4 KiB keeps 2,000 idle connections near 10 KiB each; hosts that
+ * receive large messages read them with fewer system calls with 64 KiB (BENCHMARKS.md).
  * Any thread, also inside callbacks; one thread at a time per options object.
  */
 ws_status ws_options_set_read_buffer_size(ws_options *options, size_t bytes);
