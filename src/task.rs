@@ -365,6 +365,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Message::Binary(data) => {
                     bytes += data.len();
+                    // A payload no larger than the read buffer is a view into tungstenite's read
+                    // buffer: held until the host takes it, it would make tungstenite allocate
+                    // a new read buffer for every following frame. Copied out, the buffer is
+                    // reused in place. Larger payloads have an allocation of their own: kept.
+                    let data = if data.len() <= self.options.read_buffer_size { Bytes::copy_from_slice(&data) } else { data };
                     self.batch.push(Event::Message(Payload::Binary(data)));
                 }
                 // tungstenite queued the pong (or the close reply): get it onto the wire.
