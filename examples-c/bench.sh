@@ -17,7 +17,7 @@ EXTRA_CLIENTS="wsclient|ws|$client;wsclient-rb64k|ws|env WSB_READ_BUFFER=65536 $
   echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(uname -sr)."
   echo "Client CPU per message is the figure to compare (user+sys of the client process, pinned to"
   echo "one core, the server on the other); ratios are against tokio-tungstenite in the same run."
-  echo "\\`wsclient\\` uses the library's defaults; \\`wsclient-rb64k\\` sets a 64 KiB read buffer"
+  echo "'wsclient' uses the library's defaults; 'wsclient-rb64k' sets a 64 KiB read buffer"
   echo "(ws_options_set_read_buffer_size), the trade-off for hosts that receive large messages."
   echo
   cat "$report"
