@@ -4,10 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
+use common::peers::PyPeer;
 use common::server::TestServer;
 
 fn root() -> &'static Path {
@@ -18,40 +19,6 @@ fn wsjs() -> PathBuf {
     let path = root().join("examples-c/build/wsjs");
     assert!(path.exists(), "{} is missing: run `make test`, which builds it first", path.display());
     path
-}
-
-/// Python's websockets server (tests/peers/py_server.py), stopped on drop.
-struct PyPeer {
-    child: Child,
-    port: u16,
-}
-
-impl PyPeer {
-    fn start() -> PyPeer {
-        let python = root().join(".venv/bin/python");
-        assert!(python.exists(), "{} is missing: run `make test`, which installs the test peers", python.display());
-        let mut child = Command::new(python)
-            .arg(root().join("tests/peers/py_server.py"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the Python peer");
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-        let port = line.trim().strip_prefix("port=").and_then(|p| p.parse().ok()).expect("port line");
-        PyPeer { child, port }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for PyPeer {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.wait();
-    }
 }
 
 struct Run {

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod peers;
 pub mod server;
 
 use std::ffi::{c_void, CStr, CString};

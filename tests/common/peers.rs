@@ -1,0 +1,63 @@
+//! Independent peers started by the tests: Python's `websockets` (tests/peers/py_server.py,
+//! installed into .venv by `make test`).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct PyPeer {
+    child: Child,
+    pub port: u16,
+    lines: Arc<(Mutex<Vec<String>>, Condvar)>,
+}
+
+impl PyPeer {
+    pub fn start() -> PyPeer {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let python = root.join(".venv/bin/python");
+        assert!(python.exists(), "{} is missing: run `make test`, which installs the test peers", python.display());
+        let mut child = Command::new(python)
+            .arg(root.join("tests/peers/py_server.py"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the Python peer");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        let port = first.trim().strip_prefix("port=").and_then(|p| p.parse().ok()).expect("port line");
+        let lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                sink.0.lock().unwrap().push(line);
+                sink.1.notify_all();
+            }
+        });
+        PyPeer { child, port, lines }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits (bounded) for a line the peer printed.
+    pub fn wait_for_line(&self, wanted: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut lines = self.lines.0.lock().unwrap();
+        while !lines.iter().any(|l| l == wanted) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "the Python peer never printed {wanted:?}; it printed {:?}", *lines);
+            lines = self.lines.1.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+}
+
+impl Drop for PyPeer {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
