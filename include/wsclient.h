@@ -378,8 +378,9 @@ ws_status ws_close(ws_conn conn, uint16_t code, const char *reason);
  * Turns flow control on or off (off by default). On: after each message callback, no further
  * message callback runs until ws_message_complete() is called (inside the callback or any time
  * later, from any thread), and meanwhile the library stops reading the socket so TCP
- * back-pressure reaches the server. Off: messages are delivered as fast as the host
- * dispatches. Turning it off releases a held message. Any thread, also inside callbacks.
+ * back-pressure reaches the server. The close or error callback, too, waits until the last
+ * message is completed. Off: messages are delivered as fast as the host dispatches. Turning it
+ * off releases a held message. Any thread, also inside callbacks.
  */
 ws_status ws_set_flow_control(ws_conn conn, bool enabled);
 

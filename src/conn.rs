@@ -545,13 +545,12 @@ impl Conn {
     }
 }
 
-/// Whether the first event in the inbox may be handed to the host now.
+/// Whether the first event in the inbox may be handed to the host now. While a message waits
+/// for message_complete nothing follows it, the final event included: otherwise whether the
+/// host could still complete its last message would depend on timing (whether the peer's close
+/// was read before or after the host set flow control).
 fn deliverable(st: &State) -> bool {
-    match st.inbox.front() {
-        None => false,
-        Some(Event::Message(_)) => !st.awaiting_complete,
-        Some(_) => true,
-    }
+    !st.inbox.is_empty() && !st.awaiting_complete
 }
 
 /// Queues a command; returns the task's waker if the task may be waiting for one.

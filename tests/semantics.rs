@@ -500,3 +500,28 @@ fn flow_control_turned_on_inside_a_callback_holds_the_rest() {
     let expected: Vec<String> = (0..50).map(|i| format!("msg {i}")).collect();
     assert_eq!(rec.texts(conn), expected);
 }
+
+/// With flow control on, the final callback waits for the last message's message_complete,
+/// even when the peer's close was read before flow control was turned on.
+#[test]
+fn the_close_callback_waits_for_the_last_message_complete() {
+    let server = TestServer::start();
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&server.url("/push?n=5"));
+    watch(conn, &rec);
+    ws_on_message(conn, Some(record_without_completing), &rec as *const Recorder as *mut c_void);
+    // The server logs our close reply: by then every message and the close are in our inbox.
+    server.log.wait_for(|l| l == "close 1000 done");
+    assert_eq!(ws_set_flow_control(conn, true), WsStatus::Ok);
+    for i in 0..5 {
+        client.run_until("the next message", || rec.texts(conn).len() == i + 1);
+        while client.wait_readable(std::time::Duration::ZERO) {
+            client.dispatch();
+        }
+        assert_eq!(rec.finals(conn), 0, "the close came before message {i} was completed");
+        assert_eq!(ws_message_complete(conn), WsStatus::Ok);
+    }
+    client.run_until_final(&rec, conn);
+    assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 1000, "done".into())));
+}

@@ -105,8 +105,9 @@ pub unsafe extern "C" fn ws_close(conn: WsConn, code: u16, reason: *const c_char
 /// Turns flow control on or off (off by default). On: after each message callback, no further
 /// message callback runs until ws_message_complete() is called (inside the callback or any time
 /// later, from any thread), and meanwhile the library stops reading the socket so TCP
-/// back-pressure reaches the server. Off: messages are delivered as fast as the host
-/// dispatches. Turning it off releases a held message. Any thread, also inside callbacks.
+/// back-pressure reaches the server. The close or error callback, too, waits until the last
+/// message is completed. Off: messages are delivered as fast as the host dispatches. Turning it
+/// off releases a held message. Any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_set_flow_control(conn: WsConn, enabled: bool) -> WsStatus {
     ffi_status!({
