@@ -15,7 +15,7 @@ PEER_PYTHON := $(VENV)/bin/python
 
 .PHONY: all lib examples deps peers test demo bench header clean
 
-# The shared benchmark harness (beside this repository).
+# The shared benchmark harness: beside this repository (as in CI), else set SHARED=DIR.
 SHARED ?= $(abspath ../shared)
 
 all: deps lib examples
