@@ -6,7 +6,7 @@ CFLAGS ?= -O2 -g
 WARN := -std=c11 -Wall -Wextra -Wpedantic -Werror
 LIBDIR := target/release
 BUILD := examples-c/build
-EXAMPLES := $(BUILD)/echo $(BUILD)/flow $(BUILD)/bench $(BUILD)/wsjs
+EXAMPLES := $(BUILD)/echo $(BUILD)/flow $(BUILD)/many $(BUILD)/bench $(BUILD)/wsjs
 # Debian packages the tests and examples need (installed by `make deps` when root).
 DEB_PACKAGES := valgrind pkg-config duktape-dev
 

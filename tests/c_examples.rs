@@ -99,3 +99,11 @@ fn flow_control_with_deferred_completion_under_valgrind() {
     let out = memcheck(&example("flow"), &[&server.url("/push?n=3000"), "3000"]);
     assert!(out.contains("close 1000 \"done\" after 3000 messages") && out.ends_with("ok\n"), "{out}");
 }
+
+#[test]
+fn free_with_500_connections_open_under_valgrind() {
+    let server = TestServer::start();
+    let out = memcheck(&example("many"), &[&server.url("/echo"), "500"]);
+    assert!(out.starts_with("500 open, 500 alive at free"), "{out}");
+    server.log.wait_for_count(500, |l| l == "close 1001 client shutting down");
+}

@@ -52,6 +52,12 @@ impl Recorder {
         self.threads.lock().unwrap().push(std::thread::current().id());
         self.events.lock().unwrap().push(ev);
     }
+    /// Forgets everything recorded so far.
+    pub fn clear(&self) {
+        self.events.lock().unwrap().clear();
+        self.threads.lock().unwrap().clear();
+    }
+
     pub fn events(&self) -> Vec<Ev> {
         self.events.lock().unwrap().clone()
     }

@@ -61,3 +61,38 @@ impl Drop for PyPeer {
         let _ = self.child.wait();
     }
 }
+
+/// The bundled test server (examples/testserver.rs, built by `make`) in a process of its own,
+/// so that a test can measure its own process alone.
+pub struct ServerProcess {
+    child: Child,
+    pub ws_port: u16,
+}
+
+impl ServerProcess {
+    pub fn start() -> ServerProcess {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let binary = root.join("target/release/examples/testserver");
+        assert!(binary.exists(), "{} is missing: run `make test`, which builds it", binary.display());
+        let mut child = Command::new(binary).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        let ws_port = line
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("ws_port="))
+            .and_then(|p| p.parse().ok())
+            .expect("ports line");
+        ServerProcess { child, ws_port }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://127.0.0.1:{}{path}", self.ws_port)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
