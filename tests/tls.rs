@@ -92,3 +92,48 @@ fn ca_file_errors_are_reported_when_set() {
     assert!(last_error().contains("no certificate"), "{}", last_error());
     std::fs::remove_file(dir).unwrap();
 }
+
+#[test]
+fn expired_certificate_is_an_error_naming_it() {
+    let server = TestServer::start();
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = trusting(&server);
+    let conn = client.connect_with(&format!("wss://localhost:{}/echo", server.expired_port), options.0);
+    watch(conn, &rec);
+    match only_event(&client, &rec, conn) {
+        Ev::Error(_, WsStatus::Tls, m) => assert_eq!(m, "TLS: certificate expired"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_server_hanging_up_during_the_tls_handshake_is_an_error() {
+    let server = TestServer::start();
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = trusting(&server);
+    let conn = client.connect_with(&format!("wss://localhost:{}/echo", server.hangup_port), options.0);
+    watch(conn, &rec);
+    match only_event(&client, &rec, conn) {
+        Ev::Error(_, WsStatus::Tls, m) => assert!(m.contains("during the TLS handshake"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn wss_to_an_ipv6_literal() {
+    let server = TestServer::start();
+    let Some(port) = server.tls_ipv6_port else {
+        eprintln!("no IPv6 loopback here: nothing to test");
+        return;
+    };
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = trusting(&server);
+    let conn = client.connect_with(&format!("wss://[::1]:{port}/echo"), options.0);
+    watch(conn, &rec);
+    assert_eq!(send_text(conn, "over TLS and IPv6"), WsStatus::Ok);
+    client.run_until("the echo", || rec.texts(conn) == ["over TLS and IPv6"] || rec.finals(conn) > 0);
+    assert_eq!(rec.texts(conn), ["over TLS and IPv6"], "{:?}", rec.of(conn));
+}

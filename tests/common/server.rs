@@ -82,6 +82,12 @@ pub struct TestServer {
     pub blackhole_port: u16,
     /// The plain server on [::1], where the machine has IPv6 loopback.
     pub ipv6_port: Option<u16>,
+    /// The TLS server on [::1], where the machine has IPv6 loopback.
+    pub tls_ipv6_port: Option<u16>,
+    /// A TLS port whose certificate (for localhost) expired in 2002.
+    pub expired_port: u16,
+    /// Accepts TCP, reads the start of the TLS handshake, and hangs up.
+    pub hangup_port: u16,
     pub dir: PathBuf,
     pub ca_pem: PathBuf,
     pub log: Arc<ServerLog>,
@@ -101,6 +107,7 @@ struct Tls {
     ca_pem: String,
     good: tokio_rustls::TlsAcceptor,
     wrong_name: tokio_rustls::TlsAcceptor,
+    expired: tokio_rustls::TlsAcceptor,
 }
 
 fn make_tls() -> Tls {
@@ -116,9 +123,13 @@ fn make_tls() -> Tls {
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
-    let acceptor = |names: Vec<String>| {
+    let acceptor = |names: Vec<String>, expired: bool| {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(names).unwrap();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2001, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2002, 1, 1);
+        }
         params.distinguished_name.push(DnType::CommonName, "wsclient test server");
         let cert = params.signed_by(&key, &issuer).unwrap();
         let chain = vec![cert.der().clone(), ca_cert.der().clone()];
@@ -132,8 +143,9 @@ fn make_tls() -> Tls {
         tokio_rustls::TlsAcceptor::from(Arc::new(config))
     };
     Tls {
-        good: acceptor(vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]),
-        wrong_name: acceptor(vec!["wrong.example".into()]),
+        good: acceptor(vec!["localhost".into(), "127.0.0.1".into(), "::1".into()], false),
+        wrong_name: acceptor(vec!["wrong.example".into()], false),
+        expired: acceptor(vec!["localhost".into()], true),
         ca_pem: ca_cert.pem(),
     }
 }
@@ -149,19 +161,38 @@ impl TestServer {
         std::fs::create_dir_all(&dir).unwrap();
         let ca_pem = dir.join("ca.pem");
         std::fs::write(&ca_pem, &tls.ca_pem).unwrap();
-        let (port, tls_port, wrong_name_port, blackhole_port, ipv6_port) = runtime.block_on(async {
+        let (port, tls_port, wrong_name_port, blackhole_port, ipv6_port, (tls_ipv6_port, expired_port, hangup_port)) = runtime.block_on(async {
             let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let secure = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let wrong = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let blackhole = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let ipv6 = TcpListener::bind("[::1]:0").await.ok();
             let ipv6_port = ipv6.as_ref().map(|l| l.local_addr().unwrap().port());
+            let tls_ipv6 = TcpListener::bind("[::1]:0").await.ok();
+            let tls_ipv6_port = tls_ipv6.as_ref().map(|l| l.local_addr().unwrap().port());
+            if let Some(listener) = tls_ipv6 {
+                tokio::spawn(serve(listener, Some(tls.good.clone()), log.clone()));
+            }
+            let expired = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let expired_port = expired.local_addr().unwrap().port();
+            tokio::spawn(serve(expired, Some(tls.expired), log.clone()));
+            let hangup = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let hangup_port = hangup.local_addr().unwrap().port();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                while let Ok((mut stream, _)) = hangup.accept().await {
+                    let mut hello = [0u8; 16];
+                    let _ = stream.read(&mut hello).await;
+                    drop(stream);
+                }
+            });
             let ports = (
                 plain.local_addr().unwrap().port(),
                 secure.local_addr().unwrap().port(),
                 wrong.local_addr().unwrap().port(),
                 blackhole.local_addr().unwrap().port(),
                 ipv6_port,
+                (tls_ipv6_port, expired_port, hangup_port),
             );
             if let Some(listener) = ipv6 {
                 tokio::spawn(serve(listener, None, log.clone()));
@@ -177,7 +208,7 @@ impl TestServer {
             });
             ports
         });
-        TestServer { port, tls_port, wrong_name_port, blackhole_port, ipv6_port, dir, ca_pem, log, runtime: Some(runtime) }
+        TestServer { port, tls_port, wrong_name_port, blackhole_port, ipv6_port, tls_ipv6_port, expired_port, hangup_port, dir, ca_pem, log, runtime: Some(runtime) }
     }
 
     pub fn url(&self, path: &str) -> String {
