@@ -42,6 +42,8 @@ deps:
 	@missing=""; \
 	for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$missing"; \
@@ -51,8 +53,12 @@ deps:
 	  fi; \
 	fi
 
-# The independent test peer: Python's websockets, pinned, in a local virtualenv.
-peers: $(VENV)/.installed
+# The independent test peers: Python's websockets in a local virtualenv, Node's ws in
+# tests/peers/node_modules, both pinned.
+peers: $(VENV)/.installed tests/peers/node_modules/.installed
+tests/peers/node_modules/.installed: tests/peers/package.json tests/peers/package-lock.json
+	cd tests/peers && npm ci --no-audit --no-fund --silent
+	touch $@
 $(VENV)/.installed: tests/peers/requirements.txt
 	python3 -m venv $(VENV)
 	$(PEER_PYTHON) -m pip install -q -r tests/peers/requirements.txt

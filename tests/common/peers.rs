@@ -1,5 +1,6 @@
 //! Independent peers started by the tests: Python's `websockets` (tests/peers/py_server.py,
-//! installed into .venv by `make test`).
+//! installed into .venv by `make test`) and Node's `ws` (tests/peers/node_server.js, installed
+//! into tests/peers/node_modules by `make test`). Both print the same lines.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -14,12 +15,32 @@ pub struct PyPeer {
 }
 
 impl PyPeer {
+    /// Python's websockets.
     pub fn start() -> PyPeer {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let python = root.join(".venv/bin/python");
-        assert!(python.exists(), "{} is missing: run `make test`, which installs the test peers", python.display());
-        let mut child = Command::new(python)
-            .arg(root.join("tests/peers/py_server.py"))
+        assert!(
+            python.exists(),
+            "{} is missing: run `make test`, which installs the test peers",
+            python.display()
+        );
+        Self::spawn(Command::new(python).arg(root.join("tests/peers/py_server.py")))
+    }
+
+    /// Node's ws.
+    pub fn start_node() -> PyPeer {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let module = root.join("tests/peers/node_modules/ws");
+        assert!(
+            module.exists(),
+            "{} is missing: run `make test`, which installs the test peers",
+            module.display()
+        );
+        Self::spawn(Command::new("node").arg(root.join("tests/peers/node_server.js")))
+    }
+
+    fn spawn(command: &mut Command) -> PyPeer {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -27,7 +48,11 @@ impl PyPeer {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut first = String::new();
         stdout.read_line(&mut first).unwrap();
-        let port = first.trim().strip_prefix("port=").and_then(|p| p.parse().ok()).expect("port line");
+        let port = first
+            .trim()
+            .strip_prefix("port=")
+            .and_then(|p| p.parse().ok())
+            .expect("port line");
         let lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
         let sink = lines.clone();
         std::thread::spawn(move || {
@@ -49,7 +74,11 @@ impl PyPeer {
         let mut lines = self.lines.0.lock().unwrap();
         while !lines.iter().any(|l| l == wanted) {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "the Python peer never printed {wanted:?}; it printed {:?}", *lines);
+            assert!(
+                !left.is_zero(),
+                "the Python peer never printed {wanted:?}; it printed {:?}",
+                *lines
+            );
             lines = self.lines.1.wait_timeout(lines, left).unwrap().0;
         }
     }
@@ -73,10 +102,20 @@ impl ServerProcess {
     pub fn start() -> ServerProcess {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let binary = root.join("target/release/examples/testserver");
-        assert!(binary.exists(), "{} is missing: run `make test`, which builds it", binary.display());
-        let mut child = Command::new(binary).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        assert!(
+            binary.exists(),
+            "{} is missing: run `make test`, which builds it",
+            binary.display()
+        );
+        let mut child = Command::new(binary)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let ws_port = line
             .split_whitespace()
             .find_map(|kv| kv.strip_prefix("ws_port="))
