@@ -360,10 +360,12 @@ fn buffered_amount_counts_unsent_bytes() {
     let big = vec![7u8; 1 << 20];
     assert_eq!(send_binary(conn, &big), WsStatus::Ok);
     let mut amount = 0usize;
-    assert_eq!(unsafe { ws_buffered_amount(conn, &mut amount) }, WsStatus::Ok);
-    // Nothing can have been written before the handshake, which needs the I/O thread and a
-    // round trip: unless it raced ahead, the whole message is still queued.
-    assert!(amount == 1 << 20 || amount == 0, "{amount}");
+    // A connection whose upgrade is never answered keeps everything queued.
+    let stuck = client.connect(&format!("ws://127.0.0.1:{}/", server.blackhole_port));
+    assert_eq!(send_binary(stuck, &big), WsStatus::Ok);
+    assert_eq!(send_text(stuck, "and 17 more bytes"), WsStatus::Ok);
+    assert_eq!(unsafe { ws_buffered_amount(stuck, &mut amount) }, WsStatus::Ok);
+    assert_eq!(amount, (1 << 20) + 17);
     client.run_until("the echo", || rec.of(conn).iter().any(|e| matches!(e, Ev::Binary(..))));
     assert_eq!(unsafe { ws_buffered_amount(conn, &mut amount) }, WsStatus::Ok);
     assert_eq!(amount, 0);
@@ -376,10 +378,14 @@ fn send_queue_limit_refuses_with_a_status() {
     let client = Client::new();
     let options = Options::new();
     assert_eq!(unsafe { ws_options_set_send_queue_limit(options.0, 1000) }, WsStatus::Ok);
-    let conn = client.connect_with(&server.url("/echo"), options.0);
+    // The blackhole never answers the upgrade: what is sent stays queued.
+    let conn = client.connect_with(&format!("ws://127.0.0.1:{}/", server.blackhole_port), options.0);
     assert_eq!(send_binary(conn, &[0u8; 600]), WsStatus::Ok);
     assert_eq!(send_binary(conn, &[0u8; 600]), WsStatus::SendQueueFull);
     assert!(last_error().contains("limit"), "{}", last_error());
+    let mut queued = 0;
+    assert_eq!(unsafe { ws_buffered_amount(conn, &mut queued) }, WsStatus::Ok);
+    assert_eq!(queued, 600, "the refused message was not queued");
 }
 
 /// ws_run dispatches until no connection is left.
