@@ -86,8 +86,11 @@ fn refused_connection_gets_one_error_and_then_is_gone() {
     assert_eq!(close(conn, 0, ""), WsStatus::Gone);
     assert_eq!(ws_on_open(conn, None, std::ptr::null_mut()), WsStatus::Gone);
     assert_eq!(unsafe { ws_client_connection_count(client.0) }, 0);
-    // Nothing more arrives for it.
-    assert!(!client.wait_readable(std::time::Duration::ZERO));
+    // Nothing more arrives for it (the fd may show one spurious wake-up: it runs nothing).
+    if client.wait_readable(std::time::Duration::ZERO) {
+        assert_eq!(client.dispatch().0, 0);
+    }
+    assert_eq!(rec.of(conn).len(), 1);
 }
 
 /// 3. A server-initiated close handshake ends with close (code and reason from the server).
