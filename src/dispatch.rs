@@ -1,8 +1,8 @@
 //! The hand-over from the library's I/O threads to the host's thread.
 //!
-//! Connections with deliverable events sit in a ready list. An eventfd is readable exactly while
-//! that list is not empty, so a host's poll/epoll loop (level-triggered or edge-triggered) never
-//! misses a wake-up. `dispatch` runs callbacks on the calling thread and nowhere else.
+//! Connections with deliverable events sit in a ready list. An eventfd is readable whenever that
+//! list is not empty (and at most once spuriously after a dispatch emptied it), so a host's
+//! poll/epoll loop (level-triggered or edge-triggered) never misses a wake-up. `dispatch` runs callbacks on the calling thread and nowhere else.
 
 use std::collections::VecDeque;
 use std::io;
