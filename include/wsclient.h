@@ -277,8 +277,8 @@ ws_status ws_client_free(ws_client *client);
  * The file descriptor that is readable while callbacks are pending: add it to your poll,
  * epoll or select set (for reading) and call ws_dispatch() when it is readable. It stays
  * readable until a dispatch has taken every pending event, so level- and edge-triggered
- * loops both work; a wake-up may be spurious (the dispatch then runs nothing). Never read, write or close it. -1 if client is NULL. Any thread, also
- * inside callbacks.
+ * loops both work; a wake-up may be spurious (the dispatch then runs nothing). Never read,
+ * write or close it. -1 if client is NULL. Any thread, also inside callbacks.
  */
 int ws_client_fd(const ws_client *client);
 

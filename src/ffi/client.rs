@@ -77,8 +77,8 @@ pub unsafe extern "C" fn ws_client_free(client: *mut WsClient) -> WsStatus {
 /// The file descriptor that is readable while callbacks are pending: add it to your poll,
 /// epoll or select set (for reading) and call ws_dispatch() when it is readable. It stays
 /// readable until a dispatch has taken every pending event, so level- and edge-triggered
-/// loops both work; a wake-up may be spurious (the dispatch then runs nothing). Never read, write or close it. -1 if client is NULL. Any thread, also
-/// inside callbacks.
+/// loops both work; a wake-up may be spurious (the dispatch then runs nothing). Never read,
+/// write or close it. -1 if client is NULL. Any thread, also inside callbacks.
 #[no_mangle]
 pub unsafe extern "C" fn ws_client_fd(client: *const WsClient) -> c_int {
     ffi_boundary!(-1, {
