@@ -11,6 +11,7 @@ use std::task::Waker;
 
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
+use bytes::BytesMut;
 
 use crate::callbacks::{self, Callbacks, WsMessageKind};
 use crate::dispatch::Hub;
@@ -27,23 +28,46 @@ pub enum Command {
 /// A received message, ready to be handed to the host.
 pub enum Payload {
     /// UTF-8 text followed by one NUL that is not part of the message.
-    Text(Vec<u8>),
+    Text(Bytes),
     Binary(Bytes),
 }
 
 impl Payload {
-    pub fn text(text: &[u8]) -> Payload {
-        let mut bytes = Vec::with_capacity(text.len() + 1);
-        bytes.extend_from_slice(text);
-        bytes.push(0);
-        Payload::Text(bytes)
-    }
-
     pub fn len(&self) -> usize {
         match self {
             Payload::Text(bytes) => bytes.len() - 1,
             Payload::Binary(bytes) => bytes.len(),
         }
+    }
+}
+
+/// Copies of small received payloads, packed into shared blocks: one allocation per block
+/// rather than one per message (the host frees them on its thread, so per-message allocations
+/// would also mean per-message cross-thread frees). A block lives until its last message has
+/// been dispatched; the writer lets go of it whenever the task goes idle.
+#[derive(Default)]
+pub struct PayloadArena {
+    block: BytesMut,
+}
+
+impl PayloadArena {
+    const BLOCK: usize = 8 << 10;
+
+    /// A copy of `parts` (concatenated) as its own `Bytes`.
+    pub fn copy(&mut self, parts: &[&[u8]]) -> Bytes {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if self.block.capacity() - self.block.len() < len {
+            self.block = BytesMut::with_capacity(Self::BLOCK.max(len));
+        }
+        for part in parts {
+            self.block.extend_from_slice(part);
+        }
+        self.block.split().freeze()
+    }
+
+    /// Lets go of the current block (what was handed out stays valid).
+    pub fn release(&mut self) {
+        self.block = BytesMut::new();
     }
 }
 

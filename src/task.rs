@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::conn::{Allowance, Command, Conn, Control, Event, Gate, Payload};
+use crate::conn::{Allowance, Command, Conn, Control, Event, Gate, Payload, PayloadArena};
 use crate::error::{Error, WsStatus};
 use crate::handshake;
 use crate::options::Options;
@@ -208,6 +208,8 @@ struct Session<S> {
     timer: Pin<Box<Sleep>>,
     /// Events read but not yet handed to the host.
     batch: Vec<Event>,
+    /// Where small payloads are copied to.
+    arena: PayloadArena,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -228,6 +230,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ping_sent: None,
             timer: Box::pin(tokio::time::sleep_until(first_check)),
             batch: Vec::new(),
+            arena: PayloadArena::default(),
         }
     }
 
@@ -251,6 +254,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // precede the final event).
         if !self.batch.is_empty() {
             self.conn.deliver_batch(&mut self.batch);
+        }
+        if outcome.is_pending() {
+            // Idle connections keep no block of their own.
+            self.arena.release();
         }
         outcome
     }
@@ -361,7 +368,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             match message {
                 Message::Text(text) => {
                     bytes += text.len();
-                    self.batch.push(Event::Message(Payload::text(text.as_bytes())));
+                    // Copied (with the NUL the C API promises) and so out of tungstenite's buffer.
+                    let copy = self.arena.copy(&[text.as_bytes(), b"\0"]);
+                    self.batch.push(Event::Message(Payload::Text(copy)));
                 }
                 Message::Binary(data) => {
                     bytes += data.len();
@@ -369,7 +378,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // buffer: held until the host takes it, it would make tungstenite allocate
                     // a new read buffer for every following frame. Copied out, the buffer is
                     // reused in place. Larger payloads have an allocation of their own: kept.
-                    let data = if data.len() <= self.options.read_buffer_size { Bytes::copy_from_slice(&data) } else { data };
+                    let data = if data.len() <= self.options.read_buffer_size { self.arena.copy(&[&data]) } else { data };
                     self.batch.push(Event::Message(Payload::Binary(data)));
                 }
                 // tungstenite queued the pong (or the close reply): get it onto the wire.
