@@ -213,7 +213,9 @@ static duk_ret_t js_send(duk_context *ctx) {
         status = ws_send(conn, text, len);
         free(text);
     }
-    if (status != WS_STATUS_OK) return throw_status(ctx, status);
+    /* While the connection is closing (or failed and its onclose/onerror is on its way) a
+     * message is discarded, as browsers do; only a gone connection or bad data throws. */
+    if (status != WS_STATUS_OK && status != WS_STATUS_CLOSING) return throw_status(ctx, status);
     duk_push_this(ctx);
     return 1;
 }
