@@ -70,9 +70,14 @@ impl PyPeer {
 
     /// Waits (bounded) for a line the peer printed.
     pub fn wait_for_line(&self, wanted: &str) {
+        self.wait_for_lines(wanted, 1);
+    }
+
+    /// Waits (bounded) until the peer printed `wanted` `count` times.
+    pub fn wait_for_lines(&self, wanted: &str, count: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut lines = self.lines.0.lock().unwrap();
-        while !lines.iter().any(|l| l == wanted) {
+        while lines.iter().filter(|l| *l == wanted).count() < count {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),

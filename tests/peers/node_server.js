@@ -1,5 +1,6 @@
 // An independent WebSocket peer for the tests: Node's `ws` on 127.0.0.1, with the same paths and
-// output as py_server.py: prints "port=N", then "close CODE REASON" per close frame received;
+// output as py_server.py: prints "port=N", then "close CODE REASON" per close frame received
+// (and "ping" per ping, which Python's asyncio API does not expose);
 // serves until stdin closes.
 "use strict";
 const { WebSocketServer } = require("ws");
@@ -18,6 +19,7 @@ function echo(ws, closeAfter) {
 server.on("connection", (ws, request) => {
   const url = new URL(request.url, "ws://localhost");
   const q = url.searchParams;
+  ws.on("ping", () => console.log("ping"));
   ws.on("close", (code, reason) => {
     if (code !== 1005 && code !== 1006) console.log(`close ${code} ${reason.toString()}`);
   });
