@@ -3,12 +3,12 @@
 
 mod common;
 
-use common::peers::PyPeer;
+use common::peers::Peer;
 use common::*;
 
 #[test]
 fn echo_of_text_and_binary_from_0_bytes_to_16_mib() {
-    for peer in [PyPeer::start(), PyPeer::start_node()] {
+    for peer in [Peer::start_python(), Peer::start_node()] {
         let client = Client::new();
         let rec = Recorder::default();
         let conn = client.connect(&format!("{}/echo", peer.url()));
@@ -32,7 +32,7 @@ fn echo_of_text_and_binary_from_0_bytes_to_16_mib() {
 
 #[test]
 fn server_close_codes_and_reasons_reach_the_close_callback() {
-    for peer in [PyPeer::start(), PyPeer::start_node()] {
+    for peer in [Peer::start_python(), Peer::start_node()] {
         let client = Client::new();
         let rec = Recorder::default();
         for code in [1000u16, 1001, 1011, 4000] {
@@ -52,7 +52,7 @@ fn server_close_codes_and_reasons_reach_the_close_callback() {
 
 #[test]
 fn client_close_code_and_reason_reach_the_server() {
-    for peer in [PyPeer::start(), PyPeer::start_node()] {
+    for peer in [Peer::start_python(), Peer::start_node()] {
         let client = Client::new();
         let rec = Recorder::default();
         let conn = client.connect(&format!("{}/echo", peer.url()));
@@ -70,7 +70,7 @@ fn client_close_code_and_reason_reach_the_server() {
 
 #[test]
 fn a_fragmented_message_is_delivered_once() {
-    for peer in [PyPeer::start(), PyPeer::start_node()] {
+    for peer in [Peer::start_python(), Peer::start_node()] {
         let client = Client::new();
         let rec = Recorder::default();
         let conn = client.connect(&format!("{}/fragments", peer.url()));
@@ -84,7 +84,7 @@ fn a_fragmented_message_is_delivered_once() {
 
 #[test]
 fn server_ping_is_answered_with_its_payload() {
-    for peer in [PyPeer::start(), PyPeer::start_node()] {
+    for peer in [Peer::start_python(), Peer::start_node()] {
         let client = Client::new();
         let rec = Recorder::default();
         let conn = client.connect(&format!("{}/ping", peer.url()));
@@ -99,7 +99,7 @@ fn server_ping_is_answered_with_its_payload() {
 /// (Node's ws reports each ping it receives; Python's asyncio API does not expose them.)
 #[test]
 fn keepalive_pings_keep_an_idle_connection_alive() {
-    let peer = PyPeer::start_node();
+    let peer = Peer::start_node();
     let client = Client::new();
     let options = Options::new();
     unsafe { ws_options_set_keepalive(options.0, 20, 2000) };

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::peers::PyPeer;
+use common::peers::Peer;
 use common::server::TestServer;
 
 fn root() -> &'static Path {
@@ -84,7 +84,7 @@ fn flow_control_with_deferred_complete_against_both_servers() {
     let server = TestServer::start();
     let expected = ["closed 1000 done after 200 messages, 0 violations"];
     expect("flow_deferred", &server, &format!("ws://127.0.0.1:{}", server.port), &expected);
-    let peer = PyPeer::start();
+    let peer = Peer::start_python();
     expect("flow_deferred", &server, &peer.url(), &expected);
 }
 
@@ -131,7 +131,7 @@ fn wss_trusted_through_ssl_cert_file_and_untrusted_without() {
 #[test]
 fn unicode_round_trip_with_an_independent_server() {
     let server = TestServer::start();
-    let peer = PyPeer::start();
+    let peer = Peer::start_python();
     expect("unicode", &server, &peer.url(), &["unicode round trips: 8 of 8 emoji length 8"]);
     // And with our own server.
     expect("unicode", &server, &format!("ws://127.0.0.1:{}", server.port), &["unicode round trips: 8 of 8 emoji length 8"]);
@@ -167,7 +167,7 @@ fn binary_echo_as_uint8array() {
     let server = TestServer::start();
     let expected = ["true 6 0,1,2,253,254,255", "true 3 9,8,7", "closed"];
     expect("binary", &server, &format!("ws://127.0.0.1:{}", server.port), &expected);
-    let peer = PyPeer::start();
+    let peer = Peer::start_python();
     expect("binary", &server, &peer.url(), &expected);
 }
 

@@ -8,15 +8,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-pub struct PyPeer {
+pub struct Peer {
     child: Child,
     pub port: u16,
     lines: Arc<(Mutex<Vec<String>>, Condvar)>,
 }
 
-impl PyPeer {
+impl Peer {
     /// Python's websockets.
-    pub fn start() -> PyPeer {
+    pub fn start_python() -> Peer {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let python = root.join(".venv/bin/python");
         assert!(
@@ -28,7 +28,7 @@ impl PyPeer {
     }
 
     /// Node's ws.
-    pub fn start_node() -> PyPeer {
+    pub fn start_node() -> Peer {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let module = root.join("tests/peers/node_modules/ws");
         assert!(
@@ -39,7 +39,7 @@ impl PyPeer {
         Self::spawn(Command::new("node").arg(root.join("tests/peers/node_server.js")))
     }
 
-    fn spawn(command: &mut Command) -> PyPeer {
+    fn spawn(command: &mut Command) -> Peer {
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -61,7 +61,7 @@ impl PyPeer {
                 sink.1.notify_all();
             }
         });
-        PyPeer { child, port, lines }
+        Peer { child, port, lines }
     }
 
     pub fn url(&self) -> String {
@@ -89,7 +89,7 @@ impl PyPeer {
     }
 }
 
-impl Drop for PyPeer {
+impl Drop for Peer {
     fn drop(&mut self) {
         drop(self.child.stdin.take());
         let _ = self.child.wait();
