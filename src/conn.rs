@@ -321,13 +321,15 @@ impl Conn {
     ///
     /// Events are taken from the inbox in batches under one lock; a callback that turns flow
     /// control on sends the rest of the batch back to the inbox, to wait for message_complete.
-    pub fn dispatch(self: &Arc<Self>) -> u32 {
+    /// `batch` is the dispatcher's reusable scratch queue (empty on entry and on return), so a
+    /// dispatch allocates nothing.
+    pub fn dispatch(self: &Arc<Self>, batch: &mut VecDeque<Event>) -> u32 {
         let mut budget = self.lock().inbox.len();
         let mut ran = 0;
-        let mut batch = VecDeque::new();
+        debug_assert!(batch.is_empty());
         while budget > 0 {
             let flow_control_at_take = self.flow_control_on.load(Ordering::Acquire);
-            let mut callbacks = self.take_batch(budget, &mut batch);
+            let mut callbacks = self.take_batch(budget, batch);
             if batch.is_empty() {
                 break;
             }
@@ -348,7 +350,7 @@ impl Conn {
                 let turned_on = !flow_control_at_take && self.flow_control_on.load(Ordering::Acquire);
                 if turned_on && !batch.is_empty() {
                     budget += batch.len();
-                    self.put_back(&mut batch);
+                    self.put_back(batch);
                 }
             }
         }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::conn::Conn;
+use crate::conn::{Conn, Event};
 use crate::error::{Error, WsStatus};
 
 /// An eventfd used as a level-triggered "callbacks are pending" flag.
@@ -45,6 +45,9 @@ static NEXT_HUB_ID: AtomicU64 = AtomicU64::new(1);
 pub struct Hub {
     pub id: u64,
     ready: Mutex<VecDeque<Arc<Conn>>>,
+    /// Reused by every dispatch, so that dispatching allocates nothing (only the dispatching
+    /// thread touches it).
+    scratch: Mutex<DispatchScratch>,
     wakeup: Wakeup,
     dispatching: AtomicBool,
     /// Connections not gone yet.
@@ -52,6 +55,14 @@ pub struct Hub {
     /// I/O tasks still running, and a condition signalled when one ends (for ws_client_free).
     tasks: Mutex<usize>,
     task_ended: Condvar,
+}
+
+/// The queues one dispatch works with: the connections taken from the ready list (swapped
+/// with it, so both keep their capacity) and the events taken for one connection's callbacks.
+#[derive(Default)]
+struct DispatchScratch {
+    connections: VecDeque<Arc<Conn>>,
+    events: VecDeque<Event>,
 }
 
 /// Clears the dispatching flag when a dispatch ends, even by a panic.
@@ -72,6 +83,7 @@ impl Hub {
         Ok(Hub {
             id: NEXT_HUB_ID.fetch_add(1, Ordering::Relaxed),
             ready: Mutex::new(VecDeque::new()),
+            scratch: Mutex::new(DispatchScratch::default()),
             wakeup: Wakeup::new()?,
             dispatching: AtomicBool::new(false),
             live: AtomicUsize::new(0),
@@ -104,12 +116,14 @@ impl Hub {
     /// more are pending (events that arrived meanwhile, or beyond one round's budget).
     pub fn dispatch(&self) -> Result<(u32, bool), Error> {
         let _guard = self.enter_dispatch()?;
-        let batch = {
+        let mut scratch = lock(&self.scratch);
+        let DispatchScratch { connections, events } = &mut *scratch;
+        {
             let mut ready = lock(&self.ready);
             self.wakeup.clear();
-            std::mem::take(&mut *ready)
-        };
-        let ran = batch.into_iter().map(|conn| conn.dispatch()).sum();
+            std::mem::swap(&mut *ready, connections);
+        }
+        let ran = connections.drain(..).map(|conn| conn.dispatch(events)).sum();
         Ok((ran, !lock(&self.ready).is_empty()))
     }
 
@@ -196,6 +210,7 @@ impl Hub {
     pub fn clear(&self) {
         let drained: Vec<_> = lock(&self.ready).drain(..).collect();
         drop(drained);
+        *lock(&self.scratch) = DispatchScratch::default();
         self.wakeup.clear();
     }
 }
