@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 use bytes::BytesMut;
 
 use crate::callbacks::{self, Callbacks, WsMessageKind};
-use crate::dispatch::Hub;
+use crate::dispatch::{self, Hub};
 use crate::error::{Error, WsStatus};
 use crate::handles::{self, WsConn};
 
@@ -124,6 +124,10 @@ struct State {
     shutdown: bool,
     /// The I/O task, when it waits for the gate or for a control change.
     task_waker: Option<Waker>,
+    /// The task was last told the gate is closed: it waits for the host to take events (or
+    /// complete a message) and must be woken then. Otherwise it waits on its socket and a
+    /// wake-up from the host would be wasted (one more switch between threads).
+    gate_closed: bool,
     protocol: Option<String>,
     /// Sends and the close request, in the order the host made them, for the I/O task. A plain
     /// queue under the connection's lock: nothing is allocated until something is sent.
@@ -195,6 +199,7 @@ impl Conn {
                 close_requested: false,
                 shutdown: false,
                 task_waker: None,
+                gate_closed: false,
                 protocol: None,
                 outbox: VecDeque::new(),
                 task_ended: false,
@@ -241,7 +246,7 @@ impl Conn {
         let waker = push_command(&mut st, Command::Send(message, len));
         drop(st);
         if let Some(w) = waker {
-            w.wake();
+            dispatch::wake_task(w);
         }
         Ok(())
     }
@@ -264,7 +269,7 @@ impl Conn {
             push_command(&mut st, Command::Close(frame)).or_else(|| st.task_waker.take())
         };
         if let Some(w) = waker {
-            w.wake();
+            dispatch::wake_task(w);
         }
         Ok(())
     }
@@ -292,13 +297,13 @@ impl Conn {
         if schedule {
             st.scheduled = true;
         }
-        let waker = self.reading_allowed(&st).then(|| st.task_waker.take()).flatten();
+        let waker = self.reopen_gate(&mut st);
         drop(st);
         if schedule {
             self.hub.schedule(self.clone());
         }
         if let Some(w) = waker {
-            w.wake();
+            dispatch::wake_task(w);
         }
     }
 
@@ -324,6 +329,8 @@ impl Conn {
     /// `batch` is the dispatcher's reusable scratch queue (empty on entry and on return), so a
     /// dispatch allocates nothing.
     pub fn dispatch(self: &Arc<Self>, batch: &mut VecDeque<Event>) -> u32 {
+        // Sends made by these callbacks wake the I/O task once, when the batch is done.
+        let _wakes = dispatch::DeferredWakes::begin();
         let mut budget = self.lock().inbox.len();
         let mut ran = 0;
         debug_assert!(batch.is_empty());
@@ -387,6 +394,14 @@ impl Conn {
     fn take_batch(&self, max: usize, batch: &mut VecDeque<Event>) -> Callbacks {
         let mut st = self.lock();
         let mut callbacks = st.callbacks;
+        let only_messages = st.inbox_messages == st.inbox.len();
+        if only_messages && !st.flow_control && st.inbox.len() <= max && deliverable(&st) {
+            // The usual case: every waiting event is a message and nothing holds them: take
+            // the whole inbox at once (the dispatcher's empty queue becomes the inbox).
+            std::mem::swap(&mut st.inbox, batch);
+            st.inbox_bytes = 0;
+            st.inbox_messages = 0;
+        }
         while batch.len() < max && deliverable(&st) {
             let Some(event) = st.inbox.pop_front() else { break };
             match &event {
@@ -414,10 +429,10 @@ impl Conn {
                 break;
             }
         }
-        let waker = self.reading_allowed(&st).then(|| st.task_waker.take()).flatten();
+        let waker = self.reopen_gate(&mut st);
         drop(st);
         if let Some(w) = waker {
-            w.wake();
+            dispatch::wake_task(w);
         }
         callbacks
     }
@@ -449,29 +464,31 @@ impl Conn {
 
     /// Queues one event for the host; schedules the connection if it can be dispatched now.
     pub fn deliver(self: &Arc<Self>, event: Event) {
-        let mut batch = vec![event];
+        let mut batch = VecDeque::from([event]);
         self.deliver_batch(&mut batch);
     }
 
     /// Queues events for the host under one lock (emptying `events`), and schedules the
     /// connection if it can be dispatched now: one wake-up of the host per batch.
-    pub fn deliver_batch(self: &Arc<Self>, events: &mut Vec<Event>) {
+    pub fn deliver_batch(self: &Arc<Self>, events: &mut VecDeque<Event>) {
         self.deliver_then_gate(events, None);
     }
 
     /// `deliver_batch`, then (with a waker) the gate, under the same lock.
-    pub fn deliver_then_gate(self: &Arc<Self>, events: &mut Vec<Event>, waker: Option<&Waker>) -> Gate {
+    pub fn deliver_then_gate(self: &Arc<Self>, events: &mut VecDeque<Event>, waker: Option<&Waker>) -> Gate {
+        let (messages, bytes) = message_totals(events);
         let mut st = self.lock();
         if st.shutdown {
             events.clear();
             return Gate::Shutdown;
         }
-        for event in events.drain(..) {
-            if let Event::Message(payload) = &event {
-                st.inbox_bytes += payload.len();
-                st.inbox_messages += 1;
-            }
-            st.inbox.push_back(event);
+        st.inbox_bytes += bytes;
+        st.inbox_messages += messages;
+        if st.inbox.is_empty() {
+            // The usual case: the batch becomes the inbox, and the task keeps the empty one.
+            std::mem::swap(&mut st.inbox, events);
+        } else {
+            st.inbox.append(events);
         }
         st.peak_inbox_bytes = st.peak_inbox_bytes.max(st.inbox_bytes);
         let schedule = !st.scheduled && deliverable(&st);
@@ -501,7 +518,8 @@ impl Conn {
             // Queued since the task last looked, while it had no waker here: look again.
             waker.wake_by_ref();
         }
-        if !self.reading_allowed(st) {
+        st.gate_closed = !self.reading_allowed(st);
+        if st.gate_closed {
             return Gate::Closed;
         }
         let one_at_a_time = st.flow_control && !st.close_requested;
@@ -564,11 +582,28 @@ impl Conn {
         }
     }
 
+    /// The task's waker, if the task waits for the gate and reading is allowed again.
+    fn reopen_gate(&self, st: &mut State) -> Option<Waker> {
+        if !st.gate_closed || !self.reading_allowed(st) {
+            return None;
+        }
+        st.gate_closed = false;
+        st.task_waker.take()
+    }
+
     fn reading_allowed(&self, st: &State) -> bool {
         let held_by_flow_control =
             st.flow_control && !st.close_requested && (st.awaiting_complete || st.inbox_messages > 0);
         !held_by_flow_control && st.inbox_bytes < self.receive_queue_limit
     }
+}
+
+/// How many messages, and how many payload bytes, `events` holds.
+fn message_totals(events: &VecDeque<Event>) -> (usize, usize) {
+    events.iter().fold((0, 0), |(messages, bytes), event| match event {
+        Event::Message(payload) => (messages + 1, bytes + payload.len()),
+        _ => (messages, bytes),
+    })
 }
 
 /// Whether the first event in the inbox may be handed to the host now. While a message waits

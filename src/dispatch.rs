@@ -4,11 +4,13 @@
 //! list is not empty (and at most once spuriously after a dispatch emptied it), so a host's
 //! poll/epoll loop (level-triggered or edge-triggered) never misses a wake-up. `dispatch` runs callbacks on the calling thread and nowhere else.
 
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use crate::conn::{Conn, Event};
@@ -36,6 +38,50 @@ impl Wakeup {
         let mut value: u64 = 0;
         // EAGAIN means it was not set: fine.
         unsafe { libc::read(self.0.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+    }
+}
+
+thread_local! {
+    /// How many dispatch batches are running on this thread (a callback may dispatch another
+    /// client), and the I/O tasks their callbacks woke meanwhile.
+    static DEFER_DEPTH: Cell<u32> = const { Cell::new(0) };
+    static DEFERRED: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Wakes a connection's I/O task, or, inside a dispatch batch on this thread, when the batch
+/// ends. A host answering a batch of messages with sends then wakes the task once rather than
+/// once per send; each of those wake-ups is a switch between threads when they share a core.
+pub fn wake_task(waker: Waker) {
+    if DEFER_DEPTH.get() == 0 {
+        return waker.wake();
+    }
+    DEFERRED.with_borrow_mut(|wakers| {
+        if !wakers.iter().any(|w| w.will_wake(&waker)) {
+            wakers.push(waker);
+        }
+    });
+}
+
+/// Defers task wake-ups (see `wake_task`) for as long as it lives; wakes them when dropped,
+/// also when a callback panics, so no wake-up is ever lost.
+pub struct DeferredWakes(());
+
+impl DeferredWakes {
+    pub fn begin() -> DeferredWakes {
+        DEFER_DEPTH.set(DEFER_DEPTH.get() + 1);
+        DeferredWakes(())
+    }
+}
+
+impl Drop for DeferredWakes {
+    fn drop(&mut self) {
+        let depth = DEFER_DEPTH.get() - 1;
+        DEFER_DEPTH.set(depth);
+        if depth == 0 {
+            // Waking schedules the task on the runtime and calls no code of ours: the borrow
+            // is not re-entered. The vector keeps its capacity for the next batch.
+            DEFERRED.with_borrow_mut(|wakers| wakers.drain(..).for_each(Waker::wake));
+        }
     }
 }
 

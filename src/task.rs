@@ -40,7 +40,7 @@ const SHUTDOWN_CLOSE_WAIT: Duration = Duration::from_millis(250);
 /// Rounds of work before the task yields to the other connections on its thread.
 const ROUNDS_PER_POLL: usize = 64;
 /// Messages read before they are handed to the host as one batch (one lock, one wake-up).
-const MAX_BATCH: usize = 256;
+const MAX_BATCH: usize = 1024;
 
 /// Everything a connection task needs.
 pub struct Launch {
@@ -197,7 +197,7 @@ struct Session<S> {
     ping_sent: Option<Instant>,
     timer: Pin<Box<Sleep>>,
     /// Events read but not yet handed to the host.
-    batch: Vec<Event>,
+    batch: VecDeque<Event>,
     /// Where small payloads are copied to.
     arena: PayloadArena,
 }
@@ -219,7 +219,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             last_heard: now,
             ping_sent: None,
             timer: Box::pin(tokio::time::sleep_until(first_check)),
-            batch: Vec::new(),
+            batch: VecDeque::new(),
             arena: PayloadArena::default(),
         }
     }
@@ -360,7 +360,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     bytes += text.len();
                     // Copied (with the NUL the C API promises) and so out of tungstenite's buffer.
                     let copy = self.arena.copy(&[text.as_bytes(), b"\0"]);
-                    self.batch.push(Event::Message(Payload::Text(copy)));
+                    self.batch.push_back(Event::Message(Payload::Text(copy)));
                 }
                 Message::Binary(data) => {
                     bytes += data.len();
@@ -369,7 +369,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // a new read buffer for every following frame. Copied out, the buffer is
                     // reused in place. Larger payloads have an allocation of their own: kept.
                     let data = if data.len() <= self.options.read_buffer_size { self.arena.copy(&[&data]) } else { data };
-                    self.batch.push(Event::Message(Payload::Binary(data)));
+                    self.batch.push_back(Event::Message(Payload::Binary(data)));
                 }
                 // tungstenite queued the pong (or the close reply): get it onto the wire.
                 Message::Ping(_) => self.needs_flush = true,
