@@ -43,30 +43,57 @@ impl Payload {
 
 /// Copies of small received payloads, packed into shared blocks: one allocation per block
 /// rather than one per message (the host frees them on its thread, so per-message allocations
-/// would also mean per-message cross-thread frees). A block lives until its last message has
-/// been dispatched; the writer lets go of it whenever the task goes idle.
+/// would also mean per-message cross-thread frees). Payloads are appended to the block as they
+/// are read; when the batch is handed over, the filled part of the block is frozen once and
+/// each message becomes a slice of it (one reference count each, no further bookkeeping). A
+/// block lives until its last message has been dispatched; the writer lets go of it whenever
+/// the task goes idle.
 #[derive(Default)]
 pub struct PayloadArena {
     block: BytesMut,
+    /// The payloads appended since the last hand-over: where each ends, and whether it is text.
+    pending: Vec<(usize, bool)>,
 }
 
 impl PayloadArena {
     const BLOCK: usize = 8 << 10;
 
-    /// A copy of `parts` (concatenated) as its own `Bytes`.
-    pub fn copy(&mut self, parts: &[&[u8]]) -> Bytes {
+    /// Appends a payload made of `parts` (concatenated); it becomes an event of `batch` at the
+    /// next `drain_into`, in order. A full block is drained into `batch` first.
+    pub fn push(&mut self, parts: &[&[u8]], text: bool, batch: &mut VecDeque<Event>) {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if self.block.capacity() - self.block.len() < len {
+            self.drain_into(batch);
             self.block = BytesMut::with_capacity(Self::BLOCK.max(len));
         }
         for part in parts {
             self.block.extend_from_slice(part);
         }
-        self.block.split().freeze()
+        self.pending.push((self.block.len(), text));
     }
 
-    /// Lets go of the current block (what was handed out stays valid).
+    /// Messages appended and not yet drained.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Turns the appended payloads into message events at the end of `batch`.
+    pub fn drain_into(&mut self, batch: &mut VecDeque<Event>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let filled = self.block.split().freeze();
+        let mut start = 0;
+        for (end, text) in self.pending.drain(..) {
+            let bytes = filled.slice(start..end);
+            start = end;
+            batch.push_back(Event::Message(if text { Payload::Text(bytes) } else { Payload::Binary(bytes) }));
+        }
+    }
+
+    /// Lets go of the current block (what was handed out stays valid). Nothing may be pending.
     pub fn release(&mut self) {
+        debug_assert!(self.pending.is_empty());
         self.block = BytesMut::new();
     }
 }

@@ -240,6 +240,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
         let outcome = self.poll_rounds(cx);
+        self.arena.drain_into(&mut self.batch);
         // What was read goes to the host before the task waits or ends (so messages always
         // precede the final event).
         if !self.batch.is_empty() {
@@ -275,6 +276,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Err(End::event(Event::close(code, &reason)));
         }
         // Hand over what was read (so that the gate counts it) and ask the gate, in one lock.
+        self.arena.drain_into(&mut self.batch);
         let gate = if self.batch.is_empty() {
             self.conn.gate(cx.waker())
         } else {
@@ -347,7 +349,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Reads messages into the batch, as many as the allowance permits and the socket has.
     fn read(&mut self, cx: &mut Context<'_>, allowance: Allowance) -> Result<bool, End> {
         let (mut messages, mut bytes) = (0, 0);
-        while messages < allowance.messages && bytes < allowance.bytes && self.batch.len() < MAX_BATCH {
+        while messages < allowance.messages && bytes < allowance.bytes && self.batch.len() + self.arena.pending() < MAX_BATCH {
             let message = match self.ws.poll_next_unpin(cx) {
                 Poll::Pending => break,
                 Poll::Ready(None) => return Err(self.stream_ended()),
@@ -359,8 +361,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Message::Text(text) => {
                     bytes += text.len();
                     // Copied (with the NUL the C API promises) and so out of tungstenite's buffer.
-                    let copy = self.arena.copy(&[text.as_bytes(), b"\0"]);
-                    self.batch.push_back(Event::Message(Payload::Text(copy)));
+                    self.arena.push(&[text.as_bytes(), b"\0"], true, &mut self.batch);
                 }
                 Message::Binary(data) => {
                     bytes += data.len();
@@ -368,8 +369,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // buffer: held until the host takes it, it would make tungstenite allocate
                     // a new read buffer for every following frame. Copied out, the buffer is
                     // reused in place. Larger payloads have an allocation of their own: kept.
-                    let data = if data.len() <= self.options.read_buffer_size { self.arena.copy(&[&data]) } else { data };
-                    self.batch.push_back(Event::Message(Payload::Binary(data)));
+                    if data.len() <= self.options.read_buffer_size {
+                        self.arena.push(&[&data], false, &mut self.batch);
+                    } else {
+                        // Appended messages go first: the order is the peer's.
+                        self.arena.drain_into(&mut self.batch);
+                        self.batch.push_back(Event::Message(Payload::Binary(data)));
+                    }
                 }
                 // tungstenite queued the pong (or the close reply): get it onto the wire.
                 Message::Ping(_) => self.needs_flush = true,
