@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Bytes, Message};
+use tokio_tungstenite::tungstenite::Bytes;
 use bytes::BytesMut;
 
 use crate::callbacks::{self, Callbacks, WsMessageKind};
@@ -20,9 +20,42 @@ use crate::handles::{self, WsConn};
 
 /// What the host asks the I/O task to do, in the order it asked.
 pub enum Command {
-    /// A message and its payload length (for the send-queue accounting).
-    Send(Message, usize),
+    /// A message whose payload is the next `len` bytes of the outbox's payloads.
+    Send { text: bool, len: usize },
     Close(CloseFrame),
+}
+
+/// Sends and the close request, in the order the host made them, for the I/O task. The
+/// payloads are copied back to back into one buffer: a send allocates nothing of its own, and
+/// the task takes everything queued, buffer included, in one step.
+#[derive(Default)]
+pub struct Outbox {
+    pub commands: VecDeque<Command>,
+    pub payloads: Vec<u8>,
+}
+
+impl Outbox {
+    /// The smallest payload buffer allocated, so that a run of small sends does not grow it
+    /// step by step.
+    const MIN_PAYLOADS: usize = 4 << 10;
+
+    fn push_send(&mut self, payload: &[u8], text: bool) {
+        if self.payloads.capacity() == 0 {
+            self.payloads.reserve(payload.len().max(Self::MIN_PAYLOADS));
+        }
+        self.payloads.extend_from_slice(payload);
+        self.commands.push_back(Command::Send { text, len: payload.len() });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+
+    /// Empties the outbox; returns the payload bytes of the sends it held.
+    fn discard(&mut self) -> usize {
+        self.payloads = Vec::new();
+        self.commands.drain(..).map(|c| if let Command::Send { len, .. } = c { len } else { 0 }).sum()
+    }
 }
 
 /// A received message, ready to be handed to the host.
@@ -156,9 +189,9 @@ struct State {
     /// wake-up from the host would be wasted (one more switch between threads).
     gate_closed: bool,
     protocol: Option<String>,
-    /// Sends and the close request, in the order the host made them, for the I/O task. A plain
-    /// queue under the connection's lock: nothing is allocated until something is sent.
-    outbox: VecDeque<Command>,
+    /// Sends and the close request for the I/O task: under the connection's lock, and nothing
+    /// is allocated until something is sent.
+    outbox: Outbox,
     /// The I/O task has ended: nothing queued now would ever be sent.
     task_ended: bool,
 }
@@ -228,7 +261,7 @@ impl Conn {
                 task_waker: None,
                 gate_closed: false,
                 protocol: None,
-                outbox: VecDeque::new(),
+                outbox: Outbox::default(),
                 task_ended: false,
             }),
             buffered: AtomicUsize::new(0),
@@ -253,8 +286,10 @@ impl Conn {
         result
     }
 
-    /// Queues a message; it goes out after the handshake, in order with the other sends.
-    pub fn send(&self, message: Message, len: usize) -> Result<(), Error> {
+    /// Queues a copy of `payload` (valid UTF-8 if `text`); it goes out after the handshake, in
+    /// order with the other sends.
+    pub fn send(&self, payload: &[u8], text: bool) -> Result<(), Error> {
+        let len = payload.len();
         let mut st = self.lock();
         if matches!(st.phase, Phase::Closing | Phase::Finished) {
             return Err(Error::new(WsStatus::Closing, "the connection is closing: nothing more can be sent"));
@@ -270,7 +305,7 @@ impl Conn {
             ));
         }
         self.buffered.fetch_add(len, Ordering::Relaxed);
-        let waker = push_command(&mut st, Command::Send(message, len));
+        let waker = wake_if_first(&mut st, |outbox| outbox.push_send(payload, text));
         drop(st);
         if let Some(w) = waker {
             dispatch::wake_task(w);
@@ -293,7 +328,7 @@ impl Conn {
             // The task no longer honours flow control once closing: it must read the peer's close.
             st.close_requested = true;
             // Woken either way: the task may be connecting, or holding reads for flow control.
-            push_command(&mut st, Command::Close(frame)).or_else(|| st.task_waker.take())
+            wake_if_first(&mut st, |outbox| outbox.commands.push_back(Command::Close(frame))).or_else(|| st.task_waker.take())
         };
         if let Some(w) = waker {
             dispatch::wake_task(w);
@@ -573,21 +608,18 @@ impl Conn {
         self.lock().protocol = protocol;
     }
 
-    /// Moves the queued commands into `into` (in order); one lock for all of them.
-    pub fn take_commands(&self, into: &mut VecDeque<Command>) {
-        let mut st = self.lock();
-        if into.is_empty() {
-            std::mem::swap(into, &mut st.outbox);
-        } else {
-            into.extend(st.outbox.drain(..));
-        }
+    /// Takes everything queued for the task into `into`, which must be empty (payload buffer
+    /// included); one lock for all of it.
+    pub fn take_commands(&self, into: &mut Outbox) {
+        debug_assert!(into.is_empty() && into.payloads.is_empty());
+        std::mem::swap(into, &mut self.lock().outbox);
     }
 
     /// The task is ending: later sends fail at once instead of waiting forever.
     pub fn task_ending(&self) {
         let mut st = self.lock();
         st.task_ended = true;
-        let unsent: usize = st.outbox.drain(..).map(|c| if let Command::Send(_, len) = c { len } else { 0 }).sum();
+        let unsent = st.outbox.discard();
         self.buffered.fetch_sub(unsent, Ordering::Relaxed);
     }
 
@@ -641,10 +673,10 @@ fn deliverable(st: &State) -> bool {
     !st.inbox.is_empty() && !st.awaiting_complete
 }
 
-/// Queues a command; returns the task's waker if the task may be waiting for one.
-fn push_command(st: &mut State, command: Command) -> Option<Waker> {
+/// Queues a command with `push`; returns the task's waker if the task may be waiting for one.
+fn wake_if_first(st: &mut State, push: impl FnOnce(&mut Outbox)) -> Option<Waker> {
     let was_empty = st.outbox.is_empty();
-    st.outbox.push_back(command);
+    push(&mut st.outbox);
     if was_empty {
         st.task_waker.take()
     } else {

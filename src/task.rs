@@ -23,10 +23,10 @@ use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::conn::{Allowance, Command, Conn, Control, Event, Gate, Payload, PayloadArena};
+use crate::conn::{Allowance, Command, Conn, Control, Event, Gate, Outbox, Payload, PayloadArena};
 use crate::error::{Error, WsStatus};
 use crate::handshake;
 use crate::options::Options;
@@ -183,8 +183,12 @@ impl End {
 struct Session<S> {
     conn: Arc<Conn>,
     ws: WebSocketStream<S>,
-    /// Commands taken from the connection's outbox, not yet handed to tungstenite.
-    commands: VecDeque<Command>,
+    /// Commands taken from the connection's outbox, not yet handed to tungstenite (its payload
+    /// buffer is moved to `payloads` when taken).
+    taken: Outbox,
+    /// The payloads of the taken sends, back to back, and where the next one starts.
+    payloads: Bytes,
+    next_payload: usize,
     options: Arc<Options>,
     /// Payload bytes handed to tungstenite and not yet flushed to the socket.
     unflushed: usize,
@@ -209,7 +213,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Session {
             conn,
             ws,
-            commands: VecDeque::new(),
+            taken: Outbox::default(),
+            payloads: Bytes::new(),
+            next_payload: 0,
             options,
             unflushed: 0,
             needs_flush: false,
@@ -304,17 +310,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Poll::Ready(Err(e)) => return Err(self.io_failure(e)),
                 Poll::Pending => return Ok(progress),
             }
-            if self.commands.is_empty() {
-                self.conn.take_commands(&mut self.commands);
+            if self.taken.is_empty() {
+                self.take_commands();
             }
-            let Some(command) = self.commands.pop_front() else { return Ok(progress) };
+            let Some(command) = self.taken.commands.pop_front() else { return Ok(progress) };
             progress = true;
             match command {
-                Command::Send(_, len) if self.close_sent || self.peer_close.is_some() => {
+                Command::Send { len, .. } if self.close_sent || self.peer_close.is_some() => {
                     // Sent after the close started: no longer allowed on the wire.
+                    self.next_payload += len;
                     self.conn.sent(len);
                 }
-                Command::Send(message, len) => {
+                Command::Send { text, len } => {
+                    let payload = self.payloads.slice(self.next_payload..self.next_payload + len);
+                    self.next_payload += len;
+                    let message = if text {
+                        // SAFETY: ws_send checked that the text is UTF-8 before queueing it.
+                        Message::Text(unsafe { Utf8Bytes::from_bytes_unchecked(payload) })
+                    } else {
+                        Message::Binary(payload)
+                    };
                     self.ws.start_send_unpin(message).map_err(|e| self.io_failure(e))?;
                     self.unflushed += len;
                     self.needs_flush = true;
@@ -329,6 +344,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
         }
+    }
+
+    /// Takes what the host queued; its payload buffer is frozen once and each message becomes
+    /// a slice of it (the buffer is freed once tungstenite has copied the last one out).
+    fn take_commands(&mut self) {
+        self.conn.take_commands(&mut self.taken);
+        self.payloads = Bytes::from(std::mem::take(&mut self.taken.payloads));
+        self.next_payload = 0;
     }
 
     fn flush(&mut self, cx: &mut Context<'_>) -> Result<(), End> {

@@ -6,7 +6,6 @@ use std::os::raw::c_char;
 
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
 
 use super::{byte_slice, c_str, live, null, write_out};
 use crate::callbacks::{UserPtr, WsCloseCallback, WsErrorCallback, WsMessageCallback, WsOpenCallback};
@@ -65,9 +64,9 @@ pub extern "C" fn ws_on_error(conn: WsConn, callback: WsErrorCallback, user: *mu
 pub unsafe extern "C" fn ws_send(conn: WsConn, text: *const c_char, len: usize) -> WsStatus {
     ffi_status!({
         let bytes = byte_slice(text.cast(), len, "text")?;
-        let text = Utf8Bytes::try_from(Bytes::copy_from_slice(bytes))
+        std::str::from_utf8(bytes)
             .map_err(|e| Error::new(WsStatus::InvalidUtf8, format!("text is not valid UTF-8 ({e})")))?;
-        live(conn)?.send(Message::Text(text), len)
+        live(conn)?.send(bytes, true)
     })
 }
 
@@ -77,7 +76,7 @@ pub unsafe extern "C" fn ws_send(conn: WsConn, text: *const c_char, len: usize) 
 pub unsafe extern "C" fn ws_send_binary(conn: WsConn, data: *const c_void, len: usize) -> WsStatus {
     ffi_status!({
         let bytes = byte_slice(data.cast(), len, "data")?;
-        live(conn)?.send(Message::Binary(Bytes::copy_from_slice(bytes)), len)
+        live(conn)?.send(bytes, false)
     })
 }
 
