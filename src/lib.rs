@@ -23,6 +23,7 @@ pub mod ffi;
 pub mod handles;
 pub mod handshake;
 pub mod options;
+pub mod reader;
 pub mod task;
 pub mod tls;
 pub mod uri;

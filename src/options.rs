@@ -14,7 +14,7 @@ pub(crate) const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;
-pub(crate) const DEFAULT_READ_BUFFER_SIZE: usize = 4 << 10;
+pub(crate) const DEFAULT_READ_BUFFER_SIZE: usize = 64 << 10;
 pub(crate) const DEFAULT_RECEIVE_QUEUE_LIMIT: usize = 1 << 20;
 pub(crate) const DEFAULT_SEND_QUEUE_LIMIT: usize = 64 << 20;
 

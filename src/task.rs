@@ -14,13 +14,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsConnector;
-use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
@@ -29,6 +28,7 @@ use tokio_tungstenite::WebSocketStream;
 use crate::conn::{Allowance, Command, Conn, Control, Event, Gate, Outbox, Payload, PayloadArena};
 use crate::error::{Error, WsStatus};
 use crate::handshake;
+use crate::reader::{FrameReader, Item, ReadError};
 use crate::options::Options;
 use crate::tls::{self, TlsConfigs};
 use crate::uri::Target;
@@ -98,11 +98,24 @@ async fn drive(launch: Launch) -> Option<Event> {
 /// stream type (a TLS stream alone is kilobytes).
 type SessionFuture = Pin<Box<dyn Future<Output = Option<Event>> + Send>>;
 
-fn session<S>(conn: &Arc<Conn>, ws: WebSocketStream<S>, options: &Arc<Options>) -> SessionFuture
+fn session<S>(conn: &Arc<Conn>, stream: S, leftover: Vec<u8>, options: &Arc<Options>) -> SessionFuture
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    Box::pin(Session::new(conn.clone(), ws, options.clone()).run())
+    let conn = conn.clone();
+    let options = options.clone();
+    Box::pin(async move {
+        // tungstenite frames what we send; received frames are read by `FrameReader`, so
+        // tungstenite's own read buffer is never used: none is allocated.
+        let config = WebSocketConfig::default()
+            .read_buffer_size(0)
+            .write_buffer_size(WRITE_BUFFER_SIZE)
+            .max_message_size(Some(options.max_message_size))
+            .max_frame_size(Some(options.max_message_size));
+        let ws = WebSocketStream::from_raw_socket(stream, Role::Client, Some(config)).await;
+        let reader = FrameReader::new(leftover, options.read_buffer_size, options.max_message_size);
+        Session::new(conn, ws, reader, options).run().await
+    })
 }
 
 async fn connect(
@@ -111,17 +124,11 @@ async fn connect(
     options: &Arc<Options>,
     tls: &TlsConfigs,
 ) -> Result<SessionFuture, Error> {
-    let config = WebSocketConfig::default()
-        .read_buffer_size(options.read_buffer_size)
-        .write_buffer_size(WRITE_BUFFER_SIZE)
-        .max_message_size(Some(options.max_message_size))
-        .max_frame_size(Some(options.max_message_size));
     let mut tcp = connect_tcp(&target.host, target.port).await?;
     if !target.tls {
         let upgraded = handshake::upgrade(&mut tcp, target, options).await?;
         conn.set_protocol(upgraded.protocol);
-        let ws = WebSocketStream::from_partially_read(tcp, upgraded.leftover, Role::Client, Some(config)).await;
-        return Ok(session(conn, ws, options));
+        return Ok(session(conn, tcp, upgraded.leftover, options));
     }
     let tls_config = tls.get(&options.extra_ca)?;
     let name = ServerName::try_from(target.host.clone())
@@ -132,8 +139,7 @@ async fn connect(
         .map_err(|e| Error::new(WsStatus::Tls, tls::describe_handshake_error(&e, &target.host)))?;
     let upgraded = handshake::upgrade(&mut stream, target, options).await?;
     conn.set_protocol(upgraded.protocol);
-    let ws = WebSocketStream::from_partially_read(stream, upgraded.leftover, Role::Client, Some(config)).await;
-    Ok(session(conn, ws, options))
+    Ok(session(conn, stream, upgraded.leftover, options))
 }
 
 async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, Error> {
@@ -182,7 +188,9 @@ impl End {
 
 struct Session<S> {
     conn: Arc<Conn>,
+    /// Writes (tungstenite frames them); reads go past it, through `reader`.
     ws: WebSocketStream<S>,
+    reader: FrameReader,
     /// Commands taken from the connection's outbox, not yet handed to tungstenite (its payload
     /// buffer is moved to `payloads` when taken).
     taken: Outbox,
@@ -207,12 +215,13 @@ struct Session<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    fn new(conn: Arc<Conn>, ws: WebSocketStream<S>, options: Arc<Options>) -> Self {
+    fn new(conn: Arc<Conn>, ws: WebSocketStream<S>, reader: FrameReader, options: Arc<Options>) -> Self {
         let now = Instant::now();
         let first_check = now + options.keepalive_interval.unwrap_or(Duration::from_secs(3600));
         Session {
             conn,
             ws,
+            reader,
             taken: Outbox::default(),
             payloads: Bytes::new(),
             next_payload: 0,
@@ -253,8 +262,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.conn.deliver_batch(&mut self.batch);
         }
         if outcome.is_pending() {
-            // Idle connections keep no block of their own.
+            // Idle connections keep no block and no read buffer of their own.
             self.arena.release();
+            self.reader.release_if_drained();
         }
         outcome
     }
@@ -371,54 +381,75 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Reads messages into the batch, as many as the allowance permits and the socket has.
     fn read(&mut self, cx: &mut Context<'_>, allowance: Allowance) -> Result<bool, End> {
-        let (mut messages, mut bytes) = (0, 0);
+        if self.peer_close.is_some() {
+            // Nothing may follow the peer's close frame.
+            return Ok(false);
+        }
+        let (mut messages, mut bytes, mut progress) = (0, 0, false);
         while messages < allowance.messages && bytes < allowance.bytes && self.batch.len() + self.arena.pending() < MAX_BATCH {
-            let message = match self.ws.poll_next_unpin(cx) {
-                Poll::Pending => break,
-                Poll::Ready(None) => return Err(self.stream_ended()),
-                Poll::Ready(Some(Err(e))) => return Err(self.read_failure(e)),
-                Poll::Ready(Some(Ok(message))) => message,
-            };
-            messages += 1;
-            match message {
-                Message::Text(text) => {
-                    bytes += text.len();
-                    // Copied (with the NUL the C API promises) and so out of tungstenite's buffer.
-                    self.arena.push(&[text.as_bytes(), b"\0"], true, &mut self.batch);
-                }
-                Message::Binary(data) => {
-                    bytes += data.len();
-                    // A payload no larger than the read buffer is a view into tungstenite's read
-                    // buffer: held until the host takes it, it would make tungstenite allocate
-                    // a new read buffer for every following frame. Copied out, the buffer is
-                    // reused in place. Larger payloads have an allocation of their own: kept.
-                    if data.len() <= self.options.read_buffer_size {
-                        self.arena.push(&[&data], false, &mut self.batch);
-                    } else {
-                        // Appended messages go first: the order is the peer's.
-                        self.arena.drain_into(&mut self.batch);
-                        self.batch.push_back(Event::Message(Payload::Binary(data)));
+            let item = match self.reader.next_item() {
+                Ok(Some(item)) => item,
+                Ok(None) => match self.reader.poll_read_from(self.ws.get_mut(), cx) {
+                    Poll::Ready(Ok(0)) => return Err(self.stream_ended()),
+                    Poll::Ready(Ok(_)) => {
+                        progress = true;
+                        continue;
                     }
+                    Poll::Ready(Err(e)) => return Err(self.io_failure(WsError::Io(e))),
+                    Poll::Pending => break,
+                },
+                Err(refused) => return Err(refusal(refused)),
+            };
+            progress = true;
+            match item {
+                Item::Message { text } => {
+                    messages += 1;
+                    let payload = self.reader.payload();
+                    bytes += payload.len();
+                    // Copied out of the read buffer (text with the NUL the C API promises).
+                    let parts: &[&[u8]] = if text { &[payload, b"\0"] } else { &[payload] };
+                    self.arena.push(parts, text, &mut self.batch);
                 }
-                // tungstenite queued the pong (or the close reply): get it onto the wire.
-                Message::Ping(_) => self.needs_flush = true,
-                Message::Close(frame) => {
-                    let (code, reason) = match frame {
-                        Some(f) => (u16::from(f.code), f.reason.as_str().to_owned()),
-                        None => (1005, String::new()),
+                Item::OwnedMessage { text, mut data } => {
+                    messages += 1;
+                    bytes += data.len();
+                    // Handed over as it is, after the messages appended before it.
+                    self.arena.drain_into(&mut self.batch);
+                    let payload = if text {
+                        data.push(0);
+                        Payload::Text(Bytes::from(data))
+                    } else {
+                        Payload::Binary(Bytes::from(data))
                     };
-                    self.peer_close = Some((code, reason));
+                    self.batch.push_back(Event::Message(payload));
+                }
+                Item::Ping if !self.close_sent => {
+                    let pong = Message::Pong(Bytes::copy_from_slice(self.reader.payload()));
+                    self.ws.start_send_unpin(pong).map_err(|e| self.io_failure(e))?;
+                    self.needs_flush = true;
+                }
+                Item::Ping | Item::Pong => {}
+                Item::Close(frame) => {
+                    if !self.close_sent {
+                        // The reply echoes the peer's code and reason (none if it sent none).
+                        let reply = frame.as_ref().map(|(code, reason)| CloseFrame {
+                            code: CloseCode::from(*code),
+                            reason: reason.as_str().into(),
+                        });
+                        self.ws.start_send_unpin(Message::Close(reply)).map_err(|e| self.io_failure(e))?;
+                        self.close_sent = true;
+                    }
+                    self.peer_close = Some(frame.unwrap_or((1005, String::new())));
                     self.needs_flush = true;
                     self.arm_close_deadline();
                     break;
                 }
-                Message::Pong(_) | Message::Frame(_) => {}
             }
         }
-        if messages > 0 {
+        if progress {
             self.heard();
         }
-        Ok(messages > 0)
+        Ok(progress)
     }
 
     /// Something arrived: the peer is alive.
@@ -499,34 +530,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    fn read_failure(&mut self, err: WsError) -> End {
-        match err {
-            WsError::Utf8(_) => End::failing(
-                WsStatus::Protocol,
-                "protocol error: invalid UTF-8 in a text message from the peer".into(),
-                CloseCode::Invalid,
-                "invalid UTF-8",
-            ),
-            WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => End::failing(
-                WsStatus::MessageTooBig,
-                format!("message too big: {size} bytes, the limit is {max_size}"),
-                CloseCode::Size,
-                "message too big",
-            ),
-            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => self.stream_ended(),
-            WsError::Protocol(p) => End::failing(
-                WsStatus::Protocol,
-                format!("protocol error: {p}"),
-                CloseCode::Protocol,
-                "protocol error",
-            ),
-            WsError::Capacity(c) => {
-                End::failing(WsStatus::Protocol, format!("protocol error: {c}"), CloseCode::Protocol, "protocol error")
-            }
-            other => self.io_failure(other),
-        }
-    }
-
     fn io_failure(&mut self, err: WsError) -> End {
         let message = match &err {
             WsError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "connection reset by the peer".into(),
@@ -539,6 +542,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return End::event(Event::close(code, &reason));
         }
         End::event(Event::Error(Error::new(WsStatus::ConnectionLost, message)))
+    }
+}
+
+/// How a session ends when the peer's bytes break the protocol.
+fn refusal(refused: ReadError) -> End {
+    match refused {
+        ReadError::InvalidUtf8 => End::failing(
+            WsStatus::Protocol,
+            "protocol error: invalid UTF-8 in a text message or close reason from the peer".into(),
+            CloseCode::Invalid,
+            "invalid UTF-8",
+        ),
+        ReadError::TooBig { size, max } => End::failing(
+            WsStatus::MessageTooBig,
+            format!("message too big: {size} bytes, the limit is {max}"),
+            CloseCode::Size,
+            "message too big",
+        ),
+        ReadError::Protocol(what) => {
+            End::failing(WsStatus::Protocol, format!("protocol error: {what}"), CloseCode::Protocol, "protocol error")
+        }
     }
 }
 

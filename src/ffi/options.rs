@@ -123,9 +123,10 @@ pub unsafe extern "C" fn ws_options_set_max_message_size(options: *mut WsOptions
     ffi_status!({ options_mut(options)?.set_max_message_size(bytes) })
 }
 
-/// Bytes read from the socket at a time, and the buffer each connection keeps for it (default
-/// 4 KiB, 256 B .. 16 MiB). 4 KiB keeps 2,000 idle connections near 10 KiB each; hosts that
-/// receive large messages read them with fewer system calls with 64 KiB (BENCHMARKS.md).
+/// Bytes read from the socket at a time (default 64 KiB, 256 B .. 16 MiB). The buffer exists
+/// only while received bytes wait to be parsed: an idle connection holds none. A frame of
+/// 16 KiB or more that has not fully arrived is read straight into an allocation of its own
+/// (which becomes the message), whatever this size.
 /// Any thread, also inside callbacks; one thread at a time per options object.
 #[no_mangle]
 pub unsafe extern "C" fn ws_options_set_read_buffer_size(options: *mut WsOptions, bytes: usize) -> WsStatus {

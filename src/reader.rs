@@ -1,0 +1,457 @@
+//! Frames from the peer: the receiving half of the WebSocket protocol (RFC 6455 section 5),
+//! read straight from the socket. (tungstenite frames what we send.)
+//!
+//! Why our own: tungstenite keeps a read buffer of fixed size for the life of a connection, so
+//! a connection had to choose between small reads (many system calls for large messages) and a
+//! large buffer held by every idle connection. Here the buffer exists only while bytes wait to be
+//! parsed: a connection reads up to `read_size` bytes at a time while data arrives and holds no
+//! buffer when idle. A frame larger than what is buffered is read straight into an allocation
+//! of its own, which becomes the message handed to the host (no copy). Parsing works on the
+//! buffer in place, without per-frame bookkeeping.
+
+use std::io;
+use std::ops::Range;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// A data frame at least this large that is not complete in the buffer is read into an
+/// allocation of its own (smaller ones wait in the buffer for the rest of their bytes).
+const OWN_ALLOCATION_FROM: usize = 16 << 10;
+/// Free space below which the buffer is compacted or grown before a read.
+const MIN_READ: usize = 1 << 10;
+
+/// What the peer sent, one complete item at a time.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Item {
+    /// A one-frame message whose payload is `FrameReader::payload()` until the next call.
+    Message { text: bool },
+    /// A message in an allocation of its own (a large frame, or reassembled fragments).
+    OwnedMessage { text: bool, data: Vec<u8> },
+    /// A ping whose payload is `FrameReader::payload()`.
+    Ping,
+    Pong,
+    /// The peer's close frame: its code and reason, if it had any.
+    Close(Option<(u16, String)>),
+}
+
+/// Why the peer's bytes were refused; each maps to a close code.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadError {
+    /// 1002.
+    Protocol(&'static str),
+    /// 1007.
+    InvalidUtf8,
+    /// 1009.
+    TooBig { size: u64, max: usize },
+}
+
+/// A data frame being read into its own allocation.
+struct LargeFrame {
+    opcode: u8,
+    fin: bool,
+    len: usize,
+    data: Vec<u8>,
+}
+
+/// A fragmented message being put together.
+struct Fragments {
+    text: bool,
+    data: Vec<u8>,
+}
+
+pub struct FrameReader {
+    /// Bytes read and not parsed yet start at `start`.
+    buf: Vec<u8>,
+    start: usize,
+    /// The payload of the last `Message` or `Ping` item, in `buf`.
+    last_payload: Range<usize>,
+    large: Option<LargeFrame>,
+    fragments: Option<Fragments>,
+    read_size: usize,
+    max_message: usize,
+}
+
+struct Header {
+    fin: bool,
+    opcode: u8,
+    header_len: usize,
+    len: u64,
+}
+
+const CONTINUATION: u8 = 0x0;
+const TEXT: u8 = 0x1;
+const BINARY: u8 = 0x2;
+const CLOSE: u8 = 0x8;
+const PING: u8 = 0x9;
+const PONG: u8 = 0xA;
+
+impl FrameReader {
+    /// `leftover`: bytes that arrived with the handshake response.
+    pub fn new(leftover: Vec<u8>, read_size: usize, max_message: usize) -> FrameReader {
+        FrameReader {
+            buf: leftover,
+            start: 0,
+            last_payload: 0..0,
+            large: None,
+            fragments: None,
+            read_size,
+            max_message,
+        }
+    }
+
+    /// The payload of the last `Item::Message` or `Item::Ping`.
+    pub fn payload(&self) -> &[u8] {
+        &self.buf[self.last_payload.clone()]
+    }
+
+    /// The next complete item, or None when more bytes must be read first (`poll_read_from`).
+    pub fn next_item(&mut self) -> Result<Option<Item>, ReadError> {
+        if let Some(large) = &self.large {
+            if large.data.len() < large.len {
+                return Ok(None);
+            }
+            let LargeFrame { opcode, fin, data, .. } = self.large.take().expect("checked above");
+            if let Some(item) = self.data_frame(opcode, fin, Payload::Owned(data))? {
+                return Ok(Some(item));
+            }
+        }
+        loop {
+            let available = &self.buf[self.start..];
+            let Some(header) = parse_header(available)? else { return Ok(None) };
+            self.check_frame(&header)?;
+            let len = header.len as usize;
+            let body = self.start + header.header_len;
+            if self.buf.len() - body < len {
+                if header.opcode < CLOSE && len >= OWN_ALLOCATION_FROM {
+                    self.start_large_frame(&header, body);
+                }
+                return Ok(None);
+            }
+            let payload = body..body + len;
+            self.start = payload.end;
+            let item = match header.opcode {
+                PING => {
+                    self.last_payload = payload;
+                    Some(Item::Ping)
+                }
+                PONG => Some(Item::Pong),
+                CLOSE => Some(parse_close(&self.buf[payload])?),
+                opcode => self.data_frame(opcode, header.fin, Payload::InBuffer(payload))?,
+            };
+            if item.is_some() {
+                return Ok(item);
+            }
+        }
+    }
+
+    /// Reads more bytes from `stream`: into the large frame being read, else into the buffer.
+    /// Ready(Ok(0)) is the end of the stream.
+    pub fn poll_read_from<S: AsyncRead + Unpin>(
+        &mut self,
+        stream: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        if let Some(large) = &mut self.large {
+            let missing = large.len - large.data.len();
+            return poll_read_into(stream, cx, &mut large.data, missing);
+        }
+        self.make_room();
+        let room = self.buf.capacity() - self.buf.len();
+        poll_read_into(stream, cx, &mut self.buf, room)
+    }
+
+    /// Lets go of the buffer if nothing in it waits to be parsed (an idle connection holds none).
+    pub fn release_if_drained(&mut self) {
+        if self.start == self.buf.len() && self.large.is_none() {
+            self.buf = Vec::new();
+            self.start = 0;
+            self.last_payload = 0..0;
+        }
+    }
+
+    /// Moves unparsed bytes to the front, and makes sure a read of a useful size fits.
+    fn make_room(&mut self) {
+        if self.start > 0 {
+            self.buf.copy_within(self.start.., 0);
+            self.buf.truncate(self.buf.len() - self.start);
+            self.last_payload = 0..0;
+            self.start = 0;
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        if room < MIN_READ || self.buf.capacity() < self.read_size {
+            // Exact: a buffer of `read_size` (more only while a frame larger than that waits
+            // for its last bytes, and such frames below OWN_ALLOCATION_FROM are small).
+            self.buf.reserve_exact(self.read_size.max(self.buf.len() + MIN_READ) - self.buf.len());
+        }
+    }
+
+    fn check_frame(&self, header: &Header) -> Result<(), ReadError> {
+        match header.opcode {
+            CLOSE | PING | PONG => {
+                if !header.fin {
+                    return Err(ReadError::Protocol("fragmented control frame"));
+                }
+                if header.len > 125 {
+                    return Err(ReadError::Protocol("control frame longer than 125 bytes"));
+                }
+            }
+            CONTINUATION | TEXT | BINARY => {
+                let so_far = self.fragments.as_ref().map_or(0, |f| f.data.len()) as u64;
+                if header.len.saturating_add(so_far) > self.max_message as u64 {
+                    return Err(ReadError::TooBig { size: header.len.saturating_add(so_far), max: self.max_message });
+                }
+                match (header.opcode, self.fragments.is_some()) {
+                    (CONTINUATION, false) => return Err(ReadError::Protocol("continuation frame without a message to continue")),
+                    (TEXT | BINARY, true) => return Err(ReadError::Protocol("new data frame before the fragmented message ended")),
+                    _ => {}
+                }
+            }
+            _ => return Err(ReadError::Protocol("reserved opcode")),
+        }
+        Ok(())
+    }
+
+    /// Starts reading a large data frame into an allocation of its own (the text NUL included).
+    fn start_large_frame(&mut self, header: &Header, body: usize) {
+        let len = header.len as usize;
+        let mut data = Vec::with_capacity(len + 1);
+        data.extend_from_slice(&self.buf[body..]);
+        self.buf.truncate(self.start);
+        self.large = Some(LargeFrame { opcode: header.opcode, fin: header.fin, len, data });
+    }
+
+    /// A complete data frame: a message, or a fragment of one (None).
+    fn data_frame(&mut self, opcode: u8, fin: bool, payload: Payload) -> Result<Option<Item>, ReadError> {
+        let text = match opcode {
+            CONTINUATION => self.fragments.as_ref().is_some_and(|f| f.text),
+            opcode => opcode == TEXT,
+        };
+        if opcode != CONTINUATION && fin {
+            // A whole message in one frame: the usual case.
+            return match payload {
+                Payload::InBuffer(range) => {
+                    if text && std::str::from_utf8(&self.buf[range.clone()]).is_err() {
+                        return Err(ReadError::InvalidUtf8);
+                    }
+                    self.last_payload = range;
+                    Ok(Some(Item::Message { text }))
+                }
+                Payload::Owned(data) => finish_owned(text, data).map(Some),
+            };
+        }
+        let fragments = self.fragments.get_or_insert_with(|| Fragments { text, data: Vec::new() });
+        match payload {
+            Payload::InBuffer(range) => fragments.data.extend_from_slice(&self.buf[range]),
+            Payload::Owned(data) if fragments.data.is_empty() => fragments.data = data,
+            Payload::Owned(data) => fragments.data.extend_from_slice(&data),
+        }
+        if !fin {
+            return Ok(None);
+        }
+        let Fragments { text, data } = self.fragments.take().expect("inserted above");
+        finish_owned(text, data).map(Some)
+    }
+}
+
+enum Payload {
+    InBuffer(Range<usize>),
+    Owned(Vec<u8>),
+}
+
+fn finish_owned(text: bool, data: Vec<u8>) -> Result<Item, ReadError> {
+    if text && std::str::from_utf8(&data).is_err() {
+        return Err(ReadError::InvalidUtf8);
+    }
+    Ok(Item::OwnedMessage { text, data })
+}
+
+/// The frame header at the start of `bytes`, or None if it has not fully arrived.
+fn parse_header(bytes: &[u8]) -> Result<Option<Header>, ReadError> {
+    let [first, second, ..] = *bytes else { return Ok(None) };
+    if first & 0x70 != 0 {
+        // No extension was negotiated, so no reserved bit may be set.
+        return Err(ReadError::Protocol("reserved bits set in a frame header"));
+    }
+    if second & 0x80 != 0 {
+        return Err(ReadError::Protocol("masked frame from the server"));
+    }
+    let (len, header_len) = match second & 0x7F {
+        126 => match bytes.get(2..4) {
+            Some(b) => (u16::from_be_bytes([b[0], b[1]]) as u64, 4),
+            None => return Ok(None),
+        },
+        127 => match bytes.get(2..10) {
+            Some(b) => (u64::from_be_bytes(b.try_into().expect("8 bytes")), 10),
+            None => return Ok(None),
+        },
+        short => (short as u64, 2),
+    };
+    if len >> 63 != 0 {
+        return Err(ReadError::Protocol("frame length with the most significant bit set"));
+    }
+    Ok(Some(Header { fin: first & 0x80 != 0, opcode: first & 0x0F, header_len, len }))
+}
+
+fn parse_close(payload: &[u8]) -> Result<Item, ReadError> {
+    let (code, reason) = match payload {
+        [] => return Ok(Item::Close(None)),
+        [_] => return Err(ReadError::Protocol("close frame with a one-byte payload")),
+        [high, low, reason @ ..] => (u16::from_be_bytes([*high, *low]), reason),
+    };
+    // The codes an endpoint may send (RFC 6455 7.4, and the IANA registry's 1012-1014).
+    if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
+        return Err(ReadError::Protocol("invalid close code"));
+    }
+    let reason = std::str::from_utf8(reason).map_err(|_| ReadError::InvalidUtf8)?;
+    Ok(Item::Close(Some((code, reason.to_owned()))))
+}
+
+/// Reads at most `max` bytes from `stream` into the spare capacity of `buf` (which has it).
+fn poll_read_into<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Poll<io::Result<usize>> {
+    let len = buf.len();
+    let spare = &mut buf.spare_capacity_mut()[..max];
+    let mut read_buf = ReadBuf::uninit(spare);
+    match Pin::new(stream).poll_read(cx, &mut read_buf) {
+        Poll::Ready(Ok(())) => {
+            let n = read_buf.filled().len();
+            // SAFETY: the stream initialised the first `n` bytes of the spare capacity.
+            unsafe { buf.set_len(len + n) };
+            Poll::Ready(Ok(n))
+        }
+        other => other.map_ok(|()| 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![first];
+        match payload.len() {
+            n if n < 126 => out.push(n as u8),
+            n if n < 65536 => {
+                out.push(126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// Feeds `bytes` to a reader `step` bytes at a time and collects what it produces.
+    fn read_all(bytes: &[u8], step: usize) -> Result<Vec<(Item, Vec<u8>)>, ReadError> {
+        let mut reader = FrameReader::new(Vec::new(), 4096, 1 << 20);
+        let mut items = Vec::new();
+        let mut stream = bytes.chunks(step).map(|c| c.to_vec()).collect::<std::collections::VecDeque<_>>();
+        loop {
+            while let Some(item) = reader.next_item()? {
+                let payload = match &item {
+                    Item::Message { .. } | Item::Ping => reader.payload().to_vec(),
+                    _ => Vec::new(),
+                };
+                items.push((item, payload));
+            }
+            let Some(chunk) = stream.pop_front() else { return Ok(items) };
+            let mut source: &[u8] = &chunk;
+            let waker = std::task::Waker::noop();
+            let mut cx = Context::from_waker(waker);
+            while !source.is_empty() {
+                match reader.poll_read_from(&mut source, &mut cx) {
+                    Poll::Ready(Ok(_)) => {}
+                    other => panic!("a slice reads at once: {other:?}"),
+                }
+                while let Some(item) = reader.next_item()? {
+                    let payload = match &item {
+                        Item::Message { .. } | Item::Ping => reader.payload().to_vec(),
+                        _ => Vec::new(),
+                    };
+                    items.push((item, payload));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn messages_come_out_whole_however_the_bytes_are_cut() {
+        let big: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let mut wire = frame(0x81, "héllo".as_bytes());
+        wire.extend(frame(0x82, &[1, 2, 3]));
+        wire.extend(frame(0x02, b"frag")); // binary, not final
+        wire.extend(frame(0x89, b"ping between fragments"));
+        wire.extend(frame(0x80, b"mented")); // final continuation
+        wire.extend(frame(0x82, &big)); // 64-bit length, read into its own allocation
+        wire.extend(frame(0x82, &big[..300])); // 16-bit length
+        wire.extend(frame(0x88, &[0x03, 0xE8, b'b', b'y', b'e']));
+        for step in [1, 2, 3, 7, 100, 4096, wire.len()] {
+            let items = read_all(&wire, step).unwrap();
+            let expected = vec![
+                (Item::Message { text: true }, "héllo".as_bytes().to_vec()),
+                (Item::Message { text: false }, vec![1, 2, 3]),
+                (Item::Ping, b"ping between fragments".to_vec()),
+                (Item::OwnedMessage { text: false, data: b"fragmented".to_vec() }, vec![]),
+                (Item::OwnedMessage { text: false, data: big.clone() }, vec![]),
+                (Item::Message { text: false }, big[..300].to_vec()),
+                (Item::Close(Some((1000, "bye".into()))), vec![]),
+            ];
+            assert!(items == expected, "cut every {step} bytes: {:?}", items.iter().map(|i| &i.0).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn protocol_violations_are_refused() {
+        let cases: Vec<(Vec<u8>, ReadError)> = vec![
+            (frame(0x83, b"x"), ReadError::Protocol("reserved opcode")),
+            (frame(0xC1, b"x"), ReadError::Protocol("reserved bits set in a frame header")),
+            (vec![0x81, 0x81, 1, 2, 3, 4, b'x'], ReadError::Protocol("masked frame from the server")),
+            (frame(0x09, b"x"), ReadError::Protocol("fragmented control frame")),
+            (frame(0x89, &[0; 126]), ReadError::Protocol("control frame longer than 125 bytes")),
+            (frame(0x80, b"x"), ReadError::Protocol("continuation frame without a message to continue")),
+            ([frame(0x01, b"a"), frame(0x81, b"b")].concat(), ReadError::Protocol("new data frame before the fragmented message ended")),
+            (frame(0x88, &[3]), ReadError::Protocol("close frame with a one-byte payload")),
+            (frame(0x88, &[0x03, 0xED]), ReadError::Protocol("invalid close code")),
+            (frame(0x88, &[0x03, 0xE8, 0xFF]), ReadError::InvalidUtf8),
+            (frame(0x81, &[b'a', 0xC3]), ReadError::InvalidUtf8),
+            ([frame(0x01, &[0xE2, 0x82]), frame(0x80, &[0x28])].concat(), ReadError::InvalidUtf8),
+            (vec![0x82, 127, 0x80, 0, 0, 0, 0, 0, 0, 0], ReadError::Protocol("frame length with the most significant bit set")),
+            (vec![0x82, 127, 0, 0, 0, 0, 0x10, 0, 0, 0], ReadError::TooBig { size: 1 << 28, max: 1 << 20 }),
+            ([frame(0x02, &[0; 700_000]), frame(0x80, &[0; 400_000])].concat(), ReadError::TooBig { size: 1_100_000, max: 1 << 20 }),
+        ];
+        for (wire, expected) in cases {
+            assert_eq!(read_all(&wire, wire.len()).unwrap_err(), expected, "{:02x?}", &wire[..wire.len().min(12)]);
+        }
+    }
+
+    #[test]
+    fn text_split_inside_a_character_across_fragments_is_valid() {
+        let euro = "€".as_bytes();
+        let wire = [frame(0x01, &euro[..1]), frame(0x80, &euro[1..])].concat();
+        let items = read_all(&wire, 1).unwrap();
+        assert_eq!(items, vec![(Item::OwnedMessage { text: true, data: euro.to_vec() }, vec![])]);
+    }
+
+    #[test]
+    fn an_idle_reader_holds_no_buffer() {
+        let mut reader = FrameReader::new(frame(0x82, b"abc"), 65536, 1 << 20);
+        assert_eq!(reader.next_item().unwrap(), Some(Item::Message { text: false }));
+        assert_eq!(reader.next_item().unwrap(), None);
+        reader.release_if_drained();
+        assert_eq!(reader.buf.capacity(), 0);
+        // Half a frame is kept.
+        let mut reader = FrameReader::new(frame(0x82, b"abc")[..3].to_vec(), 65536, 1 << 20);
+        assert_eq!(reader.next_item().unwrap(), None);
+        reader.release_if_drained();
+        assert_eq!(reader.buf.len(), 3);
+    }
+}
