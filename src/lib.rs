@@ -9,7 +9,8 @@
 //! - `client`: the client context (runtime, connect, free);
 //! - `conn`: one connection's shared state: callbacks, inbox, flow control;
 //! - `dispatch`: the ready list, the wake-up descriptor and dispatch on the host's thread;
-//! - `task`: the I/O task of one connection;
+//! - `task`: the I/O task of one connection (tungstenite frames what it sends);
+//! - `reader`: the frames the peer sends, parsed straight from the socket;
 //! - `handles`: the table behind `ws_conn` handles;
 //! - `handshake`: the HTTP upgrade;
 //! - `options`, `uri`, `tls`, `error`, `callbacks`: what their names say.
