@@ -37,7 +37,7 @@ pub struct Outbox {
 impl Outbox {
     /// The smallest payload buffer allocated, so that a run of small sends does not grow it
     /// step by step.
-    const MIN_PAYLOADS: usize = 4 << 10;
+    const MIN_PAYLOADS: usize = 512;
 
     fn push_send(&mut self, payload: &[u8], text: bool) {
         if self.payloads.capacity() == 0 {
@@ -81,15 +81,23 @@ impl Payload {
 /// each message becomes a slice of it (one reference count each, no further bookkeeping). A
 /// block lives until its last message has been dispatched; the writer lets go of it whenever
 /// the task goes idle.
-#[derive(Default)]
 pub struct PayloadArena {
     block: BytesMut,
     /// The payloads appended since the last hand-over: where each ends, and whether it is text.
     pending: Vec<(usize, bool)>,
+    /// The block was let go of since the last message (or none was ever allocated).
+    idle: bool,
+}
+
+impl Default for PayloadArena {
+    fn default() -> PayloadArena {
+        PayloadArena { block: BytesMut::new(), pending: Vec::new(), idle: true }
+    }
 }
 
 impl PayloadArena {
     const BLOCK: usize = 8 << 10;
+    const FIRST_BLOCK: usize = 512;
 
     /// Appends a payload made of `parts` (concatenated); it becomes an event of `batch` at the
     /// next `drain_into`, in order. A full block is drained into `batch` first.
@@ -97,7 +105,11 @@ impl PayloadArena {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if self.block.capacity() - self.block.len() < len {
             self.drain_into(batch);
-            self.block = BytesMut::with_capacity(Self::BLOCK.max(len));
+            // The first block after an idle spell is small: a connection that receives one
+            // message at a time would otherwise allocate a whole block for each.
+            let size = if self.idle { Self::FIRST_BLOCK } else { Self::BLOCK };
+            self.idle = false;
+            self.block = BytesMut::with_capacity(size.max(len));
         }
         for part in parts {
             self.block.extend_from_slice(part);
@@ -128,6 +140,7 @@ impl PayloadArena {
     pub fn release(&mut self) {
         debug_assert!(self.pending.is_empty());
         self.block = BytesMut::new();
+        self.idle = true;
     }
 }
 

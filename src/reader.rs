@@ -14,6 +14,8 @@ use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::cell::Cell;
+
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// A data frame at least this large that is not complete in the buffer is read into an
@@ -21,6 +23,13 @@ use tokio::io::{AsyncRead, ReadBuf};
 const OWN_ALLOCATION_FROM: usize = 16 << 10;
 /// Free space below which the buffer is compacted or grown before a read.
 const MIN_READ: usize = 1 << 10;
+
+thread_local! {
+    /// A read buffer no connection holds, for the next one that receives on this thread: a
+    /// connection that goes idle after every message (request and response) would otherwise
+    /// allocate and free a buffer for each.
+    static SPARE_BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
 
 /// What the peer sent, one complete item at a time.
 #[derive(Debug, PartialEq, Eq)]
@@ -164,8 +173,12 @@ impl FrameReader {
 
     /// Lets go of the buffer if nothing in it waits to be parsed (an idle connection holds none).
     pub fn release_if_drained(&mut self) {
-        if self.start == self.buf.len() && self.large.is_none() {
-            self.buf = Vec::new();
+        if self.start == self.buf.len() && self.large.is_none() && self.buf.capacity() > 0 {
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.clear();
+            // Kept as the thread's spare if it has none (the one it had is freed otherwise).
+            let spare = SPARE_BUFFER.take();
+            SPARE_BUFFER.set(if spare.capacity() >= buf.capacity() { spare } else { buf });
             self.start = 0;
             self.last_payload = 0..0;
         }
@@ -178,6 +191,14 @@ impl FrameReader {
             self.buf.truncate(self.buf.len() - self.start);
             self.last_payload = 0..0;
             self.start = 0;
+        }
+        if self.buf.capacity() == 0 {
+            let spare = SPARE_BUFFER.take();
+            if spare.capacity() >= self.read_size {
+                self.buf = spare;
+            } else {
+                SPARE_BUFFER.set(spare);
+            }
         }
         let room = self.buf.capacity() - self.buf.len();
         if room < MIN_READ || self.buf.capacity() < self.read_size {
