@@ -202,6 +202,8 @@ struct Session<S> {
     unflushed: usize,
     needs_flush: bool,
     close_sent: bool,
+    /// The payload of a ping to answer.
+    pong: Option<Bytes>,
     /// The peer's close frame (code, reason), once it arrived.
     peer_close: Option<(u16, String)>,
     close_deadline: Option<Instant>,
@@ -229,6 +231,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             unflushed: 0,
             needs_flush: false,
             close_sent: false,
+            pong: None,
             peer_close: None,
             close_deadline: None,
             last_heard: now,
@@ -319,6 +322,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Err(self.io_failure(e)),
                 Poll::Pending => return Ok(progress),
+            }
+            if let Some(payload) = self.pong.take() {
+                if !self.close_sent {
+                    self.ws.start_send_unpin(Message::Pong(payload)).map_err(|e| self.io_failure(e))?;
+                    self.needs_flush = true;
+                    progress = true;
+                }
+                continue;
             }
             if self.taken.is_empty() {
                 self.take_commands();
@@ -423,14 +434,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     };
                     self.batch.push_back(Event::Message(payload));
                 }
-                Item::Ping if !self.close_sent => {
-                    let pong = Message::Pong(Bytes::copy_from_slice(self.reader.payload()));
-                    self.ws.start_send_unpin(pong).map_err(|e| self.io_failure(e))?;
-                    self.needs_flush = true;
+                Item::Ping => {
+                    // Answered by the next write round; pings that arrive before it can be
+                    // written are answered once, for the latest (RFC 6455 5.5.3): a peer that
+                    // pings without reading cannot make the answers pile up.
+                    self.pong = Some(Bytes::copy_from_slice(self.reader.payload()));
                 }
-                Item::Ping | Item::Pong => {}
+                Item::Pong => {}
                 Item::Close(frame) => {
                     if !self.close_sent {
+                        if let Some(payload) = self.pong.take() {
+                            // The answer to a ping that came before the close goes first.
+                            self.ws.start_send_unpin(Message::Pong(payload)).map_err(|e| self.io_failure(e))?;
+                        }
                         // The reply echoes the peer's code and reason (none if it sent none).
                         let reply = frame.as_ref().map(|(code, reason)| CloseFrame {
                             code: CloseCode::from(*code),

@@ -252,3 +252,41 @@ fn a_handshake_sent_one_byte_at_a_time_works() {
     assert_eq!(rec.of(conn), vec![Ev::Open(conn), Ev::Text(conn, b"slowly".to_vec()), Ev::Close(conn, 4000, String::new())]);
     assert_eq!(server.join().unwrap(), Some(4000), "the close reply carries the server's code");
 }
+
+#[test]
+fn a_peer_that_pings_without_reading_cannot_make_the_answers_pile_up() {
+    // 300,000 pings (38 MB) sent without reading: more pongs than the kernel's socket buffers
+    // hold (a few MB on loopback), so the client's writes block. While they do, it answers
+    // only the latest ping (RFC 6455 5.5.3) instead of queueing an answer per ping.
+    const PINGS: u32 = 300_000;
+    let (url, server) = raw_server(|mut s| {
+        upgrade(&mut s, Upgrade::Good);
+        let mut wire = Vec::with_capacity(PINGS as usize * 127 + 4);
+        for i in 0..PINGS {
+            let mut payload = [0u8; 125];
+            payload[..4].copy_from_slice(&i.to_be_bytes());
+            wire.extend_from_slice(&[0x89, 125]);
+            wire.extend_from_slice(&payload);
+        }
+        wire.extend_from_slice(&[0x88, 2, 0x03, 0xe8]);
+        s.write_all(&wire).unwrap();
+        let (mut pongs, mut latest) = (0u32, None);
+        while let Some((opcode, payload)) = read_frame(&mut s) {
+            match opcode {
+                0xA => {
+                    pongs += 1;
+                    latest = Some(u32::from_be_bytes(payload[..4].try_into().unwrap()));
+                }
+                0x8 => break,
+                _ => {}
+            }
+        }
+        (pongs, latest)
+    });
+    let events = run(&url);
+    let conn = events[0].conn();
+    assert_eq!(events, vec![Ev::Open(conn), Ev::Close(conn, 1000, String::new())]);
+    let (pongs, latest) = server.join().unwrap();
+    assert!(pongs > 0 && pongs < PINGS, "{pongs} pongs for {PINGS} pings");
+    assert_eq!(latest, Some(PINGS - 1), "the last ping before the close is answered");
+}
