@@ -462,6 +462,69 @@ mod tests {
         assert_eq!(items, vec![(Item::OwnedMessage { text: true, data: euro.to_vec() }, vec![])]);
     }
 
+    /// A small deterministic generator (xorshift64*), so that a failure can be replayed.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    #[test]
+    fn random_valid_streams_read_the_same_however_they_are_cut() {
+        let mut rng = Rng(0x5EED_0001);
+        for round in 0..300 {
+            let mut wire = Vec::new();
+            for _ in 0..rng.below(12) + 1 {
+                let len = match rng.below(4) {
+                    0 => rng.below(126),
+                    1 => 126 + rng.below(2000),
+                    2 => rng.below(40_000),
+                    _ => 0,
+                } as usize;
+                let payload: Vec<u8> = (0..len).map(|_| rng.below(256) as u8).collect();
+                match rng.below(4) {
+                    0 => wire.extend(frame(0x82, &payload)),
+                    1 => wire.extend(frame(0x89, &payload[..len.min(125)])),
+                    2 => wire.extend(frame(0x81, "x€y".repeat(len / 5 + 1).as_bytes())),
+                    _ => {
+                        let cut = len / 2;
+                        wire.extend(frame(0x02, &payload[..cut]));
+                        wire.extend(frame(0x8A, b"pong"));
+                        wire.extend(frame(0x80, &payload[cut..]));
+                    }
+                }
+            }
+            let whole = read_all(&wire, wire.len()).unwrap();
+            for _ in 0..3 {
+                let step = rng.below(3000) as usize + 1;
+                assert!(read_all(&wire, step).unwrap() == whole, "round {round}, cut every {step} bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = Rng(0x5EED_0002);
+        for _ in 0..3000 {
+            let len = rng.below(300) as usize;
+            let mut wire: Vec<u8> = (0..len).map(|_| rng.below(256) as u8).collect();
+            if let Some(first) = wire.first_mut() {
+                // Mostly plausible first bytes, so that parsing gets past the first check.
+                *first &= if rng.below(2) == 0 { 0x8F } else { 0xFF };
+            }
+            let step = rng.below(20) as usize + 1;
+            // Either items or a refusal: any outcome but a panic is fine.
+            let _ = read_all(&wire, step);
+        }
+    }
+
     #[test]
     fn an_idle_reader_holds_no_buffer() {
         let mut reader = FrameReader::new(frame(0x82, b"abc"), 65536, 1 << 20);
