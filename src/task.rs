@@ -4,7 +4,8 @@
 //!
 //! The session is one hand-written poll loop rather than `select!` over futures: nothing is
 //! cancelled half-way, reading and writing never block each other, and one task (no split
-//! stream, no second task) serves a connection, which keeps idle connections small.
+//! stream, no second task) serves a connection, which keeps idle connections small. It writes
+//! through tungstenite (which frames and masks) and reads through `reader::FrameReader`.
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -107,11 +108,7 @@ where
     Box::pin(async move {
         // tungstenite frames what we send; received frames are read by `FrameReader`, so
         // tungstenite's own read buffer is never used: none is allocated.
-        let config = WebSocketConfig::default()
-            .read_buffer_size(0)
-            .write_buffer_size(WRITE_BUFFER_SIZE)
-            .max_message_size(Some(options.max_message_size))
-            .max_frame_size(Some(options.max_message_size));
+        let config = WebSocketConfig::default().read_buffer_size(0).write_buffer_size(WRITE_BUFFER_SIZE);
         let ws = WebSocketStream::from_raw_socket(stream, Role::Client, Some(config)).await;
         let reader = FrameReader::new(leftover, options.read_buffer_size, options.max_message_size);
         Session::new(conn, ws, reader, options).run().await
@@ -535,7 +532,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(pinged)
     }
 
-    /// The stream ended cleanly from tungstenite's point of view.
+    /// The peer's side of the stream ended (the socket reached its end).
     fn stream_ended(&mut self) -> End {
         match self.peer_close.take() {
             Some((code, reason)) => End::event(Event::close(code, &reason)),
