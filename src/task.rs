@@ -320,12 +320,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Poll::Ready(Err(e)) => return Err(self.io_failure(e)),
                 Poll::Pending => return Ok(progress),
             }
-            if let Some(payload) = self.pong.take() {
-                if !self.close_sent {
-                    self.ws.start_send_unpin(Message::Pong(payload)).map_err(|e| self.io_failure(e))?;
-                    self.needs_flush = true;
-                    progress = true;
-                }
+            if self.queue_pong()? {
+                progress = true;
                 continue;
             }
             if self.taken.is_empty() {
@@ -348,20 +344,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     } else {
                         Message::Binary(payload)
                     };
-                    self.ws.start_send_unpin(message).map_err(|e| self.io_failure(e))?;
+                    self.queue(message)?;
                     self.unflushed += len;
-                    self.needs_flush = true;
                 }
                 Command::Close(frame) => {
                     if !self.close_sent && self.peer_close.is_none() {
-                        self.ws.start_send_unpin(Message::Close(Some(frame))).map_err(|e| self.io_failure(e))?;
+                        self.queue(Message::Close(Some(frame)))?;
                         self.close_sent = true;
-                        self.needs_flush = true;
                         self.arm_close_deadline();
                     }
                 }
             }
         }
+    }
+
+    /// Hands a message to tungstenite, which buffers it until the next flush.
+    fn queue(&mut self, message: Message) -> Result<(), End> {
+        self.ws.start_send_unpin(message).map_err(|e| self.io_failure(e))?;
+        self.needs_flush = true;
+        Ok(())
+    }
+
+    /// Queues the answer to the latest ping, if one is due; returns whether one was (once our
+    /// close frame is out, nothing may follow it: the answer is dropped).
+    fn queue_pong(&mut self) -> Result<bool, End> {
+        let Some(payload) = self.pong.take() else { return Ok(false) };
+        if !self.close_sent {
+            self.queue(Message::Pong(payload))?;
+        }
+        Ok(true)
     }
 
     /// Takes what the host queued; its payload buffer is frozen once and each message becomes
@@ -440,16 +451,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Item::Pong => {}
                 Item::Close(frame) => {
                     if !self.close_sent {
-                        if let Some(payload) = self.pong.take() {
-                            // The answer to a ping that came before the close goes first.
-                            self.ws.start_send_unpin(Message::Pong(payload)).map_err(|e| self.io_failure(e))?;
-                        }
+                        // The answer to a ping that came before the close goes first.
+                        self.queue_pong()?;
                         // The reply echoes the peer's code and reason (none if it sent none).
                         let reply = frame.as_ref().map(|(code, reason)| CloseFrame {
                             code: CloseCode::from(*code),
                             reason: reason.as_str().into(),
                         });
-                        self.ws.start_send_unpin(Message::Close(reply)).map_err(|e| self.io_failure(e))?;
+                        self.queue(Message::Close(reply))?;
                         self.close_sent = true;
                     }
                     self.peer_close = Some(frame.unwrap_or((1005, String::new())));
@@ -517,8 +526,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Some(sent) => next = next.min(sent + timeout),
                 None if now >= self.last_heard + interval => {
-                    self.ws.start_send_unpin(Message::Ping(Bytes::new())).map_err(|e| self.io_failure(e))?;
-                    self.needs_flush = true;
+                    self.queue(Message::Ping(Bytes::new()))?;
                     self.ping_sent = Some(now);
                     pinged = true;
                     next = next.min(now + timeout);
