@@ -13,7 +13,8 @@
 //! - `reader`: the frames the peer sends, parsed straight from the socket;
 //! - `handles`: the table behind `ws_conn` handles;
 //! - `handshake`: the HTTP upgrade;
-//! - `options`, `uri`, `tls`, `error`, `callbacks`: what their names say.
+//! - `options`, `uri`, `tls`, `error`, `callbacks`: what their names say;
+//! - `testing`: helpers shared by the unit and integration tests (hidden, not API).
 
 pub mod callbacks;
 pub mod client;
@@ -26,6 +27,8 @@ pub mod handshake;
 pub mod options;
 pub mod reader;
 pub mod task;
+#[doc(hidden)]
+pub mod testing;
 pub mod tls;
 pub mod uri;
 

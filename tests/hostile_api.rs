@@ -17,25 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use common::server::TestServer;
 use common::*;
-
-/// xorshift64*: small, deterministic, good enough to pick calls and arguments.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, max: usize) -> Vec<u8> {
-        let len = self.below(max as u64 + 1) as usize;
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-}
+use wsclient::testing::Rng;
 
 /// What the callbacks saw, checked as they run.
 #[derive(Default)]
