@@ -13,7 +13,7 @@ DEB_PACKAGES := valgrind pkg-config duktape-dev
 VENV := .venv
 PEER_PYTHON := $(VENV)/bin/python
 
-.PHONY: all lib examples deps peers test demo bench header clean
+.PHONY: all lib examples deps peers test lint demo bench header clean
 
 # The shared benchmark harness: beside this repository (as in CI), else set SHARED=DIR.
 SHARED ?= $(abspath ../shared)
@@ -66,8 +66,13 @@ $(VENV)/.installed: tests/peers/requirements.txt
 
 # Every test: Rust unit and integration tests (the C functions against local servers, ws and
 # wss), the header check, and the C examples under valgrind (run by tests/c_examples.rs).
-test: deps all peers
+test: deps all peers lint
 	$(CARGO) test -- --test-threads=4
+
+# The gates every change passes: formatting and clippy with warnings as errors.
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
 
 # Runs the C echo example over wss against the bundled local server, with a throwaway CA.
 demo: deps all

@@ -270,6 +270,10 @@ ws_client *ws_client_new(void);
  * client runs (from inside a callback, or on another thread). No other call on this client
  * may run concurrently with it or follow it; calls with its connection handles stay safe and
  * answer WS_STATUS_GONE.
+ *
+ * # Safety
+ * `client` is NULL or a pointer from ws_client_new() that was not freed; once this returns
+ * WS_STATUS_OK it must not be used again.
  */
 ws_status ws_client_free(ws_client *client);
 
@@ -279,12 +283,18 @@ ws_status ws_client_free(ws_client *client);
  * readable until a dispatch has taken every pending event, so level- and edge-triggered
  * loops both work; a wake-up may be spurious (the dispatch then runs nothing). Never read,
  * write or close it. -1 if client is NULL. Any thread, also inside callbacks.
+ *
+ * # Safety
+ * `client` is NULL or a pointer from ws_client_new() that was not freed.
  */
 int ws_client_fd(const ws_client *client);
 
 /**
  * How many of the client's connections are not gone yet (0 if client is NULL). Any thread,
  * also inside callbacks.
+ *
+ * # Safety
+ * `client` is NULL or a pointer from ws_client_new() that was not freed.
  */
 size_t ws_client_connection_count(const ws_client *client);
 
@@ -298,6 +308,10 @@ size_t ws_client_connection_count(const ws_client *client);
  *
  * Returns WS_STATUS_DISPATCH_IN_PROGRESS and runs nothing if a dispatch of this client is
  * already running: from inside a callback (dispatch is not re-entrant) or on another thread.
+ *
+ * # Safety
+ * `client` is NULL or a pointer from ws_client_new() that was not freed; `callbacks_run` and
+ * `more_pending` are NULL or point to writable objects of their type.
  */
 ws_status ws_dispatch(ws_client *client, uint32_t *callbacks_run, bool *more_pending);
 
@@ -306,6 +320,9 @@ ws_status ws_dispatch(ws_client *client, uint32_t *callbacks_run, bool *more_pen
  * is left (WS_STATUS_OK) or `timeout_ms` milliseconds have passed (WS_STATUS_TIMEOUT); a
  * negative timeout means no limit. Callbacks run on the calling thread. Not inside a callback
  * (WS_STATUS_DISPATCH_IN_PROGRESS).
+ *
+ * # Safety
+ * `client` is NULL or a pointer from ws_client_new() that was not freed.
  */
 ws_status ws_run(ws_client *client, int32_t timeout_ms);
 
@@ -320,6 +337,10 @@ ws_status ws_run(ws_client *client, int32_t timeout_ms);
  * URI that is not valid UTF-8 (WS_STATUS_INVALID_UTF8) or not an absolute ws:/wss: URI with a
  * host and a valid port (WS_STATUS_INVALID_URI). Any thread, also inside callbacks (for
  * example to reconnect from a close callback).
+ *
+ * # Safety
+ * `client` is NULL or a pointer from ws_client_new() that was not freed; `uri` is NULL or a
+ * NUL-terminated string; `conn_out` is NULL or points to a writable ws_conn.
  */
 ws_status ws_connect(ws_client *client, const char *uri, ws_conn *conn_out);
 
@@ -356,12 +377,18 @@ ws_status ws_on_error(ws_conn conn, ws_error_cb callback, void *user);
  * WS_STATUS_CLOSING after ws_close or once the connection has ended; WS_STATUS_SEND_QUEUE_FULL
  * if the bytes waiting to be sent would pass the send queue limit. Any thread, also inside
  * callbacks.
+ *
+ * # Safety
+ * `text` points to `len` readable bytes (it may be NULL when `len` is 0).
  */
 ws_status ws_send(ws_conn conn, const char *text, size_t len);
 
 /**
  * Queues a binary message of `len` bytes (copied before it returns). Otherwise as ws_send().
  * Any thread, also inside callbacks.
+ *
+ * # Safety
+ * `data` points to `len` readable bytes (it may be NULL when `len` is 0).
  */
 ws_status ws_send_binary(ws_conn conn, const void *data, size_t len);
 
@@ -371,6 +398,9 @@ ws_status ws_send_binary(ws_conn conn, const void *data, size_t len);
  * error) callback follows. While connecting, it aborts the connection and the close callback
  * follows with code 1006. A second call does nothing and returns WS_STATUS_ALREADY_CLOSING.
  * Any thread, also inside callbacks.
+ *
+ * # Safety
+ * `reason` is NULL or a NUL-terminated string.
  */
 ws_status ws_close(ws_conn conn, uint16_t code, const char *reason);
 
@@ -395,6 +425,9 @@ ws_status ws_message_complete(ws_conn conn);
  * Writes to `*bytes_out` how many payload bytes were accepted by ws_send/ws_send_binary and
  * not yet written to the socket (the browser's bufferedAmount). Any thread, also inside
  * callbacks.
+ *
+ * # Safety
+ * `bytes_out` is NULL or points to a writable size_t.
  */
 ws_status ws_buffered_amount(ws_conn conn, size_t *bytes_out);
 
@@ -403,6 +436,10 @@ ws_status ws_buffered_amount(ws_conn conn, size_t *bytes_out);
  * `buf` of `buf_len` bytes and its length to `*len_out` (optional). If it does not fit,
  * returns WS_STATUS_BUFFER_TOO_SMALL with the length needed in `*len_out`. Any thread, also
  * inside callbacks.
+ *
+ * # Safety
+ * `buf` is NULL or points to `buf_len` writable bytes; `len_out` is NULL or points to a writable
+ * size_t.
  */
 ws_status ws_protocol(ws_conn conn, char *buf, size_t buf_len, size_t *len_out);
 
@@ -414,6 +451,10 @@ ws_options *ws_options_new(void);
 
 /**
  * Frees options; NULL is a no-op. Any thread, also inside callbacks.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed; afterwards it must not
+ * be used again.
  */
 void ws_options_free(ws_options *options);
 
@@ -421,6 +462,10 @@ void ws_options_free(ws_options *options);
  * Also trusts the CA certificates of a PEM file (read now), in addition to the system's trust
  * store. WS_STATUS_CERTIFICATE_FILE if it cannot be read or holds no certificate.
  * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed; `pem_path` is NULL or a
+ * NUL-terminated string.
  */
 ws_status ws_options_add_ca_file(ws_options *options, const char *pem_path);
 
@@ -429,6 +474,10 @@ ws_status ws_options_add_ca_file(ws_options *options, const char *pem_path);
  * WebSocket handshake sets itself (Host, Connection, Upgrade, Sec-WebSocket-*) are refused
  * with WS_STATUS_INVALID_ARGUMENT; use ws_options_add_subprotocol for subprotocols.
  * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed; `name` and `value` are
+ * NULL or NUL-terminated strings.
  */
 ws_status ws_options_add_header(ws_options *options, const char *name, const char *value);
 
@@ -436,12 +485,19 @@ ws_status ws_options_add_header(ws_options *options, const char *name, const cha
  * Offers a subprotocol (in the order added). After open, ws_protocol() tells which one the
  * server chose; a server that chooses one not offered fails the handshake.
  * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed; `protocol` is NULL or a
+ * NUL-terminated string.
  */
 ws_status ws_options_add_subprotocol(ws_options *options, const char *protocol);
 
 /**
  * Time allowed for DNS, TCP, TLS and the upgrade together (default 30000 ms; at least 1).
  * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed.
  */
 ws_status ws_options_set_connect_timeout_ms(ws_options *options, uint32_t timeout_ms);
 
@@ -449,6 +505,9 @@ ws_status ws_options_set_connect_timeout_ms(ws_options *options, uint32_t timeou
  * Time the peer has to complete a close handshake before the connection ends with
  * WS_STATUS_CLOSE_TIMEOUT (default 10000 ms; at least 1).
  * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed.
  */
 ws_status ws_options_set_close_timeout_ms(ws_options *options, uint32_t timeout_ms);
 
@@ -458,6 +517,9 @@ ws_status ws_options_set_close_timeout_ms(ws_options *options, uint32_t timeout_
  * 30000; interval 0 turns keepalive pings off. Silence while the library is not reading (flow
  * control, slow host) does not count.
  * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed.
  */
 ws_status ws_options_set_keepalive(ws_options *options, uint32_t interval_ms, uint32_t timeout_ms);
 
@@ -465,6 +527,9 @@ ws_status ws_options_set_keepalive(ws_options *options, uint32_t interval_ms, ui
  * Largest message (and frame) accepted from the peer; a larger one fails the connection with
  * close code 1009 and WS_STATUS_MESSAGE_TOO_BIG. Default 64 MiB; at least 1.
  * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed.
  */
 ws_status ws_options_set_max_message_size(ws_options *options, size_t bytes);
 
@@ -474,6 +539,9 @@ ws_status ws_options_set_max_message_size(ws_options *options, size_t bytes);
  * 16 KiB or more that has not fully arrived is read straight into an allocation of its own
  * (which becomes the message), whatever this size.
  * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed.
  */
 ws_status ws_options_set_read_buffer_size(ws_options *options, size_t bytes);
 
@@ -482,6 +550,9 @@ ws_status ws_options_set_read_buffer_size(ws_options *options, size_t bytes);
  * socket (default 1 MiB; at least 1). Memory per connection for received data stays below
  * this plus one message.
  * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed.
  */
 ws_status ws_options_set_receive_queue_limit(ws_options *options, size_t bytes);
 
@@ -489,12 +560,20 @@ ws_status ws_options_set_receive_queue_limit(ws_options *options, size_t bytes);
  * Bytes that may wait to be sent before ws_send refuses with WS_STATUS_SEND_QUEUE_FULL
  * (default 64 MiB; at least 1).
  * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed.
  */
 ws_status ws_options_set_send_queue_limit(ws_options *options, size_t bytes);
 
 /**
  * ws_connect() with options (NULL options means the defaults); the options are copied. Any
  * thread, also inside callbacks.
+ *
+ * # Safety
+ * `client` is NULL or a pointer from ws_client_new() that was not freed; `options` is NULL or a
+ * live options object; `uri` is NULL or a NUL-terminated string; `conn_out` is NULL or points to a
+ * writable ws_conn.
  */
 ws_status ws_connect_with_options(ws_client *client,
                                   const char *uri,

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::conn::Conn;
-use crate::dispatch::Hub;
 use crate::error::{Error, WsStatus};
-use crate::handles::{self, WsConn};
+use crate::host::dispatch::Hub;
+use crate::host::handles::{self, WsConn};
+use crate::io::task::{self, Launch};
+use crate::io::tls::TlsConfigs;
 use crate::options::Options;
-use crate::task::{self, Launch};
-use crate::tls::TlsConfigs;
 use crate::uri;
 
 /// I/O threads per client. One thread serves thousands of connections; TLS handshakes are the
@@ -30,14 +30,24 @@ pub struct Client {
 
 impl Client {
     pub fn new() -> Result<Client, Error> {
-        let hub = Hub::new().map_err(|e| Error::new(WsStatus::Runtime, format!("cannot create the event descriptor: {e}")))?;
+        let hub = Hub::new().map_err(|e| {
+            Error::new(
+                WsStatus::Runtime,
+                format!("cannot create the event descriptor: {e}"),
+            )
+        })?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(IO_THREADS)
             .max_blocking_threads(MAX_DNS_THREADS)
             .thread_name("wsclient-io")
             .enable_all()
             .build()
-            .map_err(|e| Error::new(WsStatus::Runtime, format!("cannot start the I/O threads: {e}")))?;
+            .map_err(|e| {
+                Error::new(
+                    WsStatus::Runtime,
+                    format!("cannot start the I/O threads: {e}"),
+                )
+            })?;
         Ok(Client {
             hub: Arc::new(hub),
             runtime: Some(runtime),
@@ -58,13 +68,26 @@ impl Client {
             Some(o) => Arc::new(o.clone()),
             None => self.default_options.clone(),
         };
-        let runtime = self.runtime.as_ref().ok_or_else(|| Error::new(WsStatus::Runtime, "the client is shutting down"))?;
+        let runtime = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| Error::new(WsStatus::Runtime, "the client is shutting down"))?;
         let conn = handles::insert(|id| {
-            Arc::new(Conn::new(id, self.hub.clone(), options.send_queue_limit, options.receive_queue_limit))
+            Arc::new(Conn::new(
+                id,
+                self.hub.clone(),
+                options.send_queue_limit,
+                options.receive_queue_limit,
+            ))
         });
         self.hub.connection_added();
         self.hub.task_started();
-        let launch = Launch { conn: conn.clone(), target, options, tls: self.tls.clone() };
+        let launch = Launch {
+            conn: conn.clone(),
+            target,
+            options,
+            tls: self.tls.clone(),
+        };
         runtime.spawn(task::run(launch));
         Ok(conn.id)
     }

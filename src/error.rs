@@ -148,7 +148,10 @@ pub struct Error {
 
 impl Error {
     pub fn new(status: WsStatus, message: impl Into<String>) -> Error {
-        Error { status, message: message.into() }
+        Error {
+            status,
+            message: message.into(),
+        }
     }
 }
 

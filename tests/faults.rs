@@ -40,7 +40,11 @@ fn upgrade(stream: &mut TcpStream, how: Upgrade) {
         Upgrade::WrongAccept => derive_accept_key(b"some other key"),
         _ => derive_accept_key(key.as_bytes()),
     };
-    let accept_line = if how == Upgrade::MissingAccept { String::new() } else { format!("Sec-WebSocket-Accept: {accept}\r\n") };
+    let accept_line = if how == Upgrade::MissingAccept {
+        String::new()
+    } else {
+        format!("Sec-WebSocket-Accept: {accept}\r\n")
+    };
     let response = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{accept_line}\r\n");
     if how == Upgrade::OneByteAtATime {
         for b in response.bytes() {
@@ -107,7 +111,9 @@ fn client_close_code(stream: &mut TcpStream) -> Option<u16> {
 
 /// Runs `script` as the server of one connection; returns its URL and the thread (whose result
 /// is what the script saw).
-fn raw_server<T: Send + 'static>(script: impl FnOnce(TcpStream) -> T + Send + 'static) -> (String, JoinHandle<T>) {
+fn raw_server<T: Send + 'static>(
+    script: impl FnOnce(TcpStream) -> T + Send + 'static,
+) -> (String, JoinHandle<T>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("ws://127.0.0.1:{}/", listener.local_addr().unwrap().port());
     let thread = std::thread::spawn(move || script(listener.accept().unwrap().0));
@@ -140,7 +146,11 @@ fn invalid_utf8_text_fails_with_1007() {
         client_close_code(&mut s)
     });
     let events = run(&url);
-    assert_eq!(events[1], Ev::Text(events[0].conn(), b"ok".to_vec()), "the valid message first");
+    assert_eq!(
+        events[1],
+        Ev::Text(events[0].conn(), b"ok".to_vec()),
+        "the valid message first"
+    );
     let (status, message) = final_error(&events);
     assert_eq!(status, WsStatus::Protocol);
     assert!(message.contains("invalid UTF-8"), "{message}");
@@ -207,9 +217,20 @@ fn fragments_with_a_ping_between_are_one_message_and_the_ping_is_answered() {
     });
     let events = run(&url);
     let conn = events[0].conn();
-    assert_eq!(events, vec![Ev::Open(conn), Ev::Text(conn, "hello wörld".as_bytes().to_vec()), Ev::Close(conn, 1000, String::new())]);
+    assert_eq!(
+        events,
+        vec![
+            Ev::Open(conn),
+            Ev::Text(conn, "hello wörld".as_bytes().to_vec()),
+            Ev::Close(conn, 1000, String::new())
+        ]
+    );
     let seen = server.join().unwrap();
-    assert_eq!(seen[0], (0xA, b"between".to_vec()), "the pong echoes the ping's payload");
+    assert_eq!(
+        seen[0],
+        (0xA, b"between".to_vec()),
+        "the pong echoes the ping's payload"
+    );
     assert_eq!(seen.last().unwrap().0, 0x8, "the close is answered");
 }
 
@@ -220,7 +241,10 @@ fn missing_accept_header_is_rejected() {
     server.join().unwrap();
     let (status, message) = final_error(&events);
     assert_eq!(status, WsStatus::HandshakeRejected);
-    assert_eq!(message, "handshake rejected: the response lacks Sec-WebSocket-Accept");
+    assert_eq!(
+        message,
+        "handshake rejected: the response lacks Sec-WebSocket-Accept"
+    );
     assert_eq!(events.len(), 1);
 }
 
@@ -231,7 +255,10 @@ fn wrong_accept_header_is_rejected() {
     server.join().unwrap();
     let (status, message) = final_error(&events);
     assert_eq!(status, WsStatus::HandshakeRejected);
-    assert_eq!(message, "handshake rejected: wrong Sec-WebSocket-Accept from the server");
+    assert_eq!(
+        message,
+        "handshake rejected: wrong Sec-WebSocket-Accept from the server"
+    );
 }
 
 #[test]
@@ -249,8 +276,19 @@ fn a_handshake_sent_one_byte_at_a_time_works() {
     watch(conn, &rec);
     assert_eq!(send_text(conn, "slowly"), WsStatus::Ok);
     client.run_until_final(&rec, conn);
-    assert_eq!(rec.of(conn), vec![Ev::Open(conn), Ev::Text(conn, b"slowly".to_vec()), Ev::Close(conn, 4000, String::new())]);
-    assert_eq!(server.join().unwrap(), Some(4000), "the close reply carries the server's code");
+    assert_eq!(
+        rec.of(conn),
+        vec![
+            Ev::Open(conn),
+            Ev::Text(conn, b"slowly".to_vec()),
+            Ev::Close(conn, 4000, String::new())
+        ]
+    );
+    assert_eq!(
+        server.join().unwrap(),
+        Some(4000),
+        "the close reply carries the server's code"
+    );
 }
 
 #[test]
@@ -285,8 +323,18 @@ fn a_peer_that_pings_without_reading_cannot_make_the_answers_pile_up() {
     });
     let events = run(&url);
     let conn = events[0].conn();
-    assert_eq!(events, vec![Ev::Open(conn), Ev::Close(conn, 1000, String::new())]);
+    assert_eq!(
+        events,
+        vec![Ev::Open(conn), Ev::Close(conn, 1000, String::new())]
+    );
     let (pongs, latest) = server.join().unwrap();
-    assert!(pongs > 0 && pongs < PINGS, "{pongs} pongs for {PINGS} pings");
-    assert_eq!(latest, Some(PINGS - 1), "the last ping before the close is answered");
+    assert!(
+        pongs > 0 && pongs < PINGS,
+        "{pongs} pongs for {PINGS} pings"
+    );
+    assert_eq!(
+        latest,
+        Some(PINGS - 1),
+        "the last ping before the close is answered"
+    );
 }

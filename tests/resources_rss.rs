@@ -22,7 +22,13 @@ struct Counter {
     out_of_order: u64,
 }
 
-unsafe extern "C" fn count(_c: WsConn, data: *const u8, len: usize, _k: WsMessageKind, user: *mut c_void) {
+unsafe extern "C" fn count(
+    _c: WsConn,
+    data: *const u8,
+    len: usize,
+    _k: WsMessageKind,
+    user: *mut c_void,
+) {
     let counter = &mut *(user as *mut Counter);
     let bytes = std::slice::from_raw_parts(data, len);
     if len != 1 << 20 || u64::from_le_bytes(bytes[..8].try_into().unwrap()) != counter.next {
@@ -40,8 +46,16 @@ fn flow_control_keeps_rss_bounded_while_256_mib_arrive() {
     let before = peak_rss_kib();
     let conn = client.connect(&server.url(&format!("/push?n=256&size={}", 1 << 20)));
     watch(conn, &rec);
-    let mut counter = Counter { next: 0, received: 0, out_of_order: 0 };
-    ws_on_message(conn, Some(count), &mut counter as *mut Counter as *mut c_void);
+    let mut counter = Counter {
+        next: 0,
+        received: 0,
+        out_of_order: 0,
+    };
+    ws_on_message(
+        conn,
+        Some(count),
+        &mut counter as *mut Counter as *mut c_void,
+    );
     assert_eq!(ws_set_flow_control(conn, true), WsStatus::Ok);
     let mut completed = 0;
     while rec.finals(conn) == 0 {
@@ -58,6 +72,9 @@ fn flow_control_keeps_rss_bounded_while_256_mib_arrive() {
     let growth_kib = peak_rss_kib().saturating_sub(before);
     eprintln!("peak RSS grew by {growth_kib} KiB while 256 MiB arrived");
     assert_eq!((counter.received, counter.out_of_order), (256, 0));
-    assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 1000, "done".into())));
+    assert_eq!(
+        rec.of(conn).last(),
+        Some(&Ev::Close(conn, 1000, "done".into()))
+    );
     assert!(growth_kib < 32 << 10, "peak RSS grew by {growth_kib} KiB");
 }

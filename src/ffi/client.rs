@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::{c_str, null, write_out};
 use crate::client::Client;
 use crate::error::{self, Error, WsStatus};
-use crate::handles::WsConn;
+use crate::host::handles::WsConn;
 use crate::options::Options;
 
 /// A client context: the library's I/O threads and the event queue of one host event loop.
@@ -18,7 +18,9 @@ pub struct WsClient {
 /// The library's version, e.g. "0.1.0". Static; any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_version() -> *const c_char {
-    ffi_boundary!(std::ptr::null(), { concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast() })
+    ffi_boundary!(std::ptr::null(), {
+        concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+    })
 }
 
 /// A static, NUL-terminated description of a status number ("unknown status" for numbers that
@@ -28,7 +30,7 @@ pub extern "C" fn ws_status_str(status: u32) -> *const c_char {
     ffi_boundary!(std::ptr::null(), {
         match WsStatus::from_u32(status) {
             Some(s) => s.describe().as_ptr().cast(),
-            None => "unknown status\0".as_ptr().cast(),
+            None => c"unknown status".as_ptr(),
         }
     })
 }
@@ -64,10 +66,16 @@ pub extern "C" fn ws_client_new() -> *mut WsClient {
 /// client runs (from inside a callback, or on another thread). No other call on this client
 /// may run concurrently with it or follow it; calls with its connection handles stay safe and
 /// answer WS_STATUS_GONE.
+///
+/// # Safety
+/// `client` is NULL or a pointer from ws_client_new() that was not freed; once this returns
+/// WS_STATUS_OK it must not be used again.
 #[no_mangle]
 pub unsafe extern "C" fn ws_client_free(client: *mut WsClient) -> WsStatus {
     ffi_status!({
-        let Some(c) = client.as_ref() else { return Ok(()) };
+        let Some(c) = client.as_ref() else {
+            return Ok(());
+        };
         c.inner.hub().begin_shutdown()?;
         Box::from_raw(client).inner.shut_down();
         Ok(())
@@ -79,6 +87,9 @@ pub unsafe extern "C" fn ws_client_free(client: *mut WsClient) -> WsStatus {
 /// readable until a dispatch has taken every pending event, so level- and edge-triggered
 /// loops both work; a wake-up may be spurious (the dispatch then runs nothing). Never read,
 /// write or close it. -1 if client is NULL. Any thread, also inside callbacks.
+///
+/// # Safety
+/// `client` is NULL or a pointer from ws_client_new() that was not freed.
 #[no_mangle]
 pub unsafe extern "C" fn ws_client_fd(client: *const WsClient) -> c_int {
     ffi_boundary!(-1, {
@@ -91,9 +102,16 @@ pub unsafe extern "C" fn ws_client_fd(client: *const WsClient) -> c_int {
 
 /// How many of the client's connections are not gone yet (0 if client is NULL). Any thread,
 /// also inside callbacks.
+///
+/// # Safety
+/// `client` is NULL or a pointer from ws_client_new() that was not freed.
 #[no_mangle]
 pub unsafe extern "C" fn ws_client_connection_count(client: *const WsClient) -> usize {
-    ffi_boundary!(0, { client.as_ref().map_or(0, |c| c.inner.hub().live_connections()) })
+    ffi_boundary!(0, {
+        client
+            .as_ref()
+            .map_or(0, |c| c.inner.hub().live_connections())
+    })
 }
 
 /// Runs the callbacks that are pending now, on the calling thread, which is by definition the
@@ -105,8 +123,16 @@ pub unsafe extern "C" fn ws_client_connection_count(client: *const WsClient) -> 
 ///
 /// Returns WS_STATUS_DISPATCH_IN_PROGRESS and runs nothing if a dispatch of this client is
 /// already running: from inside a callback (dispatch is not re-entrant) or on another thread.
+///
+/// # Safety
+/// `client` is NULL or a pointer from ws_client_new() that was not freed; `callbacks_run` and
+/// `more_pending` are NULL or point to writable objects of their type.
 #[no_mangle]
-pub unsafe extern "C" fn ws_dispatch(client: *mut WsClient, callbacks_run: *mut u32, more_pending: *mut bool) -> WsStatus {
+pub unsafe extern "C" fn ws_dispatch(
+    client: *mut WsClient,
+    callbacks_run: *mut u32,
+    more_pending: *mut bool,
+) -> WsStatus {
     ffi_status!({
         let client = client.as_ref().ok_or_else(|| null("client"))?;
         let (ran, more) = client.inner.hub().dispatch()?;
@@ -120,6 +146,9 @@ pub unsafe extern "C" fn ws_dispatch(client: *mut WsClient, callbacks_run: *mut 
 /// is left (WS_STATUS_OK) or `timeout_ms` milliseconds have passed (WS_STATUS_TIMEOUT); a
 /// negative timeout means no limit. Callbacks run on the calling thread. Not inside a callback
 /// (WS_STATUS_DISPATCH_IN_PROGRESS).
+///
+/// # Safety
+/// `client` is NULL or a pointer from ws_client_new() that was not freed.
 #[no_mangle]
 pub unsafe extern "C" fn ws_run(client: *mut WsClient, timeout_ms: i32) -> WsStatus {
     ffi_status!({
@@ -155,7 +184,15 @@ pub(super) unsafe fn connect(
 /// URI that is not valid UTF-8 (WS_STATUS_INVALID_UTF8) or not an absolute ws:/wss: URI with a
 /// host and a valid port (WS_STATUS_INVALID_URI). Any thread, also inside callbacks (for
 /// example to reconnect from a close callback).
+///
+/// # Safety
+/// `client` is NULL or a pointer from ws_client_new() that was not freed; `uri` is NULL or a
+/// NUL-terminated string; `conn_out` is NULL or points to a writable ws_conn.
 #[no_mangle]
-pub unsafe extern "C" fn ws_connect(client: *mut WsClient, uri: *const c_char, conn_out: *mut WsConn) -> WsStatus {
+pub unsafe extern "C" fn ws_connect(
+    client: *mut WsClient,
+    uri: *const c_char,
+    conn_out: *mut WsConn,
+) -> WsStatus {
     ffi_status!({ connect(client, uri, None, conn_out) })
 }

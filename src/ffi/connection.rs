@@ -8,14 +8,20 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use super::{byte_slice, c_str, live, null, write_out};
-use crate::callbacks::{UserPtr, WsCloseCallback, WsErrorCallback, WsMessageCallback, WsOpenCallback};
 use crate::error::{Error, WsStatus};
-use crate::handles::WsConn;
+use crate::host::callbacks::{
+    UserPtr, WsCloseCallback, WsErrorCallback, WsMessageCallback, WsOpenCallback,
+};
+use crate::host::handles::WsConn;
 
 /// Sets (or with NULL clears) the open callback. A later registration replaces the earlier
 /// one. In force for the next event dispatched. Any thread, also inside callbacks.
 #[no_mangle]
-pub extern "C" fn ws_on_open(conn: WsConn, callback: WsOpenCallback, user: *mut c_void) -> WsStatus {
+pub extern "C" fn ws_on_open(
+    conn: WsConn,
+    callback: WsOpenCallback,
+    user: *mut c_void,
+) -> WsStatus {
     ffi_status!({
         live(conn)?.callbacks_mut(|c| c.open = (callback, UserPtr(user)));
         Ok(())
@@ -25,7 +31,11 @@ pub extern "C" fn ws_on_open(conn: WsConn, callback: WsOpenCallback, user: *mut 
 /// Sets (or with NULL clears) the message callback; see ws_message_cb. Any thread, also inside
 /// callbacks.
 #[no_mangle]
-pub extern "C" fn ws_on_message(conn: WsConn, callback: WsMessageCallback, user: *mut c_void) -> WsStatus {
+pub extern "C" fn ws_on_message(
+    conn: WsConn,
+    callback: WsMessageCallback,
+    user: *mut c_void,
+) -> WsStatus {
     ffi_status!({
         live(conn)?.callbacks_mut(|c| c.message = (callback, UserPtr(user)));
         Ok(())
@@ -35,7 +45,11 @@ pub extern "C" fn ws_on_message(conn: WsConn, callback: WsMessageCallback, user:
 /// Sets (or with NULL clears) the close callback; see ws_close_cb. Any thread, also inside
 /// callbacks.
 #[no_mangle]
-pub extern "C" fn ws_on_close(conn: WsConn, callback: WsCloseCallback, user: *mut c_void) -> WsStatus {
+pub extern "C" fn ws_on_close(
+    conn: WsConn,
+    callback: WsCloseCallback,
+    user: *mut c_void,
+) -> WsStatus {
     ffi_status!({
         live(conn)?.callbacks_mut(|c| c.close = (callback, UserPtr(user)));
         Ok(())
@@ -45,7 +59,11 @@ pub extern "C" fn ws_on_close(conn: WsConn, callback: WsCloseCallback, user: *mu
 /// Sets (or with NULL clears) the error callback; see ws_error_cb. Any thread, also inside
 /// callbacks.
 #[no_mangle]
-pub extern "C" fn ws_on_error(conn: WsConn, callback: WsErrorCallback, user: *mut c_void) -> WsStatus {
+pub extern "C" fn ws_on_error(
+    conn: WsConn,
+    callback: WsErrorCallback,
+    user: *mut c_void,
+) -> WsStatus {
     ffi_status!({
         live(conn)?.callbacks_mut(|c| c.error = (callback, UserPtr(user)));
         Ok(())
@@ -60,18 +78,28 @@ pub extern "C" fn ws_on_error(conn: WsConn, callback: WsErrorCallback, user: *mu
 /// WS_STATUS_CLOSING after ws_close or once the connection has ended; WS_STATUS_SEND_QUEUE_FULL
 /// if the bytes waiting to be sent would pass the send queue limit. Any thread, also inside
 /// callbacks.
+///
+/// # Safety
+/// `text` points to `len` readable bytes (it may be NULL when `len` is 0).
 #[no_mangle]
 pub unsafe extern "C" fn ws_send(conn: WsConn, text: *const c_char, len: usize) -> WsStatus {
     ffi_status!({
         let bytes = byte_slice(text.cast(), len, "text")?;
-        std::str::from_utf8(bytes)
-            .map_err(|e| Error::new(WsStatus::InvalidUtf8, format!("text is not valid UTF-8 ({e})")))?;
+        std::str::from_utf8(bytes).map_err(|e| {
+            Error::new(
+                WsStatus::InvalidUtf8,
+                format!("text is not valid UTF-8 ({e})"),
+            )
+        })?;
         live(conn)?.send(bytes, true)
     })
 }
 
 /// Queues a binary message of `len` bytes (copied before it returns). Otherwise as ws_send().
 /// Any thread, also inside callbacks.
+///
+/// # Safety
+/// `data` points to `len` readable bytes (it may be NULL when `len` is 0).
 #[no_mangle]
 pub unsafe extern "C" fn ws_send_binary(conn: WsConn, data: *const c_void, len: usize) -> WsStatus {
     ffi_status!({
@@ -85,18 +113,34 @@ pub unsafe extern "C" fn ws_send_binary(conn: WsConn, data: *const c_void, len: 
 /// error) callback follows. While connecting, it aborts the connection and the close callback
 /// follows with code 1006. A second call does nothing and returns WS_STATUS_ALREADY_CLOSING.
 /// Any thread, also inside callbacks.
+///
+/// # Safety
+/// `reason` is NULL or a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn ws_close(conn: WsConn, code: u16, reason: *const c_char) -> WsStatus {
     ffi_status!({
         let code = if code == 0 { 1000 } else { code };
         if !(code == 1000 || (3000..=4999).contains(&code)) {
-            return Err(Error::new(WsStatus::InvalidArgument, format!("close code {code} is not 1000 or 3000..4999")));
+            return Err(Error::new(
+                WsStatus::InvalidArgument,
+                format!("close code {code} is not 1000 or 3000..4999"),
+            ));
         }
-        let reason = if reason.is_null() { "" } else { c_str(reason, "reason")? };
+        let reason = if reason.is_null() {
+            ""
+        } else {
+            c_str(reason, "reason")?
+        };
         if reason.len() > 123 {
-            return Err(Error::new(WsStatus::InvalidArgument, "close reason is longer than 123 bytes"));
+            return Err(Error::new(
+                WsStatus::InvalidArgument,
+                "close reason is longer than 123 bytes",
+            ));
         }
-        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
         live(conn)?.close(frame)
     })
 }
@@ -129,6 +173,9 @@ pub extern "C" fn ws_message_complete(conn: WsConn) -> WsStatus {
 /// Writes to `*bytes_out` how many payload bytes were accepted by ws_send/ws_send_binary and
 /// not yet written to the socket (the browser's bufferedAmount). Any thread, also inside
 /// callbacks.
+///
+/// # Safety
+/// `bytes_out` is NULL or points to a writable size_t.
 #[no_mangle]
 pub unsafe extern "C" fn ws_buffered_amount(conn: WsConn, bytes_out: *mut usize) -> WsStatus {
     ffi_status!({
@@ -144,8 +191,17 @@ pub unsafe extern "C" fn ws_buffered_amount(conn: WsConn, bytes_out: *mut usize)
 /// `buf` of `buf_len` bytes and its length to `*len_out` (optional). If it does not fit,
 /// returns WS_STATUS_BUFFER_TOO_SMALL with the length needed in `*len_out`. Any thread, also
 /// inside callbacks.
+///
+/// # Safety
+/// `buf` is NULL or points to `buf_len` writable bytes; `len_out` is NULL or points to a writable
+/// size_t.
 #[no_mangle]
-pub unsafe extern "C" fn ws_protocol(conn: WsConn, buf: *mut c_char, buf_len: usize, len_out: *mut usize) -> WsStatus {
+pub unsafe extern "C" fn ws_protocol(
+    conn: WsConn,
+    buf: *mut c_char,
+    buf_len: usize,
+    len_out: *mut usize,
+) -> WsStatus {
     ffi_status!({
         let protocol = live(conn)?.protocol().unwrap_or_default();
         write_out(len_out, protocol.len());

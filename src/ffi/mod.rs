@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::conn::Conn;
 use crate::error::{set_last_error, Error, WsStatus};
-use crate::handles::{self, WsConn};
+use crate::host::handles::{self, WsConn};
 
 /// Runs `$body`; if it panics, records the panic as the last error and returns `$default`.
 macro_rules! ffi_boundary {
@@ -17,7 +17,9 @@ macro_rules! ffi_boundary {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| $body)) {
             Ok(value) => value,
             Err(_) => {
-                $crate::error::set_last_error("internal error: a panic was caught at the C boundary");
+                $crate::error::set_last_error(
+                    "internal error: a panic was caught at the C boundary",
+                );
                 $default
             }
         }
@@ -29,13 +31,13 @@ macro_rules! ffi_boundary {
 macro_rules! ffi_status {
     ($body:block) => {{
         ffi_boundary!($crate::error::WsStatus::Panic, {
+            // A closure so that `?` works in the body.
+            #[allow(clippy::redundant_closure_call)]
             let result: Result<(), $crate::error::Error> = (|| $body)();
             $crate::ffi::status_of(result)
         })
     }};
 }
-
-
 
 pub mod client;
 pub mod connection;
@@ -60,9 +62,12 @@ unsafe fn c_str<'a>(ptr: *const c_char, what: &str) -> Result<&'a str, Error> {
     if ptr.is_null() {
         return Err(null(what));
     }
-    CStr::from_ptr(ptr)
-        .to_str()
-        .map_err(|e| Error::new(WsStatus::InvalidUtf8, format!("{what} is not valid UTF-8 ({e})")))
+    CStr::from_ptr(ptr).to_str().map_err(|e| {
+        Error::new(
+            WsStatus::InvalidUtf8,
+            format!("{what} is not valid UTF-8 ({e})"),
+        )
+    })
 }
 
 /// A (pointer, length) argument; NULL is allowed only with length 0.
@@ -71,7 +76,10 @@ unsafe fn byte_slice<'a>(ptr: *const u8, len: usize, what: &str) -> Result<&'a [
         return if len == 0 { Ok(&[]) } else { Err(null(what)) };
     }
     if len > isize::MAX as usize {
-        return Err(Error::new(WsStatus::InvalidArgument, format!("{what}: length {len} is too large")));
+        return Err(Error::new(
+            WsStatus::InvalidArgument,
+            format!("{what}: length {len} is too large"),
+        ));
     }
     Ok(std::slice::from_raw_parts(ptr, len))
 }

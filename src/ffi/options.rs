@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::client::{connect, WsClient};
 use super::{c_str, null};
 use crate::error::{Error, WsStatus};
-use crate::handles::WsConn;
+use crate::host::handles::WsConn;
 use crate::options::Options;
 
 /// Options for ws_connect_with_options(). Opaque; create with ws_options_new(), free with
@@ -17,12 +17,18 @@ pub struct WsOptions {
 }
 
 unsafe fn options_mut<'a>(options: *mut WsOptions) -> Result<&'a mut Options, Error> {
-    options.as_mut().map(|o| &mut o.inner).ok_or_else(|| null("options"))
+    options
+        .as_mut()
+        .map(|o| &mut o.inner)
+        .ok_or_else(|| null("options"))
 }
 
 fn millis(ms: u32, what: &str) -> Result<Duration, Error> {
     if ms == 0 {
-        return Err(Error::new(WsStatus::InvalidArgument, format!("{what} must be at least 1 ms")));
+        return Err(Error::new(
+            WsStatus::InvalidArgument,
+            format!("{what} must be at least 1 ms"),
+        ));
     }
     Ok(Duration::from_millis(ms.into()))
 }
@@ -31,10 +37,18 @@ fn millis(ms: u32, what: &str) -> Result<Duration, Error> {
 /// Any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_options_new() -> *mut WsOptions {
-    ffi_boundary!(std::ptr::null_mut(), { Box::into_raw(Box::new(WsOptions { inner: Options::default() })) })
+    ffi_boundary!(std::ptr::null_mut(), {
+        Box::into_raw(Box::new(WsOptions {
+            inner: Options::default(),
+        }))
+    })
 }
 
 /// Frees options; NULL is a no-op. Any thread, also inside callbacks.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed; afterwards it must not
+/// be used again.
 #[no_mangle]
 pub unsafe extern "C" fn ws_options_free(options: *mut WsOptions) {
     ffi_boundary!((), {
@@ -47,8 +61,15 @@ pub unsafe extern "C" fn ws_options_free(options: *mut WsOptions) {
 /// Also trusts the CA certificates of a PEM file (read now), in addition to the system's trust
 /// store. WS_STATUS_CERTIFICATE_FILE if it cannot be read or holds no certificate.
 /// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed; `pem_path` is NULL or a
+/// NUL-terminated string.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_add_ca_file(options: *mut WsOptions, pem_path: *const c_char) -> WsStatus {
+pub unsafe extern "C" fn ws_options_add_ca_file(
+    options: *mut WsOptions,
+    pem_path: *const c_char,
+) -> WsStatus {
     ffi_status!({
         let options = options_mut(options)?;
         options.add_ca_file(c_str(pem_path, "pem_path")?)
@@ -59,8 +80,16 @@ pub unsafe extern "C" fn ws_options_add_ca_file(options: *mut WsOptions, pem_pat
 /// WebSocket handshake sets itself (Host, Connection, Upgrade, Sec-WebSocket-*) are refused
 /// with WS_STATUS_INVALID_ARGUMENT; use ws_options_add_subprotocol for subprotocols.
 /// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed; `name` and `value` are
+/// NULL or NUL-terminated strings.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_add_header(options: *mut WsOptions, name: *const c_char, value: *const c_char) -> WsStatus {
+pub unsafe extern "C" fn ws_options_add_header(
+    options: *mut WsOptions,
+    name: *const c_char,
+    value: *const c_char,
+) -> WsStatus {
     ffi_status!({
         let options = options_mut(options)?;
         options.add_header(c_str(name, "name")?, c_str(value, "value")?)
@@ -70,8 +99,15 @@ pub unsafe extern "C" fn ws_options_add_header(options: *mut WsOptions, name: *c
 /// Offers a subprotocol (in the order added). After open, ws_protocol() tells which one the
 /// server chose; a server that chooses one not offered fails the handshake.
 /// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed; `protocol` is NULL or a
+/// NUL-terminated string.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_add_subprotocol(options: *mut WsOptions, protocol: *const c_char) -> WsStatus {
+pub unsafe extern "C" fn ws_options_add_subprotocol(
+    options: *mut WsOptions,
+    protocol: *const c_char,
+) -> WsStatus {
     ffi_status!({
         let options = options_mut(options)?;
         options.add_subprotocol(c_str(protocol, "protocol")?)
@@ -80,8 +116,14 @@ pub unsafe extern "C" fn ws_options_add_subprotocol(options: *mut WsOptions, pro
 
 /// Time allowed for DNS, TCP, TLS and the upgrade together (default 30000 ms; at least 1).
 /// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_set_connect_timeout_ms(options: *mut WsOptions, timeout_ms: u32) -> WsStatus {
+pub unsafe extern "C" fn ws_options_set_connect_timeout_ms(
+    options: *mut WsOptions,
+    timeout_ms: u32,
+) -> WsStatus {
     ffi_status!({
         options_mut(options)?.connect_timeout = millis(timeout_ms, "the connect timeout")?;
         Ok(())
@@ -91,8 +133,14 @@ pub unsafe extern "C" fn ws_options_set_connect_timeout_ms(options: *mut WsOptio
 /// Time the peer has to complete a close handshake before the connection ends with
 /// WS_STATUS_CLOSE_TIMEOUT (default 10000 ms; at least 1).
 /// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_set_close_timeout_ms(options: *mut WsOptions, timeout_ms: u32) -> WsStatus {
+pub unsafe extern "C" fn ws_options_set_close_timeout_ms(
+    options: *mut WsOptions,
+    timeout_ms: u32,
+) -> WsStatus {
     ffi_status!({
         options_mut(options)?.close_timeout = millis(timeout_ms, "the close timeout")?;
         Ok(())
@@ -104,12 +152,20 @@ pub unsafe extern "C" fn ws_options_set_close_timeout_ms(options: *mut WsOptions
 /// 30000; interval 0 turns keepalive pings off. Silence while the library is not reading (flow
 /// control, slow host) does not count.
 /// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_set_keepalive(options: *mut WsOptions, interval_ms: u32, timeout_ms: u32) -> WsStatus {
+pub unsafe extern "C" fn ws_options_set_keepalive(
+    options: *mut WsOptions,
+    interval_ms: u32,
+    timeout_ms: u32,
+) -> WsStatus {
     ffi_status!({
         let options = options_mut(options)?;
         let timeout = millis(timeout_ms, "the keepalive timeout")?;
-        options.keepalive_interval = (interval_ms > 0).then(|| Duration::from_millis(interval_ms.into()));
+        options.keepalive_interval =
+            (interval_ms > 0).then(|| Duration::from_millis(interval_ms.into()));
         options.keepalive_timeout = timeout;
         Ok(())
     })
@@ -118,8 +174,14 @@ pub unsafe extern "C" fn ws_options_set_keepalive(options: *mut WsOptions, inter
 /// Largest message (and frame) accepted from the peer; a larger one fails the connection with
 /// close code 1009 and WS_STATUS_MESSAGE_TOO_BIG. Default 64 MiB; at least 1.
 /// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_set_max_message_size(options: *mut WsOptions, bytes: usize) -> WsStatus {
+pub unsafe extern "C" fn ws_options_set_max_message_size(
+    options: *mut WsOptions,
+    bytes: usize,
+) -> WsStatus {
     ffi_status!({ options_mut(options)?.set_max_message_size(bytes) })
 }
 
@@ -128,8 +190,14 @@ pub unsafe extern "C" fn ws_options_set_max_message_size(options: *mut WsOptions
 /// 16 KiB or more that has not fully arrived is read straight into an allocation of its own
 /// (which becomes the message), whatever this size.
 /// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_set_read_buffer_size(options: *mut WsOptions, bytes: usize) -> WsStatus {
+pub unsafe extern "C" fn ws_options_set_read_buffer_size(
+    options: *mut WsOptions,
+    bytes: usize,
+) -> WsStatus {
     ffi_status!({ options_mut(options)?.set_read_buffer_size(bytes) })
 }
 
@@ -137,11 +205,20 @@ pub unsafe extern "C" fn ws_options_set_read_buffer_size(options: *mut WsOptions
 /// socket (default 1 MiB; at least 1). Memory per connection for received data stays below
 /// this plus one message.
 /// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_set_receive_queue_limit(options: *mut WsOptions, bytes: usize) -> WsStatus {
+pub unsafe extern "C" fn ws_options_set_receive_queue_limit(
+    options: *mut WsOptions,
+    bytes: usize,
+) -> WsStatus {
     ffi_status!({
         if bytes == 0 {
-            return Err(Error::new(WsStatus::InvalidArgument, "the receive queue limit must be at least 1 byte"));
+            return Err(Error::new(
+                WsStatus::InvalidArgument,
+                "the receive queue limit must be at least 1 byte",
+            ));
         }
         options_mut(options)?.receive_queue_limit = bytes;
         Ok(())
@@ -151,11 +228,20 @@ pub unsafe extern "C" fn ws_options_set_receive_queue_limit(options: *mut WsOpti
 /// Bytes that may wait to be sent before ws_send refuses with WS_STATUS_SEND_QUEUE_FULL
 /// (default 64 MiB; at least 1).
 /// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_set_send_queue_limit(options: *mut WsOptions, bytes: usize) -> WsStatus {
+pub unsafe extern "C" fn ws_options_set_send_queue_limit(
+    options: *mut WsOptions,
+    bytes: usize,
+) -> WsStatus {
     ffi_status!({
         if bytes == 0 {
-            return Err(Error::new(WsStatus::InvalidArgument, "the send queue limit must be at least 1 byte"));
+            return Err(Error::new(
+                WsStatus::InvalidArgument,
+                "the send queue limit must be at least 1 byte",
+            ));
         }
         options_mut(options)?.send_queue_limit = bytes;
         Ok(())
@@ -164,6 +250,11 @@ pub unsafe extern "C" fn ws_options_set_send_queue_limit(options: *mut WsOptions
 
 /// ws_connect() with options (NULL options means the defaults); the options are copied. Any
 /// thread, also inside callbacks.
+///
+/// # Safety
+/// `client` is NULL or a pointer from ws_client_new() that was not freed; `options` is NULL or a
+/// live options object; `uri` is NULL or a NUL-terminated string; `conn_out` is NULL or points to a
+/// writable ws_conn.
 #[no_mangle]
 pub unsafe extern "C" fn ws_connect_with_options(
     client: *mut WsClient,

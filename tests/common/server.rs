@@ -363,8 +363,8 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
                 }
                 // Progress, in whole MiB that reached the socket.
                 let (before, after) = (
-                    i * size.unwrap_or(0) >> 20,
-                    (i + 1) * size.unwrap_or(0) >> 20,
+                    (i * size.unwrap_or(0)) >> 20,
+                    ((i + 1) * size.unwrap_or(0)) >> 20,
                 );
                 if after > before {
                     if ws.flush().await.is_err() {

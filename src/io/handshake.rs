@@ -37,7 +37,10 @@ fn request(target: &Target, options: &Options, key: &str) -> Vec<u8> {
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
     );
     if !options.subprotocols.is_empty() {
-        head.push_str(&format!("Sec-WebSocket-Protocol: {}\r\n", options.subprotocols.join(", ")));
+        head.push_str(&format!(
+            "Sec-WebSocket-Protocol: {}\r\n",
+            options.subprotocols.join(", ")
+        ));
     }
     let mut bytes = head.into_bytes();
     for (name, value) in &options.headers {
@@ -51,7 +54,10 @@ fn request(target: &Target, options: &Options, key: &str) -> Vec<u8> {
 }
 
 fn io_lost(e: std::io::Error) -> Error {
-    Error::new(WsStatus::ConnectionLost, format!("connection lost during the WebSocket handshake: {e}"))
+    Error::new(
+        WsStatus::ConnectionLost,
+        format!("connection lost during the WebSocket handshake: {e}"),
+    )
 }
 
 /// Sends the upgrade request and checks the server's answer.
@@ -61,7 +67,10 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     options: &Options,
 ) -> Result<Upgraded, Error> {
     let key = generate_key();
-    stream.write_all(&request(target, options, &key)).await.map_err(io_lost)?;
+    stream
+        .write_all(&request(target, options, &key))
+        .await
+        .map_err(io_lost)?;
     stream.flush().await.map_err(io_lost)?;
     let mut buf = Vec::with_capacity(READ_STEP);
     loop {
@@ -69,7 +78,9 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(upgraded);
         }
         if buf.len() >= MAX_RESPONSE_HEAD {
-            return Err(rejected(format!("handshake rejected: response head longer than {MAX_RESPONSE_HEAD} bytes")));
+            return Err(rejected(format!(
+                "handshake rejected: response head longer than {MAX_RESPONSE_HEAD} bytes"
+            )));
         }
         buf.reserve(READ_STEP);
         let n = stream.read_buf(&mut buf).await.map_err(io_lost)?;
@@ -100,37 +111,63 @@ fn parse_response(buf: &[u8], key: &str, options: &Options) -> Result<Option<Upg
     let head_len = match response.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(rejected(format!("handshake rejected: malformed HTTP response ({e})"))),
+        Err(e) => {
+            return Err(rejected(format!(
+                "handshake rejected: malformed HTTP response ({e})"
+            )))
+        }
     };
     let code = response.code.unwrap_or(0);
     if code != 101 {
-        let reason = response.reason.filter(|r| !r.is_empty()).map(|r| format!(" {r}")).unwrap_or_default();
+        let reason = response
+            .reason
+            .filter(|r| !r.is_empty())
+            .map(|r| format!(" {r}"))
+            .unwrap_or_default();
         return Err(rejected(format!("handshake rejected: HTTP {code}{reason}")));
     }
     let headers = response.headers;
     if !has_token(header(headers, "upgrade"), "websocket") {
-        return Err(rejected("handshake rejected: the response lacks \"Upgrade: websocket\""));
+        return Err(rejected(
+            "handshake rejected: the response lacks \"Upgrade: websocket\"",
+        ));
     }
     if !has_token(header(headers, "connection"), "upgrade") {
-        return Err(rejected("handshake rejected: the response lacks \"Connection: Upgrade\""));
+        return Err(rejected(
+            "handshake rejected: the response lacks \"Connection: Upgrade\"",
+        ));
     }
     match header(headers, "sec-websocket-accept") {
-        None => return Err(rejected("handshake rejected: the response lacks Sec-WebSocket-Accept")),
+        None => {
+            return Err(rejected(
+                "handshake rejected: the response lacks Sec-WebSocket-Accept",
+            ))
+        }
         Some(accept) if accept != derive_accept_key(key.as_bytes()) => {
-            return Err(rejected("handshake rejected: wrong Sec-WebSocket-Accept from the server"))
+            return Err(rejected(
+                "handshake rejected: wrong Sec-WebSocket-Accept from the server",
+            ))
         }
         Some(_) => {}
     }
-    if let Some(extensions) = header(headers, "sec-websocket-extensions").filter(|e| !e.is_empty()) {
-        return Err(rejected(format!("handshake rejected: the server chose extensions that were not offered ({extensions})")));
+    if let Some(extensions) = header(headers, "sec-websocket-extensions").filter(|e| !e.is_empty())
+    {
+        return Err(rejected(format!(
+            "handshake rejected: the server chose extensions that were not offered ({extensions})"
+        )));
     }
-    let protocol = header(headers, "sec-websocket-protocol").filter(|p| !p.is_empty()).map(str::to_owned);
+    let protocol = header(headers, "sec-websocket-protocol")
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned);
     if let Some(chosen) = &protocol {
         if !options.subprotocols.iter().any(|p| p == chosen) {
             return Err(rejected(format!("handshake rejected: the server chose subprotocol {chosen:?}, which was not offered")));
         }
     }
-    Ok(Some(Upgraded { protocol, leftover: buf[head_len..].to_vec() }))
+    Ok(Some(Upgraded {
+        protocol,
+        leftover: buf[head_len..].to_vec(),
+    }))
 }
 
 #[cfg(test)]
@@ -156,7 +193,10 @@ mod tests {
         options.add_header("Authorization", "Bearer x").unwrap();
         options.add_subprotocol("chat").unwrap();
         let head = String::from_utf8(request(&target(), &options, "KEY")).unwrap();
-        assert!(head.starts_with("GET /chat?room=1 HTTP/1.1\r\nHost: example.com:8080\r\n"), "{head}");
+        assert!(
+            head.starts_with("GET /chat?room=1 HTTP/1.1\r\nHost: example.com:8080\r\n"),
+            "{head}"
+        );
         assert!(head.contains("Sec-WebSocket-Key: KEY\r\n"));
         assert!(head.contains("Sec-WebSocket-Protocol: chat\r\n"));
         assert!(head.ends_with("authorization: Bearer x\r\n\r\n"), "{head}");
@@ -170,13 +210,25 @@ mod tests {
         good.extend_from_slice(b"\x81\x02hi");
         let upgraded = parse_response(&good, key, &options).unwrap().unwrap();
         assert_eq!(upgraded.leftover, b"\x81\x02hi");
-        assert!(parse_response(&good[..20], key, &options).unwrap().is_none());
+        assert!(parse_response(&good[..20], key, &options)
+            .unwrap()
+            .is_none());
         let err = |bytes: &[u8]| parse_response(bytes, key, &options).err().unwrap().message;
-        assert_eq!(err(b"HTTP/1.1 403 Forbidden\r\n\r\n"), "handshake rejected: HTTP 403 Forbidden");
+        assert_eq!(
+            err(b"HTTP/1.1 403 Forbidden\r\n\r\n"),
+            "handshake rejected: HTTP 403 Forbidden"
+        );
         assert!(err(&answer("other", "")).contains("wrong Sec-WebSocket-Accept"));
-        assert!(err(b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n").contains("lacks Sec-WebSocket-Accept"));
+        assert!(
+            err(b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
+                .contains("lacks Sec-WebSocket-Accept")
+        );
         assert!(err(&answer(key, "Sec-WebSocket-Protocol: chat\r\n")).contains("not offered"));
-        assert!(err(&answer(key, "Sec-WebSocket-Extensions: permessage-deflate\r\n")).contains("extensions"));
+        assert!(err(&answer(
+            key,
+            "Sec-WebSocket-Extensions: permessage-deflate\r\n"
+        ))
+        .contains("extensions"));
         assert!(err(b"garbage\r\n\r\n").contains("malformed"));
     }
 }

@@ -35,9 +35,14 @@ thread_local! {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Item {
     /// A one-frame message whose payload is `FrameReader::payload()` until the next call.
-    Message { text: bool },
+    Message {
+        text: bool,
+    },
     /// A message in an allocation of its own (a large frame, or reassembled fragments).
-    OwnedMessage { text: bool, data: Vec<u8> },
+    OwnedMessage {
+        text: bool,
+        data: Vec<u8>,
+    },
     /// A ping whose payload is `FrameReader::payload()`.
     Ping,
     Pong,
@@ -121,14 +126,18 @@ impl FrameReader {
             if large.data.len() < large.len {
                 return Ok(None);
             }
-            let LargeFrame { opcode, fin, data, .. } = self.large.take().expect("checked above");
+            let LargeFrame {
+                opcode, fin, data, ..
+            } = self.large.take().expect("checked above");
             if let Some(item) = self.data_frame(opcode, fin, Payload::Owned(data))? {
                 return Ok(Some(item));
             }
         }
         loop {
             let available = &self.buf[self.start..];
-            let Some(header) = parse_header(available)? else { return Ok(None) };
+            let Some(header) = parse_header(available)? else {
+                return Ok(None);
+            };
             self.check_frame(&header)?;
             let len = header.len as usize;
             let body = self.start + header.header_len;
@@ -178,7 +187,11 @@ impl FrameReader {
             buf.clear();
             // Kept as the thread's spare if it has none (the one it had is freed otherwise).
             let spare = SPARE_BUFFER.take();
-            SPARE_BUFFER.set(if spare.capacity() >= buf.capacity() { spare } else { buf });
+            SPARE_BUFFER.set(if spare.capacity() >= buf.capacity() {
+                spare
+            } else {
+                buf
+            });
             self.start = 0;
             self.last_payload = 0..0;
         }
@@ -204,7 +217,8 @@ impl FrameReader {
         if room < MIN_READ || self.buf.capacity() < self.read_size {
             // Exact: a buffer of `read_size` (more only while a frame larger than that waits
             // for its last bytes, and such frames below OWN_ALLOCATION_FROM are small).
-            self.buf.reserve_exact(self.read_size.max(self.buf.len() + MIN_READ) - self.buf.len());
+            self.buf
+                .reserve_exact(self.read_size.max(self.buf.len() + MIN_READ) - self.buf.len());
         }
     }
 
@@ -221,11 +235,22 @@ impl FrameReader {
             CONTINUATION | TEXT | BINARY => {
                 let so_far = self.fragments.as_ref().map_or(0, |f| f.data.len()) as u64;
                 if header.len.saturating_add(so_far) > self.max_message as u64 {
-                    return Err(ReadError::TooBig { size: header.len.saturating_add(so_far), max: self.max_message });
+                    return Err(ReadError::TooBig {
+                        size: header.len.saturating_add(so_far),
+                        max: self.max_message,
+                    });
                 }
                 match (header.opcode, self.fragments.is_some()) {
-                    (CONTINUATION, false) => return Err(ReadError::Protocol("continuation frame without a message to continue")),
-                    (TEXT | BINARY, true) => return Err(ReadError::Protocol("new data frame before the fragmented message ended")),
+                    (CONTINUATION, false) => {
+                        return Err(ReadError::Protocol(
+                            "continuation frame without a message to continue",
+                        ))
+                    }
+                    (TEXT | BINARY, true) => {
+                        return Err(ReadError::Protocol(
+                            "new data frame before the fragmented message ended",
+                        ))
+                    }
                     _ => {}
                 }
             }
@@ -240,11 +265,21 @@ impl FrameReader {
         let mut data = Vec::with_capacity(len + 1);
         data.extend_from_slice(&self.buf[body..]);
         self.buf.truncate(self.start);
-        self.large = Some(LargeFrame { opcode: header.opcode, fin: header.fin, len, data });
+        self.large = Some(LargeFrame {
+            opcode: header.opcode,
+            fin: header.fin,
+            len,
+            data,
+        });
     }
 
     /// A complete data frame: a message, or a fragment of one (None).
-    fn data_frame(&mut self, opcode: u8, fin: bool, payload: Payload) -> Result<Option<Item>, ReadError> {
+    fn data_frame(
+        &mut self,
+        opcode: u8,
+        fin: bool,
+        payload: Payload,
+    ) -> Result<Option<Item>, ReadError> {
         let text = match opcode {
             CONTINUATION => self.fragments.as_ref().is_some_and(|f| f.text),
             opcode => opcode == TEXT,
@@ -262,7 +297,10 @@ impl FrameReader {
                 Payload::Owned(data) => finish_owned(text, data).map(Some),
             };
         }
-        let fragments = self.fragments.get_or_insert_with(|| Fragments { text, data: Vec::new() });
+        let fragments = self.fragments.get_or_insert_with(|| Fragments {
+            text,
+            data: Vec::new(),
+        });
         match payload {
             Payload::InBuffer(range) => fragments.data.extend_from_slice(&self.buf[range]),
             Payload::Owned(data) if fragments.data.is_empty() => fragments.data = data,
@@ -290,7 +328,9 @@ fn finish_owned(text: bool, data: Vec<u8>) -> Result<Item, ReadError> {
 
 /// The frame header at the start of `bytes`, or None if it has not fully arrived.
 fn parse_header(bytes: &[u8]) -> Result<Option<Header>, ReadError> {
-    let [first, second, ..] = *bytes else { return Ok(None) };
+    let [first, second, ..] = *bytes else {
+        return Ok(None);
+    };
     if first & 0x70 != 0 {
         // No extension was negotiated, so no reserved bit may be set.
         return Err(ReadError::Protocol("reserved bits set in a frame header"));
@@ -310,9 +350,16 @@ fn parse_header(bytes: &[u8]) -> Result<Option<Header>, ReadError> {
         short => (short as u64, 2),
     };
     if len >> 63 != 0 {
-        return Err(ReadError::Protocol("frame length with the most significant bit set"));
+        return Err(ReadError::Protocol(
+            "frame length with the most significant bit set",
+        ));
     }
-    Ok(Some(Header { fin: first & 0x80 != 0, opcode: first & 0x0F, header_len, len }))
+    Ok(Some(Header {
+        fin: first & 0x80 != 0,
+        opcode: first & 0x0F,
+        header_len,
+        len,
+    }))
 }
 
 fn parse_close(payload: &[u8]) -> Result<Item, ReadError> {
@@ -413,12 +460,28 @@ mod tests {
                 (Item::Message { text: true }, "héllo".as_bytes().to_vec()),
                 (Item::Message { text: false }, vec![1, 2, 3]),
                 (Item::Ping, b"ping between fragments".to_vec()),
-                (Item::OwnedMessage { text: false, data: b"fragmented".to_vec() }, vec![]),
-                (Item::OwnedMessage { text: false, data: big.clone() }, vec![]),
+                (
+                    Item::OwnedMessage {
+                        text: false,
+                        data: b"fragmented".to_vec(),
+                    },
+                    vec![],
+                ),
+                (
+                    Item::OwnedMessage {
+                        text: false,
+                        data: big.clone(),
+                    },
+                    vec![],
+                ),
                 (Item::Message { text: false }, big[..300].to_vec()),
                 (Item::Close(Some((1000, "bye".into()))), vec![]),
             ];
-            assert!(items == expected, "cut every {step} bytes: {:?}", items.iter().map(|i| &i.0).collect::<Vec<_>>());
+            assert!(
+                items == expected,
+                "cut every {step} bytes: {:?}",
+                items.iter().map(|i| &i.0).collect::<Vec<_>>()
+            );
         }
     }
 
@@ -426,23 +489,70 @@ mod tests {
     fn protocol_violations_are_refused() {
         let cases: Vec<(Vec<u8>, ReadError)> = vec![
             (frame(0x83, b"x"), ReadError::Protocol("reserved opcode")),
-            (frame(0xC1, b"x"), ReadError::Protocol("reserved bits set in a frame header")),
-            (vec![0x81, 0x81, 1, 2, 3, 4, b'x'], ReadError::Protocol("masked frame from the server")),
-            (frame(0x09, b"x"), ReadError::Protocol("fragmented control frame")),
-            (frame(0x89, &[0; 126]), ReadError::Protocol("control frame longer than 125 bytes")),
-            (frame(0x80, b"x"), ReadError::Protocol("continuation frame without a message to continue")),
-            ([frame(0x01, b"a"), frame(0x81, b"b")].concat(), ReadError::Protocol("new data frame before the fragmented message ended")),
-            (frame(0x88, &[3]), ReadError::Protocol("close frame with a one-byte payload")),
-            (frame(0x88, &[0x03, 0xED]), ReadError::Protocol("invalid close code")),
+            (
+                frame(0xC1, b"x"),
+                ReadError::Protocol("reserved bits set in a frame header"),
+            ),
+            (
+                vec![0x81, 0x81, 1, 2, 3, 4, b'x'],
+                ReadError::Protocol("masked frame from the server"),
+            ),
+            (
+                frame(0x09, b"x"),
+                ReadError::Protocol("fragmented control frame"),
+            ),
+            (
+                frame(0x89, &[0; 126]),
+                ReadError::Protocol("control frame longer than 125 bytes"),
+            ),
+            (
+                frame(0x80, b"x"),
+                ReadError::Protocol("continuation frame without a message to continue"),
+            ),
+            (
+                [frame(0x01, b"a"), frame(0x81, b"b")].concat(),
+                ReadError::Protocol("new data frame before the fragmented message ended"),
+            ),
+            (
+                frame(0x88, &[3]),
+                ReadError::Protocol("close frame with a one-byte payload"),
+            ),
+            (
+                frame(0x88, &[0x03, 0xED]),
+                ReadError::Protocol("invalid close code"),
+            ),
             (frame(0x88, &[0x03, 0xE8, 0xFF]), ReadError::InvalidUtf8),
             (frame(0x81, &[b'a', 0xC3]), ReadError::InvalidUtf8),
-            ([frame(0x01, &[0xE2, 0x82]), frame(0x80, &[0x28])].concat(), ReadError::InvalidUtf8),
-            (vec![0x82, 127, 0x80, 0, 0, 0, 0, 0, 0, 0], ReadError::Protocol("frame length with the most significant bit set")),
-            (vec![0x82, 127, 0, 0, 0, 0, 0x10, 0, 0, 0], ReadError::TooBig { size: 1 << 28, max: 1 << 20 }),
-            ([frame(0x02, &[0; 700_000]), frame(0x80, &[0; 400_000])].concat(), ReadError::TooBig { size: 1_100_000, max: 1 << 20 }),
+            (
+                [frame(0x01, &[0xE2, 0x82]), frame(0x80, &[0x28])].concat(),
+                ReadError::InvalidUtf8,
+            ),
+            (
+                vec![0x82, 127, 0x80, 0, 0, 0, 0, 0, 0, 0],
+                ReadError::Protocol("frame length with the most significant bit set"),
+            ),
+            (
+                vec![0x82, 127, 0, 0, 0, 0, 0x10, 0, 0, 0],
+                ReadError::TooBig {
+                    size: 1 << 28,
+                    max: 1 << 20,
+                },
+            ),
+            (
+                [frame(0x02, &[0; 700_000]), frame(0x80, &[0; 400_000])].concat(),
+                ReadError::TooBig {
+                    size: 1_100_000,
+                    max: 1 << 20,
+                },
+            ),
         ];
         for (wire, expected) in cases {
-            assert_eq!(read_all(&wire, wire.len()).unwrap_err(), expected, "{:02x?}", &wire[..wire.len().min(12)]);
+            assert_eq!(
+                read_all(&wire, wire.len()).unwrap_err(),
+                expected,
+                "{:02x?}",
+                &wire[..wire.len().min(12)]
+            );
         }
     }
 
@@ -451,7 +561,16 @@ mod tests {
         let euro = "€".as_bytes();
         let wire = [frame(0x01, &euro[..1]), frame(0x80, &euro[1..])].concat();
         let items = read_all(&wire, 1).unwrap();
-        assert_eq!(items, vec![(Item::OwnedMessage { text: true, data: euro.to_vec() }, vec![])]);
+        assert_eq!(
+            items,
+            vec![(
+                Item::OwnedMessage {
+                    text: true,
+                    data: euro.to_vec()
+                },
+                vec![]
+            )]
+        );
     }
 
     #[test]
@@ -482,7 +601,10 @@ mod tests {
             let whole = read_all(&wire, wire.len()).unwrap();
             for _ in 0..3 {
                 let step = rng.below(3000) as usize + 1;
-                assert!(read_all(&wire, step).unwrap() == whole, "round {round}, cut every {step} bytes");
+                assert!(
+                    read_all(&wire, step).unwrap() == whole,
+                    "round {round}, cut every {step} bytes"
+                );
             }
         }
     }
@@ -506,7 +628,10 @@ mod tests {
     #[test]
     fn an_idle_reader_holds_no_buffer() {
         let mut reader = FrameReader::new(frame(0x82, b"abc"), 65536, 1 << 20);
-        assert_eq!(reader.next_item().unwrap(), Some(Item::Message { text: false }));
+        assert_eq!(
+            reader.next_item().unwrap(),
+            Some(Item::Message { text: false })
+        );
         assert_eq!(reader.next_item().unwrap(), None);
         reader.release_if_drained();
         assert_eq!(reader.buf.capacity(), 0);

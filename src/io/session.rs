@@ -1,6 +1,4 @@
-//! The I/O task of one connection, on the library's tokio threads: connect (DNS, TCP, TLS, HTTP
-//! upgrade), then move messages both ways until the connection ends, then hand the host exactly
-//! one final event.
+//! The session of an open connection: move messages both ways until the connection ends.
 //!
 //! The session is one hand-written poll loop rather than `select!` over futures: nothing is
 //! cancelled half-way, reading and writing never block each other, and one task (no split
@@ -9,30 +7,23 @@
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
-use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::{FutureExt, SinkExt};
-use rustls_pki_types::ServerName;
+use futures_util::SinkExt;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
-use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::conn::{Allowance, Command, Conn, Control, Event, Gate, Outbox, Payload, PayloadArena};
+use super::reader::{FrameReader, Item, ReadError};
+use crate::conn::{Allowance, Command, Conn, Event, Gate, Outbox, Payload, PayloadArena};
 use crate::error::{Error, WsStatus};
-use crate::handshake;
-use crate::reader::{FrameReader, Item, ReadError};
 use crate::options::Options;
-use crate::tls::{self, TlsConfigs};
-use crate::uri::Target;
 
 /// Bytes tungstenite collects before it writes mid-batch; a batch is flushed at its end anyway.
 const WRITE_BUFFER_SIZE: usize = 64 << 10;
@@ -43,124 +34,25 @@ const ROUNDS_PER_POLL: usize = 64;
 /// Messages read before they are handed to the host as one batch (one lock, one wake-up).
 const MAX_BATCH: usize = 1024;
 
-/// Everything a connection task needs.
-pub struct Launch {
-    pub conn: Arc<Conn>,
-    pub target: Target,
-    pub options: Arc<Options>,
-    pub tls: Arc<TlsConfigs>,
-}
-
-/// Runs a connection to its end and queues its final event (none when the client is freed).
-pub async fn run(launch: Launch) {
-    let conn = launch.conn.clone();
-    let outcome = AssertUnwindSafe(drive(launch)).catch_unwind().await;
-    let final_event = outcome.unwrap_or_else(|_| {
-        Some(Event::Error(Error::new(WsStatus::Internal, "internal error: the connection task panicked")))
-    });
-    conn.task_ending();
-    if let Some(event) = final_event {
-        conn.deliver(event);
-    }
-    conn.hub.task_ended();
-}
-
-async fn drive(launch: Launch) -> Option<Event> {
-    let Launch { conn, target, options, tls } = launch;
-    // Boxed, as is the session below: the task itself stays small, and each phase holds only
-    // the memory it needs (the connect machinery is freed once connected).
-    let connecting = Box::pin(tokio::time::timeout(options.connect_timeout, connect(&conn, &target, &options, &tls)));
-    let until_control = poll_fn(|cx| match conn.control(cx.waker()) {
-        Control::Proceed => Poll::Pending,
-        other => Poll::Ready(other),
-    });
-    let connected = tokio::select! {
-        biased;
-        control = until_control => return match control {
-            Control::Shutdown => None,
-            _ => Some(Event::close(1006, "closed by the application before the connection opened")),
-        },
-        connected = connecting => connected,
-    };
-    let connected = match connected {
-        Err(_) => {
-            let ms = options.connect_timeout.as_millis();
-            let msg = format!("connect timeout: {}:{} not connected within {ms} ms", target.host, target.port);
-            return Some(Event::Error(Error::new(WsStatus::ConnectTimeout, msg)));
-        }
-        Ok(Err(e)) => return Some(Event::Error(e)),
-        Ok(Ok(connected)) => connected,
-    };
-    conn.deliver(Event::Open);
-    connected.await
-}
-
-/// The session of a connected stream, boxed: the task's own future stays small whatever the
-/// stream type (a TLS stream alone is kilobytes).
-type SessionFuture = Pin<Box<dyn Future<Output = Option<Event>> + Send>>;
-
-fn session<S>(conn: &Arc<Conn>, stream: S, leftover: Vec<u8>, options: &Arc<Options>) -> SessionFuture
+/// Runs the session of a connected stream; `leftover` holds the bytes that arrived with the
+/// upgrade response. Returns the final event (None when the client is being freed).
+pub(crate) async fn serve<S>(
+    conn: Arc<Conn>,
+    stream: S,
+    leftover: Vec<u8>,
+    options: Arc<Options>,
+) -> Option<Event>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    let conn = conn.clone();
-    let options = options.clone();
-    Box::pin(async move {
-        // tungstenite frames what we send; received frames are read by `FrameReader`, so
-        // tungstenite's own read buffer is never used: none is allocated.
-        let config = WebSocketConfig::default().read_buffer_size(0).write_buffer_size(WRITE_BUFFER_SIZE);
-        let ws = WebSocketStream::from_raw_socket(stream, Role::Client, Some(config)).await;
-        let reader = FrameReader::new(leftover, options.read_buffer_size, options.max_message_size);
-        Session::new(conn, ws, reader, options).run().await
-    })
-}
-
-async fn connect(
-    conn: &Arc<Conn>,
-    target: &Target,
-    options: &Arc<Options>,
-    tls: &TlsConfigs,
-) -> Result<SessionFuture, Error> {
-    let mut tcp = connect_tcp(&target.host, target.port).await?;
-    if !target.tls {
-        let upgraded = handshake::upgrade(&mut tcp, target, options).await?;
-        conn.set_protocol(upgraded.protocol);
-        return Ok(session(conn, tcp, upgraded.leftover, options));
-    }
-    let tls_config = tls.get(&options.extra_ca)?;
-    let name = ServerName::try_from(target.host.clone())
-        .map_err(|_| Error::new(WsStatus::Tls, format!("TLS: {} is not a valid server name", target.host)))?;
-    let mut stream = TlsConnector::from(tls_config)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| Error::new(WsStatus::Tls, tls::describe_handshake_error(&e, &target.host)))?;
-    let upgraded = handshake::upgrade(&mut stream, target, options).await?;
-    conn.set_protocol(upgraded.protocol);
-    Ok(session(conn, stream, upgraded.leftover, options))
-}
-
-async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, Error> {
-    let addrs = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| Error::new(WsStatus::Dns, format!("DNS: cannot resolve {host}: {e}")))?;
-    let mut last_failure = None;
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(stream) => {
-                // Small messages go out at once; batching is done above the socket.
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
-            }
-            Err(e) => last_failure = Some((addr, e)),
-        }
-    }
-    Err(match last_failure {
-        None => Error::new(WsStatus::Dns, format!("DNS: {host} has no address")),
-        Some((addr, e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            Error::new(WsStatus::ConnectFailed, format!("connection refused by {addr}"))
-        }
-        Some((addr, e)) => Error::new(WsStatus::ConnectFailed, format!("cannot connect to {addr}: {e}")),
-    })
+    // tungstenite frames what we send; received frames are read by `FrameReader`, so
+    // tungstenite's own read buffer is never used: none is allocated.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER_SIZE);
+    let ws = WebSocketStream::from_raw_socket(stream, Role::Client, Some(config)).await;
+    let reader = FrameReader::new(leftover, options.read_buffer_size, options.max_message_size);
+    Session::new(conn, ws, reader, options).run().await
 }
 
 /// How a session ended: the final event (None when the client is being freed) and a close
@@ -172,13 +64,19 @@ struct End {
 
 impl End {
     fn event(event: Event) -> End {
-        End { event: Some(event), close_with: None }
+        End {
+            event: Some(event),
+            close_with: None,
+        }
     }
 
     fn failing(status: WsStatus, message: String, code: CloseCode, reason: &'static str) -> End {
         End {
             event: Some(Event::Error(Error::new(status, message))),
-            close_with: Some(CloseFrame { code, reason: reason.into() }),
+            close_with: Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            }),
         }
     }
 }
@@ -214,9 +112,17 @@ struct Session<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    fn new(conn: Arc<Conn>, ws: WebSocketStream<S>, reader: FrameReader, options: Arc<Options>) -> Self {
+    fn new(
+        conn: Arc<Conn>,
+        ws: WebSocketStream<S>,
+        reader: FrameReader,
+        options: Arc<Options>,
+    ) -> Self {
         let now = Instant::now();
-        let first_check = now + options.keepalive_interval.unwrap_or(Duration::from_secs(3600));
+        let first_check = now
+            + options
+                .keepalive_interval
+                .unwrap_or(Duration::from_secs(3600));
         Session {
             conn,
             ws,
@@ -242,8 +148,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn run(mut self) -> Option<Event> {
         let end = poll_fn(|cx| self.poll(cx)).await;
         let close_with = match (&end.event, end.close_with) {
-            (None, _) => Some((CloseFrame { code: CloseCode::Away, reason: "client shutting down".into() }, SHUTDOWN_CLOSE_WAIT)),
-            (Some(_), Some(frame)) => Some((frame, self.options.close_timeout.min(Duration::from_secs(1)))),
+            (None, _) => Some((
+                CloseFrame {
+                    code: CloseCode::Away,
+                    reason: "client shutting down".into(),
+                },
+                SHUTDOWN_CLOSE_WAIT,
+            )),
+            (Some(_), Some(frame)) => Some((
+                frame,
+                self.options.close_timeout.min(Duration::from_secs(1)),
+            )),
             (Some(_), None) => None,
         };
         if let Some((frame, wait)) = close_with {
@@ -296,10 +211,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let gate = if self.batch.is_empty() {
             self.conn.gate(cx.waker())
         } else {
-            self.conn.deliver_then_gate(&mut self.batch, Some(cx.waker()))
+            self.conn
+                .deliver_then_gate(&mut self.batch, Some(cx.waker()))
         };
         match gate {
-            Gate::Shutdown => return Err(End { event: None, close_with: None }),
+            Gate::Shutdown => {
+                return Err(End {
+                    event: None,
+                    close_with: None,
+                })
+            }
             Gate::Open(allowance) => progress |= self.read(cx, allowance)?,
             Gate::Closed => {
                 // The host is behind, not the peer: silence while we do not read proves nothing.
@@ -327,7 +248,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if self.taken.is_empty() {
                 self.take_commands();
             }
-            let Some(command) = self.taken.commands.pop_front() else { return Ok(progress) };
+            let Some(command) = self.taken.commands.pop_front() else {
+                return Ok(progress);
+            };
             progress = true;
             match command {
                 Command::Send { len, .. } if self.close_sent || self.peer_close.is_some() => {
@@ -336,7 +259,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.conn.sent(len);
                 }
                 Command::Send { text, len } => {
-                    let payload = self.payloads.slice(self.next_payload..self.next_payload + len);
+                    let payload = self
+                        .payloads
+                        .slice(self.next_payload..self.next_payload + len);
                     self.next_payload += len;
                     let message = if text {
                         // SAFETY: ws_send checked that the text is UTF-8 before queueing it.
@@ -360,7 +285,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Hands a message to tungstenite, which buffers it until the next flush.
     fn queue(&mut self, message: Message) -> Result<(), End> {
-        self.ws.start_send_unpin(message).map_err(|e| self.io_failure(e))?;
+        self.ws
+            .start_send_unpin(message)
+            .map_err(|e| self.io_failure(e))?;
         self.needs_flush = true;
         Ok(())
     }
@@ -368,7 +295,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Queues the answer to the latest ping, if one is due; returns whether one was (once our
     /// close frame is out, nothing may follow it: the answer is dropped).
     fn queue_pong(&mut self) -> Result<bool, End> {
-        let Some(payload) = self.pong.take() else { return Ok(false) };
+        let Some(payload) = self.pong.take() else {
+            return Ok(false);
+        };
         if !self.close_sent {
             self.queue(Message::Pong(payload))?;
         }
@@ -405,7 +334,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(false);
         }
         let (mut messages, mut bytes, mut progress) = (0, 0, false);
-        while messages < allowance.messages && bytes < allowance.bytes && self.batch.len() + self.arena.pending() < MAX_BATCH {
+        while messages < allowance.messages
+            && bytes < allowance.bytes
+            && self.batch.len() + self.arena.pending() < MAX_BATCH
+        {
             let item = match self.reader.next_item() {
                 Ok(Some(item)) => item,
                 Ok(None) => match self.reader.poll_read_from(self.ws.get_mut(), cx) {
@@ -514,7 +446,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             next = next.min(deadline);
         }
         let mut pinged = false;
-        if let (Some(interval), false) = (self.options.keepalive_interval, self.close_sent || self.peer_close.is_some()) {
+        if let (Some(interval), false) = (
+            self.options.keepalive_interval,
+            self.close_sent || self.peer_close.is_some(),
+        ) {
             let timeout = self.options.keepalive_timeout;
             match self.ping_sent {
                 Some(sent) if now >= sent + timeout => {
@@ -553,7 +488,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     fn io_failure(&mut self, err: WsError) -> End {
         let message = match &err {
-            WsError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "connection reset by the peer".into(),
+            WsError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                "connection reset by the peer".into()
+            }
             WsError::Io(e) => format!("connection lost: {e}"),
             WsError::ConnectionClosed | WsError::AlreadyClosed => "connection closed".into(),
             other => format!("connection lost: {other}"),
@@ -581,28 +518,11 @@ fn refusal(refused: ReadError) -> End {
             CloseCode::Size,
             "message too big",
         ),
-        ReadError::Protocol(what) => {
-            End::failing(WsStatus::Protocol, format!("protocol error: {what}"), CloseCode::Protocol, "protocol error")
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A connection's task holds only what every phase shares; the connect and session phases
-    /// are boxed. Thousands of idle connections depend on it (it once was 12.4 KiB).
-    #[test]
-    fn a_connection_task_stays_small() {
-        fn size_of_future<F: Future>(_: &F) -> usize {
-            std::mem::size_of::<F>()
-        }
-        let hub = Arc::new(crate::dispatch::Hub::new().unwrap());
-        let conn = Arc::new(Conn::new(1, hub, 1, 1));
-        let target = crate::uri::parse("wss://127.0.0.1:1/").unwrap();
-        let launch = Launch { conn, target, options: Arc::new(Options::default()), tls: Arc::new(TlsConfigs::default()) };
-        let size = size_of_future(&run(launch));
-        assert!(size <= 1024, "a connection task is {size} bytes");
+        ReadError::Protocol(what) => End::failing(
+            WsStatus::Protocol,
+            format!("protocol error: {what}"),
+            CloseCode::Protocol,
+            "protocol error",
+        ),
     }
 }

@@ -22,14 +22,21 @@ struct Table {
     free: Vec<u32>,
 }
 
-static TABLE: RwLock<Table> = RwLock::new(Table { slots: Vec::new(), free: Vec::new() });
+static TABLE: RwLock<Table> = RwLock::new(Table {
+    slots: Vec::new(),
+    free: Vec::new(),
+});
 
 fn read() -> RwLockReadGuard<'static, Table> {
-    TABLE.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    TABLE
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn write() -> RwLockWriteGuard<'static, Table> {
-    TABLE.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    TABLE
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn split(handle: WsConn) -> Option<(usize, u32)> {
@@ -44,7 +51,10 @@ pub fn insert(make: impl FnOnce(WsConn) -> Arc<Conn>) -> Arc<Conn> {
     let index = match table.free.pop() {
         Some(index) => index,
         None => {
-            table.slots.push(Slot { generation: 1, conn: None });
+            table.slots.push(Slot {
+                generation: 1,
+                conn: None,
+            });
             (table.slots.len() - 1) as u32
         }
     };
@@ -85,7 +95,13 @@ pub fn remove(handle: WsConn) -> Option<Arc<Conn>> {
 pub fn remove_all(belongs: impl Fn(&Conn) -> bool) -> Vec<Arc<Conn>> {
     let handles: Vec<WsConn> = {
         let table = read();
-        table.slots.iter().filter_map(|s| s.conn.as_ref()).filter(|c| belongs(c)).map(|c| c.id).collect()
+        table
+            .slots
+            .iter()
+            .filter_map(|s| s.conn.as_ref())
+            .filter(|c| belongs(c))
+            .map(|c| c.id)
+            .collect()
     };
     handles.into_iter().filter_map(remove).collect()
 }

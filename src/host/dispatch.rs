@@ -163,13 +163,19 @@ impl Hub {
     pub fn dispatch(&self) -> Result<(u32, bool), Error> {
         let _guard = self.enter_dispatch()?;
         let mut scratch = lock(&self.scratch);
-        let DispatchScratch { connections, events } = &mut *scratch;
+        let DispatchScratch {
+            connections,
+            events,
+        } = &mut *scratch;
         {
             let mut ready = lock(&self.ready);
             self.wakeup.clear();
             std::mem::swap(&mut *ready, connections);
         }
-        let ran = connections.drain(..).map(|conn| conn.dispatch(events)).sum();
+        let ran = connections
+            .drain(..)
+            .map(|conn| conn.dispatch(events))
+            .sum();
         Ok((ran, !lock(&self.ready).is_empty()))
     }
 
@@ -197,7 +203,11 @@ impl Hub {
             None => -1,
             Some(t) => t.as_millis().min(i32::MAX as u128) as i32,
         };
-        let mut pfd = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         let n = unsafe { libc::poll(&mut pfd, 1, ms) };
         n > 0
     }
@@ -215,7 +225,10 @@ impl Hub {
             }
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if remaining == Some(Duration::ZERO) {
-                return Err(Error::new(WsStatus::Timeout, "the time is up and connections are still alive"));
+                return Err(Error::new(
+                    WsStatus::Timeout,
+                    "the time is up and connections are still alive",
+                ));
             }
             self.wait(remaining);
         }

@@ -10,162 +10,19 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Bytes;
-use bytes::BytesMut;
 
-use crate::callbacks::{self, Callbacks, WsMessageKind};
-use crate::dispatch::{self, Hub};
 use crate::error::{Error, WsStatus};
-use crate::handles::{self, WsConn};
+use crate::host::callbacks::{self, Callbacks, WsMessageKind};
+use crate::host::dispatch::{self, Hub};
+use crate::host::handles::{self, WsConn};
 
-/// What the host asks the I/O task to do, in the order it asked.
-pub enum Command {
-    /// A message whose payload is the next `len` bytes of the outbox's payloads.
-    Send { text: bool, len: usize },
-    Close(CloseFrame),
-}
+mod arena;
+mod event;
+mod outbox;
 
-/// Sends and the close request, in the order the host made them, for the I/O task. The
-/// payloads are copied back to back into one buffer: a send allocates nothing of its own, and
-/// the task takes everything queued, buffer included, in one step.
-#[derive(Default)]
-pub struct Outbox {
-    pub commands: VecDeque<Command>,
-    pub payloads: Vec<u8>,
-}
-
-impl Outbox {
-    /// The smallest payload buffer allocated, so that a run of small sends does not grow it
-    /// step by step.
-    const MIN_PAYLOADS: usize = 512;
-
-    fn push_send(&mut self, payload: &[u8], text: bool) {
-        if self.payloads.capacity() == 0 {
-            self.payloads.reserve(payload.len().max(Self::MIN_PAYLOADS));
-        }
-        self.payloads.extend_from_slice(payload);
-        self.commands.push_back(Command::Send { text, len: payload.len() });
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.commands.is_empty()
-    }
-
-    /// Empties the outbox; returns the payload bytes of the sends it held.
-    fn discard(&mut self) -> usize {
-        self.payloads = Vec::new();
-        self.commands.drain(..).map(|c| if let Command::Send { len, .. } = c { len } else { 0 }).sum()
-    }
-}
-
-/// A received message, ready to be handed to the host.
-pub enum Payload {
-    /// UTF-8 text followed by one NUL that is not part of the message.
-    Text(Bytes),
-    Binary(Bytes),
-}
-
-impl Payload {
-    pub fn len(&self) -> usize {
-        match self {
-            Payload::Text(bytes) => bytes.len() - 1,
-            Payload::Binary(bytes) => bytes.len(),
-        }
-    }
-}
-
-/// Copies of small received payloads, packed into shared blocks: one allocation per block
-/// rather than one per message (the host frees them on its thread, so per-message allocations
-/// would also mean per-message cross-thread frees). Payloads are appended to the block as they
-/// are read; when the batch is handed over, the filled part of the block is frozen once and
-/// each message becomes a slice of it (one reference count each, no further bookkeeping). A
-/// block lives until its last message has been dispatched; the writer lets go of it whenever
-/// the task goes idle.
-pub struct PayloadArena {
-    block: BytesMut,
-    /// The payloads appended since the last hand-over: where each ends, and whether it is text.
-    pending: Vec<(usize, bool)>,
-    /// The block was let go of since the last message (or none was ever allocated).
-    idle: bool,
-}
-
-impl Default for PayloadArena {
-    fn default() -> PayloadArena {
-        PayloadArena { block: BytesMut::new(), pending: Vec::new(), idle: true }
-    }
-}
-
-impl PayloadArena {
-    const BLOCK: usize = 8 << 10;
-    const FIRST_BLOCK: usize = 512;
-
-    /// Appends a payload made of `parts` (concatenated); it becomes an event of `batch` at the
-    /// next `drain_into`, in order. A full block is drained into `batch` first.
-    pub fn push(&mut self, parts: &[&[u8]], text: bool, batch: &mut VecDeque<Event>) {
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        if self.block.capacity() - self.block.len() < len {
-            self.drain_into(batch);
-            // The first block after an idle spell is small: a connection that receives one
-            // message at a time would otherwise allocate a whole block for each.
-            let size = if self.idle { Self::FIRST_BLOCK } else { Self::BLOCK };
-            self.idle = false;
-            self.block = BytesMut::with_capacity(size.max(len));
-        }
-        for part in parts {
-            self.block.extend_from_slice(part);
-        }
-        self.pending.push((self.block.len(), text));
-    }
-
-    /// Messages appended and not yet drained.
-    pub fn pending(&self) -> usize {
-        self.pending.len()
-    }
-
-    /// Turns the appended payloads into message events at the end of `batch`.
-    pub fn drain_into(&mut self, batch: &mut VecDeque<Event>) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let filled = self.block.split().freeze();
-        let mut start = 0;
-        for (end, text) in self.pending.drain(..) {
-            let bytes = filled.slice(start..end);
-            start = end;
-            batch.push_back(Event::Message(if text { Payload::Text(bytes) } else { Payload::Binary(bytes) }));
-        }
-    }
-
-    /// Lets go of the current block (what was handed out stays valid). Nothing may be pending.
-    pub fn release(&mut self) {
-        debug_assert!(self.pending.is_empty());
-        self.block = BytesMut::new();
-        self.idle = true;
-    }
-}
-
-/// Events the I/O task produces for the host, delivered in this order per connection.
-pub enum Event {
-    Open,
-    Message(Payload),
-    /// Final: a completed close handshake. `reason` ends with a NUL.
-    Close { code: u16, reason: Vec<u8> },
-    /// Final: everything else.
-    Error(Error),
-}
-
-impl Event {
-    pub fn close(code: u16, reason: &str) -> Event {
-        let mut bytes = Vec::with_capacity(reason.len() + 1);
-        bytes.extend_from_slice(reason.as_bytes());
-        bytes.push(0);
-        Event::Close { code, reason: bytes }
-    }
-
-    fn is_final(&self) -> bool {
-        matches!(self, Event::Close { .. } | Event::Error(_))
-    }
-}
+pub(crate) use arena::PayloadArena;
+pub(crate) use event::{Event, Payload};
+pub(crate) use outbox::{Command, Outbox};
 
 /// Where the connection stands as the host sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,8 +41,6 @@ struct State {
     callbacks: Callbacks,
     inbox: VecDeque<Event>,
     inbox_bytes: usize,
-    /// The most `inbox_bytes` ever reached (the receive-queue bound is tested against it).
-    peak_inbox_bytes: usize,
     inbox_messages: usize,
     /// The connection is in the hub's ready list (or being dispatched right now).
     scheduled: bool,
@@ -264,7 +119,6 @@ impl Conn {
                 callbacks: Callbacks::default(),
                 inbox: VecDeque::new(),
                 inbox_bytes: 0,
-                peak_inbox_bytes: 0,
                 inbox_messages: 0,
                 scheduled: false,
                 flow_control: false,
@@ -288,7 +142,9 @@ impl Conn {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent data behind: every update is a
         // handful of plain assignments. Keep going rather than poisoning the connection.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     // ---- host side -------------------------------------------------------------------------
@@ -305,16 +161,25 @@ impl Conn {
         let len = payload.len();
         let mut st = self.lock();
         if matches!(st.phase, Phase::Closing | Phase::Finished) {
-            return Err(Error::new(WsStatus::Closing, "the connection is closing: nothing more can be sent"));
+            return Err(Error::new(
+                WsStatus::Closing,
+                "the connection is closing: nothing more can be sent",
+            ));
         }
         if st.task_ended {
-            return Err(Error::new(WsStatus::Closing, "the connection has ended: nothing more can be sent"));
+            return Err(Error::new(
+                WsStatus::Closing,
+                "the connection has ended: nothing more can be sent",
+            ));
         }
         let queued = self.buffered.load(Ordering::Relaxed);
         if queued.saturating_add(len) > self.send_queue_limit {
             return Err(Error::new(
                 WsStatus::SendQueueFull,
-                format!("{queued} bytes wait to be sent and the limit is {}", self.send_queue_limit),
+                format!(
+                    "{queued} bytes wait to be sent and the limit is {}",
+                    self.send_queue_limit
+                ),
             ));
         }
         self.buffered.fetch_add(len, Ordering::Relaxed);
@@ -333,15 +198,26 @@ impl Conn {
             match st.phase {
                 Phase::Connecting | Phase::Open => {}
                 Phase::Closing => {
-                    return Err(Error::new(WsStatus::AlreadyClosing, "close was already called on this connection"))
+                    return Err(Error::new(
+                        WsStatus::AlreadyClosing,
+                        "close was already called on this connection",
+                    ))
                 }
-                Phase::Finished => return Err(Error::new(WsStatus::Closing, "the connection is already closed")),
+                Phase::Finished => {
+                    return Err(Error::new(
+                        WsStatus::Closing,
+                        "the connection is already closed",
+                    ))
+                }
             }
             st.phase = Phase::Closing;
             // The task no longer honours flow control once closing: it must read the peer's close.
             st.close_requested = true;
             // Woken either way: the task may be connecting, or holding reads for flow control.
-            wake_if_first(&mut st, |outbox| outbox.commands.push_back(Command::Close(frame))).or_else(|| st.task_waker.take())
+            wake_if_first(&mut st, |outbox| {
+                outbox.commands.push_back(Command::Close(frame))
+            })
+            .or_else(|| st.task_waker.take())
         };
         if let Some(w) = waker {
             dispatch::wake_task(w);
@@ -386,11 +262,6 @@ impl Conn {
         self.buffered.load(Ordering::Relaxed)
     }
 
-    /// The most received bytes that ever waited for dispatch at once (diagnostics and tests).
-    pub fn peak_queued_bytes(&self) -> usize {
-        self.lock().peak_inbox_bytes
-    }
-
     pub fn protocol(&self) -> Option<String> {
         self.lock().protocol.clone()
     }
@@ -429,7 +300,8 @@ impl Conn {
                     self.become_gone();
                     return ran;
                 }
-                let turned_on = !flow_control_at_take && self.flow_control_on.load(Ordering::Acquire);
+                let turned_on =
+                    !flow_control_at_take && self.flow_control_on.load(Ordering::Acquire);
                 if turned_on && !batch.is_empty() {
                     budget += batch.len();
                     self.put_back(batch);
@@ -449,13 +321,18 @@ impl Conn {
     fn deliver_to_host(&self, event: &Event, callbacks: &Callbacks) -> bool {
         match event {
             Event::Open => callbacks::call_open(callbacks.open, self.id),
-            Event::Message(Payload::Text(bytes)) => {
-                callbacks::call_message(callbacks.message, self.id, &bytes[..bytes.len() - 1], WsMessageKind::Text)
-            }
+            Event::Message(Payload::Text(bytes)) => callbacks::call_message(
+                callbacks.message,
+                self.id,
+                &bytes[..bytes.len() - 1],
+                WsMessageKind::Text,
+            ),
             Event::Message(Payload::Binary(bytes)) => {
                 callbacks::call_message(callbacks.message, self.id, bytes, WsMessageKind::Binary)
             }
-            Event::Close { code, reason } => callbacks::call_close(callbacks.close, self.id, *code, reason),
+            Event::Close { code, reason } => {
+                callbacks::call_close(callbacks.close, self.id, *code, reason)
+            }
             Event::Error(e) => {
                 let mut text = e.message.replace('\0', " ").into_bytes();
                 text.push(0);
@@ -478,7 +355,9 @@ impl Conn {
             st.inbox_messages = 0;
         }
         while batch.len() < max && deliverable(&st) {
-            let Some(event) = st.inbox.pop_front() else { break };
+            let Some(event) = st.inbox.pop_front() else {
+                break;
+            };
             match &event {
                 Event::Open => {
                     if st.phase == Phase::Connecting {
@@ -550,7 +429,11 @@ impl Conn {
     }
 
     /// `deliver_batch`, then (with a waker) the gate, under the same lock.
-    pub fn deliver_then_gate(self: &Arc<Self>, events: &mut VecDeque<Event>, waker: Option<&Waker>) -> Gate {
+    pub fn deliver_then_gate(
+        self: &Arc<Self>,
+        events: &mut VecDeque<Event>,
+        waker: Option<&Waker>,
+    ) -> Gate {
         let (messages, bytes) = message_totals(events);
         let mut st = self.lock();
         if st.shutdown {
@@ -565,7 +448,6 @@ impl Conn {
         } else {
             st.inbox.append(events);
         }
-        st.peak_inbox_bytes = st.peak_inbox_bytes.max(st.inbox_bytes);
         let schedule = !st.scheduled && deliverable(&st);
         st.scheduled |= schedule;
         let gate = waker.map_or(Gate::Closed, |w| self.gate_locked(&mut st, w));
@@ -664,18 +546,21 @@ impl Conn {
     }
 
     fn reading_allowed(&self, st: &State) -> bool {
-        let held_by_flow_control =
-            st.flow_control && !st.close_requested && (st.awaiting_complete || st.inbox_messages > 0);
+        let held_by_flow_control = st.flow_control
+            && !st.close_requested
+            && (st.awaiting_complete || st.inbox_messages > 0);
         !held_by_flow_control && st.inbox_bytes < self.receive_queue_limit
     }
 }
 
 /// How many messages, and how many payload bytes, `events` holds.
 fn message_totals(events: &VecDeque<Event>) -> (usize, usize) {
-    events.iter().fold((0, 0), |(messages, bytes), event| match event {
-        Event::Message(payload) => (messages + 1, bytes + payload.len()),
-        _ => (messages, bytes),
-    })
+    events
+        .iter()
+        .fold((0, 0), |(messages, bytes), event| match event {
+            Event::Message(payload) => (messages + 1, bytes + payload.len()),
+            _ => (messages, bytes),
+        })
 }
 
 /// Whether the first event in the inbox may be handed to the host now. While a message waits

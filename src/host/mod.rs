@@ -1,0 +1,9 @@
+//! The host's side: what runs on (or serves) the thread that calls `ws_dispatch`.
+//!
+//! - `dispatch`: the ready list, the wake-up descriptor and dispatch itself;
+//! - `callbacks`: the C callback types and the one place that calls them;
+//! - `handles`: the table behind `ws_conn` handles.
+
+pub mod callbacks;
+pub(crate) mod dispatch;
+pub(crate) mod handles;

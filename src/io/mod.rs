@@ -1,0 +1,13 @@
+//! The I/O side: everything that runs on the library's tokio threads.
+//!
+//! - `task`: one connection's task from connect to its final event;
+//! - `session`: the poll loop of an open connection (tungstenite frames what it sends);
+//! - `reader`: the frames the peer sends, parsed straight from the socket;
+//! - `handshake`: the HTTP upgrade;
+//! - `tls`: TLS configurations and readable TLS errors.
+
+pub(crate) mod handshake;
+pub(crate) mod reader;
+pub(crate) mod session;
+pub(crate) mod task;
+pub(crate) mod tls;
