@@ -14,6 +14,14 @@
  *   returned, the handle is gone: every call with it answers WS_STATUS_GONE, from any thread,
  *   even after the client was freed. A handle value is not reused for a new connection.
  * - Pointers passed to callbacks are valid only during the call.
+ * - Callbacks must return normally: never longjmp out of one, never let a C++ exception
+ *   leave one. Either skips the library's frames and leaves the client wedged (every later
+ *   ws_dispatch answers WS_STATUS_DISPATCH_IN_PROGRESS). A binding catches its engine's
+ *   errors inside the callback: duk_safe_call/duk_pcall in Duktape, lua_pcall in Lua,
+ *   JS_Call's exception value in QuickJS, try/catch in C++.
+ * - The library stops using a connection's `user` pointers once its final callback has
+ *   returned, and a callback replaced by ws_on_* is never called after that call returned:
+ *   either is the moment to free what the pointer points to.
  * - Status numbers never change; ws_status_str() describes them and ws_last_error() tells
  *   what exactly went wrong in the last failed call on the calling thread.
  */
@@ -262,12 +270,14 @@ const char *ws_last_error(void);
 ws_client *ws_client_new(void);
 
 /**
- * Frees a client: every connection still alive is closed (code 1001, sent best-effort within a
- * short time) and becomes gone, without any further callback; the I/O threads stop; then it
- * returns. ws_client_free(NULL) is a no-op returning WS_STATUS_OK.
+ * Frees a client: every connection still alive is closed (code 1001, sent best-effort) and
+ * becomes gone, without any further callback; the I/O threads stop; it returns within 250 ms.
+ * (A DNS look-up still running in the system resolver cannot be interrupted: its thread is
+ * abandoned, ends when the resolver returns, and touches nothing of the client.)
+ * ws_client_free(NULL) is a no-op returning WS_STATUS_OK.
  *
- * Returns WS_STATUS_DISPATCH_IN_PROGRESS and frees nothing if called while a dispatch of this
- * client runs (from inside a callback, or on another thread). No other call on this client
+ * Returns WS_STATUS_DISPATCH_IN_PROGRESS and frees nothing if called while a dispatch or
+ * ws_run of this client runs (from inside a callback, or on another thread). No other call on this client
  * may run concurrently with it or follow it; calls with its connection handles stay safe and
  * answer WS_STATUS_GONE.
  *
@@ -319,7 +329,9 @@ ws_status ws_dispatch(ws_client *client, uint32_t *callbacks_run, bool *more_pen
  * A ready-made event loop: waits on the fd and dispatches until no connection of the client
  * is left (WS_STATUS_OK) or `timeout_ms` milliseconds have passed (WS_STATUS_TIMEOUT); a
  * negative timeout means no limit. Callbacks run on the calling thread. Not inside a callback
- * (WS_STATUS_DISPATCH_IN_PROGRESS).
+ * (WS_STATUS_DISPATCH_IN_PROGRESS). While it runs, it counts as a dispatch throughout: a
+ * ws_dispatch or ws_client_free of this client from another thread is refused with
+ * WS_STATUS_DISPATCH_IN_PROGRESS.
  *
  * # Safety
  * `client` is NULL or a pointer from ws_client_new() that was not freed.
@@ -345,26 +357,42 @@ ws_status ws_run(ws_client *client, int32_t timeout_ms);
 ws_status ws_connect(ws_client *client, const char *uri, ws_conn *conn_out);
 
 /**
- * Sets (or with NULL clears) the open callback. A later registration replaces the earlier
- * one. In force for the next event dispatched. Any thread, also inside callbacks.
+ * Sets (or with NULL clears) the open callback; see ws_open_cb. A later registration replaces
+ * the earlier one.
+ * A registration is in force for every callback that starts after it returned: called from
+ * another thread while a callback of this connection runs, it waits for that callback to
+ * return (so the old callback's `user` may be freed as soon as it returns). Called from
+ * inside a callback, it applies from the next callback on. Any thread, also inside callbacks.
  */
 ws_status ws_on_open(ws_conn conn, ws_open_cb callback, void *user);
 
 /**
- * Sets (or with NULL clears) the message callback; see ws_message_cb. Any thread, also inside
- * callbacks.
+ * Sets (or with NULL clears) the message callback; see ws_message_cb. As ws_on_open().
+ *
+ * A registration is in force for every callback that starts after it returned: called from
+ * another thread while a callback of this connection runs, it waits for that callback to
+ * return (so the old callback's `user` may be freed as soon as it returns). Called from
+ * inside a callback, it applies from the next callback on. Any thread, also inside callbacks.
  */
 ws_status ws_on_message(ws_conn conn, ws_message_cb callback, void *user);
 
 /**
- * Sets (or with NULL clears) the close callback; see ws_close_cb. Any thread, also inside
- * callbacks.
+ * Sets (or with NULL clears) the close callback; see ws_close_cb. As ws_on_open().
+ *
+ * A registration is in force for every callback that starts after it returned: called from
+ * another thread while a callback of this connection runs, it waits for that callback to
+ * return (so the old callback's `user` may be freed as soon as it returns). Called from
+ * inside a callback, it applies from the next callback on. Any thread, also inside callbacks.
  */
 ws_status ws_on_close(ws_conn conn, ws_close_cb callback, void *user);
 
 /**
- * Sets (or with NULL clears) the error callback; see ws_error_cb. Any thread, also inside
- * callbacks.
+ * Sets (or with NULL clears) the error callback; see ws_error_cb. As ws_on_open().
+ *
+ * A registration is in force for every callback that starts after it returned: called from
+ * another thread while a callback of this connection runs, it waits for that callback to
+ * return (so the old callback's `user` may be freed as soon as it returns). Called from
+ * inside a callback, it applies from the next callback on. Any thread, also inside callbacks.
  */
 ws_status ws_on_error(ws_conn conn, ws_error_cb callback, void *user);
 
@@ -395,8 +423,12 @@ ws_status ws_send_binary(ws_conn conn, const void *data, size_t len);
 /**
  * Starts the close handshake after the messages already queued: `code` 0 means 1000, else
  * 1000 or 3000..4999; `reason` (NULL for none) is UTF-8 of at most 123 bytes. The close (or
- * error) callback follows. While connecting, it aborts the connection and the close callback
- * follows with code 1006. A second call does nothing and returns WS_STATUS_ALREADY_CLOSING.
+ * error) callback follows; the close timeout bounds all of it, the queued messages included
+ * (WS_STATUS_CLOSE_TIMEOUT if the peer does not take them and answer in time). While
+ * connecting, it aborts the connection and the close callback follows with code 1006. If the
+ * peer started the close first, it returns WS_STATUS_OK and the close callback follows with the
+ * peer's code. A second call does nothing and returns WS_STATUS_ALREADY_CLOSING; a call from
+ * inside the final callback returns WS_STATUS_CLOSING (the connection has ended).
  * Any thread, also inside callbacks.
  *
  * # Safety
@@ -433,9 +465,9 @@ ws_status ws_buffered_amount(ws_conn conn, size_t *bytes_out);
 
 /**
  * Copies the subprotocol the server chose (NUL-terminated; "" if none, or not open yet) into
- * `buf` of `buf_len` bytes and its length to `*len_out` (optional). If it does not fit,
- * returns WS_STATUS_BUFFER_TOO_SMALL with the length needed in `*len_out`. Any thread, also
- * inside callbacks.
+ * `buf` of `buf_len` bytes and its length (without the NUL) to `*len_out` (optional). If it
+ * does not fit, returns WS_STATUS_BUFFER_TOO_SMALL with the size `buf` needs (the length plus
+ * one, for the NUL) in `*len_out`. Any thread, also inside callbacks.
  *
  * # Safety
  * `buf` is NULL or points to `buf_len` writable bytes; `len_out` is NULL or points to a writable

@@ -2,7 +2,7 @@
 //! runtime) and the hub through which its connections' events reach the host's thread.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::conn::Conn;
 use crate::error::{Error, WsStatus};
@@ -16,10 +16,9 @@ use crate::uri;
 /// I/O threads per client. One thread serves thousands of connections; TLS handshakes are the
 /// only CPU-heavy part, and the host's own thread does the callbacks.
 const IO_THREADS: usize = 1;
-/// Blocking threads, used only for DNS look-ups of host names.
-const MAX_DNS_THREADS: usize = 4;
-/// How long freeing a client waits for its connections to send their close frames.
-const FREE_WAIT: Duration = Duration::from_secs(2);
+/// The longest ws_client_free takes: its connections' close frames are sent within
+/// `SHUTDOWN_CLOSE_WAIT` of it, and the I/O thread stops in what is left.
+pub(crate) const FREE_WAIT: Duration = Duration::from_millis(250);
 
 pub struct Client {
     hub: Arc<Hub>,
@@ -38,7 +37,6 @@ impl Client {
         })?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(IO_THREADS)
-            .max_blocking_threads(MAX_DNS_THREADS)
             .thread_name("wsclient-io")
             .enable_all()
             .build()
@@ -94,14 +92,22 @@ impl Client {
 
     /// Ends every connection (no more callbacks), stops the threads and frees everything. The
     /// caller has claimed the hub with `Hub::begin_shutdown` first.
+    ///
+    /// Returns within `FREE_WAIT`: a DNS look-up still running in the system resolver cannot be
+    /// interrupted, so it is abandoned to its resolver thread (see `io::resolve`), which touches
+    /// nothing of the client.
     pub fn shut_down(mut self) {
+        let deadline = Instant::now() + FREE_WAIT;
         let hub_id = self.hub.id;
         for conn in handles::remove_all(|c| c.hub.id == hub_id) {
             conn.shut_down();
         }
-        self.hub.wait_for_tasks(FREE_WAIT);
+        self.hub
+            .wait_for_tasks(deadline.saturating_duration_since(Instant::now()));
         if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_timeout(FREE_WAIT);
+            // Drops the tasks still running (their close frames were best effort) and joins
+            // the I/O thread: nothing in it blocks (DNS look-ups run elsewhere), so this is quick.
+            drop(runtime);
         }
         self.hub.clear();
     }

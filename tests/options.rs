@@ -53,12 +53,20 @@ fn chosen_subprotocol_is_readable_after_open() {
         WsStatus::Ok
     );
     assert_eq!(&buf[..len + 1], b"chat.v2\0");
-    let mut tiny = [0u8; 4];
+    assert_eq!(len, 7);
+    // Too small: the size needed (the NUL included) comes back, and a buffer of that size works.
+    let mut tiny = [0u8; 7];
     assert_eq!(
         unsafe { ws_protocol(conn, tiny.as_mut_ptr().cast(), tiny.len(), &mut len) },
         WsStatus::BufferTooSmall
     );
-    assert_eq!(len, 7);
+    assert_eq!(len, 8);
+    let mut exact = vec![0u8; len];
+    assert_eq!(
+        unsafe { ws_protocol(conn, exact.as_mut_ptr().cast(), exact.len(), &mut len) },
+        WsStatus::Ok
+    );
+    assert_eq!(exact, b"chat.v2\0");
 }
 
 #[test]

@@ -13,12 +13,14 @@ use super::event::{Event, Payload};
 /// each message becomes a slice of it (one reference count each, no further bookkeeping). A
 /// block lives until its last message has been dispatched; the writer lets go of it whenever
 /// the task goes idle.
-pub struct PayloadArena {
+pub(crate) struct PayloadArena {
     block: BytesMut,
     /// The payloads appended since the last hand-over: where each ends, and whether it is text.
     pending: Vec<(usize, bool)>,
     /// The block was let go of since the last message (or none was ever allocated).
     idle: bool,
+    /// Memory allocated for blocks and not yet charged to a message.
+    uncharged: usize,
 }
 
 impl Default for PayloadArena {
@@ -27,6 +29,7 @@ impl Default for PayloadArena {
             block: BytesMut::new(),
             pending: Vec::new(),
             idle: true,
+            uncharged: 0,
         }
     }
 }
@@ -37,7 +40,7 @@ impl PayloadArena {
 
     /// Appends a payload made of `parts` (concatenated); it becomes an event of `batch` at the
     /// next `drain_into`, in order. A full block is drained into `batch` first.
-    pub fn push(&mut self, parts: &[&[u8]], text: bool, batch: &mut VecDeque<Event>) {
+    pub(crate) fn push(&mut self, parts: &[&[u8]], text: bool, batch: &mut VecDeque<Event>) {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if self.block.capacity() - self.block.len() < len {
             self.drain_into(batch);
@@ -50,6 +53,9 @@ impl PayloadArena {
             };
             self.idle = false;
             self.block = BytesMut::with_capacity(size.max(len));
+            // The whole block is charged once, to the first message in it: a block lives as
+            // long as any of its messages, so a message alone in a block costs the block.
+            self.uncharged += self.block.capacity();
         }
         for part in parts {
             self.block.extend_from_slice(part);
@@ -58,12 +64,12 @@ impl PayloadArena {
     }
 
     /// Messages appended and not yet drained.
-    pub fn pending(&self) -> usize {
+    pub(crate) fn pending(&self) -> usize {
         self.pending.len()
     }
 
     /// Turns the appended payloads into message events at the end of `batch`.
-    pub fn drain_into(&mut self, batch: &mut VecDeque<Event>) {
+    pub(crate) fn drain_into(&mut self, batch: &mut VecDeque<Event>) {
         if self.pending.is_empty() {
             return;
         }
@@ -72,18 +78,58 @@ impl PayloadArena {
         for (end, text) in self.pending.drain(..) {
             let bytes = filled.slice(start..end);
             start = end;
-            batch.push_back(Event::Message(if text {
-                Payload::Text(bytes)
-            } else {
-                Payload::Binary(bytes)
-            }));
+            let held = std::mem::take(&mut self.uncharged);
+            batch.push_back(Event::Message(Payload::new(bytes, text, held)));
         }
     }
 
     /// Lets go of the current block (what was handed out stays valid). Nothing may be pending.
-    pub fn release(&mut self) {
+    pub(crate) fn release(&mut self) {
         debug_assert!(self.pending.is_empty());
         self.block = BytesMut::new();
         self.idle = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn costs(batch: &VecDeque<Event>) -> Vec<usize> {
+        batch
+            .iter()
+            .map(|e| e.cost() - super::super::event::RECEIVE_OVERHEAD)
+            .collect()
+    }
+
+    #[test]
+    fn each_block_is_charged_once_to_its_first_message() {
+        let mut arena = PayloadArena::default();
+        let mut batch = VecDeque::new();
+        arena.push(&[b"a"], false, &mut batch);
+        arena.push(&[b"bc", b"\0"], true, &mut batch);
+        arena.drain_into(&mut batch);
+        assert_eq!(costs(&batch), [PayloadArena::FIRST_BLOCK, 0]);
+        // The same block, after a hand-over: already paid for.
+        arena.push(&[b"d"], false, &mut batch);
+        arena.drain_into(&mut batch);
+        assert_eq!(costs(&batch)[2], 0);
+        // A payload that does not fit starts a new, full-size block.
+        arena.push(&[&[7u8; 600]], false, &mut batch);
+        arena.drain_into(&mut batch);
+        assert_eq!(costs(&batch)[3], PayloadArena::BLOCK);
+        // After an idle spell, a small block again.
+        arena.release();
+        arena.push(&[b"e"], false, &mut batch);
+        arena.drain_into(&mut batch);
+        assert_eq!(costs(&batch)[4], PayloadArena::FIRST_BLOCK);
+        let data: Vec<&[u8]> = batch
+            .iter()
+            .map(|e| match e {
+                Event::Message(p) => p.data(),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(data[..3], [&b"a"[..], b"bc", b"d"]);
     }
 }

@@ -1,27 +1,61 @@
 //! Events for the host and the received payloads they carry.
 
+use std::mem::size_of;
+
 use tokio_tungstenite::tungstenite::Bytes;
 
 use crate::error::Error;
 
+/// What one received message costs beyond its payload while it waits for dispatch, counted
+/// against the receive queue limit so that a flood of empty messages is bounded like a flood
+/// of large ones: its event in the queues that hold it (twice, for their spare capacity).
+pub(crate) const RECEIVE_OVERHEAD: usize = 2 * size_of::<Event>();
+
 /// A received message, ready to be handed to the host.
-pub enum Payload {
-    /// UTF-8 text followed by one NUL that is not part of the message.
-    Text(Bytes),
-    Binary(Bytes),
+pub(crate) struct Payload {
+    /// The message; text is UTF-8 followed by one NUL that is not part of it.
+    bytes: Bytes,
+    text: bool,
+    /// The bytes it holds in memory (its allocation, or its part of a shared block) plus
+    /// `RECEIVE_OVERHEAD`.
+    cost: usize,
 }
 
 impl Payload {
-    pub fn len(&self) -> usize {
-        match self {
-            Payload::Text(bytes) => bytes.len() - 1,
-            Payload::Binary(bytes) => bytes.len(),
+    /// `bytes` as described on the field; `held` the memory they keep alive.
+    pub(crate) fn new(bytes: Bytes, text: bool, held: usize) -> Payload {
+        debug_assert!(!text || bytes.last() == Some(&0));
+        Payload {
+            bytes,
+            text,
+            cost: held + RECEIVE_OVERHEAD,
         }
+    }
+
+    /// A payload that owns its allocation (text followed by its NUL): it costs the
+    /// allocation's capacity, not its length.
+    pub(crate) fn owned(data: Vec<u8>, text: bool) -> Payload {
+        let held = data.capacity();
+        Payload::new(Bytes::from(data), text, held)
+    }
+
+    pub(crate) fn is_text(&self) -> bool {
+        self.text
+    }
+
+    /// The message's bytes (without the NUL that follows text).
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.bytes[..self.bytes.len() - self.text as usize]
+    }
+
+    /// What it costs while it waits, in bytes.
+    pub(crate) fn cost(&self) -> usize {
+        self.cost
     }
 }
 
 /// Events the I/O task produces for the host, delivered in this order per connection.
-pub enum Event {
+pub(crate) enum Event {
     Open,
     Message(Payload),
     /// Final: a completed close handshake. `reason` ends with a NUL.
@@ -34,7 +68,7 @@ pub enum Event {
 }
 
 impl Event {
-    pub fn close(code: u16, reason: &str) -> Event {
+    pub(crate) fn close(code: u16, reason: &str) -> Event {
         let mut bytes = Vec::with_capacity(reason.len() + 1);
         bytes.extend_from_slice(reason.as_bytes());
         bytes.push(0);
@@ -46,5 +80,14 @@ impl Event {
 
     pub(crate) fn is_final(&self) -> bool {
         matches!(self, Event::Close { .. } | Event::Error(_))
+    }
+
+    /// What it costs while it waits for dispatch (0 for events that are not messages: there
+    /// are at most two of them per connection).
+    pub(crate) fn cost(&self) -> usize {
+        match self {
+            Event::Message(payload) => payload.cost(),
+            _ => 0,
+        }
     }
 }

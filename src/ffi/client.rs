@@ -58,12 +58,14 @@ pub extern "C" fn ws_client_new() -> *mut WsClient {
     })
 }
 
-/// Frees a client: every connection still alive is closed (code 1001, sent best-effort within a
-/// short time) and becomes gone, without any further callback; the I/O threads stop; then it
-/// returns. ws_client_free(NULL) is a no-op returning WS_STATUS_OK.
+/// Frees a client: every connection still alive is closed (code 1001, sent best-effort) and
+/// becomes gone, without any further callback; the I/O threads stop; it returns within 250 ms.
+/// (A DNS look-up still running in the system resolver cannot be interrupted: its thread is
+/// abandoned, ends when the resolver returns, and touches nothing of the client.)
+/// ws_client_free(NULL) is a no-op returning WS_STATUS_OK.
 ///
-/// Returns WS_STATUS_DISPATCH_IN_PROGRESS and frees nothing if called while a dispatch of this
-/// client runs (from inside a callback, or on another thread). No other call on this client
+/// Returns WS_STATUS_DISPATCH_IN_PROGRESS and frees nothing if called while a dispatch or
+/// ws_run of this client runs (from inside a callback, or on another thread). No other call on this client
 /// may run concurrently with it or follow it; calls with its connection handles stay safe and
 /// answer WS_STATUS_GONE.
 ///
@@ -145,7 +147,9 @@ pub unsafe extern "C" fn ws_dispatch(
 /// A ready-made event loop: waits on the fd and dispatches until no connection of the client
 /// is left (WS_STATUS_OK) or `timeout_ms` milliseconds have passed (WS_STATUS_TIMEOUT); a
 /// negative timeout means no limit. Callbacks run on the calling thread. Not inside a callback
-/// (WS_STATUS_DISPATCH_IN_PROGRESS).
+/// (WS_STATUS_DISPATCH_IN_PROGRESS). While it runs, it counts as a dispatch throughout: a
+/// ws_dispatch or ws_client_free of this client from another thread is refused with
+/// WS_STATUS_DISPATCH_IN_PROGRESS.
 ///
 /// # Safety
 /// `client` is NULL or a pointer from ws_client_new() that was not freed.

@@ -14,8 +14,12 @@ use crate::host::callbacks::{
 };
 use crate::host::handles::WsConn;
 
-/// Sets (or with NULL clears) the open callback. A later registration replaces the earlier
-/// one. In force for the next event dispatched. Any thread, also inside callbacks.
+/// Sets (or with NULL clears) the open callback; see ws_open_cb. A later registration replaces
+/// the earlier one.
+/// A registration is in force for every callback that starts after it returned: called from
+/// another thread while a callback of this connection runs, it waits for that callback to
+/// return (so the old callback's `user` may be freed as soon as it returns). Called from
+/// inside a callback, it applies from the next callback on. Any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_on_open(
     conn: WsConn,
@@ -23,13 +27,17 @@ pub extern "C" fn ws_on_open(
     user: *mut c_void,
 ) -> WsStatus {
     ffi_status!({
-        live(conn)?.callbacks_mut(|c| c.open = (callback, UserPtr(user)));
+        live(conn)?.set_callbacks(|c| c.open = (callback, UserPtr(user)));
         Ok(())
     })
 }
 
-/// Sets (or with NULL clears) the message callback; see ws_message_cb. Any thread, also inside
-/// callbacks.
+/// Sets (or with NULL clears) the message callback; see ws_message_cb. As ws_on_open().
+///
+/// A registration is in force for every callback that starts after it returned: called from
+/// another thread while a callback of this connection runs, it waits for that callback to
+/// return (so the old callback's `user` may be freed as soon as it returns). Called from
+/// inside a callback, it applies from the next callback on. Any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_on_message(
     conn: WsConn,
@@ -37,13 +45,17 @@ pub extern "C" fn ws_on_message(
     user: *mut c_void,
 ) -> WsStatus {
     ffi_status!({
-        live(conn)?.callbacks_mut(|c| c.message = (callback, UserPtr(user)));
+        live(conn)?.set_callbacks(|c| c.message = (callback, UserPtr(user)));
         Ok(())
     })
 }
 
-/// Sets (or with NULL clears) the close callback; see ws_close_cb. Any thread, also inside
-/// callbacks.
+/// Sets (or with NULL clears) the close callback; see ws_close_cb. As ws_on_open().
+///
+/// A registration is in force for every callback that starts after it returned: called from
+/// another thread while a callback of this connection runs, it waits for that callback to
+/// return (so the old callback's `user` may be freed as soon as it returns). Called from
+/// inside a callback, it applies from the next callback on. Any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_on_close(
     conn: WsConn,
@@ -51,13 +63,17 @@ pub extern "C" fn ws_on_close(
     user: *mut c_void,
 ) -> WsStatus {
     ffi_status!({
-        live(conn)?.callbacks_mut(|c| c.close = (callback, UserPtr(user)));
+        live(conn)?.set_callbacks(|c| c.close = (callback, UserPtr(user)));
         Ok(())
     })
 }
 
-/// Sets (or with NULL clears) the error callback; see ws_error_cb. Any thread, also inside
-/// callbacks.
+/// Sets (or with NULL clears) the error callback; see ws_error_cb. As ws_on_open().
+///
+/// A registration is in force for every callback that starts after it returned: called from
+/// another thread while a callback of this connection runs, it waits for that callback to
+/// return (so the old callback's `user` may be freed as soon as it returns). Called from
+/// inside a callback, it applies from the next callback on. Any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_on_error(
     conn: WsConn,
@@ -65,7 +81,7 @@ pub extern "C" fn ws_on_error(
     user: *mut c_void,
 ) -> WsStatus {
     ffi_status!({
-        live(conn)?.callbacks_mut(|c| c.error = (callback, UserPtr(user)));
+        live(conn)?.set_callbacks(|c| c.error = (callback, UserPtr(user)));
         Ok(())
     })
 }
@@ -85,13 +101,14 @@ pub extern "C" fn ws_on_error(
 pub unsafe extern "C" fn ws_send(conn: WsConn, text: *const c_char, len: usize) -> WsStatus {
     ffi_status!({
         let bytes = byte_slice(text.cast(), len, "text")?;
-        std::str::from_utf8(bytes).map_err(|e| {
+        let conn = live(conn)?;
+        let text = std::str::from_utf8(bytes).map_err(|e| {
             Error::new(
                 WsStatus::InvalidUtf8,
                 format!("text is not valid UTF-8 ({e})"),
             )
         })?;
-        live(conn)?.send(bytes, true)
+        conn.send_text(text)
     })
 }
 
@@ -104,14 +121,18 @@ pub unsafe extern "C" fn ws_send(conn: WsConn, text: *const c_char, len: usize) 
 pub unsafe extern "C" fn ws_send_binary(conn: WsConn, data: *const c_void, len: usize) -> WsStatus {
     ffi_status!({
         let bytes = byte_slice(data.cast(), len, "data")?;
-        live(conn)?.send(bytes, false)
+        live(conn)?.send_binary(bytes)
     })
 }
 
 /// Starts the close handshake after the messages already queued: `code` 0 means 1000, else
 /// 1000 or 3000..4999; `reason` (NULL for none) is UTF-8 of at most 123 bytes. The close (or
-/// error) callback follows. While connecting, it aborts the connection and the close callback
-/// follows with code 1006. A second call does nothing and returns WS_STATUS_ALREADY_CLOSING.
+/// error) callback follows; the close timeout bounds all of it, the queued messages included
+/// (WS_STATUS_CLOSE_TIMEOUT if the peer does not take them and answer in time). While
+/// connecting, it aborts the connection and the close callback follows with code 1006. If the
+/// peer started the close first, it returns WS_STATUS_OK and the close callback follows with the
+/// peer's code. A second call does nothing and returns WS_STATUS_ALREADY_CLOSING; a call from
+/// inside the final callback returns WS_STATUS_CLOSING (the connection has ended).
 /// Any thread, also inside callbacks.
 ///
 /// # Safety
@@ -119,6 +140,7 @@ pub unsafe extern "C" fn ws_send_binary(conn: WsConn, data: *const c_void, len: 
 #[no_mangle]
 pub unsafe extern "C" fn ws_close(conn: WsConn, code: u16, reason: *const c_char) -> WsStatus {
     ffi_status!({
+        let conn = live(conn)?;
         let code = if code == 0 { 1000 } else { code };
         if !(code == 1000 || (3000..=4999).contains(&code)) {
             return Err(Error::new(
@@ -141,7 +163,7 @@ pub unsafe extern "C" fn ws_close(conn: WsConn, code: u16, reason: *const c_char
             code: CloseCode::from(code),
             reason: reason.into(),
         };
-        live(conn)?.close(frame)
+        conn.close(frame)
     })
 }
 
@@ -188,9 +210,9 @@ pub unsafe extern "C" fn ws_buffered_amount(conn: WsConn, bytes_out: *mut usize)
 }
 
 /// Copies the subprotocol the server chose (NUL-terminated; "" if none, or not open yet) into
-/// `buf` of `buf_len` bytes and its length to `*len_out` (optional). If it does not fit,
-/// returns WS_STATUS_BUFFER_TOO_SMALL with the length needed in `*len_out`. Any thread, also
-/// inside callbacks.
+/// `buf` of `buf_len` bytes and its length (without the NUL) to `*len_out` (optional). If it
+/// does not fit, returns WS_STATUS_BUFFER_TOO_SMALL with the size `buf` needs (the length plus
+/// one, for the NUL) in `*len_out`. Any thread, also inside callbacks.
 ///
 /// # Safety
 /// `buf` is NULL or points to `buf_len` writable bytes; `len_out` is NULL or points to a writable
@@ -204,13 +226,15 @@ pub unsafe extern "C" fn ws_protocol(
 ) -> WsStatus {
     ffi_status!({
         let protocol = live(conn)?.protocol().unwrap_or_default();
-        write_out(len_out, protocol.len());
-        if buf.is_null() || buf_len <= protocol.len() {
+        let needed = protocol.len() + 1;
+        if buf.is_null() || buf_len < needed {
+            write_out(len_out, needed);
             return Err(Error::new(
                 WsStatus::BufferTooSmall,
-                format!("the protocol needs {} bytes plus the NUL", protocol.len()),
+                format!("the protocol needs a buffer of {needed} bytes (its length plus the NUL)"),
             ));
         }
+        write_out(len_out, protocol.len());
         std::ptr::copy_nonoverlapping(protocol.as_ptr(), buf.cast(), protocol.len());
         *buf.add(protocol.len()) = 0;
         Ok(())

@@ -162,6 +162,11 @@ impl Hub {
     /// more are pending (events that arrived meanwhile, or beyond one round's budget).
     pub fn dispatch(&self) -> Result<(u32, bool), Error> {
         let _guard = self.enter_dispatch()?;
+        Ok(self.dispatch_entered())
+    }
+
+    /// `dispatch`, by a caller that holds the dispatch guard.
+    fn dispatch_entered(&self) -> (u32, bool) {
         let mut scratch = lock(&self.scratch);
         let DispatchScratch {
             connections,
@@ -176,7 +181,7 @@ impl Hub {
             .drain(..)
             .map(|conn| conn.dispatch(events))
             .sum();
-        Ok((ran, !lock(&self.ready).is_empty()))
+        (ran, !lock(&self.ready).is_empty())
     }
 
     fn enter_dispatch(&self) -> Result<DispatchGuard<'_>, Error> {
@@ -212,11 +217,14 @@ impl Hub {
         n > 0
     }
 
-    /// Dispatches until no connection is left or `timeout` has passed.
+    /// Dispatches until no connection is left or `timeout` has passed. It holds the dispatch
+    /// guard throughout, also while it waits: a ws_client_free (or a dispatch) from another
+    /// thread meanwhile is refused instead of freeing what it uses.
     pub fn run(&self, timeout: Option<Duration>) -> Result<(), Error> {
+        let _guard = self.enter_dispatch()?;
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
-            let (_, more) = self.dispatch()?;
+            let (_, more) = self.dispatch_entered();
             if self.live_connections() == 0 {
                 return Ok(());
             }

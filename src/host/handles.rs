@@ -1,9 +1,10 @@
 //! The process-wide table that turns a `ws_conn` integer into a live connection.
 //!
 //! A handle is `(generation << 32) | (slot index + 1)`. A slot's generation changes each time
-//! it is freed, so a stale handle never finds a newer connection that reuses the slot. The table
-//! is global rather than per client so that a call with a gone handle is answered safely even
-//! after its client has been freed.
+//! it is freed, so a stale handle never finds a newer connection that reuses the slot; a slot
+//! whose generation would wrap is retired for good (16 bytes, after 2^32 connections through
+//! it), so a handle value is never reused. The table is global rather than per client so that
+//! a call with a gone handle is answered safely even after its client has been freed.
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -22,10 +23,58 @@ struct Table {
     free: Vec<u32>,
 }
 
-static TABLE: RwLock<Table> = RwLock::new(Table {
-    slots: Vec::new(),
-    free: Vec::new(),
-});
+static TABLE: RwLock<Table> = RwLock::new(Table::new());
+
+impl Table {
+    const fn new() -> Table {
+        Table {
+            slots: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+
+    fn insert(&mut self, make: impl FnOnce(WsConn) -> Arc<Conn>) -> Arc<Conn> {
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                self.slots.push(Slot {
+                    generation: 1,
+                    conn: None,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        let handle = ((slot.generation as u64) << 32) | (index as u64 + 1);
+        let conn = make(handle);
+        slot.conn = Some(conn.clone());
+        conn
+    }
+
+    fn lookup(&self, handle: WsConn) -> Option<Arc<Conn>> {
+        let (index, generation) = split(handle)?;
+        let slot = self.slots.get(index)?;
+        if slot.generation != generation {
+            return None;
+        }
+        slot.conn.clone()
+    }
+
+    fn remove(&mut self, handle: WsConn) -> Option<Arc<Conn>> {
+        let (index, generation) = split(handle)?;
+        let slot = self.slots.get_mut(index)?;
+        if slot.generation != generation || slot.conn.is_none() {
+            return None;
+        }
+        let conn = slot.conn.take();
+        // Once every handle value this slot can make has been used, it is retired (not freed).
+        if let Some(next) = slot.generation.checked_add(1) {
+            slot.generation = next;
+            self.free.push(index as u32);
+        }
+        conn
+    }
+}
 
 fn read() -> RwLockReadGuard<'static, Table> {
     TABLE
@@ -47,48 +96,17 @@ fn split(handle: WsConn) -> Option<(usize, u32)> {
 
 /// Puts a new connection into the table; `make` receives the handle it will be known by.
 pub fn insert(make: impl FnOnce(WsConn) -> Arc<Conn>) -> Arc<Conn> {
-    let mut table = write();
-    let index = match table.free.pop() {
-        Some(index) => index,
-        None => {
-            table.slots.push(Slot {
-                generation: 1,
-                conn: None,
-            });
-            (table.slots.len() - 1) as u32
-        }
-    };
-    let slot = &mut table.slots[index as usize];
-    let handle = ((slot.generation as u64) << 32) | (index as u64 + 1);
-    let conn = make(handle);
-    slot.conn = Some(conn.clone());
-    conn
+    write().insert(make)
 }
 
 /// The live connection behind `handle`, if it is not gone.
 pub fn lookup(handle: WsConn) -> Option<Arc<Conn>> {
-    let (index, generation) = split(handle)?;
-    let table = read();
-    let slot = table.slots.get(index)?;
-    if slot.generation != generation {
-        return None;
-    }
-    slot.conn.clone()
+    read().lookup(handle)
 }
 
 /// Removes `handle` from the table: from now on it is gone. Returns the connection it named.
 pub fn remove(handle: WsConn) -> Option<Arc<Conn>> {
-    let (index, generation) = split(handle)?;
-    let mut table = write();
-    let slot = table.slots.get_mut(index)?;
-    if slot.generation != generation || slot.conn.is_none() {
-        return None;
-    }
-    let conn = slot.conn.take();
-    // Generation 0 is skipped so that no handle is ever 0.
-    slot.generation = slot.generation.wrapping_add(1).max(1);
-    table.free.push(index as u32);
-    conn
+    write().remove(handle)
 }
 
 /// Removes every connection for which `belongs` is true, returning them.
@@ -104,4 +122,56 @@ pub fn remove_all(belongs: impl Fn(&Conn) -> bool) -> Vec<Arc<Conn>> {
             .collect()
     };
     handles.into_iter().filter_map(remove).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::dispatch::Hub;
+
+    fn conn(hub: &Arc<Hub>) -> impl FnOnce(WsConn) -> Arc<Conn> + '_ {
+        move |id| Arc::new(Conn::new(id, hub.clone(), 1, 1))
+    }
+
+    #[test]
+    fn a_stale_handle_never_names_a_newer_connection() {
+        let hub = Arc::new(Hub::new().unwrap());
+        let mut table = Table::new();
+        let first = table.insert(conn(&hub)).id;
+        assert!(table.remove(first).is_some());
+        let second = table.insert(conn(&hub)).id;
+        assert_ne!(first, second, "the slot is reused with a new generation");
+        assert!(table.lookup(first).is_none());
+        assert!(table.remove(first).is_none());
+        assert_eq!(table.lookup(second).map(|c| c.id), Some(second));
+        assert!(table.lookup(0).is_none(), "0 is never a handle");
+    }
+
+    #[test]
+    fn a_slot_is_retired_before_its_generation_wraps() {
+        let hub = Arc::new(Hub::new().unwrap());
+        let mut table = Table::new();
+        // A free slot that 2^32 - 2 connections have gone through already.
+        table.slots.push(Slot {
+            generation: u32::MAX,
+            conn: None,
+        });
+        table.free.push(0);
+        let last = table.insert(conn(&hub)).id;
+        assert_eq!(last, (u64::from(u32::MAX) << 32) | 1);
+        assert!(table.remove(last).is_some());
+        let next = table.insert(conn(&hub)).id;
+        assert_eq!(
+            next,
+            (1 << 32) | 2,
+            "the retired slot is not reused: a new one is made"
+        );
+        assert!(table.lookup(last).is_none());
+        assert!(table.remove(last).is_none());
+        assert_eq!(
+            table.slots[0].generation,
+            u32::MAX,
+            "retired, not wrapped to a generation already used"
+        );
+    }
 }

@@ -4,10 +4,12 @@
 //! - `session`: the poll loop of an open connection (tungstenite frames what it sends);
 //! - `reader`: the frames the peer sends, parsed straight from the socket;
 //! - `handshake`: the HTTP upgrade;
+//! - `resolve`: host names, on resolver threads shared by all clients;
 //! - `tls`: TLS configurations and readable TLS errors.
 
 pub(crate) mod handshake;
 pub(crate) mod reader;
+pub(crate) mod resolve;
 pub(crate) mod session;
 pub(crate) mod task;
 pub(crate) mod tls;

@@ -16,6 +16,7 @@ use std::task::{Context, Poll};
 
 use std::cell::Cell;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// A data frame at least this large that is not complete in the buffer is read into an
@@ -33,12 +34,13 @@ thread_local! {
 
 /// What the peer sent, one complete item at a time.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Item {
+pub(crate) enum Item {
     /// A one-frame message whose payload is `FrameReader::payload()` until the next call.
     Message {
         text: bool,
     },
-    /// A message in an allocation of its own (a large frame, or reassembled fragments).
+    /// A message in an allocation of its own (a large frame, or reassembled fragments); text
+    /// is followed by a NUL that is not part of it.
     OwnedMessage {
         text: bool,
         data: Vec<u8>,
@@ -52,13 +54,23 @@ pub enum Item {
 
 /// Why the peer's bytes were refused; each maps to a close code.
 #[derive(Debug, PartialEq, Eq)]
-pub enum ReadError {
+pub(crate) enum ReadError {
     /// 1002.
     Protocol(&'static str),
     /// 1007.
     InvalidUtf8,
     /// 1009.
     TooBig { size: u64, max: usize },
+    /// 1009: the memory for a message of `size` bytes could not be allocated.
+    OutOfMemory { size: u64 },
+}
+
+/// A control frame found behind data the host has not taken yet (see
+/// `FrameReader::next_buffered_control`).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Buffered {
+    Ping(Bytes),
+    Pong,
 }
 
 /// A data frame being read into its own allocation.
@@ -73,9 +85,12 @@ struct LargeFrame {
 struct Fragments {
     text: bool,
     data: Vec<u8>,
+    /// Text: how much of `data` is known to be valid UTF-8 (the rest is the start of a
+    /// character that the next fragment completes).
+    valid_up_to: usize,
 }
 
-pub struct FrameReader {
+pub(crate) struct FrameReader {
     /// Bytes read and not parsed yet start at `start`.
     buf: Vec<u8>,
     start: usize,
@@ -122,8 +137,10 @@ impl FrameReader {
 
     /// The next complete item, or None when more bytes must be read first (`poll_read_from`).
     pub fn next_item(&mut self) -> Result<Option<Item>, ReadError> {
-        if let Some(large) = &self.large {
+        if let Some(large) = &mut self.large {
             if large.data.len() < large.len {
+                // Room for what may arrive next: memory follows the bytes that arrived.
+                grow_for_arrival(&mut large.data, large.len, self.read_size)?;
                 return Ok(None);
             }
             let LargeFrame {
@@ -143,7 +160,7 @@ impl FrameReader {
             let body = self.start + header.header_len;
             if self.buf.len() - body < len {
                 if header.opcode < CLOSE && len >= OWN_ALLOCATION_FROM {
-                    self.start_large_frame(&header, body);
+                    self.start_large_frame(&header, body)?;
                 }
                 return Ok(None);
             }
@@ -172,12 +189,64 @@ impl FrameReader {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<usize>> {
         if let Some(large) = &mut self.large {
+            // `next_item` made room for some of the missing bytes.
             let missing = large.len - large.data.len();
-            return poll_read_into(stream, cx, &mut large.data, missing);
+            let room = missing.min(large.data.capacity() - large.data.len());
+            return poll_read_into(stream, cx, &mut large.data, room);
         }
         self.make_room();
         let room = self.buf.capacity() - self.buf.len();
         poll_read_into(stream, cx, &mut self.buf, room)
+    }
+
+    /// Control frames that arrived behind data frames not read yet, taken out of the buffer
+    /// (the data frames stay): while the host holds messages, a ping behind them is answered.
+    /// Only what is in the buffer is seen (see `poll_read_ahead`); a close frame, a frame not
+    /// complete yet, or bytes that break the protocol end the search (they are dealt with in
+    /// order, when the host has caught up).
+    pub fn next_buffered_control(&mut self) -> Option<Buffered> {
+        if self.large.is_some() {
+            return None;
+        }
+        let mut at = self.start;
+        loop {
+            let header = parse_header(&self.buf[at..]).ok()??;
+            let body = at + header.header_len;
+            let end = body.checked_add(usize::try_from(header.len).ok()?)?;
+            if end > self.buf.len() {
+                return None;
+            }
+            match header.opcode {
+                CONTINUATION | TEXT | BINARY => at = end,
+                PING | PONG if header.fin && header.len <= 125 => {
+                    let found = match header.opcode {
+                        PING => Buffered::Ping(Bytes::copy_from_slice(&self.buf[body..end])),
+                        _ => Buffered::Pong,
+                    };
+                    // Moves the bytes behind it: at most one read buffer.
+                    self.buf.drain(at..end);
+                    return Some(found);
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Reads more bytes into the buffer while the host holds messages, as long as the bytes
+    /// waiting in it stay under one read buffer: what `next_buffered_control` can search.
+    /// None when there is no room (or a large frame is being read): the rest waits.
+    pub fn poll_read_ahead<S: AsyncRead + Unpin>(
+        &mut self,
+        stream: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Option<Poll<io::Result<usize>>> {
+        let waiting = self.buf.len() - self.start;
+        if self.large.is_some() || waiting >= self.read_size {
+            return None;
+        }
+        self.make_room();
+        let room = (self.read_size - waiting).min(self.buf.capacity() - self.buf.len());
+        Some(poll_read_into(stream, cx, &mut self.buf, room))
     }
 
     /// Lets go of the buffer if nothing in it waits to be parsed (an idle connection holds none).
@@ -259,11 +328,18 @@ impl FrameReader {
         Ok(())
     }
 
-    /// Starts reading a large data frame into an allocation of its own (the text NUL included).
-    fn start_large_frame(&mut self, header: &Header, body: usize) {
+    /// Starts reading a large data frame into an allocation of its own, which grows with the
+    /// bytes that arrive (a header alone reserves no more than one read buffer).
+    fn start_large_frame(&mut self, header: &Header, body: usize) -> Result<(), ReadError> {
         let len = header.len as usize;
-        let mut data = Vec::with_capacity(len + 1);
-        data.extend_from_slice(&self.buf[body..]);
+        let mut data = Vec::new();
+        let arrived = &self.buf[body..];
+        try_grow(
+            &mut data,
+            len,
+            arrived.len().saturating_mul(2).max(self.read_size),
+        )?;
+        data.extend_from_slice(arrived);
         self.buf.truncate(self.start);
         self.large = Some(LargeFrame {
             opcode: header.opcode,
@@ -271,6 +347,7 @@ impl FrameReader {
             len,
             data,
         });
+        Ok(())
     }
 
     /// A complete data frame: a message, or a fragment of one (None).
@@ -300,17 +377,39 @@ impl FrameReader {
         let fragments = self.fragments.get_or_insert_with(|| Fragments {
             text,
             data: Vec::new(),
+            valid_up_to: 0,
         });
+        let bytes = match &payload {
+            Payload::InBuffer(range) => &self.buf[range.clone()],
+            Payload::Owned(data) => &data[..],
+        };
         match payload {
-            Payload::InBuffer(range) => fragments.data.extend_from_slice(&self.buf[range]),
             Payload::Owned(data) if fragments.data.is_empty() => fragments.data = data,
-            Payload::Owned(data) => fragments.data.extend_from_slice(&data),
+            _ => {
+                // Grows like a Vec (doubling), but an allocation failure is an error, not an abort.
+                let needed = fragments.data.len() + bytes.len();
+                let additional =
+                    needed.max(fragments.data.capacity().saturating_mul(2)) - fragments.data.len();
+                try_grow(
+                    &mut fragments.data,
+                    self.max_message.max(needed),
+                    additional,
+                )?;
+                fragments.data.extend_from_slice(bytes);
+            }
+        }
+        if fragments.text {
+            // Invalid UTF-8 fails the message at the fragment that holds it, not at its end.
+            fragments.check_utf8(fin)?;
         }
         if !fin {
             return Ok(None);
         }
-        let Fragments { text, data } = self.fragments.take().expect("inserted above");
-        finish_owned(text, data).map(Some)
+        let Fragments { text, data, .. } = self.fragments.take().expect("inserted above");
+        Ok(Some(Item::OwnedMessage {
+            text,
+            data: with_nul_if_text(text, data)?,
+        }))
     }
 }
 
@@ -319,11 +418,62 @@ enum Payload {
     Owned(Vec<u8>),
 }
 
+impl Fragments {
+    /// Checks the text received since the last check; at the end of the message (`fin`) no
+    /// character may be left unfinished.
+    fn check_utf8(&mut self, fin: bool) -> Result<(), ReadError> {
+        match std::str::from_utf8(&self.data[self.valid_up_to..]) {
+            Ok(_) => self.valid_up_to = self.data.len(),
+            // The start of a character that the next fragment may complete.
+            Err(e) if e.error_len().is_none() && !fin => self.valid_up_to += e.valid_up_to(),
+            Err(_) => return Err(ReadError::InvalidUtf8),
+        }
+        Ok(())
+    }
+}
+
 fn finish_owned(text: bool, data: Vec<u8>) -> Result<Item, ReadError> {
     if text && std::str::from_utf8(&data).is_err() {
         return Err(ReadError::InvalidUtf8);
     }
-    Ok(Item::OwnedMessage { text, data })
+    Ok(Item::OwnedMessage {
+        text,
+        data: with_nul_if_text(text, data)?,
+    })
+}
+
+/// Text is handed to the host followed by a NUL (not part of the message).
+fn with_nul_if_text(text: bool, mut data: Vec<u8>) -> Result<Vec<u8>, ReadError> {
+    if text {
+        data.try_reserve_exact(1)
+            .map_err(|_| ReadError::OutOfMemory {
+                size: data.len() as u64 + 1,
+            })?;
+        data.push(0);
+    }
+    Ok(data)
+}
+
+/// Makes room in `data` (which will hold at most `len` bytes) for about as many bytes as it
+/// holds already, and at least `step`: the allocation doubles as bytes arrive, and never runs
+/// more than one step ahead of them.
+fn grow_for_arrival(data: &mut Vec<u8>, len: usize, step: usize) -> Result<(), ReadError> {
+    if data.capacity() > data.len() {
+        return Ok(());
+    }
+    try_grow(data, len, data.len().max(step))
+}
+
+/// Reserves `additional` more bytes in `data`, without passing `len` (plus the text NUL);
+/// an allocation failure is an error, not an abort.
+fn try_grow(data: &mut Vec<u8>, len: usize, additional: usize) -> Result<(), ReadError> {
+    let target = data
+        .len()
+        .saturating_add(additional)
+        .min(len.saturating_add(1));
+    let additional = target.saturating_sub(data.len());
+    data.try_reserve_exact(additional)
+        .map_err(|_| ReadError::OutOfMemory { size: len as u64 })
 }
 
 /// The frame header at the start of `bytes`, or None if it has not fully arrived.
@@ -566,7 +716,7 @@ mod tests {
             vec![(
                 Item::OwnedMessage {
                     text: true,
-                    data: euro.to_vec()
+                    data: [euro, b"\0"].concat()
                 },
                 vec![]
             )]

@@ -4,6 +4,9 @@
 //! cancelled half-way, reading and writing never block each other, and one task (no split
 //! stream, no second task) serves a connection, which keeps idle connections small. It writes
 //! through tungstenite (which frames and masks) and reads through `reader::FrameReader`.
+//!
+//! Nothing here may wait by spinning: every `Poll::Pending` it returns has a waker registered
+//! with something that will fire (the socket, the timer, or the host through the gate).
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -13,26 +16,33 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use super::reader::{FrameReader, Item, ReadError};
-use crate::conn::{Allowance, Command, Conn, Event, Gate, Outbox, Payload, PayloadArena};
+use super::reader::{Buffered, FrameReader, Item, ReadError};
+use crate::conn::{Allowance, Conn, Event, Gate, Outgoing, Payload, PayloadArena, Taken};
 use crate::error::{Error, WsStatus};
 use crate::options::Options;
 
 /// Bytes tungstenite collects before it writes mid-batch; a batch is flushed at its end anyway.
 const WRITE_BUFFER_SIZE: usize = 64 << 10;
-/// How long a client being freed waits for its close frame to be written.
-const SHUTDOWN_CLOSE_WAIT: Duration = Duration::from_millis(250);
+/// How long a client being freed waits for its close frame to be written (ws_client_free
+/// returns within `client::FREE_WAIT`, a little more).
+const SHUTDOWN_CLOSE_WAIT: Duration = Duration::from_millis(200);
 /// Rounds of work before the task yields to the other connections on its thread.
 const ROUNDS_PER_POLL: usize = 64;
 /// Messages read before they are handed to the host as one batch (one lock, one wake-up).
 const MAX_BATCH: usize = 1024;
+/// Answers to pings waiting to be written. Every ping is answered while the peer reads; only
+/// a peer that pings faster than it reads makes them pile up, and then the oldest are dropped
+/// (RFC 6455 5.5.3 allows answering only the most recent).
+const MAX_PENDING_PONGS: usize = 32;
+/// Socket reads in one round of reading ahead while the host holds messages.
+const READ_AHEAD_ROUNDS: usize = 16;
 
 /// Runs the session of a connected stream; `leftover` holds the bytes that arrived with the
 /// upgrade response. Returns the final event (None when the client is being freed).
@@ -79,6 +89,17 @@ impl End {
             }),
         }
     }
+
+    fn error(status: WsStatus, message: String) -> End {
+        End::event(Event::Error(Error::new(status, message)))
+    }
+}
+
+/// Writes not yet flushed to the socket: they count toward bufferedAmount until they are.
+#[derive(Default)]
+struct Unflushed {
+    bytes: usize,
+    messages: usize,
 }
 
 struct Session<S> {
@@ -86,21 +107,23 @@ struct Session<S> {
     /// Writes (tungstenite frames them); reads go past it, through `reader`.
     ws: WebSocketStream<S>,
     reader: FrameReader,
-    /// Commands taken from the connection's outbox, not yet handed to tungstenite (its payload
-    /// buffer is moved to `payloads` when taken).
-    taken: Outbox,
-    /// The payloads of the taken sends, back to back, and where the next one starts.
-    payloads: Bytes,
-    next_payload: usize,
+    /// Requests taken from the connection's outbox, not yet handed to tungstenite.
+    taken: Taken,
     options: Arc<Options>,
-    /// Payload bytes handed to tungstenite and not yet flushed to the socket.
-    unflushed: usize,
+    unflushed: Unflushed,
     needs_flush: bool,
+    /// tungstenite refused more until the socket takes what it holds.
+    write_blocked: bool,
     close_sent: bool,
-    /// The payload of a ping to answer.
-    pong: Option<Bytes>,
+    /// Payloads of pings to answer, oldest first.
+    pongs: VecDeque<Bytes>,
     /// The peer's close frame (code, reason), once it arrived.
     peer_close: Option<(u16, String)>,
+    /// The peer ended its side of the stream, seen while reading ahead.
+    peer_eof: bool,
+    /// The peer broke the protocol: how the session ends once the host has dispatched the
+    /// messages read before the violation and its replies are written.
+    failing: Option<End>,
     close_deadline: Option<Instant>,
     last_heard: Instant,
     ping_sent: Option<Instant>,
@@ -127,15 +150,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             conn,
             ws,
             reader,
-            taken: Outbox::default(),
-            payloads: Bytes::new(),
-            next_payload: 0,
+            taken: Taken::default(),
             options,
-            unflushed: 0,
+            unflushed: Unflushed::default(),
             needs_flush: false,
+            write_blocked: false,
             close_sent: false,
-            pong: None,
+            pongs: VecDeque::new(),
             peer_close: None,
+            peer_eof: false,
+            failing: None,
             close_deadline: None,
             last_heard: now,
             ping_sent: None,
@@ -147,24 +171,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn run(mut self) -> Option<Event> {
         let end = poll_fn(|cx| self.poll(cx)).await;
-        let close_with = match (&end.event, end.close_with) {
-            (None, _) => Some((
-                CloseFrame {
+        let (close_with, wait) = match end.event {
+            None => {
+                let away = CloseFrame {
                     code: CloseCode::Away,
                     reason: "client shutting down".into(),
-                },
-                SHUTDOWN_CLOSE_WAIT,
-            )),
-            (Some(_), Some(frame)) => Some((
-                frame,
+                };
+                (Some(away), SHUTDOWN_CLOSE_WAIT)
+            }
+            Some(_) => (
+                end.close_with,
                 self.options.close_timeout.min(Duration::from_secs(1)),
-            )),
-            (Some(_), None) => None,
+            ),
         };
-        if let Some((frame, wait)) = close_with {
-            // Best effort: the connection is ending either way.
-            let _ = tokio::time::timeout(wait, self.ws.close(Some(frame))).await;
-        }
+        // Best effort, and bounded: the connection is ending either way. The close frame (if
+        // the protocol asks for one), then the end of our side of the stream: a TCP FIN, after
+        // a TLS close_notify for wss.
+        let _ = tokio::time::timeout(wait, async {
+            if let Some(frame) = close_with {
+                let _ = self.ws.close(Some(frame)).await;
+            }
+            let _ = self.ws.get_mut().shutdown().await;
+        })
+        .await;
         end.event
     }
 
@@ -174,7 +203,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // What was read goes to the host before the task waits or ends (so messages always
         // precede the final event).
         if !self.batch.is_empty() {
-            self.conn.deliver_batch(&mut self.batch);
+            self.conn.deliver_then_gate(&mut self.batch, None);
         }
         if outcome.is_pending() {
             // Idle connections keep no block and no read buffer of their own.
@@ -199,22 +228,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// One round of work. Ok(true): progress was made, go again. Ok(false): all is waiting.
     fn step(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
-        let mut progress = self.write_commands(cx)?;
+        let mut progress = self.write_requests(cx)?;
         self.flush(cx)?;
         if self.peer_close.is_some() && !self.needs_flush {
             // Both close frames have been exchanged: the close handshake is complete.
             let (code, reason) = self.peer_close.take().unwrap_or((1005, String::new()));
             return Err(End::event(Event::close(code, &reason)));
         }
+        if self.failing.is_some() {
+            return self.finish_failing(cx, progress);
+        }
         // Hand over what was read (so that the gate counts it) and ask the gate, in one lock.
         self.arena.drain_into(&mut self.batch);
-        let gate = if self.batch.is_empty() {
-            self.conn.gate(cx.waker())
-        } else {
-            self.conn
-                .deliver_then_gate(&mut self.batch, Some(cx.waker()))
-        };
-        match gate {
+        let asking = Some((cx.waker(), !self.write_blocked));
+        let permit = self.conn.deliver_then_gate(&mut self.batch, asking);
+        if permit.close_requested {
+            // The close timeout bounds the whole close, what still waits to be sent included.
+            self.arm_close_deadline();
+        }
+        match permit.gate {
             Gate::Shutdown => {
                 return Err(End {
                     event: None,
@@ -226,53 +258,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 // The host is behind, not the peer: silence while we do not read proves nothing.
                 self.last_heard = Instant::now();
                 self.ping_sent = None;
+                progress |= self.read_ahead(cx)?;
             }
         }
         progress |= self.check_timers(cx)?;
         Ok(progress)
     }
 
-    /// Hands queued sends (and a close request) to tungstenite, as long as it accepts them.
-    fn write_commands(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
+    /// Hands pongs, queued sends and a close request to tungstenite, as long as it accepts them.
+    fn write_requests(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
         let mut progress = false;
         loop {
             match self.ws.poll_ready_unpin(cx) {
-                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Ok(())) => self.write_blocked = false,
                 Poll::Ready(Err(e)) => return Err(self.io_failure(e)),
-                Poll::Pending => return Ok(progress),
+                Poll::Pending => {
+                    self.write_blocked = true;
+                    return Ok(progress);
+                }
             }
-            if self.queue_pong()? {
+            if let Some(payload) = self.pongs.pop_front() {
+                // Once our close frame is out, nothing may follow it: the answer is dropped.
+                if !self.close_sent {
+                    self.queue(Message::Pong(payload))?;
+                }
                 progress = true;
                 continue;
             }
             if self.taken.is_empty() {
-                self.take_commands();
+                self.conn.take_requests(&mut self.taken);
             }
-            let Some(command) = self.taken.commands.pop_front() else {
+            let Some(request) = self.taken.pop() else {
                 return Ok(progress);
             };
             progress = true;
-            match command {
-                Command::Send { len, .. } if self.close_sent || self.peer_close.is_some() => {
+            match request {
+                Outgoing::Message(_, len) if self.close_sent || self.peer_close.is_some() => {
                     // Sent after the close started: no longer allowed on the wire.
-                    self.next_payload += len;
-                    self.conn.sent(len);
+                    self.conn.sent(len, 1);
                 }
-                Command::Send { text, len } => {
-                    let payload = self
-                        .payloads
-                        .slice(self.next_payload..self.next_payload + len);
-                    self.next_payload += len;
-                    let message = if text {
-                        // SAFETY: ws_send checked that the text is UTF-8 before queueing it.
-                        Message::Text(unsafe { Utf8Bytes::from_bytes_unchecked(payload) })
-                    } else {
-                        Message::Binary(payload)
-                    };
+                Outgoing::Message(message, len) => {
                     self.queue(message)?;
-                    self.unflushed += len;
+                    self.unflushed.bytes += len;
+                    self.unflushed.messages += 1;
                 }
-                Command::Close(frame) => {
+                Outgoing::Close(frame) => {
                     if !self.close_sent && self.peer_close.is_none() {
                         self.queue(Message::Close(Some(frame)))?;
                         self.close_sent = true;
@@ -292,24 +322,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(())
     }
 
-    /// Queues the answer to the latest ping, if one is due; returns whether one was (once our
-    /// close frame is out, nothing may follow it: the answer is dropped).
-    fn queue_pong(&mut self) -> Result<bool, End> {
-        let Some(payload) = self.pong.take() else {
-            return Ok(false);
-        };
-        if !self.close_sent {
-            self.queue(Message::Pong(payload))?;
+    /// Remembers a ping to answer in the next write round.
+    fn answer_ping(&mut self, payload: Bytes) {
+        if self.pongs.len() == MAX_PENDING_PONGS {
+            self.pongs.pop_front();
         }
-        Ok(true)
-    }
-
-    /// Takes what the host queued; its payload buffer is frozen once and each message becomes
-    /// a slice of it (the buffer is freed once tungstenite has copied the last one out).
-    fn take_commands(&mut self) {
-        self.conn.take_commands(&mut self.taken);
-        self.payloads = Bytes::from(std::mem::take(&mut self.taken.payloads));
-        self.next_payload = 0;
+        self.pongs.push_back(payload);
     }
 
     fn flush(&mut self, cx: &mut Context<'_>) -> Result<(), End> {
@@ -318,7 +336,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         match self.ws.poll_flush_unpin(cx) {
             Poll::Ready(Ok(())) => {
-                self.conn.sent(std::mem::take(&mut self.unflushed));
+                let Unflushed { bytes, messages } = std::mem::take(&mut self.unflushed);
+                self.conn.sent(bytes, messages);
                 self.needs_flush = false;
                 Ok(())
             }
@@ -333,13 +352,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // Nothing may follow the peer's close frame.
             return Ok(false);
         }
-        let (mut messages, mut bytes, mut progress) = (0, 0, false);
+        let (mut messages, mut cost, mut progress) = (0, 0, false);
         while messages < allowance.messages
-            && bytes < allowance.bytes
+            && cost < allowance.cost
             && self.batch.len() + self.arena.pending() < MAX_BATCH
         {
             let item = match self.reader.next_item() {
                 Ok(Some(item)) => item,
+                Ok(None) if self.peer_eof => return Err(self.stream_ended()),
                 Ok(None) => match self.reader.poll_read_from(self.ws.get_mut(), cx) {
                     Poll::Ready(Ok(0)) => return Err(self.stream_ended()),
                     Poll::Ready(Ok(_)) => {
@@ -349,59 +369,126 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Poll::Ready(Err(e)) => return Err(self.io_failure(WsError::Io(e))),
                     Poll::Pending => break,
                 },
-                Err(refused) => return Err(refusal(refused)),
+                Err(refused) => {
+                    // What was read before the violation goes to the host first, and its
+                    // replies go out before our close frame, as with a client that reads one
+                    // frame at a time.
+                    self.failing = Some(refusal(refused));
+                    self.arm_close_deadline();
+                    return Ok(true);
+                }
             };
             progress = true;
             match item {
                 Item::Message { text } => {
                     messages += 1;
                     let payload = self.reader.payload();
-                    bytes += payload.len();
+                    cost += payload.len();
                     // Copied out of the read buffer (text with the NUL the C API promises).
                     let parts: &[&[u8]] = if text { &[payload, b"\0"] } else { &[payload] };
                     self.arena.push(parts, text, &mut self.batch);
                 }
-                Item::OwnedMessage { text, mut data } => {
+                Item::OwnedMessage { text, data } => {
                     messages += 1;
-                    bytes += data.len();
                     // Handed over as it is, after the messages appended before it.
                     self.arena.drain_into(&mut self.batch);
-                    let payload = if text {
-                        data.push(0);
-                        Payload::Text(Bytes::from(data))
-                    } else {
-                        Payload::Binary(Bytes::from(data))
-                    };
+                    let payload = Payload::owned(data, text);
+                    cost += payload.cost();
                     self.batch.push_back(Event::Message(payload));
                 }
                 Item::Ping => {
-                    // Answered by the next write round; pings that arrive before it can be
-                    // written are answered once, for the latest (RFC 6455 5.5.3): a peer that
-                    // pings without reading cannot make the answers pile up.
-                    self.pong = Some(Bytes::copy_from_slice(self.reader.payload()));
+                    let payload = Bytes::copy_from_slice(self.reader.payload());
+                    self.answer_ping(payload);
                 }
                 Item::Pong => {}
                 Item::Close(frame) => {
-                    if !self.close_sent {
-                        // The answer to a ping that came before the close goes first.
-                        self.queue_pong()?;
-                        // The reply echoes the peer's code and reason (none if it sent none).
-                        let reply = frame.as_ref().map(|(code, reason)| CloseFrame {
-                            code: CloseCode::from(*code),
-                            reason: reason.as_str().into(),
-                        });
-                        self.queue(Message::Close(reply))?;
-                        self.close_sent = true;
-                    }
-                    self.peer_close = Some(frame.unwrap_or((1005, String::new())));
-                    self.needs_flush = true;
-                    self.arm_close_deadline();
+                    self.peer_closed(frame)?;
                     break;
                 }
             }
         }
         if progress {
             self.heard();
+        }
+        Ok(progress)
+    }
+
+    /// While the host holds messages (flow control, or a full receive queue), reads ahead at
+    /// most one read buffer and answers the pings found there, so that a peer's heartbeat is
+    /// answered while a message waits for the host. Data frames stay where they are.
+    fn read_ahead(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
+        if self.peer_close.is_some() || self.peer_eof {
+            return Ok(false);
+        }
+        let mut progress = false;
+        for _ in 0..READ_AHEAD_ROUNDS {
+            while let Some(control) = self.reader.next_buffered_control() {
+                progress = true;
+                if let Buffered::Ping(payload) = control {
+                    self.answer_ping(payload);
+                }
+            }
+            match self.reader.poll_read_ahead(self.ws.get_mut(), cx) {
+                // No room: the rest waits until the host has taken what is held.
+                None | Some(Poll::Pending) => break,
+                Some(Poll::Ready(Ok(0))) => {
+                    // Reported once the held messages have been delivered.
+                    self.peer_eof = true;
+                    break;
+                }
+                Some(Poll::Ready(Ok(_))) => progress = true,
+                Some(Poll::Ready(Err(e))) => return Err(self.io_failure(WsError::Io(e))),
+            }
+        }
+        Ok(progress)
+    }
+
+    /// The peer's close frame arrived: answer it (after a pong that is due), and wait for our
+    /// answer to be written.
+    fn peer_closed(&mut self, frame: Option<(u16, String)>) -> Result<(), End> {
+        if !self.close_sent {
+            if let Some(payload) = self.pongs.pop_back() {
+                // The answer to the latest ping that came before the close goes first.
+                self.pongs.clear();
+                self.queue(Message::Pong(payload))?;
+            }
+            // The reply echoes the peer's code and reason (none if it sent none).
+            let reply = frame.as_ref().map(|(code, reason)| CloseFrame {
+                code: CloseCode::from(*code),
+                reason: reason.as_str().into(),
+            });
+            self.queue(Message::Close(reply))?;
+            self.close_sent = true;
+        }
+        self.peer_close = Some(frame.unwrap_or((1005, String::new())));
+        self.needs_flush = true;
+        self.arm_close_deadline();
+        Ok(())
+    }
+
+    /// The peer broke the protocol: once the host has dispatched (and, under flow control,
+    /// completed) every message read before the violation, write what it queued meanwhile,
+    /// then end with the close frame the violation calls for. Bounded by the close timeout.
+    fn finish_failing(&mut self, cx: &mut Context<'_>, progress: bool) -> Result<bool, End> {
+        if let Err(timeout) = self.check_timers(cx) {
+            return Err(self.failing.take().unwrap_or(timeout));
+        }
+        // Messages still read are handed over (a violation stops reading, not delivering).
+        self.arena.drain_into(&mut self.batch);
+        if !self.batch.is_empty() {
+            self.conn.deliver_then_gate(&mut self.batch, None);
+        }
+        if !self.conn.drained(cx.waker()) {
+            return Ok(progress);
+        }
+        if self.taken.is_empty() && !self.write_blocked {
+            self.conn.take_requests(&mut self.taken);
+            if !self.taken.is_empty() {
+                return Ok(true);
+            }
+        }
+        if self.taken.is_empty() && !self.needs_flush {
+            return Err(self.failing.take().expect("checked by the caller"));
         }
         Ok(progress)
     }
@@ -438,26 +525,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(deadline) = self.close_deadline {
             if now >= deadline {
                 let ms = self.options.close_timeout.as_millis();
-                return Err(End::event(Event::Error(Error::new(
+                return Err(End::error(
                     WsStatus::CloseTimeout,
-                    format!("close timeout: the peer did not complete the close handshake within {ms} ms"),
-                ))));
+                    format!(
+                        "close timeout: the close handshake (and the data queued before it) did not complete \
+                         within {ms} ms"
+                    ),
+                ));
             }
             next = next.min(deadline);
         }
         let mut pinged = false;
-        if let (Some(interval), false) = (
-            self.options.keepalive_interval,
-            self.close_sent || self.peer_close.is_some(),
-        ) {
+        let closing = self.close_sent || self.peer_close.is_some() || self.close_deadline.is_some();
+        if let (Some(interval), false) = (self.options.keepalive_interval, closing) {
             let timeout = self.options.keepalive_timeout;
             match self.ping_sent {
                 Some(sent) if now >= sent + timeout => {
                     let ms = (now - self.last_heard).as_millis();
-                    return Err(End::event(Event::Error(Error::new(
+                    return Err(End::error(
                         WsStatus::KeepaliveTimeout,
                         format!("keepalive timeout: nothing received from the peer for {ms} ms, not even a pong"),
-                    ))));
+                    ));
                 }
                 Some(sent) => next = next.min(sent + timeout),
                 None if now >= self.last_heard + interval => {
@@ -479,10 +567,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn stream_ended(&mut self) -> End {
         match self.peer_close.take() {
             Some((code, reason)) => End::event(Event::close(code, &reason)),
-            None => End::event(Event::Error(Error::new(
+            None => End::error(
                 WsStatus::ConnectionLost,
-                "connection closed by the peer without a close handshake",
-            ))),
+                "connection closed by the peer without a close handshake".into(),
+            ),
         }
     }
 
@@ -499,7 +587,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // The peer's close frame arrived: the handshake is as complete as it can be.
             return End::event(Event::close(code, &reason));
         }
-        End::event(Event::Error(Error::new(WsStatus::ConnectionLost, message)))
+        End::error(WsStatus::ConnectionLost, message)
     }
 }
 
@@ -515,6 +603,12 @@ fn refusal(refused: ReadError) -> End {
         ReadError::TooBig { size, max } => End::failing(
             WsStatus::MessageTooBig,
             format!("message too big: {size} bytes, the limit is {max}"),
+            CloseCode::Size,
+            "message too big",
+        ),
+        ReadError::OutOfMemory { size } => End::failing(
+            WsStatus::MessageTooBig,
+            format!("message too big: {size} bytes could not be allocated"),
             CloseCode::Size,
             "message too big",
         ),

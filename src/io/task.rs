@@ -14,9 +14,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::handshake;
 use super::session;
 use super::tls::{self, TlsConfigs};
+use super::{handshake, resolve};
 use crate::conn::{Conn, Control, Event};
 use crate::error::{Error, WsStatus};
 use crate::options::Options;
@@ -140,7 +140,7 @@ async fn connect(
 }
 
 async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, Error> {
-    let addrs = tokio::net::lookup_host((host, port))
+    let addrs = resolve::lookup(host, port)
         .await
         .map_err(|e| Error::new(WsStatus::Dns, format!("DNS: cannot resolve {host}: {e}")))?;
     let mut last_failure = None;

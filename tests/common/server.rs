@@ -468,6 +468,7 @@ async fn echo_then_close<S: AsyncRead + AsyncWrite + Unpin>(
             _ => {}
         }
     }
+    log.push("ended".into());
 }
 
 /// Reads until the client's close reply (or the end), logging it.
