@@ -30,11 +30,10 @@ fn rejected(message: impl Into<String>) -> Error {
 
 /// The request head: GET, Host, the WebSocket headers, then the options' headers.
 fn request(target: &Target, options: &Options, key: &str) -> Vec<u8> {
-    let path = target.uri.path_and_query().map_or("/", |p| p.as_str());
-    let host = target.uri.authority().map_or("", |a| a.as_str());
     let mut head = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
+        "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n",
+        target.resource, target.host_header
     );
     if !options.subprotocols.is_empty() {
         head.push_str(&format!(
@@ -174,10 +173,6 @@ fn parse_response(buf: &[u8], key: &str, options: &Options) -> Result<Option<Upg
 mod tests {
     use super::*;
 
-    fn target() -> Target {
-        crate::uri::parse("ws://example.com:8080/chat?room=1").unwrap()
-    }
-
     fn answer(key: &str, extra: &str) -> Vec<u8> {
         format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -187,12 +182,19 @@ mod tests {
         .into_bytes()
     }
 
+    /// The request head sent for `uri` with default options.
+    fn request_for(uri: &str) -> String {
+        let target = crate::uri::parse(uri).unwrap();
+        String::from_utf8(request(&target, &Options::default(), "KEY")).unwrap()
+    }
+
     #[test]
     fn request_head() {
         let mut options = Options::default();
         options.add_header("Authorization", "Bearer x").unwrap();
         options.add_subprotocol("chat").unwrap();
-        let head = String::from_utf8(request(&target(), &options, "KEY")).unwrap();
+        let target = crate::uri::parse("ws://example.com:8080/chat?room=1").unwrap();
+        let head = String::from_utf8(request(&target, &options, "KEY")).unwrap();
         assert!(
             head.starts_with("GET /chat?room=1 HTTP/1.1\r\nHost: example.com:8080\r\n"),
             "{head}"
@@ -200,6 +202,86 @@ mod tests {
         assert!(head.contains("Sec-WebSocket-Key: KEY\r\n"));
         assert!(head.contains("Sec-WebSocket-Protocol: chat\r\n"));
         assert!(head.ends_with("authorization: Bearer x\r\n\r\n"), "{head}");
+    }
+
+    #[test]
+    fn the_request_target_always_starts_with_a_slash() {
+        for (uri, line) in [
+            ("ws://example.com", "GET / HTTP/1.1\r\n"),
+            ("ws://example.com/", "GET / HTTP/1.1\r\n"),
+            ("ws://example.com?x=1", "GET /?x=1 HTTP/1.1\r\n"),
+            ("ws://example.com:8080?x=1&y", "GET /?x=1&y HTTP/1.1\r\n"),
+            ("ws://example.com?", "GET /? HTTP/1.1\r\n"),
+            ("ws://example.com/a/b?c=d?e", "GET /a/b?c=d?e HTTP/1.1\r\n"),
+            ("ws://[::1]:9000?x=1", "GET /?x=1 HTTP/1.1\r\n"),
+        ] {
+            assert!(
+                request_for(uri).starts_with(line),
+                "{uri}: {}",
+                request_for(uri)
+            );
+        }
+    }
+
+    #[test]
+    fn non_ascii_and_other_characters_a_uri_cannot_carry_are_percent_encoded() {
+        for (uri, line) in [
+            // UTF-8, then %XX, as browsers do.
+            (
+                "ws://example.com/caf\u{e9}/\u{65e5}\u{672c}?q=\u{fc}&e=\u{1f600}",
+                "GET /caf%C3%A9/%E6%97%A5%E6%9C%AC?q=%C3%BC&e=%F0%9F%98%80 HTTP/1.1\r\n",
+            ),
+            // Escapes already there stay as they are, in either case.
+            ("ws://example.com/%41%e9?%2F", "GET /%41%e9?%2F HTTP/1.1\r\n"),
+            // A % that starts no escape is itself escaped.
+            ("ws://example.com/100%?p=%zz&q=%4", "GET /100%25?p=%25zz&q=%254 HTTP/1.1\r\n"),
+            // ASCII that RFC 3986 does not allow in a path or query.
+            (
+                "ws://example.com/a\"b<c>d[e]f{g}h|i\\j^k`l?m\"n<o>p[]=1",
+                "GET /a%22b%3Cc%3Ed%5Be%5Df%7Bg%7Dh%7Ci%5Cj%5Ek%60l?m%22n%3Co%3Ep%5B%5D=1 HTTP/1.1\r\n",
+            ),
+            // Everything RFC 3986 allows goes out as it is.
+            (
+                "ws://example.com/AZaz09-._~!$&'()*+,;=:@/?/?AZaz09-._~!$&'()*+,;=:@",
+                "GET /AZaz09-._~!$&'()*+,;=:@/?/?AZaz09-._~!$&'()*+,;=:@ HTTP/1.1\r\n",
+            ),
+        ] {
+            assert!(request_for(uri).starts_with(line), "{uri}: {}", request_for(uri));
+        }
+    }
+
+    #[test]
+    fn the_host_header() {
+        for (uri, host) in [
+            // The default port is left out (as browsers do, and RFC 6455 4.1 says), given or not.
+            ("ws://example.com/", "example.com"),
+            ("ws://example.com:80/", "example.com"),
+            ("ws://example.com:/", "example.com"),
+            ("wss://example.com/", "example.com"),
+            ("wss://example.com:443/", "example.com"),
+            ("wss://example.com:0443/", "example.com"),
+            // Any other port is given, the other scheme's default included.
+            ("ws://example.com:443/", "example.com:443"),
+            ("wss://example.com:80/", "example.com:80"),
+            ("ws://example.com:8080/", "example.com:8080"),
+            // IPv6 literals keep their brackets.
+            ("ws://[::1]:9000/", "[::1]:9000"),
+            ("ws://[::1]/", "[::1]"),
+            ("wss://[::1]:443/", "[::1]"),
+            ("ws://[0:0:0:0:0:0:0:1]/", "[::1]"),
+            ("ws://[2001:DB8::A]:81/", "[2001:db8::a]:81"),
+            ("ws://127.0.0.1:9000/", "127.0.0.1:9000"),
+            // Host names have no case: lower case, as browsers send them.
+            ("WS://EXAMPLE.com:8080/Path", "example.com:8080"),
+            ("Wss://Example.COM/", "example.com"),
+        ] {
+            let head = request_for(uri);
+            let line = format!("\r\nHost: {host}\r\n");
+            assert!(head.contains(&line), "{uri}: {head}");
+        }
+        assert!(
+            request_for("WS://EXAMPLE.com:8080/Path?Q=A").starts_with("GET /Path?Q=A HTTP/1.1\r\n")
+        );
     }
 
     #[test]
