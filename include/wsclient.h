@@ -345,10 +345,25 @@ ws_status ws_run(ws_client *client, int32_t timeout_ms);
  * ws_dispatch are in force when the connection opens. Messages sent before it opens are
  * queued and sent in order right after the handshake.
  *
+ * The URI is `ws://` or `wss://` (any case), a host, an optional port, path and query:
+ * - the host is a DNS name (ASCII letters, digits, '-', '.', '_'; sent in lower case), an IPv4
+ *   address, or an IPv6 address in brackets ("ws://[::1]:9000/"); a non-ASCII host name is
+ *   refused (give its "xn--" form);
+ * - the port is 1 to 65535; absent or empty ("ws://host:/") it is 80 for ws, 443 for wss;
+ * - the path and query may hold any character but spaces, control characters and '#'. "/" is
+ *   sent for an empty path ("ws://host?x=1" asks for "/?x=1"); non-ASCII characters are sent
+ *   percent-encoded as their UTF-8 bytes (U+00E9 as "%C3%A9"), as browsers do, and so are the
+ *   ASCII characters a URI cannot carry there (" < > [ \ ] ^ ` { | } and a '%' that starts
+ *   no %XX escape); everything else, %XX escapes included, is sent as it is;
+ * - the Host header is the host (an IPv6 address in brackets), then ":port" unless the port
+ *   is the scheme's default.
+ *
  * Fails at once, with no connection made and `*conn_out` untouched, on a NULL argument, a
- * URI that is not valid UTF-8 (WS_STATUS_INVALID_UTF8) or not an absolute ws:/wss: URI with a
- * host and a valid port (WS_STATUS_INVALID_URI). Any thread, also inside callbacks (for
- * example to reconnect from a close callback).
+ * URI that is not valid UTF-8 (WS_STATUS_INVALID_UTF8) or that breaks the rules above: another
+ * scheme, no host, a bad port, spaces or control characters, a fragment ('#'), user
+ * information ("user@host"), an IPv6 zone identifier (WS_STATUS_INVALID_URI, and
+ * ws_last_error() says which). Any thread, also inside callbacks (for example to reconnect
+ * from a close callback).
  *
  * # Safety
  * `client` is NULL or a pointer from ws_client_new() that was not freed; `uri` is NULL or a
@@ -515,7 +530,7 @@ ws_status ws_options_add_header(ws_options *options, const char *name, const cha
 
 /**
  * Offers a subprotocol (in the order added). After open, ws_protocol() tells which one the
- * server chose; a server that chooses one not offered fails the handshake.
+ * server chose; a server that chooses one not offered, or more than one, fails the handshake.
  * Any thread, also inside callbacks; one thread at a time per options object.
  *
  * # Safety

@@ -19,41 +19,116 @@ enum Upgrade {
     OneByteAtATime,
     MissingAccept,
     WrongAccept,
+    /// `Connection: keep-alive` and `Connection: Upgrade` on two lines (one header, RFC 9110 5.3).
+    TwoConnectionLines,
+    /// An empty Sec-WebSocket-Extensions line, then one naming an extension that was not offered.
+    ExtensionOnSecondLine,
+    /// A 101 in HTTP/1.0 (a 101 requires HTTP/1.1).
+    Http10,
+    /// The right Sec-WebSocket-Accept, then a second, wrong one.
+    SecondWrongAccept,
+    /// 65 header lines (the documented limit is 64).
+    TooManyHeaders,
+    /// A good head padded to exactly this many bytes (its final CRLFCRLF included), written in
+    /// two parts: all but its last 2 bytes, then (20 ms later, so that the client has read the
+    /// first part) those 2 bytes and a text frame "first" in one write.
+    HeadOfSize(usize),
 }
 
-/// Reads the request head and answers it; returns the stream, ready for frames.
-fn upgrade(stream: &mut TcpStream, how: Upgrade) {
+/// The text frame `HeadOfSize` sends right behind the head.
+const FIRST_FRAME: &[u8] = b"\x81\x05first";
+
+/// The response head `how` sends, for the request's key.
+fn response(how: Upgrade, key: &str) -> Vec<u8> {
+    let accept = derive_accept_key(key.as_bytes());
+    let status = match how {
+        Upgrade::Http10 => "HTTP/1.0 101 Switching Protocols",
+        _ => "HTTP/1.1 101 Switching Protocols",
+    };
+    let mut lines = vec!["Upgrade: websocket".to_owned()];
+    match how {
+        Upgrade::TwoConnectionLines => {
+            lines.push("Connection: keep-alive".into());
+            lines.push("Connection: Upgrade".into());
+        }
+        _ => lines.push("Connection: Upgrade".into()),
+    }
+    match how {
+        Upgrade::MissingAccept => {}
+        Upgrade::WrongAccept => lines.push(format!(
+            "Sec-WebSocket-Accept: {}",
+            derive_accept_key(b"some other key")
+        )),
+        Upgrade::SecondWrongAccept => {
+            lines.push(format!("Sec-WebSocket-Accept: {accept}"));
+            lines.push(format!(
+                "Sec-WebSocket-Accept: {}",
+                derive_accept_key(b"some other key")
+            ));
+        }
+        _ => lines.push(format!("Sec-WebSocket-Accept: {accept}")),
+    }
+    match how {
+        Upgrade::ExtensionOnSecondLine => {
+            lines.push("Sec-WebSocket-Extensions: ".into());
+            lines.push("Sec-WebSocket-Extensions: x-unoffered; level=9".into());
+        }
+        Upgrade::TooManyHeaders => {
+            while lines.len() < 65 {
+                lines.push(format!("X-Filler-{}: {}", lines.len(), lines.len()));
+            }
+        }
+        _ => {}
+    }
+    let mut head = format!("{status}\r\n");
+    for line in &lines {
+        head.push_str(line);
+        head.push_str("\r\n");
+    }
+    if let Upgrade::HeadOfSize(size) = how {
+        // "X-Pad: " + padding + CRLF, then the final CRLF.
+        let padding = size - head.len() - "X-Pad: \r\n\r\n".len();
+        head.push_str(&format!("X-Pad: {}\r\n", "p".repeat(padding)));
+    }
+    head.push_str("\r\n");
+    if let Upgrade::HeadOfSize(size) = how {
+        assert_eq!(head.len(), size);
+    }
+    head.into_bytes()
+}
+
+/// Reads the request head and answers it; returns the request head as received (the stream is
+/// then ready for frames).
+fn upgrade(stream: &mut TcpStream, how: Upgrade) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         stream.read_exact(&mut byte).unwrap();
         head.push(byte[0]);
     }
-    let head = String::from_utf8(head).unwrap();
+    let head = String::from_utf8(head).expect("the request head is ASCII");
     let key = head
         .lines()
         .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
         .expect("the request carries a key")
         .trim()
         .to_owned();
-    let accept = match how {
-        Upgrade::WrongAccept => derive_accept_key(b"some other key"),
-        _ => derive_accept_key(key.as_bytes()),
-    };
-    let accept_line = if how == Upgrade::MissingAccept {
-        String::new()
-    } else {
-        format!("Sec-WebSocket-Accept: {accept}\r\n")
-    };
-    let response = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{accept_line}\r\n");
-    if how == Upgrade::OneByteAtATime {
-        for b in response.bytes() {
+    let mut bytes = response(how, &key);
+    if let Upgrade::HeadOfSize(size) = how {
+        stream.write_all(&bytes[..size - 2]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        bytes.drain(..size - 2);
+        bytes.extend_from_slice(FIRST_FRAME);
+        stream.write_all(&bytes).unwrap();
+    } else if how == Upgrade::OneByteAtATime {
+        for b in bytes {
             stream.write_all(&[b]).unwrap();
             stream.flush().unwrap();
         }
     } else {
-        stream.write_all(response.as_bytes()).unwrap();
+        stream.write_all(&bytes).unwrap();
     }
+    head
 }
 
 /// Writes one unmasked (server) frame: `first` is FIN/RSV/opcode as on the wire.
@@ -336,5 +411,146 @@ fn a_peer_that_pings_without_reading_cannot_make_the_answers_pile_up() {
         latest,
         Some(PINGS - 1),
         "the last ping before the close is answered"
+    );
+}
+
+/// The server of one connection that upgrades as `how` says and, if the client opens, closes
+/// with 1000; the thread returns the request head it received.
+fn upgrade_then_close(how: Upgrade) -> (String, JoinHandle<String>) {
+    raw_server(move |mut s| {
+        let head = upgrade(&mut s, how);
+        frame(&mut s, 0x88, &[0x03, 0xe8]);
+        client_close_code(&mut s);
+        head
+    })
+}
+
+fn assert_opens_and_closes(events: &[Ev]) {
+    let conn = events[0].conn();
+    assert_eq!(
+        events,
+        [Ev::Open(conn), Ev::Close(conn, 1000, String::new())]
+    );
+}
+
+fn assert_rejected(events: &[Ev], expected: &str) {
+    let (status, message) = final_error(events);
+    assert_eq!(status, WsStatus::HandshakeRejected, "{message}");
+    assert!(message.contains(expected), "{message}");
+    assert_eq!(events.len(), 1, "only the error: {events:?}");
+}
+
+#[test]
+fn two_connection_lines_are_one_header_and_the_connection_opens() {
+    let (url, server) = upgrade_then_close(Upgrade::TwoConnectionLines);
+    assert_opens_and_closes(&run(&url));
+    server.join().unwrap();
+}
+
+#[test]
+fn an_unoffered_extension_on_a_second_line_fails_the_handshake_naming_it() {
+    let (url, server) = upgrade_then_close(Upgrade::ExtensionOnSecondLine);
+    assert_rejected(&run(&url), "x-unoffered");
+    server.join().unwrap();
+}
+
+#[test]
+fn a_101_in_http_1_0_is_refused() {
+    let (url, server) = upgrade_then_close(Upgrade::Http10);
+    assert_rejected(&run(&url), "HTTP/1.0");
+    server.join().unwrap();
+}
+
+#[test]
+fn a_second_wrong_accept_line_is_refused() {
+    let (url, server) = upgrade_then_close(Upgrade::SecondWrongAccept);
+    assert_rejected(&run(&url), "Sec-WebSocket-Accept");
+    server.join().unwrap();
+}
+
+#[test]
+fn more_header_lines_than_the_limit_say_so() {
+    let (url, server) = upgrade_then_close(Upgrade::TooManyHeaders);
+    let events = run(&url);
+    assert_rejected(&events, "more than 64 header lines");
+    let (_, message) = final_error(&events);
+    assert!(!message.contains("malformed"), "{message}");
+    server.join().unwrap();
+}
+
+#[test]
+fn a_16384_byte_head_opens_and_the_frame_behind_it_is_kept() {
+    let (url, server) = upgrade_then_close(Upgrade::HeadOfSize(16384));
+    let events = run(&url);
+    let conn = events[0].conn();
+    assert_eq!(
+        events,
+        [
+            Ev::Open(conn),
+            Ev::Text(conn, b"first".to_vec()),
+            Ev::Close(conn, 1000, String::new())
+        ]
+    );
+    server.join().unwrap();
+}
+
+#[test]
+fn a_frame_in_the_same_segment_as_the_head_is_kept() {
+    let (url, server) = upgrade_then_close(Upgrade::HeadOfSize(300));
+    let events = run(&url);
+    let conn = events[0].conn();
+    assert_eq!(events[1], Ev::Text(conn, b"first".to_vec()), "{events:?}");
+    server.join().unwrap();
+}
+
+#[test]
+fn a_16385_byte_head_is_refused() {
+    let (url, server) = upgrade_then_close(Upgrade::HeadOfSize(16385));
+    assert_rejected(&run(&url), "longer than 16384 bytes");
+    server.join().unwrap();
+}
+
+/// The URL of a raw server with its trailing "/" replaced by `rest`.
+fn with_rest(url: &str, rest: &str) -> String {
+    format!("{}{rest}", url.strip_suffix('/').unwrap())
+}
+
+#[test]
+fn a_query_without_a_path_is_sent_after_a_slash() {
+    let (url, server) = upgrade_then_close(Upgrade::Good);
+    assert_opens_and_closes(&run(&with_rest(&url, "?x=1")));
+    let head = server.join().unwrap();
+    let host = url
+        .strip_prefix("ws://")
+        .unwrap()
+        .strip_suffix('/')
+        .unwrap();
+    assert!(
+        head.starts_with(&format!("GET /?x=1 HTTP/1.1\r\nHost: {host}\r\n")),
+        "{head}"
+    );
+}
+
+#[test]
+fn a_non_ascii_path_and_query_are_sent_percent_encoded() {
+    let (url, server) = upgrade_then_close(Upgrade::Good);
+    assert_opens_and_closes(&run(&with_rest(&url, "/caf\u{e9}/\u{65e5}?q=\u{fc}&x=%41")));
+    let head = server.join().unwrap();
+    assert!(
+        head.starts_with("GET /caf%C3%A9/%E6%97%A5?q=%C3%BC&x=%41 HTTP/1.1\r\n"),
+        "{head}"
+    );
+}
+
+#[test]
+fn an_uppercase_scheme_and_host_connect_and_the_host_header_is_lowercase() {
+    let (url, server) = upgrade_then_close(Upgrade::Good);
+    // 127.0.0.1 has no case: use "LOCALHOST", which resolves on loopback.
+    let port = url.rsplit(':').next().unwrap().trim_end_matches('/');
+    assert_opens_and_closes(&run(&format!("WS://LOCALHOST:{port}/Path")));
+    let head = server.join().unwrap();
+    assert!(
+        head.starts_with(&format!("GET /Path HTTP/1.1\r\nHost: localhost:{port}\r\n")),
+        "{head}"
     );
 }

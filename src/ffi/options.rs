@@ -97,7 +97,7 @@ pub unsafe extern "C" fn ws_options_add_header(
 }
 
 /// Offers a subprotocol (in the order added). After open, ws_protocol() tells which one the
-/// server chose; a server that chooses one not offered fails the handshake.
+/// server chose; a server that chooses one not offered, or more than one, fails the handshake.
 /// Any thread, also inside callbacks; one thread at a time per options object.
 ///
 /// # Safety
