@@ -232,3 +232,297 @@ fn a_held_message_does_not_spin() {
     drop(client);
     peer.join().unwrap();
 }
+
+// ---- 2. the receive and send queues bound memory, whatever the messages ----------------------
+
+/// Heap and peak-RSS growth of this process while a peer sends `wire` (many small frames) to a
+/// host that does not dispatch, and whether the client read all of it (then the peer's close
+/// frame came back). Run in a child process: the figures are the process's.
+fn memory_while_the_host_does_not_dispatch(wire: Vec<u8>) -> (usize, u64, bool) {
+    // Shared, so that the wire is not freed during the measurement.
+    let wire = std::sync::Arc::new(wire);
+    let peer_wire = wire.clone();
+    let (go, went) = mpsc::channel::<()>();
+    let (url, peer) = serve(move |mut p| {
+        let wire = peer_wire;
+        p.upgrade();
+        let _ = went.recv_timeout(PEER_TIMEOUT);
+        // A write that cannot go on for 3 s means the client stopped reading: back-pressure.
+        p.stream.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+        for chunk in wire.chunks(64 << 10) {
+            if p.stream.write_all(chunk).is_err() {
+                return false;
+            }
+        }
+        p.send(&close_frame(1000, ""));
+        let (frames, _) = p.read_timeout(Duration::from_secs(3)).read_until_close();
+        frames.last().is_some_and(|f| f.opcode == CLOSE)
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    wait_open(&client, &rec, conn);
+    let (heap, hwm) = (heap_in_use(), status_kib("VmHWM"));
+    // From now on the host is busy elsewhere and does not dispatch.
+    go.send(()).unwrap();
+    let read_everything = peer.join().unwrap();
+    let heap_growth = heap_in_use().saturating_sub(heap);
+    let hwm_growth = (status_kib("VmHWM").saturating_sub(hwm)) << 10;
+    eprintln!(
+        "heap grew by {:.1} MiB, peak RSS by {:.1} MiB; the client read {} of the peer's frames",
+        heap_growth as f64 / MIB,
+        hwm_growth as f64 / MIB,
+        if read_everything { "all" } else { "only part" }
+    );
+    (heap_growth, hwm_growth, read_everything)
+}
+
+/// README: "a connection stops reading its socket once 1 MiB of received messages waits for
+/// dispatch, so memory for received data stays below that limit plus one message plus the read
+/// buffer (64 KiB)". Allowed here: 4 MiB of heap and 8 MiB of peak RSS, about 4 and 8 times
+/// what those add up to.
+const RECEIVE_HEAP_BOUND: usize = 4 << 20;
+const RECEIVE_RSS_BOUND: u64 = 8 << 20;
+
+fn assert_receive_bound((heap, rss, _): (usize, u64, bool)) {
+    assert!(
+        heap < RECEIVE_HEAP_BOUND && rss < RECEIVE_RSS_BOUND,
+        "received messages waiting for dispatch grew the heap by {:.1} MiB and peak RSS by {:.1} MiB \
+         under the default 1 MiB receive-queue limit (allowed {} MiB and {} MiB)",
+        heap as f64 / MIB,
+        rss as f64 / MIB,
+        RECEIVE_HEAP_BOUND >> 20,
+        RECEIVE_RSS_BOUND >> 20
+    );
+}
+
+/// The control: 1 KiB messages, which the limit's byte count does see. Shows that the bound
+/// below is one a library can keep.
+#[test]
+fn kibibyte_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit() {
+    if !in_child("kibibyte_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit", &[]) {
+        return;
+    }
+    let wire = frame(FIN | BINARY, &[7; 1024]).repeat(8 << 10);
+    let figures = memory_while_the_host_does_not_dispatch(wire);
+    assert!(!figures.2, "the client read 8 MiB while the host dispatched nothing");
+    assert_receive_bound(figures);
+}
+
+/// Issue 9.2: every queued message costs memory and must count. Four million empty binary
+/// frames (8 MB on the wire) while the host does not dispatch.
+#[test]
+fn empty_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit() {
+    if !in_child("empty_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit", &[]) {
+        return;
+    }
+    let wire = frame(FIN | BINARY, &[]).repeat(4 << 20);
+    assert_receive_bound(memory_while_the_host_does_not_dispatch(wire));
+}
+
+/// Issue 9.2 with one-byte messages: two million (6 MB on the wire).
+#[test]
+fn one_byte_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit() {
+    if !in_child("one_byte_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit", &[]) {
+        return;
+    }
+    let wire = frame(FIN | BINARY, &[1]).repeat(2 << 20);
+    assert_receive_bound(memory_while_the_host_does_not_dispatch(wire));
+}
+
+/// Issue 9.2, the send side. README: "past 64 MiB (ws_options_set_send_queue_limit) ws_send
+/// refuses with WS_STATUS_SEND_QUEUE_FULL rather than grow". A peer that does not read, a
+/// 1 MiB send-queue limit, and zero-length sends: they must be refused before the heap has
+/// grown by 8 MiB (the sends stop at 64 MiB of growth, the proof that nothing refuses them).
+#[test]
+fn zero_length_sends_hit_the_send_queue_limit() {
+    if !in_child("zero_length_sends_hit_the_send_queue_limit", &[]) {
+        return;
+    }
+    let (release, released) = mpsc::channel::<()>();
+    let (url, peer) = serve_on(Listener::bind_small_receive_buffer(), move |mut p| {
+        p.upgrade();
+        let _ = released.recv_timeout(PEER_TIMEOUT);
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    set(unsafe { ws_options_set_send_queue_limit(options.0, 1 << 20) });
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    wait_open(&client, &rec, conn);
+    let heap = heap_in_use();
+    let (mut sends, mut status, mut growth) = (0u64, WsStatus::Ok, 0);
+    while status == WsStatus::Ok && growth < 64 << 20 {
+        status = send_binary(conn, &[]);
+        sends += 1;
+        if sends % 10_000 == 0 {
+            growth = heap_in_use().saturating_sub(heap);
+        }
+    }
+    growth = heap_in_use().saturating_sub(heap);
+    eprintln!("{sends} zero-length sends; the last answered {status:?}; the heap grew by {:.1} MiB", growth as f64 / MIB);
+    assert!(
+        status == WsStatus::SendQueueFull && growth < 8 << 20,
+        "{sends} zero-length sends to a peer that does not read grew the heap by {:.1} MiB and the last \
+         one answered {status:?} under a 1 MiB send-queue limit",
+        growth as f64 / MIB
+    );
+    drop(release);
+    drop(client);
+    peer.join().unwrap();
+}
+
+// ---- 3. a frame header cannot make the library allocate what never arrived -------------------
+
+/// Issue 9.3: README "ws_options_set_max_message_size: largest message (and frame) accepted";
+/// SIZE_MAX is the natural "unlimited". A 10-byte header announcing 2^62 bytes, 1,000 of them,
+/// then the peer hangs up: the connection must end in an error callback, and the host process
+/// must live (an allocation failure aborts it).
+#[test]
+fn a_header_announcing_2_pow_62_bytes_does_not_abort_the_host() {
+    if !in_child("a_header_announcing_2_pow_62_bytes_does_not_abort_the_host", &[]) {
+        return;
+    }
+    let (url, peer) = serve(|mut p| {
+        p.upgrade();
+        p.send(&header(FIN | BINARY, 1 << 62));
+        p.send(&[0; 1000]);
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    set(unsafe { ws_options_set_max_message_size(options.0, usize::MAX) });
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    assert!(final_within(&client, &rec, conn, DEADLINE).is_some(), "no final callback: {:?}", rec.of(conn));
+    peer.join().unwrap();
+    let status = final_status(&rec, conn);
+    assert!(
+        matches!(status, Some(WsStatus::ConnectionLost | WsStatus::MessageTooBig)),
+        "{:?}",
+        rec.of(conn)
+    );
+}
+
+/// Issue 9.3: "memory must follow the bytes that actually arrived". Eight connections, each
+/// sent a header announcing 60 MiB (under the default 64 MiB limit) and 1 KiB of it. The
+/// process's virtual data size must not grow by 60 MiB per connection: with an address-space
+/// limit (RLIMIT_AS, as hosts with strict limits run) 256 MiB above what the process uses,
+/// reserving 480 MiB aborts the process. The peer knows the client has read the header when
+/// the client's keepalive ping that follows it arrives.
+#[test]
+fn headers_announcing_60_mib_do_not_reserve_60_mib_each() {
+    if !in_child("headers_announcing_60_mib_do_not_reserve_60_mib_each", &[("MALLOC_ARENA_MAX", "1")]) {
+        return;
+    }
+    const CONNECTIONS: usize = 8;
+    const ANNOUNCED: u64 = 60 << 20;
+    let listener = Listener::bind();
+    let url = listener.url();
+    let (ready, is_ready) = mpsc::channel::<()>();
+    let (go, went) = mpsc::channel::<()>();
+    let (announced, were_announced) = mpsc::channel::<()>();
+    let (hang_up, hung_up) = mpsc::channel::<()>();
+    let peer = std::thread::spawn(move || {
+        let mut peers: Vec<Peer> = (0..CONNECTIONS).map(|_| listener.accept()).collect();
+        let next_ping = |p: &mut Peer| loop {
+            if p.read_frame().expect("a keepalive ping").opcode == PING {
+                break;
+            }
+        };
+        for p in &mut peers {
+            p.upgrade();
+        }
+        // A first keepalive ping: the client has been silent since the open (left unanswered).
+        peers.iter_mut().for_each(next_ping);
+        ready.send(()).unwrap();
+        let _ = went.recv_timeout(PEER_TIMEOUT);
+        for p in &mut peers {
+            p.send(&header(FIN | BINARY, ANNOUNCED));
+            p.send(&[1; 1024]);
+        }
+        // A second ping can only follow bytes that arrived after the first: the client has read
+        // the header and the kibibyte (and has been silent since).
+        peers.iter_mut().for_each(next_ping);
+        announced.send(()).unwrap();
+        let _ = hung_up.recv_timeout(PEER_TIMEOUT);
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = Options::new();
+    set(unsafe { ws_options_set_keepalive(options.0, 200, 60_000) });
+    let conns: Vec<WsConn> = (0..CONNECTIONS).map(|_| client.connect_with(&url, options.0)).collect();
+    conns.iter().for_each(|&c| watch(c, &rec));
+    is_ready.recv_timeout(PEER_TIMEOUT).expect("the peer never saw the first pings");
+    let (data, size) = (status_kib("VmData") << 10, status_kib("VmSize") << 10);
+    limit_address_space(size + (256 << 20));
+    go.send(()).unwrap();
+    were_announced.recv_timeout(PEER_TIMEOUT).expect("the peer never saw the second pings");
+    let growth = (status_kib("VmData") << 10).saturating_sub(data);
+    eprintln!("{CONNECTIONS} headers announcing 60 MiB each: VmData grew by {:.1} MiB", growth as f64 / MIB);
+    hang_up.send(()).unwrap();
+    peer.join().unwrap();
+    assert!(pump(&client, DEADLINE, || conns.iter().all(|&c| rec.finals(c) > 0)), "{:?}", rec.events());
+    for &c in &conns {
+        assert_eq!(final_status(&rec, c), Some(WsStatus::ConnectionLost), "{:?}", rec.of(c));
+    }
+    assert!(
+        growth < 16 << 20,
+        "{CONNECTIONS} frame headers announcing 60 MiB each (1 KiB of each arrived) grew VmData by {:.1} MiB",
+        growth as f64 / MIB
+    );
+}
+
+/// A peer that trickles a large frame one byte per write: memory follows what arrived (16 KiB,
+/// not the 60 MiB announced), and once the rest comes the message is whole.
+#[test]
+fn a_frame_trickled_byte_by_byte_costs_what_arrived_and_arrives_whole() {
+    if !in_child("a_frame_trickled_byte_by_byte_costs_what_arrived_and_arrives_whole", &[]) {
+        return;
+    }
+    const LEN: usize = 60 << 20;
+    const TRICKLED: usize = 16 << 10;
+    let payload: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+    let (socket_tx, socket_rx) = mpsc::channel();
+    let (go, went) = mpsc::channel::<()>();
+    let (trickled, has_trickled) = mpsc::channel::<()>();
+    let (rest, send_rest) = mpsc::channel::<()>();
+    let expected = payload.clone();
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        socket_tx.send(p.client_socket()).unwrap();
+        let _ = went.recv_timeout(PEER_TIMEOUT);
+        p.send(&header(FIN | BINARY, LEN as u64));
+        for byte in &payload[..TRICKLED] {
+            p.send(std::slice::from_ref(byte));
+        }
+        trickled.send(()).unwrap();
+        let _ = send_rest.recv_timeout(PEER_TIMEOUT);
+        p.send(&payload[TRICKLED..]);
+        p.send(&close_frame(1000, ""));
+        p.read_until_close().0.last().map(|f| f.opcode)
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    wait_open(&client, &rec, conn);
+    let socket = socket_rx.recv_timeout(PEER_TIMEOUT).unwrap();
+    let data = status_kib("VmData") << 10;
+    go.send(()).unwrap();
+    has_trickled.recv_timeout(PEER_TIMEOUT).expect("the trickle never ended");
+    assert!(socket.wait_read_everything(), "the client stopped reading the trickle");
+    let growth = (status_kib("VmData") << 10).saturating_sub(data);
+    eprintln!("{TRICKLED} bytes of a 60 MiB frame trickled: VmData grew by {:.1} MiB", growth as f64 / MIB);
+    rest.send(()).unwrap();
+    client.run_until_final(&rec, conn);
+    assert_eq!(peer.join().unwrap(), Some(CLOSE));
+    let events = rec.of(conn);
+    assert_eq!(events.len(), 3, "open, the message, the close");
+    assert!(events[1] == Ev::Binary(conn, expected), "the message arrived altered");
+    assert!(growth < 16 << 20, "16 KiB of a frame announcing 60 MiB grew VmData by {:.1} MiB", growth as f64 / MIB);
+}
