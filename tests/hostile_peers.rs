@@ -526,3 +526,326 @@ fn a_frame_trickled_byte_by_byte_costs_what_arrived_and_arrives_whole() {
     assert!(events[1] == Ev::Binary(conn, expected), "the message arrived altered");
     assert!(growth < 16 << 20, "16 KiB of a frame announcing 60 MiB grew VmData by {:.1} MiB", growth as f64 / MIB);
 }
+
+// ---- 7. pings are answered while the host holds a message ------------------------------------
+
+/// How long a pong may take (a correct client answers within milliseconds).
+const PONG_BOUND: Duration = Duration::from_secs(2);
+
+/// Reads frames until a pong (then: how long after `since` it came, and its payload) or until
+/// `limit` after `since` (then None).
+fn pong_within(p: &mut Peer, since: Instant, limit: Duration) -> Option<(Duration, Vec<u8>)> {
+    loop {
+        let left = (since + limit).saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        match p.read_timeout(left).read_frame() {
+            Ok(f) if f.opcode == PONG => return Some((since.elapsed(), f.payload)),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// README: "Pings from the server are always answered", and flow control: "after each message
+/// callback no further message callback runs until ws_message_complete() is called ...
+/// meanwhile the library does not read the socket". A ping right behind the message the host
+/// holds (one write, so it arrives with the message) must still be answered (issue 9.7: a
+/// server's heartbeat drops a host that holds a message for an async job, the seed's own use).
+///
+/// What the README should add, because it cannot be answered: a ping that arrives behind more
+/// than a bounded read-ahead (one read buffer, 64 KiB by default) of data the host has not let
+/// the library deliver. The library does not read that far (that is the back-pressure that
+/// tells the server to slow down), so it cannot see the ping until the host completes the
+/// message or dispatches; a server whose heartbeat must survive long holds has to keep what it
+/// sends before its ping within that read-ahead.
+#[test]
+fn a_ping_behind_a_message_held_by_flow_control_is_answered() {
+    let (result, got_result) = mpsc::channel();
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        let mut wire = frame(FIN | TEXT, b"hold me");
+        wire.extend(frame(FIN | PING, b"are you there"));
+        p.send(&wire);
+        result.send(pong_within(&mut p, Instant::now(), PONG_BOUND * 2)).unwrap();
+        p.send(&close_frame(1000, ""));
+        p.read_timeout(Duration::from_secs(10)).read_until_close().0.last().map(|f| f.opcode)
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&url);
+    watch(conn, &rec);
+    set(ws_set_flow_control(conn, true));
+    // The host holds the message (no ws_message_complete) and keeps its loop running.
+    let mut pong = None;
+    pump(&client, DEADLINE, || match got_result.try_recv() {
+        Ok(p) => {
+            pong = Some(p);
+            true
+        }
+        Err(_) => false,
+    });
+    assert_eq!(rec.of(conn), vec![Ev::Open(conn), Ev::Text(conn, b"hold me".to_vec())]);
+    set(ws_message_complete(conn));
+    client.run_until_final(&rec, conn);
+    assert_eq!(peer.join().unwrap(), Some(CLOSE));
+    let pong = pong.expect("the peer reported");
+    eprintln!("pong behind a held message: {pong:?}");
+    assert!(
+        pong.as_ref().is_some_and(|(after, payload)| *after < PONG_BOUND && payload == b"are you there"),
+        "a ping right behind a message held by flow control was not answered within {PONG_BOUND:?}: {pong:?}"
+    );
+}
+
+/// The same with flow control off and a host that does not dispatch: the receive queue
+/// (1 MiB by default) fills exactly with the message in front of the ping.
+#[test]
+fn a_ping_behind_a_full_receive_queue_is_answered() {
+    let (result, got_result) = mpsc::channel();
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        let mut wire = frame(FIN | BINARY, &[3; 1024]).repeat(1024);
+        wire.extend(frame(FIN | PING, b"are you there"));
+        p.send(&wire);
+        result.send(pong_within(&mut p, Instant::now(), PONG_BOUND * 2)).unwrap();
+        p.send(&close_frame(1000, ""));
+        p.read_timeout(Duration::from_secs(10)).read_until_close().0.last().map(|f| f.opcode)
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    // The host is busy elsewhere: it does not dispatch until the peer has its answer (or not).
+    let pong = got_result.recv_timeout(DEADLINE).expect("the peer reported");
+    client.run_until_final(&rec, conn);
+    assert_eq!(peer.join().unwrap(), Some(CLOSE));
+    assert_eq!(rec.of(conn).len(), 1 + 1024 + 1, "open, every message, the close");
+    eprintln!("pong behind a full receive queue: {pong:?}");
+    assert!(
+        pong.as_ref().is_some_and(|(after, payload)| *after < PONG_BOUND && payload == b"are you there"),
+        "a ping right behind a full receive queue was not answered within {PONG_BOUND:?}: {pong:?}"
+    );
+}
+
+/// A ping flood behind a held message: the first pings (those within the read-ahead) are
+/// answered within the bound, what is read ahead for them does not grow memory, and once the
+/// host completes the message every ping up to the last is dealt with (the last answered).
+#[test]
+fn a_ping_flood_while_the_host_holds_a_message_is_answered_in_bounded_memory() {
+    if !in_child("a_ping_flood_while_the_host_holds_a_message_is_answered_in_bounded_memory", &[]) {
+        return;
+    }
+    const PINGS: u32 = 100_000;
+    let mut wire = frame(FIN | TEXT, b"hold me");
+    for i in 0..PINGS {
+        let mut payload = [0u8; 125];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        wire.extend(frame(FIN | PING, &payload));
+    }
+    wire.extend(close_frame(1000, ""));
+    let (first_pong, got_first_pong) = mpsc::channel();
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        let mut writer = p.stream.try_clone().unwrap();
+        let start = Instant::now();
+        let writing = std::thread::spawn(move || writer.write_all(&wire).is_ok());
+        let first = pong_within(&mut p, start, PONG_BOUND * 2);
+        first_pong.send(first.as_ref().map(|(after, _)| *after)).unwrap();
+        let mut last = first.map(|(_, payload)| u32::from_be_bytes(payload[..4].try_into().unwrap()));
+        let (frames, _) = p.read_timeout(DEADLINE).read_until_close();
+        for f in frames.iter().filter(|f| f.opcode == PONG) {
+            last = Some(u32::from_be_bytes(f.payload[..4].try_into().unwrap()));
+        }
+        (writing.join().unwrap(), last, frames.last().map(|f| f.opcode))
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    set(ws_set_flow_control(conn, true));
+    wait_open(&client, &rec, conn);
+    let heap = heap_in_use();
+    let mut first = None;
+    pump(&client, DEADLINE, || match got_first_pong.try_recv() {
+        Ok(f) => {
+            first = Some(f);
+            true
+        }
+        Err(_) => false,
+    });
+    let growth = heap_in_use().saturating_sub(heap);
+    set(ws_message_complete(conn));
+    client.run_until_final(&rec, conn);
+    let (wrote_all, last_pong, last_frame) = peer.join().unwrap();
+    let first = first.expect("the peer reported");
+    eprintln!("ping flood: first pong after {first:?}, heap grew by {:.1} MiB while held, last pong for ping {last_pong:?}", growth as f64 / MIB);
+    assert!(wrote_all);
+    assert_eq!(rec.of(conn), vec![Ev::Open(conn), Ev::Text(conn, b"hold me".to_vec()), Ev::Close(conn, 1000, String::new())]);
+    assert_eq!((last_pong, last_frame), (Some(PINGS - 1), Some(CLOSE)), "the last ping before the close is answered");
+    assert!(growth < 4 << 20, "pings read ahead while the host held a message grew the heap by {:.1} MiB", growth as f64 / MIB);
+    assert!(
+        first.is_some_and(|after| after < PONG_BOUND),
+        "no pong within {PONG_BOUND:?} of a ping flood behind a held message (first after {first:?})"
+    );
+}
+
+// ---- 8. the close timeout bounds the whole close ---------------------------------------------
+
+/// README: ws_options_set_close_timeout_ms is the time the "peer must finish the close
+/// handshake"; issue 9.8: it must bound the whole close, queued data included. 20 MiB queued
+/// to a peer that stopped reading, keepalive off, close timeout 500 ms: after ws_close, the
+/// CLOSE_TIMEOUT error must come within 2 s (4 times the timeout), not when the peer hangs up
+/// (20 s here).
+#[test]
+fn the_close_timeout_bounds_a_close_stuck_behind_unsent_data() {
+    let (socket_tx, socket_rx) = mpsc::channel();
+    let (release, released) = mpsc::channel::<()>();
+    let (url, peer) = serve_on(Listener::bind_small_receive_buffer(), move |p| {
+        socket_tx.send(p.client_socket()).unwrap();
+        let mut p = p;
+        p.upgrade();
+        // Never reads; hangs up after 20 s (or when the test is done).
+        let _ = released.recv_timeout(Duration::from_secs(20));
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    set(unsafe { ws_options_set_close_timeout_ms(options.0, 500) });
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    wait_open(&client, &rec, conn);
+    queue_mebibytes(conn, 20);
+    let socket = socket_rx.recv_timeout(PEER_TIMEOUT).unwrap();
+    assert!(socket.wait_blocked_writing(64 << 10), "the client's writes never blocked: {:?}", socket.state());
+    assert_eq!(close(conn, 1000, ""), WsStatus::Ok);
+    let took = final_within(&client, &rec, conn, Duration::from_secs(5));
+    drop(release);
+    peer.join().unwrap();
+    eprintln!("close behind 20 MiB of unsent data: final callback after {took:?}: {:?}", last_event(&rec, conn));
+    assert!(
+        took.is_some_and(|t| t < Duration::from_secs(2)) && final_status(&rec, conn) == Some(WsStatus::CloseTimeout),
+        "a close with a 500 ms timeout, stuck behind unsent data: final callback {:?} after {took:?}",
+        last_event(&rec, conn)
+    );
+}
+
+// ---- 14. conformance details ----------------------------------------------------------------
+
+/// RFC 6455 5.5.2/5.5.3 and README "Pings from the server are always answered": ten pings in
+/// one burst from a peer that reads normally get ten pongs, in order, with their payloads
+/// (coalescing is only for pongs piling up because the peer does not read).
+#[test]
+fn ten_pings_in_one_burst_get_ten_pongs_in_order() {
+    let (url, peer) = serve(|mut p| {
+        p.upgrade();
+        let burst: Vec<u8> = (0..10).flat_map(|i| frame(FIN | PING, format!("ping {i}").as_bytes())).collect();
+        p.send(&burst);
+        let mut pongs = Vec::new();
+        let since = Instant::now();
+        while pongs.len() < 10 {
+            match pong_within(&mut p, since, Duration::from_secs(3)) {
+                Some((_, payload)) => pongs.push(String::from_utf8(payload).unwrap()),
+                None => break,
+            }
+        }
+        p.send(&close_frame(1000, ""));
+        p.read_timeout(Duration::from_secs(10)).read_until_close();
+        pongs
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&url);
+    watch(conn, &rec);
+    client.run_until_final(&rec, conn);
+    let pongs = peer.join().unwrap();
+    let expected: Vec<String> = (0..10).map(|i| format!("ping {i}")).collect();
+    assert_eq!(pongs, expected, "the pongs the peer received");
+}
+
+/// README "Security": "text must be valid UTF-8 (1007)"; issue 9.14: at the fragment that
+/// breaks it, not at the end of a message that may never end. The first fragment of a text
+/// message holds bytes that no continuation can make valid (0xC0); the peer sends nothing more.
+#[test]
+fn invalid_utf8_in_a_first_fragment_fails_the_connection_at_once() {
+    let (url, peer) = serve(|mut p| {
+        p.upgrade();
+        p.send(&frame(TEXT, b"ab\xc0\xafcd"));
+        let (frames, _) = p.read_timeout(Duration::from_secs(5)).read_until_close();
+        frames.last().and_then(Frame::close_code)
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&url);
+    watch(conn, &rec);
+    // The peer waits 5 s for the close; the client has 2 s to send it.
+    let took = final_within(&client, &rec, conn, Duration::from_secs(2));
+    let close_code = peer.join().unwrap();
+    assert!(took.is_some(), "no final callback within 2 s for a text fragment with invalid UTF-8: {:?}", rec.of(conn));
+    assert_eq!(final_status(&rec, conn), Some(WsStatus::Protocol), "{:?}", rec.of(conn));
+    assert_eq!(close_code, Some(1007));
+}
+
+/// A recorder whose message callback answers every message at once ("re: " and the message).
+#[derive(Default)]
+struct Replier {
+    rec: Recorder,
+    /// What each ws_send of a reply returned.
+    sent: Mutex<Vec<WsStatus>>,
+}
+
+unsafe extern "C" fn reply_to_message(conn: WsConn, data: *const u8, len: usize, kind: WsMessageKind, user: *mut c_void) {
+    let replier = &*(user as *const Replier);
+    on_message(conn, data, len, kind, &replier.rec as *const Recorder as *mut c_void);
+    let reply = [b"re: ", std::slice::from_raw_parts(data, len)].concat();
+    let status = ws_send_binary(conn, reply.as_ptr().cast(), reply.len());
+    replier.sent.lock().unwrap().push(status);
+}
+
+/// Issue 9.14: a message and a protocol violation in the same read. A client that reads frame
+/// by frame hands the message to its host, whose reply (sent inside the message callback) goes
+/// out before the close 1002 that the violation calls for; so must this one.
+fn replies_precede_the_close_for(violation: &[u8]) {
+    let mut wire = frame(FIN | TEXT, b"hello");
+    wire.extend_from_slice(violation);
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        p.send(&wire);
+        p.read_timeout(Duration::from_secs(5)).read_until_close().0
+    });
+    let client = Client::new();
+    let replier = Replier::default();
+    let rec = &replier.rec;
+    let conn = client.connect(&url);
+    watch(conn, rec);
+    set(ws_on_message(conn, Some(reply_to_message), &replier as *const Replier as *mut c_void));
+    client.run_until_final(rec, conn);
+    let frames: Vec<(u8, Vec<u8>)> = peer
+        .join()
+        .unwrap()
+        .into_iter()
+        .filter(|f| f.opcode != PING && f.opcode != PONG)
+        .map(|f| (f.opcode, f.payload.get(..2).filter(|_| f.opcode == CLOSE).map_or(f.payload.clone(), <[u8]>::to_vec)))
+        .collect();
+    assert_eq!(rec.of(conn)[..2], [Ev::Open(conn), Ev::Text(conn, b"hello".to_vec())]);
+    assert_eq!(final_status(rec, conn), Some(WsStatus::Protocol), "{:?}", rec.of(conn));
+    assert_eq!(frames, vec![(BINARY, b"re: hello".to_vec()), (CLOSE, 1002u16.to_be_bytes().to_vec())], "what the peer received");
+    assert_eq!(*replier.sent.lock().unwrap(), [WsStatus::Ok], "what ws_send answered for the reply: {}", last_error());
+}
+
+#[test]
+fn a_reply_precedes_the_close_for_a_reserved_bit_in_the_same_read() {
+    replies_precede_the_close_for(&frame(FIN | 0x40 | TEXT, b"compressed?"));
+}
+
+#[test]
+fn a_reply_precedes_the_close_for_a_reserved_opcode_in_the_same_read() {
+    replies_precede_the_close_for(&frame(FIN | 0x3, b"?"));
+}
+
+#[test]
+fn a_reply_precedes_the_close_for_a_continuation_without_a_start_in_the_same_read() {
+    replies_precede_the_close_for(&frame(FIN | CONTINUATION, b"nothing to continue"));
+}
