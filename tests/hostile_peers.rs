@@ -849,3 +849,417 @@ fn a_reply_precedes_the_close_for_a_reserved_opcode_in_the_same_read() {
 fn a_reply_precedes_the_close_for_a_continuation_without_a_start_in_the_same_read() {
     replies_precede_the_close_for(&frame(FIN | CONTINUATION, b"nothing to continue"));
 }
+
+/// README: "memory for received data stays below that limit plus one message (at most the
+/// maximum message size, 64 MiB by default) plus the read buffer". Large messages: six of
+/// 32 MiB while the host does not dispatch may hold one of them, not two (allowed: 48 MiB of
+/// heap, the limit plus one and a half messages). A guard for read-ahead (see the ping tests
+/// above): reading ahead for control frames must not read messages ahead.
+#[test]
+fn large_messages_waiting_for_dispatch_hold_at_most_one_message_past_the_limit() {
+    if !in_child("large_messages_waiting_for_dispatch_hold_at_most_one_message_past_the_limit", &[]) {
+        return;
+    }
+    let message = std::sync::Arc::new(frame(FIN | BINARY, &vec![9; 32 << 20]));
+    let peer_message = message.clone();
+    let (go, went) = mpsc::channel::<()>();
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        let _ = went.recv_timeout(PEER_TIMEOUT);
+        p.stream.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+        (0..6).take_while(|_| p.stream.write_all(&peer_message).is_ok()).count()
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    wait_open(&client, &rec, conn);
+    let heap = heap_in_use();
+    go.send(()).unwrap();
+    let written = peer.join().unwrap();
+    let growth = heap_in_use().saturating_sub(heap);
+    eprintln!("{written} messages of 32 MiB written whole; the heap grew by {:.1} MiB", growth as f64 / MIB);
+    assert!(written < 6, "the client read six 32 MiB messages while the host dispatched nothing");
+    assert!(growth < 48 << 20, "messages waiting for dispatch grew the heap by {:.1} MiB", growth as f64 / MIB);
+}
+
+// ---- 15. the end of a connection -------------------------------------------------------------
+
+/// A recorder whose error callback notes what ws_buffered_amount answers inside it.
+#[derive(Default)]
+struct BufferedAtTheEnd {
+    rec: Recorder,
+    seen: Mutex<Option<(WsStatus, usize)>>,
+}
+
+unsafe extern "C" fn note_buffered_amount(conn: WsConn, kind: WsStatus, message: *const std::os::raw::c_char, user: *mut c_void) {
+    let this = &*(user as *const BufferedAtTheEnd);
+    let mut bytes = usize::MAX;
+    let status = ws_buffered_amount(conn, &mut bytes);
+    *this.seen.lock().unwrap() = Some((status, bytes));
+    on_error(conn, kind, message, &this.rec as *const Recorder as *mut c_void);
+}
+
+/// README: "ws_buffered_amount() tells how many bytes wait to be written" (the header: "not
+/// yet written to the socket"); issue 9.15: it never returns to 0 after the end. 20 MiB queued
+/// to a peer that stops reading and then hangs up: once the connection has ended nothing waits
+/// to be written, so inside the final callback it must say 0 (and GONE after it).
+#[test]
+fn buffered_amount_is_zero_once_a_connection_with_unsent_data_has_ended() {
+    let (socket_tx, socket_rx) = mpsc::channel();
+    let (hang_up, hung_up) = mpsc::channel::<()>();
+    let (url, peer) = serve_on(Listener::bind_small_receive_buffer(), move |mut p| {
+        p.upgrade();
+        socket_tx.send(p.client_socket()).unwrap();
+        // Hangs up with unread data: the client's writes fail.
+        let _ = hung_up.recv_timeout(PEER_TIMEOUT);
+    });
+    let client = Client::new();
+    let ends = BufferedAtTheEnd::default();
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &ends.rec);
+    set(ws_on_error(conn, Some(note_buffered_amount), &ends as *const BufferedAtTheEnd as *mut c_void));
+    wait_open(&client, &ends.rec, conn);
+    queue_mebibytes(conn, 20);
+    let socket = socket_rx.recv_timeout(PEER_TIMEOUT).unwrap();
+    assert!(socket.wait_blocked_writing(64 << 10), "the client's writes never blocked: {:?}", socket.state());
+    hang_up.send(()).unwrap();
+    peer.join().unwrap();
+    client.run_until_final(&ends.rec, conn);
+    assert_eq!(final_status(&ends.rec, conn), Some(WsStatus::ConnectionLost), "{:?}", ends.rec.of(conn));
+    let mut after = usize::MAX;
+    assert_eq!(unsafe { ws_buffered_amount(conn, &mut after) }, WsStatus::Gone);
+    let seen = *ends.seen.lock().unwrap();
+    assert!(
+        matches!(seen, Some((WsStatus::Ok, 0) | (WsStatus::Gone, _))),
+        "ws_buffered_amount inside the final callback of an ended connection answered {seen:?}"
+    );
+}
+
+/// The peer's side of a completed close handshake (the peer starts it): the client's close
+/// frame, then the end of the TCP stream, seen as an orderly EOF.
+#[test]
+fn after_a_close_handshake_the_peer_sees_the_client_end_tcp() {
+    let (url, peer) = serve(|mut p| {
+        p.upgrade();
+        p.send(&close_frame(1000, "bye"));
+        let reply = p.read_timeout(Duration::from_secs(5)).read_frame().map(|f| f.close_code());
+        (reply.map_err(|e| e.kind()), p.read_to_end().map_err(|e| e.kind()))
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&url);
+    watch(conn, &rec);
+    client.run_until_final(&rec, conn);
+    assert_eq!(last_event(&rec, conn), Some(Ev::Close(conn, 1000, "bye".into())));
+    assert_eq!(peer.join().unwrap(), (Ok(Some(1000)), Ok(0)), "the client's close frame, then EOF");
+}
+
+/// Issue 9.15: "after a completed close the TCP (and TLS close_notify) shutdown is skipped".
+/// Over wss, a peer that completes the close handshake must then see the client's TLS
+/// close_notify before the end of the stream; without it the end is indistinguishable from a
+/// truncation attack (rustls reports UnexpectedEof).
+#[test]
+fn after_a_close_handshake_over_tls_the_client_sends_close_notify() {
+    let identity = TlsIdentity::new();
+    let options = no_keepalive();
+    let ca = cstr(identity.ca_pem.to_str().unwrap());
+    set(unsafe { ws_options_add_ca_file(options.0, ca.as_ptr()) });
+    let listener = Listener::bind();
+    let url = format!("wss://127.0.0.1:{}/", listener.port);
+    let peer = std::thread::spawn(move || {
+        let mut peer = listener.accept();
+        peer.read_timeout(Duration::from_secs(5));
+        let mut tls = identity.accept(peer);
+        let request = read_request_from(&mut tls).expect("the upgrade request over TLS");
+        tls.write_all(response_to(&request, "").as_bytes()).unwrap();
+        tls.write_all(&close_frame(1000, "bye")).unwrap();
+        tls.flush().unwrap();
+        let reply = read_frame_from(&mut tls).map(|f| f.close_code());
+        let mut rest = Vec::new();
+        (reply.map_err(|e| e.kind()), tls.read_to_end(&mut rest).map_err(|e| e.kind()))
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    client.run_until_final(&rec, conn);
+    assert_eq!(last_event(&rec, conn), Some(Ev::Close(conn, 1000, "bye".into())));
+    let (reply, end) = peer.join().unwrap();
+    assert_eq!(reply, Ok(Some(1000)), "the client's close frame");
+    assert_eq!(end, Ok(0), "the end of the TLS stream after the close handshake (Ok: close_notify came)");
+}
+
+/// README: "ws_client_free() closes the connections still alive (close code 1001, sent
+/// best-effort within 250 ms) ... and returns when nothing of the client is left". Allowed
+/// here: 750 ms, three times the 250 ms, for any state a peer can hold a connection in.
+const FREE_BOUND: Duration = Duration::from_millis(750);
+
+fn assert_free_is_prompt(client: Client, state: &str) {
+    let start = Instant::now();
+    drop(client);
+    let took = start.elapsed();
+    eprintln!("ws_client_free with a connection {state}: {took:?}");
+    assert!(took < FREE_BOUND, "ws_client_free took {took:?} with a connection {state}");
+}
+
+#[test]
+fn free_is_prompt_while_a_tcp_connect_is_in_progress() {
+    let (address, _queue_kept_full) = full_backlog_listener();
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&format!("ws://{address}/"));
+    watch(conn, &rec);
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    while !sockets_to(address).iter().any(|(_, s)| s.state == TCP_SYN_SENT) {
+        assert!(Instant::now() < deadline, "the client's SYN was never seen waiting");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_free_is_prompt(client, "in TCP connect (SYNs dropped)");
+    assert_eq!(rec.events(), vec![], "no callback after the client was freed");
+}
+
+/// A peer that accepts TCP and never answers what the client sends (the TLS ClientHello, or the
+/// upgrade request); `Some(identity)` for wss. Returns after the client's first bytes came.
+fn free_while_unanswered(tls: bool) {
+    let listener = Listener::bind();
+    let url = format!("{}://127.0.0.1:{}/", if tls { "wss" } else { "ws" }, listener.port);
+    let (arrived, has_arrived) = mpsc::channel();
+    let peer = std::thread::spawn(move || {
+        let mut p = listener.accept();
+        assert!(readable(std::os::fd::AsRawFd::as_raw_fd(&p.stream), PEER_TIMEOUT), "the client sent nothing");
+        arrived.send(p.unread()).unwrap();
+        p.read_to_end().map_err(|e| e.kind())
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&url);
+    watch(conn, &rec);
+    has_arrived.recv_timeout(PEER_TIMEOUT).expect("the client's first bytes");
+    assert_free_is_prompt(client, if tls { "in an unanswered TLS handshake" } else { "in an unanswered upgrade" });
+    assert!(peer.join().unwrap().is_ok(), "the peer sees the connection end");
+}
+
+#[test]
+fn free_is_prompt_while_a_tls_handshake_is_unanswered() {
+    free_while_unanswered(true);
+}
+
+#[test]
+fn free_is_prompt_while_an_upgrade_is_unanswered() {
+    free_while_unanswered(false);
+}
+
+/// An open connection whose writes are blocked (20 MiB queued to a peer that does not read);
+/// with `violation`, the peer then breaks the protocol, so the connection is failing (and its
+/// close 1002 cannot be written either) when the host frees the client.
+fn free_while_writes_are_blocked(violation: bool) {
+    let (socket_tx, socket_rx) = mpsc::channel();
+    let (violate, told_to_violate) = mpsc::channel::<()>();
+    let (violated, has_violated) = mpsc::channel::<()>();
+    let (release, released) = mpsc::channel::<()>();
+    let (url, peer) = serve_on(Listener::bind_small_receive_buffer(), move |mut p| {
+        p.upgrade();
+        socket_tx.send(p.client_socket()).unwrap();
+        if told_to_violate.recv_timeout(PEER_TIMEOUT).is_ok() {
+            p.send(&frame(FIN | 0x3, b"reserved opcode"));
+            violated.send(()).unwrap();
+        }
+        let _ = released.recv_timeout(PEER_TIMEOUT);
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    queue_mebibytes(conn, 20);
+    let socket = socket_rx.recv_timeout(PEER_TIMEOUT).unwrap();
+    assert!(socket.wait_blocked_writing(64 << 10), "the client's writes never blocked: {:?}", socket.state());
+    if violation {
+        violate.send(()).unwrap();
+        has_violated.recv_timeout(PEER_TIMEOUT).unwrap();
+        // The client has read the violation: it is failing the connection.
+        assert!(socket.wait_read_everything());
+    }
+    drop(violate);
+    assert_free_is_prompt(client, if violation { "failing while its writes are blocked" } else { "whose writes are blocked" });
+    drop(release);
+    peer.join().unwrap();
+}
+
+#[test]
+fn free_is_prompt_while_writes_are_blocked() {
+    free_while_writes_are_blocked(false);
+}
+
+#[test]
+fn free_is_prompt_while_a_connection_fails_behind_blocked_writes() {
+    free_while_writes_are_blocked(true);
+}
+
+/// The host has closed; the peer read the close frame and never answers it.
+#[test]
+fn free_is_prompt_while_a_close_handshake_is_unanswered() {
+    let (closing, is_closing) = mpsc::channel();
+    let (release, released) = mpsc::channel::<()>();
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        let (frames, _) = p.read_until_close();
+        closing.send(frames.last().and_then(Frame::close_code)).unwrap();
+        let _ = released.recv_timeout(PEER_TIMEOUT);
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&url);
+    watch(conn, &rec);
+    wait_open(&client, &rec, conn);
+    assert_eq!(close(conn, 1000, ""), WsStatus::Ok);
+    assert_eq!(is_closing.recv_timeout(PEER_TIMEOUT).unwrap(), Some(1000));
+    assert_free_is_prompt(client, "whose close the peer never answers");
+    drop(release);
+    peer.join().unwrap();
+}
+
+// ---- the handshake --------------------------------------------------------------------------
+
+/// README: connect timeout "(DNS + TCP + TLS + upgrade)". A slowloris peer sends its 101
+/// response one byte every 200 ms (40 s in all): with a 1 s connect timeout the connection
+/// must fail with CONNECT_TIMEOUT within 3 s.
+#[test]
+fn a_slowloris_upgrade_response_is_bounded_by_the_connect_timeout() {
+    let (url, peer) = serve(|mut p| {
+        let request = p.read_request();
+        let response = response_to(&request, &format!("X-Padding: {}\r\n", "z".repeat(100)));
+        let start = Instant::now();
+        for byte in response.bytes() {
+            if p.stream.write_all(&[byte]).is_err() || start.elapsed() > Duration::from_secs(5) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = Options::new();
+    set(unsafe { ws_options_set_connect_timeout_ms(options.0, 1000) });
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    let took = final_within(&client, &rec, conn, Duration::from_secs(3));
+    peer.join().unwrap();
+    assert!(took.is_some(), "no final callback within 3 s with a 1 s connect timeout: {:?}", rec.of(conn));
+    assert_eq!(final_status(&rec, conn), Some(WsStatus::ConnectTimeout), "{:?}", rec.of(conn));
+}
+
+/// A 101 response whose head is exactly `size` bytes (padded with a header), followed by a
+/// text frame "hi". The head is sent in two parts: all but its last `tail` bytes, and once the
+/// client has read those, the rest.
+fn response_head_of(size: usize, tail: usize) -> Vec<Ev> {
+    let (url, peer) = serve(move |mut p| {
+        let request = p.read_request();
+        let bare = response_to(&request, "X-Padding: \r\n").len();
+        let head = response_to(&request, &format!("X-Padding: {}\r\n", "p".repeat(size - bare)));
+        assert_eq!(head.len(), size);
+        let socket = p.client_socket();
+        let (first, rest) = head.as_bytes().split_at(size - tail);
+        p.send(first);
+        assert!(socket.wait_read_everything());
+        if p.stream.write_all(rest).is_ok() {
+            let _ = p.stream.write_all(&frame(FIN | TEXT, b"hi"));
+            let _ = p.stream.write_all(&close_frame(1000, ""));
+            let _ = p.read_timeout(Duration::from_secs(5)).read_until_close();
+        }
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&url);
+    watch(conn, &rec);
+    client.run_until_final(&rec, conn);
+    peer.join().unwrap();
+    rec.of(conn)
+}
+
+/// README "Security": "Response head at most 16 KiB". Exactly 16 KiB is accepted.
+#[test]
+fn a_response_head_of_exactly_16_kib_is_accepted() {
+    let events = response_head_of(16 << 10, 385);
+    let conn = events[0].conn();
+    assert_eq!(events, vec![Ev::Open(conn), Ev::Text(conn, b"hi".to_vec()), Ev::Close(conn, 1000, String::new())]);
+}
+
+/// ... and 16 KiB + 1 is refused, also when it arrives in two parts (issue 9.15: up to 32 KiB
+/// was accepted when the first part left the client's buffer just under the limit).
+#[test]
+fn a_response_head_of_16_kib_plus_1_is_refused() {
+    let events = response_head_of((16 << 10) + 1, 385);
+    assert_eq!(events.len(), 1, "{events:?}");
+    match &events[0] {
+        Ev::Error(_, WsStatus::HandshakeRejected, message) => assert!(message.contains("16384"), "{message}"),
+        other => panic!("a 16 KiB + 1 response head was not refused: {other:?}"),
+    }
+}
+
+/// A response head that never ends: refused once 16 KiB have come (HANDSHAKE_REJECTED, naming
+/// the limit), having read no more than 16 KiB and one 1 KiB step. The peer sends 1 KiB at a
+/// time and waits until the client has read it, to count what the client read.
+#[test]
+fn a_response_head_that_never_ends_is_refused_at_16_kib() {
+    let (url, peer) = serve(|mut p| {
+        p.read_request();
+        let socket = p.client_socket();
+        let mut read_by_client = 0;
+        let mut chunk = b"HTTP/1.1 101 Switching Protocols\r\nX-Endless: ".to_vec();
+        chunk.resize(1024, b'e');
+        while read_by_client < 1 << 20 {
+            if p.stream.write_all(&chunk).is_err() {
+                break;
+            }
+            assert!(socket.wait_read_everything());
+            if socket.state().map_or(true, |s| s.state != TCP_ESTABLISHED) {
+                break;
+            }
+            read_by_client += chunk.len();
+            chunk = vec![b'e'; 1024];
+        }
+        read_by_client
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&url);
+    watch(conn, &rec);
+    let took = final_within(&client, &rec, conn, DEADLINE);
+    let read_by_client = peer.join().unwrap();
+    eprintln!("an endless response head: refused after {took:?}, the client read {read_by_client} bytes");
+    match rec.of(conn).as_slice() {
+        [Ev::Error(_, WsStatus::HandshakeRejected, message)] => assert!(message.contains("16384"), "{message}"),
+        other => panic!("an endless response head: {other:?}"),
+    }
+    assert!(read_by_client <= (17 << 10), "the client read {read_by_client} bytes of a response head");
+}
+
+// ---- the end of the peer's stream -------------------------------------------------------------
+
+/// A peer that half-closes (shutdown of its writing side) right after a message: the message is
+/// delivered, then exactly one final callback (CONNECTION_LOST: no close handshake), and the
+/// client ends its side too (the peer sees EOF).
+#[test]
+fn a_peer_that_half_closes_after_a_message() {
+    let (url, peer) = serve(|mut p| {
+        p.upgrade();
+        p.send(&frame(FIN | TEXT, b"last words"));
+        p.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        p.read_timeout(Duration::from_secs(5)).read_to_end().map_err(|e| e.kind())
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&url);
+    watch(conn, &rec);
+    let took = final_within(&client, &rec, conn, Duration::from_secs(5));
+    let end = peer.join().unwrap();
+    assert!(took.is_some(), "no final callback after the peer half-closed: {:?}", rec.of(conn));
+    let events = rec.of(conn);
+    assert_eq!(events[..2], [Ev::Open(conn), Ev::Text(conn, b"last words".to_vec())]);
+    assert_eq!((events.len(), final_status(&rec, conn)), (3, Some(WsStatus::ConnectionLost)), "{events:?}");
+    assert!(end.is_ok(), "the peer's read after its half-close: {end:?}");
+}
