@@ -449,9 +449,9 @@ const CHILD_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Runs the test `name` in a child process of its own: this test binary again, with `--exact
 /// name`, and `env` set. In that child, returns true: the caller runs the test's body there.
-/// In the parent, waits for the child (at most two minutes), prints its output and panics
-/// unless it exited with success (a failed assertion, an abort or a signal all fail the test),
-/// then returns false.
+/// In the parent, waits for the child (at most two minutes, then kills it), prints its output
+/// and panics unless it exited with success (a failed assertion, an abort or a signal all fail
+/// the test), then returns false.
 pub fn in_child(name: &str, env: &[(&str, &str)]) -> bool {
     if std::env::var(CHILD_ENV).is_ok_and(|v| v == name) {
         return true;
@@ -464,28 +464,32 @@ pub fn in_child(name: &str, env: &[(&str, &str)]) -> bool {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let output = |child: &mut std::process::Child| {
-        let (mut out, mut err) = (String::new(), String::new());
-        let _ = child.stdout.take().unwrap().read_to_string(&mut out);
-        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-        format!("{out}{err}")
+    // Read on threads of their own, so that a child that prints much never blocks on a pipe.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
     };
-    // The child's output is read once it ended, so it must not fill the pipes: the tests print
-    // a few lines only.
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
     let deadline = Instant::now() + CHILD_DEADLINE;
+    let mut timed_out = false;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
         if Instant::now() > deadline {
+            timed_out = true;
             let _ = child.kill();
-            let _ = child.wait();
-            panic!("the child process of {name} ran longer than {CHILD_DEADLINE:?}:\n{}", output(&mut child));
+            break child.wait().unwrap();
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let text = output(&mut child);
+    let text = format!("{}{}", stdout.join().unwrap(), stderr.join().unwrap());
     eprintln!("---- child process of {name} ----\n{text}---- end of child ----");
+    assert!(!timed_out, "the child process of {name} ran longer than {CHILD_DEADLINE:?} and was killed");
     use std::os::unix::process::ExitStatusExt;
     if let Some(signal) = status.signal() {
         let what = if signal == libc::SIGABRT { " (SIGABRT: the process aborted)" } else { "" };
