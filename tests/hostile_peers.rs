@@ -1013,7 +1013,7 @@ fn free_is_prompt_while_a_tcp_connect_is_in_progress() {
     let conn = client.connect(&format!("ws://{address}/"));
     watch(conn, &rec);
     let deadline = Instant::now() + PEER_TIMEOUT;
-    while !sockets_to(address).iter().any(|(_, s)| s.state == TCP_SYN_SENT) {
+    while sockets_to(address, TCP_SYN_SENT).is_empty() {
         assert!(Instant::now() < deadline, "the client's SYN was never seen waiting");
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -1054,8 +1054,9 @@ fn free_is_prompt_while_an_upgrade_is_unanswered() {
 
 /// An open connection whose writes are blocked (20 MiB queued to a peer that does not read);
 /// with `violation`, the peer then breaks the protocol, so the connection is failing (and its
-/// close 1002 cannot be written either) when the host frees the client.
-fn free_while_writes_are_blocked(violation: bool) {
+/// close 1002 cannot be written either) when the host frees the client. Returns how long
+/// ws_client_free took, and how long after the violation the host called it.
+fn free_while_writes_are_blocked(violation: bool) -> (Duration, Duration) {
     let (socket_tx, socket_rx) = mpsc::channel();
     let (violate, told_to_violate) = mpsc::channel::<()>();
     let (violated, has_violated) = mpsc::channel::<()>();
@@ -1077,6 +1078,7 @@ fn free_while_writes_are_blocked(violation: bool) {
     queue_mebibytes(conn, 20);
     let socket = socket_rx.recv_timeout(PEER_TIMEOUT).unwrap();
     assert!(socket.wait_blocked_writing(64 << 10), "the client's writes never blocked: {:?}", socket.state());
+    let violated_at = Instant::now();
     if violation {
         violate.send(()).unwrap();
         has_violated.recv_timeout(PEER_TIMEOUT).unwrap();
@@ -1084,19 +1086,40 @@ fn free_while_writes_are_blocked(violation: bool) {
         assert!(socket.wait_read_everything());
     }
     drop(violate);
-    assert_free_is_prompt(client, if violation { "failing while its writes are blocked" } else { "whose writes are blocked" });
+    let called_after = violated_at.elapsed();
+    let start = Instant::now();
+    drop(client);
+    let took = start.elapsed();
     drop(release);
     peer.join().unwrap();
+    (took, called_after)
 }
 
 #[test]
 fn free_is_prompt_while_writes_are_blocked() {
-    free_while_writes_are_blocked(false);
+    let (took, _) = free_while_writes_are_blocked(false);
+    eprintln!("ws_client_free with a connection whose writes are blocked: {took:?}");
+    assert!(took < FREE_BOUND, "ws_client_free took {took:?} with a connection whose writes are blocked");
 }
 
 #[test]
 fn free_is_prompt_while_a_connection_fails_behind_blocked_writes() {
-    free_while_writes_are_blocked(true);
+    // A failing connection may be finished (and so prove nothing) if the host frees the client
+    // late: tried again then, up to three times.
+    let mut attempts = Vec::new();
+    while attempts.len() < 3 {
+        let (took, called_after) = free_while_writes_are_blocked(true);
+        attempts.push((took, called_after));
+        if called_after < Duration::from_millis(200) {
+            break;
+        }
+    }
+    let (took, called_after) = *attempts.last().unwrap();
+    eprintln!("ws_client_free with a connection failing while its writes are blocked: {attempts:?} (took, called after)");
+    assert!(
+        took < FREE_BOUND,
+        "ws_client_free took {took:?} with a connection failing while its writes are blocked ({called_after:?} after the violation)"
+    );
 }
 
 /// The host has closed; the peer read the close frame and never answers it.

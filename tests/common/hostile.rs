@@ -6,7 +6,7 @@
 //! protocol right behind a message, never finishes its response head.
 //!
 //! What the tests assert is measured from outside the library, never read from its counters:
-//! - what the client's socket holds, from the kernel's table of sockets (/proc/net/tcp): bytes
+//! - what the client's socket holds, asked of the kernel as `ss` does (netlink sock_diag): bytes
 //!   the client has not read yet (rx_queue) and bytes it could not send yet (tx_queue);
 //! - the CPU time of the library's I/O threads (named "wsclient-io") and of the process;
 //! - the process's memory: malloc's heap in use, resident and virtual sizes;
@@ -276,9 +276,9 @@ impl Peer {
     }
 }
 
-// ---- the client's socket, from the kernel's table ------------------------------------------
+// ---- the client's socket, as the kernel sees it ------------------------------------------------
 
-/// TCP states as /proc/net/tcp numbers them.
+/// TCP states as the kernel numbers them.
 pub const TCP_ESTABLISHED: u8 = 1;
 pub const TCP_SYN_SENT: u8 = 2;
 
@@ -292,35 +292,133 @@ pub struct SocketState {
     pub rx_queue: u64,
 }
 
-/// Every TCP socket of this network namespace whose remote end is `remote`, by local address.
-pub fn sockets_to(remote: SocketAddr) -> Vec<(SocketAddr, SocketState)> {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (local, rem, state, queues) = (parse_addr(fields[1])?, parse_addr(fields[2])?, fields[3], fields[4]);
-            if rem != remote {
-                return None;
+/// Asks the kernel (netlink sock_diag, as `ss` does) about TCP sockets over IPv4: the one from
+/// `local` to `remote` if `exact` is given, else every socket in one of the `states` (a mask of
+/// 1 << state). Returns (local, remote, state) for each. Fast whatever the number of sockets
+/// in TIME_WAIT that earlier tests left (reading /proc/net/tcp is not).
+fn tcp_diag(states: u32, exact: Option<(SocketAddr, SocketAddr)>) -> Vec<(SocketAddr, SocketAddr, SocketState)> {
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct SockId {
+        sport: [u8; 2],
+        dport: [u8; 2],
+        src: [u8; 16],
+        dst: [u8; 16],
+        interface: u32,
+        cookie: [u32; 2],
+    }
+    #[repr(C)]
+    struct Request {
+        len: u32,
+        kind: u16,
+        flags: u16,
+        seq: u32,
+        pid: u32,
+        family: u8,
+        protocol: u8,
+        ext: u8,
+        pad: u8,
+        states: u32,
+        id: SockId,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Reply {
+        family: u8,
+        state: u8,
+        timer: u8,
+        retrans: u8,
+        id: SockId,
+        expires: u32,
+        rqueue: u32,
+        wqueue: u32,
+        uid: u32,
+        inode: u32,
+    }
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    let v4 = |addr: SocketAddr| match addr {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => panic!("IPv4 only"),
+    };
+    let mut id = SockId { cookie: [u32::MAX; 2], ..SockId::default() };
+    if let Some((local, remote)) = exact {
+        let (local, remote) = (v4(local), v4(remote));
+        id.sport = local.port().to_be_bytes();
+        id.dport = remote.port().to_be_bytes();
+        id.src[..4].copy_from_slice(&local.ip().octets());
+        id.dst[..4].copy_from_slice(&remote.ip().octets());
+    }
+    let request = Request {
+        len: std::mem::size_of::<Request>() as u32,
+        kind: SOCK_DIAG_BY_FAMILY,
+        flags: (libc::NLM_F_REQUEST | if exact.is_none() { libc::NLM_F_DUMP } else { 0 }) as u16,
+        seq: 1,
+        pid: 0,
+        family: libc::AF_INET as u8,
+        protocol: libc::IPPROTO_TCP as u8,
+        ext: 0,
+        pad: 0,
+        states,
+        id,
+    };
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
+    assert!(fd >= 0, "netlink socket: {}", io::Error::last_os_error());
+    let _owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    let sent = unsafe {
+        libc::sendto(
+            fd,
+            (&request as *const Request).cast(),
+            request.len as usize,
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(sent, request.len as isize, "netlink send: {}", io::Error::last_os_error());
+    let addr = |ip: [u8; 16], port: [u8; 2]| {
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]), u16::from_be_bytes(port)))
+    };
+    let mut found = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        assert!(n >= 0, "netlink recv: {}", io::Error::last_os_error());
+        let mut at = 0;
+        while at + 16 <= n as usize {
+            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+            let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().unwrap());
+            match kind {
+                // The end of a dump, or (exact look-up) no such socket.
+                NLMSG_DONE | NLMSG_ERROR => return found,
+                SOCK_DIAG_BY_FAMILY => {
+                    let reply: Reply = unsafe { std::ptr::read_unaligned(buf[at + 16..].as_ptr().cast()) };
+                    let state =
+                        SocketState { state: reply.state, tx_queue: reply.wqueue as u64, rx_queue: reply.rqueue as u64 };
+                    found.push((addr(reply.id.src, reply.id.sport), addr(reply.id.dst, reply.id.dport), state));
+                }
+                _ => {}
             }
-            let (tx, rx) = queues.split_once(':')?;
-            let state = SocketState {
-                state: u8::from_str_radix(state, 16).ok()?,
-                tx_queue: u64::from_str_radix(tx, 16).ok()?,
-                rx_queue: u64::from_str_radix(rx, 16).ok()?,
-            };
-            Some((local, state))
-        })
-        .collect()
+            at += (len + 3) & !3;
+        }
+        if exact.is_some() {
+            return found;
+        }
+    }
 }
 
-/// "0100007F:1F90" (the address as a native-endian u32, the port big-endian) to 127.0.0.1:8080.
-fn parse_addr(field: &str) -> Option<SocketAddr> {
-    let (ip, port) = field.split_once(':')?;
-    let ip = u32::from_str_radix(ip, 16).ok()?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip.to_ne_bytes()), port)))
+/// Every TCP socket in state `state` whose remote end is `remote`, by local address.
+pub fn sockets_to(remote: SocketAddr, state: u8) -> Vec<(SocketAddr, SocketState)> {
+    tcp_diag(1 << state, None).into_iter().filter(|(_, r, _)| *r == remote).map(|(l, _, s)| (l, s)).collect()
+}
+
+/// One TCP socket, from `local` to `remote`; None once it is gone.
+fn socket_state(local: SocketAddr, remote: SocketAddr) -> Option<SocketState> {
+    tcp_diag(u32::MAX, Some((local, remote))).first().map(|(_, _, s)| *s)
 }
 
 /// The client's end of one connection.
@@ -333,7 +431,7 @@ pub struct ClientSocket {
 impl ClientSocket {
     /// Its state now; None once the socket is gone.
     pub fn state(&self) -> Option<SocketState> {
-        sockets_to(self.server).into_iter().find(|(local, _)| *local == self.client).map(|(_, s)| s)
+        socket_state(self.client, self.server)
     }
 
     /// Waits (at most PEER_TIMEOUT, looking every millisecond) until `pred` holds for the
@@ -367,7 +465,7 @@ impl ClientSocket {
     /// The peer's end of the connection (its tx_queue: bytes the client's closed receive
     /// window keeps the peer from sending).
     pub fn peer_state(&self) -> Option<SocketState> {
-        sockets_to(self.client).into_iter().find(|(local, _)| *local == self.server).map(|(_, s)| s)
+        socket_state(self.server, self.client)
     }
 
     /// Waits until the client has stopped reading: its receive window is closed, so that at
