@@ -28,7 +28,7 @@ enum Upgrade {
     /// The right Sec-WebSocket-Accept, then a second, wrong one.
     SecondWrongAccept,
     /// 65 header lines (the documented limit is 64).
-    TooManyHeaders,
+    ManyHeaders,
     /// A good head padded to exactly this many bytes (its final CRLFCRLF included), written in
     /// two parts: all but its last 2 bytes, then (20 ms later, so that the client has read the
     /// first part) those 2 bytes and a text frame "first" in one write.
@@ -73,7 +73,7 @@ fn response(how: Upgrade, key: &str) -> Vec<u8> {
             lines.push("Sec-WebSocket-Extensions: ".into());
             lines.push("Sec-WebSocket-Extensions: x-unoffered; level=9".into());
         }
-        Upgrade::TooManyHeaders => {
+        Upgrade::ManyHeaders => {
             while lines.len() < 65 {
                 lines.push(format!("X-Filler-{}: {}", lines.len(), lines.len()));
             }
@@ -469,12 +469,11 @@ fn a_second_wrong_accept_line_is_refused() {
 }
 
 #[test]
-fn more_header_lines_than_the_limit_say_so() {
-    let (url, server) = upgrade_then_close(Upgrade::TooManyHeaders);
+fn more_header_lines_than_usual_open() {
+    let (url, server) = upgrade_then_close(Upgrade::ManyHeaders);
     let events = run(&url);
-    assert_rejected(&events, "more than 64 header lines");
-    let (_, message) = final_error(&events);
-    assert!(!message.contains("malformed"), "{message}");
+    // The head's size is the one limit: 68 lines of a few bytes are fine.
+    assert_opens_and_closes(&events);
     server.join().unwrap();
 }
 

@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -49,6 +50,7 @@ const READ_AHEAD_ROUNDS: usize = 16;
 pub(crate) async fn serve<S>(
     conn: Arc<Conn>,
     stream: S,
+    socket: RawFd,
     leftover: Vec<u8>,
     options: Arc<Options>,
 ) -> Option<Event>
@@ -62,7 +64,7 @@ where
         .write_buffer_size(WRITE_BUFFER_SIZE);
     let ws = WebSocketStream::from_raw_socket(stream, Role::Client, Some(config)).await;
     let reader = FrameReader::new(leftover, options.read_buffer_size, options.max_message_size);
-    Session::new(conn, ws, reader, options).run().await
+    Session::new(conn, ws, socket, reader, options).run().await
 }
 
 /// How a session ended: the final event (None when the client is being freed) and a close
@@ -106,6 +108,10 @@ struct Session<S> {
     conn: Arc<Conn>,
     /// Writes (tungstenite frames them); reads go past it, through `reader`.
     ws: WebSocketStream<S>,
+    /// The socket under it, to see whether the peer takes what we sent (see `peer_took_data`).
+    socket: RawFd,
+    /// The bytes the peer had acknowledged when the keepalive ping went out.
+    acked_at_ping: u64,
     reader: FrameReader,
     /// Requests taken from the connection's outbox, not yet handed to tungstenite.
     taken: Taken,
@@ -138,6 +144,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn new(
         conn: Arc<Conn>,
         ws: WebSocketStream<S>,
+        socket: RawFd,
         reader: FrameReader,
         options: Arc<Options>,
     ) -> Self {
@@ -149,6 +156,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Session {
             conn,
             ws,
+            socket,
+            acked_at_ping: 0,
             reader,
             taken: Taken::default(),
             options,
@@ -539,7 +548,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let closing = self.close_sent || self.peer_close.is_some() || self.close_deadline.is_some();
         if let (Some(interval), false) = (self.options.keepalive_interval, closing) {
             let timeout = self.options.keepalive_timeout;
-            match self.ping_sent {
+            let ping_sent = self.ping_sent;
+            match ping_sent {
+                Some(sent) if now >= sent + timeout && self.peer_took_data() => {
+                    // Our ping waits behind data the peer is still taking (an upload over a
+                    // slow link): it is alive. The next ping goes out one interval from now.
+                    self.last_heard = now;
+                    self.ping_sent = None;
+                    next = next.min(now + interval);
+                }
                 Some(sent) if now >= sent + timeout => {
                     let ms = (now - self.last_heard).as_millis();
                     return Err(End::error(
@@ -551,6 +568,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 None if now >= self.last_heard + interval => {
                     self.queue(Message::Ping(Bytes::new()))?;
                     self.ping_sent = Some(now);
+                    self.acked_at_ping = acknowledged_bytes(self.socket).unwrap_or(0);
                     pinged = true;
                     next = next.min(now + timeout);
                 }
@@ -561,6 +579,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Poll the re-armed timer so that it wakes this task.
         let _ = self.timer.as_mut().poll(cx);
         Ok(pinged)
+    }
+
+    /// Whether the peer acknowledged more of our bytes since the ping went out: then it reads
+    /// (TCP acknowledges only what fits its receive window, which its reading frees), and our
+    /// ping merely waits behind what it has not read yet.
+    fn peer_took_data(&self) -> bool {
+        acknowledged_bytes(self.socket).is_some_and(|acked| acked > self.acked_at_ping)
     }
 
     /// The peer's side of the stream ended (the socket reached its end).
@@ -588,6 +613,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return End::event(Event::close(code, &reason));
         }
         End::error(WsStatus::ConnectionLost, message)
+    }
+}
+
+/// How many bytes sent on `socket` the peer has acknowledged so far (Linux's TCP_INFO), if known.
+fn acknowledged_bytes(socket: RawFd) -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes of it.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let answered = unsafe {
+            libc::getsockopt(
+                socket,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        (answered == 0).then_some(info.tcpi_bytes_acked)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = socket;
+        None
     }
 }
 

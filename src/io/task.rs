@@ -3,6 +3,7 @@
 //! event.
 
 use std::future::{poll_fn, Future};
+use std::os::fd::{AsRawFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -95,6 +96,7 @@ type SessionFuture = Pin<Box<dyn Future<Output = Option<Event>> + Send>>;
 fn session<S>(
     conn: &Arc<Conn>,
     stream: S,
+    socket: RawFd,
     leftover: Vec<u8>,
     options: &Arc<Options>,
 ) -> SessionFuture
@@ -103,7 +105,7 @@ where
 {
     let conn = conn.clone();
     let options = options.clone();
-    Box::pin(session::serve(conn, stream, leftover, options))
+    Box::pin(session::serve(conn, stream, socket, leftover, options))
 }
 
 async fn connect(
@@ -113,10 +115,11 @@ async fn connect(
     tls: &TlsConfigs,
 ) -> Result<SessionFuture, Error> {
     let mut tcp = connect_tcp(&target.host, target.port).await?;
+    let socket = tcp.as_raw_fd();
     if !target.tls {
         let upgraded = handshake::upgrade(&mut tcp, target, options).await?;
         conn.set_protocol(upgraded.protocol);
-        return Ok(session(conn, tcp, upgraded.leftover, options));
+        return Ok(session(conn, tcp, socket, upgraded.leftover, options));
     }
     let tls_config = tls.get(&options.extra_ca)?;
     let name = ServerName::try_from(target.host.clone()).map_err(|_| {
@@ -136,7 +139,7 @@ async fn connect(
         })?;
     let upgraded = handshake::upgrade(&mut stream, target, options).await?;
     conn.set_protocol(upgraded.protocol);
-    Ok(session(conn, stream, upgraded.leftover, options))
+    Ok(session(conn, stream, socket, upgraded.leftover, options))
 }
 
 async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, Error> {
