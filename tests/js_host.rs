@@ -4,9 +4,11 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use common::peers::Peer;
 use common::server::TestServer;
@@ -27,9 +29,9 @@ struct Run {
     stderr: String,
 }
 
-/// Runs tests/js/NAME.js with its placeholders filled in: %WS% %WSS% (the Rust test server),
-/// %CLOSED% (a port nobody listens on) and %URL% (the server given).
-fn run(name: &str, server: &TestServer, url: &str, envs: &[(&str, &Path)]) -> Run {
+/// Writes tests/js/NAME.js with its placeholders filled in: %WS% %WSS% (the Rust test server),
+/// %CLOSED% (a port nobody listens on) and %URL% (the server given); returns its path.
+fn script(name: &str, server: &TestServer, url: &str) -> PathBuf {
     let source = std::fs::read_to_string(root().join("tests/js").join(format!("{name}.js"))).unwrap();
     let script = source
         .replace("%WSS%", &format!("wss://localhost:{}", server.tls_port))
@@ -38,6 +40,12 @@ fn run(name: &str, server: &TestServer, url: &str, envs: &[(&str, &Path)]) -> Ru
         .replace("%URL%", url);
     let path = server.dir.join(format!("{name}.js"));
     std::fs::File::create(&path).unwrap().write_all(script.as_bytes()).unwrap();
+    path
+}
+
+/// Runs tests/js/NAME.js (see `script`).
+fn run(name: &str, server: &TestServer, url: &str, envs: &[(&str, &Path)]) -> Run {
+    let path = script(name, server, url);
     let mut command = Command::new(wsjs());
     command.arg(&path).env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
     for (key, value) in envs {
@@ -49,6 +57,50 @@ fn run(name: &str, server: &TestServer, url: &str, envs: &[(&str, &Path)]) -> Ru
         stdout: String::from_utf8(output.stdout).unwrap(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
+}
+
+/// Runs tests/js/NAME.js (see `script`) with `envs`, killing wsjs if it has not ended within
+/// `limit`, so that a wedged host fails the test instead of hanging it; also returns how long
+/// it ran.
+fn run_bounded(name: &str, server: &TestServer, url: &str, envs: &[(&str, &str)], limit: Duration) -> (Run, Duration) {
+    let path = script(name, server, url);
+    let start = Instant::now();
+    let mut child = Command::new(wsjs())
+        .arg(&path)
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            pipe.read_to_end(&mut bytes).unwrap();
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let (ended, ended_rx) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        let expired = ended_rx.recv_timeout(limit).is_err();
+        if expired {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        expired
+    });
+    // Wait for the end without reaping, so that the watchdog can never signal a reused pid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) };
+    assert_eq!(waited, 0, "waitid: {}", std::io::Error::last_os_error());
+    let elapsed = start.elapsed();
+    let _ = ended.send(());
+    let expired = watchdog.join().unwrap();
+    let status = child.wait().unwrap();
+    let run = Run { code: status.code(), stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() };
+    assert!(!expired, "{name}.js was still running after {limit:?}; stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    (run, elapsed)
 }
 
 /// Runs a script that must succeed and print exactly `expected`.
@@ -223,4 +275,23 @@ fn the_demo_runs() {
     assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.contains("presence of 4 users: bob=available, carol=busy, dave=away, erin=available"), "{stdout}");
     assert!(stdout.contains("connection closed: 1000 bye alice\n[demo] wsjs exited with 0"), "{stdout}");
+}
+
+/// Item 9 of issue 9: wsjs never lets a Duktape error escape a library callback. With the heap
+/// capped below the size of a message, the push that hands it to the script fails inside
+/// on_message: wsjs must report it as an uncaught exception and exit 1 after the callback
+/// returned normally (ws_client_free then succeeds: it would refuse, dispatch in progress, had
+/// the error longjmp'd out of ws_dispatch), neither aborting nor hanging. Text and binary are
+/// pushed differently; both are tried.
+#[test]
+fn out_of_memory_inside_a_callback_is_an_uncaught_exception() {
+    let server = TestServer::start();
+    for kind in ["binary", "text"] {
+        let url = server.url(&format!("/push?n=1&size={}&kind={kind}", 2 << 20));
+        let (out, _) = run_bounded("oom_in_callback", &server, &url, &[("WSJS_HEAP_LIMIT", "1048576")], Duration::from_secs(30));
+        assert_eq!(out.code, Some(1), "{kind}: wsjs must exit 1 (None: killed by a signal)\n{}\n{}", out.stdout, out.stderr);
+        assert_eq!(out.stdout, "open\n", "{kind}; stderr: {}", out.stderr);
+        assert!(out.stderr.starts_with("uncaught exception: Error: alloc failed\n"), "{kind}: {}", out.stderr);
+        assert!(!out.stderr.contains("wsjs:"), "{kind}: {}", out.stderr);
+    }
 }
