@@ -111,10 +111,10 @@ static size_t put3(unsigned char *out, unsigned u) {
     return 3;
 }
 
-/* UTF-8 from the library -> CESU-8 for Duktape: 4-byte sequences become surrogate pairs. */
-static unsigned char *utf8_to_cesu8(const unsigned char *s, size_t n, size_t *out_len) {
-    unsigned char *out = malloc(n + n / 2 + 1), *o = out;
-    if (!out) return NULL;
+/* UTF-8 from the library -> CESU-8 for Duktape, into out (room for n + n / 2 bytes: a 4-byte
+ * sequence becomes a surrogate pair, 6 bytes); returns the length written. */
+static size_t cesu8_from_utf8(const unsigned char *s, size_t n, unsigned char *out) {
+    unsigned char *o = out;
     for (size_t i = 0; i < n;) {
         if (s[i] >= 0xF0 && i + 3 < n) {
             unsigned cp = ((s[i] & 0x07u) << 18) | ((s[i + 1] & 0x3Fu) << 12) | ((s[i + 2] & 0x3Fu) << 6) |
@@ -127,8 +127,15 @@ static unsigned char *utf8_to_cesu8(const unsigned char *s, size_t n, size_t *ou
             *o++ = s[i++];
         }
     }
-    *o = 0; /* also a C string */
-    *out_len = (size_t)(o - out);
+    return (size_t)(o - out);
+}
+
+/* The same, malloc'd and NUL-terminated (caller frees); NULL if out of memory. */
+static unsigned char *utf8_to_cesu8(const unsigned char *s, size_t n, size_t *out_len) {
+    unsigned char *out = malloc(n + n / 2 + 1);
+    if (!out) return NULL;
+    *out_len = cesu8_from_utf8(s, n, out);
+    out[*out_len] = 0;
     return out;
 }
 
@@ -167,13 +174,21 @@ static unsigned char *cesu8_to_utf8(const unsigned char *s, size_t n, size_t *ou
     return out;
 }
 
-/* Pushes a UTF-8 string as a JavaScript string. */
+/* Pushes a UTF-8 string as a JavaScript string. Only Duktape allocates here, so that a push
+ * that throws (out of memory) leaks nothing: without characters outside the BMP, UTF-8 is
+ * already CESU-8 and goes as it is; otherwise the conversion uses a Duktape buffer. */
 static void push_utf8(duk_context *ctx, const char *s, size_t n) {
-    size_t len;
-    unsigned char *cesu = utf8_to_cesu8((const unsigned char *)s, n, &len);
-    if (!cesu) duk_error(ctx, DUK_ERR_ERROR, "out of memory");
-    duk_push_lstring(ctx, (const char *)cesu, len);
-    free(cesu);
+    const unsigned char *u = (const unsigned char *)s;
+    size_t i = 0;
+    while (i < n && u[i] < 0xF0) i++;
+    if (i == n) {
+        duk_push_lstring(ctx, s, n);
+        return;
+    }
+    unsigned char *scratch = duk_push_fixed_buffer(ctx, n + n / 2);
+    size_t len = cesu8_from_utf8(u, n, scratch);
+    duk_push_lstring(ctx, (const char *)scratch, len);
+    duk_remove(ctx, -2);
 }
 
 /* The value at idx as a malloc'd UTF-8 string (caller frees). */
@@ -200,12 +215,14 @@ static duk_ret_t describe_error(duk_context *ctx, void *arg) {
 /* Prints the error on top of the stack (and pops it) and marks the host fatal: wsjs exits 1
  * once control is back in the event loop. Throws nothing, even out of memory. */
 static void report_uncaught(duk_context *ctx) {
-    const char *text = NULL;
+    const char *cesu = NULL;
     duk_size_t n = 0;
-    if (duk_safe_call(ctx, describe_error, NULL, 1, 1) == DUK_EXEC_SUCCESS) text = duk_get_lstring(ctx, -1, &n);
-    size_t len = 0;
-    char *utf8 = text ? (char *)cesu8_to_utf8((const unsigned char *)text, n, &len) : NULL;
-    fprintf(stderr, "uncaught exception: %s\n", utf8 ? utf8 : text ? text : "(out of memory describing it)");
+    if (duk_safe_call(ctx, describe_error, NULL, 1, 1) == DUK_EXEC_SUCCESS)
+        cesu = duk_get_lstring(ctx, -1, &n);
+    size_t len;
+    char *utf8 = cesu ? (char *)cesu8_to_utf8((const unsigned char *)cesu, n, &len) : NULL;
+    const char *text = utf8 ? utf8 : cesu ? cesu : "(out of memory while describing it)";
+    fprintf(stderr, "uncaught exception: %s\n", text);
     fflush(stderr);
     free(utf8);
     duk_pop(ctx);
