@@ -5,7 +5,7 @@
  *   wsjs SCRIPT.js
  *
  * Globals: WebsocketClient.connect(uri), log(...), setTimeout(fn, ms), clearTimeout(id), and
- * memoryUsage() ({rss, heapUsed} in bytes, for tests).
+ * memoryUsage() ({rss, peakRss, heapUsed} in bytes, for tests).
  * After the script has run, the event loop (poll on the library's fd, plus timers) runs until
  * no connection and no timer is left; then wsjs exits 0. An uncaught exception, at top level or
  * in a callback, prints its stack to stderr and exits 1.
@@ -13,8 +13,9 @@
  * Strings: Duktape keeps strings in CESU-8 (characters outside the BMP as surrogate pairs), the
  * library speaks UTF-8: every string crossing the boundary is converted here.
  *
- * README's "Binding another engine" rule lives in protected(): a callback returns normally,
- * whatever throws inside it.
+ * The two rules of README's "Binding another engine" live in protected() (a callback returns
+ * normally, whatever throws inside it) and pace_gc() (the bytes of messages count toward
+ * Duktape's garbage collector).
  *
  * For tests: WSJS_HEAP_LIMIT=BYTES caps the bytes Duktape may hold, so that a test can make an
  * allocation fail where it likes (inside a callback, for instance).
@@ -54,6 +55,8 @@ static struct {
     double next_timer_id;
     size_t heap_bytes;     /* what Duktape holds from heap_alloc/heap_realloc */
     size_t heap_limit;     /* WSJS_HEAP_LIMIT (0: none) */
+    size_t handed;         /* message bytes handed to Duktape since wsjs last collected */
+    size_t live;           /* heap_bytes just after wsjs last collected */
 } host;
 
 /* ---- Duktape's allocator ------------------------------------------------------------------ */
@@ -100,6 +103,33 @@ static void heap_fatal(void *udata, const char *msg) {
     fprintf(stderr, "wsjs: fatal Duktape error: %s\n", msg ? msg : "(no message)");
     fflush(stderr);
     abort();
+}
+
+/* ---- garbage collection paced by the bytes of messages ----------------------------------- *
+ * Reference counting frees most garbage at once, but not cycles, and every JavaScript function
+ * is one (f.prototype.constructor === f): a closure that saw a message, such as one that
+ * completes it later from a timer, keeps the message until a mark-and-sweep. Duktape starts one
+ * after a number of allocations, whatever their sizes, so 1 MiB messages piled up by the
+ * gigabyte. wsjs therefore counts the bytes of the messages it hands Duktape and collects once
+ * they would pass max(8 MiB, the live heap after the last collection). 8 MiB keeps a small
+ * script's garbage far under the 32 MiB its test allows, while a collection of a small heap
+ * costs little even every 8 messages of 1 MiB; the live-heap term keeps a script that holds much from paying a full collection (whose work grows with the
+ * live heap) every 8 MiB, so that the collecting stays proportional to the bytes received, as
+ * with Lua's and Go's pacers (the heap may reach twice its live size). Measured with a script
+ * that keeps 300,000 objects (about 70 MB) over 2 GiB of 1 MiB messages: 19.4 s of CPU with a
+ * fixed 8 MiB, 5.0 s with this rule, for 50 MB more at the peak. */
+#define GC_MIN_BYTES ((size_t)8 << 20)
+
+/* Called before a message of `bytes` is handed to Duktape: collects first if the bytes handed
+ * since the last collection would pass the threshold. */
+static void pace_gc(duk_context *ctx, size_t bytes) {
+    size_t threshold = host.live > GC_MIN_BYTES ? host.live : GC_MIN_BYTES;
+    if (host.handed + bytes > threshold) {
+        duk_gc(ctx, 0);
+        host.handed = 0;
+        host.live = host.heap_bytes;
+    }
+    host.handed += bytes;
 }
 
 /* ---- UTF-8 <-> CESU-8 ------------------------------------------------------------------- */
@@ -408,6 +438,7 @@ static duk_ret_t open_body(duk_context *ctx, void *arg) {
 static duk_ret_t message_body(duk_context *ctx, void *arg) {
     const struct event *ev = arg;
     if (!push_handler(ctx, ev->conn, KEY_ON("message"))) return 0;
+    pace_gc(ctx, ev->len);
     if (ev->kind == WS_MESSAGE_KIND_TEXT) {
         push_utf8(ctx, (const char *)ev->data, ev->len);
     } else {
@@ -601,9 +632,23 @@ static void run_due_timers(duk_context *ctx) {
     }
 }
 
-/* memoryUsage() -> {rss, heapUsed}: the process's resident size and the bytes malloc has handed
- * out and not taken back (all threads, Duktape's heap and the library included). A wsjs extra,
- * used by its tests: heapUsed is exact where RSS moves with the allocator's caching. */
+/* The process's peak resident size in bytes (VmHWM, the kernel's high-water mark of this
+ * program's memory since exec), -1 if unknown. */
+static double peak_rss(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return -1;
+    char line[128];
+    double kib = -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %lf kB", &kib) == 1) break;
+    fclose(f);
+    return kib < 0 ? -1 : kib * 1024;
+}
+
+/* memoryUsage() -> {rss, peakRss, heapUsed}: the process's resident size, its peak since it
+ * started, and the bytes malloc has handed out and not taken back (all threads, Duktape's heap
+ * and the library included). A wsjs extra, used by its tests: heapUsed is exact where RSS moves
+ * with the allocator's caching, and peakRss misses no transient peak. */
 static duk_ret_t js_memory_usage(duk_context *ctx) {
     long pages = 0, resident = 0;
     FILE *f = fopen("/proc/self/statm", "r");
@@ -613,6 +658,8 @@ static duk_ret_t js_memory_usage(duk_context *ctx) {
     duk_push_object(ctx);
     duk_push_number(ctx, resident < 0 ? -1 : (double)resident * (double)sysconf(_SC_PAGESIZE));
     duk_put_prop_string(ctx, -2, "rss");
+    duk_push_number(ctx, peak_rss());
+    duk_put_prop_string(ctx, -2, "peakRss");
     duk_push_number(ctx, (double)(heap.uordblks + heap.hblkhd));
     duk_put_prop_string(ctx, -2, "heapUsed");
     return 1;
