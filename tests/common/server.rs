@@ -6,7 +6,9 @@
 //!   /echo?close_after=N        echo text as text and binary as binary; with close_after, close
 //!                              with 1000 after echoing N messages (any other path echoes too)
 //!   /push?n=N&size=S&code=C    N messages ("msg 0".. or S-byte binary), then close with C (1000);
-//!                              logs "pushed K MiB" as each MiB reaches the socket
+//!                              logs "pushed K MiB" as each MiB reaches the socket; with
+//!                              kind=text the S-byte messages are text ("msg K " then a letter),
+//!                              with kind=mixed even ones are binary and odd ones text
 //!   /close?code=C&reason=R     close at once with code C and reason R
 //!   /drop                      send "bye", then drop the TCP connection without a close frame
 //!   /reject                    refuse the upgrade with HTTP 403
@@ -348,8 +350,12 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
             let code: u16 = param(&query, "code")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1000);
+            let kind = param(&query, "kind").unwrap_or("binary");
             for i in 0..n {
                 let message = match size {
+                    Some(size) if kind == "text" || (kind == "mixed" && i % 2 == 1) => {
+                        Message::text(sized_text(i, size))
+                    }
                     Some(size) => {
                         let mut bytes = vec![(i % 251) as u8; size];
                         bytes[..8.min(size)]
@@ -428,6 +434,17 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
             echo_then_close(ws, &log, close_after).await
         }
     }
+}
+
+/// `size` bytes of ASCII text starting with "msg <i> ", distinct for every `i` (a JS engine
+/// that interns strings cannot share them).
+fn sized_text(i: usize, size: usize) -> String {
+    // Bytes, not chars: this runs unoptimized in tests, for gigabytes.
+    let mut bytes = vec![b'a' + (i % 26) as u8; size];
+    let prefix = format!("msg {i} ");
+    let n = prefix.len().min(size);
+    bytes[..n].copy_from_slice(&prefix.as_bytes()[..n]);
+    String::from_utf8(bytes).unwrap()
 }
 
 fn log_close(log: &ServerLog, frame: &Option<CloseFrame>) {
