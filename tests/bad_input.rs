@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::os::raw::c_char;
 use std::ptr::{null, null_mut};
 
 use common::server::TestServer;
@@ -147,6 +148,18 @@ fn gone_and_invented_handles_answer_gone() {
                 WsStatus::Gone
             );
             assert_eq!(ws_close(handle, 0, null()), WsStatus::Gone);
+            // Gone comes first, whatever else is wrong with the call.
+            let invalid_utf8 = [0xffu8, 0xfe];
+            assert_eq!(
+                ws_send(handle, invalid_utf8.as_ptr().cast(), 2),
+                WsStatus::Gone
+            );
+            assert_eq!(ws_close(handle, 1001, null()), WsStatus::Gone);
+            let mut buf = [0 as c_char; 1];
+            assert_eq!(
+                ws_protocol(handle, buf.as_mut_ptr(), 1, null_mut()),
+                WsStatus::Gone
+            );
             assert_eq!(ws_set_flow_control(handle, true), WsStatus::Gone);
             assert_eq!(ws_message_complete(handle), WsStatus::Gone);
             assert_eq!(ws_on_message(handle, None, null_mut()), WsStatus::Gone);

@@ -4,6 +4,8 @@
 mod common;
 
 use std::ffi::c_void;
+use std::os::raw::c_char;
+use std::ptr::{null, null_mut};
 
 use common::server::TestServer;
 use common::*;
@@ -722,4 +724,75 @@ fn the_close_callback_waits_for_the_last_message_complete() {
         rec.of(conn).last(),
         Some(&Ev::Close(conn, 1000, "done".into()))
     );
+}
+
+/// Whether thread `tid` of this process is blocked in poll(2) (x86_64: syscall 7) or ppoll
+/// (271), as /proc tells.
+fn blocked_in_poll(tid: i32) -> bool {
+    let syscall =
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap_or_default();
+    matches!(syscall.split_whitespace().next(), Some("7" | "271"))
+}
+
+/// ws_run counts as a dispatch for as long as it runs, also while it waits: a ws_client_free
+/// from another thread meanwhile is refused (it would free what ws_run is using), and so is a
+/// ws_dispatch. The threading contract: "The same holds for ws_run() and ws_client_free()".
+#[test]
+fn free_from_another_thread_while_run_waits_is_refused() {
+    let server = TestServer::start();
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&server.url("/echo"));
+    watch(conn, &rec);
+    client.run_until("open", || rec.of(conn) == [Ev::Open(conn)]);
+    let client_addr = client.0 as usize;
+    let run_tid = unsafe { libc::gettid() };
+    let other = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while !blocked_in_poll(run_tid) {
+            assert!(std::time::Instant::now() < deadline, "ws_run never waited");
+            std::thread::yield_now();
+        }
+        let client = client_addr as *mut WsClient;
+        let freed = unsafe { ws_client_free(client) };
+        let dispatched = unsafe { ws_dispatch(client, null_mut(), null_mut()) };
+        // Ends the connection, so that ws_run returns.
+        assert_eq!(unsafe { ws_close(conn, 1000, null()) }, WsStatus::Ok);
+        (freed, dispatched)
+    });
+    assert_eq!(unsafe { ws_run(client.0, 30_000) }, WsStatus::Ok);
+    let (freed, dispatched) = other.join().unwrap();
+    assert_eq!(freed, WsStatus::DispatchInProgress);
+    assert_eq!(dispatched, WsStatus::DispatchInProgress);
+    assert_eq!(
+        rec.of(conn).last(),
+        Some(&Ev::Close(conn, 1000, String::new()))
+    );
+}
+
+unsafe extern "C" fn close_inside_final(
+    conn: WsConn,
+    _: u16,
+    _: *const c_char,
+    _: usize,
+    user: *mut c_void,
+) {
+    *(user as *mut WsStatus) = ws_close(conn, 1000, null());
+}
+
+/// ws_close from inside the final callback: the connection has ended, so WS_STATUS_CLOSING
+/// (as the header says), and nothing else happens.
+#[test]
+fn close_inside_the_final_callback_is_closing() {
+    let server = TestServer::start();
+    let client = Client::new();
+    let conn = client.connect(&server.url("/close?code=1000"));
+    let mut status = WsStatus::Ok;
+    let user = (&mut status as *mut WsStatus).cast();
+    assert_eq!(
+        ws_on_close(conn, Some(close_inside_final), user),
+        WsStatus::Ok
+    );
+    assert_eq!(unsafe { ws_run(client.0, 30_000) }, WsStatus::Ok);
+    assert_eq!(status, WsStatus::Closing);
 }

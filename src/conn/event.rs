@@ -91,3 +91,19 @@ impl Event {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// README: "plus 96 bytes of bookkeeping".
+    #[test]
+    fn the_bookkeeping_is_what_the_readme_says() {
+        assert_eq!(RECEIVE_OVERHEAD, 96);
+        let readme = include_str!("../../README.md");
+        assert!(
+            readme.contains("plus 96 bytes of\n  bookkeeping")
+                && readme.contains("plus 96 bytes each")
+        );
+    }
+}

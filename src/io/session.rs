@@ -42,6 +42,9 @@ const MAX_BATCH: usize = 1024;
 /// a peer that pings faster than it reads makes them pile up, and then the oldest are dropped
 /// (RFC 6455 5.5.3 allows answering only the most recent).
 const MAX_PENDING_PONGS: usize = 32;
+/// Bytes of ours the peer must acknowledge within a keepalive timeout, while our ping waits
+/// behind data it has not read yet, to count as alive (see `Session::peer_took_data`).
+const TAKEN_WHILE_ALIVE: u64 = 64 << 10;
 /// Socket reads in one round of reading ahead while the host holds messages.
 const READ_AHEAD_ROUNDS: usize = 16;
 
@@ -581,11 +584,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(pinged)
     }
 
-    /// Whether the peer acknowledged more of our bytes since the ping went out: then it reads
-    /// (TCP acknowledges only what fits its receive window, which its reading frees), and our
-    /// ping merely waits behind what it has not read yet.
+    /// Whether the peer took more of our data since the ping went out than its kernel alone
+    /// would (our pings are a few bytes): then it reads, and our ping merely waits behind what
+    /// it has not read yet. A peer whose application stopped reading takes at most its receive
+    /// buffer, and then no more: the keepalive timeout fires then.
     fn peer_took_data(&self) -> bool {
-        acknowledged_bytes(self.socket).is_some_and(|acked| acked > self.acked_at_ping)
+        acknowledged_bytes(self.socket)
+            .is_some_and(|acked| acked > self.acked_at_ping + TAKEN_WHILE_ALIVE)
     }
 
     /// The peer's side of the stream ended (the socket reached its end).
