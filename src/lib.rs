@@ -9,6 +9,7 @@
 //! - `host/`: the host's thread: dispatch, callbacks, the handle table;
 //! - `io/`: the library's I/O threads: the connection task, session, frame reader, upgrade, TLS;
 //! - `conn/`: one connection's state shared by both sides: inbox, outbox, flow control, the gate;
+//! - `wire/`: the socket both sides may write to, and the frames we send;
 //! - `client`: the client context (runtime, connect, free);
 //! - `options`, `uri`, `error`: what their names say;
 //! - `testing`: helpers shared by the unit and integration tests (hidden, not API).
@@ -23,6 +24,7 @@ pub(crate) mod options;
 #[doc(hidden)]
 pub mod testing;
 pub(crate) mod uri;
+pub(crate) mod wire;
 
 pub use error::WsStatus;
 pub use host::callbacks::{

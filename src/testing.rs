@@ -22,3 +22,12 @@ impl Rng {
         (0..len).map(|_| self.next_u64() as u8).collect()
     }
 }
+
+// --- Counters for tests ----------------------------------------------------------------------------
+
+/// How many sends on `conn` written on their caller's thread the socket took only in part (the
+/// I/O task wrote the rest; for TLS, the rest waited encrypted in the session), if it is not
+/// gone: the case the write-order tests must reach.
+pub fn partial_writes(conn: crate::WsConn) -> Option<usize> {
+    crate::host::handles::lookup(conn).map(|c| c.partial_writes())
+}

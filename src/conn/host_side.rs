@@ -15,6 +15,8 @@ use crate::error::{Error, WsStatus};
 use crate::host::callbacks::{self, Callbacks, WsMessageKind};
 use crate::host::dispatch;
 use crate::host::handles;
+use crate::wire::frame::{self, Opcode};
+use crate::wire::{Wire, Written as WireWritten};
 
 impl Conn {
     /// Changes the registered callbacks. In force for every callback that starts after this
@@ -27,18 +29,30 @@ impl Conn {
         })
     }
 
-    /// Queues a copy of `text`; it goes out after the handshake, in order with the other sends.
+    /// Sends `text`, or queues a copy of it: it goes out after the handshake, in order with
+    /// the other sends.
     pub(crate) fn send_text(&self, text: &str) -> Result<(), Error> {
-        self.enqueue(text.len(), |outbox| outbox.push_text(text))
+        self.send(Opcode::Text, text.as_bytes(), |outbox| {
+            outbox.push_text(text)
+        })
     }
 
-    /// Queues a copy of `data`, as `send_text` does.
+    /// Sends `data`, as `send_text` does.
     pub(crate) fn send_binary(&self, data: &[u8]) -> Result<(), Error> {
-        self.enqueue(data.len(), |outbox| outbox.push_binary(data))
+        self.send(Opcode::Binary, data, |outbox| outbox.push_binary(data))
     }
 
-    fn enqueue(&self, len: usize, push: impl FnOnce(&mut Outbox)) -> Result<(), Error> {
-        let mut st = self.lock();
+    /// A small message with nothing queued before it is framed and written here, on the
+    /// caller's thread, with one non-blocking write: no switch to the I/O thread. What the
+    /// socket does not take, and everything else, is queued for the I/O task.
+    fn send(
+        &self,
+        opcode: Opcode,
+        payload: &[u8],
+        push: impl FnOnce(&mut Outbox),
+    ) -> Result<(), Error> {
+        let len = payload.len();
+        let st = self.lock();
         if matches!(st.phase, Phase::Closing | Phase::Finished) {
             return Err(Error::new(
                 WsStatus::Closing,
@@ -50,6 +64,22 @@ impl Conn {
                 WsStatus::Closing,
                 "the connection has ended: nothing more can be sent",
             ));
+        }
+        if let Some(wire) = st.writable_now(len) {
+            match write_frame_now(wire, opcode, payload) {
+                Written::All => return Ok(()),
+                // Part of the frame is on the wire already: the rest must follow, whatever the
+                // send queue holds, and goes out first (written by the I/O task).
+                Written::Part(rest) => {
+                    self.partial_writes.fetch_add(1, Ordering::Relaxed);
+                    self.hand_to_task(st, len, |outbox| outbox.push_rest(&rest, len))
+                }
+                Written::Unflushed => {
+                    self.partial_writes.fetch_add(1, Ordering::Relaxed);
+                    self.hand_to_task(st, len, |outbox| outbox.push_flush(len))
+                }
+            }
+            return Ok(());
         }
         let cost = len.saturating_add(SEND_OVERHEAD);
         let queued = self.queued_cost.load(Ordering::Relaxed);
@@ -63,14 +93,25 @@ impl Conn {
                 ),
             ));
         }
-        self.queued_cost.fetch_add(cost, Ordering::Relaxed);
+        self.hand_to_task(st, len, push);
+        Ok(())
+    }
+
+    /// Queues a message of `len` payload bytes for the I/O task, and counts it until written.
+    fn hand_to_task(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        len: usize,
+        push: impl FnOnce(&mut Outbox),
+    ) {
+        self.queued_cost
+            .fetch_add(len.saturating_add(SEND_OVERHEAD), Ordering::Relaxed);
         self.buffered.fetch_add(len, Ordering::Relaxed);
         let waker = st.queue_for_task(push);
         drop(st);
         if let Some(w) = waker {
             dispatch::wake_task(w);
         }
-        Ok(())
     }
 
     /// Starts the close handshake (or aborts the connect).
@@ -136,6 +177,12 @@ impl Conn {
         if let Some(w) = waker {
             dispatch::wake_task(w);
         }
+    }
+
+    /// How many sends written on their caller's thread the socket took only in part (the
+    /// write-order tests check that they reach this case).
+    pub(crate) fn partial_writes(&self) -> usize {
+        self.partial_writes.load(Ordering::Relaxed)
     }
 
     pub(crate) fn buffered_amount(&self) -> usize {
@@ -294,4 +341,34 @@ impl Conn {
         drop(st);
         self.hub.connection_gone();
     }
+}
+
+/// What writing a frame on the caller's thread left to do.
+enum Written {
+    All,
+    /// The end of the frame the socket did not take.
+    Part(Vec<u8>),
+    /// TLS: encrypted bytes wait in the session.
+    Unflushed,
+}
+
+thread_local! {
+    /// Where this thread frames the messages it writes itself (kept: no allocation per send).
+    static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Frames `payload` and writes it to `wire` without waiting.
+fn write_frame_now(wire: &Wire, opcode: Opcode, payload: &[u8]) -> Written {
+    FRAME.with_borrow_mut(|out| {
+        out.clear();
+        frame::put_frame(out, opcode, payload);
+        match wire.write_now(&[std::io::IoSlice::new(out)]) {
+            Ok((_, WireWritten::All)) => Written::All,
+            Ok((_, WireWritten::Unflushed)) => Written::Unflushed,
+            Ok((taken, WireWritten::Part(_))) => Written::Part(out[taken..].to_vec()),
+            // The I/O task meets the same error on the socket and ends the connection: the
+            // frame waits for it like any other.
+            Err(_) => Written::Part(std::mem::take(out)),
+        }
+    })
 }

@@ -45,6 +45,8 @@ pub(crate) struct Conn {
     callbacks_version: AtomicU64,
     /// Mirrors `State::flow_control` for the same reason.
     flow_control_on: AtomicBool,
+    /// Sends written in part on their caller's thread (see `partial_writes`).
+    partial_writes: AtomicUsize,
     /// Held while a callback of this connection runs; registrations from other threads wait
     /// for it, so that a registration is in force for every callback after it returned.
     invoke: InvokeLock,
@@ -66,6 +68,7 @@ impl Conn {
             queued_cost: AtomicUsize::new(0),
             callbacks_version: AtomicU64::new(0),
             flow_control_on: AtomicBool::new(false),
+            partial_writes: AtomicUsize::new(0),
             invoke: InvokeLock::default(),
             send_queue_limit,
         }

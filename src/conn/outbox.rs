@@ -1,18 +1,20 @@
 //! What the host asks the I/O task to do: sends and the close request, in order.
 //!
-//! Text is carried as text: `push_text` takes a `&str`, and the only way a text message leaves
-//! the outbox is as tungstenite's UTF-8 type built from exactly those bytes. The fields are
-//! private, so no safe code outside this module can break that.
+//! Text is carried as text: `push_text` takes a `&str`, so a text frame's payload is always the
+//! bytes of a `str`. The fields are private, so no code outside this module can queue other
+//! bytes as text.
 
 use std::collections::VecDeque;
 use std::mem::size_of;
 
+use bytes::{Bytes, BytesMut};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
+
+use crate::wire::frame::{apply_mask, masking_key, Opcode};
 
 /// What one queued message costs beyond its payload, counted against the send queue limit so
 /// that a flood of empty sends is bounded like a flood of large ones: its command in the queue
-/// (twice, for the queue's spare capacity) and the frame header and mask tungstenite adds.
+/// (twice, for the queue's spare capacity) and the frame header and mask added when sending.
 pub(crate) const SEND_OVERHEAD: usize = 2 * size_of::<Command>() + 14;
 
 /// One request, in the order the host made it. A send's payload is the next `len` bytes of
@@ -22,6 +24,12 @@ enum Command {
     Binary(usize),
     /// Boxed: rare, and it would make every command (and `SEND_OVERHEAD`) larger.
     Close(Box<CloseFrame>),
+    /// The unwritten end of a frame the host's thread began writing (a message of `len`
+    /// payload bytes); they go out first.
+    Rest(Box<(Bytes, usize)>),
+    /// A message of `len` payload bytes that the host's thread handed to the TLS session,
+    /// which could not write all of it yet.
+    Flush(usize),
 }
 
 /// Sends and the close request for the I/O task. The payloads are copied back to back into one
@@ -52,6 +60,17 @@ impl Outbox {
         self.commands.push_back(Command::Close(Box::new(frame)));
     }
 
+    /// The rest of a frame of a `len`-byte message that was partly written.
+    pub(crate) fn push_rest(&mut self, rest: &[u8], len: usize) {
+        self.commands
+            .push_back(Command::Rest(Box::new((Bytes::copy_from_slice(rest), len))));
+    }
+
+    /// A `len`-byte message waiting, encrypted, in the TLS session.
+    pub(crate) fn push_flush(&mut self, len: usize) {
+        self.commands.push_back(Command::Flush(len));
+    }
+
     fn push_payload(&mut self, payload: &[u8]) {
         if self.payloads.capacity() == 0 {
             self.payloads.reserve(payload.len().max(Self::MIN_PAYLOADS));
@@ -68,12 +87,23 @@ impl Outbox {
         self.payloads = Vec::new();
         self.commands
             .drain(..)
-            .fold((0, 0), |(bytes, cost), command| match command {
-                Command::Text(len) | Command::Binary(len) => {
-                    (bytes + len, cost + len + SEND_OVERHEAD)
+            .fold((0, 0), |(bytes, cost), command| {
+                match command.message_len() {
+                    Some(len) => (bytes + len, cost + len + SEND_OVERHEAD),
+                    None => (bytes, cost),
                 }
-                Command::Close(_) => (bytes, cost),
             })
+    }
+}
+
+impl Command {
+    /// The payload length of the message this command sends, if it sends one.
+    fn message_len(&self) -> Option<usize> {
+        match self {
+            Command::Text(len) | Command::Binary(len) | Command::Flush(len) => Some(*len),
+            Command::Rest(rest) => Some(rest.1),
+            Command::Close(_) => None,
+        }
     }
 }
 
@@ -81,14 +111,26 @@ impl Outbox {
 #[derive(Default)]
 pub(crate) struct Taken {
     commands: VecDeque<Command>,
-    payloads: Bytes,
-    next_payload: usize,
+    payloads: BytesMut,
 }
 
 /// One request taken from the outbox.
 pub(crate) enum Outgoing {
-    /// A message and its payload length.
-    Message(Message, usize),
+    /// A message to frame: its payload is masked already, with `key`.
+    Message {
+        opcode: Opcode,
+        key: [u8; 4],
+        payload: Bytes,
+    },
+    /// The rest of a frame of a `len`-byte message, to write before anything else.
+    Rest {
+        bytes: Bytes,
+        len: usize,
+    },
+    /// A `len`-byte message waiting in the TLS session: flushing it sends it.
+    Flush {
+        len: usize,
+    },
     Close(CloseFrame),
 }
 
@@ -98,36 +140,49 @@ impl Taken {
     pub(crate) fn refill_from(&mut self, outbox: &mut Outbox) {
         debug_assert!(self.commands.is_empty());
         std::mem::swap(&mut self.commands, &mut outbox.commands);
-        // Frozen once; each message becomes a slice of it (freed once the last one is written).
-        self.payloads = Bytes::from(std::mem::take(&mut outbox.payloads));
-        self.next_payload = 0;
+        // Owned: each payload is masked in place, then handed out as a slice of it (the
+        // buffer is freed once the last one is written).
+        // (Vec -> Bytes -> BytesMut keeps the allocation: no copy.)
+        self.payloads = BytesMut::from(Bytes::from(std::mem::take(&mut outbox.payloads)));
     }
 
     pub(crate) fn is_empty(&self) -> bool {
         self.commands.is_empty()
     }
 
+    /// Whether the next request is the rest of a frame the host's thread began writing (which
+    /// must go out before anything else).
+    pub(crate) fn next_is_rest(&self) -> bool {
+        matches!(
+            self.commands.front(),
+            Some(Command::Rest(_) | Command::Flush(_))
+        )
+    }
+
     /// The next request, if any.
     pub(crate) fn pop(&mut self) -> Option<Outgoing> {
         let command = self.commands.pop_front()?;
         Some(match command {
-            Command::Text(len) => {
-                let payload = self.next_slice(len);
-                // SAFETY: a Text command is only created by `push_text`, from a `&str` whose
-                // bytes were copied verbatim, in order, into the payload buffer: the slice is
-                // exactly those bytes.
-                let text = unsafe { Utf8Bytes::from_bytes_unchecked(payload) };
-                Outgoing::Message(Message::Text(text), len)
-            }
-            Command::Binary(len) => Outgoing::Message(Message::Binary(self.next_slice(len)), len),
+            Command::Text(len) => self.message(Opcode::Text, len),
+            Command::Binary(len) => self.message(Opcode::Binary, len),
             Command::Close(frame) => Outgoing::Close(*frame),
+            Command::Rest(rest) => Outgoing::Rest {
+                bytes: rest.0,
+                len: rest.1,
+            },
+            Command::Flush(len) => Outgoing::Flush { len },
         })
     }
 
-    fn next_slice(&mut self, len: usize) -> Bytes {
-        let start = self.next_payload;
-        self.next_payload += len;
-        self.payloads.slice(start..start + len)
+    fn message(&mut self, opcode: Opcode, len: usize) -> Outgoing {
+        let key = masking_key();
+        let mut payload = self.payloads.split_to(len);
+        apply_mask(&mut payload, key);
+        Outgoing::Message {
+            opcode,
+            key,
+            payload: payload.freeze(),
+        }
     }
 }
 
@@ -140,9 +195,17 @@ mod tests {
         taken.refill_from(outbox);
         std::iter::from_fn(|| taken.pop())
             .map(|o| match o {
-                Outgoing::Message(Message::Text(t), len) => format!("text {len} {}", t.as_str()),
-                Outgoing::Message(Message::Binary(b), len) => format!("binary {len} {b:?}"),
-                Outgoing::Message(other, _) => panic!("unexpected {other:?}"),
+                Outgoing::Message {
+                    opcode,
+                    key,
+                    payload,
+                } => {
+                    let mut plain = payload.to_vec();
+                    apply_mask(&mut plain, key);
+                    format!("{opcode:?} {}", String::from_utf8_lossy(&plain))
+                }
+                Outgoing::Rest { bytes, len } => format!("rest {len} {}", bytes.len()),
+                Outgoing::Flush { len } => format!("flush {len}"),
                 Outgoing::Close(f) => format!("close {}", u16::from(f.code)),
             })
             .collect()
@@ -151,9 +214,11 @@ mod tests {
     #[test]
     fn requests_come_out_in_order_with_their_own_bytes() {
         let mut outbox = Outbox::default();
+        outbox.push_rest(b"tail", 10);
         outbox.push_text("héllo");
         outbox.push_binary(b"");
-        outbox.push_binary(&[1, 2]);
+        outbox.push_binary(b"\x01\x02");
+        outbox.push_flush(3);
         outbox.push_text("");
         outbox.push_close(CloseFrame {
             code: 1000.into(),
@@ -162,16 +227,18 @@ mod tests {
         assert_eq!(
             drain(&mut outbox),
             [
-                "text 6 héllo",
-                "binary 0 b\"\"",
-                "binary 2 b\"\\x01\\x02\"",
-                "text 0 ",
+                "rest 10 4",
+                "Text héllo",
+                "Binary ",
+                "Binary \u{1}\u{2}",
+                "flush 3",
+                "Text ",
                 "close 1000"
             ]
         );
         assert!(outbox.is_empty());
         outbox.push_text("again");
-        assert_eq!(drain(&mut outbox), ["text 5 again"]);
+        assert_eq!(drain(&mut outbox), ["Text again"]);
     }
 
     #[test]
@@ -179,11 +246,12 @@ mod tests {
         let mut outbox = Outbox::default();
         outbox.push_binary(b"");
         outbox.push_text("abc");
+        outbox.push_rest(b"xy", 5);
         outbox.push_close(CloseFrame {
             code: 1000.into(),
             reason: "".into(),
         });
-        assert_eq!(outbox.discard(), (3, 3 + 2 * SEND_OVERHEAD));
+        assert_eq!(outbox.discard(), (8, 8 + 3 * SEND_OVERHEAD));
         assert!(outbox.is_empty());
         assert!(SEND_OVERHEAD >= 2 * size_of::<Command>());
     }

@@ -1,11 +1,17 @@
 //! The state both sides of a connection share, behind its mutex, and the rules that read it.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::task::Waker;
 
 use super::event::Event;
 use super::outbox::Outbox;
 use crate::host::callbacks::Callbacks;
+use crate::wire::Wire;
+
+/// The largest message the host's thread frames and writes itself (see `State::writable_now`);
+/// larger ones are framed and written by the I/O task, where they do not cost the host's thread.
+pub(super) const WRITE_ON_HOST_THREAD_MAX: usize = 16 << 10;
 
 /// Where the connection stands as the host sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +58,11 @@ pub(super) struct State {
     pub(super) outbox: Outbox,
     /// The I/O task has ended: nothing queued now would ever be sent.
     pub(super) task_ended: bool,
+    /// The open connection's socket, while sends may still go on it (until our close frame).
+    pub(super) wire: Option<Arc<Wire>>,
+    /// The I/O task has taken requests (or has its own frames) it has not written yet: nobody
+    /// else may write until it is done.
+    pub(super) task_writing: bool,
 }
 
 impl State {
@@ -74,7 +85,18 @@ impl State {
             protocol: None,
             outbox: Outbox::default(),
             task_ended: false,
+            wire: None,
+            task_writing: false,
         }
+    }
+
+    /// The socket, if a send of `len` bytes may be written on the calling thread right now:
+    /// small, and nothing queued or being written before it, so that order is kept.
+    pub(super) fn writable_now(&self, len: usize) -> Option<&Arc<Wire>> {
+        if len > WRITE_ON_HOST_THREAD_MAX || self.task_writing || !self.outbox.is_empty() {
+            return None;
+        }
+        self.wire.as_ref()
     }
 
     /// Whether the first event in the inbox may be handed to the host now. While a message

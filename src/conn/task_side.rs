@@ -11,6 +11,7 @@ use super::outbox::{Taken, SEND_OVERHEAD};
 use super::state::{store_waker, State};
 use super::Conn;
 use crate::host::callbacks::Callbacks;
+use crate::wire::Wire;
 
 /// How much the I/O task may read before it asks the gate again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,9 +132,36 @@ impl Conn {
         self.lock().protocol = protocol;
     }
 
-    /// Takes everything queued for the task; one lock for all of it.
-    pub(crate) fn take_requests(&self, into: &mut Taken) {
-        into.refill_from(&mut self.lock().outbox);
+    /// The connection is open on `wire`: from now on, small sends may be written by the
+    /// threads that make them (see `State::writable_now`).
+    pub(crate) fn attach_wire(&self, wire: Arc<Wire>) {
+        self.lock().wire = Some(wire);
+    }
+
+    /// Our close frame is going out: nothing may follow it, so sends go to the task (which
+    /// drops them) from now on.
+    pub(crate) fn detach_wire(&self) {
+        self.lock().wire = None;
+    }
+
+    /// Takes everything queued for the task, and (if there was anything, or `to_write` says
+    /// the task has frames of its own) makes the task the one writer until `release_writing`.
+    /// One lock for all of it.
+    pub(crate) fn take_requests(&self, into: &mut Taken, to_write: bool) {
+        let mut st = self.lock();
+        into.refill_from(&mut st.outbox);
+        st.task_writing |= to_write || !into.is_empty();
+    }
+
+    /// The task has written everything: other threads may write again, unless something was
+    /// queued meanwhile (then it returns false and stays the writer).
+    pub(crate) fn release_writing(&self) -> bool {
+        let mut st = self.lock();
+        if !st.outbox.is_empty() {
+            return false;
+        }
+        st.task_writing = false;
+        true
     }
 
     /// The task is ending: nothing queued will be sent any more (bufferedAmount drops to 0),
@@ -141,6 +169,7 @@ impl Conn {
     pub(crate) fn task_ending(&self) {
         let mut st = self.lock();
         st.task_ended = true;
+        st.wire = None;
         st.outbox.discard();
         self.buffered.store(0, Ordering::Relaxed);
         self.queued_cost.store(0, Ordering::Relaxed);
@@ -158,6 +187,7 @@ impl Conn {
     pub(crate) fn shut_down(&self) {
         let mut st = self.lock();
         st.shutdown = true;
+        st.wire = None;
         st.inbox.clear();
         st.callbacks = Callbacks::default();
         let waker = st.task_waker.take();

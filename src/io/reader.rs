@@ -11,13 +11,11 @@
 
 use std::io;
 use std::ops::Range;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use std::cell::Cell;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, ReadBuf};
 
 /// A data frame at least this large that is not complete in the buffer is read into an
 /// allocation of its own (smaller ones wait in the buffer for the rest of their bytes).
@@ -183,7 +181,7 @@ impl FrameReader {
 
     /// Reads more bytes from `stream`: into the large frame being read, else into the buffer.
     /// Ready(Ok(0)) is the end of the stream.
-    pub fn poll_read_from<S: AsyncRead + Unpin>(
+    pub fn poll_read_from<S: Source + ?Sized>(
         &mut self,
         stream: &mut S,
         cx: &mut Context<'_>,
@@ -192,11 +190,11 @@ impl FrameReader {
             // `next_item` made room for some of the missing bytes.
             let missing = large.len - large.data.len();
             let room = missing.min(large.data.capacity() - large.data.len());
-            return poll_read_into(stream, cx, &mut large.data, room);
+            return stream.poll_read_into(cx, &mut large.data, room);
         }
         self.make_room();
         let room = self.buf.capacity() - self.buf.len();
-        poll_read_into(stream, cx, &mut self.buf, room)
+        stream.poll_read_into(cx, &mut self.buf, room)
     }
 
     /// Control frames that arrived behind data frames not read yet, taken out of the buffer
@@ -235,7 +233,7 @@ impl FrameReader {
     /// Reads more bytes into the buffer while the host holds messages, as long as the bytes
     /// waiting in it stay under one read buffer: what `next_buffered_control` can search.
     /// None when there is no room (or a large frame is being read): the rest waits.
-    pub fn poll_read_ahead<S: AsyncRead + Unpin>(
+    pub fn poll_read_ahead<S: Source + ?Sized>(
         &mut self,
         stream: &mut S,
         cx: &mut Context<'_>,
@@ -246,7 +244,7 @@ impl FrameReader {
         }
         self.make_room();
         let room = (self.read_size - waiting).min(self.buf.capacity() - self.buf.len());
-        Some(poll_read_into(stream, cx, &mut self.buf, room))
+        Some(stream.poll_read_into(cx, &mut self.buf, room))
     }
 
     /// Lets go of the buffer if nothing in it waits to be parsed (an idle connection holds none).
@@ -526,24 +524,30 @@ fn parse_close(payload: &[u8]) -> Result<Item, ReadError> {
     Ok(Item::Close(Some((code, reason.to_owned()))))
 }
 
-/// Reads at most `max` bytes from `stream` into the spare capacity of `buf` (which has it).
-fn poll_read_into<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    cx: &mut Context<'_>,
-    buf: &mut Vec<u8>,
-    max: usize,
-) -> Poll<io::Result<usize>> {
-    let len = buf.len();
-    let spare = &mut buf.spare_capacity_mut()[..max];
-    let mut read_buf = ReadBuf::uninit(spare);
-    match Pin::new(stream).poll_read(cx, &mut read_buf) {
-        Poll::Ready(Ok(())) => {
-            let n = read_buf.filled().len();
-            // SAFETY: the stream initialised the first `n` bytes of the spare capacity.
-            unsafe { buf.set_len(len + n) };
-            Poll::Ready(Ok(n))
-        }
-        other => other.map_ok(|()| 0),
+/// Where the reader's bytes come from: the connection's socket (`wire::Wire`), or a slice.
+pub(crate) trait Source {
+    /// Reads at most `max` bytes into the spare capacity of `buf` (which has that much).
+    /// Ready(Ok(0)) is the end of the stream.
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<u8>,
+        max: usize,
+    ) -> Poll<io::Result<usize>>;
+}
+
+/// Bytes from a slice, as many as fit each time (the tests and fuzz targets cut streams so).
+impl Source for &[u8] {
+    fn poll_read_into(
+        &mut self,
+        _: &mut Context<'_>,
+        buf: &mut Vec<u8>,
+        max: usize,
+    ) -> Poll<io::Result<usize>> {
+        let n = max.min(self.len());
+        buf.extend_from_slice(&self[..n]);
+        *self = &self[n..];
+        Poll::Ready(Ok(n))
     }
 }
 

@@ -2,35 +2,37 @@
 //!
 //! The session is one hand-written poll loop rather than `select!` over futures: nothing is
 //! cancelled half-way, reading and writing never block each other, and one task (no split
-//! stream, no second task) serves a connection, which keeps idle connections small. It writes
-//! through tungstenite (which frames and masks) and reads through `reader::FrameReader`.
+//! stream, no second task) serves a connection, which keeps idle connections small. It reads
+//! through `reader::FrameReader` and writes through `wire::Wire`, which the host's thread may
+//! write to as well (small sends with nothing queued before them): the connection's lock says
+//! who writes (`Conn::take_requests`, `Conn::release_writing`).
 //!
 //! Nothing here may wait by spinning: every `Poll::Pending` it returns has a waker registered
 //! with something that will fire (the socket, the timer, or the host through the gate).
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
+use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::SinkExt;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use bytes::{Buf, Bytes};
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use super::reader::{Buffered, FrameReader, Item, ReadError};
 use crate::conn::{Allowance, Conn, Event, Gate, Outgoing, Payload, PayloadArena, Taken};
 use crate::error::{Error, WsStatus};
 use crate::options::Options;
+use crate::wire::frame::{self, Opcode};
+use crate::wire::{Wire, Written};
 
-/// Bytes tungstenite collects before it writes mid-batch; a batch is flushed at its end anyway.
-const WRITE_BUFFER_SIZE: usize = 64 << 10;
+/// Pieces of frames handed to one write (one writev for plain TCP).
+const SLICES_PER_WRITE: usize = 64;
 /// How long a client being freed waits for its close frame to be written (ws_client_free
 /// returns within `client::FREE_WAIT`, a little more).
 const SHUTDOWN_CLOSE_WAIT: Duration = Duration::from_millis(200);
@@ -48,26 +50,18 @@ const TAKEN_WHILE_ALIVE: u64 = 64 << 10;
 /// Socket reads in one round of reading ahead while the host holds messages.
 const READ_AHEAD_ROUNDS: usize = 16;
 
-/// Runs the session of a connected stream; `leftover` holds the bytes that arrived with the
-/// upgrade response. Returns the final event (None when the client is being freed).
-pub(crate) async fn serve<S>(
+/// Runs the session of an open connection on `wire`; `leftover` holds the bytes that arrived
+/// with the upgrade response. Returns the final event (None when the client is being freed).
+pub(crate) async fn serve(
     conn: Arc<Conn>,
-    stream: S,
-    socket: RawFd,
+    wire: Wire,
     leftover: Vec<u8>,
     options: Arc<Options>,
-) -> Option<Event>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    // tungstenite frames what we send; received frames are read by `FrameReader`, so
-    // tungstenite's own read buffer is never used: none is allocated.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(0)
-        .write_buffer_size(WRITE_BUFFER_SIZE);
-    let ws = WebSocketStream::from_raw_socket(stream, Role::Client, Some(config)).await;
+) -> Option<Event> {
+    let wire = Arc::new(wire);
+    conn.attach_wire(wire.clone());
     let reader = FrameReader::new(leftover, options.read_buffer_size, options.max_message_size);
-    Session::new(conn, ws, socket, reader, options).run().await
+    Session::new(conn, wire, reader, options).run().await
 }
 
 /// How a session ended: the final event (None when the client is being freed) and a close
@@ -107,23 +101,29 @@ struct Unflushed {
     messages: usize,
 }
 
-struct Session<S> {
+struct Session {
     conn: Arc<Conn>,
-    /// Writes (tungstenite frames them); reads go past it, through `reader`.
-    ws: WebSocketStream<S>,
+    wire: Arc<Wire>,
     /// The socket under it, to see whether the peer takes what we sent (see `peer_took_data`).
     socket: RawFd,
     /// The bytes the peer had acknowledged when the keepalive ping went out.
     acked_at_ping: u64,
     reader: FrameReader,
-    /// Requests taken from the connection's outbox, not yet handed to tungstenite.
+    /// Requests taken from the connection's outbox, not framed yet.
     taken: Taken,
+    /// Framed bytes (headers, masked payloads) waiting to be written, in order.
+    queued: VecDeque<Bytes>,
     options: Arc<Options>,
     unflushed: Unflushed,
-    needs_flush: bool,
-    /// tungstenite refused more until the socket takes what it holds.
+    /// The task is the connection's writer (see `Conn::take_requests`).
+    writing: bool,
+    /// The socket took less than we had for it: we wait until it is writable.
     write_blocked: bool,
     close_sent: bool,
+    /// A keepalive ping to write.
+    ping_due: bool,
+    /// Our answer to the peer's close frame, to write.
+    close_reply: Option<Option<CloseFrame>>,
     /// Payloads of pings to answer, oldest first.
     pongs: VecDeque<Bytes>,
     /// The peer's close frame (code, reason), once it arrived.
@@ -143,14 +143,8 @@ struct Session<S> {
     arena: PayloadArena,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    fn new(
-        conn: Arc<Conn>,
-        ws: WebSocketStream<S>,
-        socket: RawFd,
-        reader: FrameReader,
-        options: Arc<Options>,
-    ) -> Self {
+impl Session {
+    fn new(conn: Arc<Conn>, wire: Arc<Wire>, reader: FrameReader, options: Arc<Options>) -> Self {
         let now = Instant::now();
         let first_check = now
             + options
@@ -158,16 +152,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .unwrap_or(Duration::from_secs(3600));
         Session {
             conn,
-            ws,
-            socket,
+            socket: wire.socket(),
+            wire,
             acked_at_ping: 0,
             reader,
             taken: Taken::default(),
+            queued: VecDeque::new(),
             options,
             unflushed: Unflushed::default(),
-            needs_flush: false,
+            writing: false,
             write_blocked: false,
             close_sent: false,
+            ping_due: false,
+            close_reply: None,
             pongs: VecDeque::new(),
             peer_close: None,
             peer_eof: false,
@@ -197,16 +194,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ),
         };
         // Best effort, and bounded: the connection is ending either way. The close frame (if
-        // the protocol asks for one), then the end of our side of the stream: a TCP FIN, after
-        // a TLS close_notify for wss.
-        let _ = tokio::time::timeout(wait, async {
-            if let Some(frame) = close_with {
-                let _ = self.ws.close(Some(frame)).await;
-            }
-            let _ = self.ws.get_mut().shutdown().await;
-        })
-        .await;
+        // the protocol asks for one and none went out yet), then the end of our side of the
+        // stream: a TCP FIN, after a TLS close_notify for wss.
+        self.conn.detach_wire();
+        if let (Some(frame), false) = (close_with, self.close_sent) {
+            self.close_reply = Some(Some(frame));
+        }
+        let _ = tokio::time::timeout(wait, poll_fn(|cx| self.poll_wind_up(cx))).await;
         end.event
+    }
+
+    /// Writes what must still go out (the close frame), then shuts our side of the stream.
+    fn poll_wind_up(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match self.write_round(cx) {
+                Err(_) => return Poll::Ready(Ok(())),
+                Ok(_) if self.write_blocked => return Poll::Pending,
+                Ok(true) => continue,
+                Ok(false) => break,
+            }
+        }
+        self.wire.poll_shut_down(cx)
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
@@ -240,9 +248,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// One round of work. Ok(true): progress was made, go again. Ok(false): all is waiting.
     fn step(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
-        let mut progress = self.write_requests(cx)?;
-        self.flush(cx)?;
-        if self.peer_close.is_some() && !self.needs_flush {
+        let mut progress = self.write_round(cx)?;
+        if self.peer_close.is_some() && self.close_frame_out() {
             // Both close frames have been exchanged: the close handshake is complete.
             let (code, reason) = self.peer_close.take().unwrap_or((1005, String::new()));
             return Err(End::event(Event::close(code, &reason)));
@@ -277,61 +284,191 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(progress)
     }
 
-    /// Hands pongs, queued sends and a close request to tungstenite, as long as it accepts them.
-    fn write_requests(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
+    /// Writes what there is to write, as long as the socket takes it: the rest of a frame the
+    /// host's thread began, answers to pings, a keepalive ping, queued sends, close frames.
+    /// Returns whether it made progress; `write_blocked` tells whether it waits for the socket.
+    fn write_round(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
         let mut progress = false;
         loop {
-            match self.ws.poll_ready_unpin(cx) {
-                Poll::Ready(Ok(())) => self.write_blocked = false,
-                Poll::Ready(Err(e)) => return Err(self.io_failure(e)),
-                Poll::Pending => {
-                    self.write_blocked = true;
-                    return Ok(progress);
+            if !self.queued.is_empty() || (self.writing && self.write_blocked) {
+                match self.write_queued(cx) {
+                    Ok(true) => progress = true,
+                    Ok(false) => return Ok(progress),
+                    Err(e) => return Err(self.io_failure(e)),
                 }
-            }
-            if let Some(payload) = self.pongs.pop_front() {
-                // Once our close frame is out, nothing may follow it: the answer is dropped.
-                if !self.close_sent {
-                    self.queue(Message::Pong(payload))?;
-                }
-                progress = true;
                 continue;
             }
-            if self.taken.is_empty() {
-                self.conn.take_requests(&mut self.taken);
+            let own_frames = !self.pongs.is_empty() || self.ping_due || self.close_reply.is_some();
+            // Once our close frame is out, what the host sends is dropped where it waits: the
+            // outbox, emptied when the session ends.
+            if self.taken.is_empty() && !self.close_sent {
+                // Also makes the task the writer, if it takes anything or has frames of its own.
+                self.conn.take_requests(&mut self.taken, own_frames);
+                self.writing |= own_frames || !self.taken.is_empty();
             }
-            let Some(request) = self.taken.pop() else {
-                return Ok(progress);
-            };
-            progress = true;
-            match request {
-                Outgoing::Message(_, len) if self.close_sent || self.peer_close.is_some() => {
-                    // Sent after the close started: no longer allowed on the wire.
-                    self.conn.sent(len, 1);
-                }
-                Outgoing::Message(message, len) => {
-                    self.queue(message)?;
-                    self.unflushed.bytes += len;
-                    self.unflushed.messages += 1;
-                }
-                Outgoing::Close(frame) => {
-                    if !self.close_sent && self.peer_close.is_none() {
-                        self.queue(Message::Close(Some(frame)))?;
-                        self.close_sent = true;
-                        self.arm_close_deadline();
+            if !self.frame_next()? {
+                // Nothing left to write: let other threads write again, unless sends were
+                // queued meanwhile.
+                if self.writing {
+                    let Unflushed { bytes, messages } = std::mem::take(&mut self.unflushed);
+                    self.conn.sent(bytes, messages);
+                    if self.close_sent {
+                        // Nothing more goes out: the writer role has no further use.
+                        return Ok(progress);
                     }
+                    if !self.conn.release_writing() {
+                        continue;
+                    }
+                    self.writing = false;
                 }
+                return Ok(progress);
             }
+            progress = true;
         }
     }
 
-    /// Hands a message to tungstenite, which buffers it until the next flush.
-    fn queue(&mut self, message: Message) -> Result<(), End> {
-        self.ws
-            .start_send_unpin(message)
-            .map_err(|e| self.io_failure(e))?;
-        self.needs_flush = true;
-        Ok(())
+    /// Frames the next thing to write into `queued`; returns false if there is nothing.
+    fn frame_next(&mut self) -> Result<bool, End> {
+        debug_assert!(self.queued.is_empty() || self.writing);
+        // The rest of a frame the host's thread began goes before anything else.
+        if self.taken.next_is_rest() {
+            return self.frame_taken();
+        }
+        if let Some(payload) = self.pongs.pop_front() {
+            // Once our close frame is out, nothing may follow it: the answer is dropped.
+            if !self.close_sent {
+                self.queue_own(Opcode::Pong, &payload);
+            }
+            return Ok(true);
+        }
+        if std::mem::take(&mut self.ping_due) {
+            if !self.close_sent {
+                self.queue_own(Opcode::Ping, &[]);
+            }
+            return Ok(true);
+        }
+        if let Some(reply) = self.close_reply.take() {
+            if !self.close_sent {
+                let payload = reply
+                    .map(|f| frame::close_payload(f.code.into(), &f.reason))
+                    .unwrap_or_default();
+                self.queue_own(Opcode::Close, &payload);
+                self.closing_frame_sent();
+            }
+            return Ok(true);
+        }
+        self.frame_taken()
+    }
+
+    /// Frames the next request taken from the outbox.
+    fn frame_taken(&mut self) -> Result<bool, End> {
+        let Some(request) = self.taken.pop() else {
+            return Ok(false);
+        };
+        let after_close = self.close_sent || self.peer_close.is_some();
+        match request {
+            Outgoing::Message { payload, .. } if after_close => {
+                // Sent after the close started: no longer allowed on the wire.
+                self.conn.sent(payload.len(), 1);
+            }
+            Outgoing::Message {
+                opcode,
+                key,
+                payload,
+            } => {
+                let mut header = Vec::with_capacity(frame::MAX_HEADER);
+                frame::put_header(&mut header, opcode, payload.len(), key);
+                self.count_message(payload.len());
+                self.queued.push_back(Bytes::from(header));
+                if !payload.is_empty() {
+                    self.queued.push_back(payload);
+                }
+            }
+            Outgoing::Rest { bytes, len } => {
+                self.count_message(len);
+                self.queued.push_back(bytes);
+            }
+            Outgoing::Flush { len } => {
+                // Already in the TLS session: writing what waits there sends it.
+                self.count_message(len);
+                self.write_blocked = true;
+            }
+            Outgoing::Close(frame) => {
+                if !after_close {
+                    let payload = frame::close_payload(frame.code.into(), &frame.reason);
+                    self.queue_own(Opcode::Close, &payload);
+                    self.closing_frame_sent();
+                    self.arm_close_deadline();
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Our close frame has been written (all of it, TLS session included).
+    fn close_frame_out(&self) -> bool {
+        self.close_sent && self.queued.is_empty() && !self.write_blocked
+    }
+
+    fn count_message(&mut self, len: usize) {
+        self.unflushed.bytes += len;
+        self.unflushed.messages += 1;
+    }
+
+    /// Queues a frame of the task's own (a pong, a ping, a close frame).
+    fn queue_own(&mut self, opcode: Opcode, payload: &[u8]) {
+        let mut out = Vec::with_capacity(frame::MAX_HEADER + payload.len());
+        frame::put_frame(&mut out, opcode, payload);
+        self.queued.push_back(Bytes::from(out));
+    }
+
+    /// Our close frame is queued: nothing may follow it on the wire.
+    fn closing_frame_sent(&mut self) {
+        self.close_sent = true;
+        self.conn.detach_wire();
+    }
+
+    /// Writes queued bytes (and what waits in the TLS session). Ok(true): some went out, or
+    /// the socket is writable again; Ok(false): it waits for the socket (`write_blocked`).
+    fn write_queued(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+        let done = if self.queued.is_empty() {
+            self.wire.flush_now()?
+        } else {
+            let slices: Vec<IoSlice<'_>> = self
+                .queued
+                .iter()
+                .take(SLICES_PER_WRITE)
+                .map(|b| IoSlice::new(b))
+                .collect();
+            let (taken, written) = self.wire.write_now(&slices)?;
+            self.advance_queued(taken);
+            written == Written::All && self.queued.is_empty()
+        };
+        if done {
+            self.write_blocked = false;
+            return Ok(true);
+        }
+        self.write_blocked = true;
+        match self.wire.poll_writable(cx) {
+            Poll::Ready(result) => result.map(|()| true),
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    /// Drops the first `n` queued bytes: they are written.
+    fn advance_queued(&mut self, mut n: usize) {
+        while n > 0 {
+            let front = self
+                .queued
+                .front_mut()
+                .expect("no more written than queued");
+            if front.len() > n {
+                front.advance(n);
+                return;
+            }
+            n -= front.len();
+            self.queued.pop_front();
+        }
     }
 
     /// Remembers a ping to answer in the next write round.
@@ -340,22 +477,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.pongs.pop_front();
         }
         self.pongs.push_back(payload);
-    }
-
-    fn flush(&mut self, cx: &mut Context<'_>) -> Result<(), End> {
-        if !self.needs_flush {
-            return Ok(());
-        }
-        match self.ws.poll_flush_unpin(cx) {
-            Poll::Ready(Ok(())) => {
-                let Unflushed { bytes, messages } = std::mem::take(&mut self.unflushed);
-                self.conn.sent(bytes, messages);
-                self.needs_flush = false;
-                Ok(())
-            }
-            Poll::Ready(Err(e)) => Err(self.io_failure(e)),
-            Poll::Pending => Ok(()),
-        }
     }
 
     /// Reads messages into the batch, as many as the allowance permits and the socket has.
@@ -372,13 +493,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let item = match self.reader.next_item() {
                 Ok(Some(item)) => item,
                 Ok(None) if self.peer_eof => return Err(self.stream_ended()),
-                Ok(None) => match self.reader.poll_read_from(self.ws.get_mut(), cx) {
+                Ok(None) => match self.reader.poll_read_from(&mut &*self.wire, cx) {
                     Poll::Ready(Ok(0)) => return Err(self.stream_ended()),
                     Poll::Ready(Ok(_)) => {
                         progress = true;
                         continue;
                     }
-                    Poll::Ready(Err(e)) => return Err(self.io_failure(WsError::Io(e))),
+                    Poll::Ready(Err(e)) => return Err(self.io_failure(e)),
                     Poll::Pending => break,
                 },
                 Err(refused) => {
@@ -440,7 +561,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.answer_ping(payload);
                 }
             }
-            match self.reader.poll_read_ahead(self.ws.get_mut(), cx) {
+            match self.reader.poll_read_ahead(&mut &*self.wire, cx) {
                 // No room: the rest waits until the host has taken what is held.
                 None | Some(Poll::Pending) => break,
                 Some(Poll::Ready(Ok(0))) => {
@@ -449,31 +570,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     break;
                 }
                 Some(Poll::Ready(Ok(_))) => progress = true,
-                Some(Poll::Ready(Err(e))) => return Err(self.io_failure(WsError::Io(e))),
+                Some(Poll::Ready(Err(e))) => return Err(self.io_failure(e)),
             }
         }
         Ok(progress)
     }
 
-    /// The peer's close frame arrived: answer it (after a pong that is due), and wait for our
-    /// answer to be written.
+    /// The peer's close frame arrived: answer it (after the answer to the latest ping that
+    /// came before it), and wait for our answer to be written.
     fn peer_closed(&mut self, frame: Option<(u16, String)>) -> Result<(), End> {
         if !self.close_sent {
-            if let Some(payload) = self.pongs.pop_back() {
-                // The answer to the latest ping that came before the close goes first.
+            if let Some(latest) = self.pongs.pop_back() {
                 self.pongs.clear();
-                self.queue(Message::Pong(payload))?;
+                self.pongs.push_back(latest);
             }
             // The reply echoes the peer's code and reason (none if it sent none).
             let reply = frame.as_ref().map(|(code, reason)| CloseFrame {
                 code: CloseCode::from(*code),
                 reason: reason.as_str().into(),
             });
-            self.queue(Message::Close(reply))?;
-            self.close_sent = true;
+            self.close_reply = Some(reply);
         }
         self.peer_close = Some(frame.unwrap_or((1005, String::new())));
-        self.needs_flush = true;
         self.arm_close_deadline();
         Ok(())
     }
@@ -493,16 +611,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !self.conn.drained(cx.waker()) {
             return Ok(progress);
         }
-        if self.taken.is_empty() && !self.write_blocked {
-            self.conn.take_requests(&mut self.taken);
-            if !self.taken.is_empty() {
-                return Ok(true);
-            }
-        }
-        if self.taken.is_empty() && !self.needs_flush {
+        // What the host queued before it was drained goes out, then our close frame.
+        let wrote = self.write_round(cx)?;
+        if !self.writing || self.close_frame_out() {
             return Err(self.failing.take().expect("checked by the caller"));
         }
-        Ok(progress)
+        Ok(progress || wrote)
     }
 
     /// Something arrived: the peer is alive.
@@ -569,7 +683,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Some(sent) => next = next.min(sent + timeout),
                 None if now >= self.last_heard + interval => {
-                    self.queue(Message::Ping(Bytes::new()))?;
+                    self.ping_due = true;
                     self.ping_sent = Some(now);
                     self.acked_at_ping = acknowledged_bytes(self.socket).unwrap_or(0);
                     pinged = true;
@@ -604,14 +718,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    fn io_failure(&mut self, err: WsError) -> End {
+    fn io_failure(&mut self, err: io::Error) -> End {
         let message = match &err {
-            WsError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            e if e.kind() == io::ErrorKind::ConnectionReset => {
                 "connection reset by the peer".into()
             }
-            WsError::Io(e) => format!("connection lost: {e}"),
-            WsError::ConnectionClosed | WsError::AlreadyClosed => "connection closed".into(),
-            other => format!("connection lost: {other}"),
+            e => format!("connection lost: {e}"),
         };
         if let Some((code, reason)) = self.peer_close.take() {
             // The peer's close frame arrived: the handshake is as complete as it can be.

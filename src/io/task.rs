@@ -3,7 +3,6 @@
 //! event.
 
 use std::future::{poll_fn, Future};
-use std::os::fd::{AsRawFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,7 +10,6 @@ use std::task::Poll;
 
 use futures_util::FutureExt;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -22,6 +20,7 @@ use crate::conn::{Conn, Control, Event};
 use crate::error::{Error, WsStatus};
 use crate::options::Options;
 use crate::uri::Target;
+use crate::wire::Wire;
 
 /// Everything a connection task needs.
 pub struct Launch {
@@ -93,19 +92,18 @@ async fn drive(launch: Launch) -> Option<Event> {
 /// stream type (a TLS stream alone is kilobytes).
 type SessionFuture = Pin<Box<dyn Future<Output = Option<Event>> + Send>>;
 
-fn session<S>(
+fn session(
     conn: &Arc<Conn>,
-    stream: S,
-    socket: RawFd,
+    wire: Wire,
     leftover: Vec<u8>,
     options: &Arc<Options>,
-) -> SessionFuture
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let conn = conn.clone();
-    let options = options.clone();
-    Box::pin(session::serve(conn, stream, socket, leftover, options))
+) -> SessionFuture {
+    Box::pin(session::serve(
+        conn.clone(),
+        wire,
+        leftover,
+        options.clone(),
+    ))
 }
 
 async fn connect(
@@ -115,11 +113,10 @@ async fn connect(
     tls: &TlsConfigs,
 ) -> Result<SessionFuture, Error> {
     let mut tcp = connect_tcp(&target.host, target.port).await?;
-    let socket = tcp.as_raw_fd();
     if !target.tls {
         let upgraded = handshake::upgrade(&mut tcp, target, options).await?;
         conn.set_protocol(upgraded.protocol);
-        return Ok(session(conn, tcp, socket, upgraded.leftover, options));
+        return Ok(session(conn, Wire::plain(tcp), upgraded.leftover, options));
     }
     let tls_config = tls.get(&options.extra_ca)?;
     let name = ServerName::try_from(target.host.clone()).map_err(|_| {
@@ -139,7 +136,14 @@ async fn connect(
         })?;
     let upgraded = handshake::upgrade(&mut stream, target, options).await?;
     conn.set_protocol(upgraded.protocol);
-    Ok(session(conn, stream, socket, upgraded.leftover, options))
+    // From here on the session is shared with the host's thread (see `wire`).
+    let (tcp, session_state) = stream.into_inner();
+    Ok(session(
+        conn,
+        Wire::tls(tcp, session_state),
+        upgraded.leftover,
+        options,
+    ))
 }
 
 async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, Error> {

@@ -109,8 +109,16 @@ impl Drop for TestServer {
     }
 }
 
+/// A CA made for this test run and a server configuration whose certificate it signed (for
+/// localhost, 127.0.0.1 and ::1): for tests that run a TLS peer of their own.
+pub fn tls_server_config() -> (String, Arc<rustls::ServerConfig>) {
+    let tls = make_tls();
+    (tls.ca_pem, tls.good_config)
+}
+
 struct Tls {
     ca_pem: String,
+    good_config: Arc<rustls::ServerConfig>,
     good: tokio_rustls::TlsAcceptor,
     wrong_name: tokio_rustls::TlsAcceptor,
     expired: tokio_rustls::TlsAcceptor,
@@ -135,7 +143,7 @@ fn make_tls() -> Tls {
     ];
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
-    let acceptor = |names: Vec<String>, expired: bool| {
+    let config_for = |names: Vec<String>, expired: bool| {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(names).unwrap();
         if expired {
@@ -156,13 +164,18 @@ fn make_tls() -> Tls {
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .unwrap();
-        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        Arc::new(config)
+    };
+    let good_config = config_for(
+        vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+        false,
+    );
+    let acceptor = |names: Vec<String>, expired: bool| {
+        tokio_rustls::TlsAcceptor::from(config_for(names, expired))
     };
     Tls {
-        good: acceptor(
-            vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
-            false,
-        ),
+        good: tokio_rustls::TlsAcceptor::from(good_config.clone()),
+        good_config,
         wrong_name: acceptor(vec!["wrong.example".into()], false),
         expired: acceptor(vec!["localhost".into()], true),
         ca_pem: ca_cert.pem(),

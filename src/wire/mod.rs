@@ -1,0 +1,227 @@
+//! The socket of an open connection, which both threads may write to.
+//!
+//! A small send made on the host's thread, with nothing queued before it, is framed and
+//! written right there (see `conn::host_side`): that saves the switch to the I/O thread and
+//! back that a request/reply round trip would otherwise pay. Everything else is written by the
+//! I/O task. Who may write when is decided under the connection's lock (`State::may_write_now`):
+//! only one side writes at a time, and never ahead of what is queued.
+//!
+//! For wss the TLS session sits behind its own mutex, taken briefly by whichever side encrypts
+//! (a write) or decrypts (the I/O task's reads): a record is a few microseconds of work, so
+//! neither side waits on the other's progress, only, rarely, on a record being processed.
+//!
+//! - `frame`: the frames we send (header, masking key, masked payload).
+
+pub(crate) mod frame;
+
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::{Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
+
+use bytes::BufMut;
+use rustls::ClientConnection;
+use tokio::net::TcpStream;
+
+use crate::io::reader::Source;
+
+pub(crate) struct Wire {
+    tcp: TcpStream,
+    tls: Option<Mutex<ClientConnection>>,
+}
+
+/// What a write left behind.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// All of it is on its way.
+    All,
+    /// Plain TCP: this many bytes were written; the rest must be written later, first.
+    Part(usize),
+    /// TLS: everything was taken into the session, but encrypted bytes wait in it.
+    Unflushed,
+}
+
+impl Wire {
+    pub(crate) fn plain(tcp: TcpStream) -> Wire {
+        Wire { tcp, tls: None }
+    }
+
+    pub(crate) fn tls(tcp: TcpStream, session: ClientConnection) -> Wire {
+        Wire {
+            tcp,
+            tls: Some(Mutex::new(session)),
+        }
+    }
+
+    /// The socket's descriptor (to ask the kernel about it).
+    pub(crate) fn socket(&self) -> std::os::fd::RawFd {
+        self.tcp.as_raw_fd()
+    }
+
+    fn session(&self) -> Option<MutexGuard<'_, ClientConnection>> {
+        // A panic in rustls leaves the session to the connection's end; never poison it.
+        self.tls
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    // ---- writing: either thread, one at a time (the connection's lock decides who) --------
+
+    /// Writes `chunks` (whole frames, in order) as far as the socket takes them now, without
+    /// waiting. Plain TCP writes them with one system call; TLS takes them all into the
+    /// session (at most its 64 KiB buffer limit past what it holds) and writes what it can.
+    /// Returns the bytes of `chunks` taken.
+    pub(crate) fn write_now(&self, chunks: &[IoSlice<'_>]) -> io::Result<(usize, Written)> {
+        let total: usize = chunks.iter().map(|c| c.len()).sum();
+        let Some(mut tls) = self.session() else {
+            let written = match self.tcp.try_write_vectored(chunks) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                other => other?,
+            };
+            return Ok((
+                written,
+                if written == total {
+                    Written::All
+                } else {
+                    Written::Part(written)
+                },
+            ));
+        };
+        let taken = tls.writer().write_vectored(chunks)?;
+        let state = flush_session(&mut tls, &self.tcp)?;
+        let written = if taken < total {
+            Written::Part(taken)
+        } else {
+            state
+        };
+        Ok((taken, written))
+    }
+
+    /// TLS: writes encrypted bytes waiting in the session, as far as the socket takes them.
+    /// Returns whether none wait any more (always true for plain TCP).
+    pub(crate) fn flush_now(&self) -> io::Result<bool> {
+        match self.session() {
+            None => Ok(true),
+            Some(mut tls) => Ok(flush_session(&mut tls, &self.tcp)? == Written::All),
+        }
+    }
+
+    /// The I/O task: ready when the socket may take more (after a write that it did not take).
+    pub(crate) fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.tcp.poll_write_ready(cx)
+    }
+
+    /// Starts the end of our side of the stream: the TLS close_notify, then (once it is out)
+    /// the TCP FIN. Ready when both are done.
+    pub(crate) fn poll_shut_down(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(mut tls) = self.session() {
+            // Sent once, however often this is polled.
+            tls.send_close_notify();
+            if flush_session(&mut tls, &self.tcp)? == Written::All {
+                break;
+            }
+            drop(tls);
+            ready!(self.tcp.poll_write_ready(cx))?;
+        }
+        // SAFETY: shutdown(2) on the socket this wire owns.
+        unsafe { libc::shutdown(self.tcp.as_raw_fd(), libc::SHUT_WR) };
+        Poll::Ready(Ok(()))
+    }
+
+    // ---- reading: the I/O task only --------------------------------------------------------
+
+    /// Reads at most `max` bytes (the decrypted bytes, for TLS) into the spare capacity of
+    /// `buf`, which has at least that much. Ready(Ok(0)) is the end of the stream.
+    fn poll_read(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<u8>,
+        max: usize,
+    ) -> Poll<io::Result<usize>> {
+        let Some(mut tls) = self.session() else {
+            loop {
+                ready!(self.tcp.poll_read_ready(cx))?;
+                match self.tcp.try_read_buf(&mut buf.limit(max)) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    other => return Poll::Ready(other),
+                }
+            }
+        };
+        loop {
+            let state = tls
+                .process_new_packets()
+                .map_err(|e| tls_failed(&mut tls, &self.tcp, e))?;
+            let available = state.plaintext_bytes_to_read().min(max);
+            if available > 0 {
+                let start = buf.len();
+                buf.resize(start + available, 0);
+                tls.reader().read_exact(&mut buf[start..])?;
+                return Poll::Ready(Ok(available));
+            }
+            if state.peer_has_closed() {
+                return Poll::Ready(Ok(0));
+            }
+            ready!(self.tcp.poll_read_ready(cx))?;
+            match tls.read_tls(&mut TcpIo(&self.tcp)) {
+                // The end of the stream, with or without close_notify: what was complete has
+                // been read, and an unfinished frame shows as one.
+                Ok(0) => return Poll::Ready(Ok(0)),
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl Source for &Wire {
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<u8>,
+        max: usize,
+    ) -> Poll<io::Result<usize>> {
+        self.poll_read(cx, buf, max)
+    }
+}
+
+/// Writes the session's encrypted bytes as far as the socket takes them now.
+fn flush_session(tls: &mut ClientConnection, tcp: &TcpStream) -> io::Result<Written> {
+    while tls.wants_write() {
+        match tls.write_tls(&mut TcpIo(tcp)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Written::Unflushed),
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+    }
+    Ok(Written::All)
+}
+
+/// A TLS error while reading: the session queued an alert for the peer; send it (best effort).
+fn tls_failed(tls: &mut ClientConnection, tcp: &TcpStream, error: rustls::Error) -> io::Error {
+    let _ = flush_session(tls, tcp);
+    io::Error::new(io::ErrorKind::InvalidData, error)
+}
+
+/// The socket as std's Read and Write, without waiting (for rustls's read_tls and write_tls).
+struct TcpIo<'a>(&'a TcpStream);
+
+impl Read for TcpIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl Write for TcpIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
