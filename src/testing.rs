@@ -26,6 +26,211 @@ impl Rng {
     }
 }
 
+// --- Fuzzing: entry points for the cargo-fuzz targets in fuzz/ ---------------------------------
+//
+// The parsers are crate-internal; these functions run them on arbitrary bytes and check the
+// invariants that must hold whatever the bytes (a failed check panics, which the fuzzer reports).
+
+/// The frame reader on arbitrary bytes, cut at arbitrary points.
+///
+/// Layout of `data`: byte 0 picks the maximum message size, byte 1 the read size, byte 2 how
+/// many cut bytes follow (0 to 7); each cut byte gives the length of one chunk (the list is
+/// cycled); the rest is the stream. Checks: no panic; the items (and the error that ends the
+/// stream, if any) are the same whether the stream arrives whole, in the chunks the input
+/// describes, or one byte at a time; no message is longer than the maximum; text is UTF-8;
+/// control payloads are at most 125 bytes.
+pub fn fuzz_frames(data: &[u8]) {
+    use crate::io::reader::{FrameReader, Item};
+    use std::task::{Context, Poll};
+
+    let [max_byte, read_byte, cuts_byte, rest @ ..] = data else {
+        return;
+    };
+    let max_message = match max_byte {
+        // The library's default and the largest value here: a frame header may announce up to
+        // this, and the reader reserves what a header announces (issue 9, item 3).
+        255 => crate::options::DEFAULT_MAX_MESSAGE_SIZE,
+        b => 1 + (*b as usize) * (*b as usize),
+    };
+    let read_size = 256 << (read_byte % 9);
+    let ncuts = (*cuts_byte % 8) as usize;
+    let (cuts, stream) = rest.split_at(ncuts.min(rest.len()));
+    let chunk_len = |b: u8| ((b & 0x3F) as usize + 1) << (2 * (b >> 6));
+
+    /// An item as the host sees it: whether a message was read into the buffer or into an
+    /// allocation of its own depends on how the bytes arrived, what it holds does not.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Message { text: bool, data: Vec<u8> },
+        Ping(Vec<u8>),
+        Pong,
+        Close(Option<(u16, String)>),
+    }
+    /// What a stream produced: its items, then how it ended.
+    type Outcome = (Vec<Seen>, Option<String>);
+    let read = |chunks: &mut dyn Iterator<Item = usize>| -> Outcome {
+        let mut reader = FrameReader::new(Vec::new(), read_size, max_message);
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        let mut items = Vec::new();
+        let mut offset = 0;
+        while offset < stream.len() {
+            let end = (offset + chunks.next().unwrap_or(1).max(1)).min(stream.len());
+            let mut source = &stream[offset..end];
+            offset = end;
+            while !source.is_empty() {
+                match reader.poll_read_from(&mut source, &mut cx) {
+                    Poll::Ready(Ok(n)) => assert!(n > 0, "a read from a non-empty slice"),
+                    other => panic!("a slice reads at once: {other:?}"),
+                }
+                loop {
+                    let seen = match reader.next_item() {
+                        Ok(Some(Item::Message { text })) => Seen::Message {
+                            text,
+                            data: reader.payload().to_vec(),
+                        },
+                        Ok(Some(Item::OwnedMessage { text, data })) => Seen::Message { text, data },
+                        Ok(Some(Item::Ping)) => Seen::Ping(reader.payload().to_vec()),
+                        Ok(Some(Item::Pong)) => Seen::Pong,
+                        Ok(Some(Item::Close(close))) => Seen::Close(close),
+                        Ok(None) => break,
+                        Err(e) => return (items, Some(format!("{e:?}"))),
+                    };
+                    items.push(seen);
+                }
+            }
+            reader.release_if_drained();
+        }
+        (items, None)
+    };
+
+    let whole = read(&mut std::iter::once(stream.len()));
+    let cut = if cuts.is_empty() {
+        read(&mut std::iter::repeat(1))
+    } else {
+        read(&mut cuts.iter().map(|b| chunk_len(*b)).cycle())
+    };
+    assert!(
+        whole == cut,
+        "the stream read differently when cut: whole {whole:?}, cut {cut:?}"
+    );
+    for item in &whole.0 {
+        match item {
+            Seen::Message { text, data } => {
+                assert!(data.len() <= max_message, "message over the maximum");
+                assert!(!text || std::str::from_utf8(data).is_ok(), "text not UTF-8");
+            }
+            Seen::Ping(payload) => assert!(payload.len() <= 125, "ping payload over 125 bytes"),
+            Seen::Close(Some((code, reason))) => {
+                assert!(*code >= 1000, "close code {code}");
+                assert!(reason.len() <= 123, "close reason over 123 bytes");
+            }
+            Seen::Pong | Seen::Close(None) => {}
+        }
+    }
+}
+
+/// The key of RFC 6455's example; the fuzz corpus's responses carry its accept value.
+pub const FUZZ_UPGRADE_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// The upgrade response parser on arbitrary bytes.
+///
+/// Byte 0 chooses the subprotocols offered (bit 0: "chat", bit 1: "superchat"); the rest is
+/// what the server sent. Checks: no panic; a complete upgrade leaves exactly the bytes after
+/// the head (which ends at its first empty line), needed the whole head (one byte less is
+/// incomplete), carries the right accept value, chose an offered subprotocol if any, and stays
+/// the same when more bytes follow.
+pub fn fuzz_upgrade_response(data: &[u8]) {
+    use crate::io::handshake::parse_response;
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+    let [offer, buf @ ..] = data else {
+        return;
+    };
+    let mut options = crate::options::Options::default();
+    for (bit, name) in [(1, "chat"), (2, "superchat")] {
+        if offer & bit != 0 {
+            options.add_subprotocol(name).expect("a valid name");
+        }
+    }
+    let key = FUZZ_UPGRADE_KEY;
+    let Ok(Some(upgraded)) = parse_response(buf, key, &options) else {
+        return;
+    };
+    let head_len = buf.len() - upgraded.leftover.len();
+    assert_eq!(
+        upgraded.leftover,
+        buf[head_len..],
+        "leftover is not a suffix"
+    );
+    let head = &buf[..head_len];
+    let blank = |i: usize| head[i..].starts_with(b"\n\r\n") || head[i..].starts_with(b"\n\n");
+    let first_blank = (0..head.len()).find(|&i| blank(i));
+    let end = first_blank.map(|i| i + if head[i + 1] == b'\r' { 3 } else { 2 });
+    assert_eq!(
+        end,
+        Some(head_len),
+        "the head does not end at its first empty line"
+    );
+    let accept = derive_accept_key(key.as_bytes());
+    assert!(
+        head.windows(accept.len()).any(|w| w == accept.as_bytes()),
+        "upgraded without the accept value"
+    );
+    if let Some(protocol) = &upgraded.protocol {
+        assert!(
+            options.subprotocols.contains(protocol),
+            "unoffered {protocol}"
+        );
+    }
+    assert!(
+        matches!(
+            parse_response(&buf[..head_len - 1], key, &options),
+            Ok(None)
+        ),
+        "a head one byte short is complete"
+    );
+    let mut more = buf.to_vec();
+    more.extend_from_slice(b"\x81\x00more");
+    let again = parse_response(&more, key, &options)
+        .ok()
+        .flatten()
+        .expect("more bytes after a complete head change the outcome");
+    assert_eq!(again.protocol, upgraded.protocol);
+    assert_eq!(again.leftover, more[head_len..]);
+}
+
+/// URI validation on arbitrary bytes (UTF-8 only, as `ws_connect` checks that first).
+///
+/// Checks: no panic; an accepted URI has a non-empty host without brackets, a port from 1 to
+/// 65535, wss exactly when its scheme says so, no whitespace or control character, and its
+/// text form parses again to the same target.
+pub fn fuzz_uri(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(target) = crate::uri::parse(text) else {
+        return;
+    };
+    assert!(!target.host.is_empty(), "empty host");
+    assert!(
+        !target.host.contains(['[', ']']),
+        "brackets in {:?}",
+        target.host
+    );
+    assert_ne!(target.port, 0);
+    let scheme = target.uri.scheme_str().map(str::to_ascii_lowercase);
+    assert_eq!(target.tls, scheme.as_deref() == Some("wss"));
+    let shown = target.uri.to_string();
+    assert!(
+        !shown
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control()),
+        "{shown:?}"
+    );
+    let again = crate::uri::parse(&shown).expect("an accepted URI's text is accepted again");
+    assert_eq!(again, target, "{text:?} re-parsed from {shown:?}");
+}
+
 // --- The panic boundary --------------------------------------------------------------------------
 
 thread_local! {

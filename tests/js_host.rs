@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::skip_under_asan;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -85,6 +87,12 @@ fn expect(name: &str, server: &TestServer, url: &str, expected: &[&str]) {
 
 #[test]
 fn seed_snippets_as_written() {
+    if skip_under_asan(
+        "seed_snippets_as_written",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     let out = run("seed", &server, "", &[("SSL_CERT_FILE", &server.ca_pem)]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
@@ -94,6 +102,12 @@ fn seed_snippets_as_written() {
 
 #[test]
 fn send_before_open_is_delivered_after_open_in_order() {
+    if skip_under_asan(
+        "send_before_open_is_delivered_after_open_in_order",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     expect(
         "send_before_open",
@@ -105,6 +119,12 @@ fn send_before_open_is_delivered_after_open_in_order() {
 
 #[test]
 fn chaining_returns_the_same_object() {
+    if skip_under_asan(
+        "chaining_returns_the_same_object",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     expect(
         "chaining",
@@ -121,6 +141,12 @@ fn chaining_returns_the_same_object() {
 
 #[test]
 fn flow_control_with_deferred_complete_against_both_servers() {
+    if skip_under_asan(
+        "flow_control_with_deferred_complete_against_both_servers",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     let expected = ["closed 1000 done after 200 messages, 0 violations"];
     expect(
@@ -135,6 +161,12 @@ fn flow_control_with_deferred_complete_against_both_servers() {
 
 #[test]
 fn server_close_tcp_drop_and_403() {
+    if skip_under_asan(
+        "server_close_tcp_drop_and_403",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     let out = run("endings", &server, "", &[]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
@@ -153,6 +185,12 @@ fn server_close_tcp_drop_and_403() {
 
 #[test]
 fn refused_connection_then_the_object_is_gone() {
+    if skip_under_asan(
+        "refused_connection_then_the_object_is_gone",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     let out = run("refused", &server, "", &[]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
@@ -174,6 +212,12 @@ fn refused_connection_then_the_object_is_gone() {
 
 #[test]
 fn wss_trusted_through_ssl_cert_file_and_untrusted_without() {
+    if skip_under_asan(
+        "wss_trusted_through_ssl_cert_file_and_untrusted_without",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     let trusted = run("wss", &server, "", &[("SSL_CERT_FILE", &server.ca_pem)]);
     assert_eq!(trusted.code, Some(0), "{}", trusted.stderr);
@@ -191,6 +235,12 @@ fn wss_trusted_through_ssl_cert_file_and_untrusted_without() {
 
 #[test]
 fn unicode_round_trip_with_an_independent_server() {
+    if skip_under_asan(
+        "unicode_round_trip_with_an_independent_server",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     let peer = Peer::start_python();
     expect(
@@ -210,6 +260,12 @@ fn unicode_round_trip_with_an_independent_server() {
 
 #[test]
 fn one_mib_messages() {
+    if skip_under_asan(
+        "one_mib_messages",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     expect(
         "big",
@@ -221,12 +277,24 @@ fn one_mib_messages() {
 
 #[test]
 fn two_hundred_connections_from_one_script() {
+    if skip_under_asan(
+        "two_hundred_connections_from_one_script",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     expect("many", &server, "", &["all closed: 200 echoed: 200"]);
 }
 
 #[test]
 fn close_inside_onopen() {
+    if skip_under_asan(
+        "close_inside_onopen",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     expect(
         "close_in_onopen",
@@ -239,6 +307,12 @@ fn close_inside_onopen() {
 
 #[test]
 fn reconnect_from_inside_onclose() {
+    if skip_under_asan(
+        "reconnect_from_inside_onclose",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     expect(
         "reconnect",
@@ -255,6 +329,12 @@ fn reconnect_from_inside_onclose() {
 
 #[test]
 fn binary_echo_as_uint8array() {
+    if skip_under_asan(
+        "binary_echo_as_uint8array",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     let expected = ["true 6 0,1,2,253,254,255", "true 3 9,8,7", "closed"];
     expect(
@@ -269,6 +349,12 @@ fn binary_echo_as_uint8array() {
 
 #[test]
 fn invalid_uris_throw_with_the_reason() {
+    if skip_under_asan(
+        "invalid_uris_throw_with_the_reason",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     expect(
         "errors",
@@ -285,6 +371,12 @@ fn invalid_uris_throw_with_the_reason() {
 
 #[test]
 fn uncaught_exceptions_print_the_stack_and_exit_1() {
+    if skip_under_asan(
+        "uncaught_exceptions_print_the_stack_and_exit_1",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     let top = run("uncaught_top", &server, "", &[]);
     assert_eq!(top.code, Some(1));
@@ -307,6 +399,12 @@ fn uncaught_exceptions_print_the_stack_and_exit_1() {
 
 #[test]
 fn ten_thousand_connections_do_not_grow_memory() {
+    if skip_under_asan(
+        "ten_thousand_connections_do_not_grow_memory",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     let out = run("memory", &server, "", &[]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
@@ -326,6 +424,12 @@ fn ten_thousand_connections_do_not_grow_memory() {
 /// `make demo`'s script, through examples-c/demo.sh, over wss with the throwaway CA.
 #[test]
 fn the_demo_runs() {
+    if skip_under_asan(
+        "the_demo_runs",
+        "it runs wsjs, which does not use the ASan build",
+    ) {
+        return;
+    }
     let output = Command::new(root().join("examples-c/demo.sh"))
         .output()
         .unwrap();

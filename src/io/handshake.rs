@@ -105,7 +105,11 @@ fn has_token(value: Option<&str>, token: &str) -> bool {
 }
 
 /// Ok(None) while the head is incomplete.
-fn parse_response(buf: &[u8], key: &str, options: &Options) -> Result<Option<Upgraded>, Error> {
+pub(crate) fn parse_response(
+    buf: &[u8],
+    key: &str,
+    options: &Options,
+) -> Result<Option<Upgraded>, Error> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
     let head_len = match response.parse(buf) {
