@@ -110,7 +110,7 @@ ASAN_TARGET ?= x86_64-unknown-linux-gnu
 asan: deps all peers
 	RUSTFLAGS="-Zsanitizer=address" RUSTDOCFLAGS="-Zsanitizer=address" WSCLIENT_ASAN=1 \
 	  ASAN_OPTIONS="detect_leaks=1:detect_stack_use_after_return=1" \
-	  $(CARGO) $(NIGHTLY) test --target $(ASAN_TARGET) --target-dir target/asan -- --test-threads=2
+	  $(CARGO) $(NIGHTLY) test --no-fail-fast --target $(ASAN_TARGET) --target-dir target/asan -- --test-threads=2
 
 # The gates every change passes: formatting and clippy with warnings as errors.
 lint:

@@ -136,7 +136,7 @@ pub const FUZZ_UPGRADE_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 ///
 /// Byte 0 chooses the subprotocols offered (bit 0: "chat", bit 1: "superchat"); the rest is
 /// what the server sent. Checks: no panic; a complete upgrade leaves exactly the bytes after
-/// the head (which ends at its first empty line), needed the whole head (one byte less is
+/// the head (which ends at its first empty line after the status line), needed the whole head (one byte less is
 /// incomplete), carries the right accept value, chose an offered subprotocol if any, and stays
 /// the same when more bytes follow.
 pub fn fuzz_upgrade_response(data: &[u8]) {
@@ -163,8 +163,13 @@ pub fn fuzz_upgrade_response(data: &[u8]) {
         "leftover is not a suffix"
     );
     let head = &buf[..head_len];
+    // Empty lines before the status line are skipped (httparse, as RFC 9112 2.2 allows).
+    let mut start = 0;
+    while head[start..].starts_with(b"\r\n") || head[start..].starts_with(b"\n") {
+        start += if head[start] == b'\r' { 2 } else { 1 };
+    }
     let blank = |i: usize| head[i..].starts_with(b"\n\r\n") || head[i..].starts_with(b"\n\n");
-    let first_blank = (0..head.len()).find(|&i| blank(i));
+    let first_blank = (start..head.len()).find(|&i| blank(i));
     let end = first_blank.map(|i| i + if head[i + 1] == b'\r' { 3 } else { 2 });
     assert_eq!(
         end,
