@@ -2,6 +2,7 @@
 //! not part of the library's API: nothing here is exported to C.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// xorshift64*: a small deterministic generator, so that a randomized test's failure can be
 /// replayed from its seed.
@@ -241,14 +242,21 @@ pub fn fuzz_uri(data: &[u8]) {
 thread_local! {
     /// Set by `panic_in_next_call`: the next exported call on this thread panics inside its
     /// boundary. Only Rust code can set it (nothing here is exported to C), and it clears itself
-    /// when it fires, so it cannot fire in normal use; checking it is one thread-local read.
+    /// when it fires, so it cannot fire in normal use.
     static PANIC_IN_NEXT_CALL: Cell<bool> = const { Cell::new(false) };
 }
+
+/// Whether any thread ever asked for a panic: in normal use this is never written, so the check
+/// in every exported call is one relaxed load of a global that stays in cache (the thread-local
+/// is read only after a test has used the hook; in the shared library a thread-local read can
+/// be a call to __tls_get_addr).
+static HOOK_USED: AtomicBool = AtomicBool::new(false);
 
 /// Makes the next exported `ws_*` call on this thread panic inside its panic boundary, as an
 /// internal bug would: the call must then return its documented default and ws_last_error()
 /// must say that a panic was caught.
 pub fn panic_in_next_call() {
+    HOOK_USED.store(true, Ordering::Relaxed);
     PANIC_IN_NEXT_CALL.set(true);
 }
 
@@ -260,6 +268,14 @@ pub fn panic_pending() -> bool {
 /// Called first inside every `ffi_boundary!`.
 #[inline(always)]
 pub(crate) fn panic_if_asked() {
+    if HOOK_USED.load(Ordering::Relaxed) {
+        panic_if_asked_on_this_thread();
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn panic_if_asked_on_this_thread() {
     if PANIC_IN_NEXT_CALL.get() {
         PANIC_IN_NEXT_CALL.set(false);
         panic!("wsclient::testing::panic_in_next_call: the panic a test asked for");

@@ -106,7 +106,7 @@ fn null_and_non_utf8_arguments() {
         );
         // A C string: NUL-terminated (AddressSanitizer caught strlen reading past `bad`).
         assert_eq!(
-            ws_close(conn, 1000, b"caf\xe9\0".as_ptr().cast()),
+            ws_close(conn, 1000, c"caf\xe9".as_ptr()),
             WsStatus::InvalidUtf8
         );
         let mut small = [0i8; 1];
