@@ -713,3 +713,327 @@ fn at_most_32_pongs_wait_and_they_answer_the_latest_pings() {
         "the answers that waited while the client's writes were blocked"
     );
 }
+
+// ---- 1 (continued). flow control and completion from other threads ----------------------------
+
+/// What the probe callback of the flow-control race sees.
+#[derive(Default)]
+struct FlowProbe {
+    /// Set by the other thread after ws_set_flow_control(true) returned (0: off).
+    epoch: AtomicU64,
+    /// The epoch of the last callback that saw one, and how many callbacks saw it.
+    seen: Mutex<(u64, u32)>,
+    /// Epochs in which more than one message callback started (no message_complete is called).
+    violations: Mutex<Vec<(u64, u32)>>,
+    callbacks: AtomicU64,
+}
+
+unsafe extern "C" fn flow_probe(
+    _: WsConn,
+    _: *const u8,
+    _: usize,
+    _: WsMessageKind,
+    user: *mut c_void,
+) {
+    let probe = &*(user as *const FlowProbe);
+    let epoch = probe.epoch.load(Ordering::SeqCst);
+    probe.callbacks.fetch_add(1, Ordering::SeqCst);
+    if epoch == 0 {
+        return;
+    }
+    let mut seen = probe.seen.lock().unwrap();
+    if seen.0 == epoch {
+        seen.1 += 1;
+        if seen.1 == 2 {
+            probe.violations.lock().unwrap().push(*seen);
+        }
+    } else {
+        *seen = (epoch, 1);
+    }
+}
+
+/// Header of ws_set_flow_control: "On: after each message callback, no further message callback
+/// runs until ws_message_complete() is called ... Any thread". Another thread turns flow control
+/// on while the host dispatches a flood, 3,000 times (off again in between): after each time it
+/// returned, at most one message callback may start (then the message is held, as nobody
+/// completes it).
+#[test]
+fn flow_control_turned_on_from_another_thread_holds_after_one_message() {
+    let (go, went) = mpsc::channel();
+    let (stop, stopped) = mpsc::channel();
+    let (url, peer) = flooding_peer(went, stopped);
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    let probe = Arc::new(FlowProbe::default());
+    set(ws_on_message(conn, Some(flow_probe), user(&*probe)));
+    wait_open(&client, &rec, conn);
+    go.send(()).unwrap();
+    let finished = Arc::new(AtomicBool::new(false));
+    let (other_probe, other_finished) = (probe.clone(), finished.clone());
+    let toggler = std::thread::spawn(move || {
+        let probe = other_probe;
+        let mut trials = 0u64;
+        let start = Instant::now();
+        while trials < 3000 && start.elapsed() < Duration::from_secs(15) {
+            let before = probe.callbacks.load(Ordering::SeqCst);
+            // Messages are flowing.
+            while probe.callbacks.load(Ordering::SeqCst) < before + 5
+                && start.elapsed() < Duration::from_secs(15)
+            {
+                std::hint::spin_loop();
+            }
+            trials += 1;
+            set(ws_set_flow_control(conn, true));
+            probe.epoch.store(trials, Ordering::SeqCst);
+            // One callback after it is allowed (and expected: messages are waiting); a second
+            // one, if it comes, comes right behind it.
+            let seen_one = Instant::now();
+            while probe.seen.lock().unwrap().0 != trials
+                && seen_one.elapsed() < Duration::from_millis(200)
+            {
+                std::hint::spin_loop();
+            }
+            let after = Instant::now();
+            while after.elapsed() < Duration::from_micros(500) {
+                std::hint::spin_loop();
+            }
+            probe.epoch.store(0, Ordering::SeqCst);
+            set(ws_set_flow_control(conn, false));
+        }
+        other_finished.store(true, Ordering::SeqCst);
+        trials
+    });
+    pump(&client, Duration::from_secs(30), || {
+        finished.load(Ordering::SeqCst)
+    });
+    let trials = toggler.join().unwrap();
+    let _ = stop.send(());
+    client.run_until_final(&rec, conn);
+    peer.join().unwrap();
+    let violations = probe.violations.lock().unwrap().clone();
+    eprintln!(
+        "{trials} times flow control turned on from another thread: {} times more than one message \
+         callback followed ({:?})",
+        violations.len(),
+        violations.iter().take(5).collect::<Vec<_>>()
+    );
+    assert!(trials >= 500, "only {trials} trials ran");
+    assert!(
+        violations.is_empty(),
+        "after ws_set_flow_control(conn, true) returned on another thread, two message callbacks ran \
+         without a ws_message_complete, {} times in {trials}",
+        violations.len()
+    );
+}
+
+/// What the completing thread and the message callback share.
+#[derive(Default)]
+struct Completer {
+    rec: Recorder,
+    /// Message callbacks that started.
+    delivered: AtomicU64,
+    /// ws_message_complete calls (counted before each call).
+    completed: AtomicU64,
+    /// Callbacks that started before the previous message was completed: (index, completed).
+    early: Mutex<Vec<(u64, u64)>>,
+    signal: Mutex<Option<mpsc::Sender<()>>>,
+}
+
+unsafe extern "C" fn complete_elsewhere(
+    conn: WsConn,
+    data: *const u8,
+    len: usize,
+    kind: WsMessageKind,
+    user: *mut c_void,
+) {
+    let this = &*(user as *const Completer);
+    let index = this.delivered.fetch_add(1, Ordering::SeqCst);
+    let completed = this.completed.load(Ordering::SeqCst);
+    if completed < index {
+        this.early.lock().unwrap().push((index, completed));
+    }
+    on_message(conn, data, len, kind, user_of(&this.rec));
+    if let Some(signal) = this.signal.lock().unwrap().as_ref() {
+        let _ = signal.send(());
+    }
+}
+
+/// A tiny random number generator (xorshift), seeded per test.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// README: flow control on, "no further message callback runs until ws_message_complete() is
+/// called (inside the callback or later, from any thread)", and "The close or error callback also
+/// waits until the last message is completed". 3,000 messages, each completed by another
+/// thread at a random time (0 to 300 µs after its callback) while the host keeps dispatching:
+/// each callback starts only after the previous message was completed, all arrive in order, and
+/// the close comes last.
+#[test]
+fn messages_completed_from_another_thread_at_random_times_arrive_one_at_a_time_in_order() {
+    const MESSAGES: usize = 3000;
+    let (url, peer) = serve(|mut p| {
+        p.upgrade();
+        let wire: Vec<u8> = (0..MESSAGES)
+            .flat_map(|i| frame(FIN | TEXT, format!("m{i}").as_bytes()))
+            .collect();
+        p.send(&wire);
+        p.send(&close_frame(1000, "all sent"));
+        let _ = p.read_timeout(Duration::from_secs(30)).read_until_close();
+    });
+    let client = Client::new();
+    let completer = Arc::new(Completer::default());
+    let (signal, signalled) = mpsc::channel();
+    *completer.signal.lock().unwrap() = Some(signal);
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &completer.rec);
+    set(ws_on_message(conn, Some(complete_elsewhere), user(&*completer)));
+    set(ws_set_flow_control(conn, true));
+    let other = completer.clone();
+    let completing = std::thread::spawn(move || {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        while signalled.recv_timeout(Duration::from_secs(10)).is_ok() {
+            busy(Duration::from_micros(rng.below(300)));
+            other.completed.fetch_add(1, Ordering::SeqCst);
+            set(ws_message_complete(conn));
+        }
+    });
+    completer.rec.clear();
+    client.run_until_final(&completer.rec, conn);
+    *completer.signal.lock().unwrap() = None;
+    completing.join().unwrap();
+    peer.join().unwrap();
+    let texts = completer.rec.texts(conn);
+    let early = completer.early.lock().unwrap().clone();
+    eprintln!(
+        "{} messages completed from another thread; {} started before the previous one was completed",
+        texts.len(),
+        early.len()
+    );
+    assert!(early.is_empty(), "message callbacks that started before the previous message was completed: {:?}", &early[..early.len().min(10)]);
+    let expected: Vec<String> = (0..MESSAGES).map(|i| format!("m{i}")).collect();
+    assert!(texts == expected, "the messages arrived altered, out of order or not all ({} of {MESSAGES})", texts.len());
+    assert_eq!(
+        last_event(&completer.rec, conn),
+        Some(Ev::Close(conn, 1000, "all sent".into()))
+    );
+}
+
+// ---- 1 (continued). sends from several threads racing the close -------------------------------
+
+/// README: send is callable "from any thread"; ws_close "Starts the close handshake after the
+/// messages already queued"; "Each connection gets exactly one final callback ... once it has
+/// returned the handle is gone and every call with it returns WS_STATUS_GONE, from any thread".
+/// Four threads send numbered messages as fast as they can while a fifth calls ws_close and the
+/// host dispatches: every message whose ws_send returned OK reaches the peer whole, once, in its
+/// thread's order, before the client's close frame; after the first refusal each thread's sends
+/// are refused (CLOSING); one final callback; afterwards GONE from every thread.
+#[test]
+fn sends_from_four_threads_racing_a_close_arrive_whole_once_in_order_before_the_close_frame() {
+    const THREADS: u8 = 4;
+    let (url, peer) = serve(|mut p| {
+        p.upgrade();
+        let (frames, _) = p.read_timeout(Duration::from_secs(20)).read_until_close();
+        if frames.last().is_some_and(|f| f.opcode == CLOSE) {
+            p.send(&close_frame(1000, ""));
+        }
+        frames
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    wait_open(&client, &rec, conn);
+    let total = Arc::new(AtomicU64::new(0));
+    let senders: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let total = total.clone();
+            std::thread::spawn(move || {
+                let mut accepted = 0u32;
+                let mut after_refusal = Vec::new();
+                loop {
+                    let mut payload = vec![t];
+                    payload.extend_from_slice(&accepted.to_be_bytes());
+                    payload.resize(5 + (accepted as usize % 300), t);
+                    match send_binary(conn, &payload) {
+                        WsStatus::Ok => {
+                            accepted += 1;
+                            total.fetch_add(1, Ordering::Relaxed);
+                        }
+                        refused => {
+                            after_refusal.push(refused);
+                            for _ in 0..100 {
+                                after_refusal.push(send_binary(conn, &payload));
+                            }
+                            return (accepted, after_refusal);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let closer_total = total.clone();
+    let closer = std::thread::spawn(move || {
+        while closer_total.load(Ordering::Relaxed) < 20_000 {
+            std::thread::yield_now();
+        }
+        unsafe { ws_close(conn, 1000, std::ptr::null()) }
+    });
+    client.run_until_final(&rec, conn);
+    let closed = closer.join().unwrap();
+    let results: Vec<(u32, Vec<WsStatus>)> =
+        senders.into_iter().map(|s| s.join().unwrap()).collect();
+    let frames = peer.join().unwrap();
+    // After the final callback returned: GONE from every thread.
+    let gone: Vec<WsStatus> = (0..4)
+        .map(|_| std::thread::spawn(move || send_text(conn, "late")))
+        .map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(closed, WsStatus::Ok);
+    assert_eq!(
+        rec.finals(conn),
+        1,
+        "final callbacks: {:?}",
+        rec.of(conn).iter().filter(|e| e.is_final()).collect::<Vec<_>>()
+    );
+    assert_eq!(last_event(&rec, conn), Some(Ev::Close(conn, 1000, String::new())));
+    assert_eq!(gone, vec![WsStatus::Gone; 4]);
+    assert_eq!(frames.last().map(|f| f.opcode), Some(CLOSE), "the close frame comes last");
+    let mut next = [0u32; THREADS as usize];
+    for f in &frames[..frames.len() - 1] {
+        assert_eq!(f.opcode, BINARY);
+        let t = f.payload[0];
+        let seq = u32::from_be_bytes(f.payload[1..5].try_into().unwrap());
+        assert_eq!(seq, next[t as usize], "thread {t}'s messages out of order, repeated or lost");
+        let mut expected = vec![t];
+        expected.extend_from_slice(&seq.to_be_bytes());
+        expected.resize(5 + (seq as usize % 300), t);
+        assert!(f.payload == expected, "thread {t}'s message {seq} altered");
+        next[t as usize] += 1;
+    }
+    for (t, (accepted, after)) in results.iter().enumerate() {
+        eprintln!("thread {t}: {accepted} accepted, then {:?}", after.first());
+        assert_eq!(
+            next[t], *accepted,
+            "thread {t}: {accepted} sends returned OK, the peer received {}",
+            next[t]
+        );
+        assert!(
+            after.iter().all(|s| matches!(s, WsStatus::Closing | WsStatus::Gone)),
+            "thread {t}: after the first refusal: {:?}",
+            after.iter().filter(|s| !matches!(s, WsStatus::Closing | WsStatus::Gone)).collect::<Vec<_>>()
+        );
+    }
+}
