@@ -1037,3 +1037,462 @@ fn sends_from_four_threads_racing_a_close_arrive_whole_once_in_order_before_the_
         );
     }
 }
+
+// ---- 1 (continued). the descriptor under heavy traffic ----------------------------------------
+
+/// One connection's messages as a heavy-traffic test sees them, without keeping them: the next
+/// index expected, what was wrong, and its final callbacks.
+#[derive(Default)]
+struct Tally {
+    next: AtomicU64,
+    wrong: Mutex<Vec<String>>,
+    finals: AtomicU64,
+}
+
+unsafe extern "C" fn tally_message(
+    _: WsConn,
+    data: *const u8,
+    len: usize,
+    _: WsMessageKind,
+    user: *mut c_void,
+) {
+    let tally = &*(user as *const Tally);
+    let text = std::str::from_utf8(std::slice::from_raw_parts(data, len)).unwrap();
+    let index: u64 = text.split(':').nth(1).and_then(|i| i.parse().ok()).unwrap_or(u64::MAX);
+    let expected = tally.next.fetch_add(1, Ordering::SeqCst);
+    if index != expected {
+        let mut wrong = tally.wrong.lock().unwrap();
+        if wrong.len() < 10 {
+            wrong.push(format!("{text:?} where message {expected} was due"));
+        }
+    }
+}
+
+unsafe extern "C" fn tally_close(
+    _: WsConn,
+    _: u16,
+    _: *const std::os::raw::c_char,
+    _: usize,
+    user: *mut c_void,
+) {
+    (*(user as *const Tally)).finals.fetch_add(1, Ordering::SeqCst);
+}
+
+unsafe extern "C" fn tally_error(
+    _: WsConn,
+    kind: WsStatus,
+    message: *const std::os::raw::c_char,
+    user: *mut c_void,
+) {
+    let tally = &*(user as *const Tally);
+    tally.finals.fetch_add(1, Ordering::SeqCst);
+    let message = std::ffi::CStr::from_ptr(message).to_string_lossy();
+    tally.wrong.lock().unwrap().push(format!("error {kind:?}: {message}"));
+}
+
+/// A host's epoll loop (level- or edge-triggered, one ws_dispatch per wake-up, whatever
+/// more_pending says) over six connections whose peers push 10,000 messages each, while
+/// another thread completes connection 0's messages (flow control on) at random times and a
+/// third sends on connection 1. Returns (wake-ups, spurious wake-ups, stalls: the loop waited
+/// 2 s while callbacks were pending).
+fn epoll_host_under_traffic(edge: bool) -> (u64, u64, Vec<String>) {
+    const CONNS: usize = 6;
+    const MESSAGES: usize = 10_000;
+    let mut peers = Vec::new();
+    let mut urls = Vec::new();
+    for k in 0..CONNS {
+        let (url, peer) = serve(move |mut p| {
+            p.upgrade();
+            for chunk in 0..MESSAGES / 500 {
+                let wire: Vec<u8> = (chunk * 500..(chunk + 1) * 500)
+                    .flat_map(|i| frame(FIN | TEXT, format!("c{k}:{i}").as_bytes()))
+                    .collect();
+                if p.stream.write_all(&wire).is_err() {
+                    return;
+                }
+            }
+            let _ = p.stream.write_all(&close_frame(1000, ""));
+            let _ = p.read_timeout(Duration::from_secs(60)).read_until_close();
+        });
+        urls.push(url);
+        peers.push(peer);
+    }
+    let client = Client::new();
+    let tallies: Vec<Tally> = (0..CONNS).map(|_| Tally::default()).collect();
+    let options = no_keepalive();
+    let conns: Vec<WsConn> = urls
+        .iter()
+        .zip(&tallies)
+        .map(|(u, tally)| {
+            let c = client.connect_with(u, options.0);
+            set(ws_on_message(c, Some(tally_message), user(tally)));
+            set(ws_on_close(c, Some(tally_close), user(tally)));
+            set(ws_on_error(c, Some(tally_error), user(tally)));
+            c
+        })
+        .collect();
+    set(ws_set_flow_control(conns[0], true));
+    let done = Arc::new(AtomicBool::new(false));
+    let (c0, c1) = (conns[0], conns[1]);
+    let completer_done = done.clone();
+    let completer = std::thread::spawn(move || {
+        let mut rng = Rng(12345);
+        while !completer_done.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_micros(rng.below(200)));
+            if ws_message_complete(c0) == WsStatus::Gone {
+                break;
+            }
+        }
+    });
+    let sender_done = done.clone();
+    let sender = std::thread::spawn(move || {
+        let mut rng = Rng(777);
+        while !sender_done.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_micros(rng.below(200)));
+            if send_text(c1, "from another thread") != WsStatus::Ok {
+                break;
+            }
+        }
+    });
+    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(epfd >= 0);
+    let mut event = libc::epoll_event {
+        events: (libc::EPOLLIN | if edge { libc::EPOLLET } else { 0 }) as u32,
+        u64: 1,
+    };
+    assert_eq!(
+        unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, client.fd(), &mut event) },
+        0
+    );
+    let (mut wakeups, mut spurious) = (0u64, 0u64);
+    let mut stalls = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !tallies.iter().all(|t| t.finals.load(Ordering::SeqCst) > 0) && Instant::now() < deadline
+    {
+        let mut out = libc::epoll_event { events: 0, u64: 0 };
+        let n = unsafe { libc::epoll_wait(epfd, &mut out, 1, 2000) };
+        if n == 0 {
+            // Nothing woke the loop for 2 s: were callbacks pending all along?
+            let readable = readable(client.fd(), Duration::ZERO);
+            let (ran, _) = client.dispatch();
+            if readable || ran > 0 {
+                stalls.push(format!(
+                    "after {wakeups} wake-ups: 2 s without a wake-up while the fd was {} and {ran} callbacks were pending",
+                    if readable { "readable" } else { "not readable" }
+                ));
+            }
+            continue;
+        }
+        wakeups += 1;
+        let (ran, _) = client.dispatch();
+        if ran == 0 {
+            spurious += 1;
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    completer.join().unwrap();
+    sender.join().unwrap();
+    unsafe { libc::close(epfd) };
+    for (k, tally) in tallies.iter().enumerate() {
+        let (got, wrong) = (tally.next.load(Ordering::SeqCst), tally.wrong.lock().unwrap().clone());
+        assert!(
+            got == MESSAGES as u64 && wrong.is_empty(),
+            "connection {k}: {got} of {MESSAGES} messages; wrong: {wrong:?}; stalls: {stalls:?}"
+        );
+        assert_eq!(tally.finals.load(Ordering::SeqCst), 1, "connection {k}");
+    }
+    drop(client);
+    for p in peers {
+        p.join().unwrap();
+    }
+    (wakeups, spurious, stalls)
+}
+
+/// README: "ws_client_fd() is readable while callbacks are pending (level-triggered; it also
+/// works with edge-triggered epoll because it stays readable until a dispatch took everything).
+/// It can show a spurious wake-up ...; it never misses one."
+#[test]
+fn an_edge_triggered_epoll_loop_never_misses_a_wake_up_under_heavy_traffic() {
+    let (wakeups, spurious, stalls) = epoll_host_under_traffic(true);
+    eprintln!("edge-triggered: {wakeups} wake-ups, {spurious} spurious, stalls {stalls:?}");
+    assert!(stalls.is_empty(), "{stalls:?}");
+}
+
+#[test]
+fn a_level_triggered_epoll_loop_never_misses_a_wake_up_under_heavy_traffic() {
+    let (wakeups, spurious, stalls) = epoll_host_under_traffic(false);
+    eprintln!("level-triggered: {wakeups} wake-ups, {spurious} spurious, stalls {stalls:?}");
+    assert!(stalls.is_empty(), "{stalls:?}");
+}
+
+// ---- 1 (continued). reconnecting from the close callback, freeing with callbacks pending -------
+
+struct Reconnector {
+    client: *mut WsClient,
+    url: std::ffi::CString,
+    remaining: AtomicUsize,
+    opens: AtomicUsize,
+    closes: AtomicUsize,
+    other: Mutex<Vec<String>>,
+}
+
+unsafe extern "C" fn count_reconnect_open(_: WsConn, user: *mut c_void) {
+    (*(user as *const Reconnector)).opens.fetch_add(1, Ordering::SeqCst);
+}
+
+unsafe extern "C" fn reconnect_on_close(
+    _: WsConn,
+    code: u16,
+    _: *const std::os::raw::c_char,
+    _: usize,
+    user: *mut c_void,
+) {
+    let this = &*(user as *const Reconnector);
+    this.closes.fetch_add(1, Ordering::SeqCst);
+    if code != 1000 {
+        this.other.lock().unwrap().push(format!("close {code}"));
+    }
+    if this
+        .remaining
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        reconnect(this);
+    }
+}
+
+unsafe extern "C" fn note_reconnect_error(
+    _: WsConn,
+    kind: WsStatus,
+    message: *const std::os::raw::c_char,
+    user: *mut c_void,
+) {
+    let this = &*(user as *const Reconnector);
+    let message = std::ffi::CStr::from_ptr(message).to_string_lossy();
+    this.other.lock().unwrap().push(format!("{kind:?}: {message}"));
+}
+
+unsafe fn reconnect(this: &Reconnector) {
+    let mut conn = 0;
+    let status = ws_connect(this.client, this.url.as_ptr(), &mut conn);
+    if status != WsStatus::Ok {
+        this.other.lock().unwrap().push(format!("ws_connect: {status:?}"));
+        return;
+    }
+    let user = this as *const Reconnector as *mut c_void;
+    ws_on_open(conn, Some(count_reconnect_open), user);
+    ws_on_close(conn, Some(reconnect_on_close), user);
+    ws_on_error(conn, Some(note_reconnect_error), user);
+}
+
+fn open_descriptors() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+/// README: "Every other function may be called ... from inside callbacks: ... even ws_connect
+/// inside a close callback to reconnect". 500 connections one after another, each made from the
+/// previous one's close callback (the server closes each at once): all open and close, and
+/// afterwards the process holds no more descriptors, threads or heap than before (allowed: 2
+/// descriptors, 1 thread, 1 MiB).
+#[test]
+fn reconnecting_from_the_close_callback_500_times_leaks_nothing() {
+    if !in_child("reconnecting_from_the_close_callback_500_times_leaks_nothing", &[]) {
+        return;
+    }
+    const TIMES: usize = 500;
+    let server = common::server::TestServer::start();
+    let client = Client::new();
+    let this = Reconnector {
+        client: client.0,
+        url: cstr(&server.url("/close?code=1000")),
+        remaining: AtomicUsize::new(TIMES),
+        opens: AtomicUsize::new(0),
+        closes: AtomicUsize::new(0),
+        other: Mutex::new(Vec::new()),
+    };
+    // A first round, so that what is allocated once is not counted.
+    this.remaining.store(20, Ordering::SeqCst);
+    unsafe { reconnect(&this) };
+    assert_eq!(unsafe { ws_run(client.0, 30_000) }, WsStatus::Ok);
+    let (fds, threads, heap) = (open_descriptors(), thread_count(), heap_in_use());
+    this.remaining.store(TIMES - 1, Ordering::SeqCst);
+    let (opens, closes) = (this.opens.load(Ordering::SeqCst), this.closes.load(Ordering::SeqCst));
+    unsafe { reconnect(&this) };
+    let status = unsafe { ws_run(client.0, 60_000) };
+    let opens = this.opens.load(Ordering::SeqCst) - opens;
+    let closes = this.closes.load(Ordering::SeqCst) - closes;
+    let (fds_after, threads_after, heap_after) = (open_descriptors(), thread_count(), heap_in_use());
+    let growth = heap_after.saturating_sub(heap);
+    eprintln!(
+        "{TIMES} reconnections from the close callback: {opens} opens, {closes} closes, ws_run {status:?}; \
+         descriptors {fds} -> {fds_after}, threads {threads} -> {threads_after}, heap grew {growth} bytes; \
+         other: {:?}",
+        this.other.lock().unwrap()
+    );
+    assert_eq!(status, WsStatus::Ok);
+    assert_eq!((opens, closes), (TIMES, TIMES));
+    assert!(this.other.lock().unwrap().is_empty());
+    assert_eq!(unsafe { ws_client_connection_count(client.0) }, 0);
+    assert!(fds_after <= fds + 2, "descriptors {fds} -> {fds_after}");
+    assert!(threads_after <= threads + 1, "threads {threads} -> {threads_after}");
+    assert!(growth < 1 << 20, "the heap grew by {growth} bytes");
+}
+
+/// README: "ws_client_free() closes the connections still alive ..., runs no more callbacks ...
+/// and returns within 250 ms"; a handle's calls "return WS_STATUS_GONE, from any thread, even
+/// after the client was freed". A client whose connection has 100 messages and its final close
+/// pending (the close handshake completed; the host never dispatched): the free is prompt
+/// (allowed 750 ms), no callback ever runs, and every call with the handle answers GONE.
+#[test]
+fn free_with_callbacks_pending_runs_none_and_the_handle_is_gone_everywhere() {
+    let (replied, has_replied) = mpsc::channel();
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        let wire: Vec<u8> = (0..100)
+            .flat_map(|i| frame(FIN | TEXT, format!("m{i}").as_bytes()))
+            .collect();
+        p.send(&wire);
+        p.send(&close_frame(1000, "bye"));
+        let (frames, _) = p.read_timeout(Duration::from_secs(10)).read_until_close();
+        replied
+            .send(frames.last().and_then(Frame::close_code))
+            .unwrap();
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&url);
+    watch(conn, &rec);
+    assert_eq!(has_replied.recv_timeout(PEER_TIMEOUT).unwrap(), Some(1000));
+    peer.join().unwrap();
+    assert!(client.wait_readable(DEADLINE), "callbacks are pending");
+    let start = Instant::now();
+    let freed = unsafe { ws_client_free(client.0) };
+    let took = start.elapsed();
+    std::mem::forget(client);
+    let elsewhere = std::thread::spawn(move || {
+        (
+            send_text(conn, "x"),
+            ws_on_message(conn, None, std::ptr::null_mut()),
+            ws_message_complete(conn),
+            close(conn, 1000, ""),
+        )
+    })
+    .join()
+    .unwrap();
+    eprintln!("free with 102 callbacks pending: {took:?}");
+    assert_eq!(freed, WsStatus::Ok);
+    assert!(took < Duration::from_millis(750), "ws_client_free took {took:?}");
+    assert_eq!(rec.events(), vec![], "callbacks ran after the client was freed");
+    assert_eq!(
+        elsewhere,
+        (WsStatus::Gone, WsStatus::Gone, WsStatus::Gone, WsStatus::Gone)
+    );
+    assert_eq!(send_binary(conn, b"x"), WsStatus::Gone);
+}
+
+// ---- 1 (continued). registrations across two hosts ------------------------------------------
+
+/// What the two hosts' message callbacks share.
+#[derive(Default)]
+struct Cross {
+    in_callback: [AtomicBool; 2],
+    /// The connection each side registers on (the other side's).
+    targets: [AtomicU64; 2],
+    results: Mutex<[Option<(WsStatus, Duration)>; 2]>,
+}
+
+/// One side: the user pointer of its message callback.
+struct Side {
+    cross: Arc<Cross>,
+    index: usize,
+}
+
+unsafe extern "C" fn register_on_the_other(
+    _: WsConn,
+    _: *const u8,
+    _: usize,
+    _: WsMessageKind,
+    user: *mut c_void,
+) {
+    let side = &*(user as *const Side);
+    let (me, other) = (side.index, 1 - side.index);
+    side.cross.in_callback[me].store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !side.cross.in_callback[other].load(Ordering::SeqCst) && Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+    let start = Instant::now();
+    let status = ws_on_message(
+        side.cross.targets[me].load(Ordering::SeqCst),
+        None,
+        std::ptr::null_mut(),
+    );
+    side.cross.results.lock().unwrap()[me] = Some((status, start.elapsed()));
+}
+
+/// README: registration is callable "from any thread and from inside callbacks", and "Called
+/// from another thread while a callback of that connection runs, it waits for that callback to
+/// return". Two event loops on two threads (one client each), whose message callbacks each
+/// register a callback on the other loop's connection while the other's callback runs: each
+/// waits for the other, for ever. The README does not warn about this (it follows from the
+/// documented wait); the test asserts that both registrations return (a watchdog ends the child
+/// process after 20 s).
+#[test]
+fn registrations_across_two_event_loops_from_inside_callbacks_do_not_deadlock() {
+    if !in_child(
+        "registrations_across_two_event_loops_from_inside_callbacks_do_not_deadlock",
+        &[],
+    ) {
+        return;
+    }
+    let done = watchdog(
+        Duration::from_secs(20),
+        "the two event loops deadlocked in ws_on_message (each waits for the other's running callback)",
+    );
+    let cross = Arc::new(Cross::default());
+    let mut loops = Vec::new();
+    let (conn_tx, conn_rx) = mpsc::channel();
+    let (go_tx, go_rx): (Vec<_>, Vec<_>) = (0..2).map(|_| mpsc::channel::<()>()).unzip();
+    for (index, go) in go_rx.into_iter().enumerate() {
+        let cross = cross.clone();
+        let conn_tx = conn_tx.clone();
+        loops.push(std::thread::spawn(move || {
+            let (url, peer) = serve(|mut p| {
+                p.upgrade();
+                p.send(&frame(FIN | TEXT, b"hello"));
+                p.send(&close_frame(1000, ""));
+                let _ = p.read_timeout(Duration::from_secs(30)).read_until_close();
+            });
+            let client = Client::new();
+            let rec = Recorder::default();
+            let side = Side { cross, index };
+            let conn = client.connect(&url);
+            watch(conn, &rec);
+            set(ws_on_message(conn, Some(register_on_the_other), user(&side)));
+            conn_tx.send((index, conn)).unwrap();
+            go.recv().unwrap();
+            client.run_until_final(&rec, conn);
+            drop(client);
+            peer.join().unwrap();
+        }));
+    }
+    for _ in 0..2 {
+        let (index, conn) = conn_rx.recv_timeout(PEER_TIMEOUT).unwrap();
+        cross.targets[1 - index].store(conn, Ordering::SeqCst);
+    }
+    for go in go_tx {
+        go.send(()).unwrap();
+    }
+    for l in loops {
+        l.join().unwrap();
+    }
+    done.store(true, Ordering::Release);
+    let results = *cross.results.lock().unwrap();
+    eprintln!("registrations on each other's connection from inside callbacks: {results:?}");
+    assert!(results.iter().all(|r| r.is_some_and(|(s, _)| s == WsStatus::Ok)));
+}
+
