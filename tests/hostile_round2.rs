@@ -1496,3 +1496,533 @@ fn registrations_across_two_event_loops_from_inside_callbacks_do_not_deadlock() 
     assert!(results.iter().all(|r| r.is_some_and(|(s, _)| s == WsStatus::Ok)));
 }
 
+
+// ---- 2. wss peers ----------------------------------------------------------------------------
+
+/// Options that trust `identity`'s CA (verification stays on), keepalive off.
+fn trusting(identity: &TlsIdentity) -> Options {
+    let options = no_keepalive();
+    let ca = cstr(identity.ca_pem.to_str().unwrap());
+    set(unsafe { ws_options_add_ca_file(options.0, ca.as_ptr()) });
+    options
+}
+
+/// Runs `script` as the TLS server of one connection on `listener`; returns the wss URL and the
+/// thread. The script gets the TCP peer (to see the client's socket) and decides when TLS starts.
+fn serve_wss<T: Send + 'static>(
+    listener: Listener,
+    script: impl FnOnce(Peer) -> T + Send + 'static,
+) -> (String, std::thread::JoinHandle<T>) {
+    let url = format!("wss://127.0.0.1:{}/", listener.port);
+    let thread = std::thread::spawn(move || script(listener.accept()));
+    (url, thread)
+}
+
+/// The TLS handshake and the WebSocket upgrade, on the server's side.
+fn tls_upgrade(identity: &TlsIdentity, peer: Peer) -> TlsPeer {
+    let mut tls = identity.accept(peer);
+    let request = read_request_from(&mut tls).expect("the upgrade request over TLS");
+    tls.write_all(response_to(&request, "").as_bytes()).unwrap();
+    tls.flush().unwrap();
+    tls
+}
+
+/// Issue 9.1 and 9.8 over wss: a TLS peer that stops reading during a 20 MiB upload. With the
+/// client's writes blocked, its I/O thread must sleep (before and after one more send); then
+/// ws_close with a 500 ms close timeout must end in CLOSE_TIMEOUT within 2 s.
+#[test]
+fn tls_a_peer_that_stops_reading_during_an_upload_costs_no_cpu_and_the_close_timeout_bounds_the_close(
+) {
+    if !in_child(
+        "tls_a_peer_that_stops_reading_during_an_upload_costs_no_cpu_and_the_close_timeout_bounds_the_close",
+        &[],
+    ) {
+        return;
+    }
+    let identity = Arc::new(TlsIdentity::new());
+    let server_identity = identity.clone();
+    let (socket_tx, socket_rx) = mpsc::channel();
+    let (release, released) = mpsc::channel::<()>();
+    let (url, peer) = serve_wss(Listener::bind_small_receive_buffer(), move |p| {
+        socket_tx.send(p.client_socket()).unwrap();
+        let _tls = tls_upgrade(&server_identity, p);
+        // Never reads again; hangs up when released (or after 20 s).
+        let _ = released.recv_timeout(Duration::from_secs(20));
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = trusting(&identity);
+    set(unsafe { ws_options_set_close_timeout_ms(options.0, 500) });
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    wait_open(&client, &rec, conn);
+    let mib = vec![0x5a_u8; 1 << 20];
+    for _ in 0..20 {
+        set(send_binary(conn, &mib));
+    }
+    let socket = socket_rx.recv_timeout(PEER_TIMEOUT).unwrap();
+    assert!(
+        socket.wait_blocked_writing(64 << 10),
+        "the client's writes never blocked: {:?}",
+        socket.state()
+    );
+    let blocked = cpu_over_idle_window(Some(&client));
+    set(send_text(conn, "one more"));
+    let blocked_with_one_more = cpu_over_idle_window(Some(&client));
+    assert_eq!(close(conn, 1000, ""), WsStatus::Ok);
+    let took = final_within(&client, &rec, conn, Duration::from_secs(5));
+    drop(release);
+    peer.join().unwrap();
+    eprintln!(
+        "wss, close behind unsent data: final callback after {took:?}: {:?}",
+        last_event(&rec, conn)
+    );
+    assert_idle(&[
+        ("wss, writes blocked", blocked),
+        ("wss, writes blocked, one more message queued", blocked_with_one_more),
+    ]);
+    assert!(
+        took.is_some_and(|t| t < Duration::from_secs(2))
+            && final_status(&rec, conn) == Some(WsStatus::CloseTimeout),
+        "wss close with a 500 ms timeout behind unsent data: final {:?} after {took:?}",
+        last_event(&rec, conn)
+    );
+}
+
+/// README "Flow control": pings are answered from the read-ahead while the host holds a message;
+/// over wss, a ping right behind the held message (one TLS record with it) must be answered
+/// within 2 s.
+#[test]
+fn tls_a_ping_behind_a_message_held_by_flow_control_is_answered() {
+    let identity = Arc::new(TlsIdentity::new());
+    let server_identity = identity.clone();
+    let (result, got_result) = mpsc::channel();
+    let (url, peer) = serve_wss(Listener::bind(), move |p| {
+        let mut tls = tls_upgrade(&server_identity, p);
+        let mut wire = frame(FIN | TEXT, b"hold me");
+        wire.extend(frame(FIN | PING, b"are you there"));
+        tls.write_all(&wire).unwrap();
+        tls.flush().unwrap();
+        let start = Instant::now();
+        tls.sock
+            .set_read_timeout(Some(Duration::from_secs(4)))
+            .unwrap();
+        let pong = loop {
+            match read_frame_from(&mut tls) {
+                Ok(f) if f.opcode == PONG => break Some((start.elapsed(), f.payload)),
+                Ok(_) => {}
+                Err(_) => break None,
+            }
+        };
+        result.send(pong).unwrap();
+        tls.write_all(&close_frame(1000, "")).unwrap();
+        tls.flush().unwrap();
+        tls.sock
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        loop {
+            match read_frame_from(&mut tls) {
+                Ok(f) if f.opcode == CLOSE => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = trusting(&identity);
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    set(ws_set_flow_control(conn, true));
+    let mut pong = None;
+    pump(&client, DEADLINE, || match got_result.try_recv() {
+        Ok(p) => {
+            pong = Some(p);
+            true
+        }
+        Err(_) => false,
+    });
+    assert_eq!(
+        rec.of(conn),
+        vec![Ev::Open(conn), Ev::Text(conn, b"hold me".to_vec())]
+    );
+    set(ws_message_complete(conn));
+    client.run_until_final(&rec, conn);
+    assert!(peer.join().unwrap(), "the peer never got the client's close frame");
+    let pong = pong.expect("the peer reported");
+    eprintln!("wss: pong behind a held message: {pong:?}");
+    assert!(
+        pong.as_ref()
+            .is_some_and(|(after, payload)| *after < Duration::from_secs(2) && payload == b"are you there"),
+        "wss: a ping right behind a held message was not answered within 2 s: {pong:?}"
+    );
+}
+
+/// How a wss connection ends when its peer does something to the TLS stream after one message:
+/// the events the host got, how long after the peer's act the final callback came, and what the
+/// peer then saw of the client's side (Ok(bytes) up to EOF, or the error kind).
+fn tls_end_after(
+    act: impl FnOnce(&mut TlsPeer) + Send + 'static,
+) -> (Vec<Ev>, Option<Duration>, Result<usize, std::io::ErrorKind>) {
+    let identity = Arc::new(TlsIdentity::new());
+    let server_identity = identity.clone();
+    let (acted, has_acted) = mpsc::channel();
+    let (go, went) = mpsc::channel::<()>();
+    let (url, peer) = serve_wss(Listener::bind(), move |p| {
+        let mut tls = tls_upgrade(&server_identity, p);
+        tls.write_all(&frame(FIN | TEXT, b"before")).unwrap();
+        tls.flush().unwrap();
+        // Once the host has the message.
+        went.recv_timeout(PEER_TIMEOUT).unwrap();
+        act(&mut tls);
+        acted.send(Instant::now()).unwrap();
+        // What the client does with its side of the TCP stream.
+        tls.sock
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut total = 0;
+        let mut buf = [0u8; 4096];
+        loop {
+            match tls.sock.read(&mut buf) {
+                Ok(0) => return Ok(total),
+                Ok(n) => total += n,
+                Err(e) => return Err(e.kind()),
+            }
+        }
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = trusting(&identity);
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    assert!(pump(&client, DEADLINE, || rec.of(conn).len() >= 2), "{:?}", rec.of(conn));
+    go.send(()).unwrap();
+    let at = has_acted.recv_timeout(PEER_TIMEOUT).unwrap();
+    let ended = pump(&client, Duration::from_secs(5), || rec.finals(conn) > 0);
+    let took = ended.then(|| at.elapsed());
+    let seen = peer.join().unwrap();
+    (rec.of(conn), took, seen)
+}
+
+fn assert_one_error_after_the_message(what: &str, (events, took, seen): (Vec<Ev>, Option<Duration>, Result<usize, std::io::ErrorKind>)) {
+    eprintln!("wss, {what}: events {events:?}, final after {took:?}; the peer then saw {seen:?}");
+    let conn = events[0].conn();
+    assert_eq!(
+        events[..2],
+        [Ev::Open(conn), Ev::Text(conn, b"before".to_vec())],
+        "wss, {what}"
+    );
+    assert!(
+        events.len() == 3 && matches!(events[2], Ev::Error(..)),
+        "wss, {what}: after the message, exactly one error callback: {events:?}"
+    );
+    assert!(
+        took.is_some_and(|t| t < Duration::from_secs(2)),
+        "wss, {what}: the final callback came after {took:?}"
+    );
+    assert!(seen.is_ok() || seen == Err(std::io::ErrorKind::ConnectionReset), "wss, {what}: the client never ended its side of the stream ({seen:?})");
+}
+
+/// A TLS peer that sends garbage where the next record should be: one error callback, within
+/// 2 s, after the message that came before it; the client ends its side of the stream.
+#[test]
+fn tls_garbage_records_after_a_message_end_the_connection_with_one_error() {
+    assert_one_error_after_the_message(
+        "garbage instead of a record",
+        tls_end_after(|tls| {
+            let garbage: Vec<u8> = (0..64u32).map(|i| (i * 37 + 11) as u8).collect();
+            tls.sock.write_all(&garbage).unwrap();
+        }),
+    );
+}
+
+/// A record whose header is fine but whose authentication fails (a flipped bit in a real
+/// record): one error callback, no message from it.
+#[test]
+fn tls_a_record_that_fails_authentication_ends_the_connection_with_one_error() {
+    assert_one_error_after_the_message(
+        "a tampered record",
+        tls_end_after(|tls| {
+            tls.conn
+                .writer()
+                .write_all(&frame(FIN | TEXT, b"tampered"))
+                .unwrap();
+            let mut record = Vec::new();
+            while tls.conn.wants_write() {
+                tls.conn.write_tls(&mut record).unwrap();
+            }
+            let last = record.len() - 1;
+            record[last] ^= 1;
+            tls.sock.write_all(&record).unwrap();
+        }),
+    );
+}
+
+/// A TLS peer that sends close_notify in the middle of a message (the frame's header and half
+/// its payload), then waits: the connection ends with one error callback (no handshake), no
+/// partial message is delivered, within 2 s.
+#[test]
+fn tls_close_notify_in_the_middle_of_a_message_ends_the_connection_with_one_error() {
+    assert_one_error_after_the_message(
+        "close_notify in the middle of a message",
+        tls_end_after(|tls| {
+            let whole = frame(FIN | TEXT, &[b'x'; 100]);
+            tls.write_all(&whole[..52]).unwrap();
+            tls.flush().unwrap();
+            tls.conn.send_close_notify();
+            flush_tls(tls).unwrap();
+        }),
+    );
+}
+
+/// A TLS peer whose stream ends in the middle of a record (a truncated record, then TCP FIN):
+/// one error callback, within 2 s, no partial message.
+#[test]
+fn tls_a_truncated_record_ends_the_connection_with_one_error() {
+    assert_one_error_after_the_message(
+        "a truncated record then FIN",
+        tls_end_after(|tls| {
+            tls.conn
+                .writer()
+                .write_all(&frame(FIN | TEXT, &[b'y'; 200]))
+                .unwrap();
+            let mut record = Vec::new();
+            while tls.conn.wants_write() {
+                tls.conn.write_tls(&mut record).unwrap();
+            }
+            tls.sock.write_all(&record[..record.len() / 2]).unwrap();
+            tls.sock.shutdown(std::net::Shutdown::Write).unwrap();
+        }),
+    );
+}
+
+/// TLS 1.3 KeyUpdate: a peer that updates its keys (and requests ours) before each of 2,000
+/// messages; the connection carries on, every message arrives in order, and the close is normal.
+#[test]
+fn tls_a_key_update_before_every_message_does_not_disturb_the_connection() {
+    const MESSAGES: usize = 2000;
+    let identity = Arc::new(TlsIdentity::new());
+    let server_identity = identity.clone();
+    let (url, peer) = serve_wss(Listener::bind(), move |p| {
+        let mut tls = tls_upgrade(&server_identity, p);
+        assert_eq!(
+            tls.conn.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        for i in 0..MESSAGES {
+            tls.conn.refresh_traffic_keys().unwrap();
+            tls.write_all(&frame(FIN | TEXT, format!("m{i}").as_bytes()))
+                .unwrap();
+            tls.flush().unwrap();
+        }
+        tls.write_all(&close_frame(1000, "")).unwrap();
+        tls.flush().unwrap();
+        tls.sock
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        loop {
+            match read_frame_from(&mut tls) {
+                Ok(f) if f.opcode == CLOSE => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = trusting(&identity);
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    client.run_until_final(&rec, conn);
+    let peer_end = peer.join().unwrap();
+    let texts = rec.texts(conn);
+    eprintln!(
+        "wss with a KeyUpdate before each message: {} messages, {:?}; the peer: {peer_end:?}",
+        texts.len(),
+        last_event(&rec, conn)
+    );
+    assert_eq!(texts, (0..MESSAGES).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    assert_eq!(last_event(&rec, conn), Some(Ev::Close(conn, 1000, String::new())));
+    assert_eq!(peer_end, Ok(()));
+}
+
+/// A flood of KeyUpdates without data between them (rustls refuses more than 32 in a row): the
+/// connection may fail, but with exactly one error callback, soon (2 s), after the message that
+/// came before, and without spinning afterwards.
+#[test]
+fn tls_a_key_update_flood_ends_in_one_error_callback() {
+    assert_one_error_after_the_message(
+        "100 KeyUpdates in a row",
+        tls_end_after(|tls| {
+            for _ in 0..100 {
+                tls.conn.refresh_traffic_keys().unwrap();
+                flush_tls(tls).unwrap();
+            }
+            let _ = tls.write_all(&frame(FIN | TEXT, b"after the flood"));
+            let _ = tls.flush();
+        }),
+    );
+}
+
+/// A TLS 1.3 server that sends `tickets` NewSessionTickets after the handshake, then a message
+/// and its close: the events, and how much the heap grew meanwhile.
+fn with_session_tickets(tickets: usize) -> (Vec<Ev>, usize) {
+    let identity = Arc::new(TlsIdentity::new());
+    let mut config = identity.server_config();
+    config.send_tls13_tickets = tickets;
+    config.ticketer = rustls::crypto::ring::Ticketer::new().unwrap();
+    let config = Arc::new(config);
+    let server_identity = identity.clone();
+    let (url, peer) = serve_wss(Listener::bind(), move |p| {
+        let mut tls = server_identity.accept_with(config, p);
+        let Ok(request) = read_request_from(&mut tls) else {
+            return false;
+        };
+        let _ = tls.write_all(response_to(&request, "").as_bytes());
+        let _ = tls.write_all(&frame(FIN | TEXT, b"after the tickets"));
+        let _ = tls.write_all(&close_frame(1000, ""));
+        let _ = tls.flush();
+        tls.sock
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        loop {
+            match read_frame_from(&mut tls) {
+                Ok(f) if f.opcode == CLOSE => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = trusting(&identity);
+    let heap = heap_in_use();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    client.run_until_final(&rec, conn);
+    let growth = heap_in_use().saturating_sub(heap);
+    let _ = peer.join();
+    eprintln!(
+        "wss with {tickets} session tickets: {:?}; the heap grew by {:.1} MiB",
+        rec.of(conn),
+        growth as f64 / MIB
+    );
+    (rec.of(conn), growth)
+}
+
+/// A server that sends 200 NewSessionTickets (RFC 8446 sets no limit): the connection works.
+#[test]
+fn tls_two_hundred_session_tickets_do_not_disturb_the_connection() {
+    let (events, _) = with_session_tickets(200);
+    let conn = events[0].conn();
+    assert_eq!(
+        events,
+        vec![
+            Ev::Open(conn),
+            Ev::Text(conn, b"after the tickets".to_vec()),
+            Ev::Close(conn, 1000, String::new())
+        ]
+    );
+}
+
+/// A server that sends 20,000 NewSessionTickets (4 MB of them): whether the connection survives
+/// or fails, exactly one final callback comes, and the client's heap does not keep the tickets
+/// (grows by less than 4 MiB).
+#[test]
+fn tls_twenty_thousand_session_tickets_do_not_grow_memory() {
+    if !in_child("tls_twenty_thousand_session_tickets_do_not_grow_memory", &[]) {
+        return;
+    }
+    let (events, growth) = with_session_tickets(20_000);
+    assert_eq!(events.iter().filter(|e| e.is_final()).count(), 1, "{events:?}");
+    assert!(growth < 4 << 20, "the heap grew by {:.1} MiB", growth as f64 / MIB);
+}
+
+/// README: the connect timeout covers "DNS + TCP + TLS + upgrade". A TLS server that answers
+/// the ClientHello one byte every 100 ms (its whole flight would take minutes): with a 1 s
+/// connect timeout, CONNECT_TIMEOUT within 3 s.
+#[test]
+fn tls_a_handshake_trickled_byte_by_byte_is_bounded_by_the_connect_timeout() {
+    let identity = Arc::new(TlsIdentity::new());
+    let server_identity = identity.clone();
+    let (url, peer) = serve_wss(Listener::bind(), move |mut p| {
+        let mut server =
+            rustls::ServerConnection::new(Arc::new(server_identity.server_config())).unwrap();
+        // Reads the ClientHello.
+        while server.wants_read() && !server.wants_write() {
+            if server.read_tls(&mut p.stream).unwrap_or(0) == 0 {
+                return 0;
+            }
+            server.process_new_packets().unwrap();
+        }
+        let mut flight = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut flight).unwrap();
+        }
+        let start = Instant::now();
+        let mut sent = 0;
+        for byte in flight {
+            if p.stream.write_all(&[byte]).is_err() || start.elapsed() > Duration::from_secs(6) {
+                break;
+            }
+            sent += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        sent
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = trusting(&identity);
+    set(unsafe { ws_options_set_connect_timeout_ms(options.0, 1000) });
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    let took = final_within(&client, &rec, conn, Duration::from_secs(3));
+    let sent = peer.join().unwrap();
+    eprintln!("a trickled TLS handshake: final after {took:?} ({sent} bytes trickled): {:?}", rec.of(conn));
+    assert!(took.is_some(), "no final callback within 3 s with a 1 s connect timeout");
+    assert_eq!(final_status(&rec, conn), Some(WsStatus::ConnectTimeout), "{:?}", rec.of(conn));
+}
+
+/// A TLS peer whose records carry one byte each: a 16 KiB message (16,395 records) arrives
+/// whole, and costs the I/O thread less than 2 s of CPU.
+#[test]
+fn tls_records_of_one_byte_each_deliver_a_message_whole() {
+    let identity = Arc::new(TlsIdentity::new());
+    let server_identity = identity.clone();
+    let payload: Vec<u8> = (0..16 << 10).map(|i| (i % 251) as u8).collect();
+    let expected = payload.clone();
+    let (url, peer) = serve_wss(Listener::bind(), move |p| {
+        let mut tls = tls_upgrade(&server_identity, p);
+        for byte in frame(FIN | BINARY, &payload) {
+            tls.write_all(&[byte]).unwrap();
+            tls.flush().unwrap();
+        }
+        tls.write_all(&close_frame(1000, "")).unwrap();
+        tls.flush().unwrap();
+        tls.sock
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        loop {
+            match read_frame_from(&mut tls) {
+                Ok(f) if f.opcode == CLOSE => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = trusting(&identity);
+    let cpu = io_threads_cpu();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    client.run_until_final(&rec, conn);
+    let cpu = io_threads_cpu() - cpu;
+    assert!(peer.join().unwrap());
+    eprintln!("wss, one byte per record: the I/O threads used {cpu:?}");
+    let events = rec.of(conn);
+    assert_eq!(events.len(), 3, "open, the message, the close");
+    assert!(events[1] == Ev::Binary(conn, expected), "the message arrived altered");
+    assert_eq!(events[2], Ev::Close(conn, 1000, String::new()));
+    assert!(cpu < Duration::from_secs(2), "the I/O threads used {cpu:?}");
+}
