@@ -2026,3 +2026,144 @@ fn tls_records_of_one_byte_each_deliver_a_message_whole() {
     assert_eq!(events[2], Ev::Close(conn, 1000, String::new()));
     assert!(cpu < Duration::from_secs(2), "the I/O threads used {cpu:?}");
 }
+
+/// A CA and a certificate for 127.0.0.1 signed by it, written as PEM files for a server that is
+/// not ours (openssl s_server): (ca, certificate, key), in `dir`.
+fn write_pem_identity(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(
+        DnType::CommonName,
+        format!("wsclient round 2 CA {}", std::process::id()),
+    );
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let params = CertificateParams::new(vec!["127.0.0.1".into()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let paths = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// TLS 1.2 renegotiation requested by the server (a HelloRequest, sent by `openssl s_server`'s
+/// "r" command) in the middle of an open connection, followed by a message. rustls refuses to
+/// renegotiate (a no_renegotiation warning); whatever the server then does, the host gets the
+/// message or exactly one final callback, within 5 s, and no callback after it.
+#[test]
+fn tls12_a_renegotiation_request_from_the_server() {
+    if std::process::Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("openssl is not installed: test skipped");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("wsclient-reneg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = write_pem_identity(&dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = std::process::Command::new("openssl")
+        .args(["s_server", "-tls1_2", "-naccept", "1", "-ign_eof", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = server.stdin.take().unwrap();
+    let mut stdout = server.stdout.take().unwrap();
+    // What the server prints (diagnostics, then what the client sent), as it comes.
+    let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || out_tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |what: &str, seen: &mut Vec<u8>| -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !String::from_utf8_lossy(seen).contains(what) {
+            match out_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(chunk) => seen.extend(chunk),
+                Err(_) => return false,
+            }
+        }
+        true
+    };
+    assert!(wait_for("ACCEPT", &mut seen), "openssl s_server did not start: {}", String::from_utf8_lossy(&seen));
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    let ca = cstr(ca.to_str().unwrap());
+    set(unsafe { ws_options_add_ca_file(options.0, ca.as_ptr()) });
+    let conn = client.connect_with(&format!("wss://127.0.0.1:{port}/"), options.0);
+    watch(conn, &rec);
+    // The upgrade request, printed by the server; its answer goes through the server's stdin.
+    let mut answered = false;
+    let start = Instant::now();
+    while !answered && start.elapsed() < Duration::from_secs(10) {
+        pump(&client, Duration::from_millis(20), || false);
+        while let Ok(chunk) = out_rx.try_recv() {
+            seen.extend(chunk);
+        }
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        if let Some(at) = text.find("GET /") {
+            if text[at..].contains("\r\n\r\n") {
+                let request = &text[at..at + text[at..].find("\r\n\r\n").unwrap() + 4];
+                stdin.write_all(response_to(request, "").as_bytes()).unwrap();
+                stdin.flush().unwrap();
+                answered = true;
+            }
+        }
+    }
+    assert!(answered, "the upgrade request never reached the server: {}", String::from_utf8_lossy(&seen));
+    assert!(pump(&client, Duration::from_secs(10), || rec.of(conn).contains(&Ev::Open(conn))), "{:?}", rec.of(conn));
+    // "r": the server asks for a renegotiation; then a message. Twice: rustls refuses the first
+    // request with a warning and a second one as fatal (which shows that the requests came).
+    let mut after_each = Vec::new();
+    for round in 0..2 {
+        stdin.write_all(b"r\n").unwrap();
+        stdin.flush().unwrap();
+        pump(&client, Duration::from_millis(500), || rec.finals(conn) > 0);
+        let _ = stdin.write_all(&frame(FIN | TEXT, format!("hello {round}\n").as_bytes()));
+        let _ = stdin.flush();
+        pump(&client, Duration::from_secs(5), || {
+            rec.finals(conn) > 0 || rec.texts(conn).len() == round + 1
+        });
+        after_each.push(rec.of(conn));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    drop(stdin);
+    let _ = reader.join();
+    // The server is gone: the connection ends (if it had not) with exactly one final callback.
+    let took = final_within(&client, &rec, conn, Duration::from_secs(5));
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("TLS 1.2 renegotiation requests: after the first {:?}; after the second {:?}; in the end {:?} (final after {took:?})", after_each[0], after_each[1], rec.of(conn));
+    assert_eq!(
+        after_each[0],
+        vec![Ev::Open(conn), Ev::Text(conn, b"hello 0\n".to_vec())],
+        "within 5 s of a renegotiation request and a message"
+    );
+    assert!(
+        after_each[1].len() == 3,
+        "within 5 s of a second renegotiation request and a message, the host got {:?}",
+        after_each[1]
+    );
+    assert!(took.is_some());
+    assert_eq!(rec.finals(conn), 1, "{:?}", rec.of(conn));
+}
