@@ -2167,3 +2167,280 @@ fn tls12_a_renegotiation_request_from_the_server() {
     assert!(took.is_some());
     assert_eq!(rec.finals(conn), 1, "{:?}", rec.of(conn));
 }
+
+// ---- 3. a slow host ---------------------------------------------------------------------------
+
+/// README: "Flow control off: messages are delivered as fast as the host dispatches. When the
+/// host falls behind, a connection stops reading ... so memory for received data stays below
+/// that limit plus one message plus the read buffer". A host that dispatches once a second
+/// (one ws_dispatch call) while a peer pushes 20,000 messages of 100 bytes: every message
+/// arrives, in order, then the close; the heap never grows by more than 4 MiB (the limit is
+/// 1 MiB) and the peak resident size by no more than 8 MiB.
+#[test]
+fn a_host_that_dispatches_once_a_second_loses_nothing_and_stays_within_the_receive_bound() {
+    if !in_child(
+        "a_host_that_dispatches_once_a_second_loses_nothing_and_stays_within_the_receive_bound",
+        &[],
+    ) {
+        return;
+    }
+    const MESSAGES: usize = 20_000;
+    let (go, went) = mpsc::channel::<()>();
+    // Made before the measurement (it lives in this process too).
+    let wire: Vec<u8> = (0..MESSAGES)
+        .flat_map(|i| {
+            let mut text = format!("c0:{i}:");
+            text.extend(std::iter::repeat('p').take(100 - text.len()));
+            frame(FIN | TEXT, text.as_bytes())
+        })
+        .collect();
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        let _ = went.recv_timeout(PEER_TIMEOUT);
+        p.send(&wire);
+        p.send(&close_frame(1000, "done"));
+        let _ = p.read_timeout(Duration::from_secs(60)).read_until_close();
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let tally = Tally::default();
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    set(ws_on_message(conn, Some(tally_message), user(&tally)));
+    wait_open(&client, &rec, conn);
+    let (heap, hwm) = (heap_in_use(), status_kib("VmHWM"));
+    go.send(()).unwrap();
+    let mut max_growth = 0;
+    let mut dispatches = 0;
+    let start = Instant::now();
+    while rec.finals(conn) == 0 && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_secs(1));
+        max_growth = max_growth.max(heap_in_use().saturating_sub(heap));
+        client.dispatch();
+        dispatches += 1;
+    }
+    let hwm_growth = (status_kib("VmHWM").saturating_sub(hwm)) << 10;
+    peer.join().unwrap();
+    let wrong = tally.wrong.lock().unwrap().clone();
+    eprintln!(
+        "a host dispatching once a second: {dispatches} dispatches, {} messages ({wrong:?}); the heap grew \
+         by at most {:.1} MiB, peak RSS by {:.1} MiB",
+        tally.next.load(Ordering::SeqCst),
+        max_growth as f64 / MIB,
+        hwm_growth as f64 / MIB
+    );
+    assert!(wrong.is_empty(), "{wrong:?}");
+    assert_eq!(tally.next.load(Ordering::SeqCst), MESSAGES as u64);
+    assert_eq!(last_event(&rec, conn), Some(Ev::Close(conn, 1000, "done".into())));
+    assert!(max_growth < 4 << 20, "the heap grew by {:.1} MiB", max_growth as f64 / MIB);
+    assert!(hwm_growth < 8 << 20, "peak RSS grew by {:.1} MiB", hwm_growth as f64 / MIB);
+}
+
+/// The I/O threads' CPU while a peer sends `pings` empty pings behind one message, the host
+/// holding that message (flow control, never completed) or not; the peer reads the pongs
+/// meanwhile. Returns (CPU, pongs received, heap growth while it ran).
+fn cpu_for_empty_pings(pings: usize, hold: bool) -> (Duration, usize, usize) {
+    let mut wire = frame(FIN | TEXT, b"hold me");
+    wire.extend(frame(FIN | PING, b"").repeat(pings));
+    let (done, is_done) = mpsc::channel();
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        let mut writer = p.stream.try_clone().unwrap();
+        let writing = std::thread::spawn(move || writer.write_all(&wire).is_ok());
+        let mut pongs = 0;
+        loop {
+            match p.read_timeout(Duration::from_secs(2)).read_frame() {
+                Ok(f) if f.opcode == PONG => pongs += 1,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        assert!(writing.join().unwrap());
+        done.send(pongs).unwrap();
+        p.send(&close_frame(1000, ""));
+        let _ = p.read_timeout(Duration::from_secs(10)).read_until_close();
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    if hold {
+        set(ws_set_flow_control(conn, true));
+    }
+    wait_open(&client, &rec, conn);
+    let (cpu, heap) = (io_threads_cpu(), heap_in_use());
+    let mut pongs = None;
+    pump(&client, Duration::from_secs(120), || match is_done.try_recv() {
+        Ok(n) => {
+            pongs = Some(n);
+            true
+        }
+        Err(_) => false,
+    });
+    let cpu = io_threads_cpu() - cpu;
+    let growth = heap_in_use().saturating_sub(heap);
+    let completed = ws_message_complete(conn);
+    client.run_until_final(&rec, conn);
+    peer.join().unwrap();
+    let events: Vec<Ev> = rec.of(conn).into_iter().filter(|e| !matches!(e, Ev::Text(..))).collect();
+    assert!(
+        (completed == WsStatus::Ok || !hold && completed == WsStatus::Gone)
+            && events.last() == Some(&Ev::Close(conn, 1000, String::new())),
+        "{pings} empty pings (held: {hold}): {events:?}"
+    );
+    (cpu, pongs.expect("the peer finished"), growth)
+}
+
+/// README: while the host holds a message, "the library still reads ahead up to one read buffer
+/// (64 KiB) and answers the pings it finds there". A peer that sends 500,000 empty pings (1 MB)
+/// behind a message the host holds: the pings are dealt with, in bounded memory, and at a cost
+/// of the same order as when nothing is held (allowed: 10 times that, plus 1 s).
+#[test]
+fn empty_pings_behind_a_held_message_cost_what_they_cost_otherwise() {
+    if !in_child("empty_pings_behind_a_held_message_cost_what_they_cost_otherwise", &[]) {
+        return;
+    }
+    const PINGS: usize = 500_000;
+    let (free_cpu, free_pongs, _) = cpu_for_empty_pings(PINGS, false);
+    let (held_cpu, held_pongs, held_growth) = cpu_for_empty_pings(PINGS, true);
+    eprintln!(
+        "{PINGS} empty pings: {free_cpu:?} of I/O CPU ({free_pongs} pongs) with nothing held, \
+         {held_cpu:?} ({held_pongs} pongs, heap +{:.1} MiB) behind a held message",
+        held_growth as f64 / MIB
+    );
+    assert!(held_growth < 4 << 20, "the heap grew by {:.1} MiB", held_growth as f64 / MIB);
+    assert!(
+        held_cpu < free_cpu * 10 + Duration::from_secs(1),
+        "{PINGS} empty pings cost the I/O thread {held_cpu:?} behind a held message, {free_cpu:?} otherwise"
+    );
+}
+
+// ---- 4 (continued). the read buffer ---------------------------------------------------------
+
+/// README: read buffer "(bytes per socket read; the buffer exists only while received bytes wait
+/// to be parsed)"; "an idle connection holds none". 32 connections with a 16 MiB read buffer,
+/// each sent one 100-byte message and then nothing: once they are idle, the process's data size
+/// has not grown by 32 buffers (512 MiB); allowed 64 MiB (the I/O thread keeps one spare).
+#[test]
+fn idle_connections_hold_no_read_buffer_even_a_16_mib_one() {
+    if !in_child("idle_connections_hold_no_read_buffer_even_a_16_mib_one", &[]) {
+        return;
+    }
+    const CONNECTIONS: usize = 32;
+    let listener = Listener::bind();
+    let url = listener.url();
+    let (sent, has_sent) = mpsc::channel::<()>();
+    let (hang_up, hung_up) = mpsc::channel::<()>();
+    let peer = std::thread::spawn(move || {
+        let mut peers: Vec<Peer> = (0..CONNECTIONS).map(|_| listener.accept()).collect();
+        for p in &mut peers {
+            p.upgrade();
+            p.send(&frame(FIN | BINARY, &[5; 100]));
+        }
+        let sockets: Vec<ClientSocket> = peers.iter().map(Peer::client_socket).collect();
+        for s in &sockets {
+            assert!(s.wait_read_everything());
+        }
+        sent.send(()).unwrap();
+        let _ = hung_up.recv_timeout(PEER_TIMEOUT);
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    set(unsafe { ws_options_set_read_buffer_size(options.0, 16 << 20) });
+    let data = status_kib("VmData") << 10;
+    let conns: Vec<WsConn> = (0..CONNECTIONS)
+        .map(|_| {
+            let c = client.connect_with(&url, options.0);
+            watch(c, &rec);
+            c
+        })
+        .collect();
+    has_sent.recv_timeout(PEER_TIMEOUT).unwrap();
+    assert!(pump(&client, DEADLINE, || conns
+        .iter()
+        .all(|&c| rec.of(c).len() == 2)));
+    let growth = (status_kib("VmData") << 10).saturating_sub(data);
+    eprintln!(
+        "{CONNECTIONS} idle connections with a 16 MiB read buffer, each after one message: VmData grew by {:.1} MiB",
+        growth as f64 / MIB
+    );
+    hang_up.send(()).unwrap();
+    peer.join().unwrap();
+    assert!(growth < 64 << 20, "VmData grew by {:.1} MiB", growth as f64 / MIB);
+}
+
+/// README: "the library still reads ahead up to one read buffer"; options: the read buffer is
+/// "bytes per socket read". With a 1 KiB read buffer, a host holding a message (flow control)
+/// and a peer that sends 64 KiB behind it: the client takes at most the message and a few read
+/// buffers from its socket (allowed: 8 KiB), and a ping 512 bytes behind the message is
+/// answered (it lies within the read-ahead).
+#[test]
+fn with_a_1_kib_read_buffer_the_read_ahead_is_1_kib() {
+    let (report, reported) = mpsc::channel();
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        let socket = p.client_socket();
+        let mut wire = frame(FIN | TEXT, b"hold me");
+        wire.extend(frame(FIN | BINARY, &[1; 500]));
+        wire.extend(frame(FIN | PING, b"near"));
+        let first = wire.len();
+        wire.extend(frame(FIN | BINARY, &[2; 1000]).repeat(64));
+        let mut writer = p.stream.try_clone().unwrap();
+        writer.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let total = wire.len();
+        // 66 KB: the client's socket can hold them all while the client does not read.
+        let writing = std::thread::spawn(move || writer.write_all(&wire).is_ok());
+        let pong = pong_payload_within(&mut p, Duration::from_secs(2));
+        let wrote_all = writing.join().unwrap();
+        // What the client took from its socket: what was written, less what waits in either socket.
+        let waiting = socket.state().map_or(0, |s| s.rx_queue) + socket.peer_state().map_or(0, |s| s.tx_queue);
+        report.send((pong, total as u64 - waiting, first)).unwrap();
+        p.send(&close_frame(1000, ""));
+        let _ = p.read_timeout(Duration::from_secs(10)).read_until_close();
+        wrote_all
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    set(unsafe { ws_options_set_read_buffer_size(options.0, 1024) });
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    set(ws_set_flow_control(conn, true));
+    let mut result = None;
+    pump(&client, DEADLINE, || match reported.try_recv() {
+        Ok(r) => {
+            result = Some(r);
+            true
+        }
+        Err(_) => false,
+    });
+    let (pong, taken, first) = result.expect("the peer reported");
+    // Let everything through and end.
+    set(ws_set_flow_control(conn, false));
+    client.run_until_final(&rec, conn);
+    assert!(peer.join().unwrap());
+    eprintln!("1 KiB read buffer: the client took {taken} bytes while holding the first message ({first} bytes up to the ping); the ping's answer: {pong:?}");
+    assert_eq!(rec.texts(conn), vec!["hold me"]);
+    assert_eq!(rec.of(conn).len(), 1 + 1 + 65 + 1);
+    assert_eq!(pong, Some(b"near".to_vec()), "the ping within the read-ahead");
+    assert!(taken <= 8 << 10, "with a 1 KiB read buffer the client took {taken} bytes while holding a message");
+}
+
+/// Reads frames until a pong (its payload) or `limit`.
+fn pong_payload_within(p: &mut Peer, limit: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        match p.read_timeout(left).read_frame() {
+            Ok(f) if f.opcode == PONG => return Some(f.payload),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}
