@@ -2444,3 +2444,223 @@ fn pong_payload_within(p: &mut Peer, limit: Duration) -> Option<Vec<u8>> {
         }
     }
 }
+
+// ---- 4 (continued). DNS: look-ups that hang --------------------------------------------------
+
+/// A test-only system resolver: this test binary defines getaddrinfo itself, so the library's
+/// look-ups (through std) come here. Names ending in ".hang.test" hang until `release_lookups`
+/// (then fail as unknown); every other name goes to the C library's getaddrinfo.
+mod hanging_resolver {
+    use std::ffi::CStr;
+    use std::os::raw::{c_char, c_int};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Condvar, Mutex, OnceLock};
+    use std::time::Duration;
+
+    /// Look-ups of hanging names that have started.
+    pub static STARTED: AtomicUsize = AtomicUsize::new(0);
+    static RELEASED: Mutex<bool> = Mutex::new(false);
+    static CHANGED: Condvar = Condvar::new();
+
+    /// Ends every hanging look-up, now and later.
+    pub fn release_lookups() {
+        *RELEASED.lock().unwrap() = true;
+        CHANGED.notify_all();
+    }
+
+    type GetAddrInfo = unsafe extern "C" fn(
+        *const c_char,
+        *const c_char,
+        *const libc::addrinfo,
+        *mut *mut libc::addrinfo,
+    ) -> c_int;
+
+    fn real() -> GetAddrInfo {
+        static REAL: OnceLock<usize> = OnceLock::new();
+        let address = *REAL.get_or_init(|| unsafe {
+            libc::dlsym(libc::RTLD_NEXT, c"getaddrinfo".as_ptr()) as usize
+        });
+        assert_ne!(address, 0, "the C library's getaddrinfo");
+        unsafe { std::mem::transmute::<usize, GetAddrInfo>(address) }
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn getaddrinfo(
+        node: *const c_char,
+        service: *const c_char,
+        hints: *const libc::addrinfo,
+        res: *mut *mut libc::addrinfo,
+    ) -> c_int {
+        if !node.is_null() && CStr::from_ptr(node).to_bytes().ends_with(b".hang.test") {
+            STARTED.fetch_add(1, Ordering::SeqCst);
+            let released = RELEASED.lock().unwrap();
+            // At most a minute, so that a broken test still ends.
+            let _ = CHANGED
+                .wait_timeout_while(released, Duration::from_secs(60), |r| !*r)
+                .unwrap();
+            return libc::EAI_NONAME;
+        }
+        real()(node, service, hints, res)
+    }
+}
+
+use hanging_resolver::{release_lookups, STARTED as LOOKUPS_STARTED};
+
+/// Waits until `n` hanging look-ups have started (at most 10 s).
+fn wait_for_lookups(n: usize) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while LOOKUPS_STARTED.load(Ordering::SeqCst) < n {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
+fn resolver_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == "wsclient-dns")
+        })
+        .count()
+}
+
+/// README: "ws_client_free() ... returns within 250 ms ... a look-up still running in the system
+/// resolver cannot be interrupted, so it is abandoned there". A look-up that hangs: the free
+/// takes less than 750 ms, and no callback runs.
+#[test]
+fn dns_free_is_prompt_while_a_lookup_hangs() {
+    if !in_child("dns_free_is_prompt_while_a_lookup_hangs", &[]) {
+        return;
+    }
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect("ws://slow.hang.test:9/");
+    watch(conn, &rec);
+    assert!(wait_for_lookups(1), "the look-up never started");
+    let start = Instant::now();
+    drop(client);
+    let took = start.elapsed();
+    release_lookups();
+    eprintln!("ws_client_free during a hanging look-up: {took:?}");
+    assert!(took < Duration::from_millis(750), "ws_client_free took {took:?} during a hanging look-up");
+    assert_eq!(rec.events(), vec![]);
+    assert_eq!(send_text(conn, "x"), WsStatus::Gone);
+}
+
+/// README: the connect timeout covers "DNS + TCP + TLS + upgrade". A look-up that hangs, a
+/// 500 ms connect timeout: CONNECT_TIMEOUT within 1.5 s.
+#[test]
+fn dns_a_hanging_lookup_is_bounded_by_the_connect_timeout() {
+    if !in_child("dns_a_hanging_lookup_is_bounded_by_the_connect_timeout", &[]) {
+        return;
+    }
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = Options::new();
+    set(unsafe { ws_options_set_connect_timeout_ms(options.0, 500) });
+    let conn = client.connect_with("ws://slow.hang.test:9/", options.0);
+    watch(conn, &rec);
+    let took = final_within(&client, &rec, conn, Duration::from_millis(1500));
+    release_lookups();
+    eprintln!("a hanging look-up with a 500 ms connect timeout: {:?} after {took:?}", rec.of(conn));
+    assert!(took.is_some(), "no final callback within 1.5 s");
+    assert_eq!(final_status(&rec, conn), Some(WsStatus::ConnectTimeout), "{:?}", rec.of(conn));
+}
+
+/// README: "resolver threads the library shares between its clients (at most 4, each ending
+/// after 10 s idle)". Ten connections to names whose look-ups hang: at most four look-ups run
+/// (and four threads named wsclient-dns), also after a 500 ms idle window; once the look-ups
+/// return, the threads end (measured; allowed 30 s).
+#[test]
+fn dns_at_most_four_resolver_threads_which_end_when_idle() {
+    if !in_child("dns_at_most_four_resolver_threads_which_end_when_idle", &[]) {
+        return;
+    }
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conns: Vec<WsConn> = (0..10)
+        .map(|i| {
+            let c = client.connect(&format!("ws://n{i}.hang.test:9/"));
+            watch(c, &rec);
+            c
+        })
+        .collect();
+    assert!(wait_for_lookups(4), "four look-ups never started");
+    std::thread::sleep(Duration::from_millis(500));
+    let (running, threads) = (LOOKUPS_STARTED.load(Ordering::SeqCst), resolver_threads());
+    release_lookups();
+    assert!(pump(&client, DEADLINE, || conns.iter().all(|&c| rec.finals(c) > 0)));
+    let idle_since = Instant::now();
+    let mut ended_after = None;
+    while idle_since.elapsed() < Duration::from_secs(30) {
+        if resolver_threads() == 0 {
+            ended_after = Some(idle_since.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "10 hanging look-ups: {running} ran at once on {threads} resolver threads; they ended {ended_after:?} after the last look-up"
+    );
+    for &c in &conns {
+        assert_eq!(final_status(&rec, c), Some(WsStatus::Dns), "{:?}", rec.of(c));
+    }
+    assert!(running <= 4 && threads <= 4, "{running} look-ups on {threads} threads");
+    assert!(ended_after.is_some(), "the resolver threads did not end within 30 s of idleness");
+}
+
+/// README: a look-up that hangs when its client is freed "is abandoned there and touches nothing
+/// of the freed client". A client freed with four look-ups hanging; another client then
+/// connects to localhost (a listener that answers) with a 3 s connect timeout: the resolver
+/// threads (shared, at most 4) are all held by the abandoned look-ups, so its look-up waits. It
+/// must still open (not end with CONNECT_TIMEOUT).
+#[test]
+fn dns_lookups_abandoned_by_a_freed_client_do_not_starve_another_client() {
+    if !in_child("dns_lookups_abandoned_by_a_freed_client_do_not_starve_another_client", &[]) {
+        return;
+    }
+    let first = Client::new();
+    for i in 0..4 {
+        first.connect(&format!("ws://abandoned{i}.hang.test:9/"));
+    }
+    assert!(wait_for_lookups(4), "four look-ups never started");
+    drop(first);
+    // A server on 127.0.0.1 that answers the upgrade and closes, if a client comes within 15 s.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://localhost:{}/", listener.local_addr().unwrap().port());
+    let peer = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        if !readable(listener.as_raw_fd(), Duration::from_secs(15)) {
+            return;
+        }
+        let (stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut stream = stream;
+        if let Ok(request) = read_request_from(&mut stream) {
+            let _ = stream.write_all(response_to(&request, "").as_bytes());
+            let _ = stream.write_all(&close_frame(1000, ""));
+            let mut rest = Vec::new();
+            let _ = stream.read_to_end(&mut rest);
+        }
+    });
+    let second = Client::new();
+    let rec = Recorder::default();
+    let options = Options::new();
+    set(unsafe { ws_options_set_connect_timeout_ms(options.0, 3000) });
+    let conn = second.connect_with(&url, options.0);
+    watch(conn, &rec);
+    let took = final_within(&second, &rec, conn, Duration::from_secs(10));
+    release_lookups();
+    drop(second);
+    let _ = peer.join();
+    eprintln!("another client's connection to localhost while a freed client's look-ups hang: {:?} after {took:?}", rec.of(conn));
+    assert_eq!(
+        rec.of(conn).first(),
+        Some(&Ev::Open(conn)),
+        "a connection to localhost, while a freed client's four look-ups hang"
+    );
+}
