@@ -2664,3 +2664,286 @@ fn dns_lookups_abandoned_by_a_freed_client_do_not_starve_another_client() {
         "a connection to localhost, while a freed client's four look-ups hang"
     );
 }
+
+// ---- 1 (continued). more races with the connection's end -------------------------------------
+
+/// A user pointer that a registration replaced: the callback notes a call made after that.
+struct Token {
+    retired: AtomicBool,
+    calls_after_retired: AtomicU64,
+    shared: Arc<Chaos>,
+}
+
+/// What every callback of the chaos test shares.
+#[derive(Default)]
+struct Chaos {
+    finals: AtomicU64,
+    after_final: AtomicU64,
+    messages: AtomicU64,
+}
+
+unsafe extern "C" fn token_message(
+    _: WsConn,
+    _: *const u8,
+    _: usize,
+    _: WsMessageKind,
+    user: *mut c_void,
+) {
+    let token = &*(user as *const Token);
+    if token.retired.load(Ordering::SeqCst) {
+        token.calls_after_retired.fetch_add(1, Ordering::SeqCst);
+    }
+    if token.shared.finals.load(Ordering::SeqCst) > 0 {
+        token.shared.after_final.fetch_add(1, Ordering::SeqCst);
+    }
+    token.shared.messages.fetch_add(1, Ordering::SeqCst);
+}
+
+unsafe extern "C" fn chaos_close(
+    _: WsConn,
+    _: u16,
+    _: *const std::os::raw::c_char,
+    _: usize,
+    user: *mut c_void,
+) {
+    (*(user as *const Chaos)).finals.fetch_add(1, Ordering::SeqCst);
+}
+
+unsafe extern "C" fn chaos_error(
+    _: WsConn,
+    _: WsStatus,
+    _: *const std::os::raw::c_char,
+    user: *mut c_void,
+) {
+    (*(user as *const Chaos)).finals.fetch_add(1, Ordering::SeqCst);
+}
+
+/// README: "A callback registration (ws_on_*) is in force for every callback that starts after
+/// it returned. Called from another thread ..., so once it has returned, the callback it
+/// replaced is not running and will not run again, and its user may be freed"; one final
+/// callback, nothing after it. A peer floods; one thread replaces the message callback (a new
+/// user pointer each time) 20,000 times, marking the old pointer retired once the call
+/// returned; others toggle flow control and complete messages, send, and finally close, while
+/// the host dispatches. No callback may run with a retired pointer, nothing after the final
+/// callback, and every call answers GONE afterwards.
+#[test]
+fn a_replaced_callback_never_runs_after_its_replacement_returned_amid_other_threads() {
+    let (go, went) = mpsc::channel();
+    let (stop, stopped) = mpsc::channel();
+    let (url, peer) = flooding_peer(went, stopped);
+    let client = Client::new();
+    let chaos = Arc::new(Chaos::default());
+    let options = no_keepalive();
+    // The flooding peer never answers the close: the close timeout ends the connection.
+    set(unsafe { ws_options_set_close_timeout_ms(options.0, 1000) });
+    let conn = client.connect_with(&url, options.0);
+    let first = Box::new(Token {
+        retired: AtomicBool::new(false),
+        calls_after_retired: AtomicU64::new(0),
+        shared: chaos.clone(),
+    });
+    set(ws_on_message(conn, Some(token_message), user(&*first)));
+    set(ws_on_close(conn, Some(chaos_close), user(&*chaos)));
+    set(ws_on_error(conn, Some(chaos_error), user(&*chaos)));
+    go.send(()).unwrap();
+    let stop_all = Arc::new(AtomicBool::new(false));
+    let registrar = {
+        let (chaos, stop_all) = (chaos.clone(), stop_all.clone());
+        std::thread::spawn(move || {
+            let mut tokens = vec![first];
+            for _ in 0..20_000 {
+                if stop_all.load(Ordering::SeqCst) {
+                    break;
+                }
+                let next = Box::new(Token {
+                    retired: AtomicBool::new(false),
+                    calls_after_retired: AtomicU64::new(0),
+                    shared: chaos.clone(),
+                });
+                if ws_on_message(conn, Some(token_message), user(&*next)) != WsStatus::Ok {
+                    break;
+                }
+                tokens.last().unwrap().retired.store(true, Ordering::SeqCst);
+                tokens.push(next);
+            }
+            tokens
+        })
+    };
+    let toggler = {
+        let stop_all = stop_all.clone();
+        std::thread::spawn(move || {
+            let mut rng = Rng(4242);
+            while !stop_all.load(Ordering::SeqCst) {
+                let status = match rng.below(3) {
+                    0 => ws_set_flow_control(conn, true),
+                    1 => ws_set_flow_control(conn, false),
+                    _ => ws_message_complete(conn),
+                };
+                if status == WsStatus::Gone {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(rng.below(100)));
+            }
+            // Let whatever is held go, so that the end can come.
+            let _ = ws_set_flow_control(conn, false);
+        })
+    };
+    let sender = {
+        let stop_all = stop_all.clone();
+        std::thread::spawn(move || {
+            let mut statuses = Vec::new();
+            while !stop_all.load(Ordering::SeqCst) {
+                let status = send_text(conn, "chaos");
+                if statuses.last() != Some(&status) {
+                    statuses.push(status);
+                }
+                if status == WsStatus::Gone {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            statuses
+        })
+    };
+    // The host dispatches; after 2 s another thread closes.
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        close(conn, 1000, "enough")
+    });
+    let done = pump(&client, DEADLINE, || chaos.finals.load(Ordering::SeqCst) > 0);
+    stop_all.store(true, Ordering::SeqCst);
+    let _ = stop.send(());
+    let closed = closer.join().unwrap();
+    toggler.join().unwrap();
+    let sends = sender.join().unwrap();
+    let tokens = registrar.join().unwrap();
+    // A little more dispatching: nothing may follow the final callback.
+    pump(&client, Duration::from_millis(200), || false);
+    peer.join().unwrap();
+    let late: u64 = tokens
+        .iter()
+        .map(|t| t.calls_after_retired.load(Ordering::SeqCst))
+        .sum();
+    eprintln!(
+        "{} registrations, {} messages; calls with a replaced pointer after its replacement returned: {late}; \
+         finals {}, callbacks after the final {}; ws_close {closed:?}; the sender saw {sends:?}",
+        tokens.len() - 1,
+        chaos.messages.load(Ordering::SeqCst),
+        chaos.finals.load(Ordering::SeqCst),
+        chaos.after_final.load(Ordering::SeqCst)
+    );
+    assert!(done, "no final callback");
+    assert_eq!(late, 0, "a replaced callback ran after its replacement had returned");
+    assert_eq!(chaos.finals.load(Ordering::SeqCst), 1);
+    assert_eq!(chaos.after_final.load(Ordering::SeqCst), 0);
+    assert_eq!(ws_on_message(conn, None, std::ptr::null_mut()), WsStatus::Gone);
+    assert_eq!(send_text(conn, "x"), WsStatus::Gone);
+}
+
+/// Header of ws_close: "If the peer started the close first, it returns WS_STATUS_OK and the
+/// close callback follows with the peer's code"; one final callback. The peer sends its close
+/// (4001) at the moment another thread calls ws_close, 100 times: each connection ends with one
+/// close callback carrying 4001 (the peer's close frame), ws_close answers OK (or GONE/CLOSING
+/// once the connection has ended), and the peer gets one close frame.
+#[test]
+fn simultaneous_closes_from_both_sides_end_in_one_close_callback_with_the_peers_code() {
+    let mut outcomes = std::collections::BTreeMap::new();
+    for _ in 0..100 {
+        let (go_peer, peer_go) = mpsc::channel::<()>();
+        let (url, peer) = serve(move |mut p| {
+            p.upgrade();
+            let _ = peer_go.recv_timeout(PEER_TIMEOUT);
+            p.send(&close_frame(4001, "peer"));
+            let (frames, _) = p.read_timeout(Duration::from_secs(5)).read_until_close();
+            frames.iter().filter(|f| f.opcode == CLOSE).count()
+        });
+        let client = Client::new();
+        let rec = Recorder::default();
+        let options = no_keepalive();
+        let conn = client.connect_with(&url, options.0);
+        watch(conn, &rec);
+        wait_open(&client, &rec, conn);
+        let (go_closer, closer_go) = mpsc::channel::<()>();
+        let closer = std::thread::spawn(move || {
+            let _ = closer_go.recv_timeout(PEER_TIMEOUT);
+            unsafe { ws_close(conn, 1000, std::ptr::null()) }
+        });
+        go_peer.send(()).unwrap();
+        go_closer.send(()).unwrap();
+        client.run_until_final(&rec, conn);
+        let status = closer.join().unwrap();
+        let peer_closes = peer.join().unwrap();
+        let events = rec.of(conn);
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[1], Ev::Close(conn, 4001, "peer".into()), "ws_close answered {status:?}");
+        assert!(
+            matches!(status, WsStatus::Ok | WsStatus::Gone | WsStatus::Closing),
+            "ws_close answered {status:?}"
+        );
+        assert_eq!(peer_closes, 1, "close frames the peer received");
+        *outcomes.entry(format!("{status:?}")).or_insert(0) += 1;
+    }
+    eprintln!("simultaneous closes: ws_close answered {outcomes:?}");
+}
+
+/// README: "ws_run() counts as a dispatch for as long as it runs". While ws_run is running a
+/// callback on one thread, another thread's ws_dispatch, ws_run and ws_client_free are refused
+/// with WS_STATUS_DISPATCH_IN_PROGRESS (and nothing is freed).
+#[test]
+fn while_ws_run_runs_a_callback_another_threads_dispatch_run_and_free_are_refused() {
+    let (url, peer) = serve(|mut p| {
+        p.upgrade();
+        p.send(&frame(FIN | TEXT, b"hello"));
+        let (frames, _) = p.read_timeout(Duration::from_secs(10)).read_until_close();
+        if frames.last().is_some_and(|f| f.opcode == CLOSE) {
+            p.send(&close_frame(1000, ""));
+        }
+    });
+    struct Probe {
+        client: usize,
+        seen: Mutex<Option<(WsStatus, WsStatus, WsStatus)>>,
+    }
+    unsafe extern "C" fn probe_from_another_thread(
+        conn: WsConn,
+        _: *const u8,
+        _: usize,
+        _: WsMessageKind,
+        user: *mut c_void,
+    ) {
+        let probe = &*(user as *const Probe);
+        let client = probe.client;
+        let seen = std::thread::spawn(move || {
+            let client = client as *mut WsClient;
+            (
+                ws_dispatch(client, std::ptr::null_mut(), std::ptr::null_mut()),
+                ws_run(client, 10),
+                ws_client_free(client),
+            )
+        })
+        .join()
+        .unwrap();
+        *probe.seen.lock().unwrap() = Some(seen);
+        ws_close(conn, 1000, std::ptr::null());
+    }
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&url);
+    watch(conn, &rec);
+    let probe = Probe {
+        client: client.0 as usize,
+        seen: Mutex::new(None),
+    };
+    set(ws_on_message(conn, Some(probe_from_another_thread), user(&probe)));
+    assert_eq!(unsafe { ws_run(client.0, 30_000) }, WsStatus::Ok);
+    peer.join().unwrap();
+    let seen = *probe.seen.lock().unwrap();
+    assert_eq!(
+        seen,
+        Some((
+            WsStatus::DispatchInProgress,
+            WsStatus::DispatchInProgress,
+            WsStatus::DispatchInProgress
+        ))
+    );
+    assert_eq!(last_event(&rec, conn), Some(Ev::Close(conn, 1000, String::new())));
+}
