@@ -2141,7 +2141,7 @@ fn tls12_a_renegotiation_request_from_the_server() {
         }
     });
     let mut seen = Vec::new();
-    let mut wait_for = |what: &str, seen: &mut Vec<u8>| -> bool {
+    let wait_for = |what: &str, seen: &mut Vec<u8>| -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !String::from_utf8_lossy(seen).contains(what) {
             match out_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
