@@ -13,7 +13,7 @@ DEB_PACKAGES := valgrind pkg-config duktape-dev
 VENV := .venv
 PEER_PYTHON := $(VENV)/bin/python
 
-.PHONY: all lib examples deps peers test lint demo bench header clean
+.PHONY: all lib examples deps peers test lint demo bench header clean fuzz fuzz-smoke fuzz-tools asan
 
 # The shared benchmark harness: beside this repository (as in CI), else set SHARED=DIR.
 SHARED ?= $(abspath ../shared)
@@ -65,9 +65,52 @@ $(VENV)/.installed: tests/peers/requirements.txt
 	touch $@
 
 # Every test: Rust unit and integration tests (the C functions against local servers, ws and
-# wss), the header check, and the C examples under valgrind (run by tests/c_examples.rs).
+# wss), the header check, the C examples under valgrind (run by tests/c_examples.rs), and a
+# short run of each fuzz target where the nightly toolchain exists.
 test: deps all peers lint
 	$(CARGO) test -- --test-threads=4
+	$(MAKE) fuzz-smoke
+
+# Fuzzing (cargo-fuzz, libFuzzer, nightly): the frame reader cut at random points, the upgrade
+# response parser and URI parsing (fuzz/fuzz_targets/, invariants in src/testing.rs). Each target
+# runs FUZZ_SECONDS from the committed seeds (fuzz/corpus/TARGET, written by fuzz/seeds.py);
+# what the fuzzer adds goes to fuzz/target/corpus/TARGET, a crash to fuzz/artifacts/TARGET.
+# Built with debug assertions and overflow checks, under AddressSanitizer (cargo-fuzz's default).
+NIGHTLY ?= +nightly
+FUZZ_SECONDS ?= 600
+FUZZ_SMOKE_SECONDS ?= 20
+FUZZ_TARGETS := frames upgrade_response uri
+
+fuzz-tools:
+	@$(CARGO) $(NIGHTLY) --version >/dev/null 2>&1 || { echo "make fuzz needs the nightly toolchain: rustup toolchain install nightly"; exit 1; }
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || { echo "installing cargo-fuzz"; $(CARGO) install --locked cargo-fuzz; }
+
+fuzz: fuzz-tools
+	$(CARGO) $(NIGHTLY) fuzz build
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/target/corpus/$$t; \
+	  echo "fuzzing $$t for $(FUZZ_SECONDS) s"; \
+	  $(CARGO) $(NIGHTLY) fuzz run $$t fuzz/target/corpus/$$t fuzz/corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done
+
+# The short run `make test` does: each target for FUZZ_SMOKE_SECONDS, or a clear line saying why not.
+fuzz-smoke:
+	@if $(CARGO) $(NIGHTLY) --version >/dev/null 2>&1; then \
+	  $(MAKE) fuzz FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS); \
+	else \
+	  echo "SKIPPED: fuzzing (no nightly toolchain here: rustup toolchain install nightly)"; \
+	fi
+
+# The Rust test suite under AddressSanitizer (nightly). --target keeps the sanitizer off build
+# scripts and proc-macros; the standard library is not rebuilt (that needs rust-src), so ASan
+# sees our code and the crates', not std's. WSCLIENT_ASAN=1 skips the tests that only drive
+# other programs (the C examples under valgrind, wsjs), which do not run the ASan build.
+ASAN_TARGET ?= x86_64-unknown-linux-gnu
+asan: deps all peers
+	RUSTFLAGS="-Zsanitizer=address" RUSTDOCFLAGS="-Zsanitizer=address" WSCLIENT_ASAN=1 \
+	  ASAN_OPTIONS="detect_leaks=1:detect_stack_use_after_return=1" \
+	  $(CARGO) $(NIGHTLY) test --no-fail-fast --target $(ASAN_TARGET) --target-dir target/asan -- --test-threads=2
 
 # The gates every change passes: formatting and clippy with warnings as errors.
 lint:
@@ -88,5 +131,5 @@ header:
 	WSCLIENT_UPDATE_HEADER=1 $(CARGO) test --test header
 
 clean:
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) fuzz/target fuzz/artifacts
 	$(CARGO) clean

@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 coproc SERVER { exec target/release/examples/testserver; }
+# Copies: bash unsets SERVER and SERVER_PID as soon as it reaps the server, which can happen
+# before the `wait` below (set -u would then stop the script).
+server_pid=$SERVER_PID
+server_in=${SERVER[1]}
 read -r ports <&"${SERVER[0]}"
 eval "$ports"   # ws_port=.. wss_port=.. blackhole_port=.. ca=..
 server="wss://localhost:$wss_port"
@@ -14,7 +18,7 @@ sed "s|%SERVER%|$server|" examples-c/demo.js >"$script"
 status=0
 SSL_CERT_FILE="$ca" examples-c/build/wsjs "$script" || status=$?
 rm -f "$script"
-exec {SERVER[1]}>&-   # closing its stdin stops the server
-wait "$SERVER_PID" || true
+exec {server_in}>&-   # closing its stdin stops the server
+wait "$server_pid" || true
 echo "[demo] wsjs exited with $status"
 exit $status

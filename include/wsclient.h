@@ -377,7 +377,8 @@ ws_status ws_connect(ws_client *client, const char *uri, ws_conn *conn_out);
  * A registration is in force for every callback that starts after it returned: called from
  * another thread while a callback of this connection runs, it waits for that callback to
  * return (so the old callback's `user` may be freed as soon as it returns). Called from
- * inside a callback, it applies from the next callback on. Any thread, also inside callbacks.
+ * inside a callback, it applies from the next callback on and does not wait (a callback of
+ * another event loop's connection may still be running). Any thread, also inside callbacks.
  */
 ws_status ws_on_open(ws_conn conn, ws_open_cb callback, void *user);
 
@@ -387,7 +388,8 @@ ws_status ws_on_open(ws_conn conn, ws_open_cb callback, void *user);
  * A registration is in force for every callback that starts after it returned: called from
  * another thread while a callback of this connection runs, it waits for that callback to
  * return (so the old callback's `user` may be freed as soon as it returns). Called from
- * inside a callback, it applies from the next callback on. Any thread, also inside callbacks.
+ * inside a callback, it applies from the next callback on and does not wait (a callback of
+ * another event loop's connection may still be running). Any thread, also inside callbacks.
  */
 ws_status ws_on_message(ws_conn conn, ws_message_cb callback, void *user);
 
@@ -397,7 +399,8 @@ ws_status ws_on_message(ws_conn conn, ws_message_cb callback, void *user);
  * A registration is in force for every callback that starts after it returned: called from
  * another thread while a callback of this connection runs, it waits for that callback to
  * return (so the old callback's `user` may be freed as soon as it returns). Called from
- * inside a callback, it applies from the next callback on. Any thread, also inside callbacks.
+ * inside a callback, it applies from the next callback on and does not wait (a callback of
+ * another event loop's connection may still be running). Any thread, also inside callbacks.
  */
 ws_status ws_on_close(ws_conn conn, ws_close_cb callback, void *user);
 
@@ -407,7 +410,8 @@ ws_status ws_on_close(ws_conn conn, ws_close_cb callback, void *user);
  * A registration is in force for every callback that starts after it returned: called from
  * another thread while a callback of this connection runs, it waits for that callback to
  * return (so the old callback's `user` may be freed as soon as it returns). Called from
- * inside a callback, it applies from the next callback on. Any thread, also inside callbacks.
+ * inside a callback, it applies from the next callback on and does not wait (a callback of
+ * another event loop's connection may still be running). Any thread, also inside callbacks.
  */
 ws_status ws_on_error(ws_conn conn, ws_error_cb callback, void *user);
 
@@ -457,7 +461,9 @@ ws_status ws_close(ws_conn conn, uint16_t code, const char *reason);
  * later, from any thread), and meanwhile the library stops reading the socket so TCP
  * back-pressure reaches the server. The close or error callback, too, waits until the last
  * message is completed. Off: messages are delivered as fast as the host dispatches. Turning it
- * off releases a held message. Any thread, also inside callbacks.
+ * off releases a held message. Turned on from another thread while a callback of this
+ * connection runs, it waits for that callback to return: at most one message callback starts
+ * after it returned before the hold. Any thread, also inside callbacks.
  */
 ws_status ws_set_flow_control(ws_conn conn, bool enabled);
 

@@ -70,72 +70,61 @@ pub enum WsStatus {
     Internal = 30,
 }
 
-impl WsStatus {
-    /// Every status, for `ws_status_str` and the tests.
-    pub(crate) const ALL: [WsStatus; 26] = [
-        WsStatus::Ok,
-        WsStatus::NullArgument,
-        WsStatus::InvalidArgument,
-        WsStatus::InvalidUri,
-        WsStatus::InvalidUtf8,
-        WsStatus::Gone,
-        WsStatus::Closing,
-        WsStatus::AlreadyClosing,
-        WsStatus::DispatchInProgress,
-        WsStatus::SendQueueFull,
-        WsStatus::BufferTooSmall,
-        WsStatus::Timeout,
-        WsStatus::CertificateFile,
-        WsStatus::Runtime,
-        WsStatus::Panic,
-        WsStatus::Dns,
-        WsStatus::ConnectFailed,
-        WsStatus::Tls,
-        WsStatus::HandshakeRejected,
-        WsStatus::Protocol,
-        WsStatus::ConnectionLost,
-        WsStatus::ConnectTimeout,
-        WsStatus::CloseTimeout,
-        WsStatus::KeepaliveTimeout,
-        WsStatus::MessageTooBig,
-        WsStatus::Internal,
-    ];
+/// The one table of statuses beside the enum: each variant once, with its description. It
+/// makes `WsStatus::ALL` and `describe()`, and the compiler ties it to the enum: a variant
+/// missing here fails the build (the match is exhaustive), one named twice too (unreachable
+/// pattern), and so does a name that is not a variant. (The enum itself stays a plain item, as
+/// cbindgen, which does not expand macros, must see it to write the header.)
+macro_rules! status_table {
+    ($($status:ident => $description:literal,)*) => {
+        impl WsStatus {
+            /// Every status, in the order of their numbers.
+            pub(crate) const ALL: &'static [WsStatus] = &[$(WsStatus::$status),*];
 
+            /// A short, static, NUL-terminated description.
+            #[deny(unreachable_patterns)]
+            pub fn describe(self) -> &'static str {
+                match self {
+                    $(WsStatus::$status => concat!($description, "\0"),)*
+                }
+            }
+        }
+    };
+}
+
+status_table! {
+    Ok => "ok",
+    NullArgument => "a required argument is NULL",
+    InvalidArgument => "invalid argument",
+    InvalidUri => "invalid URI: an absolute ws: or wss: URI is required",
+    InvalidUtf8 => "text is not valid UTF-8",
+    Gone => "the connection is gone",
+    Closing => "the connection is closing or closed",
+    AlreadyClosing => "close was already called on this connection",
+    DispatchInProgress => "a dispatch of this client is already running",
+    SendQueueFull => "the send queue of the connection is full",
+    BufferTooSmall => "the buffer is too small",
+    Timeout => "the time is up",
+    CertificateFile => "the certificate file could not be used",
+    Runtime => "the library could not start its threads or event descriptor",
+    Panic => "internal error: a panic was caught at the C boundary",
+    Dns => "host name could not be resolved",
+    ConnectFailed => "TCP connection failed",
+    Tls => "TLS handshake failed",
+    HandshakeRejected => "WebSocket handshake rejected",
+    Protocol => "WebSocket protocol violation",
+    ConnectionLost => "connection lost",
+    ConnectTimeout => "connect timeout",
+    CloseTimeout => "close handshake timeout",
+    KeepaliveTimeout => "keepalive timeout: the peer stopped answering",
+    MessageTooBig => "message too big",
+    Internal => "internal error",
+}
+
+impl WsStatus {
     /// The status with this number, if any.
     pub fn from_u32(value: u32) -> Option<WsStatus> {
         Self::ALL.iter().copied().find(|s| *s as u32 == value)
-    }
-
-    /// A short, static, NUL-terminated description.
-    pub fn describe(self) -> &'static str {
-        match self {
-            WsStatus::Ok => "ok\0",
-            WsStatus::NullArgument => "a required argument is NULL\0",
-            WsStatus::InvalidArgument => "invalid argument\0",
-            WsStatus::InvalidUri => "invalid URI: an absolute ws: or wss: URI is required\0",
-            WsStatus::InvalidUtf8 => "text is not valid UTF-8\0",
-            WsStatus::Gone => "the connection is gone\0",
-            WsStatus::Closing => "the connection is closing or closed\0",
-            WsStatus::AlreadyClosing => "close was already called on this connection\0",
-            WsStatus::DispatchInProgress => "a dispatch of this client is already running\0",
-            WsStatus::SendQueueFull => "the send queue of the connection is full\0",
-            WsStatus::BufferTooSmall => "the buffer is too small\0",
-            WsStatus::Timeout => "the time is up\0",
-            WsStatus::CertificateFile => "the certificate file could not be used\0",
-            WsStatus::Runtime => "the library could not start its threads or event descriptor\0",
-            WsStatus::Panic => "internal error: a panic was caught at the C boundary\0",
-            WsStatus::Dns => "host name could not be resolved\0",
-            WsStatus::ConnectFailed => "TCP connection failed\0",
-            WsStatus::Tls => "TLS handshake failed\0",
-            WsStatus::HandshakeRejected => "WebSocket handshake rejected\0",
-            WsStatus::Protocol => "WebSocket protocol violation\0",
-            WsStatus::ConnectionLost => "connection lost\0",
-            WsStatus::ConnectTimeout => "connect timeout\0",
-            WsStatus::CloseTimeout => "close handshake timeout\0",
-            WsStatus::KeepaliveTimeout => "keepalive timeout: the peer stopped answering\0",
-            WsStatus::MessageTooBig => "message too big\0",
-            WsStatus::Internal => "internal error\0",
-        }
     }
 }
 
@@ -184,11 +173,17 @@ mod tests {
 
     #[test]
     fn numbers_are_unique_and_round_trip() {
-        for s in WsStatus::ALL {
+        for &s in WsStatus::ALL {
             assert_eq!(WsStatus::from_u32(s as u32), Some(s));
             assert!(s.describe().ends_with('\0'));
             assert_eq!(s.describe().matches('\0').count(), 1);
         }
+        assert!(
+            WsStatus::ALL
+                .windows(2)
+                .all(|w| (w[0] as u32) < (w[1] as u32)),
+            "the table is in the order of the numbers"
+        );
         assert_eq!(WsStatus::from_u32(15), None);
         assert_eq!(WsStatus::from_u32(u32::MAX), None);
     }

@@ -105,8 +105,9 @@ fn null_and_non_utf8_arguments() {
             ws_close(conn, 1000, long.as_ptr()),
             WsStatus::InvalidArgument
         );
+        // A C string: NUL-terminated (AddressSanitizer caught strlen reading past `bad`).
         assert_eq!(
-            ws_close(conn, 1000, bad.as_ptr().cast()),
+            ws_close(conn, 1000, c"caf\xe9".as_ptr()),
             WsStatus::InvalidUtf8
         );
         let mut small = [0i8; 1];
@@ -369,4 +370,269 @@ fn every_export_has_the_panic_boundary() {
         }
     }
     assert!(exports >= 30, "found only {exports} exports");
+}
+
+/// What an exported function returned.
+#[derive(Debug, PartialEq)]
+enum Returned {
+    Status(WsStatus),
+    Null(bool),
+    Int(i64),
+    Nothing,
+}
+
+/// Every export, made to panic inside its boundary (`testing::panic_in_next_call`), returns its
+/// documented default (WS_STATUS_PANIC, NULL, -1, 0, nothing), and ws_last_error() says that a
+/// panic was caught. The arguments are such that the call would return something else if it
+/// did not panic, so an export without the boundary (where the hook lives) fails here.
+#[test]
+fn a_panic_inside_any_export_returns_its_default_and_is_reported() {
+    use std::ffi::c_void;
+    use Returned::*;
+
+    let server = TestServer::start();
+    let client = Client::new();
+    let rec = Recorder::default();
+    // A connection that stays alive: the blackhole never answers the upgrade.
+    let conn = client.connect(&format!("ws://127.0.0.1:{}/", server.blackhole_port));
+    watch(conn, &rec);
+    let user = &rec as *const Recorder as *mut c_void;
+    let c = client.0;
+    let uri = cstr(&format!("ws://127.0.0.1:{}/", server.blackhole_port));
+    let text = cstr("x");
+    let options = Options::new();
+    let spare_options = ws_options_new();
+    let spare_client = ws_client_new();
+    let (mut out_conn, mut out_size): (WsConn, usize) = (0, 0);
+    let mut buf = [0 as std::os::raw::c_char; 64];
+    let (out_conn, out_size, buf) = (
+        &mut out_conn as *mut WsConn,
+        &mut out_size as *mut usize,
+        &mut buf,
+    );
+    let p = |ptr: *const std::os::raw::c_char| Null(ptr.is_null());
+
+    type Call<'a> = Box<dyn FnMut() -> Returned + 'a>;
+    let calls: Vec<(&str, Returned, Call)> = unsafe {
+        vec![
+            ("ws_version", Null(true), Box::new(|| p(ws_version()))),
+            (
+                "ws_status_str",
+                Null(true),
+                Box::new(|| p(ws_status_str(0))),
+            ),
+            ("ws_last_error", Null(true), Box::new(|| p(ws_last_error()))),
+            (
+                "ws_client_new",
+                Null(true),
+                Box::new(|| {
+                    let new = ws_client_new();
+                    let null = new.is_null();
+                    ws_client_free(new);
+                    Null(null)
+                }),
+            ),
+            (
+                "ws_client_free",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_client_free(spare_client))),
+            ),
+            (
+                "ws_client_fd",
+                Int(-1),
+                Box::new(|| Int(ws_client_fd(c).into())),
+            ),
+            (
+                "ws_client_connection_count",
+                Int(0),
+                Box::new(|| Int(ws_client_connection_count(c) as i64)),
+            ),
+            (
+                "ws_dispatch",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_dispatch(c, null_mut(), null_mut()))),
+            ),
+            (
+                "ws_run",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_run(c, 0))),
+            ),
+            (
+                "ws_connect",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_connect(c, uri.as_ptr(), out_conn))),
+            ),
+            (
+                "ws_connect_with_options",
+                Status(WsStatus::Panic),
+                Box::new(|| {
+                    Status(ws_connect_with_options(
+                        c,
+                        uri.as_ptr(),
+                        options.0,
+                        out_conn,
+                    ))
+                }),
+            ),
+            (
+                "ws_on_open",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_on_open(conn, Some(on_open), user))),
+            ),
+            (
+                "ws_on_message",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_on_message(conn, Some(on_message), user))),
+            ),
+            (
+                "ws_on_close",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_on_close(conn, Some(on_close), user))),
+            ),
+            (
+                "ws_on_error",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_on_error(conn, Some(on_error), user))),
+            ),
+            (
+                "ws_send",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_send(conn, text.as_ptr(), 1))),
+            ),
+            (
+                "ws_send_binary",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_send_binary(conn, text.as_ptr().cast(), 1))),
+            ),
+            (
+                "ws_close",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_close(conn, 1000, null()))),
+            ),
+            (
+                "ws_set_flow_control",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_set_flow_control(conn, true))),
+            ),
+            (
+                "ws_message_complete",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_message_complete(conn))),
+            ),
+            (
+                "ws_buffered_amount",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_buffered_amount(conn, out_size))),
+            ),
+            (
+                "ws_protocol",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_protocol(conn, buf.as_mut_ptr(), 64, out_size))),
+            ),
+            (
+                "ws_options_new",
+                Null(true),
+                Box::new(|| {
+                    let new = ws_options_new();
+                    let null = new.is_null();
+                    ws_options_free(new);
+                    Null(null)
+                }),
+            ),
+            (
+                "ws_options_free",
+                Nothing,
+                Box::new(|| {
+                    ws_options_free(spare_options);
+                    Nothing
+                }),
+            ),
+            (
+                "ws_options_add_ca_file",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_add_ca_file(options.0, null()))),
+            ),
+            (
+                "ws_options_add_header",
+                Status(WsStatus::Panic),
+                Box::new(|| {
+                    Status(ws_options_add_header(
+                        options.0,
+                        text.as_ptr(),
+                        text.as_ptr(),
+                    ))
+                }),
+            ),
+            (
+                "ws_options_add_subprotocol",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_add_subprotocol(options.0, text.as_ptr()))),
+            ),
+            (
+                "ws_options_set_connect_timeout_ms",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_set_connect_timeout_ms(options.0, 1000))),
+            ),
+            (
+                "ws_options_set_close_timeout_ms",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_set_close_timeout_ms(options.0, 1000))),
+            ),
+            (
+                "ws_options_set_keepalive",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_set_keepalive(options.0, 1000, 1000))),
+            ),
+            (
+                "ws_options_set_max_message_size",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_set_max_message_size(options.0, 1000))),
+            ),
+            (
+                "ws_options_set_read_buffer_size",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_set_read_buffer_size(options.0, 1000))),
+            ),
+            (
+                "ws_options_set_receive_queue_limit",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_set_receive_queue_limit(options.0, 1000))),
+            ),
+            (
+                "ws_options_set_send_queue_limit",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_set_send_queue_limit(options.0, 1000))),
+            ),
+        ]
+    };
+    let names: std::collections::BTreeSet<String> =
+        calls.iter().map(|(name, ..)| name.to_string()).collect();
+    assert_eq!(names, header_functions(), "every export, and only those");
+    let mut failures = Vec::new();
+    for (name, default, mut call) in calls {
+        // Some other last error first, so that the panic's must replace it.
+        assert_eq!(send_text(0, "x"), WsStatus::Gone);
+        wsclient::testing::panic_in_next_call();
+        let returned = call();
+        let fired = !wsclient::testing::panic_pending();
+        if !fired {
+            // The call ran without its boundary (and its hook): disarm before going on.
+            ws_version();
+        }
+        let message = last_error();
+        if !fired || returned != default || !message.contains("a panic was caught") {
+            failures.push(format!(
+                "{name}: panicked {fired}, returned {returned:?} (default {default:?}), last error {message:?}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    // Nothing happened: the connection is as it was, and the spare objects are still whole.
+    assert_eq!(rec.events(), []);
+    assert_eq!(send_text(conn, "still queued"), WsStatus::Ok);
+    assert_eq!(unsafe { ws_client_connection_count(c) }, 1);
+    unsafe {
+        ws_options_free(spare_options);
+        assert_eq!(ws_client_free(spare_client), WsStatus::Ok);
+    }
 }

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::skip_under_asan;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -92,6 +94,12 @@ fn header_compiles_as_cxx17() {
 
 #[test]
 fn echo_over_ws_under_valgrind() {
+    if skip_under_asan(
+        "echo_over_ws_under_valgrind",
+        "it runs the C programs, which do not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     let out = memcheck(&example("echo"), &[&server.url("/echo")]);
     assert!(
@@ -103,6 +111,12 @@ fn echo_over_ws_under_valgrind() {
 
 #[test]
 fn echo_over_wss_under_valgrind() {
+    if skip_under_asan(
+        "echo_over_wss_under_valgrind",
+        "it runs the C programs, which do not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     let url = server.wss_url("localhost", "/echo");
     let out = memcheck(&example("echo"), &[&url, server.ca_pem.to_str().unwrap()]);
@@ -114,6 +128,12 @@ fn echo_over_wss_under_valgrind() {
 
 #[test]
 fn echo_reports_an_untrusted_server() {
+    if skip_under_asan(
+        "echo_reports_an_untrusted_server",
+        "it runs the C programs, which do not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     let output = Command::new(example("echo"))
         .arg(server.wss_url("localhost", "/echo"))
@@ -126,6 +146,12 @@ fn echo_reports_an_untrusted_server() {
 
 #[test]
 fn flow_control_with_deferred_completion_under_valgrind() {
+    if skip_under_asan(
+        "flow_control_with_deferred_completion_under_valgrind",
+        "it runs the C programs, which do not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     let out = memcheck(&example("flow"), &[&server.url("/push?n=3000"), "3000"]);
     assert!(
@@ -136,6 +162,12 @@ fn flow_control_with_deferred_completion_under_valgrind() {
 
 #[test]
 fn free_with_500_connections_open_under_valgrind() {
+    if skip_under_asan(
+        "free_with_500_connections_open_under_valgrind",
+        "it runs the C programs, which do not use the ASan build",
+    ) {
+        return;
+    }
     let server = TestServer::start();
     let out = memcheck(&example("many"), &[&server.url("/echo"), "500"]);
     assert!(out.starts_with("500 open, 500 alive at free"), "{out}");

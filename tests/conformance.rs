@@ -95,20 +95,23 @@ fn server_ping_is_answered_with_its_payload() {
     }
 }
 
-/// Keepalive pings go out when the connection is idle and are answered: the connection lives on.
-/// (Node's ws reports each ping it receives; Python's asyncio API does not expose them.)
+/// Keepalive pings go out when the connection is idle and are answered: the connection lives
+/// on through several full keepalive timeouts. (Node's ws reports each ping it receives;
+/// Python's asyncio API does not expose them.)
 #[test]
 fn keepalive_pings_keep_an_idle_connection_alive() {
     let peer = Peer::start_node();
     let client = Client::new();
     let options = Options::new();
-    unsafe { ws_options_set_keepalive(options.0, 20, 2000) };
+    let timeout = 400;
+    unsafe { ws_options_set_keepalive(options.0, 50, timeout) };
     let rec = Recorder::default();
     let conn = client.connect_with(&format!("{}/echo", peer.url()), options.0);
     watch(conn, &rec);
     client.run_until("open", || !rec.of(conn).is_empty());
-    peer.wait_for_lines("ping", 5);
+    let pings = survive_keepalive(timeout, |n| peer.wait_for_lines("ping", n));
+    assert!(pings >= 8, "only {pings} pings in four keepalive timeouts");
     assert_eq!(send_text(conn, "still here"), WsStatus::Ok);
     client.run_until("the echo", || rec.texts(conn) == ["still here"]);
-    assert_eq!(rec.finals(conn), 0);
+    assert_eq!(rec.finals(conn), 0, "{:?}", rec.of(conn));
 }

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::server::TestServer;
 use common::*;
 
@@ -117,35 +119,51 @@ fn close_timeout_when_the_server_never_answers() {
     assert!(message.contains("100 ms"), "{message}");
 }
 
+/// A peer that answers nothing fails the connection once the interval and the timeout have
+/// passed: not before, and not much later.
 #[test]
-fn keepalive_detects_a_dead_peer() {
+fn keepalive_detects_a_dead_peer_within_the_bound() {
     let server = TestServer::start();
     let client = Client::new();
     let options = Options::new();
-    unsafe { ws_options_set_keepalive(options.0, 50, 100) };
+    let (interval, timeout) = (50, 300);
+    unsafe { ws_options_set_keepalive(options.0, interval, timeout) };
     let rec = Recorder::default();
+    let started = Instant::now();
     let conn = client.connect_with(&server.url("/silent"), options.0);
     watch(conn, &rec);
     let (status, message) = final_error(&client, &rec, conn);
+    let took = started.elapsed();
     assert_eq!(status, WsStatus::KeepaliveTimeout);
     assert!(message.starts_with("keepalive timeout"), "{message}");
+    let bound = Duration::from_millis((interval + timeout).into());
+    assert!(took >= bound, "failed after {took:?}, before {bound:?}");
+    // The slack is for connecting and a loaded machine; a missed timer would take far longer.
+    assert!(
+        took < bound + Duration::from_secs(2),
+        "failed only after {took:?}"
+    );
 }
 
+/// A peer that answers every ping survives several full keepalive timeouts.
 #[test]
-fn keepalive_keeps_a_live_peer() {
+fn keepalive_keeps_a_live_peer_through_several_timeouts() {
     let server = TestServer::start();
     let client = Client::new();
     let options = Options::new();
-    unsafe { ws_options_set_keepalive(options.0, 20, 2000) };
+    let (interval, timeout) = (50, 400);
+    unsafe { ws_options_set_keepalive(options.0, interval, timeout) };
     let rec = Recorder::default();
     let conn = client.connect_with(&server.url("/echo"), options.0);
     watch(conn, &rec);
     client.run_until("open", || rec.of(conn) == [Ev::Open(conn)]);
-    // Idle through five keepalive pings, each answered by the server: the connection lives on.
-    server.log.wait_for_count(5, |l| l == "ping");
+    let pings = survive_keepalive(timeout, |n| {
+        server.log.wait_for_count(n, |l| l == "ping");
+    });
+    assert!(pings >= 8, "only {pings} pings in four keepalive timeouts");
     assert_eq!(send_text(conn, "still here"), WsStatus::Ok);
     client.run_until("echo", || rec.texts(conn) == ["still here"]);
-    assert_eq!(rec.finals(conn), 0);
+    assert_eq!(rec.finals(conn), 0, "{:?}", rec.of(conn));
 }
 
 #[test]

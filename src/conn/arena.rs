@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 
 use bytes::BytesMut;
 
-use super::event::{Event, Payload};
+use super::event::{Event, Payload, RECEIVE_OVERHEAD};
 
 /// Copies of small received payloads, packed into shared blocks: one allocation per block
 /// rather than one per message (the host frees them on its thread, so per-message allocations
@@ -39,9 +39,16 @@ impl PayloadArena {
     const FIRST_BLOCK: usize = 512;
 
     /// Appends a payload made of `parts` (concatenated); it becomes an event of `batch` at the
-    /// next `drain_into`, in order. A full block is drained into `batch` first.
-    pub(crate) fn push(&mut self, parts: &[&[u8]], text: bool, batch: &mut VecDeque<Event>) {
+    /// next `drain_into`, in order. A full block is drained into `batch` first. Returns what
+    /// the message will cost while it waits for dispatch (`Payload::cost`).
+    pub(crate) fn push(
+        &mut self,
+        parts: &[&[u8]],
+        text: bool,
+        batch: &mut VecDeque<Event>,
+    ) -> usize {
         let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut charge = RECEIVE_OVERHEAD;
         if self.block.capacity() - self.block.len() < len {
             self.drain_into(batch);
             // The first block after an idle spell is small: a connection that receives one
@@ -56,11 +63,15 @@ impl PayloadArena {
             // The whole block is charged once, to the first message in it: a block lives as
             // long as any of its messages, so a message alone in a block costs the block.
             self.uncharged += self.block.capacity();
+            charge += self.block.capacity();
         }
         for part in parts {
             self.block.extend_from_slice(part);
         }
         self.pending.push((self.block.len(), text));
+        // Its bytes are in the block (charged once, to the first message in it) and the
+        // bookkeeping every message costs.
+        charge
     }
 
     /// Messages appended and not yet drained.
@@ -106,10 +117,15 @@ mod tests {
     fn each_block_is_charged_once_to_its_first_message() {
         let mut arena = PayloadArena::default();
         let mut batch = VecDeque::new();
-        arena.push(&[b"a"], false, &mut batch);
-        arena.push(&[b"bc", b"\0"], true, &mut batch);
+        let told = [
+            arena.push(&[b"a"], false, &mut batch),
+            arena.push(&[b"bc", b"\0"], true, &mut batch),
+        ];
         arena.drain_into(&mut batch);
         assert_eq!(costs(&batch), [PayloadArena::FIRST_BLOCK, 0]);
+        // What push tells the reader is what the message costs while it waits.
+        let actual: Vec<usize> = batch.iter().map(|e| e.cost()).collect();
+        assert_eq!(told.to_vec(), actual);
         // The same block, after a hand-over: already paid for.
         arena.push(&[b"d"], false, &mut batch);
         arena.drain_into(&mut batch);

@@ -146,13 +146,27 @@ impl Conn {
         Ok(())
     }
 
+    /// Turns flow control on or off. Turned on from another thread, it waits for a callback of
+    /// this connection that runs now: at most one message callback starts after it returned
+    /// before the hold (see `invoke`).
     pub(crate) fn set_flow_control(self: &Arc<Self>, enabled: bool) {
+        if enabled {
+            return self.invoke.register(|| {
+                self.lock().flow_control = true;
+                self.flow_control_on.store(true, Ordering::Release);
+            });
+        }
         let mut st = self.lock();
-        st.flow_control = enabled;
-        self.flow_control_on.store(enabled, Ordering::Release);
-        if !enabled && st.awaiting_complete {
+        st.flow_control = false;
+        self.flow_control_on.store(false, Ordering::Release);
+        if st.awaiting_complete {
             self.release(st);
         }
+    }
+
+    /// How many events wait for dispatch (what a dispatch called now may run).
+    pub(crate) fn pending_events(&self) -> usize {
+        self.lock().inbox.len()
     }
 
     pub(crate) fn message_complete(self: &Arc<Self>) {
@@ -193,21 +207,26 @@ impl Conn {
         self.lock().protocol.clone()
     }
 
-    /// Runs the callbacks of the events that are deliverable now, at most as many as were queued
-    /// when it started (so a fast peer cannot keep one dispatch call busy forever). Returns how
-    /// many callbacks ran.
+    /// Runs the callbacks of the events that are deliverable now, at most `budget` (as many as
+    /// were pending when ws_dispatch was called: events arriving meanwhile wait for the next
+    /// one, so a fast peer cannot keep one dispatch call busy forever). Returns how many
+    /// callbacks ran.
     ///
     /// Events are taken from the inbox in batches under one lock; a callback that turns flow
     /// control on sends the rest of the batch back to the inbox, to wait for message_complete.
     /// `batch` is the dispatcher's reusable scratch queue (empty on entry and on return), so a
     /// dispatch allocates nothing.
-    pub(crate) fn dispatch(self: &Arc<Self>, batch: &mut VecDeque<Event>) -> u32 {
+    pub(crate) fn dispatch(
+        self: &Arc<Self>,
+        batch: &mut VecDeque<Event>,
+        mut budget: usize,
+    ) -> u32 {
         // Sends made by these callbacks wake the I/O task once, when the batch is done.
         let _wakes = dispatch::DeferredWakes::begin();
-        let mut budget = self.lock().inbox.len();
+        let mut calling = self.invoke.calling();
         let mut ran = 0;
         debug_assert!(batch.is_empty());
-        while budget > 0 {
+        'batches: while budget > 0 {
             let flow_control_at_take = self.flow_control_on.load(Ordering::Acquire);
             let (mut callbacks, mut version) = self.take_batch(budget, batch);
             if batch.is_empty() {
@@ -215,26 +234,33 @@ impl Conn {
             }
             budget -= batch.len();
             while let Some(event) = batch.pop_front() {
-                ran += self.invoke.invoke(|| {
-                    // Registered since the batch was taken: the new callbacks are in force.
-                    let current = self.callbacks_version.load(Ordering::Acquire);
-                    if current != version {
-                        (callbacks, version) = (self.lock().callbacks, current);
-                    }
-                    self.deliver_to_host(&event, &callbacks)
-                }) as u32;
+                // Registrations and flow control from other threads go in between callbacks.
+                calling.between_callbacks();
+                let turned_on =
+                    !flow_control_at_take && self.flow_control_on.load(Ordering::Acquire);
+                if turned_on && matches!(event, Event::Message(_)) {
+                    // Flow control was turned on (by the last callback, or by another thread
+                    // since) after this batch was taken: the rest waits in the inbox, and is
+                    // taken again one message at a time.
+                    batch.push_front(event);
+                    budget += batch.len();
+                    self.put_back(batch);
+                    continue 'batches;
+                }
+                // Registered since the batch was taken: the new callbacks are in force.
+                let current = self.callbacks_version.load(Ordering::Acquire);
+                if current != version {
+                    (callbacks, version) = (self.lock().callbacks, current);
+                }
+                ran += self.deliver_to_host(&event, &callbacks) as u32;
                 if event.is_final() {
+                    drop(calling);
                     self.become_gone();
                     return ran;
                 }
-                let turned_on =
-                    !flow_control_at_take && self.flow_control_on.load(Ordering::Acquire);
-                if turned_on && !batch.is_empty() {
-                    budget += batch.len();
-                    self.put_back(batch);
-                }
             }
         }
+        drop(calling);
         let mut st = self.lock();
         st.scheduled = st.deliverable();
         let waker = st.waker_to_wake();

@@ -13,9 +13,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::host::callbacks::InvokeLock;
 use crate::host::dispatch::Hub;
 use crate::host::handles::WsConn;
+use crate::host::invoke::InvokeLock;
 
 mod arena;
 mod event;

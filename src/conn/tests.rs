@@ -96,7 +96,8 @@ impl Fixture {
     }
 
     fn dispatch(&mut self) -> Vec<String> {
-        self.conn.dispatch(&mut self.batch);
+        let budget = self.conn.pending_events();
+        self.conn.dispatch(&mut self.batch, budget);
         self.seen.take()
     }
 

@@ -19,7 +19,8 @@ use crate::host::handles::WsConn;
 /// A registration is in force for every callback that starts after it returned: called from
 /// another thread while a callback of this connection runs, it waits for that callback to
 /// return (so the old callback's `user` may be freed as soon as it returns). Called from
-/// inside a callback, it applies from the next callback on. Any thread, also inside callbacks.
+/// inside a callback, it applies from the next callback on and does not wait (a callback of
+/// another event loop's connection may still be running). Any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_on_open(
     conn: WsConn,
@@ -37,7 +38,8 @@ pub extern "C" fn ws_on_open(
 /// A registration is in force for every callback that starts after it returned: called from
 /// another thread while a callback of this connection runs, it waits for that callback to
 /// return (so the old callback's `user` may be freed as soon as it returns). Called from
-/// inside a callback, it applies from the next callback on. Any thread, also inside callbacks.
+/// inside a callback, it applies from the next callback on and does not wait (a callback of
+/// another event loop's connection may still be running). Any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_on_message(
     conn: WsConn,
@@ -55,7 +57,8 @@ pub extern "C" fn ws_on_message(
 /// A registration is in force for every callback that starts after it returned: called from
 /// another thread while a callback of this connection runs, it waits for that callback to
 /// return (so the old callback's `user` may be freed as soon as it returns). Called from
-/// inside a callback, it applies from the next callback on. Any thread, also inside callbacks.
+/// inside a callback, it applies from the next callback on and does not wait (a callback of
+/// another event loop's connection may still be running). Any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_on_close(
     conn: WsConn,
@@ -73,7 +76,8 @@ pub extern "C" fn ws_on_close(
 /// A registration is in force for every callback that starts after it returned: called from
 /// another thread while a callback of this connection runs, it waits for that callback to
 /// return (so the old callback's `user` may be freed as soon as it returns). Called from
-/// inside a callback, it applies from the next callback on. Any thread, also inside callbacks.
+/// inside a callback, it applies from the next callback on and does not wait (a callback of
+/// another event loop's connection may still be running). Any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_on_error(
     conn: WsConn,
@@ -172,7 +176,9 @@ pub unsafe extern "C" fn ws_close(conn: WsConn, code: u16, reason: *const c_char
 /// later, from any thread), and meanwhile the library stops reading the socket so TCP
 /// back-pressure reaches the server. The close or error callback, too, waits until the last
 /// message is completed. Off: messages are delivered as fast as the host dispatches. Turning it
-/// off releases a held message. Any thread, also inside callbacks.
+/// off releases a held message. Turned on from another thread while a callback of this
+/// connection runs, it waits for that callback to return: at most one message callback starts
+/// after it returned before the hold. Any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_set_flow_control(conn: WsConn, enabled: bool) -> WsStatus {
     ffi_status!({

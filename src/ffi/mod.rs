@@ -12,9 +12,13 @@ use crate::error::{set_last_error, Error, WsStatus};
 use crate::host::handles::{self, WsConn};
 
 /// Runs `$body`; if it panics, records the panic as the last error and returns `$default`.
+/// (A test can make the call panic here: `testing::panic_in_next_call`.)
 macro_rules! ffi_boundary {
     ($default:expr, $body:block) => {{
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| $body)) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            $crate::testing::panic_if_asked();
+            $body
+        })) {
             Ok(value) => value,
             Err(_) => {
                 $crate::error::set_last_error(

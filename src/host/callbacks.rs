@@ -2,8 +2,6 @@
 
 use std::ffi::c_void;
 use std::os::raw::c_char;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 
 use crate::error::WsStatus;
 use crate::host::handles::WsConn;
@@ -117,61 +115,4 @@ pub fn call_error(
     debug_assert_eq!(message.last(), Some(&0));
     unsafe { f(conn, kind, message.as_ptr().cast(), user.0) };
     true
-}
-
-/// Serialises one connection's callback invocations with callback registrations made on other
-/// threads, so that a registration is in force for every callback that starts after it
-/// returned: a host may replace a callback and then free the old one's `user`.
-///
-/// The dispatching thread holds the lock for each call (including the check for a newer
-/// registration); a registration from another thread takes it, so it waits while a callback
-/// of the connection runs. A registration made from inside a callback, on the dispatching
-/// thread, does not need it (and must not take it: that thread holds it).
-#[derive(Default)]
-pub(crate) struct InvokeLock {
-    lock: Mutex<()>,
-    /// The thread holding `lock` for a call (a `thread_token`), 0 when none.
-    holder: AtomicU64,
-}
-
-impl InvokeLock {
-    /// Runs `call` (which calls into the host) holding the lock.
-    pub(crate) fn invoke<R>(&self, call: impl FnOnce() -> R) -> R {
-        let _held = lock(&self.lock);
-        self.holder.store(thread_token(), Ordering::Relaxed);
-        // Cleared even if `call` unwinds (a panic in our own code; callbacks cannot unwind).
-        let _clear = ClearOnDrop(&self.holder);
-        call()
-    }
-
-    /// Runs `change` after any callback running on another thread has returned.
-    pub(crate) fn register<R>(&self, change: impl FnOnce() -> R) -> R {
-        if self.holder.load(Ordering::Relaxed) == thread_token() {
-            // Inside one of this connection's callbacks, on the dispatching thread.
-            return change();
-        }
-        let _held = lock(&self.lock);
-        change()
-    }
-}
-
-struct ClearOnDrop<'a>(&'a AtomicU64);
-
-impl Drop for ClearOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(0, Ordering::Relaxed);
-    }
-}
-
-fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// A number naming the calling thread, never 0.
-fn thread_token() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    thread_local! {
-        static TOKEN: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    TOKEN.with(|t| *t)
 }

@@ -48,6 +48,11 @@ thread_local! {
     static DEFERRED: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Whether this thread is running callbacks (inside a dispatch batch).
+pub(crate) fn in_callback() -> bool {
+    DEFER_DEPTH.get() > 0
+}
+
 /// Wakes a connection's I/O task, or, inside a dispatch batch on this thread, when the batch
 /// ends. A host answering a batch of messages with sends then wakes the task once rather than
 /// once per send; each of those wake-ups is a switch between threads when they share a core.
@@ -108,6 +113,8 @@ pub struct Hub {
 #[derive(Default)]
 struct DispatchScratch {
     connections: VecDeque<Arc<Conn>>,
+    /// How many events each of them had pending when the dispatch began.
+    budgets: Vec<usize>,
     events: VecDeque<Event>,
 }
 
@@ -170,6 +177,7 @@ impl Hub {
         let mut scratch = lock(&self.scratch);
         let DispatchScratch {
             connections,
+            budgets,
             events,
         } = &mut *scratch;
         {
@@ -177,9 +185,13 @@ impl Hub {
             self.wakeup.clear();
             std::mem::swap(&mut *ready, connections);
         }
+        // What is pending now is what this dispatch runs, whatever arrives while it runs.
+        budgets.clear();
+        budgets.extend(connections.iter().map(|conn| conn.pending_events()));
         let ran = connections
             .drain(..)
-            .map(|conn| conn.dispatch(events))
+            .zip(budgets.drain(..))
+            .map(|(conn, budget)| conn.dispatch(events, budget))
             .sum();
         (ran, !lock(&self.ready).is_empty())
     }
@@ -228,10 +240,11 @@ impl Hub {
             if self.live_connections() == 0 {
                 return Ok(());
             }
-            if more {
+            // The deadline holds also while events keep coming.
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if more && remaining != Some(Duration::ZERO) {
                 continue;
             }
-            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if remaining == Some(Duration::ZERO) {
                 return Err(Error::new(
                     WsStatus::Timeout,

@@ -384,15 +384,18 @@ impl FrameReader {
         match payload {
             Payload::Owned(data) if fragments.data.is_empty() => fragments.data = data,
             _ => {
-                // Grows like a Vec (doubling), but an allocation failure is an error, not an abort.
+                // Grows like a Vec (doubling when full), but an allocation failure is an error,
+                // not an abort.
                 let needed = fragments.data.len() + bytes.len();
-                let additional =
-                    needed.max(fragments.data.capacity().saturating_mul(2)) - fragments.data.len();
-                try_grow(
-                    &mut fragments.data,
-                    self.max_message.max(needed),
-                    additional,
-                )?;
+                if needed > fragments.data.capacity() {
+                    let target = needed.max(fragments.data.capacity().saturating_mul(2));
+                    let additional = target - fragments.data.len();
+                    try_grow(
+                        &mut fragments.data,
+                        self.max_message.max(needed),
+                        additional,
+                    )?;
+                }
                 fragments.data.extend_from_slice(bytes);
             }
         }
@@ -708,6 +711,30 @@ mod tests {
                 &wire[..wire.len().min(12)]
             );
         }
+    }
+
+    /// Found by the fuzzer: every fragment doubled the message's allocation, needed or not,
+    /// so 31 one-byte fragments asked for 2 GiB (with no maximum message size).
+    #[test]
+    fn many_small_fragments_grow_the_message_as_much_as_their_bytes() {
+        let mut reader = FrameReader::new(Vec::new(), 4096, usize::MAX);
+        let mut wire = frame(0x02, &[0; 20_000]);
+        for _ in 0..40 {
+            wire.extend(frame(0x00, b"x"));
+        }
+        wire.extend(frame(0x80, b"end"));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut source = &wire[..];
+        let mut data = None;
+        while data.is_none() {
+            assert!(reader.poll_read_from(&mut source, &mut cx).is_ready());
+            if let Some(Item::OwnedMessage { data: d, .. }) = reader.next_item().unwrap() {
+                data = Some(d);
+            }
+        }
+        let data = data.unwrap();
+        assert_eq!(data.len(), 20_043);
+        assert!(data.capacity() < 2 * 20_043, "capacity {}", data.capacity());
     }
 
     #[test]

@@ -2,25 +2,37 @@
 //! blocks, on resolver threads of the library's own rather than in a client's runtime: a look-up
 //! cannot be interrupted, and ws_client_free must not wait for one (it abandons it instead).
 //!
-//! At most `MAX_THREADS` threads, shared by every client of the process, started when first
-//! needed; one that stays idle for `IDLE_EXIT` ends.
+//! The threads are shared by every client of the process, started when first needed, and end
+//! after `IDLE_EXIT` without work. At most `MAX_LIVE` look-ups run at a time for connections
+//! that still wait for them; a look-up whose connection is gone (its client freed, its connect
+//! timed out) no longer counts, so one stuck in the system resolver cannot starve the others,
+//! and one still queued is dropped unrun. `MAX_THREADS` bounds the threads in all.
 
 use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-const MAX_THREADS: usize = 4;
+const MAX_LIVE: usize = 4;
+const MAX_THREADS: usize = 32;
 const IDLE_EXIT: Duration = Duration::from_secs(10);
 
-type Job = Box<dyn FnOnce() + Send>;
+/// A look-up to run, and whether whoever asked for it still waits (its `Asker` is alive).
+struct Job {
+    asker: Weak<Asker>,
+    run: Box<dyn FnOnce() + Send>,
+}
 
-#[derive(Default)]
+/// Held by a waiting look-up; dropped when it returns or is abandoned.
+struct Asker;
+
 struct Queue {
     jobs: VecDeque<Job>,
     threads: usize,
     idle: usize,
+    /// The askers of the look-ups running now.
+    running: Vec<Weak<Asker>>,
 }
 
 struct Pool {
@@ -33,6 +45,7 @@ static POOL: Pool = Pool {
         jobs: VecDeque::new(),
         threads: 0,
         idle: 0,
+        running: Vec::new(),
     }),
     job_ready: Condvar::new(),
 };
@@ -46,17 +59,23 @@ pub(crate) async fn lookup(host: &str, port: u16) -> io::Result<Vec<SocketAddr>>
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
+    let asker = Arc::new(Asker);
     let (answer, answered) = tokio::sync::oneshot::channel();
     let host = host.to_owned();
-    submit(Box::new(move || {
-        // The asker may be gone (its connection ended or its client was freed): fine.
-        let _ = answer.send(
-            (host.as_str(), port)
-                .to_socket_addrs()
-                .map(Iterator::collect),
-        );
-    }))?;
-    answered.await.unwrap_or_else(|_| {
+    submit(Job {
+        asker: Arc::downgrade(&asker),
+        run: Box::new(move || {
+            // The asker may be gone meanwhile: fine.
+            let _ = answer.send(
+                (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map(Iterator::collect),
+            );
+        }),
+    })?;
+    let answer = answered.await;
+    drop(asker);
+    answer.unwrap_or_else(|_| {
         Err(io::Error::other(
             "the resolver thread ended without an answer",
         ))
@@ -66,7 +85,14 @@ pub(crate) async fn lookup(host: &str, port: u16) -> io::Result<Vec<SocketAddr>>
 fn submit(job: Job) -> io::Result<()> {
     let mut queue = lock(&POOL.queue);
     queue.jobs.push_back(job);
-    if queue.idle >= queue.jobs.len() || queue.threads == MAX_THREADS {
+    // Threads at work for someone who still waits (starting ones included): only those count.
+    let abandoned = queue
+        .running
+        .iter()
+        .filter(|asker| asker.strong_count() == 0)
+        .count();
+    let working = queue.threads - queue.idle - abandoned;
+    if queue.idle >= queue.jobs.len() || working >= MAX_LIVE || queue.threads >= MAX_THREADS {
         POOL.job_ready.notify_one();
         return Ok(());
     }
@@ -92,9 +118,17 @@ fn serve() {
     let mut queue = lock(&POOL.queue);
     loop {
         if let Some(job) = queue.jobs.pop_front() {
+            if job.asker.strong_count() == 0 {
+                // Nobody waits for it any more.
+                continue;
+            }
+            queue.running.push(job.asker.clone());
             drop(queue);
-            job();
+            (job.run)();
             queue = lock(&POOL.queue);
+            if let Some(i) = queue.running.iter().position(|a| a.ptr_eq(&job.asker)) {
+                queue.running.swap_remove(i);
+            }
             continue;
         }
         queue.idle += 1;
@@ -139,5 +173,28 @@ mod tests {
             assert!(!answer.await.unwrap().unwrap().is_empty());
         }
         assert!(lock(&POOL.queue).threads <= MAX_THREADS);
+    }
+
+    /// A job whose asker is gone is not run, and a running one no longer counts.
+    #[test]
+    fn abandoned_look_ups_do_not_count() {
+        let gone = Arc::new(Asker);
+        let weak = Arc::downgrade(&gone);
+        drop(gone);
+        let (ran, told) = std::sync::mpsc::channel();
+        submit(Job {
+            asker: weak,
+            run: Box::new(move || ran.send(()).unwrap()),
+        })
+        .unwrap();
+        let waiting = Arc::new(Asker);
+        let (done, finished) = std::sync::mpsc::channel();
+        submit(Job {
+            asker: Arc::downgrade(&waiting),
+            run: Box::new(move || done.send(()).unwrap()),
+        })
+        .unwrap();
+        finished.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(told.try_recv().is_err(), "a look-up nobody waits for ran");
     }
 }

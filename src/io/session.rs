@@ -471,12 +471,15 @@ impl Session {
         }
     }
 
-    /// Remembers a ping to answer in the next write round.
-    fn answer_ping(&mut self, payload: Bytes) {
-        if self.pongs.len() == MAX_PENDING_PONGS {
+    /// Remembers a ping to answer in the next write round. Answers are coalesced (the oldest
+    /// dropped) only while the socket does not take what we write: a peer that reads gets every
+    /// answer. Returns whether reading may go on before the answers are written.
+    fn answer_ping(&mut self, payload: Bytes) -> bool {
+        if self.pongs.len() >= MAX_PENDING_PONGS && self.write_blocked {
             self.pongs.pop_front();
         }
         self.pongs.push_back(payload);
+        self.pongs.len() < MAX_PENDING_PONGS || self.write_blocked
     }
 
     /// Reads messages into the batch, as many as the allowance permits and the socket has.
@@ -516,10 +519,9 @@ impl Session {
                 Item::Message { text } => {
                     messages += 1;
                     let payload = self.reader.payload();
-                    cost += payload.len();
                     // Copied out of the read buffer (text with the NUL the C API promises).
                     let parts: &[&[u8]] = if text { &[payload, b"\0"] } else { &[payload] };
-                    self.arena.push(parts, text, &mut self.batch);
+                    cost += self.arena.push(parts, text, &mut self.batch);
                 }
                 Item::OwnedMessage { text, data } => {
                     messages += 1;
@@ -531,7 +533,10 @@ impl Session {
                 }
                 Item::Ping => {
                     let payload = Bytes::copy_from_slice(self.reader.payload());
-                    self.answer_ping(payload);
+                    if !self.answer_ping(payload) {
+                        // Write the answers first (the next round), then read on.
+                        break;
+                    }
                 }
                 Item::Pong => {}
                 Item::Close(frame) => {
@@ -558,7 +563,10 @@ impl Session {
             while let Some(control) = self.reader.next_buffered_control() {
                 progress = true;
                 if let Buffered::Ping(payload) = control {
-                    self.answer_ping(payload);
+                    if !self.answer_ping(payload) {
+                        // Write the answers first (the next round), then look on.
+                        return Ok(true);
+                    }
                 }
             }
             match self.reader.poll_read_ahead(&mut &*self.wire, cx) {

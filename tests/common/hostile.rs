@@ -816,3 +816,29 @@ impl Drop for TlsIdentity {
         let _ = std::fs::remove_file(&self.ca_pem);
     }
 }
+
+// ---- round 2: TLS peers with more control ----------------------------------------------------
+
+/// A TLS stream over an accepted connection, as `TlsIdentity::accept` makes it.
+pub type TlsPeer = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
+
+impl TlsIdentity {
+    /// A copy of the server configuration, to change before `accept_with` (tickets, versions).
+    pub fn server_config(&self) -> rustls::ServerConfig {
+        (*self.config).clone()
+    }
+
+    /// The server side of TLS over `peer`, with `config` instead of the identity's own.
+    pub fn accept_with(&self, config: Arc<rustls::ServerConfig>, peer: Peer) -> TlsPeer {
+        let connection = rustls::ServerConnection::new(config).unwrap();
+        rustls::StreamOwned::new(connection, peer.stream)
+    }
+}
+
+/// Writes what rustls has to send (records already made) to the socket.
+pub fn flush_tls(tls: &mut TlsPeer) -> io::Result<()> {
+    while tls.conn.wants_write() {
+        tls.conn.write_tls(&mut tls.sock)?;
+    }
+    tls.sock.flush()
+}

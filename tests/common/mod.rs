@@ -263,3 +263,68 @@ pub fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }
+
+/// The names of the functions include/wsclient.h declares.
+pub fn header_functions() -> std::collections::BTreeSet<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("include/wsclient.h");
+    let header = std::fs::read_to_string(path).unwrap();
+    let mut code = String::new();
+    let mut rest = header.as_str();
+    while let Some(start) = rest.find("/*") {
+        code.push_str(&rest[..start]);
+        rest = &rest[start + rest[start..].find("*/").unwrap() + 2..];
+    }
+    code.push_str(rest);
+    // The identifier right before each "(": function names, and "(*ws_x_cb)" typedefs' none.
+    code.match_indices('(')
+        .map(|(i, _)| {
+            let before = &code[..i];
+            let start = before
+                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(0, |j| j + 1);
+            &before[start..]
+        })
+        .filter(|w| w.starts_with("ws_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits, ping by ping, until the connection has been idle for four full keepalive timeouts
+/// (`timeout_ms`) while the peer answered its pings; `wait_for_pings(n)` returns once the
+/// peer has seen `n` pings. Returns how many it saw.
+pub fn survive_keepalive(timeout_ms: u32, mut wait_for_pings: impl FnMut(usize)) -> usize {
+    let start = Instant::now();
+    let span = Duration::from_millis(4 * u64::from(timeout_ms));
+    let mut pings = 0;
+    while start.elapsed() < span {
+        pings += 1;
+        wait_for_pings(pings);
+    }
+    pings
+}
+
+/// Reports loudly that a test did not test anything here (libtest hides what a passing test
+/// prints, so this goes to the process's stderr directly), or fails it where
+/// WSCLIENT_REQUIRE_ALL=1 says that every test must run.
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    assert!(
+        std::env::var_os("WSCLIENT_REQUIRE_ALL").is_none(),
+        "{test}: {why} (WSCLIENT_REQUIRE_ALL is set)"
+    );
+    let line = format!("\nSKIPPED: {test}: {why}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// Under `make asan` (WSCLIENT_ASAN=1), tests that only drive other programs (which are not
+/// built with the sanitizer) or that measure the process's memory (which ASan's shadow and
+/// quarantine inflate) are skipped, loudly. Returns whether to skip.
+pub fn skip_under_asan(test: &str, why: &str) -> bool {
+    if std::env::var_os("WSCLIENT_ASAN").is_none() {
+        return false;
+    }
+    use std::io::Write;
+    let line = format!("\nSKIPPED under AddressSanitizer: {test}: {why}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    true
+}
