@@ -29,23 +29,14 @@ pub struct Client {
 
 impl Client {
     pub fn new() -> Result<Client, Error> {
-        let hub = Hub::new().map_err(|e| {
-            Error::new(
-                WsStatus::Runtime,
-                format!("cannot create the event descriptor: {e}"),
-            )
-        })?;
+        let hub = Hub::new()
+            .map_err(|e| Error::new(WsStatus::Runtime, format!("cannot create the event descriptor: {e}")))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(IO_THREADS)
             .thread_name("wsclient-io")
             .enable_all()
             .build()
-            .map_err(|e| {
-                Error::new(
-                    WsStatus::Runtime,
-                    format!("cannot start the I/O threads: {e}"),
-                )
-            })?;
+            .map_err(|e| Error::new(WsStatus::Runtime, format!("cannot start the I/O threads: {e}")))?;
         Ok(Client {
             hub: Arc::new(hub),
             runtime: Some(runtime),
@@ -66,26 +57,14 @@ impl Client {
             Some(o) => Arc::new(o.clone()),
             None => self.default_options.clone(),
         };
-        let runtime = self
-            .runtime
-            .as_ref()
-            .ok_or_else(|| Error::new(WsStatus::Runtime, "the client is shutting down"))?;
+        let runtime =
+            self.runtime.as_ref().ok_or_else(|| Error::new(WsStatus::Runtime, "the client is shutting down"))?;
         let conn = handles::insert(|id| {
-            Arc::new(Conn::new(
-                id,
-                self.hub.clone(),
-                options.send_queue_limit,
-                options.receive_queue_limit,
-            ))
+            Arc::new(Conn::new(id, self.hub.clone(), options.send_queue_limit, options.receive_queue_limit))
         });
         self.hub.connection_added();
         self.hub.task_started();
-        let launch = Launch {
-            conn: conn.clone(),
-            target,
-            options,
-            tls: self.tls.clone(),
-        };
+        let launch = Launch { conn: conn.clone(), target, options, tls: self.tls.clone() };
         runtime.spawn(task::run(launch));
         Ok(conn.id)
     }
@@ -102,8 +81,7 @@ impl Client {
         for conn in handles::remove_all(|c| c.hub.id == hub_id) {
             conn.shut_down();
         }
-        self.hub
-            .wait_for_tasks(deadline.saturating_duration_since(Instant::now()));
+        self.hub.wait_for_tasks(deadline.saturating_duration_since(Instant::now()));
         if let Some(runtime) = self.runtime.take() {
             // Drops the tasks still running (their close frames were best effort) and joins
             // the I/O thread: nothing in it blocks (DNS look-ups run elsewhere), so this is quick.

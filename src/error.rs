@@ -137,10 +137,7 @@ pub struct Error {
 
 impl Error {
     pub fn new(status: WsStatus, message: impl Into<String>) -> Error {
-        Error {
-            status,
-            message: message.into(),
-        }
+        Error { status, message: message.into() }
     }
 }
 
@@ -179,9 +176,7 @@ mod tests {
             assert_eq!(s.describe().matches('\0').count(), 1);
         }
         assert!(
-            WsStatus::ALL
-                .windows(2)
-                .all(|w| (w[0] as u32) < (w[1] as u32)),
+            WsStatus::ALL.windows(2).all(|w| (w[0] as u32) < (w[1] as u32)),
             "the table is in the order of the numbers"
         );
         assert_eq!(WsStatus::from_u32(15), None);

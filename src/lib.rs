@@ -27,7 +27,5 @@ pub(crate) mod uri;
 pub(crate) mod wire;
 
 pub use error::WsStatus;
-pub use host::callbacks::{
-    WsCloseCallback, WsErrorCallback, WsMessageCallback, WsMessageKind, WsOpenCallback,
-};
+pub use host::callbacks::{WsCloseCallback, WsErrorCallback, WsMessageCallback, WsMessageKind, WsOpenCallback};
 pub use host::handles::WsConn;

@@ -75,13 +75,9 @@ impl Options {
         let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
             .map_err(|e| Error::new(WsStatus::CertificateFile, format!("CA file {path}: {e}")))?
             .collect();
-        let certs = certs
-            .map_err(|e| Error::new(WsStatus::CertificateFile, format!("CA file {path}: {e}")))?;
+        let certs = certs.map_err(|e| Error::new(WsStatus::CertificateFile, format!("CA file {path}: {e}")))?;
         if certs.is_empty() {
-            return Err(Error::new(
-                WsStatus::CertificateFile,
-                format!("CA file {path}: no certificate in it"),
-            ));
+            return Err(Error::new(WsStatus::CertificateFile, format!("CA file {path}: no certificate in it")));
         }
         self.extra_ca.extend(certs);
         Ok(())
@@ -91,21 +87,17 @@ impl Options {
         let header = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| invalid(format!("invalid HTTP header name {name:?}")))?;
         if RESERVED_HEADERS.contains(&header.as_str()) {
-            return Err(invalid(format!(
-                "header {name} is set by the library and cannot be added"
-            )));
+            return Err(invalid(format!("header {name} is set by the library and cannot be added")));
         }
-        let value = HeaderValue::from_str(value)
-            .map_err(|_| invalid(format!("invalid value for HTTP header {name}")))?;
+        let value =
+            HeaderValue::from_str(value).map_err(|_| invalid(format!("invalid value for HTTP header {name}")))?;
         self.headers.push((header, value));
         Ok(())
     }
 
     pub fn add_subprotocol(&mut self, protocol: &str) -> Result<(), Error> {
         let is_token = !protocol.is_empty()
-            && protocol
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+            && protocol.bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
         if !is_token {
             return Err(invalid(format!("invalid subprotocol name {protocol:?}")));
         }
@@ -115,9 +107,7 @@ impl Options {
 
     pub fn set_max_message_size(&mut self, bytes: usize) -> Result<(), Error> {
         if bytes == 0 {
-            return Err(invalid(
-                "the maximum message size must be at least 1 byte".into(),
-            ));
+            return Err(invalid("the maximum message size must be at least 1 byte".into()));
         }
         self.max_message_size = bytes;
         Ok(())
@@ -125,9 +115,7 @@ impl Options {
 
     pub fn set_read_buffer_size(&mut self, bytes: usize) -> Result<(), Error> {
         if !(256..=(16 << 20)).contains(&bytes) {
-            return Err(invalid(
-                "the read buffer size must be between 256 bytes and 16 MiB".into(),
-            ));
+            return Err(invalid("the read buffer size must be between 256 bytes and 16 MiB".into()));
         }
         self.read_buffer_size = bytes;
         Ok(())

@@ -85,10 +85,7 @@ pub fn fuzz_frames(data: &[u8]) {
                 }
                 loop {
                     let seen = match reader.next_item() {
-                        Ok(Some(Item::Message { text })) => Seen::Message {
-                            text,
-                            data: reader.payload().to_vec(),
-                        },
+                        Ok(Some(Item::Message { text })) => Seen::Message { text, data: reader.payload().to_vec() },
                         Ok(Some(Item::OwnedMessage { text, mut data })) => {
                             if text {
                                 assert_eq!(data.pop(), Some(0), "text is handed over with a NUL");
@@ -115,10 +112,7 @@ pub fn fuzz_frames(data: &[u8]) {
     } else {
         read(&mut cuts.iter().map(|b| chunk_len(*b)).cycle())
     };
-    assert!(
-        whole == cut,
-        "the stream read differently when cut: whole {whole:?}, cut {cut:?}"
-    );
+    assert!(whole == cut, "the stream read differently when cut: whole {whole:?}, cut {cut:?}");
     for item in &whole.0 {
         match item {
             Seen::Message { text, data } => {
@@ -163,11 +157,7 @@ pub fn fuzz_upgrade_response(data: &[u8]) {
         return;
     };
     let head_len = buf.len() - upgraded.leftover.len();
-    assert_eq!(
-        upgraded.leftover,
-        buf[head_len..],
-        "leftover is not a suffix"
-    );
+    assert_eq!(upgraded.leftover, buf[head_len..], "leftover is not a suffix");
     let head = &buf[..head_len];
     // Empty lines before the status line are skipped (httparse, as RFC 9112 2.2 allows).
     let mut start = 0;
@@ -177,27 +167,14 @@ pub fn fuzz_upgrade_response(data: &[u8]) {
     let blank = |i: usize| head[i..].starts_with(b"\n\r\n") || head[i..].starts_with(b"\n\n");
     let first_blank = (start..head.len()).find(|&i| blank(i));
     let end = first_blank.map(|i| i + if head[i + 1] == b'\r' { 3 } else { 2 });
-    assert_eq!(
-        end,
-        Some(head_len),
-        "the head does not end at its first empty line"
-    );
+    assert_eq!(end, Some(head_len), "the head does not end at its first empty line");
     let accept = derive_accept_key(key.as_bytes());
-    assert!(
-        head.windows(accept.len()).any(|w| w == accept.as_bytes()),
-        "upgraded without the accept value"
-    );
+    assert!(head.windows(accept.len()).any(|w| w == accept.as_bytes()), "upgraded without the accept value");
     if let Some(protocol) = &upgraded.protocol {
-        assert!(
-            options.subprotocols.contains(protocol),
-            "unoffered {protocol}"
-        );
+        assert!(options.subprotocols.contains(protocol), "unoffered {protocol}");
     }
     assert!(
-        matches!(
-            parse_response(&buf[..head_len - 1], key, &options),
-            Ok(None)
-        ),
+        matches!(parse_response(&buf[..head_len - 1], key, &options), Ok(None)),
         "a head one byte short is complete"
     );
     let mut more = buf.to_vec();
@@ -224,11 +201,7 @@ pub fn fuzz_uri(data: &[u8]) {
         return;
     };
     assert!(!target.host.is_empty(), "empty host");
-    assert!(
-        !target.host.contains(['[', ']']),
-        "brackets in {:?}",
-        target.host
-    );
+    assert!(!target.host.contains(['[', ']']), "brackets in {:?}", target.host);
     assert_ne!(target.port, 0);
     assert!(target.resource.starts_with('/'), "{:?}", target.resource);
     let printable = |s: &str| s.bytes().all(|b| b.is_ascii_graphic());

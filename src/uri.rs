@@ -36,10 +36,7 @@ pub struct Target {
 }
 
 fn bad(reason: &str, uri: &str) -> Error {
-    Error::new(
-        WsStatus::InvalidUri,
-        format!("invalid URI {uri:?}: {reason}"),
-    )
+    Error::new(WsStatus::InvalidUri, format!("invalid URI {uri:?}: {reason}"))
 }
 
 const NOT_ABSOLUTE: &str = "it is not absolute (ws://host/... or wss://host/...)";
@@ -83,10 +80,7 @@ fn host_name(host: &str, text: &str) -> Result<String, Error> {
             text,
         ));
     }
-    if let Some(c) = host
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "-._".contains(*c)))
-    {
+    if let Some(c) = host.chars().find(|c| !(c.is_ascii_alphanumeric() || "-._".contains(*c))) {
         return Err(bad(&format!("the host cannot contain {c:?}"), text));
     }
     Ok(host.to_ascii_lowercase())
@@ -96,10 +90,7 @@ pub fn parse(text: &str) -> Result<Target, Error> {
     if text.is_empty() {
         return Err(bad("it is empty", text));
     }
-    if text
-        .bytes()
-        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-    {
+    if text.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
         return Err(bad("it contains spaces or control characters", text));
     }
     if text.contains('#') {
@@ -109,21 +100,14 @@ pub fn parse(text: &str) -> Result<Target, Error> {
         return Err(bad(NOT_ABSOLUTE, text));
     };
     let is_scheme = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-        && scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+        && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
     if !is_scheme {
         return Err(bad(NOT_ABSOLUTE, text));
     }
     let tls = match scheme.to_ascii_lowercase().as_str() {
         "ws" => false,
         "wss" => true,
-        other => {
-            return Err(bad(
-                &format!("the scheme is {other}:, not ws: or wss:"),
-                text,
-            ))
-        }
+        other => return Err(bad(&format!("the scheme is {other}:, not ws: or wss:"), text)),
     };
     let (authority, path_and_query) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
     if authority.contains('@') {
@@ -145,18 +129,13 @@ pub fn parse(text: &str) -> Result<Target, Error> {
         let port = match after {
             "" => None,
             _ => Some(
-                after
-                    .strip_prefix(':')
-                    .ok_or_else(|| bad("only a port (:port) can follow an IPv6 address", text))?,
+                after.strip_prefix(':').ok_or_else(|| bad("only a port (:port) can follow an IPv6 address", text))?,
             ),
         };
         (address.to_string(), port, true)
     } else {
         if authority.matches(':').count() > 1 {
-            return Err(bad(
-                "the host cannot contain ':' (an IPv6 address goes in brackets: ws://[::1]:port/)",
-                text,
-            ));
+            return Err(bad("the host cannot contain ':' (an IPv6 address goes in brackets: ws://[::1]:port/)", text));
         }
         let (host, port) = match authority.split_once(':') {
             Some((host, port)) => (host, Some(port)),
@@ -173,21 +152,11 @@ pub fn parse(text: &str) -> Result<Target, Error> {
         },
         Some(_) => return Err(bad(BAD_PORT, text)),
     };
-    let mut host_header = if ipv6 {
-        format!("[{host}]")
-    } else {
-        host.clone()
-    };
+    let mut host_header = if ipv6 { format!("[{host}]") } else { host.clone() };
     if port != default_port {
         host_header.push_str(&format!(":{port}"));
     }
-    Ok(Target {
-        tls,
-        host,
-        port,
-        resource: resource(path_and_query),
-        host_header,
-    })
+    Ok(Target { tls, host, port, resource: resource(path_and_query), host_header })
 }
 
 #[cfg(test)]
@@ -212,27 +181,15 @@ mod tests {
     #[test]
     fn accepts_ws_and_wss() {
         let t = |tls, host: &str, port| (tls, host.to_owned(), port);
-        assert_eq!(
-            parts("ws://example.com/chat?x=1"),
-            t(false, "example.com", 80)
-        );
-        assert_eq!(
-            parts("wss://example.com:8443/a/b"),
-            t(true, "example.com", 8443)
-        );
+        assert_eq!(parts("ws://example.com/chat?x=1"), t(false, "example.com", 80));
+        assert_eq!(parts("wss://example.com:8443/a/b"), t(true, "example.com", 8443));
         assert_eq!(parts("ws://[::1]:9000/"), t(false, "::1", 9000));
         assert_eq!(parts("WSS://127.0.0.1"), t(true, "127.0.0.1", 443));
         assert_eq!(parts("ws://example.com"), t(false, "example.com", 80));
         assert_eq!(parts("ws://example.com?x=1"), t(false, "example.com", 80));
-        assert_eq!(
-            parts("ws://host_name-1.example./"),
-            t(false, "host_name-1.example.", 80)
-        );
+        assert_eq!(parts("ws://host_name-1.example./"), t(false, "host_name-1.example.", 80));
         assert_eq!(parts("ws://example.com:0080/"), t(false, "example.com", 80));
-        assert_eq!(
-            parts("ws://example.com:65535/"),
-            t(false, "example.com", 65535)
-        );
+        assert_eq!(parts("ws://example.com:65535/"), t(false, "example.com", 65535));
     }
 
     #[test]
@@ -273,10 +230,7 @@ mod tests {
     #[test]
     fn scheme_and_host_have_no_case() {
         let t = |tls, host: &str, port| (tls, host.to_owned(), port);
-        assert_eq!(
-            parts("WS://EXAMPLE.COM:8080/Path"),
-            t(false, "example.com", 8080)
-        );
+        assert_eq!(parts("WS://EXAMPLE.COM:8080/Path"), t(false, "example.com", 8080));
         assert_eq!(parts("wSs://ExAmPlE.cOm/"), t(true, "example.com", 443));
         assert_eq!(parts("ws://[2001:DB8::A]/"), t(false, "2001:db8::a", 80));
     }
@@ -357,14 +311,8 @@ mod tests {
 
     #[test]
     fn refusals_say_why() {
-        assert_eq!(
-            refused("ws://host:0/"),
-            "the port must be a number from 1 to 65535"
-        );
-        assert_eq!(
-            refused("relative/path"),
-            "it is not absolute (ws://host/... or wss://host/...)"
-        );
+        assert_eq!(refused("ws://host:0/"), "the port must be a number from 1 to 65535");
+        assert_eq!(refused("relative/path"), "it is not absolute (ws://host/... or wss://host/...)");
         assert_eq!(refused("http://x/"), "the scheme is http:, not ws: or wss:");
         assert!(refused("ws://b\u{fc}cher.example/").contains("xn--"));
         assert!(refused("ws://user@host/").contains("user information"));

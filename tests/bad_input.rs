@@ -31,11 +31,7 @@ fn invalid_uris_are_refused_at_once() {
         let status = unsafe { ws_connect(client.0, cstr(uri).as_ptr(), &mut conn) };
         assert_eq!(status, WsStatus::InvalidUri, "{uri:?}");
         assert_eq!(conn, 12345, "conn_out is untouched on failure");
-        assert!(
-            last_error().starts_with("invalid URI"),
-            "{uri:?}: {}",
-            last_error()
-        );
+        assert!(last_error().starts_with("invalid URI"), "{uri:?}: {}", last_error());
     }
     assert_eq!(unsafe { ws_client_connection_count(client.0) }, 0);
 }
@@ -47,80 +43,40 @@ fn null_and_non_utf8_arguments() {
     let url = cstr(&server.url("/echo"));
     let mut conn = 0;
     unsafe {
-        assert_eq!(
-            ws_connect(null_mut(), url.as_ptr(), &mut conn),
-            WsStatus::NullArgument
-        );
-        assert_eq!(
-            ws_connect(client.0, null(), &mut conn),
-            WsStatus::NullArgument
-        );
-        assert_eq!(
-            ws_connect(client.0, url.as_ptr(), null_mut()),
-            WsStatus::NullArgument
-        );
+        assert_eq!(ws_connect(null_mut(), url.as_ptr(), &mut conn), WsStatus::NullArgument);
+        assert_eq!(ws_connect(client.0, null(), &mut conn), WsStatus::NullArgument);
+        assert_eq!(ws_connect(client.0, url.as_ptr(), null_mut()), WsStatus::NullArgument);
         assert!(last_error().contains("conn_out"), "{}", last_error());
         let latin1 = b"ws://h\xe9/\0";
-        assert_eq!(
-            ws_connect(client.0, latin1.as_ptr().cast(), &mut conn),
-            WsStatus::InvalidUtf8
-        );
-        assert_eq!(
-            ws_connect_with_options(client.0, url.as_ptr(), null(), &mut conn),
-            WsStatus::Ok
-        );
-        assert_eq!(
-            ws_dispatch(null_mut(), null_mut(), null_mut()),
-            WsStatus::NullArgument
-        );
+        assert_eq!(ws_connect(client.0, latin1.as_ptr().cast(), &mut conn), WsStatus::InvalidUtf8);
+        assert_eq!(ws_connect_with_options(client.0, url.as_ptr(), null(), &mut conn), WsStatus::Ok);
+        assert_eq!(ws_dispatch(null_mut(), null_mut(), null_mut()), WsStatus::NullArgument);
         assert_eq!(ws_run(null_mut(), 0), WsStatus::NullArgument);
         assert_eq!(ws_client_fd(null()), -1);
         assert_eq!(ws_client_connection_count(null()), 0);
         assert_eq!(ws_client_free(null_mut()), WsStatus::Ok);
 
         assert_eq!(ws_send(conn, null(), 3), WsStatus::NullArgument);
-        assert_eq!(
-            ws_send(conn, null(), 0),
-            WsStatus::Ok,
-            "NULL with length 0 is an empty message"
-        );
+        assert_eq!(ws_send(conn, null(), 0), WsStatus::Ok, "NULL with length 0 is an empty message");
         let bad = b"caf\xe9";
-        assert_eq!(
-            ws_send(conn, bad.as_ptr().cast(), bad.len()),
-            WsStatus::InvalidUtf8
-        );
+        assert_eq!(ws_send(conn, bad.as_ptr().cast(), bad.len()), WsStatus::InvalidUtf8);
         assert!(last_error().contains("UTF-8"));
         let truncated = "é".as_bytes();
-        assert_eq!(
-            ws_send(conn, truncated.as_ptr().cast(), 1),
-            WsStatus::InvalidUtf8
-        );
+        assert_eq!(ws_send(conn, truncated.as_ptr().cast(), 1), WsStatus::InvalidUtf8);
         assert_eq!(ws_send_binary(conn, null(), 1), WsStatus::NullArgument);
         assert_eq!(ws_buffered_amount(conn, null_mut()), WsStatus::NullArgument);
         assert_eq!(ws_close(conn, 999, null()), WsStatus::InvalidArgument);
         assert_eq!(ws_close(conn, 1005, null()), WsStatus::InvalidArgument);
         assert_eq!(ws_close(conn, 5000, null()), WsStatus::InvalidArgument);
         let long = cstr(&"x".repeat(124));
-        assert_eq!(
-            ws_close(conn, 1000, long.as_ptr()),
-            WsStatus::InvalidArgument
-        );
+        assert_eq!(ws_close(conn, 1000, long.as_ptr()), WsStatus::InvalidArgument);
         // A C string: NUL-terminated (AddressSanitizer caught strlen reading past `bad`).
-        assert_eq!(
-            ws_close(conn, 1000, c"caf\xe9".as_ptr()),
-            WsStatus::InvalidUtf8
-        );
+        assert_eq!(ws_close(conn, 1000, c"caf\xe9".as_ptr()), WsStatus::InvalidUtf8);
         let mut small = [0i8; 1];
         let mut len = 99;
-        assert_eq!(
-            ws_protocol(conn, small.as_mut_ptr(), small.len(), &mut len),
-            WsStatus::Ok
-        );
+        assert_eq!(ws_protocol(conn, small.as_mut_ptr(), small.len(), &mut len), WsStatus::Ok);
         assert_eq!(len, 0);
-        assert_eq!(
-            ws_protocol(conn, null_mut(), 0, &mut len),
-            WsStatus::BufferTooSmall
-        );
+        assert_eq!(ws_protocol(conn, null_mut(), 0, &mut len), WsStatus::BufferTooSmall);
     }
 }
 
@@ -134,33 +90,17 @@ fn gone_and_invented_handles_answer_gone() {
     client.run_until_final(&rec, conn);
     // Invented handles that no live connection can have (the table is shared by parallel tests):
     // generation 0 is never issued, and no slot is reused 2^31 times in a test run.
-    for handle in [
-        conn,
-        0,
-        1,
-        u64::MAX,
-        (conn & 0xffff_ffff) | (0x8000_0000 << 32),
-        conn ^ (1 << 62),
-    ] {
+    for handle in [conn, 0, 1, u64::MAX, (conn & 0xffff_ffff) | (0x8000_0000 << 32), conn ^ (1 << 62)] {
         unsafe {
             assert_eq!(send_text(handle, "x"), WsStatus::Gone, "{handle:#x}");
-            assert_eq!(
-                ws_send_binary(handle, b"x".as_ptr().cast(), 1),
-                WsStatus::Gone
-            );
+            assert_eq!(ws_send_binary(handle, b"x".as_ptr().cast(), 1), WsStatus::Gone);
             assert_eq!(ws_close(handle, 0, null()), WsStatus::Gone);
             // Gone comes first, whatever else is wrong with the call.
             let invalid_utf8 = [0xffu8, 0xfe];
-            assert_eq!(
-                ws_send(handle, invalid_utf8.as_ptr().cast(), 2),
-                WsStatus::Gone
-            );
+            assert_eq!(ws_send(handle, invalid_utf8.as_ptr().cast(), 2), WsStatus::Gone);
             assert_eq!(ws_close(handle, 1001, null()), WsStatus::Gone);
             let mut buf = [0 as c_char; 1];
-            assert_eq!(
-                ws_protocol(handle, buf.as_mut_ptr(), 1, null_mut()),
-                WsStatus::Gone
-            );
+            assert_eq!(ws_protocol(handle, buf.as_mut_ptr(), 1, null_mut()), WsStatus::Gone);
             assert_eq!(ws_set_flow_control(handle, true), WsStatus::Gone);
             assert_eq!(ws_message_complete(handle), WsStatus::Gone);
             assert_eq!(ws_on_message(handle, None, null_mut()), WsStatus::Gone);
@@ -179,9 +119,7 @@ fn gone_and_invented_handles_answer_gone() {
 fn calls_on_gone_handles_from_other_threads_after_free() {
     let server = TestServer::start();
     let client = Client::new();
-    let conns: Vec<WsConn> = (0..20)
-        .map(|_| client.connect(&server.url("/echo")))
-        .collect();
+    let conns: Vec<WsConn> = (0..20).map(|_| client.connect(&server.url("/echo"))).collect();
     let rec = Recorder::default();
     for &c in &conns {
         watch(c, &rec);
@@ -192,10 +130,7 @@ fn calls_on_gone_handles_from_other_threads_after_free() {
         std::thread::spawn(move || {
             let mut gone = 0;
             while gone < conns.len() {
-                gone = conns
-                    .iter()
-                    .filter(|&&c| send_text(c, "x") == WsStatus::Gone)
-                    .count();
+                gone = conns.iter().filter(|&&c| send_text(c, "x") == WsStatus::Gone).count();
             }
         })
     };
@@ -212,9 +147,7 @@ fn free_with_many_connections_open_returns_and_closes_them() {
     let server = TestServer::start();
     let client = Client::new();
     let rec = Recorder::default();
-    let conns: Vec<WsConn> = (0..100)
-        .map(|_| client.connect(&server.url("/echo")))
-        .collect();
+    let conns: Vec<WsConn> = (0..100).map(|_| client.connect(&server.url("/echo"))).collect();
     for &c in &conns {
         watch(c, &rec);
     }
@@ -225,15 +158,8 @@ fn free_with_many_connections_open_returns_and_closes_them() {
     }
     drop(client);
     // Each open connection told the server it was going away.
-    server
-        .log
-        .wait_for_count(100, |l| l == "close 1001 client shutting down");
-    let closes = server
-        .log
-        .lines()
-        .iter()
-        .filter(|l| *l == "close 1001 client shutting down")
-        .count();
+    server.log.wait_for_count(100, |l| l == "close 1001 client shutting down");
+    let closes = server.log.lines().iter().filter(|l| *l == "close 1001 client shutting down").count();
     assert_eq!(closes, 100);
     assert_eq!(rec.events().len(), 100, "no callback after free");
 }
@@ -241,9 +167,7 @@ fn free_with_many_connections_open_returns_and_closes_them() {
 #[test]
 fn status_strings() {
     for n in 0..64u32 {
-        let text = unsafe { std::ffi::CStr::from_ptr(ws_status_str(n)) }
-            .to_str()
-            .unwrap();
+        let text = unsafe { std::ffi::CStr::from_ptr(ws_status_str(n)) }.to_str().unwrap();
         assert!(!text.is_empty());
     }
     let ok = unsafe { std::ffi::CStr::from_ptr(ws_status_str(0)) };
@@ -258,43 +182,16 @@ fn status_strings() {
 fn option_values_are_checked() {
     let options = Options::new();
     unsafe {
-        assert_eq!(
-            ws_options_set_connect_timeout_ms(null_mut(), 5),
-            WsStatus::NullArgument
-        );
-        assert_eq!(
-            ws_options_set_connect_timeout_ms(options.0, 0),
-            WsStatus::InvalidArgument
-        );
-        assert_eq!(
-            ws_options_set_close_timeout_ms(options.0, 0),
-            WsStatus::InvalidArgument
-        );
-        assert_eq!(
-            ws_options_set_keepalive(options.0, 10, 0),
-            WsStatus::InvalidArgument
-        );
+        assert_eq!(ws_options_set_connect_timeout_ms(null_mut(), 5), WsStatus::NullArgument);
+        assert_eq!(ws_options_set_connect_timeout_ms(options.0, 0), WsStatus::InvalidArgument);
+        assert_eq!(ws_options_set_close_timeout_ms(options.0, 0), WsStatus::InvalidArgument);
+        assert_eq!(ws_options_set_keepalive(options.0, 10, 0), WsStatus::InvalidArgument);
         assert_eq!(ws_options_set_keepalive(options.0, 0, 10), WsStatus::Ok);
-        assert_eq!(
-            ws_options_set_max_message_size(options.0, 0),
-            WsStatus::InvalidArgument
-        );
-        assert_eq!(
-            ws_options_set_read_buffer_size(options.0, 10),
-            WsStatus::InvalidArgument
-        );
-        assert_eq!(
-            ws_options_set_read_buffer_size(options.0, 4096),
-            WsStatus::Ok
-        );
-        assert_eq!(
-            ws_options_set_receive_queue_limit(options.0, 0),
-            WsStatus::InvalidArgument
-        );
-        assert_eq!(
-            ws_options_set_send_queue_limit(options.0, 0),
-            WsStatus::InvalidArgument
-        );
+        assert_eq!(ws_options_set_max_message_size(options.0, 0), WsStatus::InvalidArgument);
+        assert_eq!(ws_options_set_read_buffer_size(options.0, 10), WsStatus::InvalidArgument);
+        assert_eq!(ws_options_set_read_buffer_size(options.0, 4096), WsStatus::Ok);
+        assert_eq!(ws_options_set_receive_queue_limit(options.0, 0), WsStatus::InvalidArgument);
+        assert_eq!(ws_options_set_send_queue_limit(options.0, 0), WsStatus::InvalidArgument);
         for (name, value) in [
             ("Host", "x"),
             ("sec-websocket-key", "x"),
@@ -309,28 +206,14 @@ fn option_values_are_checked() {
             );
         }
         assert_eq!(
-            ws_options_add_header(
-                options.0,
-                cstr("Authorization").as_ptr(),
-                cstr("Bearer t").as_ptr()
-            ),
+            ws_options_add_header(options.0, cstr("Authorization").as_ptr(), cstr("Bearer t").as_ptr()),
             WsStatus::Ok
         );
-        assert_eq!(
-            ws_options_add_header(options.0, null(), cstr("x").as_ptr()),
-            WsStatus::NullArgument
-        );
+        assert_eq!(ws_options_add_header(options.0, null(), cstr("x").as_ptr()), WsStatus::NullArgument);
         for bad in ["", "a b", "a,b", "é"] {
-            assert_eq!(
-                ws_options_add_subprotocol(options.0, cstr(bad).as_ptr()),
-                WsStatus::InvalidArgument,
-                "{bad:?}"
-            );
+            assert_eq!(ws_options_add_subprotocol(options.0, cstr(bad).as_ptr()), WsStatus::InvalidArgument, "{bad:?}");
         }
-        assert_eq!(
-            ws_options_add_subprotocol(options.0, cstr("chat.v2").as_ptr()),
-            WsStatus::Ok
-        );
+        assert_eq!(ws_options_add_subprotocol(options.0, cstr("chat.v2").as_ptr()), WsStatus::Ok);
         ws_options_free(null_mut());
     }
 }
@@ -349,18 +232,9 @@ fn every_export_has_the_panic_boundary() {
                 continue;
             }
             exports += 1;
-            assert_eq!(
-                lines[i - 1].trim(),
-                "#[no_mangle]",
-                "{}: {line}",
-                path.display()
-            );
+            assert_eq!(lines[i - 1].trim(), "#[no_mangle]", "{}: {line}", path.display());
             // The body's first statement is the boundary.
-            let body_start = lines[i..]
-                .iter()
-                .position(|l| l.trim_end().ends_with('{'))
-                .unwrap()
-                + i;
+            let body_start = lines[i..].iter().position(|l| l.trim_end().ends_with('{')).unwrap() + i;
             let first = lines[body_start + 1].trim();
             assert!(
                 first.starts_with("ffi_boundary!(") || first.starts_with("ffi_status!("),
@@ -405,22 +279,14 @@ fn a_panic_inside_any_export_returns_its_default_and_is_reported() {
     let spare_client = ws_client_new();
     let (mut out_conn, mut out_size): (WsConn, usize) = (0, 0);
     let mut buf = [0 as std::os::raw::c_char; 64];
-    let (out_conn, out_size, buf) = (
-        &mut out_conn as *mut WsConn,
-        &mut out_size as *mut usize,
-        &mut buf,
-    );
+    let (out_conn, out_size, buf) = (&mut out_conn as *mut WsConn, &mut out_size as *mut usize, &mut buf);
     let p = |ptr: *const std::os::raw::c_char| Null(ptr.is_null());
 
     type Call<'a> = Box<dyn FnMut() -> Returned + 'a>;
     let calls: Vec<(&str, Returned, Call)> = unsafe {
         vec![
             ("ws_version", Null(true), Box::new(|| p(ws_version()))),
-            (
-                "ws_status_str",
-                Null(true),
-                Box::new(|| p(ws_status_str(0))),
-            ),
+            ("ws_status_str", Null(true), Box::new(|| p(ws_status_str(0)))),
             ("ws_last_error", Null(true), Box::new(|| p(ws_last_error()))),
             (
                 "ws_client_new",
@@ -432,98 +298,35 @@ fn a_panic_inside_any_export_returns_its_default_and_is_reported() {
                     Null(null)
                 }),
             ),
-            (
-                "ws_client_free",
-                Status(WsStatus::Panic),
-                Box::new(|| Status(ws_client_free(spare_client))),
-            ),
-            (
-                "ws_client_fd",
-                Int(-1),
-                Box::new(|| Int(ws_client_fd(c).into())),
-            ),
-            (
-                "ws_client_connection_count",
-                Int(0),
-                Box::new(|| Int(ws_client_connection_count(c) as i64)),
-            ),
-            (
-                "ws_dispatch",
-                Status(WsStatus::Panic),
-                Box::new(|| Status(ws_dispatch(c, null_mut(), null_mut()))),
-            ),
-            (
-                "ws_run",
-                Status(WsStatus::Panic),
-                Box::new(|| Status(ws_run(c, 0))),
-            ),
-            (
-                "ws_connect",
-                Status(WsStatus::Panic),
-                Box::new(|| Status(ws_connect(c, uri.as_ptr(), out_conn))),
-            ),
+            ("ws_client_free", Status(WsStatus::Panic), Box::new(|| Status(ws_client_free(spare_client)))),
+            ("ws_client_fd", Int(-1), Box::new(|| Int(ws_client_fd(c).into()))),
+            ("ws_client_connection_count", Int(0), Box::new(|| Int(ws_client_connection_count(c) as i64))),
+            ("ws_dispatch", Status(WsStatus::Panic), Box::new(|| Status(ws_dispatch(c, null_mut(), null_mut())))),
+            ("ws_run", Status(WsStatus::Panic), Box::new(|| Status(ws_run(c, 0)))),
+            ("ws_connect", Status(WsStatus::Panic), Box::new(|| Status(ws_connect(c, uri.as_ptr(), out_conn)))),
             (
                 "ws_connect_with_options",
                 Status(WsStatus::Panic),
-                Box::new(|| {
-                    Status(ws_connect_with_options(
-                        c,
-                        uri.as_ptr(),
-                        options.0,
-                        out_conn,
-                    ))
-                }),
+                Box::new(|| Status(ws_connect_with_options(c, uri.as_ptr(), options.0, out_conn))),
             ),
-            (
-                "ws_on_open",
-                Status(WsStatus::Panic),
-                Box::new(|| Status(ws_on_open(conn, Some(on_open), user))),
-            ),
+            ("ws_on_open", Status(WsStatus::Panic), Box::new(|| Status(ws_on_open(conn, Some(on_open), user)))),
             (
                 "ws_on_message",
                 Status(WsStatus::Panic),
                 Box::new(|| Status(ws_on_message(conn, Some(on_message), user))),
             ),
-            (
-                "ws_on_close",
-                Status(WsStatus::Panic),
-                Box::new(|| Status(ws_on_close(conn, Some(on_close), user))),
-            ),
-            (
-                "ws_on_error",
-                Status(WsStatus::Panic),
-                Box::new(|| Status(ws_on_error(conn, Some(on_error), user))),
-            ),
-            (
-                "ws_send",
-                Status(WsStatus::Panic),
-                Box::new(|| Status(ws_send(conn, text.as_ptr(), 1))),
-            ),
+            ("ws_on_close", Status(WsStatus::Panic), Box::new(|| Status(ws_on_close(conn, Some(on_close), user)))),
+            ("ws_on_error", Status(WsStatus::Panic), Box::new(|| Status(ws_on_error(conn, Some(on_error), user)))),
+            ("ws_send", Status(WsStatus::Panic), Box::new(|| Status(ws_send(conn, text.as_ptr(), 1)))),
             (
                 "ws_send_binary",
                 Status(WsStatus::Panic),
                 Box::new(|| Status(ws_send_binary(conn, text.as_ptr().cast(), 1))),
             ),
-            (
-                "ws_close",
-                Status(WsStatus::Panic),
-                Box::new(|| Status(ws_close(conn, 1000, null()))),
-            ),
-            (
-                "ws_set_flow_control",
-                Status(WsStatus::Panic),
-                Box::new(|| Status(ws_set_flow_control(conn, true))),
-            ),
-            (
-                "ws_message_complete",
-                Status(WsStatus::Panic),
-                Box::new(|| Status(ws_message_complete(conn))),
-            ),
-            (
-                "ws_buffered_amount",
-                Status(WsStatus::Panic),
-                Box::new(|| Status(ws_buffered_amount(conn, out_size))),
-            ),
+            ("ws_close", Status(WsStatus::Panic), Box::new(|| Status(ws_close(conn, 1000, null())))),
+            ("ws_set_flow_control", Status(WsStatus::Panic), Box::new(|| Status(ws_set_flow_control(conn, true)))),
+            ("ws_message_complete", Status(WsStatus::Panic), Box::new(|| Status(ws_message_complete(conn)))),
+            ("ws_buffered_amount", Status(WsStatus::Panic), Box::new(|| Status(ws_buffered_amount(conn, out_size)))),
             (
                 "ws_protocol",
                 Status(WsStatus::Panic),
@@ -555,13 +358,7 @@ fn a_panic_inside_any_export_returns_its_default_and_is_reported() {
             (
                 "ws_options_add_header",
                 Status(WsStatus::Panic),
-                Box::new(|| {
-                    Status(ws_options_add_header(
-                        options.0,
-                        text.as_ptr(),
-                        text.as_ptr(),
-                    ))
-                }),
+                Box::new(|| Status(ws_options_add_header(options.0, text.as_ptr(), text.as_ptr()))),
             ),
             (
                 "ws_options_add_subprotocol",
@@ -605,8 +402,7 @@ fn a_panic_inside_any_export_returns_its_default_and_is_reported() {
             ),
         ]
     };
-    let names: std::collections::BTreeSet<String> =
-        calls.iter().map(|(name, ..)| name.to_string()).collect();
+    let names: std::collections::BTreeSet<String> = calls.iter().map(|(name, ..)| name.to_string()).collect();
     assert_eq!(names, header_functions(), "every export, and only those");
     let mut failures = Vec::new();
     for (name, default, mut call) in calls {

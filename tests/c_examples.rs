@@ -16,11 +16,7 @@ fn root() -> &'static Path {
 
 fn example(name: &str) -> PathBuf {
     let path = root().join("examples-c/build").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `make test`, which builds the C examples first",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: run `make test`, which builds the C examples first", path.display());
     path
 }
 
@@ -28,27 +24,15 @@ fn example(name: &str) -> PathBuf {
 fn memcheck(program: &Path, args: &[&str]) -> String {
     let output = Command::new("valgrind")
         .arg("-q")
-        .arg(format!(
-            "--suppressions={}",
-            root().join("tests/valgrind.supp").display()
-        ))
-        .args([
-            "--error-exitcode=99",
-            "--leak-check=full",
-            "--errors-for-leak-kinds=definite,indirect,possible",
-        ])
+        .arg(format!("--suppressions={}", root().join("tests/valgrind.supp").display()))
+        .args(["--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite,indirect,possible"])
         .arg(program)
         .args(args)
         .output()
         .expect("valgrind runs (make test installs it)");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{} {args:?} failed ({}):\n{stdout}\n{stderr}",
-        program.display(),
-        output.status
-    );
+    assert!(output.status.success(), "{} {args:?} failed ({}):\n{stdout}\n{stderr}", program.display(), output.status);
     stdout
 }
 
@@ -62,24 +46,13 @@ fn compile_header(compiler: &str, std: &str, lang: &str) {
     )
     .unwrap();
     let status = Command::new(compiler)
-        .args([
-            std,
-            "-Wall",
-            "-Wextra",
-            "-Wpedantic",
-            "-Werror",
-            "-fsyntax-only",
-            "-I",
-        ])
+        .args([std, "-Wall", "-Wextra", "-Wpedantic", "-Werror", "-fsyntax-only", "-I"])
         .arg(root().join("include"))
         .arg(&source)
         .status()
         .unwrap_or_else(|e| panic!("{compiler}: {e}"));
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(
-        status.success(),
-        "include/wsclient.h does not compile cleanly with {compiler} {std}"
-    );
+    assert!(status.success(), "include/wsclient.h does not compile cleanly with {compiler} {std}");
 }
 
 #[test]
@@ -94,51 +67,33 @@ fn header_compiles_as_cxx17() {
 
 #[test]
 fn echo_over_ws_under_valgrind() {
-    if skip_under_asan(
-        "echo_over_ws_under_valgrind",
-        "it runs the C programs, which do not use the ASan build",
-    ) {
+    if skip_under_asan("echo_over_ws_under_valgrind", "it runs the C programs, which do not use the ASan build") {
         return;
     }
     let server = TestServer::start();
     let out = memcheck(&example("echo"), &[&server.url("/echo")]);
-    assert!(
-        out.contains("close 4000 \"echo done\"") && out.ends_with("ok\n"),
-        "{out}"
-    );
+    assert!(out.contains("close 4000 \"echo done\"") && out.ends_with("ok\n"), "{out}");
     server.log.wait_for(|l| l == "close 4000 echo done");
 }
 
 #[test]
 fn echo_over_wss_under_valgrind() {
-    if skip_under_asan(
-        "echo_over_wss_under_valgrind",
-        "it runs the C programs, which do not use the ASan build",
-    ) {
+    if skip_under_asan("echo_over_wss_under_valgrind", "it runs the C programs, which do not use the ASan build") {
         return;
     }
     let server = TestServer::start();
     let url = server.wss_url("localhost", "/echo");
     let out = memcheck(&example("echo"), &[&url, server.ca_pem.to_str().unwrap()]);
-    assert!(
-        out.contains("binary echo: 5 bytes") && out.ends_with("ok\n"),
-        "{out}"
-    );
+    assert!(out.contains("binary echo: 5 bytes") && out.ends_with("ok\n"), "{out}");
 }
 
 #[test]
 fn echo_reports_an_untrusted_server() {
-    if skip_under_asan(
-        "echo_reports_an_untrusted_server",
-        "it runs the C programs, which do not use the ASan build",
-    ) {
+    if skip_under_asan("echo_reports_an_untrusted_server", "it runs the C programs, which do not use the ASan build") {
         return;
     }
     let server = TestServer::start();
-    let output = Command::new(example("echo"))
-        .arg(server.wss_url("localhost", "/echo"))
-        .output()
-        .unwrap();
+    let output = Command::new(example("echo")).arg(server.wss_url("localhost", "/echo")).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("TLS: certificate not trusted"), "{stderr}");
@@ -154,10 +109,7 @@ fn flow_control_with_deferred_completion_under_valgrind() {
     }
     let server = TestServer::start();
     let out = memcheck(&example("flow"), &[&server.url("/push?n=3000"), "3000"]);
-    assert!(
-        out.contains("close 1000 \"done\" after 3000 messages") && out.ends_with("ok\n"),
-        "{out}"
-    );
+    assert!(out.contains("close 1000 \"done\" after 3000 messages") && out.ends_with("ok\n"), "{out}");
 }
 
 #[test]
@@ -174,7 +126,5 @@ fn free_with_500_connections_open_under_valgrind() {
     // Close frames are best effort within the 250 ms that ws_client_free takes (under valgrind
     // not all of them make it); every connection is ended either way.
     server.log.wait_for_count(500, |l| l == "ended");
-    server
-        .log
-        .wait_for(|l| l == "close 1001 client shutting down");
+    server.log.wait_for(|l| l == "close 1001 client shutting down");
 }

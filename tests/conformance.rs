@@ -16,9 +16,7 @@ fn echo_of_text_and_binary_from_0_bytes_to_16_mib() {
         let sizes = [0usize, 1, 125, 126, 65535, 65536, 1 << 20, 16 << 20];
         let mut expected = vec![Ev::Open(conn)];
         for (i, &size) in sizes.iter().enumerate() {
-            let text: String = (0..size)
-                .map(|j| (b'a' + ((i + j) % 26) as u8) as char)
-                .collect();
+            let text: String = (0..size).map(|j| (b'a' + ((i + j) % 26) as u8) as char).collect();
             let binary: Vec<u8> = (0..size).map(|j| (i * 7 + j) as u8).collect();
             assert_eq!(send_text(conn, &text), WsStatus::Ok);
             assert_eq!(send_binary(conn, &binary), WsStatus::Ok);
@@ -36,16 +34,10 @@ fn server_close_codes_and_reasons_reach_the_close_callback() {
         let client = Client::new();
         let rec = Recorder::default();
         for code in [1000u16, 1001, 1011, 4000] {
-            let conn = client.connect(&format!(
-                "{}/close?code={code}&reason=bye%20{code}",
-                peer.url()
-            ));
+            let conn = client.connect(&format!("{}/close?code={code}&reason=bye%20{code}", peer.url()));
             watch(conn, &rec);
             client.run_until_final(&rec, conn);
-            assert_eq!(
-                rec.of(conn),
-                vec![Ev::Open(conn), Ev::Close(conn, code, format!("bye {code}"))]
-            );
+            assert_eq!(rec.of(conn), vec![Ev::Open(conn), Ev::Close(conn, code, format!("bye {code}"))]);
         }
     }
 }
@@ -60,10 +52,7 @@ fn client_close_code_and_reason_reach_the_server() {
         client.run_until("open", || !rec.of(conn).is_empty());
         assert_eq!(close(conn, 4321, "client says bye"), WsStatus::Ok);
         client.run_until_final(&rec, conn);
-        assert_eq!(
-            rec.of(conn).last(),
-            Some(&Ev::Close(conn, 4321, "client says bye".into()))
-        );
+        assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 4321, "client says bye".into())));
         peer.wait_for_line("close 4321 client says bye");
     }
 }
@@ -89,9 +78,7 @@ fn server_ping_is_answered_with_its_payload() {
         let rec = Recorder::default();
         let conn = client.connect(&format!("{}/ping", peer.url()));
         watch(conn, &rec);
-        client.run_until("the peer's confirmation", || {
-            rec.texts(conn) == ["pong:are you there"]
-        });
+        client.run_until("the peer's confirmation", || rec.texts(conn) == ["pong:are you there"]);
     }
 }
 

@@ -55,16 +55,10 @@ fn response(how: Upgrade, key: &str) -> Vec<u8> {
     }
     match how {
         Upgrade::MissingAccept => {}
-        Upgrade::WrongAccept => lines.push(format!(
-            "Sec-WebSocket-Accept: {}",
-            derive_accept_key(b"some other key")
-        )),
+        Upgrade::WrongAccept => lines.push(format!("Sec-WebSocket-Accept: {}", derive_accept_key(b"some other key"))),
         Upgrade::SecondWrongAccept => {
             lines.push(format!("Sec-WebSocket-Accept: {accept}"));
-            lines.push(format!(
-                "Sec-WebSocket-Accept: {}",
-                derive_accept_key(b"some other key")
-            ));
+            lines.push(format!("Sec-WebSocket-Accept: {}", derive_accept_key(b"some other key")));
         }
         _ => lines.push(format!("Sec-WebSocket-Accept: {accept}")),
     }
@@ -186,9 +180,7 @@ fn client_close_code(stream: &mut TcpStream) -> Option<u16> {
 
 /// Runs `script` as the server of one connection; returns its URL and the thread (whose result
 /// is what the script saw).
-fn raw_server<T: Send + 'static>(
-    script: impl FnOnce(TcpStream) -> T + Send + 'static,
-) -> (String, JoinHandle<T>) {
+fn raw_server<T: Send + 'static>(script: impl FnOnce(TcpStream) -> T + Send + 'static) -> (String, JoinHandle<T>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("ws://127.0.0.1:{}/", listener.local_addr().unwrap().port());
     let thread = std::thread::spawn(move || script(listener.accept().unwrap().0));
@@ -221,11 +213,7 @@ fn invalid_utf8_text_fails_with_1007() {
         client_close_code(&mut s)
     });
     let events = run(&url);
-    assert_eq!(
-        events[1],
-        Ev::Text(events[0].conn(), b"ok".to_vec()),
-        "the valid message first"
-    );
+    assert_eq!(events[1], Ev::Text(events[0].conn(), b"ok".to_vec()), "the valid message first");
     let (status, message) = final_error(&events);
     assert_eq!(status, WsStatus::Protocol);
     assert!(message.contains("invalid UTF-8"), "{message}");
@@ -294,18 +282,10 @@ fn fragments_with_a_ping_between_are_one_message_and_the_ping_is_answered() {
     let conn = events[0].conn();
     assert_eq!(
         events,
-        vec![
-            Ev::Open(conn),
-            Ev::Text(conn, "hello wörld".as_bytes().to_vec()),
-            Ev::Close(conn, 1000, String::new())
-        ]
+        vec![Ev::Open(conn), Ev::Text(conn, "hello wörld".as_bytes().to_vec()), Ev::Close(conn, 1000, String::new())]
     );
     let seen = server.join().unwrap();
-    assert_eq!(
-        seen[0],
-        (0xA, b"between".to_vec()),
-        "the pong echoes the ping's payload"
-    );
+    assert_eq!(seen[0], (0xA, b"between".to_vec()), "the pong echoes the ping's payload");
     assert_eq!(seen.last().unwrap().0, 0x8, "the close is answered");
 }
 
@@ -316,10 +296,7 @@ fn missing_accept_header_is_rejected() {
     server.join().unwrap();
     let (status, message) = final_error(&events);
     assert_eq!(status, WsStatus::HandshakeRejected);
-    assert_eq!(
-        message,
-        "handshake rejected: the response lacks Sec-WebSocket-Accept"
-    );
+    assert_eq!(message, "handshake rejected: the response lacks Sec-WebSocket-Accept");
     assert_eq!(events.len(), 1);
 }
 
@@ -330,10 +307,7 @@ fn wrong_accept_header_is_rejected() {
     server.join().unwrap();
     let (status, message) = final_error(&events);
     assert_eq!(status, WsStatus::HandshakeRejected);
-    assert_eq!(
-        message,
-        "handshake rejected: wrong Sec-WebSocket-Accept from the server"
-    );
+    assert_eq!(message, "handshake rejected: wrong Sec-WebSocket-Accept from the server");
 }
 
 #[test]
@@ -353,17 +327,9 @@ fn a_handshake_sent_one_byte_at_a_time_works() {
     client.run_until_final(&rec, conn);
     assert_eq!(
         rec.of(conn),
-        vec![
-            Ev::Open(conn),
-            Ev::Text(conn, b"slowly".to_vec()),
-            Ev::Close(conn, 4000, String::new())
-        ]
+        vec![Ev::Open(conn), Ev::Text(conn, b"slowly".to_vec()), Ev::Close(conn, 4000, String::new())]
     );
-    assert_eq!(
-        server.join().unwrap(),
-        Some(4000),
-        "the close reply carries the server's code"
-    );
+    assert_eq!(server.join().unwrap(), Some(4000), "the close reply carries the server's code");
 }
 
 #[test]
@@ -398,20 +364,10 @@ fn a_peer_that_pings_without_reading_cannot_make_the_answers_pile_up() {
     });
     let events = run(&url);
     let conn = events[0].conn();
-    assert_eq!(
-        events,
-        vec![Ev::Open(conn), Ev::Close(conn, 1000, String::new())]
-    );
+    assert_eq!(events, vec![Ev::Open(conn), Ev::Close(conn, 1000, String::new())]);
     let (pongs, latest) = server.join().unwrap();
-    assert!(
-        pongs > 0 && pongs < PINGS,
-        "{pongs} pongs for {PINGS} pings"
-    );
-    assert_eq!(
-        latest,
-        Some(PINGS - 1),
-        "the last ping before the close is answered"
-    );
+    assert!(pongs > 0 && pongs < PINGS, "{pongs} pongs for {PINGS} pings");
+    assert_eq!(latest, Some(PINGS - 1), "the last ping before the close is answered");
 }
 
 /// The server of one connection that upgrades as `how` says and, if the client opens, closes
@@ -427,10 +383,7 @@ fn upgrade_then_close(how: Upgrade) -> (String, JoinHandle<String>) {
 
 fn assert_opens_and_closes(events: &[Ev]) {
     let conn = events[0].conn();
-    assert_eq!(
-        events,
-        [Ev::Open(conn), Ev::Close(conn, 1000, String::new())]
-    );
+    assert_eq!(events, [Ev::Open(conn), Ev::Close(conn, 1000, String::new())]);
 }
 
 fn assert_rejected(events: &[Ev], expected: &str) {
@@ -482,14 +435,7 @@ fn a_16384_byte_head_opens_and_the_frame_behind_it_is_kept() {
     let (url, server) = upgrade_then_close(Upgrade::HeadOfSize(16384));
     let events = run(&url);
     let conn = events[0].conn();
-    assert_eq!(
-        events,
-        [
-            Ev::Open(conn),
-            Ev::Text(conn, b"first".to_vec()),
-            Ev::Close(conn, 1000, String::new())
-        ]
-    );
+    assert_eq!(events, [Ev::Open(conn), Ev::Text(conn, b"first".to_vec()), Ev::Close(conn, 1000, String::new())]);
     server.join().unwrap();
 }
 
@@ -519,15 +465,8 @@ fn a_query_without_a_path_is_sent_after_a_slash() {
     let (url, server) = upgrade_then_close(Upgrade::Good);
     assert_opens_and_closes(&run(&with_rest(&url, "?x=1")));
     let head = server.join().unwrap();
-    let host = url
-        .strip_prefix("ws://")
-        .unwrap()
-        .strip_suffix('/')
-        .unwrap();
-    assert!(
-        head.starts_with(&format!("GET /?x=1 HTTP/1.1\r\nHost: {host}\r\n")),
-        "{head}"
-    );
+    let host = url.strip_prefix("ws://").unwrap().strip_suffix('/').unwrap();
+    assert!(head.starts_with(&format!("GET /?x=1 HTTP/1.1\r\nHost: {host}\r\n")), "{head}");
 }
 
 #[test]
@@ -535,10 +474,7 @@ fn a_non_ascii_path_and_query_are_sent_percent_encoded() {
     let (url, server) = upgrade_then_close(Upgrade::Good);
     assert_opens_and_closes(&run(&with_rest(&url, "/caf\u{e9}/\u{65e5}?q=\u{fc}&x=%41")));
     let head = server.join().unwrap();
-    assert!(
-        head.starts_with("GET /caf%C3%A9/%E6%97%A5?q=%C3%BC&x=%41 HTTP/1.1\r\n"),
-        "{head}"
-    );
+    assert!(head.starts_with("GET /caf%C3%A9/%E6%97%A5?q=%C3%BC&x=%41 HTTP/1.1\r\n"), "{head}");
 }
 
 #[test]
@@ -548,8 +484,5 @@ fn an_uppercase_scheme_and_host_connect_and_the_host_header_is_lowercase() {
     let port = url.rsplit(':').next().unwrap().trim_end_matches('/');
     assert_opens_and_closes(&run(&format!("WS://LOCALHOST:{port}/Path")));
     let head = server.join().unwrap();
-    assert!(
-        head.starts_with(&format!("GET /Path HTTP/1.1\r\nHost: localhost:{port}\r\n")),
-        "{head}"
-    );
+    assert!(head.starts_with(&format!("GET /Path HTTP/1.1\r\nHost: localhost:{port}\r\n")), "{head}");
 }

@@ -19,27 +19,19 @@ fn committed_header_is_current() {
         std::fs::write(&path, &generated).expect("write include/wsclient.h");
     }
     let committed = std::fs::read(&path).unwrap_or_default();
-    assert!(
-        committed == generated,
-        "include/wsclient.h is stale: run `make header` and commit it"
-    );
+    assert!(committed == generated, "include/wsclient.h is stale: run `make header` and commit it");
 }
 
 #[test]
 fn header_version_macros_match_cargo_toml() {
-    let header =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("include/wsclient.h"))
-            .unwrap();
+    let header = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("include/wsclient.h")).unwrap();
     for (name, value) in [
         ("MAJOR", env!("CARGO_PKG_VERSION_MAJOR")),
         ("MINOR", env!("CARGO_PKG_VERSION_MINOR")),
         ("PATCH", env!("CARGO_PKG_VERSION_PATCH")),
     ] {
         let line = format!("#define WSCLIENT_VERSION_{name} {value}\n");
-        assert!(
-            header.contains(&line),
-            "header lacks {line:?}: update after_includes in cbindgen.toml"
-        );
+        assert!(header.contains(&line), "header lacks {line:?}: update after_includes in cbindgen.toml");
     }
     let runtime = unsafe { std::ffi::CStr::from_ptr(wsclient::ffi::client::ws_version()) };
     assert_eq!(runtime.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
@@ -48,9 +40,7 @@ fn header_version_macros_match_cargo_toml() {
 /// Every public item of the header carries a doc comment.
 #[test]
 fn every_header_item_is_documented() {
-    let header =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("include/wsclient.h"))
-            .unwrap();
+    let header = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("include/wsclient.h")).unwrap();
     let lines: Vec<&str> = header.lines().collect();
     let mut undocumented = Vec::new();
     for (i, line) in lines.iter().enumerate() {
@@ -59,25 +49,14 @@ fn every_header_item_is_documented() {
             || line.starts_with("typedef uint64_t")
             || line.starts_with("enum ws_")
             || (line.starts_with("  WS_") && line.contains(" = "))
-            || (!line.starts_with(' ')
-                && line.contains(" ws_")
-                && line.contains('(')
-                && !line.starts_with("typedef"));
+            || (!line.starts_with(' ') && line.contains(" ws_") && line.contains('(') && !line.starts_with("typedef"));
         if !starts_item {
             continue;
         }
-        let previous = lines[..i]
-            .iter()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .map(|l| l.trim())
-            .unwrap_or("");
+        let previous = lines[..i].iter().rev().find(|l| !l.trim().is_empty()).map(|l| l.trim()).unwrap_or("");
         if !(previous.ends_with("*/")) {
             undocumented.push(*line);
         }
     }
-    assert!(
-        undocumented.is_empty(),
-        "undocumented header items: {undocumented:#?}"
-    );
+    assert!(undocumented.is_empty(), "undocumented header items: {undocumented:#?}");
 }

@@ -32,9 +32,7 @@ impl Contract {
     fn saw(&self, conn: WsConn, is_final: bool) {
         let mut violations = self.violations.lock().unwrap();
         if Some(std::thread::current().id()) != *self.dispatcher.lock().unwrap() {
-            violations.push(format!(
-                "callback for {conn:#x} outside the dispatching thread"
-            ));
+            violations.push(format!("callback for {conn:#x} outside the dispatching thread"));
         }
         let mut finals = self.finals.lock().unwrap();
         if finals.contains(&conn) {
@@ -53,26 +51,14 @@ unsafe fn contract<'a>(user: *mut c_void) -> &'a Contract {
 unsafe extern "C" fn c_open(conn: WsConn, user: *mut c_void) {
     contract(user).saw(conn, false);
 }
-unsafe extern "C" fn c_message(
-    conn: WsConn,
-    _d: *const u8,
-    _l: usize,
-    _k: WsMessageKind,
-    user: *mut c_void,
-) {
+unsafe extern "C" fn c_message(conn: WsConn, _d: *const u8, _l: usize, _k: WsMessageKind, user: *mut c_void) {
     contract(user).saw(conn, false);
     // Re-entrant calls from inside a callback, as hosts make them.
     if (conn ^ _l as u64) % 3 == 0 {
         ws_message_complete(conn);
     }
 }
-unsafe extern "C" fn c_close(
-    conn: WsConn,
-    _c: u16,
-    _r: *const c_char,
-    _l: usize,
-    user: *mut c_void,
-) {
+unsafe extern "C" fn c_close(conn: WsConn, _c: u16, _r: *const c_char, _l: usize, user: *mut c_void) {
     contract(user).saw(conn, true);
 }
 unsafe extern "C" fn c_error(conn: WsConn, _k: WsStatus, _m: *const c_char, user: *mut c_void) {
@@ -86,62 +72,28 @@ fn is_real_status(status: WsStatus) -> bool {
 /// One random call on a handle-based function; usable from any thread.
 fn handle_call(rng: &mut Rng, conn: WsConn, user: *mut c_void) -> WsStatus {
     let data = rng.bytes(64);
-    let cstring =
-        std::ffi::CString::new(data.iter().map(|b| b.max(&1)).copied().collect::<Vec<u8>>())
-            .unwrap();
+    let cstring = std::ffi::CString::new(data.iter().map(|b| b.max(&1)).copied().collect::<Vec<u8>>()).unwrap();
     let ptr_or_null = |rng: &mut Rng, p: *const c_char| if rng.below(5) == 0 { null() } else { p };
     unsafe {
         match rng.below(12) {
             0 => ws_send(conn, ptr_or_null(rng, data.as_ptr().cast()), data.len()),
-            1 => ws_send_binary(
-                conn,
-                ptr_or_null(rng, data.as_ptr().cast()).cast(),
-                data.len(),
-            ),
-            2 => ws_close(
-                conn,
-                rng.below(6000) as u16,
-                ptr_or_null(rng, cstring.as_ptr()),
-            ),
+            1 => ws_send_binary(conn, ptr_or_null(rng, data.as_ptr().cast()).cast(), data.len()),
+            2 => ws_close(conn, rng.below(6000) as u16, ptr_or_null(rng, cstring.as_ptr())),
             3 => ws_set_flow_control(conn, rng.below(2) == 0),
             4 => ws_message_complete(conn),
-            5 => ws_on_open(
-                conn,
-                if rng.below(4) == 0 {
-                    None
-                } else {
-                    Some(c_open)
-                },
-                user,
-            ),
+            5 => ws_on_open(conn, if rng.below(4) == 0 { None } else { Some(c_open) }, user),
             6 => ws_on_message(conn, Some(c_message), user),
             7 => ws_on_close(conn, Some(c_close), user),
             8 => ws_on_error(conn, Some(c_error), user),
             9 => {
                 let mut n = 0usize;
-                ws_buffered_amount(
-                    conn,
-                    if rng.below(4) == 0 {
-                        null_mut()
-                    } else {
-                        &mut n
-                    },
-                )
+                ws_buffered_amount(conn, if rng.below(4) == 0 { null_mut() } else { &mut n })
             }
             10 => {
                 let mut buf = [0 as c_char; 8];
                 let mut len = 0usize;
                 let size = rng.below(9) as usize;
-                ws_protocol(
-                    conn,
-                    if rng.below(4) == 0 {
-                        null_mut()
-                    } else {
-                        buf.as_mut_ptr()
-                    },
-                    size,
-                    &mut len,
-                )
+                ws_protocol(conn, if rng.below(4) == 0 { null_mut() } else { buf.as_mut_ptr() }, size, &mut len)
             }
             _ => ws_send(conn, cstring.as_ptr(), cstring.as_bytes().len()),
         }
@@ -150,10 +102,7 @@ fn handle_call(rng: &mut Rng, conn: WsConn, user: *mut c_void) -> WsStatus {
 
 #[test]
 fn random_call_sequences_never_break_the_contract() {
-    let ops: u64 = std::env::var("WSCLIENT_FUZZ_OPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+    let ops: u64 = std::env::var("WSCLIENT_FUZZ_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
     let server = TestServer::start();
     let urls = [
         server.url("/echo"),
@@ -199,15 +148,7 @@ fn random_call_sequences_never_break_the_contract() {
                 let url = cstr(&urls[rng.below(urls.len() as u64) as usize]);
                 let mut conn = 0;
                 let status = unsafe {
-                    ws_connect(
-                        client,
-                        url.as_ptr(),
-                        if rng.below(20) == 0 {
-                            null_mut()
-                        } else {
-                            &mut conn
-                        },
-                    )
+                    ws_connect(client, url.as_ptr(), if rng.below(20) == 0 { null_mut() } else { &mut conn })
                 };
                 if status == WsStatus::Ok {
                     made += 1;
@@ -221,15 +162,7 @@ fn random_call_sequences_never_break_the_contract() {
             }
             2 | 3 => unsafe {
                 let (mut ran, mut more) = (0u32, false);
-                ws_dispatch(
-                    if rng.below(20) == 0 {
-                        null_mut()
-                    } else {
-                        client
-                    },
-                    &mut ran,
-                    &mut more,
-                )
+                ws_dispatch(if rng.below(20) == 0 { null_mut() } else { client }, &mut ran, &mut more)
             },
             4 => unsafe { ws_run(client, rng.below(3) as i32) },
             5 if rng.below(100) == 0 => {
@@ -261,9 +194,5 @@ fn random_call_sequences_never_break_the_contract() {
     );
     assert_eq!(status, WsStatus::Ok, "ws_run: {}", last_error());
     let violations = contract.violations.lock().unwrap();
-    assert!(
-        violations.is_empty(),
-        "{:#?}",
-        &violations[..violations.len().min(10)]
-    );
+    assert!(violations.is_empty(), "{:#?}", &violations[..violations.len().min(10)]);
 }

@@ -47,26 +47,15 @@ fn pump(client: &Client, limit: Duration, mut done: impl FnMut() -> bool) -> boo
 /// Dispatches until `conn`'s open callback ran.
 fn wait_open(client: &Client, rec: &Recorder, conn: WsConn) {
     assert!(
-        pump(client, DEADLINE, || rec.of(conn).contains(&Ev::Open(conn))
-            || rec.finals(conn) > 0),
+        pump(client, DEADLINE, || rec.of(conn).contains(&Ev::Open(conn)) || rec.finals(conn) > 0),
         "the connection never opened"
     );
-    assert_eq!(
-        rec.of(conn).first(),
-        Some(&Ev::Open(conn)),
-        "{:?}",
-        rec.of(conn)
-    );
+    assert_eq!(rec.of(conn).first(), Some(&Ev::Open(conn)), "{:?}", rec.of(conn));
 }
 
 /// Dispatches until `conn`'s final callback, at most `limit`; returns the time it took, or
 /// None if it did not come.
-fn final_within(
-    client: &Client,
-    rec: &Recorder,
-    conn: WsConn,
-    limit: Duration,
-) -> Option<Duration> {
+fn final_within(client: &Client, rec: &Recorder, conn: WsConn, limit: Duration) -> Option<Duration> {
     let start = Instant::now();
     pump(client, limit, || rec.finals(conn) > 0).then(|| start.elapsed())
 }
@@ -157,10 +146,7 @@ fn blocked_writes_do_not_spin() {
         if frames.last().is_some_and(|f| f.opcode == CLOSE) {
             p.send(&close_frame(1000, ""));
         }
-        frames
-            .iter()
-            .map(|f| (f.opcode, f.payload.len()))
-            .collect::<Vec<_>>()
+        frames.iter().map(|f| (f.opcode, f.payload.len())).collect::<Vec<_>>()
     });
     let client = Client::new();
     let rec = Recorder::default();
@@ -171,22 +157,12 @@ fn blocked_writes_do_not_spin() {
     queue_mebibytes(conn, 20);
     let socket = socket_rx.recv_timeout(PEER_TIMEOUT).unwrap();
     wait_open(&client, &rec, conn);
-    assert!(
-        socket.wait_blocked_writing(64 << 10),
-        "the client's writes never blocked: {:?}",
-        socket.state()
-    );
+    assert!(socket.wait_blocked_writing(64 << 10), "the client's writes never blocked: {:?}", socket.state());
 
     let blocked = cpu_over_idle_window(Some(&client));
     assert_eq!(send_text(conn, "one more"), WsStatus::Ok);
     let blocked_with_one_more = cpu_over_idle_window(Some(&client));
-    assert_idle(&[
-        ("writes blocked", blocked),
-        (
-            "writes blocked, one more message queued",
-            blocked_with_one_more,
-        ),
-    ]);
+    assert_idle(&[("writes blocked", blocked), ("writes blocked, one more message queued", blocked_with_one_more)]);
 
     release.send(()).unwrap();
     assert_eq!(close(conn, 1000, ""), WsStatus::Ok);
@@ -209,12 +185,8 @@ fn a_full_receive_queue_does_not_spin() {
         p.upgrade();
         socket_tx.send(p.client_socket()).unwrap();
         // 1 KiB messages until the client stops reading and the peer's write times out.
-        let wire: Vec<u8> = (0..64)
-            .flat_map(|_| frame(FIN | BINARY, &[1; 1024]))
-            .collect();
-        p.stream
-            .set_write_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        let wire: Vec<u8> = (0..64).flat_map(|_| frame(FIN | BINARY, &[1; 1024])).collect();
+        p.stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
         while p.stream.write_all(&wire).is_ok() {}
     });
     let client = Client::new();
@@ -224,15 +196,8 @@ fn a_full_receive_queue_does_not_spin() {
     watch(conn, &rec);
     let socket = socket_rx.recv_timeout(PEER_TIMEOUT).unwrap();
     // The host is busy elsewhere from now on: it does not dispatch.
-    assert!(
-        socket.wait_not_reading(64 << 10),
-        "the client never stopped reading: {:?}",
-        socket.peer_state()
-    );
-    assert_idle(&[(
-        "receive queue full, host not dispatching",
-        cpu_over_idle_window(None),
-    )]);
+    assert!(socket.wait_not_reading(64 << 10), "the client never stopped reading: {:?}", socket.peer_state());
+    assert_idle(&[("receive queue full, host not dispatching", cpu_over_idle_window(None))]);
     drop(client);
     peer.join().unwrap();
 }
@@ -248,12 +213,8 @@ fn a_held_message_does_not_spin() {
     let (url, peer) = serve(move |mut p| {
         p.upgrade();
         socket_tx.send(p.client_socket()).unwrap();
-        let wire: Vec<u8> = (0..64)
-            .flat_map(|_| frame(FIN | BINARY, &[1; 1024]))
-            .collect();
-        p.stream
-            .set_write_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        let wire: Vec<u8> = (0..64).flat_map(|_| frame(FIN | BINARY, &[1; 1024])).collect();
+        p.stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
         while p.stream.write_all(&wire).is_ok() {}
     });
     let client = Client::new();
@@ -263,19 +224,9 @@ fn a_held_message_does_not_spin() {
     watch(conn, &rec);
     set(ws_set_flow_control(conn, true));
     let socket = socket_rx.recv_timeout(PEER_TIMEOUT).unwrap();
-    assert!(
-        pump(&client, DEADLINE, || rec.of(conn).len() >= 2),
-        "the first message never came"
-    );
-    assert!(
-        socket.wait_not_reading(64 << 10),
-        "the client never stopped reading: {:?}",
-        socket.peer_state()
-    );
-    assert_idle(&[(
-        "a message held by flow control",
-        cpu_over_idle_window(Some(&client)),
-    )]);
+    assert!(pump(&client, DEADLINE, || rec.of(conn).len() >= 2), "the first message never came");
+    assert!(socket.wait_not_reading(64 << 10), "the client never stopped reading: {:?}", socket.peer_state());
+    assert_idle(&[("a message held by flow control", cpu_over_idle_window(Some(&client)))]);
     assert_eq!(rec.of(conn).len(), 2, "one message at a time");
     drop(client);
     peer.join().unwrap();
@@ -296,9 +247,7 @@ fn memory_while_the_host_does_not_dispatch(wire: Vec<u8>) -> (usize, u64, bool) 
         p.upgrade();
         let _ = went.recv_timeout(PEER_TIMEOUT);
         // A write that cannot go on for 3 s means the client stopped reading: back-pressure.
-        p.stream
-            .set_write_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
+        p.stream.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
         for chunk in wire.chunks(64 << 10) {
             if p.stream.write_all(chunk).is_err() {
                 return false;
@@ -352,18 +301,12 @@ fn assert_receive_bound((heap, rss, _): (usize, u64, bool)) {
 /// below is one a library can keep.
 #[test]
 fn kibibyte_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit() {
-    if !in_child(
-        "kibibyte_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit",
-        &[],
-    ) {
+    if !in_child("kibibyte_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit", &[]) {
         return;
     }
     let wire = frame(FIN | BINARY, &[7; 1024]).repeat(8 << 10);
     let figures = memory_while_the_host_does_not_dispatch(wire);
-    assert!(
-        !figures.2,
-        "the client read 8 MiB while the host dispatched nothing"
-    );
+    assert!(!figures.2, "the client read 8 MiB while the host dispatched nothing");
     assert_receive_bound(figures);
 }
 
@@ -371,10 +314,7 @@ fn kibibyte_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit() 
 /// frames (8 MB on the wire) while the host does not dispatch.
 #[test]
 fn empty_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit() {
-    if !in_child(
-        "empty_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit",
-        &[],
-    ) {
+    if !in_child("empty_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit", &[]) {
         return;
     }
     let wire = frame(FIN | BINARY, &[]).repeat(4 << 20);
@@ -384,10 +324,7 @@ fn empty_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit() {
 /// Issue 9.2 with one-byte messages: two million (6 MB on the wire).
 #[test]
 fn one_byte_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit() {
-    if !in_child(
-        "one_byte_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit",
-        &[],
-    ) {
+    if !in_child("one_byte_messages_waiting_for_dispatch_stay_within_the_receive_queue_limit", &[]) {
         return;
     }
     let wire = frame(FIN | BINARY, &[1]).repeat(2 << 20);
@@ -447,10 +384,7 @@ fn zero_length_sends_hit_the_send_queue_limit() {
 /// above): reading ahead for control frames must not read messages ahead.
 #[test]
 fn large_messages_waiting_for_dispatch_hold_at_most_one_message_past_the_limit() {
-    if !in_child(
-        "large_messages_waiting_for_dispatch_hold_at_most_one_message_past_the_limit",
-        &[],
-    ) {
+    if !in_child("large_messages_waiting_for_dispatch_hold_at_most_one_message_past_the_limit", &[]) {
         return;
     }
     let message = std::sync::Arc::new(frame(FIN | BINARY, &vec![9; 32 << 20]));
@@ -459,12 +393,8 @@ fn large_messages_waiting_for_dispatch_hold_at_most_one_message_past_the_limit()
     let (url, peer) = serve(move |mut p| {
         p.upgrade();
         let _ = went.recv_timeout(PEER_TIMEOUT);
-        p.stream
-            .set_write_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
-        (0..6)
-            .take_while(|_| p.stream.write_all(&peer_message).is_ok())
-            .count()
+        p.stream.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+        (0..6).take_while(|_| p.stream.write_all(&peer_message).is_ok()).count()
     });
     let client = Client::new();
     let rec = Recorder::default();
@@ -476,19 +406,9 @@ fn large_messages_waiting_for_dispatch_hold_at_most_one_message_past_the_limit()
     go.send(()).unwrap();
     let written = peer.join().unwrap();
     let growth = heap_in_use().saturating_sub(heap);
-    eprintln!(
-        "{written} messages of 32 MiB written whole; the heap grew by {:.1} MiB",
-        growth as f64 / MIB
-    );
-    assert!(
-        written < 6,
-        "the client read six 32 MiB messages while the host dispatched nothing"
-    );
-    assert!(
-        growth < 48 << 20,
-        "messages waiting for dispatch grew the heap by {:.1} MiB",
-        growth as f64 / MIB
-    );
+    eprintln!("{written} messages of 32 MiB written whole; the heap grew by {:.1} MiB", growth as f64 / MIB);
+    assert!(written < 6, "the client read six 32 MiB messages while the host dispatched nothing");
+    assert!(growth < 48 << 20, "messages waiting for dispatch grew the heap by {:.1} MiB", growth as f64 / MIB);
 }
 
 // ---- 3. a frame header cannot make the library allocate what never arrived -------------------
@@ -499,10 +419,7 @@ fn large_messages_waiting_for_dispatch_hold_at_most_one_message_past_the_limit()
 /// must live (an allocation failure aborts it).
 #[test]
 fn a_header_announcing_2_pow_62_bytes_does_not_abort_the_host() {
-    if !in_child(
-        "a_header_announcing_2_pow_62_bytes_does_not_abort_the_host",
-        &[],
-    ) {
+    if !in_child("a_header_announcing_2_pow_62_bytes_does_not_abort_the_host", &[]) {
         return;
     }
     let (url, peer) = serve(|mut p| {
@@ -516,21 +433,10 @@ fn a_header_announcing_2_pow_62_bytes_does_not_abort_the_host() {
     set(unsafe { ws_options_set_max_message_size(options.0, usize::MAX) });
     let conn = client.connect_with(&url, options.0);
     watch(conn, &rec);
-    assert!(
-        final_within(&client, &rec, conn, DEADLINE).is_some(),
-        "no final callback: {:?}",
-        rec.of(conn)
-    );
+    assert!(final_within(&client, &rec, conn, DEADLINE).is_some(), "no final callback: {:?}", rec.of(conn));
     peer.join().unwrap();
     let status = final_status(&rec, conn);
-    assert!(
-        matches!(
-            status,
-            Some(WsStatus::ConnectionLost | WsStatus::MessageTooBig)
-        ),
-        "{:?}",
-        rec.of(conn)
-    );
+    assert!(matches!(status, Some(WsStatus::ConnectionLost | WsStatus::MessageTooBig)), "{:?}", rec.of(conn));
 }
 
 /// Issue 9.3: "memory must follow the bytes that actually arrived". Eight connections, each
@@ -541,10 +447,7 @@ fn a_header_announcing_2_pow_62_bytes_does_not_abort_the_host() {
 /// the client's keepalive ping that follows it arrives.
 #[test]
 fn headers_announcing_60_mib_do_not_reserve_60_mib_each() {
-    if !in_child(
-        "headers_announcing_60_mib_do_not_reserve_60_mib_each",
-        &[("MALLOC_ARENA_MAX", "1")],
-    ) {
+    if !in_child("headers_announcing_60_mib_do_not_reserve_60_mib_each", &[("MALLOC_ARENA_MAX", "1")]) {
         return;
     }
     const CONNECTIONS: usize = 8;
@@ -583,40 +486,20 @@ fn headers_announcing_60_mib_do_not_reserve_60_mib_each() {
     let rec = Recorder::default();
     let options = Options::new();
     set(unsafe { ws_options_set_keepalive(options.0, 200, 60_000) });
-    let conns: Vec<WsConn> = (0..CONNECTIONS)
-        .map(|_| client.connect_with(&url, options.0))
-        .collect();
+    let conns: Vec<WsConn> = (0..CONNECTIONS).map(|_| client.connect_with(&url, options.0)).collect();
     conns.iter().for_each(|&c| watch(c, &rec));
-    is_ready
-        .recv_timeout(PEER_TIMEOUT)
-        .expect("the peer never saw the first pings");
+    is_ready.recv_timeout(PEER_TIMEOUT).expect("the peer never saw the first pings");
     let (data, size) = (status_kib("VmData") << 10, status_kib("VmSize") << 10);
     limit_address_space(size + (256 << 20));
     go.send(()).unwrap();
-    were_announced
-        .recv_timeout(PEER_TIMEOUT)
-        .expect("the peer never saw the second pings");
+    were_announced.recv_timeout(PEER_TIMEOUT).expect("the peer never saw the second pings");
     let growth = (status_kib("VmData") << 10).saturating_sub(data);
-    eprintln!(
-        "{CONNECTIONS} headers announcing 60 MiB each: VmData grew by {:.1} MiB",
-        growth as f64 / MIB
-    );
+    eprintln!("{CONNECTIONS} headers announcing 60 MiB each: VmData grew by {:.1} MiB", growth as f64 / MIB);
     hang_up.send(()).unwrap();
     peer.join().unwrap();
-    assert!(
-        pump(&client, DEADLINE, || conns
-            .iter()
-            .all(|&c| rec.finals(c) > 0)),
-        "{:?}",
-        rec.events()
-    );
+    assert!(pump(&client, DEADLINE, || conns.iter().all(|&c| rec.finals(c) > 0)), "{:?}", rec.events());
     for &c in &conns {
-        assert_eq!(
-            final_status(&rec, c),
-            Some(WsStatus::ConnectionLost),
-            "{:?}",
-            rec.of(c)
-        );
+        assert_eq!(final_status(&rec, c), Some(WsStatus::ConnectionLost), "{:?}", rec.of(c));
     }
     assert!(
         growth < 16 << 20,
@@ -629,10 +512,7 @@ fn headers_announcing_60_mib_do_not_reserve_60_mib_each() {
 /// not the 60 MiB announced), and once the rest comes the message is whole.
 #[test]
 fn a_frame_trickled_byte_by_byte_costs_what_arrived_and_arrives_whole() {
-    if !in_child(
-        "a_frame_trickled_byte_by_byte_costs_what_arrived_and_arrives_whole",
-        &[],
-    ) {
+    if !in_child("a_frame_trickled_byte_by_byte_costs_what_arrived_and_arrives_whole", &[]) {
         return;
     }
     const LEN: usize = 60 << 20;
@@ -666,32 +546,17 @@ fn a_frame_trickled_byte_by_byte_costs_what_arrived_and_arrives_whole() {
     let socket = socket_rx.recv_timeout(PEER_TIMEOUT).unwrap();
     let data = status_kib("VmData") << 10;
     go.send(()).unwrap();
-    has_trickled
-        .recv_timeout(PEER_TIMEOUT)
-        .expect("the trickle never ended");
-    assert!(
-        socket.wait_read_everything(),
-        "the client stopped reading the trickle"
-    );
+    has_trickled.recv_timeout(PEER_TIMEOUT).expect("the trickle never ended");
+    assert!(socket.wait_read_everything(), "the client stopped reading the trickle");
     let growth = (status_kib("VmData") << 10).saturating_sub(data);
-    eprintln!(
-        "{TRICKLED} bytes of a 60 MiB frame trickled: VmData grew by {:.1} MiB",
-        growth as f64 / MIB
-    );
+    eprintln!("{TRICKLED} bytes of a 60 MiB frame trickled: VmData grew by {:.1} MiB", growth as f64 / MIB);
     rest.send(()).unwrap();
     client.run_until_final(&rec, conn);
     assert_eq!(peer.join().unwrap(), Some(CLOSE));
     let events = rec.of(conn);
     assert_eq!(events.len(), 3, "open, the message, the close");
-    assert!(
-        events[1] == Ev::Binary(conn, expected),
-        "the message arrived altered"
-    );
-    assert!(
-        growth < 16 << 20,
-        "16 KiB of a frame announcing 60 MiB grew VmData by {:.1} MiB",
-        growth as f64 / MIB
-    );
+    assert!(events[1] == Ev::Binary(conn, expected), "the message arrived altered");
+    assert!(growth < 16 << 20, "16 KiB of a frame announcing 60 MiB grew VmData by {:.1} MiB", growth as f64 / MIB);
 }
 
 // ---- 7. pings are answered while the host holds a message ------------------------------------
@@ -735,15 +600,9 @@ fn a_ping_behind_a_message_held_by_flow_control_is_answered() {
         let mut wire = frame(FIN | TEXT, b"hold me");
         wire.extend(frame(FIN | PING, b"are you there"));
         p.send(&wire);
-        result
-            .send(pong_within(&mut p, Instant::now(), PONG_BOUND * 2))
-            .unwrap();
+        result.send(pong_within(&mut p, Instant::now(), PONG_BOUND * 2)).unwrap();
         p.send(&close_frame(1000, ""));
-        p.read_timeout(Duration::from_secs(10))
-            .read_until_close()
-            .0
-            .last()
-            .map(|f| f.opcode)
+        p.read_timeout(Duration::from_secs(10)).read_until_close().0.last().map(|f| f.opcode)
     });
     let client = Client::new();
     let rec = Recorder::default();
@@ -759,10 +618,7 @@ fn a_ping_behind_a_message_held_by_flow_control_is_answered() {
         }
         Err(_) => false,
     });
-    assert_eq!(
-        rec.of(conn),
-        vec![Ev::Open(conn), Ev::Text(conn, b"hold me".to_vec())]
-    );
+    assert_eq!(rec.of(conn), vec![Ev::Open(conn), Ev::Text(conn, b"hold me".to_vec())]);
     set(ws_message_complete(conn));
     client.run_until_final(&rec, conn);
     assert_eq!(peer.join().unwrap(), Some(CLOSE));
@@ -785,15 +641,9 @@ fn a_ping_behind_a_full_receive_queue_is_answered() {
         let mut wire = frame(FIN | BINARY, &[3; 64 << 10]).repeat(16);
         wire.extend(frame(FIN | PING, b"are you there"));
         p.send(&wire);
-        result
-            .send(pong_within(&mut p, Instant::now(), PONG_BOUND * 2))
-            .unwrap();
+        result.send(pong_within(&mut p, Instant::now(), PONG_BOUND * 2)).unwrap();
         p.send(&close_frame(1000, ""));
-        p.read_timeout(Duration::from_secs(10))
-            .read_until_close()
-            .0
-            .last()
-            .map(|f| f.opcode)
+        p.read_timeout(Duration::from_secs(10)).read_until_close().0.last().map(|f| f.opcode)
     });
     let client = Client::new();
     let rec = Recorder::default();
@@ -801,20 +651,13 @@ fn a_ping_behind_a_full_receive_queue_is_answered() {
     let conn = client.connect_with(&url, options.0);
     watch(conn, &rec);
     // The host is busy elsewhere: it does not dispatch until the peer has its answer (or not).
-    let pong = got_result
-        .recv_timeout(DEADLINE)
-        .expect("the peer reported");
+    let pong = got_result.recv_timeout(DEADLINE).expect("the peer reported");
     client.run_until_final(&rec, conn);
     assert_eq!(peer.join().unwrap(), Some(CLOSE));
-    assert_eq!(
-        rec.of(conn).len(),
-        1 + 16 + 1,
-        "open, every message, the close"
-    );
+    assert_eq!(rec.of(conn).len(), 1 + 16 + 1, "open, every message, the close");
     eprintln!("pong behind a full receive queue: {pong:?}");
     assert!(
-        pong.as_ref()
-            .is_some_and(|(after, payload)| *after < PONG_BOUND && payload == b"are you there"),
+        pong.as_ref().is_some_and(|(after, payload)| *after < PONG_BOUND && payload == b"are you there"),
         "a ping right behind a full receive queue was not answered within {PONG_BOUND:?}: {pong:?}"
     );
 }
@@ -824,10 +667,7 @@ fn a_ping_behind_a_full_receive_queue_is_answered() {
 /// host completes the message every ping up to the last is dealt with (the last answered).
 #[test]
 fn a_ping_flood_while_the_host_holds_a_message_is_answered_in_bounded_memory() {
-    if !in_child(
-        "a_ping_flood_while_the_host_holds_a_message_is_answered_in_bounded_memory",
-        &[],
-    ) {
+    if !in_child("a_ping_flood_while_the_host_holds_a_message_is_answered_in_bounded_memory", &[]) {
         return;
     }
     const PINGS: u32 = 100_000;
@@ -845,20 +685,13 @@ fn a_ping_flood_while_the_host_holds_a_message_is_answered_in_bounded_memory() {
         let start = Instant::now();
         let writing = std::thread::spawn(move || writer.write_all(&wire).is_ok());
         let first = pong_within(&mut p, start, PONG_BOUND * 2);
-        first_pong
-            .send(first.as_ref().map(|(after, _)| *after))
-            .unwrap();
-        let mut last =
-            first.map(|(_, payload)| u32::from_be_bytes(payload[..4].try_into().unwrap()));
+        first_pong.send(first.as_ref().map(|(after, _)| *after)).unwrap();
+        let mut last = first.map(|(_, payload)| u32::from_be_bytes(payload[..4].try_into().unwrap()));
         let (frames, _) = p.read_timeout(DEADLINE).read_until_close();
         for f in frames.iter().filter(|f| f.opcode == PONG) {
             last = Some(u32::from_be_bytes(f.payload[..4].try_into().unwrap()));
         }
-        (
-            writing.join().unwrap(),
-            last,
-            frames.last().map(|f| f.opcode),
-        )
+        (writing.join().unwrap(), last, frames.last().map(|f| f.opcode))
     });
     let client = Client::new();
     let rec = Recorder::default();
@@ -881,21 +714,16 @@ fn a_ping_flood_while_the_host_holds_a_message_is_answered_in_bounded_memory() {
     client.run_until_final(&rec, conn);
     let (wrote_all, last_pong, last_frame) = peer.join().unwrap();
     let first = first.expect("the peer reported");
-    eprintln!("ping flood: first pong after {first:?}, heap grew by {:.1} MiB while held, last pong for ping {last_pong:?}", growth as f64 / MIB);
+    eprintln!(
+        "ping flood: first pong after {first:?}, heap grew by {:.1} MiB while held, last pong for ping {last_pong:?}",
+        growth as f64 / MIB
+    );
     assert!(wrote_all);
     assert_eq!(
         rec.of(conn),
-        vec![
-            Ev::Open(conn),
-            Ev::Text(conn, b"hold me".to_vec()),
-            Ev::Close(conn, 1000, String::new())
-        ]
+        vec![Ev::Open(conn), Ev::Text(conn, b"hold me".to_vec()), Ev::Close(conn, 1000, String::new())]
     );
-    assert_eq!(
-        (last_pong, last_frame),
-        (Some(PINGS - 1), Some(CLOSE)),
-        "the last ping before the close is answered"
-    );
+    assert_eq!((last_pong, last_frame), (Some(PINGS - 1), Some(CLOSE)), "the last ping before the close is answered");
     assert!(
         growth < 4 << 20,
         "pings read ahead while the host held a message grew the heap by {:.1} MiB",
@@ -934,19 +762,12 @@ fn the_close_timeout_bounds_a_close_stuck_behind_unsent_data() {
     wait_open(&client, &rec, conn);
     queue_mebibytes(conn, 20);
     let socket = socket_rx.recv_timeout(PEER_TIMEOUT).unwrap();
-    assert!(
-        socket.wait_blocked_writing(64 << 10),
-        "the client's writes never blocked: {:?}",
-        socket.state()
-    );
+    assert!(socket.wait_blocked_writing(64 << 10), "the client's writes never blocked: {:?}", socket.state());
     assert_eq!(close(conn, 1000, ""), WsStatus::Ok);
     let took = final_within(&client, &rec, conn, Duration::from_secs(5));
     drop(release);
     peer.join().unwrap();
-    eprintln!(
-        "close behind 20 MiB of unsent data: final callback after {took:?}: {:?}",
-        last_event(&rec, conn)
-    );
+    eprintln!("close behind 20 MiB of unsent data: final callback after {took:?}: {:?}", last_event(&rec, conn));
     assert!(
         took.is_some_and(|t| t < Duration::from_secs(2)) && final_status(&rec, conn) == Some(WsStatus::CloseTimeout),
         "a close with a 500 ms timeout, stuck behind unsent data: final callback {:?} after {took:?}",
@@ -963,9 +784,7 @@ fn the_close_timeout_bounds_a_close_stuck_behind_unsent_data() {
 fn ten_pings_in_one_burst_get_ten_pongs_in_order() {
     let (url, peer) = serve(|mut p| {
         p.upgrade();
-        let burst: Vec<u8> = (0..10)
-            .flat_map(|i| frame(FIN | PING, format!("ping {i}").as_bytes()))
-            .collect();
+        let burst: Vec<u8> = (0..10).flat_map(|i| frame(FIN | PING, format!("ping {i}").as_bytes())).collect();
         p.send(&burst);
         let mut pongs = Vec::new();
         let since = Instant::now();
@@ -1007,17 +826,8 @@ fn invalid_utf8_in_a_first_fragment_fails_the_connection_at_once() {
     // The peer waits 5 s for the close; the client has 2 s to send it.
     let took = final_within(&client, &rec, conn, Duration::from_secs(2));
     let close_code = peer.join().unwrap();
-    assert!(
-        took.is_some(),
-        "no final callback within 2 s for a text fragment with invalid UTF-8: {:?}",
-        rec.of(conn)
-    );
-    assert_eq!(
-        final_status(&rec, conn),
-        Some(WsStatus::Protocol),
-        "{:?}",
-        rec.of(conn)
-    );
+    assert!(took.is_some(), "no final callback within 2 s for a text fragment with invalid UTF-8: {:?}", rec.of(conn));
+    assert_eq!(final_status(&rec, conn), Some(WsStatus::Protocol), "{:?}", rec.of(conn));
     assert_eq!(close_code, Some(1007));
 }
 
@@ -1037,13 +847,7 @@ unsafe extern "C" fn reply_to_message(
     user: *mut c_void,
 ) {
     let replier = &*(user as *const Replier);
-    on_message(
-        conn,
-        data,
-        len,
-        kind,
-        &replier.rec as *const Recorder as *mut c_void,
-    );
+    on_message(conn, data, len, kind, &replier.rec as *const Recorder as *mut c_void);
     let reply = [b"re: ", std::slice::from_raw_parts(data, len)].concat();
     let status = ws_send_binary(conn, reply.as_ptr().cast(), reply.len());
     replier.sent.lock().unwrap().push(status);
@@ -1065,51 +869,23 @@ fn replies_precede_the_close_for(violation: &[u8]) {
     let rec = &replier.rec;
     let conn = client.connect(&url);
     watch(conn, rec);
-    set(ws_on_message(
-        conn,
-        Some(reply_to_message),
-        &replier as *const Replier as *mut c_void,
-    ));
+    set(ws_on_message(conn, Some(reply_to_message), &replier as *const Replier as *mut c_void));
     client.run_until_final(rec, conn);
     let frames: Vec<(u8, Vec<u8>)> = peer
         .join()
         .unwrap()
         .into_iter()
         .filter(|f| f.opcode != PING && f.opcode != PONG)
-        .map(|f| {
-            (
-                f.opcode,
-                f.payload
-                    .get(..2)
-                    .filter(|_| f.opcode == CLOSE)
-                    .map_or(f.payload.clone(), <[u8]>::to_vec),
-            )
-        })
+        .map(|f| (f.opcode, f.payload.get(..2).filter(|_| f.opcode == CLOSE).map_or(f.payload.clone(), <[u8]>::to_vec)))
         .collect();
-    assert_eq!(
-        rec.of(conn)[..2],
-        [Ev::Open(conn), Ev::Text(conn, b"hello".to_vec())]
-    );
-    assert_eq!(
-        final_status(rec, conn),
-        Some(WsStatus::Protocol),
-        "{:?}",
-        rec.of(conn)
-    );
+    assert_eq!(rec.of(conn)[..2], [Ev::Open(conn), Ev::Text(conn, b"hello".to_vec())]);
+    assert_eq!(final_status(rec, conn), Some(WsStatus::Protocol), "{:?}", rec.of(conn));
     assert_eq!(
         frames,
-        vec![
-            (BINARY, b"re: hello".to_vec()),
-            (CLOSE, 1002u16.to_be_bytes().to_vec())
-        ],
+        vec![(BINARY, b"re: hello".to_vec()), (CLOSE, 1002u16.to_be_bytes().to_vec())],
         "what the peer received"
     );
-    assert_eq!(
-        *replier.sent.lock().unwrap(),
-        [WsStatus::Ok],
-        "what ws_send answered for the reply: {}",
-        last_error()
-    );
+    assert_eq!(*replier.sent.lock().unwrap(), [WsStatus::Ok], "what ws_send answered for the reply: {}", last_error());
 }
 
 #[test]
@@ -1146,12 +922,7 @@ unsafe extern "C" fn note_buffered_amount(
     let mut bytes = usize::MAX;
     let status = ws_buffered_amount(conn, &mut bytes);
     *this.seen.lock().unwrap() = Some((status, bytes));
-    on_error(
-        conn,
-        kind,
-        message,
-        &this.rec as *const Recorder as *mut c_void,
-    );
+    on_error(conn, kind, message, &this.rec as *const Recorder as *mut c_void);
 }
 
 /// README: "ws_buffered_amount() tells how many bytes wait to be written" (the header: "not
@@ -1173,33 +944,17 @@ fn buffered_amount_is_zero_once_a_connection_with_unsent_data_has_ended() {
     let options = no_keepalive();
     let conn = client.connect_with(&url, options.0);
     watch(conn, &ends.rec);
-    set(ws_on_error(
-        conn,
-        Some(note_buffered_amount),
-        &ends as *const BufferedAtTheEnd as *mut c_void,
-    ));
+    set(ws_on_error(conn, Some(note_buffered_amount), &ends as *const BufferedAtTheEnd as *mut c_void));
     wait_open(&client, &ends.rec, conn);
     queue_mebibytes(conn, 20);
     let socket = socket_rx.recv_timeout(PEER_TIMEOUT).unwrap();
-    assert!(
-        socket.wait_blocked_writing(64 << 10),
-        "the client's writes never blocked: {:?}",
-        socket.state()
-    );
+    assert!(socket.wait_blocked_writing(64 << 10), "the client's writes never blocked: {:?}", socket.state());
     hang_up.send(()).unwrap();
     peer.join().unwrap();
     client.run_until_final(&ends.rec, conn);
-    assert_eq!(
-        final_status(&ends.rec, conn),
-        Some(WsStatus::ConnectionLost),
-        "{:?}",
-        ends.rec.of(conn)
-    );
+    assert_eq!(final_status(&ends.rec, conn), Some(WsStatus::ConnectionLost), "{:?}", ends.rec.of(conn));
     let mut after = usize::MAX;
-    assert_eq!(
-        unsafe { ws_buffered_amount(conn, &mut after) },
-        WsStatus::Gone
-    );
+    assert_eq!(unsafe { ws_buffered_amount(conn, &mut after) }, WsStatus::Gone);
     let seen = *ends.seen.lock().unwrap();
     assert!(
         matches!(seen, Some((WsStatus::Ok, 0) | (WsStatus::Gone, _))),
@@ -1214,29 +969,16 @@ fn after_a_close_handshake_the_peer_sees_the_client_end_tcp() {
     let (url, peer) = serve(|mut p| {
         p.upgrade();
         p.send(&close_frame(1000, "bye"));
-        let reply = p
-            .read_timeout(Duration::from_secs(5))
-            .read_frame()
-            .map(|f| f.close_code());
-        (
-            reply.map_err(|e| e.kind()),
-            p.read_to_end().map_err(|e| e.kind()),
-        )
+        let reply = p.read_timeout(Duration::from_secs(5)).read_frame().map(|f| f.close_code());
+        (reply.map_err(|e| e.kind()), p.read_to_end().map_err(|e| e.kind()))
     });
     let client = Client::new();
     let rec = Recorder::default();
     let conn = client.connect(&url);
     watch(conn, &rec);
     client.run_until_final(&rec, conn);
-    assert_eq!(
-        last_event(&rec, conn),
-        Some(Ev::Close(conn, 1000, "bye".into()))
-    );
-    assert_eq!(
-        peer.join().unwrap(),
-        (Ok(Some(1000)), Ok(0)),
-        "the client's close frame, then EOF"
-    );
+    assert_eq!(last_event(&rec, conn), Some(Ev::Close(conn, 1000, "bye".into())));
+    assert_eq!(peer.join().unwrap(), (Ok(Some(1000)), Ok(0)), "the client's close frame, then EOF");
 }
 
 /// Issue 9.15: "after a completed close the TCP (and TLS close_notify) shutdown is skipped".
@@ -1261,27 +1003,17 @@ fn after_a_close_handshake_over_tls_the_client_sends_close_notify() {
         tls.flush().unwrap();
         let reply = read_frame_from(&mut tls).map(|f| f.close_code());
         let mut rest = Vec::new();
-        (
-            reply.map_err(|e| e.kind()),
-            tls.read_to_end(&mut rest).map_err(|e| e.kind()),
-        )
+        (reply.map_err(|e| e.kind()), tls.read_to_end(&mut rest).map_err(|e| e.kind()))
     });
     let client = Client::new();
     let rec = Recorder::default();
     let conn = client.connect_with(&url, options.0);
     watch(conn, &rec);
     client.run_until_final(&rec, conn);
-    assert_eq!(
-        last_event(&rec, conn),
-        Some(Ev::Close(conn, 1000, "bye".into()))
-    );
+    assert_eq!(last_event(&rec, conn), Some(Ev::Close(conn, 1000, "bye".into())));
     let (reply, end) = peer.join().unwrap();
     assert_eq!(reply, Ok(Some(1000)), "the client's close frame");
-    assert_eq!(
-        end,
-        Ok(0),
-        "the end of the TLS stream after the close handshake (Ok: close_notify came)"
-    );
+    assert_eq!(end, Ok(0), "the end of the TLS stream after the close handshake (Ok: close_notify came)");
 }
 
 /// README: "ws_client_free() closes the connections still alive (close code 1001, sent
@@ -1294,10 +1026,7 @@ fn assert_free_is_prompt(client: Client, state: &str) {
     drop(client);
     let took = start.elapsed();
     eprintln!("ws_client_free with a connection {state}: {took:?}");
-    assert!(
-        took < FREE_BOUND,
-        "ws_client_free took {took:?} with a connection {state}"
-    );
+    assert!(took < FREE_BOUND, "ws_client_free took {took:?} with a connection {state}");
 }
 
 #[test]
@@ -1309,36 +1038,22 @@ fn free_is_prompt_while_a_tcp_connect_is_in_progress() {
     watch(conn, &rec);
     let deadline = Instant::now() + PEER_TIMEOUT;
     while sockets_to(address, TCP_SYN_SENT).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the client's SYN was never seen waiting"
-        );
+        assert!(Instant::now() < deadline, "the client's SYN was never seen waiting");
         std::thread::sleep(Duration::from_millis(1));
     }
     assert_free_is_prompt(client, "in TCP connect (SYNs dropped)");
-    assert_eq!(
-        rec.events(),
-        vec![],
-        "no callback after the client was freed"
-    );
+    assert_eq!(rec.events(), vec![], "no callback after the client was freed");
 }
 
 /// A peer that accepts TCP and never answers what the client sends (over wss the TLS
 /// ClientHello, over ws the upgrade request); the host frees the client once those bytes came.
 fn free_while_unanswered(tls: bool) {
     let listener = Listener::bind();
-    let url = format!(
-        "{}://127.0.0.1:{}/",
-        if tls { "wss" } else { "ws" },
-        listener.port
-    );
+    let url = format!("{}://127.0.0.1:{}/", if tls { "wss" } else { "ws" }, listener.port);
     let (arrived, has_arrived) = mpsc::channel();
     let peer = std::thread::spawn(move || {
         let mut p = listener.accept();
-        assert!(
-            readable(std::os::fd::AsRawFd::as_raw_fd(&p.stream), PEER_TIMEOUT),
-            "the client sent nothing"
-        );
+        assert!(readable(std::os::fd::AsRawFd::as_raw_fd(&p.stream), PEER_TIMEOUT), "the client sent nothing");
         arrived.send(p.unread()).unwrap();
         p.read_to_end().map_err(|e| e.kind())
     });
@@ -1346,21 +1061,9 @@ fn free_while_unanswered(tls: bool) {
     let rec = Recorder::default();
     let conn = client.connect(&url);
     watch(conn, &rec);
-    has_arrived
-        .recv_timeout(PEER_TIMEOUT)
-        .expect("the client's first bytes");
-    assert_free_is_prompt(
-        client,
-        if tls {
-            "in an unanswered TLS handshake"
-        } else {
-            "in an unanswered upgrade"
-        },
-    );
-    assert!(
-        peer.join().unwrap().is_ok(),
-        "the peer sees the connection end"
-    );
+    has_arrived.recv_timeout(PEER_TIMEOUT).expect("the client's first bytes");
+    assert_free_is_prompt(client, if tls { "in an unanswered TLS handshake" } else { "in an unanswered upgrade" });
+    assert!(peer.join().unwrap().is_ok(), "the peer sees the connection end");
 }
 
 #[test]
@@ -1398,11 +1101,7 @@ fn free_while_writes_are_blocked(violation: bool) -> (Duration, Duration) {
     watch(conn, &rec);
     queue_mebibytes(conn, 20);
     let socket = socket_rx.recv_timeout(PEER_TIMEOUT).unwrap();
-    assert!(
-        socket.wait_blocked_writing(64 << 10),
-        "the client's writes never blocked: {:?}",
-        socket.state()
-    );
+    assert!(socket.wait_blocked_writing(64 << 10), "the client's writes never blocked: {:?}", socket.state());
     let violated_at = Instant::now();
     if violation {
         violate.send(()).unwrap();
@@ -1424,10 +1123,7 @@ fn free_while_writes_are_blocked(violation: bool) -> (Duration, Duration) {
 fn free_is_prompt_while_writes_are_blocked() {
     let (took, _) = free_while_writes_are_blocked(false);
     eprintln!("ws_client_free with a connection whose writes are blocked: {took:?}");
-    assert!(
-        took < FREE_BOUND,
-        "ws_client_free took {took:?} with a connection whose writes are blocked"
-    );
+    assert!(took < FREE_BOUND, "ws_client_free took {took:?} with a connection whose writes are blocked");
 }
 
 #[test]
@@ -1443,7 +1139,9 @@ fn free_is_prompt_while_a_connection_fails_behind_blocked_writes() {
         }
     }
     let (took, called_after) = *attempts.last().unwrap();
-    eprintln!("ws_client_free with a connection failing while its writes are blocked: {attempts:?} (took, called after)");
+    eprintln!(
+        "ws_client_free with a connection failing while its writes are blocked: {attempts:?} (took, called after)"
+    );
     assert!(
         took < FREE_BOUND,
         "ws_client_free took {took:?} with a connection failing while its writes are blocked ({called_after:?} after the violation)"
@@ -1458,9 +1156,7 @@ fn free_is_prompt_while_a_close_handshake_is_unanswered() {
     let (url, peer) = serve(move |mut p| {
         p.upgrade();
         let (frames, _) = p.read_until_close();
-        closing
-            .send(frames.last().and_then(Frame::close_code))
-            .unwrap();
+        closing.send(frames.last().and_then(Frame::close_code)).unwrap();
         let _ = released.recv_timeout(PEER_TIMEOUT);
     });
     let client = Client::new();
@@ -1501,17 +1197,8 @@ fn a_slowloris_upgrade_response_is_bounded_by_the_connect_timeout() {
     watch(conn, &rec);
     let took = final_within(&client, &rec, conn, Duration::from_secs(3));
     peer.join().unwrap();
-    assert!(
-        took.is_some(),
-        "no final callback within 3 s with a 1 s connect timeout: {:?}",
-        rec.of(conn)
-    );
-    assert_eq!(
-        final_status(&rec, conn),
-        Some(WsStatus::ConnectTimeout),
-        "{:?}",
-        rec.of(conn)
-    );
+    assert!(took.is_some(), "no final callback within 3 s with a 1 s connect timeout: {:?}", rec.of(conn));
+    assert_eq!(final_status(&rec, conn), Some(WsStatus::ConnectTimeout), "{:?}", rec.of(conn));
 }
 
 /// A 101 response whose head is exactly `size` bytes (padded with a header), followed by a
@@ -1521,10 +1208,7 @@ fn response_head_of(size: usize, tail: usize) -> Vec<Ev> {
     let (url, peer) = serve(move |mut p| {
         let request = p.read_request();
         let bare = response_to(&request, "X-Padding: \r\n").len();
-        let head = response_to(
-            &request,
-            &format!("X-Padding: {}\r\n", "p".repeat(size - bare)),
-        );
+        let head = response_to(&request, &format!("X-Padding: {}\r\n", "p".repeat(size - bare)));
         assert_eq!(head.len(), size);
         let socket = p.client_socket();
         let (first, rest) = head.as_bytes().split_at(size - tail);
@@ -1550,14 +1234,7 @@ fn response_head_of(size: usize, tail: usize) -> Vec<Ev> {
 fn a_response_head_of_exactly_16_kib_is_accepted() {
     let events = response_head_of(16 << 10, 385);
     let conn = events[0].conn();
-    assert_eq!(
-        events,
-        vec![
-            Ev::Open(conn),
-            Ev::Text(conn, b"hi".to_vec()),
-            Ev::Close(conn, 1000, String::new())
-        ]
-    );
+    assert_eq!(events, vec![Ev::Open(conn), Ev::Text(conn, b"hi".to_vec()), Ev::Close(conn, 1000, String::new())]);
 }
 
 /// ... and 16 KiB + 1 is refused, also when it arrives in two parts (issue 9.15: up to 32 KiB
@@ -1604,19 +1281,14 @@ fn a_response_head_that_never_ends_is_refused_at_16_kib() {
     watch(conn, &rec);
     let took = final_within(&client, &rec, conn, DEADLINE);
     let read_by_client = peer.join().unwrap();
-    eprintln!(
-        "an endless response head: refused after {took:?}, the client read {read_by_client} bytes"
-    );
+    eprintln!("an endless response head: refused after {took:?}, the client read {read_by_client} bytes");
     match rec.of(conn).as_slice() {
         [Ev::Error(_, WsStatus::HandshakeRejected, message)] => {
             assert!(message.contains("16384"), "{message}")
         }
         other => panic!("an endless response head: {other:?}"),
     }
-    assert!(
-        read_by_client <= (17 << 10),
-        "the client read {read_by_client} bytes of a response head"
-    );
+    assert!(read_by_client <= (17 << 10), "the client read {read_by_client} bytes of a response head");
 }
 
 // ---- the end of the peer's stream -------------------------------------------------------------
@@ -1630,9 +1302,7 @@ fn a_peer_that_half_closes_after_a_message() {
         p.upgrade();
         p.send(&frame(FIN | TEXT, b"last words"));
         p.stream.shutdown(std::net::Shutdown::Write).unwrap();
-        p.read_timeout(Duration::from_secs(5))
-            .read_to_end()
-            .map_err(|e| e.kind())
+        p.read_timeout(Duration::from_secs(5)).read_to_end().map_err(|e| e.kind())
     });
     let client = Client::new();
     let rec = Recorder::default();
@@ -1640,21 +1310,10 @@ fn a_peer_that_half_closes_after_a_message() {
     watch(conn, &rec);
     let took = final_within(&client, &rec, conn, Duration::from_secs(5));
     let end = peer.join().unwrap();
-    assert!(
-        took.is_some(),
-        "no final callback after the peer half-closed: {:?}",
-        rec.of(conn)
-    );
+    assert!(took.is_some(), "no final callback after the peer half-closed: {:?}", rec.of(conn));
     let events = rec.of(conn);
-    assert_eq!(
-        events[..2],
-        [Ev::Open(conn), Ev::Text(conn, b"last words".to_vec())]
-    );
-    assert_eq!(
-        (events.len(), final_status(&rec, conn)),
-        (3, Some(WsStatus::ConnectionLost)),
-        "{events:?}"
-    );
+    assert_eq!(events[..2], [Ev::Open(conn), Ev::Text(conn, b"last words".to_vec())]);
+    assert_eq!((events.len(), final_status(&rec, conn)), (3, Some(WsStatus::ConnectionLost)), "{events:?}");
     assert!(end.is_ok(), "the peer's read after its half-close: {end:?}");
 }
 
@@ -1688,9 +1347,7 @@ fn keepalive_does_not_drop_a_slow_reader_during_an_upload() {
         loop {
             match read_frame_from(&mut Slow(&mut p.stream)) {
                 // Nothing follows our close frame (the pings still in flight go unanswered).
-                Ok(f) if f.opcode == PING && received < UPLOAD => {
-                    p.send(&frame(FIN | PONG, &f.payload))
-                }
+                Ok(f) if f.opcode == PING && received < UPLOAD => p.send(&frame(FIN | PONG, &f.payload)),
                 Ok(f) if f.opcode == BINARY => {
                     received += 1;
                     if received == UPLOAD {
@@ -1737,10 +1394,7 @@ fn a_response_head_with_a_hundred_headers_within_16_kib_is_accepted() {
     watch(conn, &rec);
     client.run_until_final(&rec, conn);
     peer.join().unwrap();
-    assert_eq!(
-        rec.of(conn),
-        vec![Ev::Open(conn), Ev::Close(conn, 1000, String::new())]
-    );
+    assert_eq!(rec.of(conn), vec![Ev::Open(conn), Ev::Close(conn, 1000, String::new())]);
 }
 
 /// Header of ws_options_set_keepalive: "Silence while the library is not reading (flow
@@ -1772,22 +1426,13 @@ fn keepalive_does_not_count_the_silence_of_a_held_message() {
     let conn = client.connect_with(&url, options.0);
     watch(conn, &rec);
     set(ws_set_flow_control(conn, true));
-    assert!(pump(&client, DEADLINE, || rec.of(conn).len() >= 2
-        || rec.finals(conn) > 0));
+    assert!(pump(&client, DEADLINE, || rec.of(conn).len() >= 2 || rec.finals(conn) > 0));
     // The host holds the message for 2 s (an async job), running its loop.
     pump(&client, Duration::from_secs(2), || rec.finals(conn) > 0);
-    assert_eq!(
-        rec.finals(conn),
-        0,
-        "the connection ended while the host held a message: {:?}",
-        rec.of(conn)
-    );
+    assert_eq!(rec.finals(conn), 0, "the connection ended while the host held a message: {:?}", rec.of(conn));
     set(ws_message_complete(conn));
     assert_eq!(close(conn, 1000, ""), WsStatus::Ok);
     client.run_until_final(&rec, conn);
     assert!(peer.join().unwrap());
-    assert_eq!(
-        last_event(&rec, conn),
-        Some(Ev::Close(conn, 1000, String::new()))
-    );
+    assert_eq!(last_event(&rec, conn), Some(Ev::Close(conn, 1000, String::new())));
 }

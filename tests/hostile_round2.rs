@@ -43,25 +43,14 @@ fn pump(client: &Client, limit: Duration, mut done: impl FnMut() -> bool) -> boo
 /// Dispatches until `conn`'s open callback ran.
 fn wait_open(client: &Client, rec: &Recorder, conn: WsConn) {
     assert!(
-        pump(client, DEADLINE, || rec.of(conn).contains(&Ev::Open(conn))
-            || rec.finals(conn) > 0),
+        pump(client, DEADLINE, || rec.of(conn).contains(&Ev::Open(conn)) || rec.finals(conn) > 0),
         "the connection never opened"
     );
-    assert_eq!(
-        rec.of(conn).first(),
-        Some(&Ev::Open(conn)),
-        "{:?}",
-        rec.of(conn)
-    );
+    assert_eq!(rec.of(conn).first(), Some(&Ev::Open(conn)), "{:?}", rec.of(conn));
 }
 
 /// Dispatches until `conn`'s final callback, at most `limit`; returns the time it took.
-fn final_within(
-    client: &Client,
-    rec: &Recorder,
-    conn: WsConn,
-    limit: Duration,
-) -> Option<Duration> {
+fn final_within(client: &Client, rec: &Recorder, conn: WsConn, limit: Duration) -> Option<Duration> {
     let start = Instant::now();
     pump(client, limit, || rec.finals(conn) > 0).then(|| start.elapsed())
 }
@@ -151,16 +140,11 @@ fn watchdog(limit: Duration, what: &'static str) -> Arc<AtomicBool> {
 
 /// A peer that upgrades, waits for `go`, then sends text messages "m0", "m1", ... as fast as the
 /// client takes them until `stop` (or 20 s), then its close frame; returns how many it sent.
-fn flooding_peer(
-    go: mpsc::Receiver<()>,
-    stop: mpsc::Receiver<()>,
-) -> (String, std::thread::JoinHandle<u64>) {
+fn flooding_peer(go: mpsc::Receiver<()>, stop: mpsc::Receiver<()>) -> (String, std::thread::JoinHandle<u64>) {
     serve(move |mut p| {
         p.upgrade();
         let _ = go.recv_timeout(PEER_TIMEOUT);
-        p.stream
-            .set_write_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
+        p.stream.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
         let start = Instant::now();
         let mut sent = 0u64;
         let mut pending = Vec::new();
@@ -179,9 +163,7 @@ fn flooding_peer(
                 Ok(n) => {
                     pending.drain(..n);
                 }
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
                 Err(_) => return sent,
             }
         }
@@ -197,13 +179,7 @@ fn flooding_peer(
 
 /// A message callback that does 100 µs of work per message (a host that handles its messages)
 /// and counts them.
-unsafe extern "C" fn count_with_work(
-    _: WsConn,
-    _: *const u8,
-    _: usize,
-    _: WsMessageKind,
-    user: *mut c_void,
-) {
+unsafe extern "C" fn count_with_work(_: WsConn, _: *const u8, _: usize, _: WsMessageKind, user: *mut c_void) {
     busy(Duration::from_micros(100));
     (*(user as *const AtomicU64)).fetch_add(1, Ordering::Relaxed);
 }
@@ -223,9 +199,7 @@ fn ws_run_returns_at_its_timeout_while_a_peer_floods() {
         let start = Instant::now();
         let mut sent = 0u64;
         while start.elapsed() < Duration::from_secs(4) {
-            let wire: Vec<u8> = (sent..sent + 75)
-                .flat_map(|i| frame(FIN | TEXT, format!("m{i}").as_bytes()))
-                .collect();
+            let wire: Vec<u8> = (sent..sent + 75).flat_map(|i| frame(FIN | TEXT, format!("m{i}").as_bytes())).collect();
             if p.stream.write_all(&wire).is_err() {
                 return sent;
             }
@@ -325,9 +299,8 @@ fn dispatch_runs_only_the_callbacks_pending_when_it_was_called() {
                     first_sent_tx.send(i).unwrap();
                 }
                 if told.recv_timeout(PEER_TIMEOUT).is_ok() {
-                    let wire: Vec<u8> = (0..3)
-                        .flat_map(|k| frame(FIN | TEXT, format!("{i}:more {k}").as_bytes()))
-                        .collect();
+                    let wire: Vec<u8> =
+                        (0..3).flat_map(|k| frame(FIN | TEXT, format!("{i}:more {k}").as_bytes())).collect();
                     p.send(&wire);
                     sent_tx.send(i).unwrap();
                 }
@@ -337,10 +310,7 @@ fn dispatch_runs_only_the_callbacks_pending_when_it_was_called() {
             peers.push(peer);
         }
         let client = Client::new();
-        let seq = Sequenced {
-            rec: Recorder::default(),
-            hook: Mutex::new(None),
-        };
+        let seq = Sequenced { rec: Recorder::default(), hook: Mutex::new(None) };
         let conns: Vec<WsConn> = urls
             .iter()
             .map(|u| {
@@ -357,9 +327,7 @@ fn dispatch_runs_only_the_callbacks_pending_when_it_was_called() {
         }
         let sockets: Vec<ClientSocket> = sockets.into_iter().map(Option::unwrap).collect();
         // Both opens dispatched (the messages may come with them: then the attempt is retried).
-        assert!(pump(&client, DEADLINE, || conns
-            .iter()
-            .all(|&c| seq.rec.of(c).contains(&Ev::Open(c)))));
+        assert!(pump(&client, DEADLINE, || conns.iter().all(|&c| seq.rec.of(c).contains(&Ev::Open(c)))));
         // Both first messages read by the client and handed to the host's queue.
         for t in &triggers {
             t.send(()).unwrap();
@@ -389,10 +357,7 @@ fn dispatch_runs_only_the_callbacks_pending_when_it_was_called() {
         let triggers_hook = triggers.clone();
         *seq.hook.lock().unwrap() = Some(Box::new(move || {
             // Runs inside the first message callback of the dispatch; `first` is set by then.
-            let first: WsConn = first_conn_hook
-                .lock()
-                .unwrap()
-                .expect("set by the callback");
+            let first: WsConn = first_conn_hook.lock().unwrap().expect("set by the callback");
             let other = if first == conns_hook[0] { 1 } else { 0 };
             triggers_hook.lock().unwrap()[other].send(()).unwrap();
             assert_eq!(sent_rx.recv_timeout(PEER_TIMEOUT).unwrap(), other);
@@ -440,16 +405,8 @@ struct Started {
     count: AtomicU64,
 }
 
-unsafe extern "C" fn count_start_then_work(
-    _: WsConn,
-    _: *const u8,
-    _: usize,
-    _: WsMessageKind,
-    user: *mut c_void,
-) {
-    (*(user as *const Started))
-        .count
-        .fetch_add(1, Ordering::SeqCst);
+unsafe extern "C" fn count_start_then_work(_: WsConn, _: *const u8, _: usize, _: WsMessageKind, user: *mut c_void) {
+    (*(user as *const Started)).count.fetch_add(1, Ordering::SeqCst);
     busy(Duration::from_micros(50));
 }
 
@@ -469,9 +426,7 @@ fn a_registration_from_another_thread_waits_for_the_running_callback_not_for_a_b
     let (url, peer) = serve(move |mut p| {
         p.upgrade();
         let _ = went.recv_timeout(PEER_TIMEOUT);
-        let wire: Vec<u8> = (0..MESSAGES)
-            .flat_map(|i| frame(FIN | TEXT, format!("{i}").as_bytes()))
-            .collect();
+        let wire: Vec<u8> = (0..MESSAGES).flat_map(|i| frame(FIN | TEXT, format!("{i}").as_bytes())).collect();
         p.send(&wire);
         p.send(&close_frame(1000, ""));
         let _ = p.read_timeout(Duration::from_secs(20)).read_until_close();
@@ -482,11 +437,7 @@ fn a_registration_from_another_thread_waits_for_the_running_callback_not_for_a_b
     let conn = client.connect_with(&url, options.0);
     watch(conn, &rec);
     let started = Arc::new(Started::default());
-    set(ws_on_message(
-        conn,
-        Some(count_start_then_work),
-        user(&*started),
-    ));
+    set(ws_on_message(conn, Some(count_start_then_work), user(&*started)));
     wait_open(&client, &rec, conn);
     let busy_machine = Arc::new(AtomicBool::new(true));
     let spinners: Vec<_> = (0..2)
@@ -537,10 +488,7 @@ fn a_registration_from_another_thread_waits_for_the_running_callback_not_for_a_b
          callbacks started while each waited, and how long it waited: {waits:?}",
         waits.len()
     );
-    assert!(
-        waits.len() >= 10,
-        "too few registrations ran during the flood: {waits:?}"
-    );
+    assert!(waits.len() >= 10, "too few registrations ran during the flood: {waits:?}");
     assert!(
         worst.is_some_and(|(n, _)| n <= 3),
         "a registration from another thread waited while {:?} callbacks (and time) ran after it was called",
@@ -576,9 +524,7 @@ fn waiting_messages_against_a_small_limit(payload: &'static [u8], limit: usize, 
         socket_tx.send(p.client_socket()).unwrap();
         let _ = went.recv_timeout(PEER_TIMEOUT);
         let wire = frame(FIN | BINARY, payload).repeat(200_000);
-        p.stream
-            .set_write_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
+        p.stream.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
         let _ = p.stream.write_all(&wire);
     });
     let client = Client::new();
@@ -591,11 +537,7 @@ fn waiting_messages_against_a_small_limit(payload: &'static [u8], limit: usize, 
     let socket = socket_rx.recv_timeout(PEER_TIMEOUT).unwrap();
     go.send(()).unwrap();
     // The host does not dispatch until the client has stopped reading.
-    assert!(
-        socket.wait_not_reading(64 << 10),
-        "the client never stopped reading: {:?}",
-        socket.peer_state()
-    );
+    assert!(socket.wait_not_reading(64 << 10), "the client never stopped reading: {:?}", socket.peer_state());
     // What waits when a dispatch comes: the first time, and after each dispatch let the client
     // read again (its socket holds plenty by then).
     let mut counts = Vec::new();
@@ -650,7 +592,9 @@ fn the_send_queue_limit_counts_46_bytes_a_message() {
         set(unsafe { ws_buffered_amount(conn, &mut buffered) });
         drop(client);
         drop(listener);
-        eprintln!("send-queue limit 4600, {len}-byte messages: {accepted} accepted, then {last:?}; buffered {buffered}");
+        eprintln!(
+            "send-queue limit 4600, {len}-byte messages: {accepted} accepted, then {last:?}; buffered {buffered}"
+        );
         assert_eq!(
             (accepted, last, buffered),
             (expected, WsStatus::SendQueueFull, expected * len),
@@ -684,9 +628,7 @@ fn index_of(payload: &[u8]) -> u32 {
 fn a_burst_of_200_pings_to_a_server_that_reads_gets_200_pongs() {
     let (url, peer) = serve(|mut p| {
         p.upgrade();
-        let burst: Vec<u8> = (0..200u32)
-            .flat_map(|i| frame(FIN | PING, &i.to_be_bytes()))
-            .collect();
+        let burst: Vec<u8> = (0..200u32).flat_map(|i| frame(FIN | PING, &i.to_be_bytes())).collect();
         p.send(&burst);
         let pongs = read_pongs(&mut p, 200, Duration::from_secs(2));
         p.send(&close_frame(1000, ""));
@@ -700,17 +642,8 @@ fn a_burst_of_200_pings_to_a_server_that_reads_gets_200_pongs() {
     watch(conn, &rec);
     client.run_until_final(&rec, conn);
     let pongs = peer.join().unwrap();
-    eprintln!(
-        "200 pings in one write: {} pongs ({:?} .. {:?})",
-        pongs.len(),
-        pongs.first(),
-        pongs.last()
-    );
-    assert_eq!(
-        pongs,
-        (0..200).collect::<Vec<u32>>(),
-        "the pongs a reading server got for 200 pings sent in one write"
-    );
+    eprintln!("200 pings in one write: {} pongs ({:?} .. {:?})", pongs.len(), pongs.first(), pongs.last());
+    assert_eq!(pongs, (0..200).collect::<Vec<u32>>(), "the pongs a reading server got for 200 pings sent in one write");
 }
 
 /// README: "at most 32 answers wait, the oldest dropped first". The client's writes are blocked
@@ -721,24 +654,15 @@ fn at_most_32_pongs_wait_and_they_answer_the_latest_pings() {
     let (url, peer) = serve_on(Listener::bind_small_receive_buffer(), move |mut p| {
         p.upgrade();
         let socket = p.client_socket();
-        assert!(
-            socket.wait_blocked_writing(64 << 10),
-            "the client's writes never blocked"
-        );
-        let pings: Vec<u8> = (0..1000u32)
-            .flat_map(|i| frame(FIN | PING, &i.to_be_bytes()))
-            .collect();
+        assert!(socket.wait_blocked_writing(64 << 10), "the client's writes never blocked");
+        let pings: Vec<u8> = (0..1000u32).flat_map(|i| frame(FIN | PING, &i.to_be_bytes())).collect();
         p.send(&pings);
         assert!(socket.wait_read_everything());
         // Everything the client sends from now on, until 2 s of quiet after the upload.
         let mut pongs = Vec::new();
         let mut binaries = 0;
         loop {
-            let quiet = if binaries < 8 {
-                PEER_TIMEOUT
-            } else {
-                Duration::from_secs(2)
-            };
+            let quiet = if binaries < 8 { PEER_TIMEOUT } else { Duration::from_secs(2) };
             match p.read_timeout(quiet).read_frame() {
                 Ok(f) if f.opcode == PONG => pongs.push(index_of(&f.payload)),
                 Ok(f) if f.opcode == BINARY => binaries += 1,
@@ -762,10 +686,7 @@ fn at_most_32_pongs_wait_and_they_answer_the_latest_pings() {
     }
     client.run_until_final(&rec, conn);
     let (binaries, pongs) = peer.join().unwrap();
-    eprintln!(
-        "1000 pings while the client's writes were blocked: {} pongs: {pongs:?}",
-        pongs.len()
-    );
+    eprintln!("1000 pings while the client's writes were blocked: {} pongs: {pongs:?}", pongs.len());
     assert_eq!(binaries, 8);
     assert_eq!(
         pongs,
@@ -788,13 +709,7 @@ struct FlowProbe {
     callbacks: AtomicU64,
 }
 
-unsafe extern "C" fn flow_probe(
-    _: WsConn,
-    _: *const u8,
-    _: usize,
-    _: WsMessageKind,
-    user: *mut c_void,
-) {
+unsafe extern "C" fn flow_probe(_: WsConn, _: *const u8, _: usize, _: WsMessageKind, user: *mut c_void) {
     let probe = &*(user as *const FlowProbe);
     let epoch = probe.epoch.load(Ordering::SeqCst);
     probe.callbacks.fetch_add(1, Ordering::SeqCst);
@@ -840,9 +755,7 @@ fn flow_control_turned_on_from_another_thread_holds_after_one_message() {
         while trials < 3000 && start.elapsed() < Duration::from_secs(15) {
             let before = probe.callbacks.load(Ordering::SeqCst);
             // Messages are flowing.
-            while probe.callbacks.load(Ordering::SeqCst) < before + 5
-                && start.elapsed() < Duration::from_secs(15)
-            {
+            while probe.callbacks.load(Ordering::SeqCst) < before + 5 && start.elapsed() < Duration::from_secs(15) {
                 std::hint::spin_loop();
             }
             trials += 1;
@@ -851,9 +764,7 @@ fn flow_control_turned_on_from_another_thread_holds_after_one_message() {
             // One callback after it is allowed (and expected: messages are waiting); a second
             // one, if it comes, comes right behind it.
             let seen_one = Instant::now();
-            while probe.seen.lock().unwrap().0 != trials
-                && seen_one.elapsed() < Duration::from_millis(200)
-            {
+            while probe.seen.lock().unwrap().0 != trials && seen_one.elapsed() < Duration::from_millis(200) {
                 std::hint::spin_loop();
             }
             let after = Instant::now();
@@ -866,9 +777,7 @@ fn flow_control_turned_on_from_another_thread_holds_after_one_message() {
         other_finished.store(true, Ordering::SeqCst);
         trials
     });
-    pump(&client, Duration::from_secs(30), || {
-        finished.load(Ordering::SeqCst)
-    });
+    pump(&client, Duration::from_secs(30), || finished.load(Ordering::SeqCst));
     let trials = toggler.join().unwrap();
     let _ = stop.send(());
     client.run_until_final(&rec, conn);
@@ -944,9 +853,7 @@ fn messages_completed_from_another_thread_at_random_times_arrive_one_at_a_time_i
     const MESSAGES: usize = 3000;
     let (url, peer) = serve(|mut p| {
         p.upgrade();
-        let wire: Vec<u8> = (0..MESSAGES)
-            .flat_map(|i| frame(FIN | TEXT, format!("m{i}").as_bytes()))
-            .collect();
+        let wire: Vec<u8> = (0..MESSAGES).flat_map(|i| frame(FIN | TEXT, format!("m{i}").as_bytes())).collect();
         p.send(&wire);
         p.send(&close_frame(1000, "all sent"));
         let _ = p.read_timeout(Duration::from_secs(30)).read_until_close();
@@ -958,11 +865,7 @@ fn messages_completed_from_another_thread_at_random_times_arrive_one_at_a_time_i
     let options = no_keepalive();
     let conn = client.connect_with(&url, options.0);
     watch(conn, &completer.rec);
-    set(ws_on_message(
-        conn,
-        Some(complete_elsewhere),
-        user(&*completer),
-    ));
+    set(ws_on_message(conn, Some(complete_elsewhere), user(&*completer)));
     set(ws_set_flow_control(conn, true));
     let other = completer.clone();
     let completing = std::thread::spawn(move || {
@@ -991,15 +894,8 @@ fn messages_completed_from_another_thread_at_random_times_arrive_one_at_a_time_i
         &early[..early.len().min(10)]
     );
     let expected: Vec<String> = (0..MESSAGES).map(|i| format!("m{i}")).collect();
-    assert!(
-        texts == expected,
-        "the messages arrived altered, out of order or not all ({} of {MESSAGES})",
-        texts.len()
-    );
-    assert_eq!(
-        last_event(&completer.rec, conn),
-        Some(Ev::Close(conn, 1000, "all sent".into()))
-    );
+    assert!(texts == expected, "the messages arrived altered, out of order or not all ({} of {MESSAGES})", texts.len());
+    assert_eq!(last_event(&completer.rec, conn), Some(Ev::Close(conn, 1000, "all sent".into())));
 }
 
 // ---- 1 (continued). sends from several threads racing the close -------------------------------
@@ -1065,43 +961,27 @@ fn sends_from_four_threads_racing_a_close_arrive_whole_once_in_order_before_the_
     });
     client.run_until_final(&rec, conn);
     let closed = closer.join().unwrap();
-    let results: Vec<(u32, Vec<WsStatus>)> =
-        senders.into_iter().map(|s| s.join().unwrap()).collect();
+    let results: Vec<(u32, Vec<WsStatus>)> = senders.into_iter().map(|s| s.join().unwrap()).collect();
     let frames = peer.join().unwrap();
     // After the final callback returned: GONE from every thread.
-    let gone: Vec<WsStatus> = (0..4)
-        .map(|_| std::thread::spawn(move || send_text(conn, "late")))
-        .map(|t| t.join().unwrap())
-        .collect();
+    let gone: Vec<WsStatus> =
+        (0..4).map(|_| std::thread::spawn(move || send_text(conn, "late"))).map(|t| t.join().unwrap()).collect();
     assert_eq!(closed, WsStatus::Ok);
     assert_eq!(
         rec.finals(conn),
         1,
         "final callbacks: {:?}",
-        rec.of(conn)
-            .iter()
-            .filter(|e| e.is_final())
-            .collect::<Vec<_>>()
+        rec.of(conn).iter().filter(|e| e.is_final()).collect::<Vec<_>>()
     );
-    assert_eq!(
-        last_event(&rec, conn),
-        Some(Ev::Close(conn, 1000, String::new()))
-    );
+    assert_eq!(last_event(&rec, conn), Some(Ev::Close(conn, 1000, String::new())));
     assert_eq!(gone, vec![WsStatus::Gone; 4]);
-    assert_eq!(
-        frames.last().map(|f| f.opcode),
-        Some(CLOSE),
-        "the close frame comes last"
-    );
+    assert_eq!(frames.last().map(|f| f.opcode), Some(CLOSE), "the close frame comes last");
     let mut next = [0u32; THREADS as usize];
     for f in &frames[..frames.len() - 1] {
         assert_eq!(f.opcode, BINARY);
         let t = f.payload[0];
         let seq = u32::from_be_bytes(f.payload[1..5].try_into().unwrap());
-        assert_eq!(
-            seq, next[t as usize],
-            "thread {t}'s messages out of order, repeated or lost"
-        );
+        assert_eq!(seq, next[t as usize], "thread {t}'s messages out of order, repeated or lost");
         let mut expected = vec![t];
         expected.extend_from_slice(&seq.to_be_bytes());
         expected.resize(5 + (seq as usize % 300), t);
@@ -1110,20 +990,11 @@ fn sends_from_four_threads_racing_a_close_arrive_whole_once_in_order_before_the_
     }
     for (t, (accepted, after)) in results.iter().enumerate() {
         eprintln!("thread {t}: {accepted} accepted, then {:?}", after.first());
-        assert_eq!(
-            next[t], *accepted,
-            "thread {t}: {accepted} sends returned OK, the peer received {}",
-            next[t]
-        );
+        assert_eq!(next[t], *accepted, "thread {t}: {accepted} sends returned OK, the peer received {}", next[t]);
         assert!(
-            after
-                .iter()
-                .all(|s| matches!(s, WsStatus::Closing | WsStatus::Gone)),
+            after.iter().all(|s| matches!(s, WsStatus::Closing | WsStatus::Gone)),
             "thread {t}: after the first refusal: {:?}",
-            after
-                .iter()
-                .filter(|s| !matches!(s, WsStatus::Closing | WsStatus::Gone))
-                .collect::<Vec<_>>()
+            after.iter().filter(|s| !matches!(s, WsStatus::Closing | WsStatus::Gone)).collect::<Vec<_>>()
         );
     }
 }
@@ -1139,20 +1010,10 @@ struct Tally {
     finals: AtomicU64,
 }
 
-unsafe extern "C" fn tally_message(
-    _: WsConn,
-    data: *const u8,
-    len: usize,
-    _: WsMessageKind,
-    user: *mut c_void,
-) {
+unsafe extern "C" fn tally_message(_: WsConn, data: *const u8, len: usize, _: WsMessageKind, user: *mut c_void) {
     let tally = &*(user as *const Tally);
     let text = std::str::from_utf8(std::slice::from_raw_parts(data, len)).unwrap();
-    let index: u64 = text
-        .split(':')
-        .nth(1)
-        .and_then(|i| i.parse().ok())
-        .unwrap_or(u64::MAX);
+    let index: u64 = text.split(':').nth(1).and_then(|i| i.parse().ok()).unwrap_or(u64::MAX);
     let expected = tally.next.fetch_add(1, Ordering::SeqCst);
     if index != expected {
         let mut wrong = tally.wrong.lock().unwrap();
@@ -1162,32 +1023,15 @@ unsafe extern "C" fn tally_message(
     }
 }
 
-unsafe extern "C" fn tally_close(
-    _: WsConn,
-    _: u16,
-    _: *const std::os::raw::c_char,
-    _: usize,
-    user: *mut c_void,
-) {
-    (*(user as *const Tally))
-        .finals
-        .fetch_add(1, Ordering::SeqCst);
+unsafe extern "C" fn tally_close(_: WsConn, _: u16, _: *const std::os::raw::c_char, _: usize, user: *mut c_void) {
+    (*(user as *const Tally)).finals.fetch_add(1, Ordering::SeqCst);
 }
 
-unsafe extern "C" fn tally_error(
-    _: WsConn,
-    kind: WsStatus,
-    message: *const std::os::raw::c_char,
-    user: *mut c_void,
-) {
+unsafe extern "C" fn tally_error(_: WsConn, kind: WsStatus, message: *const std::os::raw::c_char, user: *mut c_void) {
     let tally = &*(user as *const Tally);
     tally.finals.fetch_add(1, Ordering::SeqCst);
     let message = std::ffi::CStr::from_ptr(message).to_string_lossy();
-    tally
-        .wrong
-        .lock()
-        .unwrap()
-        .push(format!("error {kind:?}: {message}"));
+    tally.wrong.lock().unwrap().push(format!("error {kind:?}: {message}"));
 }
 
 /// A host's epoll loop (level- or edge-triggered, one ws_dispatch per wake-up, whatever
@@ -1256,19 +1100,12 @@ fn epoll_host_under_traffic(edge: bool) -> (u64, u64, Vec<String>) {
     });
     let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     assert!(epfd >= 0);
-    let mut event = libc::epoll_event {
-        events: (libc::EPOLLIN | if edge { libc::EPOLLET } else { 0 }) as u32,
-        u64: 1,
-    };
-    assert_eq!(
-        unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, client.fd(), &mut event) },
-        0
-    );
+    let mut event = libc::epoll_event { events: (libc::EPOLLIN | if edge { libc::EPOLLET } else { 0 }) as u32, u64: 1 };
+    assert_eq!(unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, client.fd(), &mut event) }, 0);
     let (mut wakeups, mut spurious) = (0u64, 0u64);
     let mut stalls = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(90);
-    while !tallies.iter().all(|t| t.finals.load(Ordering::SeqCst) > 0) && Instant::now() < deadline
-    {
+    while !tallies.iter().all(|t| t.finals.load(Ordering::SeqCst) > 0) && Instant::now() < deadline {
         let mut out = libc::epoll_event { events: 0, u64: 0 };
         let n = unsafe { libc::epoll_wait(epfd, &mut out, 1, 2000) };
         if n == 0 {
@@ -1294,10 +1131,7 @@ fn epoll_host_under_traffic(edge: bool) -> (u64, u64, Vec<String>) {
     sender.join().unwrap();
     unsafe { libc::close(epfd) };
     for (k, tally) in tallies.iter().enumerate() {
-        let (got, wrong) = (
-            tally.next.load(Ordering::SeqCst),
-            tally.wrong.lock().unwrap().clone(),
-        );
+        let (got, wrong) = (tally.next.load(Ordering::SeqCst), tally.wrong.lock().unwrap().clone());
         assert!(
             got == MESSAGES as u64 && wrong.is_empty(),
             "connection {k}: {got} of {MESSAGES} messages; wrong: {wrong:?}; stalls: {stalls:?}"
@@ -1340,9 +1174,7 @@ struct Reconnector {
 }
 
 unsafe extern "C" fn count_reconnect_open(_: WsConn, user: *mut c_void) {
-    (*(user as *const Reconnector))
-        .opens
-        .fetch_add(1, Ordering::SeqCst);
+    (*(user as *const Reconnector)).opens.fetch_add(1, Ordering::SeqCst);
 }
 
 unsafe extern "C" fn reconnect_on_close(
@@ -1357,11 +1189,7 @@ unsafe extern "C" fn reconnect_on_close(
     if code != 1000 {
         this.other.lock().unwrap().push(format!("close {code}"));
     }
-    if this
-        .remaining
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok()
-    {
+    if this.remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
         reconnect(this);
     }
 }
@@ -1374,20 +1202,14 @@ unsafe extern "C" fn note_reconnect_error(
 ) {
     let this = &*(user as *const Reconnector);
     let message = std::ffi::CStr::from_ptr(message).to_string_lossy();
-    this.other
-        .lock()
-        .unwrap()
-        .push(format!("{kind:?}: {message}"));
+    this.other.lock().unwrap().push(format!("{kind:?}: {message}"));
 }
 
 unsafe fn reconnect(this: &Reconnector) {
     let mut conn = 0;
     let status = ws_connect(this.client, this.url.as_ptr(), &mut conn);
     if status != WsStatus::Ok {
-        this.other
-            .lock()
-            .unwrap()
-            .push(format!("ws_connect: {status:?}"));
+        this.other.lock().unwrap().push(format!("ws_connect: {status:?}"));
         return;
     }
     let user = this as *const Reconnector as *mut c_void;
@@ -1411,10 +1233,7 @@ fn thread_count() -> usize {
 /// descriptors, 1 thread, 1 MiB).
 #[test]
 fn reconnecting_from_the_close_callback_500_times_leaks_nothing() {
-    if !in_child(
-        "reconnecting_from_the_close_callback_500_times_leaks_nothing",
-        &[],
-    ) {
+    if !in_child("reconnecting_from_the_close_callback_500_times_leaks_nothing", &[]) {
         return;
     }
     const TIMES: usize = 500;
@@ -1434,16 +1253,12 @@ fn reconnecting_from_the_close_callback_500_times_leaks_nothing() {
     assert_eq!(unsafe { ws_run(client.0, 30_000) }, WsStatus::Ok);
     let (fds, threads, heap) = (open_descriptors(), thread_count(), heap_in_use());
     this.remaining.store(TIMES - 1, Ordering::SeqCst);
-    let (opens, closes) = (
-        this.opens.load(Ordering::SeqCst),
-        this.closes.load(Ordering::SeqCst),
-    );
+    let (opens, closes) = (this.opens.load(Ordering::SeqCst), this.closes.load(Ordering::SeqCst));
     unsafe { reconnect(&this) };
     let status = unsafe { ws_run(client.0, 60_000) };
     let opens = this.opens.load(Ordering::SeqCst) - opens;
     let closes = this.closes.load(Ordering::SeqCst) - closes;
-    let (fds_after, threads_after, heap_after) =
-        (open_descriptors(), thread_count(), heap_in_use());
+    let (fds_after, threads_after, heap_after) = (open_descriptors(), thread_count(), heap_in_use());
     let growth = heap_after.saturating_sub(heap);
     eprintln!(
         "{TIMES} reconnections from the close callback: {opens} opens, {closes} closes, ws_run {status:?}; \
@@ -1456,10 +1271,7 @@ fn reconnecting_from_the_close_callback_500_times_leaks_nothing() {
     assert!(this.other.lock().unwrap().is_empty());
     assert_eq!(unsafe { ws_client_connection_count(client.0) }, 0);
     assert!(fds_after <= fds + 2, "descriptors {fds} -> {fds_after}");
-    assert!(
-        threads_after <= threads + 1,
-        "threads {threads} -> {threads_after}"
-    );
+    assert!(threads_after <= threads + 1, "threads {threads} -> {threads_after}");
     assert!(growth < 1 << 20, "the heap grew by {growth} bytes");
 }
 
@@ -1473,15 +1285,11 @@ fn free_with_callbacks_pending_runs_none_and_the_handle_is_gone_everywhere() {
     let (replied, has_replied) = mpsc::channel();
     let (url, peer) = serve(move |mut p| {
         p.upgrade();
-        let wire: Vec<u8> = (0..100)
-            .flat_map(|i| frame(FIN | TEXT, format!("m{i}").as_bytes()))
-            .collect();
+        let wire: Vec<u8> = (0..100).flat_map(|i| frame(FIN | TEXT, format!("m{i}").as_bytes())).collect();
         p.send(&wire);
         p.send(&close_frame(1000, "bye"));
         let (frames, _) = p.read_timeout(Duration::from_secs(10)).read_until_close();
-        replied
-            .send(frames.last().and_then(Frame::close_code))
-            .unwrap();
+        replied.send(frames.last().and_then(Frame::close_code)).unwrap();
     });
     let client = Client::new();
     let rec = Recorder::default();
@@ -1506,24 +1314,9 @@ fn free_with_callbacks_pending_runs_none_and_the_handle_is_gone_everywhere() {
     .unwrap();
     eprintln!("free with 102 callbacks pending: {took:?}");
     assert_eq!(freed, WsStatus::Ok);
-    assert!(
-        took < Duration::from_millis(750),
-        "ws_client_free took {took:?}"
-    );
-    assert_eq!(
-        rec.events(),
-        vec![],
-        "callbacks ran after the client was freed"
-    );
-    assert_eq!(
-        elsewhere,
-        (
-            WsStatus::Gone,
-            WsStatus::Gone,
-            WsStatus::Gone,
-            WsStatus::Gone
-        )
-    );
+    assert!(took < Duration::from_millis(750), "ws_client_free took {took:?}");
+    assert_eq!(rec.events(), vec![], "callbacks ran after the client was freed");
+    assert_eq!(elsewhere, (WsStatus::Gone, WsStatus::Gone, WsStatus::Gone, WsStatus::Gone));
     assert_eq!(send_binary(conn, b"x"), WsStatus::Gone);
 }
 
@@ -1544,13 +1337,7 @@ struct Side {
     index: usize,
 }
 
-unsafe extern "C" fn register_on_the_other(
-    _: WsConn,
-    _: *const u8,
-    _: usize,
-    _: WsMessageKind,
-    user: *mut c_void,
-) {
+unsafe extern "C" fn register_on_the_other(_: WsConn, _: *const u8, _: usize, _: WsMessageKind, user: *mut c_void) {
     let side = &*(user as *const Side);
     let (me, other) = (side.index, 1 - side.index);
     side.cross.in_callback[me].store(true, Ordering::SeqCst);
@@ -1559,11 +1346,7 @@ unsafe extern "C" fn register_on_the_other(
         std::thread::yield_now();
     }
     let start = Instant::now();
-    let status = ws_on_message(
-        side.cross.targets[me].load(Ordering::SeqCst),
-        None,
-        std::ptr::null_mut(),
-    );
+    let status = ws_on_message(side.cross.targets[me].load(Ordering::SeqCst), None, std::ptr::null_mut());
     side.cross.results.lock().unwrap()[me] = Some((status, start.elapsed()));
 }
 
@@ -1576,10 +1359,7 @@ unsafe extern "C" fn register_on_the_other(
 /// process after 20 s).
 #[test]
 fn registrations_across_two_event_loops_from_inside_callbacks_do_not_deadlock() {
-    if !in_child(
-        "registrations_across_two_event_loops_from_inside_callbacks_do_not_deadlock",
-        &[],
-    ) {
+    if !in_child("registrations_across_two_event_loops_from_inside_callbacks_do_not_deadlock", &[]) {
         return;
     }
     let done = watchdog(
@@ -1605,11 +1385,7 @@ fn registrations_across_two_event_loops_from_inside_callbacks_do_not_deadlock() 
             let side = Side { cross, index };
             let conn = client.connect(&url);
             watch(conn, &rec);
-            set(ws_on_message(
-                conn,
-                Some(register_on_the_other),
-                user(&side),
-            ));
+            set(ws_on_message(conn, Some(register_on_the_other), user(&side)));
             conn_tx.send((index, conn)).unwrap();
             go.recv().unwrap();
             client.run_until_final(&rec, conn);
@@ -1632,9 +1408,7 @@ fn registrations_across_two_event_loops_from_inside_callbacks_do_not_deadlock() 
     eprintln!("registrations on each other's connection from inside callbacks: {results:?}");
     // Both returned (the watchdog catches a deadlock). GONE is the test's own race: the other
     // loop's connection may have ended before the registration reached it.
-    assert!(results
-        .iter()
-        .all(|r| r.is_some_and(|(s, _)| matches!(s, WsStatus::Ok | WsStatus::Gone))));
+    assert!(results.iter().all(|r| r.is_some_and(|(s, _)| matches!(s, WsStatus::Ok | WsStatus::Gone))));
 }
 
 // ---- 2. wss peers ----------------------------------------------------------------------------
@@ -1671,8 +1445,7 @@ fn tls_upgrade(identity: &TlsIdentity, peer: Peer) -> TlsPeer {
 /// client's writes blocked, its I/O thread must sleep (before and after one more send); then
 /// ws_close with a 500 ms close timeout must end in CLOSE_TIMEOUT within 2 s.
 #[test]
-fn tls_a_peer_that_stops_reading_during_an_upload_costs_no_cpu_and_the_close_timeout_bounds_the_close(
-) {
+fn tls_a_peer_that_stops_reading_during_an_upload_costs_no_cpu_and_the_close_timeout_bounds_the_close() {
     if !in_child(
         "tls_a_peer_that_stops_reading_during_an_upload_costs_no_cpu_and_the_close_timeout_bounds_the_close",
         &[],
@@ -1701,11 +1474,7 @@ fn tls_a_peer_that_stops_reading_during_an_upload_costs_no_cpu_and_the_close_tim
         set(send_binary(conn, &mib));
     }
     let socket = socket_rx.recv_timeout(PEER_TIMEOUT).unwrap();
-    assert!(
-        socket.wait_blocked_writing(64 << 10),
-        "the client's writes never blocked: {:?}",
-        socket.state()
-    );
+    assert!(socket.wait_blocked_writing(64 << 10), "the client's writes never blocked: {:?}", socket.state());
     let blocked = cpu_over_idle_window(Some(&client));
     set(send_text(conn, "one more"));
     let blocked_with_one_more = cpu_over_idle_window(Some(&client));
@@ -1713,20 +1482,13 @@ fn tls_a_peer_that_stops_reading_during_an_upload_costs_no_cpu_and_the_close_tim
     let took = final_within(&client, &rec, conn, Duration::from_secs(5));
     drop(release);
     peer.join().unwrap();
-    eprintln!(
-        "wss, close behind unsent data: final callback after {took:?}: {:?}",
-        last_event(&rec, conn)
-    );
+    eprintln!("wss, close behind unsent data: final callback after {took:?}: {:?}", last_event(&rec, conn));
     assert_idle(&[
         ("wss, writes blocked", blocked),
-        (
-            "wss, writes blocked, one more message queued",
-            blocked_with_one_more,
-        ),
+        ("wss, writes blocked, one more message queued", blocked_with_one_more),
     ]);
     assert!(
-        took.is_some_and(|t| t < Duration::from_secs(2))
-            && final_status(&rec, conn) == Some(WsStatus::CloseTimeout),
+        took.is_some_and(|t| t < Duration::from_secs(2)) && final_status(&rec, conn) == Some(WsStatus::CloseTimeout),
         "wss close with a 500 ms timeout behind unsent data: final {:?} after {took:?}",
         last_event(&rec, conn)
     );
@@ -1747,9 +1509,7 @@ fn tls_a_ping_behind_a_message_held_by_flow_control_is_answered() {
         tls.write_all(&wire).unwrap();
         tls.flush().unwrap();
         let start = Instant::now();
-        tls.sock
-            .set_read_timeout(Some(Duration::from_secs(4)))
-            .unwrap();
+        tls.sock.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
         let pong = loop {
             match read_frame_from(&mut tls) {
                 Ok(f) if f.opcode == PONG => break Some((start.elapsed(), f.payload)),
@@ -1760,9 +1520,7 @@ fn tls_a_ping_behind_a_message_held_by_flow_control_is_answered() {
         result.send(pong).unwrap();
         tls.write_all(&close_frame(1000, "")).unwrap();
         tls.flush().unwrap();
-        tls.sock
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        tls.sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         loop {
             match read_frame_from(&mut tls) {
                 Ok(f) if f.opcode == CLOSE => return true,
@@ -1785,22 +1543,14 @@ fn tls_a_ping_behind_a_message_held_by_flow_control_is_answered() {
         }
         Err(_) => false,
     });
-    assert_eq!(
-        rec.of(conn),
-        vec![Ev::Open(conn), Ev::Text(conn, b"hold me".to_vec())]
-    );
+    assert_eq!(rec.of(conn), vec![Ev::Open(conn), Ev::Text(conn, b"hold me".to_vec())]);
     set(ws_message_complete(conn));
     client.run_until_final(&rec, conn);
-    assert!(
-        peer.join().unwrap(),
-        "the peer never got the client's close frame"
-    );
+    assert!(peer.join().unwrap(), "the peer never got the client's close frame");
     let pong = pong.expect("the peer reported");
     eprintln!("wss: pong behind a held message: {pong:?}");
     assert!(
-        pong.as_ref().is_some_and(
-            |(after, payload)| *after < Duration::from_secs(2) && payload == b"are you there"
-        ),
+        pong.as_ref().is_some_and(|(after, payload)| *after < Duration::from_secs(2) && payload == b"are you there"),
         "wss: a ping right behind a held message was not answered within 2 s: {pong:?}"
     );
 }
@@ -1824,9 +1574,7 @@ fn tls_end_after(
         act(&mut tls);
         acted.send(Instant::now()).unwrap();
         // What the client does with its side of the TCP stream.
-        tls.sock
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        tls.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut total = 0;
         let mut buf = [0u8; 4096];
         loop {
@@ -1842,11 +1590,7 @@ fn tls_end_after(
     let options = trusting(&identity);
     let conn = client.connect_with(&url, options.0);
     watch(conn, &rec);
-    assert!(
-        pump(&client, DEADLINE, || rec.of(conn).len() >= 2),
-        "{:?}",
-        rec.of(conn)
-    );
+    assert!(pump(&client, DEADLINE, || rec.of(conn).len() >= 2), "{:?}", rec.of(conn));
     go.send(()).unwrap();
     let at = has_acted.recv_timeout(PEER_TIMEOUT).unwrap();
     let ended = pump(&client, Duration::from_secs(5), || rec.finals(conn) > 0);
@@ -1861,19 +1605,12 @@ fn assert_one_error_after_the_message(
 ) {
     eprintln!("wss, {what}: events {events:?}, final after {took:?}; the peer then saw {seen:?}");
     let conn = events[0].conn();
-    assert_eq!(
-        events[..2],
-        [Ev::Open(conn), Ev::Text(conn, b"before".to_vec())],
-        "wss, {what}"
-    );
+    assert_eq!(events[..2], [Ev::Open(conn), Ev::Text(conn, b"before".to_vec())], "wss, {what}");
     assert!(
         events.len() == 3 && matches!(events[2], Ev::Error(..)),
         "wss, {what}: after the message, exactly one error callback: {events:?}"
     );
-    assert!(
-        took.is_some_and(|t| t < Duration::from_secs(2)),
-        "wss, {what}: the final callback came after {took:?}"
-    );
+    assert!(took.is_some_and(|t| t < Duration::from_secs(2)), "wss, {what}: the final callback came after {took:?}");
     assert!(
         seen.is_ok() || seen == Err(std::io::ErrorKind::ConnectionReset),
         "wss, {what}: the client never ended its side of the stream ({seen:?})"
@@ -1900,10 +1637,7 @@ fn tls_a_record_that_fails_authentication_ends_the_connection_with_one_error() {
     assert_one_error_after_the_message(
         "a tampered record",
         tls_end_after(|tls| {
-            tls.conn
-                .writer()
-                .write_all(&frame(FIN | TEXT, b"tampered"))
-                .unwrap();
+            tls.conn.writer().write_all(&frame(FIN | TEXT, b"tampered")).unwrap();
             let mut record = Vec::new();
             while tls.conn.wants_write() {
                 tls.conn.write_tls(&mut record).unwrap();
@@ -1939,10 +1673,7 @@ fn tls_a_truncated_record_ends_the_connection_with_one_error() {
     assert_one_error_after_the_message(
         "a truncated record then FIN",
         tls_end_after(|tls| {
-            tls.conn
-                .writer()
-                .write_all(&frame(FIN | TEXT, &[b'y'; 200]))
-                .unwrap();
+            tls.conn.writer().write_all(&frame(FIN | TEXT, &[b'y'; 200])).unwrap();
             let mut record = Vec::new();
             while tls.conn.wants_write() {
                 tls.conn.write_tls(&mut record).unwrap();
@@ -1962,21 +1693,15 @@ fn tls_a_key_update_before_every_message_does_not_disturb_the_connection() {
     let server_identity = identity.clone();
     let (url, peer) = serve_wss(Listener::bind(), move |p| {
         let mut tls = tls_upgrade(&server_identity, p);
-        assert_eq!(
-            tls.conn.protocol_version(),
-            Some(rustls::ProtocolVersion::TLSv1_3)
-        );
+        assert_eq!(tls.conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
         for i in 0..MESSAGES {
             tls.conn.refresh_traffic_keys().unwrap();
-            tls.write_all(&frame(FIN | TEXT, format!("m{i}").as_bytes()))
-                .unwrap();
+            tls.write_all(&frame(FIN | TEXT, format!("m{i}").as_bytes())).unwrap();
             tls.flush().unwrap();
         }
         tls.write_all(&close_frame(1000, "")).unwrap();
         tls.flush().unwrap();
-        tls.sock
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        tls.sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         loop {
             match read_frame_from(&mut tls) {
                 Ok(f) if f.opcode == CLOSE => return Ok(()),
@@ -1998,14 +1723,8 @@ fn tls_a_key_update_before_every_message_does_not_disturb_the_connection() {
         texts.len(),
         last_event(&rec, conn)
     );
-    assert_eq!(
-        texts,
-        (0..MESSAGES).map(|i| format!("m{i}")).collect::<Vec<_>>()
-    );
-    assert_eq!(
-        last_event(&rec, conn),
-        Some(Ev::Close(conn, 1000, String::new()))
-    );
+    assert_eq!(texts, (0..MESSAGES).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    assert_eq!(last_event(&rec, conn), Some(Ev::Close(conn, 1000, String::new())));
     assert_eq!(peer_end, Ok(()));
 }
 
@@ -2047,9 +1766,7 @@ fn with_session_tickets(tickets: usize) -> (Vec<Ev>, usize) {
         let _ = tls.write_all(&frame(FIN | TEXT, b"after the tickets"));
         let _ = tls.write_all(&close_frame(1000, ""));
         let _ = tls.flush();
-        tls.sock
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        tls.sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         loop {
             match read_frame_from(&mut tls) {
                 Ok(f) if f.opcode == CLOSE => return true,
@@ -2082,11 +1799,7 @@ fn tls_two_hundred_session_tickets_do_not_disturb_the_connection() {
     let conn = events[0].conn();
     assert_eq!(
         events,
-        vec![
-            Ev::Open(conn),
-            Ev::Text(conn, b"after the tickets".to_vec()),
-            Ev::Close(conn, 1000, String::new())
-        ]
+        vec![Ev::Open(conn), Ev::Text(conn, b"after the tickets".to_vec()), Ev::Close(conn, 1000, String::new())]
     );
 }
 
@@ -2095,23 +1808,12 @@ fn tls_two_hundred_session_tickets_do_not_disturb_the_connection() {
 /// (grows by less than 4 MiB).
 #[test]
 fn tls_twenty_thousand_session_tickets_do_not_grow_memory() {
-    if !in_child(
-        "tls_twenty_thousand_session_tickets_do_not_grow_memory",
-        &[],
-    ) {
+    if !in_child("tls_twenty_thousand_session_tickets_do_not_grow_memory", &[]) {
         return;
     }
     let (events, growth) = with_session_tickets(20_000);
-    assert_eq!(
-        events.iter().filter(|e| e.is_final()).count(),
-        1,
-        "{events:?}"
-    );
-    assert!(
-        growth < 4 << 20,
-        "the heap grew by {:.1} MiB",
-        growth as f64 / MIB
-    );
+    assert_eq!(events.iter().filter(|e| e.is_final()).count(), 1, "{events:?}");
+    assert!(growth < 4 << 20, "the heap grew by {:.1} MiB", growth as f64 / MIB);
 }
 
 /// README: the connect timeout covers "DNS + TCP + TLS + upgrade". A TLS server that answers
@@ -2122,8 +1824,7 @@ fn tls_a_handshake_trickled_byte_by_byte_is_bounded_by_the_connect_timeout() {
     let identity = Arc::new(TlsIdentity::new());
     let server_identity = identity.clone();
     let (url, peer) = serve_wss(Listener::bind(), move |mut p| {
-        let mut server =
-            rustls::ServerConnection::new(Arc::new(server_identity.server_config())).unwrap();
+        let mut server = rustls::ServerConnection::new(Arc::new(server_identity.server_config())).unwrap();
         // Reads the ClientHello.
         while server.wants_read() && !server.wants_write() {
             if server.read_tls(&mut p.stream).unwrap_or(0) == 0 {
@@ -2154,20 +1855,9 @@ fn tls_a_handshake_trickled_byte_by_byte_is_bounded_by_the_connect_timeout() {
     watch(conn, &rec);
     let took = final_within(&client, &rec, conn, Duration::from_secs(3));
     let sent = peer.join().unwrap();
-    eprintln!(
-        "a trickled TLS handshake: final after {took:?} ({sent} bytes trickled): {:?}",
-        rec.of(conn)
-    );
-    assert!(
-        took.is_some(),
-        "no final callback within 3 s with a 1 s connect timeout"
-    );
-    assert_eq!(
-        final_status(&rec, conn),
-        Some(WsStatus::ConnectTimeout),
-        "{:?}",
-        rec.of(conn)
-    );
+    eprintln!("a trickled TLS handshake: final after {took:?} ({sent} bytes trickled): {:?}", rec.of(conn));
+    assert!(took.is_some(), "no final callback within 3 s with a 1 s connect timeout");
+    assert_eq!(final_status(&rec, conn), Some(WsStatus::ConnectTimeout), "{:?}", rec.of(conn));
 }
 
 /// A TLS peer whose records carry one byte each: a 16 KiB message (16,395 records) arrives
@@ -2186,9 +1876,7 @@ fn tls_records_of_one_byte_each_deliver_a_message_whole() {
         }
         tls.write_all(&close_frame(1000, "")).unwrap();
         tls.flush().unwrap();
-        tls.sock
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        tls.sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         loop {
             match read_frame_from(&mut tls) {
                 Ok(f) if f.opcode == CLOSE => return true,
@@ -2209,44 +1897,27 @@ fn tls_records_of_one_byte_each_deliver_a_message_whole() {
     eprintln!("wss, one byte per record: the I/O threads used {cpu:?}");
     let events = rec.of(conn);
     assert_eq!(events.len(), 3, "open, the message, the close");
-    assert!(
-        events[1] == Ev::Binary(conn, expected),
-        "the message arrived altered"
-    );
+    assert!(events[1] == Ev::Binary(conn, expected), "the message arrived altered");
     assert_eq!(events[2], Ev::Close(conn, 1000, String::new()));
     assert!(cpu < Duration::from_secs(2), "the I/O threads used {cpu:?}");
 }
 
 /// A CA and a certificate for 127.0.0.1 signed by it, written as PEM files for a server that is
 /// not ours (openssl s_server): (ca, certificate, key), in `dir`.
-fn write_pem_identity(
-    dir: &std::path::Path,
-) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
+fn write_pem_identity(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(
-        DnType::CommonName,
-        format!("wsclient round 2 CA {}", std::process::id()),
-    );
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    ca_params.distinguished_name.push(DnType::CommonName, format!("wsclient round 2 CA {}", std::process::id()));
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let key = KeyPair::generate().unwrap();
     let params = CertificateParams::new(vec!["127.0.0.1".into()]).unwrap();
     let cert = params.signed_by(&key, &issuer).unwrap();
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
+    let paths = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&paths.0, ca_cert.pem()).unwrap();
     std::fs::write(&paths.1, cert.pem()).unwrap();
     std::fs::write(&paths.2, key.serialize_pem()).unwrap();
@@ -2259,26 +1930,16 @@ fn write_pem_identity(
 /// message or exactly one final callback, within 5 s, and no callback after it.
 #[test]
 fn tls12_a_renegotiation_request_from_the_server() {
-    if std::process::Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_err()
-    {
+    if std::process::Command::new("openssl").arg("version").output().is_err() {
         eprintln!("openssl is not installed: test skipped");
         return;
     }
     let dir = std::env::temp_dir().join(format!("wsclient-reneg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (ca, cert, key) = write_pem_identity(&dir);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut server = std::process::Command::new("openssl")
-        .args([
-            "s_server", "-tls1_2", "-naccept", "1", "-ign_eof", "-accept",
-        ])
+        .args(["s_server", "-tls1_2", "-naccept", "1", "-ign_eof", "-accept"])
         .arg(format!("127.0.0.1:{port}"))
         .arg("-cert")
         .arg(&cert)
@@ -2312,11 +1973,7 @@ fn tls12_a_renegotiation_request_from_the_server() {
         }
         true
     };
-    assert!(
-        wait_for("ACCEPT", &mut seen),
-        "openssl s_server did not start: {}",
-        String::from_utf8_lossy(&seen)
-    );
+    assert!(wait_for("ACCEPT", &mut seen), "openssl s_server did not start: {}", String::from_utf8_lossy(&seen));
     let client = Client::new();
     let rec = Recorder::default();
     let options = no_keepalive();
@@ -2336,26 +1993,14 @@ fn tls12_a_renegotiation_request_from_the_server() {
         if let Some(at) = text.find("GET /") {
             if text[at..].contains("\r\n\r\n") {
                 let request = &text[at..at + text[at..].find("\r\n\r\n").unwrap() + 4];
-                stdin
-                    .write_all(response_to(request, "").as_bytes())
-                    .unwrap();
+                stdin.write_all(response_to(request, "").as_bytes()).unwrap();
                 stdin.flush().unwrap();
                 answered = true;
             }
         }
     }
-    assert!(
-        answered,
-        "the upgrade request never reached the server: {}",
-        String::from_utf8_lossy(&seen)
-    );
-    assert!(
-        pump(&client, Duration::from_secs(10), || rec
-            .of(conn)
-            .contains(&Ev::Open(conn))),
-        "{:?}",
-        rec.of(conn)
-    );
+    assert!(answered, "the upgrade request never reached the server: {}", String::from_utf8_lossy(&seen));
+    assert!(pump(&client, Duration::from_secs(10), || rec.of(conn).contains(&Ev::Open(conn))), "{:?}", rec.of(conn));
     // "r": the server asks for a renegotiation; then a message. Twice: rustls refuses the first
     // request with a warning and a second one as fatal (which shows that the requests came).
     let mut after_each = Vec::new();
@@ -2365,9 +2010,7 @@ fn tls12_a_renegotiation_request_from_the_server() {
         pump(&client, Duration::from_millis(500), || rec.finals(conn) > 0);
         let _ = stdin.write_all(&frame(FIN | TEXT, format!("hello {round}\n").as_bytes()));
         let _ = stdin.flush();
-        pump(&client, Duration::from_secs(5), || {
-            rec.finals(conn) > 0 || rec.texts(conn).len() == round + 1
-        });
+        pump(&client, Duration::from_secs(5), || rec.finals(conn) > 0 || rec.texts(conn).len() == round + 1);
         after_each.push(rec.of(conn));
     }
     let _ = server.kill();
@@ -2402,10 +2045,7 @@ fn tls12_a_renegotiation_request_from_the_server() {
 /// 1 MiB) and the peak resident size by no more than 8 MiB.
 #[test]
 fn a_host_that_dispatches_once_a_second_loses_nothing_and_stays_within_the_receive_bound() {
-    if !in_child(
-        "a_host_that_dispatches_once_a_second_loses_nothing_and_stays_within_the_receive_bound",
-        &[],
-    ) {
+    if !in_child("a_host_that_dispatches_once_a_second_loses_nothing_and_stays_within_the_receive_bound", &[]) {
         return;
     }
     const MESSAGES: usize = 20_000;
@@ -2456,20 +2096,9 @@ fn a_host_that_dispatches_once_a_second_loses_nothing_and_stays_within_the_recei
     );
     assert!(wrong.is_empty(), "{wrong:?}");
     assert_eq!(tally.next.load(Ordering::SeqCst), MESSAGES as u64);
-    assert_eq!(
-        last_event(&rec, conn),
-        Some(Ev::Close(conn, 1000, "done".into()))
-    );
-    assert!(
-        max_growth < 4 << 20,
-        "the heap grew by {:.1} MiB",
-        max_growth as f64 / MIB
-    );
-    assert!(
-        hwm_growth < 8 << 20,
-        "peak RSS grew by {:.1} MiB",
-        hwm_growth as f64 / MIB
-    );
+    assert_eq!(last_event(&rec, conn), Some(Ev::Close(conn, 1000, "done".into())));
+    assert!(max_growth < 4 << 20, "the heap grew by {:.1} MiB", max_growth as f64 / MIB);
+    assert!(hwm_growth < 8 << 20, "peak RSS grew by {:.1} MiB", hwm_growth as f64 / MIB);
 }
 
 /// The I/O threads' CPU while a peer sends `pings` empty pings behind one message, the host
@@ -2507,25 +2136,19 @@ fn cpu_for_empty_pings(pings: usize, hold: bool) -> (Duration, usize, usize) {
     wait_open(&client, &rec, conn);
     let (cpu, heap) = (io_threads_cpu(), heap_in_use());
     let mut pongs = None;
-    pump(&client, Duration::from_secs(120), || {
-        match is_done.try_recv() {
-            Ok(n) => {
-                pongs = Some(n);
-                true
-            }
-            Err(_) => false,
+    pump(&client, Duration::from_secs(120), || match is_done.try_recv() {
+        Ok(n) => {
+            pongs = Some(n);
+            true
         }
+        Err(_) => false,
     });
     let cpu = io_threads_cpu() - cpu;
     let growth = heap_in_use().saturating_sub(heap);
     let completed = ws_message_complete(conn);
     client.run_until_final(&rec, conn);
     peer.join().unwrap();
-    let events: Vec<Ev> = rec
-        .of(conn)
-        .into_iter()
-        .filter(|e| !matches!(e, Ev::Text(..)))
-        .collect();
+    let events: Vec<Ev> = rec.of(conn).into_iter().filter(|e| !matches!(e, Ev::Text(..))).collect();
     assert!(
         (completed == WsStatus::Ok || !hold && completed == WsStatus::Gone)
             && events.last() == Some(&Ev::Close(conn, 1000, String::new())),
@@ -2540,10 +2163,7 @@ fn cpu_for_empty_pings(pings: usize, hold: bool) -> (Duration, usize, usize) {
 /// of the same order as when nothing is held (allowed: 10 times that, plus 1 s).
 #[test]
 fn empty_pings_behind_a_held_message_cost_what_they_cost_otherwise() {
-    if !in_child(
-        "empty_pings_behind_a_held_message_cost_what_they_cost_otherwise",
-        &[],
-    ) {
+    if !in_child("empty_pings_behind_a_held_message_cost_what_they_cost_otherwise", &[]) {
         return;
     }
     const PINGS: usize = 500_000;
@@ -2554,11 +2174,7 @@ fn empty_pings_behind_a_held_message_cost_what_they_cost_otherwise() {
          {held_cpu:?} ({held_pongs} pongs, heap +{:.1} MiB) behind a held message",
         held_growth as f64 / MIB
     );
-    assert!(
-        held_growth < 4 << 20,
-        "the heap grew by {:.1} MiB",
-        held_growth as f64 / MIB
-    );
+    assert!(held_growth < 4 << 20, "the heap grew by {:.1} MiB", held_growth as f64 / MIB);
     assert!(
         held_cpu < free_cpu * 10 + Duration::from_secs(1),
         "{PINGS} empty pings cost the I/O thread {held_cpu:?} behind a held message, {free_cpu:?} otherwise"
@@ -2573,10 +2189,7 @@ fn empty_pings_behind_a_held_message_cost_what_they_cost_otherwise() {
 /// has not grown by 32 buffers (512 MiB); allowed 64 MiB (the I/O thread keeps one spare).
 #[test]
 fn idle_connections_hold_no_read_buffer_even_a_16_mib_one() {
-    if !in_child(
-        "idle_connections_hold_no_read_buffer_even_a_16_mib_one",
-        &[],
-    ) {
+    if !in_child("idle_connections_hold_no_read_buffer_even_a_16_mib_one", &[]) {
         return;
     }
     const CONNECTIONS: usize = 32;
@@ -2610,9 +2223,7 @@ fn idle_connections_hold_no_read_buffer_even_a_16_mib_one() {
         })
         .collect();
     has_sent.recv_timeout(PEER_TIMEOUT).unwrap();
-    assert!(pump(&client, DEADLINE, || conns
-        .iter()
-        .all(|&c| rec.of(c).len() == 2)));
+    assert!(pump(&client, DEADLINE, || conns.iter().all(|&c| rec.of(c).len() == 2)));
     let growth = (status_kib("VmData") << 10).saturating_sub(data);
     eprintln!(
         "{CONNECTIONS} idle connections with a 16 MiB read buffer, each after one message: VmData grew by {:.1} MiB",
@@ -2620,11 +2231,7 @@ fn idle_connections_hold_no_read_buffer_even_a_16_mib_one() {
     );
     hang_up.send(()).unwrap();
     peer.join().unwrap();
-    assert!(
-        growth < 64 << 20,
-        "VmData grew by {:.1} MiB",
-        growth as f64 / MIB
-    );
+    assert!(growth < 64 << 20, "VmData grew by {:.1} MiB", growth as f64 / MIB);
 }
 
 /// README: "the library still reads ahead up to one read buffer"; options: the read buffer is
@@ -2644,17 +2251,14 @@ fn with_a_1_kib_read_buffer_the_read_ahead_is_1_kib() {
         let first = wire.len();
         wire.extend(frame(FIN | BINARY, &[2; 1000]).repeat(64));
         let mut writer = p.stream.try_clone().unwrap();
-        writer
-            .set_write_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        writer.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
         let total = wire.len();
         // 66 KB: the client's socket can hold them all while the client does not read.
         let writing = std::thread::spawn(move || writer.write_all(&wire).is_ok());
         let pong = pong_payload_within(&mut p, Duration::from_secs(2));
         let wrote_all = writing.join().unwrap();
         // What the client took from its socket: what was written, less what waits in either socket.
-        let waiting = socket.state().map_or(0, |s| s.rx_queue)
-            + socket.peer_state().map_or(0, |s| s.tx_queue);
+        let waiting = socket.state().map_or(0, |s| s.rx_queue) + socket.peer_state().map_or(0, |s| s.tx_queue);
         report.send((pong, total as u64 - waiting, first)).unwrap();
         p.send(&close_frame(1000, ""));
         let _ = p.read_timeout(Duration::from_secs(10)).read_until_close();
@@ -2683,15 +2287,8 @@ fn with_a_1_kib_read_buffer_the_read_ahead_is_1_kib() {
     eprintln!("1 KiB read buffer: the client took {taken} bytes while holding the first message ({first} bytes up to the ping); the ping's answer: {pong:?}");
     assert_eq!(rec.texts(conn), vec!["hold me"]);
     assert_eq!(rec.of(conn).len(), 1 + 1 + 65 + 1);
-    assert_eq!(
-        pong,
-        Some(b"near".to_vec()),
-        "the ping within the read-ahead"
-    );
-    assert!(
-        taken <= 8 << 10,
-        "with a 1 KiB read buffer the client took {taken} bytes while holding a message"
-    );
+    assert_eq!(pong, Some(b"near".to_vec()), "the ping within the read-ahead");
+    assert!(taken <= 8 << 10, "with a 1 KiB read buffer the client took {taken} bytes while holding a message");
 }
 
 /// Reads frames until a pong (its payload) or `limit`.
@@ -2733,18 +2330,12 @@ mod hanging_resolver {
         CHANGED.notify_all();
     }
 
-    type GetAddrInfo = unsafe extern "C" fn(
-        *const c_char,
-        *const c_char,
-        *const libc::addrinfo,
-        *mut *mut libc::addrinfo,
-    ) -> c_int;
+    type GetAddrInfo =
+        unsafe extern "C" fn(*const c_char, *const c_char, *const libc::addrinfo, *mut *mut libc::addrinfo) -> c_int;
 
     fn real() -> GetAddrInfo {
         static REAL: OnceLock<usize> = OnceLock::new();
-        let address = *REAL.get_or_init(|| unsafe {
-            libc::dlsym(libc::RTLD_NEXT, c"getaddrinfo".as_ptr()) as usize
-        });
+        let address = *REAL.get_or_init(|| unsafe { libc::dlsym(libc::RTLD_NEXT, c"getaddrinfo".as_ptr()) as usize });
         assert_ne!(address, 0, "the C library's getaddrinfo");
         unsafe { std::mem::transmute::<usize, GetAddrInfo>(address) }
     }
@@ -2760,9 +2351,7 @@ mod hanging_resolver {
             STARTED.fetch_add(1, Ordering::SeqCst);
             let released = RELEASED.lock().unwrap();
             // At most a minute, so that a broken test still ends.
-            let _ = CHANGED
-                .wait_timeout_while(released, Duration::from_secs(60), |r| !*r)
-                .unwrap();
+            let _ = CHANGED.wait_timeout_while(released, Duration::from_secs(60), |r| !*r).unwrap();
             return libc::EAI_NONAME;
         }
         real()(node, service, hints, res)
@@ -2787,10 +2376,7 @@ fn resolver_threads() -> usize {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
         .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm"))
-                .is_ok_and(|c| c.trim_end() == "wsclient-dns")
-        })
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == "wsclient-dns"))
         .count()
 }
 
@@ -2812,10 +2398,7 @@ fn dns_free_is_prompt_while_a_lookup_hangs() {
     let took = start.elapsed();
     release_lookups();
     eprintln!("ws_client_free during a hanging look-up: {took:?}");
-    assert!(
-        took < Duration::from_millis(750),
-        "ws_client_free took {took:?} during a hanging look-up"
-    );
+    assert!(took < Duration::from_millis(750), "ws_client_free took {took:?} during a hanging look-up");
     assert_eq!(rec.events(), vec![]);
     assert_eq!(send_text(conn, "x"), WsStatus::Gone);
 }
@@ -2824,10 +2407,7 @@ fn dns_free_is_prompt_while_a_lookup_hangs() {
 /// 500 ms connect timeout: CONNECT_TIMEOUT within 1.5 s.
 #[test]
 fn dns_a_hanging_lookup_is_bounded_by_the_connect_timeout() {
-    if !in_child(
-        "dns_a_hanging_lookup_is_bounded_by_the_connect_timeout",
-        &[],
-    ) {
+    if !in_child("dns_a_hanging_lookup_is_bounded_by_the_connect_timeout", &[]) {
         return;
     }
     let client = Client::new();
@@ -2838,17 +2418,9 @@ fn dns_a_hanging_lookup_is_bounded_by_the_connect_timeout() {
     watch(conn, &rec);
     let took = final_within(&client, &rec, conn, Duration::from_millis(1500));
     release_lookups();
-    eprintln!(
-        "a hanging look-up with a 500 ms connect timeout: {:?} after {took:?}",
-        rec.of(conn)
-    );
+    eprintln!("a hanging look-up with a 500 ms connect timeout: {:?} after {took:?}", rec.of(conn));
     assert!(took.is_some(), "no final callback within 1.5 s");
-    assert_eq!(
-        final_status(&rec, conn),
-        Some(WsStatus::ConnectTimeout),
-        "{:?}",
-        rec.of(conn)
-    );
+    assert_eq!(final_status(&rec, conn), Some(WsStatus::ConnectTimeout), "{:?}", rec.of(conn));
 }
 
 /// README: "resolver threads the library shares between its clients (at most 4, each ending
@@ -2873,9 +2445,7 @@ fn dns_at_most_four_resolver_threads_which_end_when_idle() {
     std::thread::sleep(Duration::from_millis(500));
     let (running, threads) = (LOOKUPS_STARTED.load(Ordering::SeqCst), resolver_threads());
     release_lookups();
-    assert!(pump(&client, DEADLINE, || conns
-        .iter()
-        .all(|&c| rec.finals(c) > 0)));
+    assert!(pump(&client, DEADLINE, || conns.iter().all(|&c| rec.finals(c) > 0)));
     let idle_since = Instant::now();
     let mut ended_after = None;
     while idle_since.elapsed() < Duration::from_secs(30) {
@@ -2889,21 +2459,10 @@ fn dns_at_most_four_resolver_threads_which_end_when_idle() {
         "10 hanging look-ups: {running} ran at once on {threads} resolver threads; they ended {ended_after:?} after the last look-up"
     );
     for &c in &conns {
-        assert_eq!(
-            final_status(&rec, c),
-            Some(WsStatus::Dns),
-            "{:?}",
-            rec.of(c)
-        );
+        assert_eq!(final_status(&rec, c), Some(WsStatus::Dns), "{:?}", rec.of(c));
     }
-    assert!(
-        running <= 4 && threads <= 4,
-        "{running} look-ups on {threads} threads"
-    );
-    assert!(
-        ended_after.is_some(),
-        "the resolver threads did not end within 30 s of idleness"
-    );
+    assert!(running <= 4 && threads <= 4, "{running} look-ups on {threads} threads");
+    assert!(ended_after.is_some(), "the resolver threads did not end within 30 s of idleness");
 }
 
 /// README: a look-up that hangs when its client is freed "is abandoned there and touches nothing
@@ -2913,10 +2472,7 @@ fn dns_at_most_four_resolver_threads_which_end_when_idle() {
 /// must still open (not end with CONNECT_TIMEOUT).
 #[test]
 fn dns_lookups_abandoned_by_a_freed_client_do_not_starve_another_client() {
-    if !in_child(
-        "dns_lookups_abandoned_by_a_freed_client_do_not_starve_another_client",
-        &[],
-    ) {
+    if !in_child("dns_lookups_abandoned_by_a_freed_client_do_not_starve_another_client", &[]) {
         return;
     }
     let first = Client::new();
@@ -2934,9 +2490,7 @@ fn dns_lookups_abandoned_by_a_freed_client_do_not_starve_another_client() {
             return;
         }
         let (stream, _) = listener.accept().unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut stream = stream;
         if let Ok(request) = read_request_from(&mut stream) {
             let _ = stream.write_all(response_to(&request, "").as_bytes());
@@ -2955,7 +2509,10 @@ fn dns_lookups_abandoned_by_a_freed_client_do_not_starve_another_client() {
     release_lookups();
     drop(second);
     let _ = peer.join();
-    eprintln!("another client's connection to localhost while a freed client's look-ups hang: {:?} after {took:?}", rec.of(conn));
+    eprintln!(
+        "another client's connection to localhost while a freed client's look-ups hang: {:?} after {took:?}",
+        rec.of(conn)
+    );
     assert_eq!(
         rec.of(conn).first(),
         Some(&Ev::Open(conn)),
@@ -2980,13 +2537,7 @@ struct Chaos {
     messages: AtomicU64,
 }
 
-unsafe extern "C" fn token_message(
-    _: WsConn,
-    _: *const u8,
-    _: usize,
-    _: WsMessageKind,
-    user: *mut c_void,
-) {
+unsafe extern "C" fn token_message(_: WsConn, _: *const u8, _: usize, _: WsMessageKind, user: *mut c_void) {
     let token = &*(user as *const Token);
     if token.retired.load(Ordering::SeqCst) {
         token.calls_after_retired.fetch_add(1, Ordering::SeqCst);
@@ -2997,27 +2548,12 @@ unsafe extern "C" fn token_message(
     token.shared.messages.fetch_add(1, Ordering::SeqCst);
 }
 
-unsafe extern "C" fn chaos_close(
-    _: WsConn,
-    _: u16,
-    _: *const std::os::raw::c_char,
-    _: usize,
-    user: *mut c_void,
-) {
-    (*(user as *const Chaos))
-        .finals
-        .fetch_add(1, Ordering::SeqCst);
+unsafe extern "C" fn chaos_close(_: WsConn, _: u16, _: *const std::os::raw::c_char, _: usize, user: *mut c_void) {
+    (*(user as *const Chaos)).finals.fetch_add(1, Ordering::SeqCst);
 }
 
-unsafe extern "C" fn chaos_error(
-    _: WsConn,
-    _: WsStatus,
-    _: *const std::os::raw::c_char,
-    user: *mut c_void,
-) {
-    (*(user as *const Chaos))
-        .finals
-        .fetch_add(1, Ordering::SeqCst);
+unsafe extern "C" fn chaos_error(_: WsConn, _: WsStatus, _: *const std::os::raw::c_char, user: *mut c_void) {
+    (*(user as *const Chaos)).finals.fetch_add(1, Ordering::SeqCst);
 }
 
 /// README: "A callback registration (ws_on_*) is in force for every callback that starts after
@@ -3112,9 +2648,7 @@ fn a_replaced_callback_never_runs_after_its_replacement_returned_amid_other_thre
         std::thread::sleep(Duration::from_secs(2));
         close(conn, 1000, "enough")
     });
-    let done = pump(&client, DEADLINE, || {
-        chaos.finals.load(Ordering::SeqCst) > 0
-    });
+    let done = pump(&client, DEADLINE, || chaos.finals.load(Ordering::SeqCst) > 0);
     stop_all.store(true, Ordering::SeqCst);
     let _ = stop.send(());
     let closed = closer.join().unwrap();
@@ -3124,10 +2658,7 @@ fn a_replaced_callback_never_runs_after_its_replacement_returned_amid_other_thre
     // A little more dispatching: nothing may follow the final callback.
     pump(&client, Duration::from_millis(200), || false);
     peer.join().unwrap();
-    let late: u64 = tokens
-        .iter()
-        .map(|t| t.calls_after_retired.load(Ordering::SeqCst))
-        .sum();
+    let late: u64 = tokens.iter().map(|t| t.calls_after_retired.load(Ordering::SeqCst)).sum();
     eprintln!(
         "{} registrations, {} messages; calls with a replaced pointer after its replacement returned: {late}; \
          finals {}, callbacks after the final {}; ws_close {closed:?}; the sender saw {sends:?}",
@@ -3137,16 +2668,10 @@ fn a_replaced_callback_never_runs_after_its_replacement_returned_amid_other_thre
         chaos.after_final.load(Ordering::SeqCst)
     );
     assert!(done, "no final callback");
-    assert_eq!(
-        late, 0,
-        "a replaced callback ran after its replacement had returned"
-    );
+    assert_eq!(late, 0, "a replaced callback ran after its replacement had returned");
     assert_eq!(chaos.finals.load(Ordering::SeqCst), 1);
     assert_eq!(chaos.after_final.load(Ordering::SeqCst), 0);
-    assert_eq!(
-        ws_on_message(conn, None, std::ptr::null_mut()),
-        WsStatus::Gone
-    );
+    assert_eq!(ws_on_message(conn, None, std::ptr::null_mut()), WsStatus::Gone);
     assert_eq!(send_text(conn, "x"), WsStatus::Gone);
 }
 
@@ -3185,15 +2710,8 @@ fn simultaneous_closes_from_both_sides_end_in_one_close_callback_with_the_peers_
         let peer_closes = peer.join().unwrap();
         let events = rec.of(conn);
         assert_eq!(events.len(), 2, "{events:?}");
-        assert_eq!(
-            events[1],
-            Ev::Close(conn, 4001, "peer".into()),
-            "ws_close answered {status:?}"
-        );
-        assert!(
-            matches!(status, WsStatus::Ok | WsStatus::Gone | WsStatus::Closing),
-            "ws_close answered {status:?}"
-        );
+        assert_eq!(events[1], Ev::Close(conn, 4001, "peer".into()), "ws_close answered {status:?}");
+        assert!(matches!(status, WsStatus::Ok | WsStatus::Gone | WsStatus::Closing), "ws_close answered {status:?}");
         assert_eq!(peer_closes, 1, "close frames the peer received");
         *outcomes.entry(format!("{status:?}")).or_insert(0) += 1;
     }
@@ -3243,28 +2761,11 @@ fn while_ws_run_runs_a_callback_another_threads_dispatch_run_and_free_are_refuse
     let rec = Recorder::default();
     let conn = client.connect(&url);
     watch(conn, &rec);
-    let probe = Probe {
-        client: client.0 as usize,
-        seen: Mutex::new(None),
-    };
-    set(ws_on_message(
-        conn,
-        Some(probe_from_another_thread),
-        user(&probe),
-    ));
+    let probe = Probe { client: client.0 as usize, seen: Mutex::new(None) };
+    set(ws_on_message(conn, Some(probe_from_another_thread), user(&probe)));
     assert_eq!(unsafe { ws_run(client.0, 30_000) }, WsStatus::Ok);
     peer.join().unwrap();
     let seen = *probe.seen.lock().unwrap();
-    assert_eq!(
-        seen,
-        Some((
-            WsStatus::DispatchInProgress,
-            WsStatus::DispatchInProgress,
-            WsStatus::DispatchInProgress
-        ))
-    );
-    assert_eq!(
-        last_event(&rec, conn),
-        Some(Ev::Close(conn, 1000, String::new()))
-    );
+    assert_eq!(seen, Some((WsStatus::DispatchInProgress, WsStatus::DispatchInProgress, WsStatus::DispatchInProgress)));
+    assert_eq!(last_event(&rec, conn), Some(Ev::Close(conn, 1000, String::new())));
 }

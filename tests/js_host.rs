@@ -19,11 +19,7 @@ fn root() -> &'static Path {
 
 fn wsjs() -> PathBuf {
     let path = root().join("examples-c/build/wsjs");
-    assert!(
-        path.exists(),
-        "{} is missing: run `make test`, which builds it first",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: run `make test`, which builds it first", path.display());
     path
 }
 
@@ -36,21 +32,14 @@ struct Run {
 /// Writes tests/js/NAME.js with its placeholders filled in: %WS% %WSS% (the Rust test server),
 /// %CLOSED% (a port nobody listens on) and %URL% (the server given); returns its path.
 fn script(name: &str, server: &TestServer, url: &str) -> PathBuf {
-    let source =
-        std::fs::read_to_string(root().join("tests/js").join(format!("{name}.js"))).unwrap();
+    let source = std::fs::read_to_string(root().join("tests/js").join(format!("{name}.js"))).unwrap();
     let script = source
         .replace("%WSS%", &format!("wss://localhost:{}", server.tls_port))
         .replace("%WS%", &format!("ws://127.0.0.1:{}", server.port))
-        .replace(
-            "%CLOSED%",
-            &format!("ws://127.0.0.1:{}", common::closed_port()),
-        )
+        .replace("%CLOSED%", &format!("ws://127.0.0.1:{}", common::closed_port()))
         .replace("%URL%", url);
     let path = server.dir.join(format!("{name}.js"));
-    std::fs::File::create(&path)
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
+    std::fs::File::create(&path).unwrap().write_all(script.as_bytes()).unwrap();
     path
 }
 
@@ -58,10 +47,7 @@ fn script(name: &str, server: &TestServer, url: &str) -> PathBuf {
 fn run(name: &str, server: &TestServer, url: &str, envs: &[(&str, &Path)]) -> Run {
     let path = script(name, server, url);
     let mut command = Command::new(wsjs());
-    command
-        .arg(&path)
-        .env_remove("SSL_CERT_FILE")
-        .env_remove("SSL_CERT_DIR");
+    command.arg(&path).env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
     for (key, value) in envs {
         command.env(key, value);
     }
@@ -89,28 +75,16 @@ fn run_bounded(
         let mut valgrind = Command::new("valgrind");
         valgrind
             .arg("-q")
-            .arg(format!(
-                "--suppressions={}",
-                root().join("tests/valgrind.supp").display()
-            ))
-            .args([
-                "--error-exitcode=99",
-                "--leak-check=full",
-                "--errors-for-leak-kinds=definite,indirect,possible",
-            ])
+            .arg(format!("--suppressions={}", root().join("tests/valgrind.supp").display()))
+            .args(["--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite,indirect,possible"])
             .arg(wsjs());
         valgrind
     } else {
         Command::new(wsjs())
     };
     let start = Instant::now();
-    let mut child = command
-        .arg(&path)
-        .envs(envs.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        command.arg(&path).envs(envs.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let pid = child.id() as libc::pid_t;
     let drain = |mut pipe: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
@@ -131,48 +105,22 @@ fn run_bounded(
     });
     // Wait for the end without reaping, so that the watchdog can never signal a reused pid.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    let waited = unsafe {
-        libc::waitid(
-            libc::P_PID,
-            pid as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOWAIT,
-        )
-    };
+    let waited = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) };
     assert_eq!(waited, 0, "waitid: {}", std::io::Error::last_os_error());
     let elapsed = start.elapsed();
     let _ = ended.send(());
     let expired = watchdog.join().unwrap();
     let status = child.wait().unwrap();
-    let run = Run {
-        code: status.code(),
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    };
-    assert!(
-        !expired,
-        "{name}.js was still running after {limit:?}; stdout:\n{}\nstderr:\n{}",
-        run.stdout, run.stderr
-    );
+    let run = Run { code: status.code(), stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() };
+    assert!(!expired, "{name}.js was still running after {limit:?}; stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
     (run, elapsed)
 }
 
 /// Runs a script that must succeed and print exactly `expected`.
 fn expect(name: &str, server: &TestServer, url: &str, expected: &[&str]) {
     let out = run(name, server, url, &[]);
-    assert_eq!(
-        out.code,
-        Some(0),
-        "{name}.js failed:\n{}\n{}",
-        out.stdout,
-        out.stderr
-    );
-    assert_eq!(
-        out.stdout.lines().collect::<Vec<_>>(),
-        expected,
-        "{name}.js; stderr: {}",
-        out.stderr
-    );
+    assert_eq!(out.code, Some(0), "{name}.js failed:\n{}\n{}", out.stdout, out.stderr);
+    assert_eq!(out.stdout.lines().collect::<Vec<_>>(), expected, "{name}.js; stderr: {}", out.stderr);
 }
 
 #[test]
@@ -187,12 +135,7 @@ fn seed_snippets_as_written() {
 #[test]
 fn send_before_open_is_delivered_after_open_in_order() {
     let server = TestServer::start();
-    expect(
-        "send_before_open",
-        &server,
-        "",
-        &["open, sent before it: true", "echoes: m0,m1,m2,m3,m4"],
-    );
+    expect("send_before_open", &server, "", &["open, sent before it: true", "echoes: m0,m1,m2,m3,m4"]);
 }
 
 #[test]
@@ -202,12 +145,7 @@ fn chaining_returns_the_same_object() {
         "chaining",
         &server,
         "",
-        &[
-            "every method returns the object: true",
-            "second onopen",
-            "echo chained true",
-            "closed",
-        ],
+        &["every method returns the object: true", "second onopen", "echo chained true", "closed"],
     );
 }
 
@@ -215,12 +153,7 @@ fn chaining_returns_the_same_object() {
 fn flow_control_with_deferred_complete_against_both_servers() {
     let server = TestServer::start();
     let expected = ["closed 1000 done after 200 messages, 0 violations"];
-    expect(
-        "flow_deferred",
-        &server,
-        &format!("ws://127.0.0.1:{}", server.port),
-        &expected,
-    );
+    expect("flow_deferred", &server, &format!("ws://127.0.0.1:{}", server.port), &expected);
     let peer = Peer::start_python();
     expect("flow_deferred", &server, &peer.url(), &expected);
 }
@@ -250,18 +183,8 @@ fn refused_connection_then_the_object_is_gone() {
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{lines:?}");
-    assert!(
-        lines[0].starts_with("onerror: connection refused by 127.0.0.1:"),
-        "{}",
-        lines[0]
-    );
-    assert_eq!(
-        lines[1..],
-        [
-            "send threw: the connection is gone",
-            "onopen threw: the connection is gone"
-        ]
-    );
+    assert!(lines[0].starts_with("onerror: connection refused by 127.0.0.1:"), "{}", lines[0]);
+    assert_eq!(lines[1..], ["send threw: the connection is gone", "onopen threw: the connection is gone"]);
 }
 
 #[test]
@@ -269,28 +192,17 @@ fn wss_trusted_through_ssl_cert_file_and_untrusted_without() {
     let server = TestServer::start();
     let trusted = run("wss", &server, "", &[("SSL_CERT_FILE", &server.ca_pem)]);
     assert_eq!(trusted.code, Some(0), "{}", trusted.stderr);
-    assert_eq!(
-        trusted.stdout,
-        "secure connection is up\necho: over TLS\nclosed 1000\n"
-    );
+    assert_eq!(trusted.stdout, "secure connection is up\necho: over TLS\nclosed 1000\n");
     let untrusted = run("wss", &server, "", &[]);
     assert_eq!(untrusted.code, Some(0), "{}", untrusted.stderr);
-    assert_eq!(
-        untrusted.stdout,
-        "error: TLS: certificate not trusted (unknown issuer)\n"
-    );
+    assert_eq!(untrusted.stdout, "error: TLS: certificate not trusted (unknown issuer)\n");
 }
 
 #[test]
 fn unicode_round_trip_with_an_independent_server() {
     let server = TestServer::start();
     let peer = Peer::start_python();
-    expect(
-        "unicode",
-        &server,
-        &peer.url(),
-        &["unicode round trips: 8 of 8 emoji length 8"],
-    );
+    expect("unicode", &server, &peer.url(), &["unicode round trips: 8 of 8 emoji length 8"]);
     // And with our own server.
     expect(
         "unicode",
@@ -303,12 +215,7 @@ fn unicode_round_trip_with_an_independent_server() {
 #[test]
 fn one_mib_messages() {
     let server = TestServer::start();
-    expect(
-        "big",
-        &server,
-        "",
-        &["text 1048576 true", "binary 1048576 true true", "closed"],
-    );
+    expect("big", &server, "", &["text 1048576 true", "binary 1048576 true true", "closed"]);
 }
 
 #[test]
@@ -320,41 +227,21 @@ fn two_hundred_connections_from_one_script() {
 #[test]
 fn close_inside_onopen() {
     let server = TestServer::start();
-    expect(
-        "close_in_onopen",
-        &server,
-        "",
-        &["open", "closed 4001 closing in onopen"],
-    );
+    expect("close_in_onopen", &server, "", &["open", "closed 4001 closing in onopen"]);
     server.log.wait_for(|l| l == "close 4001 closing in onopen");
 }
 
 #[test]
 fn reconnect_from_inside_onclose() {
     let server = TestServer::start();
-    expect(
-        "reconnect",
-        &server,
-        "",
-        &[
-            "echo round 0",
-            "echo round 1",
-            "echo round 2",
-            "done after 3 connections",
-        ],
-    );
+    expect("reconnect", &server, "", &["echo round 0", "echo round 1", "echo round 2", "done after 3 connections"]);
 }
 
 #[test]
 fn binary_echo_as_uint8array() {
     let server = TestServer::start();
     let expected = ["true 6 0,1,2,253,254,255", "true 3 9,8,7", "closed"];
-    expect(
-        "binary",
-        &server,
-        &format!("ws://127.0.0.1:{}", server.port),
-        &expected,
-    );
+    expect("binary", &server, &format!("ws://127.0.0.1:{}", server.port), &expected);
     let peer = Peer::start_python();
     expect("binary", &server, &peer.url(), &expected);
 }
@@ -390,8 +277,7 @@ fn uncaught_exceptions_print_the_stack_and_exit_1() {
     assert_eq!(callback.code, Some(1));
     assert_eq!(callback.stdout, "open\n");
     assert!(
-        callback.stderr.contains("ReferenceError")
-            && callback.stderr.contains("uncaught_callback.js:2"),
+        callback.stderr.contains("ReferenceError") && callback.stderr.contains("uncaught_callback.js:2"),
         "{}",
         callback.stderr
     );
@@ -409,33 +295,17 @@ fn ten_thousand_connections_do_not_grow_memory() {
     // Each connection allocates a JS object, closures, handshake buffers and the library's
     // state: were any of it kept, 9,000 connections would add megabytes (128 KiB is 14 bytes a
     // connection). What stays is caches that do not grow with the count.
-    assert!(
-        growth < (128 << 10) as f64,
-        "the heap grew by {growth} bytes over 9,000 connections"
-    );
+    assert!(growth < (128 << 10) as f64, "the heap grew by {growth} bytes over 9,000 connections");
 }
 
 /// `make demo`'s script, through examples-c/demo.sh, over wss with the throwaway CA.
 #[test]
 fn the_demo_runs() {
-    let output = Command::new(root().join("examples-c/demo.sh"))
-        .output()
-        .unwrap();
+    let output = Command::new(root().join("examples-c/demo.sh")).output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        stdout
-            .contains("presence of 4 users: bob=available, carol=busy, dave=away, erin=available"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("connection closed: 1000 bye alice\n[demo] wsjs exited with 0"),
-        "{stdout}"
-    );
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("presence of 4 users: bob=available, carol=busy, dave=away, erin=available"), "{stdout}");
+    assert!(stdout.contains("connection closed: 1000 bye alice\n[demo] wsjs exited with 0"), "{stdout}");
 }
 
 /// Item 9 of issue 9: wsjs never lets a Duktape error escape a library callback. With the heap
@@ -451,22 +321,16 @@ fn out_of_memory_inside_a_callback_is_an_uncaught_exception() {
     for kind in ["binary", "text"] {
         let url = server.url(&format!("/push?n=1&size={}&kind={kind}", 2 << 20));
         let envs = [("WSJS_HEAP_LIMIT", "1048576")];
-        let (out, _) = run_bounded(
-            "oom_in_callback",
-            &server,
-            &url,
-            &envs,
-            Duration::from_secs(60),
-            true,
+        let (out, _) = run_bounded("oom_in_callback", &server, &url, &envs, Duration::from_secs(60), true);
+        assert_eq!(
+            out.code,
+            Some(1),
+            "{kind}: wsjs must exit 1 (None: killed by a signal; 99: valgrind found an error or a leak)\n{}\n{}",
+            out.stdout,
+            out.stderr
         );
-        assert_eq!(out.code, Some(1), "{kind}: wsjs must exit 1 (None: killed by a signal; 99: valgrind found an error or a leak)\n{}\n{}", out.stdout, out.stderr);
         assert_eq!(out.stdout, "open\n", "{kind}; stderr: {}", out.stderr);
-        assert!(
-            out.stderr
-                .starts_with("uncaught exception: Error: alloc failed\n"),
-            "{kind}: {}",
-            out.stderr
-        );
+        assert!(out.stderr.starts_with("uncaught exception: Error: alloc failed\n"), "{kind}: {}", out.stderr);
         assert!(!out.stderr.contains("wsjs:"), "{kind}: {}", out.stderr);
     }
 }
@@ -484,24 +348,10 @@ fn messages_completed_from_timers_do_not_pile_up() {
     let server = TestServer::start();
     for (count, size) in [(4096, 64 << 10), (2048, 1 << 20)] {
         let url = server.url(&format!("/push?n={count}&size={size}&kind=mixed"));
-        let (run, elapsed) = run_bounded(
-            "flow_closures",
-            &server,
-            &url,
-            &[],
-            Duration::from_secs(60),
-            false,
-        );
-        let figure = |prefix: &str| {
-            run.stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(prefix)?.parse::<u64>().ok())
-        };
+        let (run, elapsed) = run_bounded("flow_closures", &server, &url, &[], Duration::from_secs(60), false);
+        let figure = |prefix: &str| run.stdout.lines().find_map(|l| l.strip_prefix(prefix)?.parse::<u64>().ok());
         let (Some(opened), Some(peak)) = (figure("RSS at open "), figure("peak RSS ")) else {
-            panic!(
-                "{count} x {size} bytes: no figures\n{}\n{}",
-                run.stdout, run.stderr
-            );
+            panic!("{count} x {size} bytes: no figures\n{}\n{}", run.stdout, run.stderr);
         };
         let growth = peak.saturating_sub(opened);
         let mib = |bytes: u64| bytes as f64 / 1048576.0;
@@ -513,17 +363,9 @@ fn messages_completed_from_timers_do_not_pile_up() {
             mib(growth),
             elapsed.as_secs_f64()
         );
-        assert!(
-            growth < 32 << 20,
-            "{count} x {size} bytes: the RSS grew by {growth} bytes"
-        );
+        assert!(growth < 32 << 20, "{count} x {size} bytes: the RSS grew by {growth} bytes");
         assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
         let closed = run.stdout.lines().nth(1).unwrap_or("");
-        assert_eq!(
-            closed,
-            format!("closed 1000 done after {count} messages, 0 wrong"),
-            "{}",
-            run.stderr
-        );
+        assert_eq!(closed, format!("closed 1000 done after {count} messages, 0 wrong"), "{}", run.stderr);
     }
 }

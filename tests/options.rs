@@ -20,19 +20,11 @@ fn extra_headers_reach_the_server() {
     let server = TestServer::start();
     let client = Client::new();
     let options = Options::new();
-    unsafe {
-        ws_options_add_header(
-            options.0,
-            cstr("Authorization").as_ptr(),
-            cstr("Bearer abc123").as_ptr(),
-        )
-    };
+    unsafe { ws_options_add_header(options.0, cstr("Authorization").as_ptr(), cstr("Bearer abc123").as_ptr()) };
     let rec = Recorder::default();
     let conn = client.connect_with(&server.url("/headers"), options.0);
     watch(conn, &rec);
-    client.run_until("the server's report", || {
-        rec.texts(conn) == ["authorization: Bearer abc123"]
-    });
+    client.run_until("the server's report", || rec.texts(conn) == ["authorization: Bearer abc123"]);
 }
 
 #[test]
@@ -50,24 +42,15 @@ fn chosen_subprotocol_is_readable_after_open() {
     client.run_until("open", || rec.of(conn) == [Ev::Open(conn)]);
     let mut buf = [0u8; 16];
     let mut len = 0;
-    assert_eq!(
-        unsafe { ws_protocol(conn, buf.as_mut_ptr().cast(), buf.len(), &mut len) },
-        WsStatus::Ok
-    );
+    assert_eq!(unsafe { ws_protocol(conn, buf.as_mut_ptr().cast(), buf.len(), &mut len) }, WsStatus::Ok);
     assert_eq!(&buf[..len + 1], b"chat.v2\0");
     assert_eq!(len, 7);
     // Too small: the size needed (the NUL included) comes back, and a buffer of that size works.
     let mut tiny = [0u8; 7];
-    assert_eq!(
-        unsafe { ws_protocol(conn, tiny.as_mut_ptr().cast(), tiny.len(), &mut len) },
-        WsStatus::BufferTooSmall
-    );
+    assert_eq!(unsafe { ws_protocol(conn, tiny.as_mut_ptr().cast(), tiny.len(), &mut len) }, WsStatus::BufferTooSmall);
     assert_eq!(len, 8);
     let mut exact = vec![0u8; len];
-    assert_eq!(
-        unsafe { ws_protocol(conn, exact.as_mut_ptr().cast(), exact.len(), &mut len) },
-        WsStatus::Ok
-    );
+    assert_eq!(unsafe { ws_protocol(conn, exact.as_mut_ptr().cast(), exact.len(), &mut len) }, WsStatus::Ok);
     assert_eq!(exact, b"chat.v2\0");
 }
 
@@ -93,10 +76,7 @@ fn connect_timeout() {
     let options = Options::new();
     unsafe { ws_options_set_connect_timeout_ms(options.0, 100) };
     let rec = Recorder::default();
-    let conn = client.connect_with(
-        &format!("ws://127.0.0.1:{}/", server.blackhole_port),
-        options.0,
-    );
+    let conn = client.connect_with(&format!("ws://127.0.0.1:{}/", server.blackhole_port), options.0);
     watch(conn, &rec);
     let (status, message) = final_error(&client, &rec, conn);
     assert_eq!(status, WsStatus::ConnectTimeout);
@@ -139,10 +119,7 @@ fn keepalive_detects_a_dead_peer_within_the_bound() {
     let bound = Duration::from_millis((interval + timeout).into());
     assert!(took >= bound, "failed after {took:?}, before {bound:?}");
     // The slack is for connecting and a loaded machine; a missed timer would take far longer.
-    assert!(
-        took < bound + Duration::from_secs(2),
-        "failed only after {took:?}"
-    );
+    assert!(took < bound + Duration::from_secs(2), "failed only after {took:?}");
 }
 
 /// A peer that answers every ping survives several full keepalive timeouts.
@@ -189,13 +166,7 @@ fn options_are_copied_at_connect() {
     let server = TestServer::start();
     let client = Client::new();
     let options = Options::new();
-    unsafe {
-        ws_options_add_header(
-            options.0,
-            cstr("Authorization").as_ptr(),
-            cstr("first").as_ptr(),
-        )
-    };
+    unsafe { ws_options_add_header(options.0, cstr("Authorization").as_ptr(), cstr("first").as_ptr()) };
     let rec = Recorder::default();
     let conn = client.connect_with(&server.url("/headers"), options.0);
     drop(options); // freed right after connect

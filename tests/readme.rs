@@ -17,9 +17,7 @@ fn read(path: &str) -> String {
 
 /// The rows (cells trimmed) of the first Markdown table after the heading `heading`.
 fn table_after(text: &str, heading: &str) -> Vec<Vec<String>> {
-    let start = text
-        .find(&format!("\n{heading}\n"))
-        .unwrap_or_else(|| panic!("README has no heading {heading:?}"));
+    let start = text.find(&format!("\n{heading}\n")).unwrap_or_else(|| panic!("README has no heading {heading:?}"));
     let rows: Vec<Vec<String>> = text[start..]
         .lines()
         .skip_while(|l| !l.trim_start().starts_with('|'))
@@ -40,9 +38,7 @@ fn quantities(cell: &str) -> Vec<u128> {
     let mut out = Vec::new();
     for part in cell.split(',') {
         let part = part.trim();
-        let digits_end = part
-            .find(|c: char| !(c.is_ascii_digit() || c == ' '))
-            .unwrap_or(part.len());
+        let digits_end = part.find(|c: char| !(c.is_ascii_digit() || c == ' ')).unwrap_or(part.len());
         let number: String = part[..digits_end].chars().filter(|c| *c != ' ').collect();
         if number.is_empty() {
             continue;
@@ -61,10 +57,7 @@ fn quantities(cell: &str) -> Vec<u128> {
 }
 
 fn keepalive(d: &wsclient::testing::Defaults) -> Vec<u128> {
-    vec![
-        d.keepalive_interval_ms.expect("keepalive is on by default"),
-        d.keepalive_timeout_ms,
-    ]
+    vec![d.keepalive_interval_ms.expect("keepalive is on by default"), d.keepalive_timeout_ms]
 }
 
 #[test]
@@ -72,35 +65,17 @@ fn the_option_table_states_the_actual_defaults() {
     let readme = read("README.md");
     let d = wsclient::testing::defaults();
     let numeric: BTreeMap<&str, Vec<u128>> = [
-        (
-            "ws_options_set_connect_timeout_ms",
-            vec![d.connect_timeout_ms],
-        ),
+        ("ws_options_set_connect_timeout_ms", vec![d.connect_timeout_ms]),
         ("ws_options_set_close_timeout_ms", vec![d.close_timeout_ms]),
         ("ws_options_set_keepalive", keepalive(&d)),
-        (
-            "ws_options_set_max_message_size",
-            vec![d.max_message_size as u128],
-        ),
-        (
-            "ws_options_set_read_buffer_size",
-            vec![d.read_buffer_size as u128],
-        ),
-        (
-            "ws_options_set_receive_queue_limit",
-            vec![d.receive_queue_limit as u128],
-        ),
-        (
-            "ws_options_set_send_queue_limit",
-            vec![d.send_queue_limit as u128],
-        ),
+        ("ws_options_set_max_message_size", vec![d.max_message_size as u128]),
+        ("ws_options_set_read_buffer_size", vec![d.read_buffer_size as u128]),
+        ("ws_options_set_receive_queue_limit", vec![d.receive_queue_limit as u128]),
+        ("ws_options_set_send_queue_limit", vec![d.send_queue_limit as u128]),
     ]
     .into();
     let lists: BTreeMap<&str, (&str, usize)> = [
-        (
-            "ws_options_add_ca_file",
-            ("system store only", d.extra_ca_certificates),
-        ),
+        ("ws_options_add_ca_file", ("system store only", d.extra_ca_certificates)),
         ("ws_options_add_header", ("none", d.headers)),
         ("ws_options_add_subprotocol", ("none", d.subprotocols)),
     ]
@@ -115,11 +90,7 @@ fn the_option_table_states_the_actual_defaults() {
             .unwrap_or_else(|| panic!("no function named in {option:?}"));
         seen.insert(name.to_owned());
         if let Some(expected) = numeric.get(name) {
-            assert_eq!(
-                &quantities(default),
-                expected,
-                "README says {name} defaults to {default:?}"
-            );
+            assert_eq!(&quantities(default), expected, "README says {name} defaults to {default:?}");
         } else if let Some((text, count)) = lists.get(name) {
             assert_eq!(default, text, "{name}");
             assert_eq!(*count, 0, "{name}: the default is {default:?}");
@@ -130,10 +101,7 @@ fn the_option_table_states_the_actual_defaults() {
     // Every option of the header has its row.
     for function in header_functions() {
         if function.starts_with("ws_options_set_") || function.starts_with("ws_options_add_") {
-            assert!(
-                seen.contains(&function),
-                "README's option table lacks {function}"
-            );
+            assert!(seen.contains(&function), "README's option table lacks {function}");
         }
     }
     assert_eq!(seen.len(), numeric.len() + lists.len());
@@ -149,37 +117,18 @@ fn the_limits_table_states_the_actual_defaults() {
             "received messages waiting for dispatch (their memory plus 96 bytes each)",
             vec![d.receive_queue_limit as u128],
         ),
-        (
-            "messages waiting to be sent (payloads plus 46 bytes each)",
-            vec![d.send_queue_limit as u128],
-        ),
-        (
-            "connect (DNS + TCP + TLS + upgrade)",
-            vec![d.connect_timeout_ms],
-        ),
-        (
-            "close (from `ws_close`: queued messages and the close handshake)",
-            vec![d.close_timeout_ms],
-        ),
-        (
-            "silence before a keepalive ping, then before giving up",
-            keepalive(&d),
-        ),
+        ("messages waiting to be sent (payloads plus 46 bytes each)", vec![d.send_queue_limit as u128]),
+        ("connect (DNS + TCP + TLS + upgrade)", vec![d.connect_timeout_ms]),
+        ("close (from `ws_close`: queued messages and the close handshake)", vec![d.close_timeout_ms]),
+        ("silence before a keepalive ping, then before giving up", keepalive(&d)),
         ("read buffer", vec![d.read_buffer_size as u128]),
     ];
     let rows = table_after(&readme, "## Security");
     assert_eq!(rows.len(), expected.len(), "{rows:#?}");
     for (limit, values) in expected {
-        let row = rows
-            .iter()
-            .find(|r| r[0] == limit)
-            .unwrap_or_else(|| panic!("README's limits table lacks {limit:?}"));
-        assert_eq!(
-            quantities(&row[1]),
-            values,
-            "README says {limit:?} defaults to {:?}",
-            row[1]
-        );
+        let row =
+            rows.iter().find(|r| r[0] == limit).unwrap_or_else(|| panic!("README's limits table lacks {limit:?}"));
+        assert_eq!(quantities(&row[1]), values, "README says {limit:?} defaults to {:?}", row[1]);
     }
 }
 
@@ -223,10 +172,7 @@ fn header_statuses(header: &str) -> BTreeMap<String, (u32, String)> {
         if t.starts_with("/*") {
             doc.clear();
         }
-        if let Some(text) = t
-            .strip_prefix("/**")
-            .or_else(|| t.strip_prefix('*').filter(|r| !r.starts_with('/')))
-        {
+        if let Some(text) = t.strip_prefix("/**").or_else(|| t.strip_prefix('*').filter(|r| !r.starts_with('/'))) {
             doc.push_str(text.trim_end_matches("*/"));
             doc.push(' ');
         }
@@ -247,18 +193,8 @@ fn status_str(n: u32) -> String {
 
 /// Words worth comparing (lower case, 4 letters or more, not the common ones).
 fn words(text: &str) -> BTreeSet<String> {
-    const COMMON: [&str; 10] = [
-        "error",
-        "callback",
-        "with",
-        "that",
-        "this",
-        "from",
-        "than",
-        "connection",
-        "status",
-        "call",
-    ];
+    const COMMON: [&str; 10] =
+        ["error", "callback", "with", "that", "this", "from", "than", "connection", "status", "call"];
     text.split(|c: char| !c.is_ascii_alphanumeric())
         .map(str::to_ascii_lowercase)
         .filter(|w| w.len() >= 4 && !COMMON.contains(&w.as_str()))
@@ -277,27 +213,14 @@ fn the_status_table_is_the_headers_and_ws_status_strs() {
     for row in &rows {
         let number: u32 = row[0].parse().unwrap_or_else(|_| panic!("{row:?}"));
         let name = row[1].trim_matches('`');
-        let (in_header, doc) = header
-            .get(name)
-            .unwrap_or_else(|| panic!("README's {name} is not in the header"));
-        assert_eq!(
-            *in_header, number,
-            "README numbers {name} {number}, the header {in_header}"
-        );
+        let (in_header, doc) = header.get(name).unwrap_or_else(|| panic!("README's {name} is not in the header"));
+        assert_eq!(*in_header, number, "README numbers {name} {number}, the header {in_header}");
         assert!(numbers.insert(number), "README lists {number} twice");
         let described = status_str(number);
         assert_ne!(described, "unknown status", "{name}");
-        meanings.push((
-            name.to_owned(),
-            row[2].clone(),
-            format!("{described} {doc}"),
-        ));
+        meanings.push((name.to_owned(), row[2].clone(), format!("{described} {doc}")));
     }
-    assert_eq!(
-        rows.len(),
-        header.len(),
-        "the header has statuses the README does not list"
-    );
+    assert_eq!(rows.len(), header.len(), "the header has statuses the README does not list");
     for n in 0..256 {
         if !numbers.contains(&n) {
             assert_eq!(status_str(n), "unknown status", "status {n}");
@@ -306,8 +229,7 @@ fn the_status_table_is_the_headers_and_ws_status_strs() {
     // README's meanings cannot be swapped: each has a word in common with its own status's
     // description (its ws_status_str and its header comment), and for any two statuses the
     // meanings share more words with their own descriptions than with each other's.
-    let score =
-        |meaning: &str, description: &str| words(meaning).intersection(&words(description)).count();
+    let score = |meaning: &str, description: &str| words(meaning).intersection(&words(description)).count();
     for (name, meaning, description) in &meanings {
         assert!(
             score(meaning, description) > 0,
@@ -346,33 +268,18 @@ fn the_default_send_queue_limit_is_64_mib() {
     assert_eq!(send_binary(conn, &data[..0]), WsStatus::SendQueueFull);
     assert_eq!(send_text(conn, "x"), WsStatus::SendQueueFull);
     let mut queued = 0;
-    assert_eq!(
-        unsafe { ws_buffered_amount(conn, &mut queued) },
-        WsStatus::Ok
-    );
+    assert_eq!(unsafe { ws_buffered_amount(conn, &mut queued) }, WsStatus::Ok);
     assert_eq!(queued, first + 1, "bufferedAmount counts payload bytes");
     // One message of exactly the limit, on a fresh connection.
     let conn = client.connect(&format!("ws://127.0.0.1:{}/", server.blackhole_port));
-    assert_eq!(
-        send_binary(conn, &data[..limit - BOOKKEEPING + 1]),
-        WsStatus::SendQueueFull
-    );
-    assert_eq!(
-        send_binary(conn, &data[..limit - BOOKKEEPING]),
-        WsStatus::Ok
-    );
+    assert_eq!(send_binary(conn, &data[..limit - BOOKKEEPING + 1]), WsStatus::SendQueueFull);
+    assert_eq!(send_binary(conn, &data[..limit - BOOKKEEPING]), WsStatus::Ok);
     assert_eq!(send_binary(conn, &data[..0]), WsStatus::SendQueueFull);
 }
 
 struct Sizes(std::sync::Mutex<Vec<usize>>);
 
-unsafe extern "C" fn record_size(
-    _c: WsConn,
-    _data: *const u8,
-    len: usize,
-    _k: WsMessageKind,
-    user: *mut c_void,
-) {
+unsafe extern "C" fn record_size(_c: WsConn, _data: *const u8, len: usize, _k: WsMessageKind, user: *mut c_void) {
     (*(user as *const Sizes)).0.lock().unwrap().push(len);
 }
 
@@ -390,11 +297,7 @@ fn the_default_max_message_size_is_64_mib() {
         let sizes = Sizes(Default::default());
         let conn = client.connect(&server.url(&format!("/push?n=1&size={size}")));
         watch(conn, &rec);
-        ws_on_message(
-            conn,
-            Some(record_size),
-            &sizes as *const Sizes as *mut c_void,
-        );
+        ws_on_message(conn, Some(record_size), &sizes as *const Sizes as *mut c_void);
         client.run_until_final(&rec, conn);
         let last = rec.of(conn).last().cloned().unwrap();
         if too_big {

@@ -27,10 +27,7 @@ fn cycle(client: &Client, server: &ServerProcess, rec: &Recorder) {
     client.run_until("the echo", || rec.texts(conn) == ["ping"]);
     assert_eq!(close(conn, 0, ""), WsStatus::Ok);
     client.run_until_final(rec, conn);
-    assert_eq!(
-        rec.of(conn).last(),
-        Some(&Ev::Close(conn, 1000, String::new()))
-    );
+    assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 1000, String::new())));
 }
 
 #[test]
@@ -43,10 +40,7 @@ fn a_thousand_connect_close_cycles_leave_nothing_behind() {
     }
     rec.clear();
     let (fds, tasks, heap) = (open_fds(), threads(), heap_in_use());
-    let n: usize = std::env::var("CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
+    let n: usize = std::env::var("CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     for _ in 0..n {
         cycle(&client, &server, &rec);
         rec.clear();
@@ -55,14 +49,7 @@ fn a_thousand_connect_close_cycles_leave_nothing_behind() {
     eprintln!("fds {fds} -> {fds_after}, threads {tasks} -> {tasks_after}, heap {heap} -> {heap_after} bytes");
     assert_eq!(fds_after, fds, "file descriptors");
     assert_eq!(tasks_after, tasks, "threads");
-    assert!(
-        heap_after < heap + (32 << 10),
-        "the heap grew from {heap} to {heap_after} bytes over 1,000 connections"
-    );
+    assert!(heap_after < heap + (32 << 10), "the heap grew from {heap} to {heap_after} bytes over 1,000 connections");
     drop(client);
-    assert_eq!(
-        threads(),
-        tasks - 1,
-        "freeing the client stops its I/O thread"
-    );
+    assert_eq!(threads(), tasks - 1, "freeing the client stops its I/O thread");
 }

@@ -17,10 +17,7 @@ fn connect_over(client: &Client, server: &TestServer, tls: bool, path: &str) -> 
     }
     let options = Options::new();
     let ca = cstr(server.ca_pem.to_str().unwrap());
-    assert_eq!(
-        unsafe { ws_options_add_ca_file(options.0, ca.as_ptr()) },
-        WsStatus::Ok
-    );
+    assert_eq!(unsafe { ws_options_add_ca_file(options.0, ca.as_ptr()) }, WsStatus::Ok);
     client.connect_with(&server.wss_url("localhost", path), options.0)
 }
 
@@ -43,10 +40,7 @@ fn callbacks_registered_after_connect_are_in_force_and_run_on_the_dispatching_th
     assert!(rec.threads.lock().unwrap().iter().all(|t| *t == me));
     assert_eq!(close(conn, 0, ""), WsStatus::Ok);
     client.run_until_final(&rec, conn);
-    assert_eq!(
-        rec.of(conn).last(),
-        Some(&Ev::Close(conn, 1000, String::new()))
-    );
+    assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 1000, String::new())));
 }
 
 /// Scenario 2: Messages sent before open are queued and go out in order right after the handshake.
@@ -68,9 +62,7 @@ fn sends_before_open_go_out_in_order_over(tls: bool) {
         assert_eq!(send_text(conn, text), WsStatus::Ok);
     }
     assert_eq!(send_binary(conn, &[1, 2, 3]), WsStatus::Ok);
-    client.run_until("all echoes", || {
-        rec.of(conn).iter().any(|e| matches!(e, Ev::Binary(..)))
-    });
+    client.run_until("all echoes", || rec.of(conn).iter().any(|e| matches!(e, Ev::Binary(..))));
     assert_eq!(rec.texts(conn), sent);
     assert_eq!(rec.of(conn)[0], Ev::Open(conn));
     assert_eq!(rec.of(conn).last(), Some(&Ev::Binary(conn, vec![1, 2, 3])));
@@ -86,10 +78,7 @@ fn refused_connection_gets_one_error_and_then_is_gone() {
     watch(conn, &rec);
     // Queued, or refused if the connect has already failed on the I/O thread: both are right.
     let status = send_text(conn, "queued before the failure");
-    assert!(
-        matches!(status, WsStatus::Ok | WsStatus::Closing),
-        "{status:?}"
-    );
+    assert!(matches!(status, WsStatus::Ok | WsStatus::Closing), "{status:?}");
     client.run_until_final(&rec, conn);
     let events = rec.of(conn);
     assert_eq!(events.len(), 1, "{events:?}");
@@ -117,21 +106,10 @@ fn server_close_reports_its_code_and_reason() {
     let client = Client::new();
     let rec = Recorder::default();
     for (code, tls) in [(1000u16, false), (1001, true), (1011, false), (4000, true)] {
-        let conn = connect_over(
-            &client,
-            &server,
-            tls,
-            &format!("/close?code={code}&reason=server%20says"),
-        );
+        let conn = connect_over(&client, &server, tls, &format!("/close?code={code}&reason=server%20says"));
         watch(conn, &rec);
         client.run_until_final(&rec, conn);
-        assert_eq!(
-            rec.of(conn),
-            vec![
-                Ev::Open(conn),
-                Ev::Close(conn, code, "server%20says".into())
-            ]
-        );
+        assert_eq!(rec.of(conn), vec![Ev::Open(conn), Ev::Close(conn, code, "server%20says".into())]);
     }
 }
 
@@ -151,17 +129,10 @@ fn client_close_sends_code_and_reason_over(tls: bool) {
     watch(conn, &rec);
     client.run_until("open", || !rec.of(conn).is_empty());
     assert_eq!(close(conn, 4321, "client done"), WsStatus::Ok);
-    assert_eq!(
-        close(conn, 1000, ""),
-        WsStatus::AlreadyClosing,
-        "6. a second close is a no-op with a status"
-    );
+    assert_eq!(close(conn, 1000, ""), WsStatus::AlreadyClosing, "6. a second close is a no-op with a status");
     assert_eq!(send_text(conn, "after close"), WsStatus::Closing);
     client.run_until_final(&rec, conn);
-    assert_eq!(
-        rec.of(conn).last(),
-        Some(&Ev::Close(conn, 4321, "client done".into()))
-    );
+    assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 4321, "client done".into())));
     server.log.wait_for(|l| l == "close 4321 client done");
 }
 
@@ -175,14 +146,8 @@ fn tcp_drop_is_an_error_after_the_messages() {
     watch(conn, &rec);
     client.run_until_final(&rec, conn);
     let events = rec.of(conn);
-    assert_eq!(
-        events[..2],
-        [Ev::Open(conn), Ev::Text(conn, b"bye".to_vec())]
-    );
-    assert!(
-        matches!(&events[2], Ev::Error(_, WsStatus::ConnectionLost, _)),
-        "{events:?}"
-    );
+    assert_eq!(events[..2], [Ev::Open(conn), Ev::Text(conn, b"bye".to_vec())]);
+    assert!(matches!(&events[2], Ev::Error(_, WsStatus::ConnectionLost, _)), "{events:?}");
     assert_eq!(events.len(), 3);
 }
 
@@ -220,10 +185,7 @@ fn messages_before_close_are_all_delivered_first() {
         });
         let expected: Vec<String> = (0..500).map(|i| format!("msg {i}")).collect();
         assert_eq!(rec.texts(conn), expected);
-        assert_eq!(
-            rec.of(conn).last(),
-            Some(&Ev::Close(conn, 4001, "done".into()))
-        );
+        assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 4001, "done".into())));
     }
 }
 
@@ -253,26 +215,18 @@ fn flow_control_holds_messages_until_complete_over(tls: bool) {
     let conn = connect_over(&client, &server, tls, "/push?n=20");
     watch(conn, &rec);
     let user = &rec as *const Recorder as *mut c_void;
-    assert_eq!(
-        ws_on_message(conn, Some(record_without_completing), user),
-        WsStatus::Ok
-    );
+    assert_eq!(ws_on_message(conn, Some(record_without_completing), user), WsStatus::Ok);
     assert_eq!(ws_set_flow_control(conn, true), WsStatus::Ok);
     for i in 0..20 {
         client.run_until("next message", || rec.texts(conn).len() == i + 1);
         // Nothing else may come however often we dispatch: the fd stays quiet.
-        assert!(
-            !client.wait_readable(std::time::Duration::from_millis(20)) || client.dispatch().0 == 0
-        );
+        assert!(!client.wait_readable(std::time::Duration::from_millis(20)) || client.dispatch().0 == 0);
         assert_eq!(rec.texts(conn).len(), i + 1);
         assert_eq!(rec.texts(conn)[i], format!("msg {i}"));
         assert_eq!(ws_message_complete(conn), WsStatus::Ok);
     }
     client.run_until_final(&rec, conn);
-    assert_eq!(
-        rec.of(conn).last(),
-        Some(&Ev::Close(conn, 1000, "done".into()))
-    );
+    assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 1000, "done".into())));
 }
 
 /// Scenario 6: close while connecting aborts and reports close; no open.
@@ -290,11 +244,7 @@ fn close_while_connecting_reports_close() {
     client.run_until_final(&rec, conn);
     assert_eq!(
         rec.of(conn),
-        vec![Ev::Close(
-            conn,
-            1006,
-            "closed by the application before the connection opened".into()
-        )]
+        vec![Ev::Close(conn, 1006, "closed by the application before the connection opened".into())]
     );
 }
 
@@ -310,16 +260,9 @@ fn close_inside_the_open_callback() {
     let rec = Recorder::default();
     let conn = connect_over(&client, &server, true, "/echo");
     watch(conn, &rec);
-    ws_on_open(
-        conn,
-        Some(close_on_open),
-        &rec as *const Recorder as *mut c_void,
-    );
+    ws_on_open(conn, Some(close_on_open), &rec as *const Recorder as *mut c_void);
     client.run_until_final(&rec, conn);
-    assert_eq!(
-        rec.of(conn),
-        vec![Ev::Open(conn), Ev::Close(conn, 4002, "from onopen".into())]
-    );
+    assert_eq!(rec.of(conn), vec![Ev::Open(conn), Ev::Close(conn, 4002, "from onopen".into())]);
     server.log.wait_for(|l| l == "close 4002 from onopen");
 }
 
@@ -338,25 +281,13 @@ unsafe extern "C" fn reconnect_on_close(
     user: *mut c_void,
 ) {
     let state = &*(user as *const Reconnect);
-    on_close(
-        conn,
-        code,
-        reason,
-        len,
-        &state.rec as *const Recorder as *mut c_void,
-    );
+    on_close(conn, code, reason, len, &state.rec as *const Recorder as *mut c_void);
     // Inside a callback: dispatch and free are refused, connect works.
-    assert_eq!(
-        ws_dispatch(state.client, std::ptr::null_mut(), std::ptr::null_mut()),
-        WsStatus::DispatchInProgress
-    );
+    assert_eq!(ws_dispatch(state.client, std::ptr::null_mut(), std::ptr::null_mut()), WsStatus::DispatchInProgress);
     assert_eq!(ws_run(state.client, 0), WsStatus::DispatchInProgress);
     assert_eq!(ws_client_free(state.client), WsStatus::DispatchInProgress);
     let mut next = 0;
-    assert_eq!(
-        ws_connect(state.client, state.url.as_ptr(), &mut next),
-        WsStatus::Ok
-    );
+    assert_eq!(ws_connect(state.client, state.url.as_ptr(), &mut next), WsStatus::Ok);
     watch(next, &state.rec);
     assert_eq!(send_text(next, "second life"), WsStatus::Ok);
     *state.second.lock().unwrap() = Some(next);
@@ -374,22 +305,11 @@ fn reconnect_from_inside_the_close_callback() {
     };
     let first = client.connect(&server.url("/close?code=1001&reason=restart"));
     watch(first, &state.rec);
-    ws_on_close(
-        first,
-        Some(reconnect_on_close),
-        &state as *const Reconnect as *mut c_void,
-    );
+    ws_on_close(first, Some(reconnect_on_close), &state as *const Reconnect as *mut c_void);
     client.run_until("the second connection's echo", || {
-        state
-            .second
-            .lock()
-            .unwrap()
-            .is_some_and(|c| state.rec.texts(c) == ["second life"])
+        state.second.lock().unwrap().is_some_and(|c| state.rec.texts(c) == ["second life"])
     });
-    assert_eq!(
-        state.rec.of(first).last(),
-        Some(&Ev::Close(first, 1001, "restart".into()))
-    );
+    assert_eq!(state.rec.of(first).last(), Some(&Ev::Close(first, 1001, "restart".into())));
 }
 
 /// Pings from the server are answered with pongs.
@@ -400,9 +320,7 @@ fn server_pings_are_answered() {
     let rec = Recorder::default();
     let conn = client.connect(&server.url("/ping"));
     watch(conn, &rec);
-    client.run_until("the server's pong report", || {
-        rec.texts(conn) == ["pong:are you there"]
-    });
+    client.run_until("the server's pong report", || rec.texts(conn) == ["pong:are you there"]);
 }
 
 /// Sends from several threads at once all arrive, each thread's in its order.
@@ -428,11 +346,7 @@ fn sends_from_several_threads() {
     client.run_until("1000 echoes", || rec.texts(conn).len() == 1000);
     let texts = rec.texts(conn);
     for t in 0..4 {
-        let mine: Vec<String> = texts
-            .iter()
-            .filter(|s| s.starts_with(&format!("{t}:")))
-            .cloned()
-            .collect();
+        let mine: Vec<String> = texts.iter().filter(|s| s.starts_with(&format!("{t}:"))).cloned().collect();
         let expected: Vec<String> = (0..250).map(|i| format!("{t}:{i}")).collect();
         assert_eq!(mine, expected);
     }
@@ -479,18 +393,10 @@ fn buffered_amount_counts_unsent_bytes() {
     let stuck = client.connect(&format!("ws://127.0.0.1:{}/", server.blackhole_port));
     assert_eq!(send_binary(stuck, &big), WsStatus::Ok);
     assert_eq!(send_text(stuck, "and 17 more bytes"), WsStatus::Ok);
-    assert_eq!(
-        unsafe { ws_buffered_amount(stuck, &mut amount) },
-        WsStatus::Ok
-    );
+    assert_eq!(unsafe { ws_buffered_amount(stuck, &mut amount) }, WsStatus::Ok);
     assert_eq!(amount, (1 << 20) + 17);
-    client.run_until("the echo", || {
-        rec.of(conn).iter().any(|e| matches!(e, Ev::Binary(..)))
-    });
-    assert_eq!(
-        unsafe { ws_buffered_amount(conn, &mut amount) },
-        WsStatus::Ok
-    );
+    client.run_until("the echo", || rec.of(conn).iter().any(|e| matches!(e, Ev::Binary(..))));
+    assert_eq!(unsafe { ws_buffered_amount(conn, &mut amount) }, WsStatus::Ok);
     assert_eq!(amount, 0);
 }
 
@@ -500,23 +406,14 @@ fn send_queue_limit_refuses_with_a_status() {
     let server = TestServer::start();
     let client = Client::new();
     let options = Options::new();
-    assert_eq!(
-        unsafe { ws_options_set_send_queue_limit(options.0, 1000) },
-        WsStatus::Ok
-    );
+    assert_eq!(unsafe { ws_options_set_send_queue_limit(options.0, 1000) }, WsStatus::Ok);
     // The blackhole never answers the upgrade: what is sent stays queued.
-    let conn = client.connect_with(
-        &format!("ws://127.0.0.1:{}/", server.blackhole_port),
-        options.0,
-    );
+    let conn = client.connect_with(&format!("ws://127.0.0.1:{}/", server.blackhole_port), options.0);
     assert_eq!(send_binary(conn, &[0u8; 600]), WsStatus::Ok);
     assert_eq!(send_binary(conn, &[0u8; 600]), WsStatus::SendQueueFull);
     assert!(last_error().contains("limit"), "{}", last_error());
     let mut queued = 0;
-    assert_eq!(
-        unsafe { ws_buffered_amount(conn, &mut queued) },
-        WsStatus::Ok
-    );
+    assert_eq!(unsafe { ws_buffered_amount(conn, &mut queued) }, WsStatus::Ok);
     assert_eq!(queued, 600, "the refused message was not queued");
 }
 
@@ -566,17 +463,11 @@ fn a_slow_host_bounds_what_waits_and_loses_nothing() {
     let client = Client::new();
     let options = Options::new();
     let limit = 64 << 10;
-    assert_eq!(
-        unsafe { ws_options_set_receive_queue_limit(options.0, limit) },
-        WsStatus::Ok
-    );
+    assert_eq!(unsafe { ws_options_set_receive_queue_limit(options.0, limit) }, WsStatus::Ok);
     let rec = Recorder::default();
     let size = 16 << 10;
     let count = 2048; // 32 MiB, far more than the socket buffers hold
-    let conn = client.connect_with(
-        &server.url(&format!("/push?n={count}&size={size}")),
-        options.0,
-    );
+    let conn = client.connect_with(&server.url(&format!("/push?n={count}&size={size}")), options.0);
     watch(conn, &rec);
     // The host dispatches nothing while the server pushes 2 MiB (what the socket buffers alone
     // can hold), 32 times the limit: without the bound, all of it would wait in the library.
@@ -593,22 +484,11 @@ fn a_slow_host_bounds_what_waits_and_loses_nothing() {
     assert_eq!(binaries.len(), count);
     for (i, b) in binaries.iter().enumerate() {
         assert_eq!(b.len(), size);
-        assert_eq!(
-            u64::from_le_bytes(b[..8].try_into().unwrap()),
-            i as u64,
-            "in order"
-        );
+        assert_eq!(u64::from_le_bytes(b[..8].try_into().unwrap()), i as u64, "in order");
     }
-    assert_eq!(
-        rec.of(conn).last(),
-        Some(&Ev::Close(conn, 1000, "done".into()))
-    );
+    assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 1000, "done".into())));
     let mut buffered = 0;
-    assert_eq!(
-        unsafe { ws_buffered_amount(conn, &mut buffered) },
-        WsStatus::Gone,
-        "gone after the final callback"
-    );
+    assert_eq!(unsafe { ws_buffered_amount(conn, &mut buffered) }, WsStatus::Gone, "gone after the final callback");
 }
 
 unsafe extern "C" fn count_open(_conn: WsConn, user: *mut c_void) {
@@ -625,19 +505,9 @@ fn registration_replaces_and_null_clears() {
     watch(conn, &rec);
     let mut opens = 0u32;
     // Replaces the recorder's open callback: only the counter sees the open.
-    assert_eq!(
-        ws_on_open(
-            conn,
-            Some(count_open),
-            &mut opens as *mut u32 as *mut c_void
-        ),
-        WsStatus::Ok
-    );
+    assert_eq!(ws_on_open(conn, Some(count_open), &mut opens as *mut u32 as *mut c_void), WsStatus::Ok);
     // Clears the message callback: messages are consumed without a call.
-    assert_eq!(
-        ws_on_message(conn, None, std::ptr::null_mut()),
-        WsStatus::Ok
-    );
+    assert_eq!(ws_on_message(conn, None, std::ptr::null_mut()), WsStatus::Ok);
     client.run_until_final(&rec, conn);
     assert_eq!(opens, 1);
     assert_eq!(rec.of(conn), vec![Ev::Close(conn, 1000, "done".into())]);
@@ -663,28 +533,16 @@ fn flow_control_turned_on_inside_a_callback_holds_the_rest() {
     let rec = Recorder::default();
     let conn = client.connect(&server.url("/push?n=50"));
     watch(conn, &rec);
-    ws_on_message(
-        conn,
-        Some(enable_flow_control_on_first),
-        &rec as *const Recorder as *mut c_void,
-    );
+    ws_on_message(conn, Some(enable_flow_control_on_first), &rec as *const Recorder as *mut c_void);
     client.run_until("the first messages", || !rec.texts(conn).is_empty());
     let seen = rec.texts(conn).len();
     // From the second message on, each one waits for message_complete.
-    assert!(
-        seen <= 2,
-        "{seen} messages delivered before any message_complete"
-    );
+    assert!(seen <= 2, "{seen} messages delivered before any message_complete");
     while rec.finals(conn) == 0 {
         let before = rec.texts(conn).len();
         assert_eq!(ws_message_complete(conn), WsStatus::Ok);
-        client.run_until("the next event", || {
-            rec.texts(conn).len() > before || rec.finals(conn) > 0
-        });
-        assert!(
-            rec.texts(conn).len() <= before + 1,
-            "more than one message per message_complete"
-        );
+        client.run_until("the next event", || rec.texts(conn).len() > before || rec.finals(conn) > 0);
+        assert!(rec.texts(conn).len() <= before + 1, "more than one message per message_complete");
     }
     let expected: Vec<String> = (0..50).map(|i| format!("msg {i}")).collect();
     assert_eq!(rec.texts(conn), expected);
@@ -699,11 +557,7 @@ fn the_close_callback_waits_for_the_last_message_complete() {
     let rec = Recorder::default();
     let conn = client.connect(&server.url("/push?n=5"));
     watch(conn, &rec);
-    ws_on_message(
-        conn,
-        Some(record_without_completing),
-        &rec as *const Recorder as *mut c_void,
-    );
+    ws_on_message(conn, Some(record_without_completing), &rec as *const Recorder as *mut c_void);
     // The server logs our close reply: by then every message and the close are in our inbox.
     server.log.wait_for(|l| l == "close 1000 done");
     assert_eq!(ws_set_flow_control(conn, true), WsStatus::Ok);
@@ -712,25 +566,17 @@ fn the_close_callback_waits_for_the_last_message_complete() {
         while client.wait_readable(std::time::Duration::ZERO) {
             client.dispatch();
         }
-        assert_eq!(
-            rec.finals(conn),
-            0,
-            "the close came before message {i} was completed"
-        );
+        assert_eq!(rec.finals(conn), 0, "the close came before message {i} was completed");
         assert_eq!(ws_message_complete(conn), WsStatus::Ok);
     }
     client.run_until_final(&rec, conn);
-    assert_eq!(
-        rec.of(conn).last(),
-        Some(&Ev::Close(conn, 1000, "done".into()))
-    );
+    assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 1000, "done".into())));
 }
 
 /// Whether thread `tid` of this process is blocked in poll(2) (x86_64: syscall 7) or ppoll
 /// (271), as /proc tells.
 fn blocked_in_poll(tid: i32) -> bool {
-    let syscall =
-        std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap_or_default();
+    let syscall = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap_or_default();
     matches!(syscall.split_whitespace().next(), Some("7" | "271"))
 }
 
@@ -764,19 +610,10 @@ fn free_from_another_thread_while_run_waits_is_refused() {
     let (freed, dispatched) = other.join().unwrap();
     assert_eq!(freed, WsStatus::DispatchInProgress);
     assert_eq!(dispatched, WsStatus::DispatchInProgress);
-    assert_eq!(
-        rec.of(conn).last(),
-        Some(&Ev::Close(conn, 1000, String::new()))
-    );
+    assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 1000, String::new())));
 }
 
-unsafe extern "C" fn close_inside_final(
-    conn: WsConn,
-    _: u16,
-    _: *const c_char,
-    _: usize,
-    user: *mut c_void,
-) {
+unsafe extern "C" fn close_inside_final(conn: WsConn, _: u16, _: *const c_char, _: usize, user: *mut c_void) {
     *(user as *mut WsStatus) = ws_close(conn, 1000, null());
 }
 
@@ -789,10 +626,7 @@ fn close_inside_the_final_callback_is_closing() {
     let conn = client.connect(&server.url("/close?code=1000"));
     let mut status = WsStatus::Ok;
     let user = (&mut status as *mut WsStatus).cast();
-    assert_eq!(
-        ws_on_close(conn, Some(close_inside_final), user),
-        WsStatus::Ok
-    );
+    assert_eq!(ws_on_close(conn, Some(close_inside_final), user), WsStatus::Ok);
     assert_eq!(unsafe { ws_run(client.0, 30_000) }, WsStatus::Ok);
     assert_eq!(status, WsStatus::Closing);
 }

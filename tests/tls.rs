@@ -9,12 +9,7 @@ use common::*;
 fn trusting(server: &TestServer) -> Options {
     let options = Options::new();
     let path = cstr(server.ca_pem.to_str().unwrap());
-    assert_eq!(
-        unsafe { ws_options_add_ca_file(options.0, path.as_ptr()) },
-        WsStatus::Ok,
-        "{}",
-        last_error()
-    );
+    assert_eq!(unsafe { ws_options_add_ca_file(options.0, path.as_ptr()) }, WsStatus::Ok, "{}", last_error());
     options
 }
 
@@ -38,10 +33,7 @@ fn wss_echo_with_the_ca_from_the_options() {
         client.run_until("the echo over TLS", || rec.texts(conn) == ["secret"]);
         assert_eq!(close(conn, 0, ""), WsStatus::Ok);
         client.run_until_final(&rec, conn);
-        assert_eq!(
-            rec.of(conn).last(),
-            Some(&Ev::Close(conn, 1000, String::new()))
-        );
+        assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 1000, String::new())));
     }
 }
 
@@ -65,10 +57,7 @@ fn wrong_host_name_is_an_error_naming_it() {
     let client = Client::new();
     let rec = Recorder::default();
     let options = trusting(&server);
-    let conn = client.connect_with(
-        &format!("wss://localhost:{}/echo", server.wrong_name_port),
-        options.0,
-    );
+    let conn = client.connect_with(&format!("wss://localhost:{}/echo", server.wrong_name_port), options.0);
     watch(conn, &rec);
     match only_event(&client, &rec, conn) {
         Ev::Error(_, WsStatus::Tls, m) => {
@@ -96,22 +85,12 @@ fn plain_server_on_a_wss_uri_is_an_error() {
 fn ca_file_errors_are_reported_when_set() {
     let options = Options::new();
     let missing = cstr("/nonexistent/ca.pem");
-    assert_eq!(
-        unsafe { ws_options_add_ca_file(options.0, missing.as_ptr()) },
-        WsStatus::CertificateFile
-    );
-    assert!(
-        last_error().contains("/nonexistent/ca.pem"),
-        "{}",
-        last_error()
-    );
+    assert_eq!(unsafe { ws_options_add_ca_file(options.0, missing.as_ptr()) }, WsStatus::CertificateFile);
+    assert!(last_error().contains("/nonexistent/ca.pem"), "{}", last_error());
     let dir = std::env::temp_dir().join(format!("wsclient-empty-{}.pem", std::process::id()));
     std::fs::write(&dir, "not a certificate\n").unwrap();
     let empty = cstr(dir.to_str().unwrap());
-    assert_eq!(
-        unsafe { ws_options_add_ca_file(options.0, empty.as_ptr()) },
-        WsStatus::CertificateFile
-    );
+    assert_eq!(unsafe { ws_options_add_ca_file(options.0, empty.as_ptr()) }, WsStatus::CertificateFile);
     assert!(last_error().contains("no certificate"), "{}", last_error());
     std::fs::remove_file(dir).unwrap();
 }
@@ -122,10 +101,7 @@ fn expired_certificate_is_an_error_naming_it() {
     let client = Client::new();
     let rec = Recorder::default();
     let options = trusting(&server);
-    let conn = client.connect_with(
-        &format!("wss://localhost:{}/echo", server.expired_port),
-        options.0,
-    );
+    let conn = client.connect_with(&format!("wss://localhost:{}/echo", server.expired_port), options.0);
     watch(conn, &rec);
     match only_event(&client, &rec, conn) {
         Ev::Error(_, WsStatus::Tls, m) => assert_eq!(m, "TLS: certificate expired"),
@@ -139,10 +115,7 @@ fn a_server_hanging_up_during_the_tls_handshake_is_an_error() {
     let client = Client::new();
     let rec = Recorder::default();
     let options = trusting(&server);
-    let conn = client.connect_with(
-        &format!("wss://localhost:{}/echo", server.hangup_port),
-        options.0,
-    );
+    let conn = client.connect_with(&format!("wss://localhost:{}/echo", server.hangup_port), options.0);
     watch(conn, &rec);
     match only_event(&client, &rec, conn) {
         Ev::Error(_, WsStatus::Tls, m) => assert!(m.contains("during the TLS handshake"), "{m}"),
@@ -154,10 +127,7 @@ fn a_server_hanging_up_during_the_tls_handshake_is_an_error() {
 fn wss_to_an_ipv6_literal() {
     let server = TestServer::start();
     let Some(port) = server.tls_ipv6_port else {
-        skipped(
-            "wss_to_an_ipv6_literal",
-            "no IPv6 loopback (::1) on this machine",
-        );
+        skipped("wss_to_an_ipv6_literal", "no IPv6 loopback (::1) on this machine");
         return;
     };
     let client = Client::new();
@@ -166,8 +136,6 @@ fn wss_to_an_ipv6_literal() {
     let conn = client.connect_with(&format!("wss://[::1]:{port}/echo"), options.0);
     watch(conn, &rec);
     assert_eq!(send_text(conn, "over TLS and IPv6"), WsStatus::Ok);
-    client.run_until("the echo", || {
-        rec.texts(conn) == ["over TLS and IPv6"] || rec.finals(conn) > 0
-    });
+    client.run_until("the echo", || rec.texts(conn) == ["over TLS and IPv6"] || rec.finals(conn) > 0);
     assert_eq!(rec.texts(conn), ["over TLS and IPv6"], "{:?}", rec.of(conn));
 }

@@ -15,13 +15,8 @@ fn ssl_cert_file_and_dir_are_honoured() {
     let rec = Recorder::default();
     let conn = client.connect(&server.wss_url("localhost", "/echo"));
     watch(conn, &rec);
-    assert_eq!(
-        send_text(conn, "trusted through SSL_CERT_FILE"),
-        WsStatus::Ok
-    );
-    client.run_until("the echo", || {
-        rec.texts(conn) == ["trusted through SSL_CERT_FILE"]
-    });
+    assert_eq!(send_text(conn, "trusted through SSL_CERT_FILE"), WsStatus::Ok);
+    client.run_until("the echo", || rec.texts(conn) == ["trusted through SSL_CERT_FILE"]);
     drop(client);
 
     // The same server is not trusted once SSL_CERT_FILE names another CA (read per client).
@@ -52,21 +47,9 @@ fn ssl_cert_dir_is_honoured() {
     let rec = Recorder::default();
     let conn = client.connect(&server.wss_url("localhost", "/echo"));
     watch(conn, &rec);
-    assert_eq!(
-        send_text(conn, "trusted through SSL_CERT_DIR"),
-        WsStatus::Ok
-    );
+    assert_eq!(send_text(conn, "trusted through SSL_CERT_DIR"), WsStatus::Ok);
     client.run_until("the echo", || {
-        !rec.of(conn).is_empty()
-            && rec
-                .of(conn)
-                .iter()
-                .any(|e| e.is_final() || matches!(e, Ev::Text(..)))
+        !rec.of(conn).is_empty() && rec.of(conn).iter().any(|e| e.is_final() || matches!(e, Ev::Text(..)))
     });
-    assert_eq!(
-        rec.texts(conn),
-        ["trusted through SSL_CERT_DIR"],
-        "{:?}",
-        rec.of(conn)
-    );
+    assert_eq!(rec.texts(conn), ["trusted through SSL_CERT_DIR"], "{:?}", rec.of(conn));
 }

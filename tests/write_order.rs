@@ -28,20 +28,10 @@ struct Plan {
 }
 
 /// Four threads at once, sizes on both sides of 16 KiB: the I/O task writes most.
-const MIXED: Plan = Plan {
-    senders: 4,
-    per_sender: 250,
-    sizes: &SIZES,
-    pings: true,
-};
+const MIXED: Plan = Plan { senders: 4, per_sender: 250, sizes: &SIZES, pings: true };
 /// One thread, sizes the caller's thread writes itself: the socket fills up under its own
 /// writes, which it then takes only in part (the I/O task writes the rest).
-const SMALL_FROM_ONE_THREAD: Plan = Plan {
-    senders: 1,
-    per_sender: 1500,
-    sizes: &SMALL_SIZES,
-    pings: false,
-};
+const SMALL_FROM_ONE_THREAD: Plan = Plan { senders: 1, per_sender: 1500, sizes: &SMALL_SIZES, pings: false };
 /// Around the size up to which the caller's thread writes a message itself (16 KiB).
 const SIZES: [usize; 8] = [0, 1, 9, 125, 5000, 16384, 16385, 40000];
 
@@ -50,11 +40,7 @@ const SMALL_SIZES: [usize; 5] = [9, 125, 5000, 9000, 16384];
 
 /// A message that says who sent it, in which order, and checks its own bytes.
 fn message(plan: Plan, sender: usize, seq: u32) -> Vec<u8> {
-    sized_message(
-        sender,
-        seq,
-        plan.sizes[(seq as usize + sender) % plan.sizes.len()],
-    )
+    sized_message(sender, seq, plan.sizes[(seq as usize + sender) % plan.sizes.len()])
 }
 
 fn sized_message(sender: usize, seq: u32, len: usize) -> Vec<u8> {
@@ -95,18 +81,14 @@ impl<S: Read> Read for Slow<S> {
 /// checks it, pings every 50 frames, sends a few text messages the host answers from inside
 /// its callback, answers the client's close and reads to the end.
 fn peer<S: Read + Write>(mut stream: S, plan: Plan) -> Seen {
-    let mut seen = Seen {
-        sequences: vec![Vec::new(); MIXED.senders],
-        ..Seen::default()
-    };
+    let mut seen = Seen { sequences: vec![Vec::new(); MIXED.senders], ..Seen::default() };
     let mut frames = 0usize;
     stream.write_all(&frame(FIN | TEXT, b"question 0")).unwrap();
     loop {
         let f = match read_frame_from(&mut Slow(&mut stream)) {
             Ok(f) => f,
             Err(e) => {
-                seen.after_close
-                    .push(format!("reading failed before the close: {e}"));
+                seen.after_close.push(format!("reading failed before the close: {e}"));
                 return seen;
             }
         };
@@ -115,24 +97,13 @@ fn peer<S: Read + Write>(mut stream: S, plan: Plan) -> Seen {
         match f.opcode {
             BINARY => {
                 let p = &f.payload;
-                let (sender, seq) = (
-                    p[0] as usize,
-                    u32::from_le_bytes(p[1..5].try_into().unwrap()),
-                );
+                let (sender, seq) = (p[0] as usize, u32::from_le_bytes(p[1..5].try_into().unwrap()));
                 let len = u32::from_le_bytes(p[5..9].try_into().unwrap()) as usize;
-                assert_eq!(
-                    p,
-                    &sized_message(sender, seq, len),
-                    "message {seq} of sender {sender} arrived changed"
-                );
+                assert_eq!(p, &sized_message(sender, seq, len), "message {seq} of sender {sender} arrived changed");
                 seen.sequences[sender].push(seq);
             }
             TEXT => {
-                assert!(
-                    f.payload.starts_with(b"answer "),
-                    "{:?}",
-                    String::from_utf8_lossy(&f.payload)
-                );
+                assert!(f.payload.starts_with(b"answer "), "{:?}", String::from_utf8_lossy(&f.payload));
                 seen.replies += 1;
                 if seen.replies < 20 {
                     let q = format!("question {}", seen.replies);
@@ -146,9 +117,7 @@ fn peer<S: Read + Write>(mut stream: S, plan: Plan) -> Seen {
                 // Nothing may follow the close frame: read to the end.
                 loop {
                     match read_frame_from(&mut stream) {
-                        Ok(f) => seen
-                            .after_close
-                            .push(format!("opcode {} after the close", f.opcode)),
+                        Ok(f) => seen.after_close.push(format!("opcode {} after the close", f.opcode)),
                         Err(_) => return seen,
                     }
                 }
@@ -157,28 +126,17 @@ fn peer<S: Read + Write>(mut stream: S, plan: Plan) -> Seen {
         }
         if plan.pings && frames % 50 == 0 {
             let payload = format!("ping {}", seen.pings_sent);
-            stream
-                .write_all(&frame(FIN | PING, payload.as_bytes()))
-                .unwrap();
+            stream.write_all(&frame(FIN | PING, payload.as_bytes())).unwrap();
             seen.pings_sent += 1;
         }
     }
 }
 
 /// Answers a question from inside the message callback; `user` counts the answers.
-unsafe extern "C" fn answer(
-    conn: WsConn,
-    data: *const u8,
-    len: usize,
-    _: WsMessageKind,
-    user: *mut std::ffi::c_void,
-) {
+unsafe extern "C" fn answer(conn: WsConn, data: *const u8, len: usize, _: WsMessageKind, user: *mut std::ffi::c_void) {
     let question = std::slice::from_raw_parts(data, len);
     let reply = [b"answer ", question].concat();
-    assert_eq!(
-        ws_send(conn, reply.as_ptr().cast(), reply.len()),
-        WsStatus::Ok
-    );
+    assert_eq!(ws_send(conn, reply.as_ptr().cast(), reply.len()), WsStatus::Ok);
     (*(user as *const AtomicU32)).fetch_add(1, Ordering::SeqCst);
 }
 
@@ -201,11 +159,7 @@ fn converse(client: &Client, url: &str, options: Option<&Options>, plan: Plan) {
             std::thread::spawn(move || {
                 for seq in 0..plan.per_sender {
                     let m = message(plan, sender, seq);
-                    assert_eq!(
-                        send_binary(conn, &m),
-                        WsStatus::Ok,
-                        "sender {sender}, message {seq}"
-                    );
+                    assert_eq!(send_binary(conn, &m), WsStatus::Ok, "sender {sender}, message {seq}");
                 }
             })
         })
@@ -223,36 +177,21 @@ fn converse(client: &Client, url: &str, options: Option<&Options>, plan: Plan) {
     if plan.senders == 1 {
         // One thread sending small messages fills the socket under its own writes.
         let partial = wsclient::testing::partial_writes(conn).unwrap();
-        assert!(
-            partial > 0,
-            "no send was written in part on the caller's thread: the test missed its case"
-        );
+        assert!(partial > 0, "no send was written in part on the caller's thread: the test missed its case");
     }
     // The peer asks its next question when it reads an answer: all 20 come while it reads.
-    client.run_until("every question answered", || {
-        answered.load(Ordering::SeqCst) == 20
-    });
+    client.run_until("every question answered", || answered.load(Ordering::SeqCst) == 20);
     waiter.join().unwrap();
-    assert_eq!(
-        unsafe { ws_close(conn, 1000, std::ptr::null()) },
-        WsStatus::Ok
-    );
+    assert_eq!(unsafe { ws_close(conn, 1000, std::ptr::null()) }, WsStatus::Ok);
     client.run_until_final(&rec, conn);
-    assert_eq!(
-        rec.of(conn).last(),
-        Some(&Ev::Close(conn, 1000, String::new()))
-    );
+    assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 1000, String::new())));
 }
 
 fn check(seen: &Seen, plan: Plan) {
     assert!(seen.after_close.is_empty(), "{:?}", seen.after_close);
     assert_eq!(seen.close, Some(1000));
     for (sender, seqs) in seen.sequences.iter().enumerate() {
-        let expected: Vec<u32> = if sender < plan.senders {
-            (0..plan.per_sender).collect()
-        } else {
-            Vec::new()
-        };
+        let expected: Vec<u32> = if sender < plan.senders { (0..plan.per_sender).collect() } else { Vec::new() };
         assert!(
             *seqs == expected,
             "sender {sender}: {} messages, first out of order at {:?}",
@@ -264,9 +203,7 @@ fn check(seen: &Seen, plan: Plan) {
     // Pings are answered in order (none was sent faster than the client reads). The last few
     // may go unanswered: nothing follows our close frame, and the peer sent them before it
     // read it, but maybe after we sent it.
-    let expected: Vec<Vec<u8>> = (0..seen.pongs.len())
-        .map(|i| format!("ping {i}").into_bytes())
-        .collect();
+    let expected: Vec<Vec<u8>> = (0..seen.pongs.len()).map(|i| format!("ping {i}").into_bytes()).collect();
     assert_eq!(seen.pongs, expected);
     assert!(
         !plan.pings || (seen.pongs.len() > 10 && seen.pongs.len() * 2 >= seen.pings_sent),
@@ -297,11 +234,7 @@ fn over_ws(plan: Plan) {
 }
 
 /// The TLS peer: the same conversation inside a TLS session of a CA made for the test.
-fn tls_peer(
-    listener: Listener,
-    config: Arc<rustls::ServerConfig>,
-    plan: Plan,
-) -> std::thread::JoinHandle<Seen> {
+fn tls_peer(listener: Listener, config: Arc<rustls::ServerConfig>, plan: Plan) -> std::thread::JoinHandle<Seen> {
     std::thread::spawn(move || {
         let tcp: TcpStream = listener.accept().stream;
         let mut tls = rustls::StreamOwned::new(rustls::ServerConnection::new(config).unwrap(), tcp);
@@ -336,10 +269,7 @@ fn over_wss(plan: Plan) {
     let ca = dir.join("ca.pem");
     std::fs::write(&ca, ca_pem).unwrap();
     let options = Options::new();
-    assert_eq!(
-        unsafe { ws_options_add_ca_file(options.0, cstr(ca.to_str().unwrap()).as_ptr()) },
-        WsStatus::Ok
-    );
+    assert_eq!(unsafe { ws_options_add_ca_file(options.0, cstr(ca.to_str().unwrap()).as_ptr()) }, WsStatus::Ok);
     let client = Client::new();
     converse(&client, &url, Some(&options), plan);
     check(&peer_thread.join().unwrap(), plan);
@@ -361,11 +291,7 @@ fn sends_racing_the_end_of_the_connection() {
         p.send(&close_frame(1000, "enough"));
         let (frames, failure) = p.read_until_close();
         let after = p.read_frame();
-        (
-            frames.last().map(|f| f.opcode),
-            failure.map(|e| e.to_string()),
-            after.is_ok(),
-        )
+        (frames.last().map(|f| f.opcode), failure.map(|e| e.to_string()), after.is_ok())
     });
     let client = Client::new();
     let rec = Recorder::default();
@@ -390,14 +316,7 @@ fn sends_racing_the_end_of_the_connection() {
         s.join().unwrap();
     }
     assert_eq!(rec.finals(conn), 1);
-    assert_eq!(
-        rec.of(conn).last(),
-        Some(&Ev::Close(conn, 1000, "enough".into()))
-    );
+    assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 1000, "enough".into())));
     let (last, failure, more) = peer_thread.join().unwrap();
-    assert_eq!(
-        (last, failure, more),
-        (Some(CLOSE), None, false),
-        "the close frame comes last"
-    );
+    assert_eq!((last, failure, more), (Some(CLOSE), None, false), "the close frame comes last");
 }

@@ -25,12 +25,7 @@ pub(crate) struct PayloadArena {
 
 impl Default for PayloadArena {
     fn default() -> PayloadArena {
-        PayloadArena {
-            block: BytesMut::new(),
-            pending: Vec::new(),
-            idle: true,
-            uncharged: 0,
-        }
+        PayloadArena { block: BytesMut::new(), pending: Vec::new(), idle: true, uncharged: 0 }
     }
 }
 
@@ -41,23 +36,14 @@ impl PayloadArena {
     /// Appends a payload made of `parts` (concatenated); it becomes an event of `batch` at the
     /// next `drain_into`, in order. A full block is drained into `batch` first. Returns what
     /// the message will cost while it waits for dispatch (`Payload::cost`).
-    pub(crate) fn push(
-        &mut self,
-        parts: &[&[u8]],
-        text: bool,
-        batch: &mut VecDeque<Event>,
-    ) -> usize {
+    pub(crate) fn push(&mut self, parts: &[&[u8]], text: bool, batch: &mut VecDeque<Event>) -> usize {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let mut charge = RECEIVE_OVERHEAD;
         if self.block.capacity() - self.block.len() < len {
             self.drain_into(batch);
             // The first block after an idle spell is small: a connection that receives one
             // message at a time would otherwise allocate a whole block for each.
-            let size = if self.idle {
-                Self::FIRST_BLOCK
-            } else {
-                Self::BLOCK
-            };
+            let size = if self.idle { Self::FIRST_BLOCK } else { Self::BLOCK };
             self.idle = false;
             self.block = BytesMut::with_capacity(size.max(len));
             // The whole block is charged once, to the first message in it: a block lives as
@@ -107,20 +93,14 @@ mod tests {
     use super::*;
 
     fn costs(batch: &VecDeque<Event>) -> Vec<usize> {
-        batch
-            .iter()
-            .map(|e| e.cost() - super::super::event::RECEIVE_OVERHEAD)
-            .collect()
+        batch.iter().map(|e| e.cost() - super::super::event::RECEIVE_OVERHEAD).collect()
     }
 
     #[test]
     fn each_block_is_charged_once_to_its_first_message() {
         let mut arena = PayloadArena::default();
         let mut batch = VecDeque::new();
-        let told = [
-            arena.push(&[b"a"], false, &mut batch),
-            arena.push(&[b"bc", b"\0"], true, &mut batch),
-        ];
+        let told = [arena.push(&[b"a"], false, &mut batch), arena.push(&[b"bc", b"\0"], true, &mut batch)];
         arena.drain_into(&mut batch);
         assert_eq!(costs(&batch), [PayloadArena::FIRST_BLOCK, 0]);
         // What push tells the reader is what the message costs while it waits.

@@ -25,11 +25,7 @@ impl Payload {
     /// `bytes` as described on the field; `held` the memory they keep alive.
     pub(crate) fn new(bytes: Bytes, text: bool, held: usize) -> Payload {
         debug_assert!(!text || bytes.last() == Some(&0));
-        Payload {
-            bytes,
-            text,
-            cost: held + RECEIVE_OVERHEAD,
-        }
+        Payload { bytes, text, cost: held + RECEIVE_OVERHEAD }
     }
 
     /// A payload that owns its allocation (text followed by its NUL): it costs the
@@ -72,10 +68,7 @@ impl Event {
         let mut bytes = Vec::with_capacity(reason.len() + 1);
         bytes.extend_from_slice(reason.as_bytes());
         bytes.push(0);
-        Event::Close {
-            code,
-            reason: bytes,
-        }
+        Event::Close { code, reason: bytes }
     }
 
     pub(crate) fn is_final(&self) -> bool {
@@ -101,9 +94,6 @@ mod tests {
     fn the_bookkeeping_is_what_the_readme_says() {
         assert_eq!(RECEIVE_OVERHEAD, 96);
         let readme = include_str!("../../README.md");
-        assert!(
-            readme.contains("plus 96 bytes of\n  bookkeeping")
-                && readme.contains("plus 96 bytes each")
-        );
+        assert!(readme.contains("plus 96 bytes of\n  bookkeeping") && readme.contains("plus 96 bytes each"));
     }
 }

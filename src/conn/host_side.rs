@@ -9,7 +9,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use super::event::Event;
 use super::outbox::{Outbox, SEND_OVERHEAD};
-use super::state::{Phase, State};
+use super::state::{Phase, State, CORK_MAX, WRITE_ON_HOST_THREAD_MAX};
 use super::Conn;
 use crate::error::{Error, WsStatus};
 use crate::host::callbacks::{self, Callbacks, WsMessageKind};
@@ -31,54 +31,40 @@ impl Conn {
 
     /// Sends `text`, or queues a copy of it: it goes out after the handshake, in order with
     /// the other sends.
-    pub(crate) fn send_text(&self, text: &str) -> Result<(), Error> {
-        self.send(Opcode::Text, text.as_bytes(), |outbox| {
-            outbox.push_text(text)
-        })
+    pub(crate) fn send_text(self: &Arc<Self>, text: &str) -> Result<(), Error> {
+        self.send(Opcode::Text, text.as_bytes(), |outbox| outbox.push_text(text))
     }
 
     /// Sends `data`, as `send_text` does.
-    pub(crate) fn send_binary(&self, data: &[u8]) -> Result<(), Error> {
+    pub(crate) fn send_binary(self: &Arc<Self>, data: &[u8]) -> Result<(), Error> {
         self.send(Opcode::Binary, data, |outbox| outbox.push_binary(data))
     }
 
     /// A small message with nothing queued before it is framed and written here, on the
     /// caller's thread, with one non-blocking write: no switch to the I/O thread. What the
     /// socket does not take, and everything else, is queued for the I/O task.
-    fn send(
-        &self,
-        opcode: Opcode,
-        payload: &[u8],
-        push: impl FnOnce(&mut Outbox),
-    ) -> Result<(), Error> {
+    fn send(self: &Arc<Self>, opcode: Opcode, payload: &[u8], push: impl FnOnce(&mut Outbox)) -> Result<(), Error> {
         let len = payload.len();
-        let st = self.lock();
+        let mut st = self.lock();
         if matches!(st.phase, Phase::Closing | Phase::Finished) {
-            return Err(Error::new(
-                WsStatus::Closing,
-                "the connection is closing: nothing more can be sent",
-            ));
+            return Err(Error::new(WsStatus::Closing, "the connection is closing: nothing more can be sent"));
         }
         if st.task_ended {
-            return Err(Error::new(
-                WsStatus::Closing,
-                "the connection has ended: nothing more can be sent",
-            ));
+            return Err(Error::new(WsStatus::Closing, "the connection has ended: nothing more can be sent"));
         }
-        if let Some(wire) = st.writable_now(len) {
-            match write_frame_now(wire, opcode, payload) {
-                Written::All => return Ok(()),
-                // Part of the frame is on the wire already: the rest must follow, whatever the
-                // send queue holds, and goes out first (written by the I/O task).
-                Written::Part(rest) => {
-                    self.partial_writes.fetch_add(1, Ordering::Relaxed);
-                    self.hand_to_task(st, len, |outbox| outbox.push_rest(&rest, len))
-                }
-                Written::Unflushed => {
-                    self.partial_writes.fetch_add(1, Ordering::Relaxed);
-                    self.hand_to_task(st, len, |outbox| outbox.push_flush(len))
-                }
+        if !st.corked.is_empty() || dispatch::in_callback() {
+            if self.cork(&mut st, opcode, payload) {
+                return Ok(());
             }
+            // Too much to hold back: what is held goes first.
+            st = self.uncork_locked(st);
+        }
+        if let Some(wire) = st.writable_now(len).cloned() {
+            FRAME.with_borrow_mut(|out| {
+                out.clear();
+                frame::put_frame(out, opcode, payload);
+                drop(self.write_now(st, &wire, out, (len, 1)));
+            });
             return Ok(());
         }
         let cost = len.saturating_add(SEND_OVERHEAD);
@@ -97,21 +83,93 @@ impl Conn {
         Ok(())
     }
 
+    /// Holds a callback's small send back until its dispatch batch ends (or, if sends are
+    /// held already, whoever sends), so that a batch of replies is one system call. Returns
+    /// false if it cannot: too large, or the socket is not the caller's to write.
+    fn cork(self: &Arc<Self>, st: &mut State, opcode: Opcode, payload: &[u8]) -> bool {
+        let may = st.corked.is_empty() && st.writable_now(payload.len()).is_some();
+        let fits = st.corked.len() + payload.len() <= CORK_MAX && payload.len() <= WRITE_ON_HOST_THREAD_MAX;
+        if !(fits && (may || !st.corked.is_empty())) {
+            return false;
+        }
+        if st.corked.is_empty() {
+            dispatch::uncork_when_batch_ends(self.clone());
+        }
+        frame::put_frame(&mut st.corked, opcode, payload);
+        st.corked_messages.0 += payload.len();
+        st.corked_messages.1 += 1;
+        true
+    }
+
+    /// Writes the sends held back (see `cork`), at the end of the dispatch batch.
+    pub(crate) fn uncork(&self) {
+        drop(self.uncork_locked(self.lock()));
+    }
+
+    fn uncork_locked<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        if st.corked.is_empty() {
+            return st;
+        }
+        let corked = std::mem::take(&mut st.corked);
+        let counted = std::mem::take(&mut st.corked_messages);
+        match st.wire.clone() {
+            // Our socket still (no task write began since, no close): write them now.
+            Some(wire) if !st.task_writing && st.outbox.is_empty() => st = self.write_now(st, &wire, &corked, counted),
+            // The task writes first (its answers to pings, or the close): they follow.
+            _ => st = self.hand_to_task_locked(st, counted, |outbox| outbox.push_rest(&corked, counted.0)),
+        }
+        st.corked = corked;
+        st.corked.clear();
+        st
+    }
+
+    /// Writes `frames` (of `counted` = (payload bytes, messages)) now, on this thread; what the
+    /// socket does not take goes to the I/O task, first.
+    fn write_now<'a>(
+        &'a self,
+        st: MutexGuard<'a, State>,
+        wire: &Wire,
+        frames: &[u8],
+        counted: (usize, usize),
+    ) -> MutexGuard<'a, State> {
+        let written = match wire.write_now(&[std::io::IoSlice::new(frames)]) {
+            Ok((_, WireWritten::All)) => return st,
+            Ok((taken, WireWritten::Part(_))) => Some(taken),
+            Ok((_, WireWritten::Unflushed)) => None,
+            // The I/O task meets the same error on the socket and ends the connection: the
+            // frames wait for it like any other.
+            Err(_) => Some(0),
+        };
+        // Part of it is on the wire already: the rest must follow, whatever the send queue
+        // holds, and goes out first (written by the I/O task).
+        self.partial_writes.fetch_add(1, Ordering::Relaxed);
+        match written {
+            Some(taken) => {
+                self.hand_to_task_locked(st, counted, |outbox| outbox.push_rest(&frames[taken..], counted.0))
+            }
+            None => self.hand_to_task_locked(st, counted, |outbox| outbox.push_flush(counted.0)),
+        }
+    }
+
     /// Queues a message of `len` payload bytes for the I/O task, and counts it until written.
-    fn hand_to_task(
-        &self,
-        mut st: MutexGuard<'_, State>,
-        len: usize,
+    fn hand_to_task(&self, st: MutexGuard<'_, State>, len: usize, push: impl FnOnce(&mut Outbox)) {
+        drop(self.hand_to_task_locked(st, (len, 1), push));
+    }
+
+    /// Queues what `push` adds for the I/O task, counted as `counted` = (payload bytes,
+    /// messages) until written, and wakes the task if it may wait for it.
+    fn hand_to_task_locked<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        (bytes, messages): (usize, usize),
         push: impl FnOnce(&mut Outbox),
-    ) {
-        self.queued_cost
-            .fetch_add(len.saturating_add(SEND_OVERHEAD), Ordering::Relaxed);
-        self.buffered.fetch_add(len, Ordering::Relaxed);
-        let waker = st.queue_for_task(push);
-        drop(st);
-        if let Some(w) = waker {
+    ) -> MutexGuard<'a, State> {
+        self.queued_cost.fetch_add(bytes.saturating_add(messages * SEND_OVERHEAD), Ordering::Relaxed);
+        self.buffered.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(w) = st.queue_for_task(push) {
             dispatch::wake_task(w);
         }
+        st
     }
 
     /// Starts the close handshake (or aborts the connect).
@@ -121,10 +179,7 @@ impl Conn {
             match st.phase {
                 Phase::Connecting | Phase::Open => {}
                 Phase::Closing => {
-                    return Err(Error::new(
-                        WsStatus::AlreadyClosing,
-                        "close was already called on this connection",
-                    ))
+                    return Err(Error::new(WsStatus::AlreadyClosing, "close was already called on this connection"))
                 }
                 Phase::Finished => {
                     return Err(Error::new(
@@ -137,8 +192,7 @@ impl Conn {
             // The task no longer honours flow control once closing: it must read the peer's close.
             st.close_requested = true;
             // Woken either way: the task may be connecting, or holding reads for flow control.
-            st.queue_for_task(|outbox| outbox.push_close(frame))
-                .or_else(|| st.task_waker.take())
+            st.queue_for_task(|outbox| outbox.push_close(frame)).or_else(|| st.task_waker.take())
         };
         if let Some(w) = waker {
             dispatch::wake_task(w);
@@ -216,11 +270,7 @@ impl Conn {
     /// control on sends the rest of the batch back to the inbox, to wait for message_complete.
     /// `batch` is the dispatcher's reusable scratch queue (empty on entry and on return), so a
     /// dispatch allocates nothing.
-    pub(crate) fn dispatch(
-        self: &Arc<Self>,
-        batch: &mut VecDeque<Event>,
-        mut budget: usize,
-    ) -> u32 {
+    pub(crate) fn dispatch(self: &Arc<Self>, batch: &mut VecDeque<Event>, mut budget: usize) -> u32 {
         // Sends made by these callbacks wake the I/O task once, when the batch is done.
         let _wakes = dispatch::DeferredWakes::begin();
         let mut calling = self.invoke.calling();
@@ -236,8 +286,7 @@ impl Conn {
             while let Some(event) = batch.pop_front() {
                 // Registrations and flow control from other threads go in between callbacks.
                 calling.between_callbacks();
-                let turned_on =
-                    !flow_control_at_take && self.flow_control_on.load(Ordering::Acquire);
+                let turned_on = !flow_control_at_take && self.flow_control_on.load(Ordering::Acquire);
                 if turned_on && matches!(event, Event::Message(_)) {
                     // Flow control was turned on (by the last callback, or by another thread
                     // since) after this batch was taken: the rest waits in the inbox, and is
@@ -280,16 +329,10 @@ impl Conn {
         match event {
             Event::Open => callbacks::call_open(callbacks.open, self.id),
             Event::Message(payload) => {
-                let kind = if payload.is_text() {
-                    WsMessageKind::Text
-                } else {
-                    WsMessageKind::Binary
-                };
+                let kind = if payload.is_text() { WsMessageKind::Text } else { WsMessageKind::Binary };
                 callbacks::call_message(callbacks.message, self.id, payload.data(), kind)
             }
-            Event::Close { code, reason } => {
-                callbacks::call_close(callbacks.close, self.id, *code, reason)
-            }
+            Event::Close { code, reason } => callbacks::call_close(callbacks.close, self.id, *code, reason),
             Event::Error(e) => {
                 let mut text = e.message.replace('\0', " ").into_bytes();
                 text.push(0);
@@ -369,32 +412,7 @@ impl Conn {
     }
 }
 
-/// What writing a frame on the caller's thread left to do.
-enum Written {
-    All,
-    /// The end of the frame the socket did not take.
-    Part(Vec<u8>),
-    /// TLS: encrypted bytes wait in the session.
-    Unflushed,
-}
-
 thread_local! {
     /// Where this thread frames the messages it writes itself (kept: no allocation per send).
     static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Frames `payload` and writes it to `wire` without waiting.
-fn write_frame_now(wire: &Wire, opcode: Opcode, payload: &[u8]) -> Written {
-    FRAME.with_borrow_mut(|out| {
-        out.clear();
-        frame::put_frame(out, opcode, payload);
-        match wire.write_now(&[std::io::IoSlice::new(out)]) {
-            Ok((_, WireWritten::All)) => Written::All,
-            Ok((_, WireWritten::Unflushed)) => Written::Unflushed,
-            Ok((taken, WireWritten::Part(_))) => Written::Part(out[taken..].to_vec()),
-            // The I/O task meets the same error on the socket and ends the connection: the
-            // frame waits for it like any other.
-            Err(_) => Written::Part(std::mem::take(out)),
-        }
-    })
 }

@@ -54,12 +54,7 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(
-        id: WsConn,
-        hub: Arc<Hub>,
-        send_queue_limit: usize,
-        receive_queue_limit: usize,
-    ) -> Conn {
+    pub(crate) fn new(id: WsConn, hub: Arc<Hub>, send_queue_limit: usize, receive_queue_limit: usize) -> Conn {
         Conn {
             id,
             hub,
@@ -77,9 +72,7 @@ impl Conn {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent data behind: every update is a
         // handful of plain assignments. Keep going rather than poisoning the connection.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -62,8 +62,7 @@ impl Outbox {
 
     /// The rest of a frame of a `len`-byte message that was partly written.
     pub(crate) fn push_rest(&mut self, rest: &[u8], len: usize) {
-        self.commands
-            .push_back(Command::Rest(Box::new((Bytes::copy_from_slice(rest), len))));
+        self.commands.push_back(Command::Rest(Box::new((Bytes::copy_from_slice(rest), len))));
     }
 
     /// A `len`-byte message waiting, encrypted, in the TLS session.
@@ -85,14 +84,10 @@ impl Outbox {
     /// Empties the outbox; returns what its sends were counted for: (payload bytes, cost).
     pub(crate) fn discard(&mut self) -> (usize, usize) {
         self.payloads = Vec::new();
-        self.commands
-            .drain(..)
-            .fold((0, 0), |(bytes, cost), command| {
-                match command.message_len() {
-                    Some(len) => (bytes + len, cost + len + SEND_OVERHEAD),
-                    None => (bytes, cost),
-                }
-            })
+        self.commands.drain(..).fold((0, 0), |(bytes, cost), command| match command.message_len() {
+            Some(len) => (bytes + len, cost + len + SEND_OVERHEAD),
+            None => (bytes, cost),
+        })
     }
 }
 
@@ -153,10 +148,7 @@ impl Taken {
     /// Whether the next request is the rest of a frame the host's thread began writing (which
     /// must go out before anything else).
     pub(crate) fn next_is_rest(&self) -> bool {
-        matches!(
-            self.commands.front(),
-            Some(Command::Rest(_) | Command::Flush(_))
-        )
+        matches!(self.commands.front(), Some(Command::Rest(_) | Command::Flush(_)))
     }
 
     /// The next request, if any.
@@ -166,10 +158,7 @@ impl Taken {
             Command::Text(len) => self.message(Opcode::Text, len),
             Command::Binary(len) => self.message(Opcode::Binary, len),
             Command::Close(frame) => Outgoing::Close(*frame),
-            Command::Rest(rest) => Outgoing::Rest {
-                bytes: rest.0,
-                len: rest.1,
-            },
+            Command::Rest(rest) => Outgoing::Rest { bytes: rest.0, len: rest.1 },
             Command::Flush(len) => Outgoing::Flush { len },
         })
     }
@@ -178,11 +167,7 @@ impl Taken {
         let key = masking_key();
         let mut payload = self.payloads.split_to(len);
         apply_mask(&mut payload, key);
-        Outgoing::Message {
-            opcode,
-            key,
-            payload: payload.freeze(),
-        }
+        Outgoing::Message { opcode, key, payload: payload.freeze() }
     }
 }
 
@@ -195,11 +180,7 @@ mod tests {
         taken.refill_from(outbox);
         std::iter::from_fn(|| taken.pop())
             .map(|o| match o {
-                Outgoing::Message {
-                    opcode,
-                    key,
-                    payload,
-                } => {
+                Outgoing::Message { opcode, key, payload } => {
                     let mut plain = payload.to_vec();
                     apply_mask(&mut plain, key);
                     format!("{opcode:?} {}", String::from_utf8_lossy(&plain))
@@ -220,21 +201,10 @@ mod tests {
         outbox.push_binary(b"\x01\x02");
         outbox.push_flush(3);
         outbox.push_text("");
-        outbox.push_close(CloseFrame {
-            code: 1000.into(),
-            reason: "".into(),
-        });
+        outbox.push_close(CloseFrame { code: 1000.into(), reason: "".into() });
         assert_eq!(
             drain(&mut outbox),
-            [
-                "rest 10 4",
-                "Text héllo",
-                "Binary ",
-                "Binary \u{1}\u{2}",
-                "flush 3",
-                "Text ",
-                "close 1000"
-            ]
+            ["rest 10 4", "Text héllo", "Binary ", "Binary \u{1}\u{2}", "flush 3", "Text ", "close 1000"]
         );
         assert!(outbox.is_empty());
         outbox.push_text("again");
@@ -247,10 +217,7 @@ mod tests {
         outbox.push_binary(b"");
         outbox.push_text("abc");
         outbox.push_rest(b"xy", 5);
-        outbox.push_close(CloseFrame {
-            code: 1000.into(),
-            reason: "".into(),
-        });
+        outbox.push_close(CloseFrame { code: 1000.into(), reason: "".into() });
         assert_eq!(outbox.discard(), (8, 8 + 3 * SEND_OVERHEAD));
         assert!(outbox.is_empty());
         assert!(SEND_OVERHEAD >= 2 * size_of::<Command>());
@@ -261,9 +228,6 @@ mod tests {
     fn the_bookkeeping_is_what_the_readme_says() {
         assert_eq!(SEND_OVERHEAD, 46);
         let readme = include_str!("../../README.md");
-        assert!(
-            readme.contains("plus 46 bytes of bookkeeping")
-                && readme.contains("payloads plus 46 bytes each")
-        );
+        assert!(readme.contains("plus 46 bytes of bookkeeping") && readme.contains("payloads plus 46 bytes each"));
     }
 }

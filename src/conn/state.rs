@@ -9,6 +9,9 @@ use super::outbox::Outbox;
 use crate::host::callbacks::Callbacks;
 use crate::wire::Wire;
 
+/// The most bytes of frames held back for the end of a dispatch batch (see `State::corked`).
+pub(super) const CORK_MAX: usize = 64 << 10;
+
 /// The largest message the host's thread frames and writes itself (see `State::writable_now`);
 /// larger ones are framed and written by the I/O task, where they do not cost the host's thread.
 pub(super) const WRITE_ON_HOST_THREAD_MAX: usize = 16 << 10;
@@ -63,6 +66,11 @@ pub(super) struct State {
     /// The I/O task has taken requests (or has its own frames) it has not written yet: nobody
     /// else may write until it is done.
     pub(super) task_writing: bool,
+    /// Frames of sends made by callbacks, written together when their dispatch batch ends
+    /// (one system call for a batch of replies); nothing else goes out before them.
+    pub(super) corked: Vec<u8>,
+    /// The payload bytes, and the number of messages, in `corked`.
+    pub(super) corked_messages: (usize, usize),
 }
 
 impl State {
@@ -87,13 +95,15 @@ impl State {
             task_ended: false,
             wire: None,
             task_writing: false,
+            corked: Vec::new(),
+            corked_messages: (0, 0),
         }
     }
 
     /// The socket, if a send of `len` bytes may be written on the calling thread right now:
     /// small, and nothing queued or being written before it, so that order is kept.
     pub(super) fn writable_now(&self, len: usize) -> Option<&Arc<Wire>> {
-        if len > WRITE_ON_HOST_THREAD_MAX || self.task_writing || !self.outbox.is_empty() {
+        if len > WRITE_ON_HOST_THREAD_MAX || self.task_writing || !self.outbox.is_empty() || !self.corked.is_empty() {
             return None;
         }
         self.wire.as_ref()
@@ -109,9 +119,8 @@ impl State {
 
     /// Whether the task may read more messages from the socket.
     pub(super) fn reading_allowed(&self) -> bool {
-        let held_by_flow_control = self.flow_control
-            && !self.close_requested
-            && (self.awaiting_complete || self.inbox_messages > 0);
+        let held_by_flow_control =
+            self.flow_control && !self.close_requested && (self.awaiting_complete || self.inbox_messages > 0);
         !held_by_flow_control && self.inbox_cost < self.receive_queue_limit
     }
 

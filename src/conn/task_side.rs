@@ -66,18 +66,12 @@ impl Conn {
         events: &mut VecDeque<Event>,
         asking: Option<(&Waker, bool)>,
     ) -> Permit {
-        let messages = events
-            .iter()
-            .filter(|e| matches!(e, Event::Message(_)))
-            .count();
+        let messages = events.iter().filter(|e| matches!(e, Event::Message(_))).count();
         let cost: usize = events.iter().map(Event::cost).sum();
         let mut st = self.lock();
         if st.shutdown {
             events.clear();
-            return Permit {
-                gate: Gate::Shutdown,
-                close_requested: st.close_requested,
-            };
+            return Permit { gate: Gate::Shutdown, close_requested: st.close_requested };
         }
         st.inbox_cost += cost;
         st.inbox_messages += messages;
@@ -91,10 +85,7 @@ impl Conn {
         st.scheduled |= schedule;
         let permit = match asking {
             Some((waker, wants_requests)) => gate_locked(&mut st, waker, wants_requests),
-            None => Permit {
-                gate: Gate::Closed,
-                close_requested: st.close_requested,
-            },
+            None => Permit { gate: Gate::Closed, close_requested: st.close_requested },
         };
         drop(st);
         if schedule {
@@ -179,8 +170,7 @@ impl Conn {
     /// dropped them, when they came after the close).
     pub(crate) fn sent(&self, bytes: usize, messages: usize) {
         self.buffered.fetch_sub(bytes, Ordering::Relaxed);
-        self.queued_cost
-            .fetch_sub(bytes + messages * SEND_OVERHEAD, Ordering::Relaxed);
+        self.queued_cost.fetch_sub(bytes + messages * SEND_OVERHEAD, Ordering::Relaxed);
     }
 
     /// The client is being freed: drop pending events and tell the task to stop.
@@ -201,10 +191,7 @@ impl Conn {
 fn gate_locked(st: &mut State, waker: &Waker, wants_requests: bool) -> Permit {
     let close_requested = st.close_requested;
     if st.shutdown {
-        return Permit {
-            gate: Gate::Shutdown,
-            close_requested,
-        };
+        return Permit { gate: Gate::Shutdown, close_requested };
     }
     // Kept even when open, so that freeing the client wakes a task waiting on its socket.
     store_waker(&mut st.task_waker, waker);
@@ -215,18 +202,12 @@ fn gate_locked(st: &mut State, waker: &Waker, wants_requests: bool) -> Permit {
     }
     st.gate_closed = !st.reading_allowed();
     if st.gate_closed {
-        return Permit {
-            gate: Gate::Closed,
-            close_requested,
-        };
+        return Permit { gate: Gate::Closed, close_requested };
     }
     let one_at_a_time = st.flow_control && !st.close_requested;
     let allowance = Allowance {
         messages: if one_at_a_time { 1 } else { usize::MAX },
         cost: st.receive_queue_limit - st.inbox_cost,
     };
-    Permit {
-        gate: Gate::Open(allowance),
-        close_requested,
-    }
+    Permit { gate: Gate::Open(allowance), close_requested }
 }

@@ -34,13 +34,7 @@ impl Seen {
 unsafe extern "C" fn on_open(_: WsConn, user: *mut c_void) {
     (*(user as *const Seen)).push("open".into());
 }
-unsafe extern "C" fn on_message(
-    _: WsConn,
-    data: *const u8,
-    len: usize,
-    kind: WsMessageKind,
-    user: *mut c_void,
-) {
+unsafe extern "C" fn on_message(_: WsConn, data: *const u8, len: usize, kind: WsMessageKind, user: *mut c_void) {
     let bytes = std::slice::from_raw_parts(data, len);
     (*(user as *const Seen)).push(format!("{kind:?} {}", String::from_utf8_lossy(bytes)));
 }
@@ -86,13 +80,7 @@ impl Fixture {
         });
         let wakes = Arc::new(CountingWaker::default());
         let waker = Waker::from(wakes.clone());
-        Fixture {
-            conn,
-            seen,
-            wakes,
-            waker,
-            batch: VecDeque::new(),
-        }
+        Fixture { conn, seen, wakes, waker, batch: VecDeque::new() }
     }
 
     fn dispatch(&mut self) -> Vec<String> {
@@ -104,8 +92,7 @@ impl Fixture {
     /// Hands events over as the task does, and asks the gate.
     fn deliver(&self, events: impl IntoIterator<Item = Event>) -> super::task_side::Permit {
         let mut events: VecDeque<Event> = events.into_iter().collect();
-        self.conn
-            .deliver_then_gate(&mut events, Some((&self.waker, true)))
+        self.conn.deliver_then_gate(&mut events, Some((&self.waker, true)))
     }
 
     fn gate(&self) -> Gate {
@@ -126,10 +113,7 @@ fn binary(bytes: &[u8]) -> Event {
 }
 
 fn frame() -> CloseFrame {
-    CloseFrame {
-        code: 1000.into(),
-        reason: "".into(),
-    }
+    CloseFrame { code: 1000.into(), reason: "".into() }
 }
 
 use crate::host::callbacks;
@@ -138,29 +122,19 @@ use crate::host::callbacks;
 fn connecting_then_open_then_messages_then_close() {
     let mut f = Fixture::new(1 << 20, 1 << 20);
     assert_eq!(f.dispatch(), Vec::<String>::new());
-    assert!(
-        f.conn.send_text("early").is_ok(),
-        "sends before open are queued"
-    );
+    assert!(f.conn.send_text("early").is_ok(), "sends before open are queued");
     assert_eq!(f.conn.buffered_amount(), 5);
     f.deliver([Event::Open, text("a"), binary(b"b")]);
     assert_eq!(f.dispatch(), ["open", "Text a", "Binary b"]);
     f.deliver([Event::close(1000, "bye")]);
     assert_eq!(f.dispatch(), ["close 1000"]);
-    assert!(
-        handles::lookup(f.conn.id).is_none(),
-        "gone after the final callback"
-    );
+    assert!(handles::lookup(f.conn.id).is_none(), "gone after the final callback");
 }
 
 #[test]
 fn nothing_follows_the_final_event() {
     let mut f = Fixture::new(1 << 20, 1 << 20);
-    f.deliver([
-        Event::Open,
-        Event::Error(Error::new(WsStatus::ConnectionLost, "lost")),
-        text("late"),
-    ]);
+    f.deliver([Event::Open, Event::Error(Error::new(WsStatus::ConnectionLost, "lost")), text("late")]);
     assert_eq!(f.dispatch(), ["open", "error ConnectionLost"]);
     assert_eq!(f.dispatch(), Vec::<String>::new());
 }
@@ -170,15 +144,9 @@ fn close_in_each_phase() {
     let mut f = Fixture::new(1 << 20, 1 << 20);
     // Connecting: close is accepted once, then refused as already closing; sends are refused.
     assert!(f.conn.close(frame()).is_ok());
-    assert_eq!(
-        f.conn.close(frame()).unwrap_err().status,
-        WsStatus::AlreadyClosing
-    );
+    assert_eq!(f.conn.close(frame()).unwrap_err().status, WsStatus::AlreadyClosing);
     assert_eq!(f.conn.send_text("x").unwrap_err().status, WsStatus::Closing);
-    assert!(
-        f.deliver([]).close_requested,
-        "the task learns of the close at once"
-    );
+    assert!(f.deliver([]).close_requested, "the task learns of the close at once");
     // The open that raced with the close is not delivered: the host no longer expects it.
     f.deliver([Event::Open, Event::close(1006, "")]);
     assert_eq!(f.dispatch(), ["close 1006"]);
@@ -197,16 +165,7 @@ fn close_while_the_final_callback_runs_is_closing() {
     assert_eq!(f.dispatch(), ["Text held"]);
     assert_eq!(f.gate(), Gate::Closed, "a message awaits completion");
     assert!(conn.close(frame()).is_ok());
-    assert!(
-        matches!(
-            f.gate(),
-            Gate::Open(Allowance {
-                messages: usize::MAX,
-                ..
-            })
-        ),
-        "closing reads the peer's close"
-    );
+    assert!(matches!(f.gate(), Gate::Open(Allowance { messages: usize::MAX, .. })), "closing reads the peer's close");
 }
 
 #[test]
@@ -215,20 +174,10 @@ fn flow_control_delivers_one_message_per_completion() {
     f.deliver([Event::Open]);
     f.dispatch();
     f.conn.set_flow_control(true);
-    assert_eq!(
-        f.gate(),
-        Gate::Open(Allowance {
-            messages: 1,
-            cost: 1 << 20
-        })
-    );
+    assert_eq!(f.gate(), Gate::Open(Allowance { messages: 1, cost: 1 << 20 }));
     f.deliver([text("1"), text("2"), Event::close(1000, "")]);
     assert_eq!(f.dispatch(), ["Text 1"]);
-    assert_eq!(
-        f.dispatch(),
-        Vec::<String>::new(),
-        "held until message_complete"
-    );
+    assert_eq!(f.dispatch(), Vec::<String>::new(), "held until message_complete");
     let woken = f.wakes();
     assert_eq!(f.gate(), Gate::Closed);
     f.conn.message_complete();
@@ -236,10 +185,7 @@ fn flow_control_delivers_one_message_per_completion() {
     // The final event, too, waits for the last message to be completed.
     assert_eq!(f.dispatch(), Vec::<String>::new());
     f.conn.message_complete();
-    assert!(
-        f.wakes() > woken,
-        "completing reopens the gate and wakes the task"
-    );
+    assert!(f.wakes() > woken, "completing reopens the gate and wakes the task");
     assert_eq!(f.dispatch(), ["close 1000"]);
 }
 
@@ -267,16 +213,10 @@ fn every_message_counts_against_the_receive_queue_limit_empty_ones_too() {
         delivered += 1;
         assert!(delivered <= 100, "empty messages must count");
     }
-    assert!(
-        delivered >= 50,
-        "{delivered} messages closed the gate: each costs its allocation plus bookkeeping"
-    );
+    assert!(delivered >= 50, "{delivered} messages closed the gate: each costs its allocation plus bookkeeping");
     let woken = f.wakes();
     assert_eq!(f.dispatch().len(), delivered);
-    assert!(
-        f.wakes() > woken,
-        "taking them reopens the gate and wakes the task"
-    );
+    assert!(f.wakes() > woken, "taking them reopens the gate and wakes the task");
     assert!(matches!(f.gate(), Gate::Open(_)));
 }
 
@@ -288,11 +228,7 @@ fn every_send_counts_against_the_send_queue_limit_empty_ones_too() {
     }
     let refused = f.conn.send_binary(b"").unwrap_err();
     assert_eq!(refused.status, WsStatus::SendQueueFull);
-    assert_eq!(
-        f.conn.buffered_amount(),
-        0,
-        "bufferedAmount counts payload bytes only"
-    );
+    assert_eq!(f.conn.buffered_amount(), 0, "bufferedAmount counts payload bytes only");
     // Written: the room comes back.
     f.conn.sent(0, 1);
     assert!(f.conn.send_binary(b"").is_ok());
@@ -317,11 +253,7 @@ fn requests_reach_the_task_in_order_and_wake_it_once() {
     f.conn.send_text("a").unwrap();
     f.conn.send_binary(b"b").unwrap();
     f.conn.close(frame()).unwrap();
-    assert_eq!(
-        f.wakes(),
-        woken + 1,
-        "only the first request wakes the task"
-    );
+    assert_eq!(f.wakes(), woken + 1, "only the first request wakes the task");
     let mut taken = Taken::default();
     f.conn.take_requests(&mut taken, false);
     let mut order = Vec::new();
@@ -338,9 +270,7 @@ fn requests_reach_the_task_in_order_and_wake_it_once() {
 #[test]
 fn a_task_blocked_writing_is_not_woken_by_what_it_cannot_take() {
     let f = Fixture::new(1 << 20, 1 << 20);
-    f.conn
-        .send_text("queued while the task had no waker")
-        .unwrap();
+    f.conn.send_text("queued while the task had no waker").unwrap();
     let woken = f.wakes();
     let mut none = VecDeque::new();
     // Blocked writing: asking the gate must not wake the task (it would spin).
@@ -381,13 +311,7 @@ fn freeing_the_client_stops_the_task_and_drops_events() {
 static CALLBACK_RUNNING: AtomicBool = AtomicBool::new(false);
 static REPLACED_WHILE_RUNNING: AtomicBool = AtomicBool::new(false);
 
-unsafe extern "C" fn slow_message(
-    _: WsConn,
-    _: *const u8,
-    _: usize,
-    _: WsMessageKind,
-    user: *mut c_void,
-) {
+unsafe extern "C" fn slow_message(_: WsConn, _: *const u8, _: usize, _: WsMessageKind, user: *mut c_void) {
     let barrier = &*(user as *const Barrier);
     CALLBACK_RUNNING.store(true, Ordering::SeqCst);
     barrier.wait();
@@ -396,13 +320,7 @@ unsafe extern "C" fn slow_message(
     CALLBACK_RUNNING.store(false, Ordering::SeqCst);
 }
 
-unsafe extern "C" fn replacement(
-    _: WsConn,
-    _: *const u8,
-    _: usize,
-    _: WsMessageKind,
-    user: *mut c_void,
-) {
+unsafe extern "C" fn replacement(_: WsConn, _: *const u8, _: usize, _: WsMessageKind, user: *mut c_void) {
     (*(user as *const Seen)).push("replacement".into());
 }
 
@@ -413,8 +331,7 @@ fn a_registration_from_another_thread_waits_for_the_running_callback() {
     f.dispatch();
     let barrier = Box::new(Barrier::new(2));
     let user = &*barrier as *const Barrier as *mut c_void;
-    f.conn
-        .set_callbacks(|c| c.message = (Some(slow_message), callbacks::UserPtr(user)));
+    f.conn.set_callbacks(|c| c.message = (Some(slow_message), callbacks::UserPtr(user)));
     f.deliver([text("1")]);
     let conn = f.conn.clone();
     let seen = &*f.seen as *const Seen as usize;
@@ -423,22 +340,13 @@ fn a_registration_from_another_thread_waits_for_the_running_callback() {
         // Starts while the first message's callback runs.
         let barrier = unsafe { &*(barrier_addr as *const Barrier) };
         barrier.wait();
-        conn.set_callbacks(|c| {
-            c.message = (Some(replacement), callbacks::UserPtr(seen as *mut c_void))
-        });
+        conn.set_callbacks(|c| c.message = (Some(replacement), callbacks::UserPtr(seen as *mut c_void)));
         // In force once it returned: the old callback is not running, and will not run again.
         REPLACED_WHILE_RUNNING.store(CALLBACK_RUNNING.load(Ordering::SeqCst), Ordering::SeqCst);
     });
     f.dispatch();
     other.join().unwrap();
-    assert!(
-        !REPLACED_WHILE_RUNNING.load(Ordering::SeqCst),
-        "the registration returned while the old callback ran"
-    );
+    assert!(!REPLACED_WHILE_RUNNING.load(Ordering::SeqCst), "the registration returned while the old callback ran");
     f.deliver([text("2")]);
-    assert_eq!(
-        f.dispatch(),
-        ["replacement"],
-        "the next message goes to the new callback"
-    );
+    assert_eq!(f.dispatch(), ["replacement"], "the next message goes to the new callback");
 }

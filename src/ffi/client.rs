@@ -18,9 +18,7 @@ pub struct WsClient {
 /// The library's version, e.g. "0.1.0". Static; any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_version() -> *const c_char {
-    ffi_boundary!(std::ptr::null(), {
-        concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
-    })
+    ffi_boundary!(std::ptr::null(), { concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast() })
 }
 
 /// A static, NUL-terminated description of a status number ("unknown status" for numbers that
@@ -109,11 +107,7 @@ pub unsafe extern "C" fn ws_client_fd(client: *const WsClient) -> c_int {
 /// `client` is NULL or a pointer from ws_client_new() that was not freed.
 #[no_mangle]
 pub unsafe extern "C" fn ws_client_connection_count(client: *const WsClient) -> usize {
-    ffi_boundary!(0, {
-        client
-            .as_ref()
-            .map_or(0, |c| c.inner.hub().live_connections())
-    })
+    ffi_boundary!(0, { client.as_ref().map_or(0, |c| c.inner.hub().live_connections()) })
 }
 
 /// Runs the callbacks that are pending now, on the calling thread, which is by definition the
@@ -208,10 +202,6 @@ pub(super) unsafe fn connect(
 /// `client` is NULL or a pointer from ws_client_new() that was not freed; `uri` is NULL or a
 /// NUL-terminated string; `conn_out` is NULL or points to a writable ws_conn.
 #[no_mangle]
-pub unsafe extern "C" fn ws_connect(
-    client: *mut WsClient,
-    uri: *const c_char,
-    conn_out: *mut WsConn,
-) -> WsStatus {
+pub unsafe extern "C" fn ws_connect(client: *mut WsClient, uri: *const c_char, conn_out: *mut WsConn) -> WsStatus {
     ffi_status!({ connect(client, uri, None, conn_out) })
 }

@@ -9,9 +9,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use super::{byte_slice, c_str, live, null, write_out};
 use crate::error::{Error, WsStatus};
-use crate::host::callbacks::{
-    UserPtr, WsCloseCallback, WsErrorCallback, WsMessageCallback, WsOpenCallback,
-};
+use crate::host::callbacks::{UserPtr, WsCloseCallback, WsErrorCallback, WsMessageCallback, WsOpenCallback};
 use crate::host::handles::WsConn;
 
 /// Sets (or with NULL clears) the open callback; see ws_open_cb. A later registration replaces
@@ -22,11 +20,7 @@ use crate::host::handles::WsConn;
 /// inside a callback, it applies from the next callback on and does not wait (a callback of
 /// another event loop's connection may still be running). Any thread, also inside callbacks.
 #[no_mangle]
-pub extern "C" fn ws_on_open(
-    conn: WsConn,
-    callback: WsOpenCallback,
-    user: *mut c_void,
-) -> WsStatus {
+pub extern "C" fn ws_on_open(conn: WsConn, callback: WsOpenCallback, user: *mut c_void) -> WsStatus {
     ffi_status!({
         live(conn)?.set_callbacks(|c| c.open = (callback, UserPtr(user)));
         Ok(())
@@ -41,11 +35,7 @@ pub extern "C" fn ws_on_open(
 /// inside a callback, it applies from the next callback on and does not wait (a callback of
 /// another event loop's connection may still be running). Any thread, also inside callbacks.
 #[no_mangle]
-pub extern "C" fn ws_on_message(
-    conn: WsConn,
-    callback: WsMessageCallback,
-    user: *mut c_void,
-) -> WsStatus {
+pub extern "C" fn ws_on_message(conn: WsConn, callback: WsMessageCallback, user: *mut c_void) -> WsStatus {
     ffi_status!({
         live(conn)?.set_callbacks(|c| c.message = (callback, UserPtr(user)));
         Ok(())
@@ -60,11 +50,7 @@ pub extern "C" fn ws_on_message(
 /// inside a callback, it applies from the next callback on and does not wait (a callback of
 /// another event loop's connection may still be running). Any thread, also inside callbacks.
 #[no_mangle]
-pub extern "C" fn ws_on_close(
-    conn: WsConn,
-    callback: WsCloseCallback,
-    user: *mut c_void,
-) -> WsStatus {
+pub extern "C" fn ws_on_close(conn: WsConn, callback: WsCloseCallback, user: *mut c_void) -> WsStatus {
     ffi_status!({
         live(conn)?.set_callbacks(|c| c.close = (callback, UserPtr(user)));
         Ok(())
@@ -79,11 +65,7 @@ pub extern "C" fn ws_on_close(
 /// inside a callback, it applies from the next callback on and does not wait (a callback of
 /// another event loop's connection may still be running). Any thread, also inside callbacks.
 #[no_mangle]
-pub extern "C" fn ws_on_error(
-    conn: WsConn,
-    callback: WsErrorCallback,
-    user: *mut c_void,
-) -> WsStatus {
+pub extern "C" fn ws_on_error(conn: WsConn, callback: WsErrorCallback, user: *mut c_void) -> WsStatus {
     ffi_status!({
         live(conn)?.set_callbacks(|c| c.error = (callback, UserPtr(user)));
         Ok(())
@@ -106,12 +88,8 @@ pub unsafe extern "C" fn ws_send(conn: WsConn, text: *const c_char, len: usize) 
     ffi_status!({
         let bytes = byte_slice(text.cast(), len, "text")?;
         let conn = live(conn)?;
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            Error::new(
-                WsStatus::InvalidUtf8,
-                format!("text is not valid UTF-8 ({e})"),
-            )
-        })?;
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| Error::new(WsStatus::InvalidUtf8, format!("text is not valid UTF-8 ({e})")))?;
         conn.send_text(text)
     })
 }
@@ -147,26 +125,13 @@ pub unsafe extern "C" fn ws_close(conn: WsConn, code: u16, reason: *const c_char
         let conn = live(conn)?;
         let code = if code == 0 { 1000 } else { code };
         if !(code == 1000 || (3000..=4999).contains(&code)) {
-            return Err(Error::new(
-                WsStatus::InvalidArgument,
-                format!("close code {code} is not 1000 or 3000..4999"),
-            ));
+            return Err(Error::new(WsStatus::InvalidArgument, format!("close code {code} is not 1000 or 3000..4999")));
         }
-        let reason = if reason.is_null() {
-            ""
-        } else {
-            c_str(reason, "reason")?
-        };
+        let reason = if reason.is_null() { "" } else { c_str(reason, "reason")? };
         if reason.len() > 123 {
-            return Err(Error::new(
-                WsStatus::InvalidArgument,
-                "close reason is longer than 123 bytes",
-            ));
+            return Err(Error::new(WsStatus::InvalidArgument, "close reason is longer than 123 bytes"));
         }
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
-        };
+        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
         conn.close(frame)
     })
 }
@@ -224,12 +189,7 @@ pub unsafe extern "C" fn ws_buffered_amount(conn: WsConn, bytes_out: *mut usize)
 /// `buf` is NULL or points to `buf_len` writable bytes; `len_out` is NULL or points to a writable
 /// size_t.
 #[no_mangle]
-pub unsafe extern "C" fn ws_protocol(
-    conn: WsConn,
-    buf: *mut c_char,
-    buf_len: usize,
-    len_out: *mut usize,
-) -> WsStatus {
+pub unsafe extern "C" fn ws_protocol(conn: WsConn, buf: *mut c_char, buf_len: usize, len_out: *mut usize) -> WsStatus {
     ffi_status!({
         let protocol = live(conn)?.protocol().unwrap_or_default();
         let needed = protocol.len() + 1;

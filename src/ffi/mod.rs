@@ -21,9 +21,7 @@ macro_rules! ffi_boundary {
         })) {
             Ok(value) => value,
             Err(_) => {
-                $crate::error::set_last_error(
-                    "internal error: a panic was caught at the C boundary",
-                );
+                $crate::error::set_last_error("internal error: a panic was caught at the C boundary");
                 $default
             }
         }
@@ -66,12 +64,9 @@ unsafe fn c_str<'a>(ptr: *const c_char, what: &str) -> Result<&'a str, Error> {
     if ptr.is_null() {
         return Err(null(what));
     }
-    CStr::from_ptr(ptr).to_str().map_err(|e| {
-        Error::new(
-            WsStatus::InvalidUtf8,
-            format!("{what} is not valid UTF-8 ({e})"),
-        )
-    })
+    CStr::from_ptr(ptr)
+        .to_str()
+        .map_err(|e| Error::new(WsStatus::InvalidUtf8, format!("{what} is not valid UTF-8 ({e})")))
 }
 
 /// A (pointer, length) argument; NULL is allowed only with length 0.
@@ -80,10 +75,7 @@ unsafe fn byte_slice<'a>(ptr: *const u8, len: usize, what: &str) -> Result<&'a [
         return if len == 0 { Ok(&[]) } else { Err(null(what)) };
     }
     if len > isize::MAX as usize {
-        return Err(Error::new(
-            WsStatus::InvalidArgument,
-            format!("{what}: length {len} is too large"),
-        ));
+        return Err(Error::new(WsStatus::InvalidArgument, format!("{what}: length {len} is too large")));
     }
     Ok(std::slice::from_raw_parts(ptr, len))
 }
@@ -97,6 +89,9 @@ unsafe fn write_out<T>(ptr: *mut T, value: T) {
 
 fn live(conn: WsConn) -> Result<Arc<Conn>, Error> {
     handles::lookup(conn).ok_or_else(|| {
-        Error::new(WsStatus::Gone, format!("connection {conn:#x} is gone (its final callback has returned, or it never existed)"))
+        Error::new(
+            WsStatus::Gone,
+            format!("connection {conn:#x} is gone (its final callback has returned, or it never existed)"),
+        )
     })
 }

@@ -17,18 +17,12 @@ pub struct WsOptions {
 }
 
 unsafe fn options_mut<'a>(options: *mut WsOptions) -> Result<&'a mut Options, Error> {
-    options
-        .as_mut()
-        .map(|o| &mut o.inner)
-        .ok_or_else(|| null("options"))
+    options.as_mut().map(|o| &mut o.inner).ok_or_else(|| null("options"))
 }
 
 fn millis(ms: u32, what: &str) -> Result<Duration, Error> {
     if ms == 0 {
-        return Err(Error::new(
-            WsStatus::InvalidArgument,
-            format!("{what} must be at least 1 ms"),
-        ));
+        return Err(Error::new(WsStatus::InvalidArgument, format!("{what} must be at least 1 ms")));
     }
     Ok(Duration::from_millis(ms.into()))
 }
@@ -37,11 +31,7 @@ fn millis(ms: u32, what: &str) -> Result<Duration, Error> {
 /// Any thread, also inside callbacks.
 #[no_mangle]
 pub extern "C" fn ws_options_new() -> *mut WsOptions {
-    ffi_boundary!(std::ptr::null_mut(), {
-        Box::into_raw(Box::new(WsOptions {
-            inner: Options::default(),
-        }))
-    })
+    ffi_boundary!(std::ptr::null_mut(), { Box::into_raw(Box::new(WsOptions { inner: Options::default() })) })
 }
 
 /// Frees options; NULL is a no-op. Any thread, also inside callbacks.
@@ -66,10 +56,7 @@ pub unsafe extern "C" fn ws_options_free(options: *mut WsOptions) {
 /// `options` is NULL or a pointer from ws_options_new() that was not freed; `pem_path` is NULL or a
 /// NUL-terminated string.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_add_ca_file(
-    options: *mut WsOptions,
-    pem_path: *const c_char,
-) -> WsStatus {
+pub unsafe extern "C" fn ws_options_add_ca_file(options: *mut WsOptions, pem_path: *const c_char) -> WsStatus {
     ffi_status!({
         let options = options_mut(options)?;
         options.add_ca_file(c_str(pem_path, "pem_path")?)
@@ -104,10 +91,7 @@ pub unsafe extern "C" fn ws_options_add_header(
 /// `options` is NULL or a pointer from ws_options_new() that was not freed; `protocol` is NULL or a
 /// NUL-terminated string.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_add_subprotocol(
-    options: *mut WsOptions,
-    protocol: *const c_char,
-) -> WsStatus {
+pub unsafe extern "C" fn ws_options_add_subprotocol(options: *mut WsOptions, protocol: *const c_char) -> WsStatus {
     ffi_status!({
         let options = options_mut(options)?;
         options.add_subprotocol(c_str(protocol, "protocol")?)
@@ -120,10 +104,7 @@ pub unsafe extern "C" fn ws_options_add_subprotocol(
 /// # Safety
 /// `options` is NULL or a pointer from ws_options_new() that was not freed.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_set_connect_timeout_ms(
-    options: *mut WsOptions,
-    timeout_ms: u32,
-) -> WsStatus {
+pub unsafe extern "C" fn ws_options_set_connect_timeout_ms(options: *mut WsOptions, timeout_ms: u32) -> WsStatus {
     ffi_status!({
         options_mut(options)?.connect_timeout = millis(timeout_ms, "the connect timeout")?;
         Ok(())
@@ -137,10 +118,7 @@ pub unsafe extern "C" fn ws_options_set_connect_timeout_ms(
 /// # Safety
 /// `options` is NULL or a pointer from ws_options_new() that was not freed.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_set_close_timeout_ms(
-    options: *mut WsOptions,
-    timeout_ms: u32,
-) -> WsStatus {
+pub unsafe extern "C" fn ws_options_set_close_timeout_ms(options: *mut WsOptions, timeout_ms: u32) -> WsStatus {
     ffi_status!({
         options_mut(options)?.close_timeout = millis(timeout_ms, "the close timeout")?;
         Ok(())
@@ -164,8 +142,7 @@ pub unsafe extern "C" fn ws_options_set_keepalive(
     ffi_status!({
         let options = options_mut(options)?;
         let timeout = millis(timeout_ms, "the keepalive timeout")?;
-        options.keepalive_interval =
-            (interval_ms > 0).then(|| Duration::from_millis(interval_ms.into()));
+        options.keepalive_interval = (interval_ms > 0).then(|| Duration::from_millis(interval_ms.into()));
         options.keepalive_timeout = timeout;
         Ok(())
     })
@@ -178,10 +155,7 @@ pub unsafe extern "C" fn ws_options_set_keepalive(
 /// # Safety
 /// `options` is NULL or a pointer from ws_options_new() that was not freed.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_set_max_message_size(
-    options: *mut WsOptions,
-    bytes: usize,
-) -> WsStatus {
+pub unsafe extern "C" fn ws_options_set_max_message_size(options: *mut WsOptions, bytes: usize) -> WsStatus {
     ffi_status!({ options_mut(options)?.set_max_message_size(bytes) })
 }
 
@@ -194,10 +168,7 @@ pub unsafe extern "C" fn ws_options_set_max_message_size(
 /// # Safety
 /// `options` is NULL or a pointer from ws_options_new() that was not freed.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_set_read_buffer_size(
-    options: *mut WsOptions,
-    bytes: usize,
-) -> WsStatus {
+pub unsafe extern "C" fn ws_options_set_read_buffer_size(options: *mut WsOptions, bytes: usize) -> WsStatus {
     ffi_status!({ options_mut(options)?.set_read_buffer_size(bytes) })
 }
 
@@ -209,16 +180,10 @@ pub unsafe extern "C" fn ws_options_set_read_buffer_size(
 /// # Safety
 /// `options` is NULL or a pointer from ws_options_new() that was not freed.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_set_receive_queue_limit(
-    options: *mut WsOptions,
-    bytes: usize,
-) -> WsStatus {
+pub unsafe extern "C" fn ws_options_set_receive_queue_limit(options: *mut WsOptions, bytes: usize) -> WsStatus {
     ffi_status!({
         if bytes == 0 {
-            return Err(Error::new(
-                WsStatus::InvalidArgument,
-                "the receive queue limit must be at least 1 byte",
-            ));
+            return Err(Error::new(WsStatus::InvalidArgument, "the receive queue limit must be at least 1 byte"));
         }
         options_mut(options)?.receive_queue_limit = bytes;
         Ok(())
@@ -232,16 +197,10 @@ pub unsafe extern "C" fn ws_options_set_receive_queue_limit(
 /// # Safety
 /// `options` is NULL or a pointer from ws_options_new() that was not freed.
 #[no_mangle]
-pub unsafe extern "C" fn ws_options_set_send_queue_limit(
-    options: *mut WsOptions,
-    bytes: usize,
-) -> WsStatus {
+pub unsafe extern "C" fn ws_options_set_send_queue_limit(options: *mut WsOptions, bytes: usize) -> WsStatus {
     ffi_status!({
         if bytes == 0 {
-            return Err(Error::new(
-                WsStatus::InvalidArgument,
-                "the send queue limit must be at least 1 byte",
-            ));
+            return Err(Error::new(WsStatus::InvalidArgument, "the send queue limit must be at least 1 byte"));
         }
         options_mut(options)?.send_queue_limit = bytes;
         Ok(())

@@ -22,37 +22,22 @@ pub type WsOpenCallback = Option<unsafe extern "C" fn(conn: WsConn, user: *mut c
 /// Called for each received message. `data` is valid only until the callback returns; copy what
 /// you keep. A text message is valid UTF-8 and `data[len]` is a NUL (a U+0000 inside the text
 /// survives because `len` is given); a binary message of length 0 may have any non-NULL `data`.
-pub type WsMessageCallback = Option<
-    unsafe extern "C" fn(
-        conn: WsConn,
-        data: *const u8,
-        len: usize,
-        kind: WsMessageKind,
-        user: *mut c_void,
-    ),
->;
+pub type WsMessageCallback =
+    Option<unsafe extern "C" fn(conn: WsConn, data: *const u8, len: usize, kind: WsMessageKind, user: *mut c_void)>;
 
 /// Final callback when a close handshake completed, whichever side started it. `code` is the code
 /// of the peer's close frame (1005 if it had none; 1006 if the application closed the connection
 /// before it opened). `reason` is UTF-8, `reason_len` bytes plus a NUL, valid only during the call.
 /// After it returns the connection is gone.
-pub type WsCloseCallback = Option<
-    unsafe extern "C" fn(
-        conn: WsConn,
-        code: u16,
-        reason: *const c_char,
-        reason_len: usize,
-        user: *mut c_void,
-    ),
->;
+pub type WsCloseCallback =
+    Option<unsafe extern "C" fn(conn: WsConn, code: u16, reason: *const c_char, reason_len: usize, user: *mut c_void)>;
 
 /// Final callback for every other end of a connection: `kind` is one of the error-callback
 /// statuses (WS_STATUS_DNS .. WS_STATUS_INTERNAL) and `message` a human-readable, NUL-terminated
 /// reason ("connection refused", "TLS: certificate not valid for name localhost", ...), valid only
 /// during the call. After it returns the connection is gone.
-pub type WsErrorCallback = Option<
-    unsafe extern "C" fn(conn: WsConn, kind: WsStatus, message: *const c_char, user: *mut c_void),
->;
+pub type WsErrorCallback =
+    Option<unsafe extern "C" fn(conn: WsConn, kind: WsStatus, message: *const c_char, user: *mut c_void)>;
 
 /// The host's opaque pointer. The library never dereferences it; it only hands it back on the
 /// host's thread, so moving it between threads is sound.
@@ -85,12 +70,7 @@ pub fn call_open(cb: (WsOpenCallback, UserPtr), conn: WsConn) -> bool {
     true
 }
 
-pub fn call_message(
-    cb: (WsMessageCallback, UserPtr),
-    conn: WsConn,
-    data: &[u8],
-    kind: WsMessageKind,
-) -> bool {
+pub fn call_message(cb: (WsMessageCallback, UserPtr), conn: WsConn, data: &[u8], kind: WsMessageKind) -> bool {
     let (Some(f), user) = cb else { return false };
     unsafe { f(conn, data.as_ptr(), data.len(), kind, user.0) };
     true
@@ -105,12 +85,7 @@ pub fn call_close(cb: (WsCloseCallback, UserPtr), conn: WsConn, code: u16, reaso
 }
 
 /// `message` must end with a NUL and contain no other.
-pub fn call_error(
-    cb: (WsErrorCallback, UserPtr),
-    conn: WsConn,
-    kind: WsStatus,
-    message: &[u8],
-) -> bool {
+pub fn call_error(cb: (WsErrorCallback, UserPtr), conn: WsConn, kind: WsStatus, message: &[u8]) -> bool {
     let (Some(f), user) = cb else { return false };
     debug_assert_eq!(message.last(), Some(&0));
     unsafe { f(conn, kind, message.as_ptr().cast(), user.0) };

@@ -46,6 +46,13 @@ thread_local! {
     /// client), and the I/O tasks their callbacks woke meanwhile.
     static DEFER_DEPTH: Cell<u32> = const { Cell::new(0) };
     static DEFERRED: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
+    /// Connections whose sends made by callbacks are held until the batch ends.
+    static CORKED: RefCell<Vec<Arc<Conn>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Writes `conn`'s held-back sends when the dispatch batch running on this thread ends.
+pub(crate) fn uncork_when_batch_ends(conn: Arc<Conn>) {
+    CORKED.with_borrow_mut(|conns| conns.push(conn));
 }
 
 /// Whether this thread is running callbacks (inside a dispatch batch).
@@ -83,6 +90,16 @@ impl Drop for DeferredWakes {
         let depth = DEFER_DEPTH.get() - 1;
         DEFER_DEPTH.set(depth);
         if depth == 0 {
+            // The sends held back go out first (they may wake tasks too).
+            let corked = CORKED.with_borrow_mut(std::mem::take);
+            corked.iter().for_each(|conn| conn.uncork());
+            CORKED.with_borrow_mut(|conns| {
+                if conns.is_empty() {
+                    // Keeps its capacity for the next batch.
+                    *conns = corked;
+                    conns.clear();
+                }
+            });
             // Waking schedules the task on the runtime and calls no code of ours: the borrow
             // is not re-entered. The vector keeps its capacity for the next batch.
             DEFERRED.with_borrow_mut(|wakers| wakers.drain(..).for_each(Waker::wake));
@@ -175,11 +192,7 @@ impl Hub {
     /// `dispatch`, by a caller that holds the dispatch guard.
     fn dispatch_entered(&self) -> (u32, bool) {
         let mut scratch = lock(&self.scratch);
-        let DispatchScratch {
-            connections,
-            budgets,
-            events,
-        } = &mut *scratch;
+        let DispatchScratch { connections, budgets, events } = &mut *scratch;
         {
             let mut ready = lock(&self.ready);
             self.wakeup.clear();
@@ -188,11 +201,8 @@ impl Hub {
         // What is pending now is what this dispatch runs, whatever arrives while it runs.
         budgets.clear();
         budgets.extend(connections.iter().map(|conn| conn.pending_events()));
-        let ran = connections
-            .drain(..)
-            .zip(budgets.drain(..))
-            .map(|(conn, budget)| conn.dispatch(events, budget))
-            .sum();
+        let ran =
+            connections.drain(..).zip(budgets.drain(..)).map(|(conn, budget)| conn.dispatch(events, budget)).sum();
         (ran, !lock(&self.ready).is_empty())
     }
 
@@ -220,11 +230,7 @@ impl Hub {
             None => -1,
             Some(t) => t.as_millis().min(i32::MAX as u128) as i32,
         };
-        let mut pfd = libc::pollfd {
-            fd: self.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
         let n = unsafe { libc::poll(&mut pfd, 1, ms) };
         n > 0
     }
@@ -246,10 +252,7 @@ impl Hub {
                 continue;
             }
             if remaining == Some(Duration::ZERO) {
-                return Err(Error::new(
-                    WsStatus::Timeout,
-                    "the time is up and connections are still alive",
-                ));
+                return Err(Error::new(WsStatus::Timeout, "the time is up and connections are still alive"));
             }
             self.wait(remaining);
         }

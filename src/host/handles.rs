@@ -27,20 +27,14 @@ static TABLE: RwLock<Table> = RwLock::new(Table::new());
 
 impl Table {
     const fn new() -> Table {
-        Table {
-            slots: Vec::new(),
-            free: Vec::new(),
-        }
+        Table { slots: Vec::new(), free: Vec::new() }
     }
 
     fn insert(&mut self, make: impl FnOnce(WsConn) -> Arc<Conn>) -> Arc<Conn> {
         let index = match self.free.pop() {
             Some(index) => index,
             None => {
-                self.slots.push(Slot {
-                    generation: 1,
-                    conn: None,
-                });
+                self.slots.push(Slot { generation: 1, conn: None });
                 (self.slots.len() - 1) as u32
             }
         };
@@ -77,15 +71,11 @@ impl Table {
 }
 
 fn read() -> RwLockReadGuard<'static, Table> {
-    TABLE
-        .read()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    TABLE.read().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn write() -> RwLockWriteGuard<'static, Table> {
-    TABLE
-        .write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    TABLE.write().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn split(handle: WsConn) -> Option<(usize, u32)> {
@@ -113,13 +103,7 @@ pub fn remove(handle: WsConn) -> Option<Arc<Conn>> {
 pub fn remove_all(belongs: impl Fn(&Conn) -> bool) -> Vec<Arc<Conn>> {
     let handles: Vec<WsConn> = {
         let table = read();
-        table
-            .slots
-            .iter()
-            .filter_map(|s| s.conn.as_ref())
-            .filter(|c| belongs(c))
-            .map(|c| c.id)
-            .collect()
+        table.slots.iter().filter_map(|s| s.conn.as_ref()).filter(|c| belongs(c)).map(|c| c.id).collect()
     };
     handles.into_iter().filter_map(remove).collect()
 }
@@ -152,26 +136,15 @@ mod tests {
         let hub = Arc::new(Hub::new().unwrap());
         let mut table = Table::new();
         // A free slot that 2^32 - 2 connections have gone through already.
-        table.slots.push(Slot {
-            generation: u32::MAX,
-            conn: None,
-        });
+        table.slots.push(Slot { generation: u32::MAX, conn: None });
         table.free.push(0);
         let last = table.insert(conn(&hub)).id;
         assert_eq!(last, (u64::from(u32::MAX) << 32) | 1);
         assert!(table.remove(last).is_some());
         let next = table.insert(conn(&hub)).id;
-        assert_eq!(
-            next,
-            (1 << 32) | 2,
-            "the retired slot is not reused: a new one is made"
-        );
+        assert_eq!(next, (1 << 32) | 2, "the retired slot is not reused: a new one is made");
         assert!(table.lookup(last).is_none());
         assert!(table.remove(last).is_none());
-        assert_eq!(
-            table.slots[0].generation,
-            u32::MAX,
-            "retired, not wrapped to a generation already used"
-        );
+        assert_eq!(table.slots[0].generation, u32::MAX, "retired, not wrapped to a generation already used");
     }
 }

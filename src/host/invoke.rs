@@ -39,11 +39,7 @@ impl InvokeLock {
         loop {
             let state = self.state.load(Ordering::Acquire);
             if state < WAITING_CALL {
-                if self
-                    .state
-                    .compare_exchange(state, state | CALLING, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-                {
+                if self.state.compare_exchange(state, state | CALLING, Ordering::Acquire, Ordering::Relaxed).is_ok() {
                     break;
                 }
                 continue;
@@ -51,10 +47,7 @@ impl InvokeLock {
             // Calls from other threads wait: they go first.
             let mut guard = lock(&self.lock);
             while self.state.load(Ordering::Acquire) >= WAITING_CALL {
-                guard = self
-                    .changed
-                    .wait(guard)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                guard = self.changed.wait(guard).unwrap_or_else(|poisoned| poisoned.into_inner());
             }
         }
         self.holder.store(thread_token(), Ordering::Relaxed);
@@ -81,10 +74,7 @@ impl InvokeLock {
         self.state.fetch_add(WAITING_CALL, Ordering::AcqRel);
         let mut guard = lock(&self.lock);
         while self.state.load(Ordering::Acquire) & CALLING != 0 {
-            guard = self
-                .changed
-                .wait(guard)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            guard = self.changed.wait(guard).unwrap_or_else(|poisoned| poisoned.into_inner());
         }
         // Counted out and announced even if `change` panics, so that dispatch never waits for
         // a call that is gone; dropped before `guard`, so the announcement is made under the

@@ -43,10 +43,7 @@ pub struct Upgraded {
 }
 
 fn rejected(reason: impl std::fmt::Display) -> Error {
-    Error::new(
-        WsStatus::HandshakeRejected,
-        format!("handshake rejected: {reason}"),
-    )
+    Error::new(WsStatus::HandshakeRejected, format!("handshake rejected: {reason}"))
 }
 
 /// The request head: GET, Host, the WebSocket headers, then the options' headers.
@@ -57,10 +54,7 @@ fn request(target: &Target, options: &Options, key: &str) -> Vec<u8> {
         target.resource, target.host_header
     );
     if !options.subprotocols.is_empty() {
-        head.push_str(&format!(
-            "Sec-WebSocket-Protocol: {}\r\n",
-            options.subprotocols.join(", ")
-        ));
+        head.push_str(&format!("Sec-WebSocket-Protocol: {}\r\n", options.subprotocols.join(", ")));
     }
     let mut bytes = head.into_bytes();
     for (name, value) in &options.headers {
@@ -74,10 +68,7 @@ fn request(target: &Target, options: &Options, key: &str) -> Vec<u8> {
 }
 
 fn io_lost(e: std::io::Error) -> Error {
-    Error::new(
-        WsStatus::ConnectionLost,
-        format!("connection lost during the WebSocket handshake: {e}"),
-    )
+    Error::new(WsStatus::ConnectionLost, format!("connection lost during the WebSocket handshake: {e}"))
 }
 
 /// Sends the upgrade request and checks the server's answer.
@@ -87,10 +78,7 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     options: &Options,
 ) -> Result<Upgraded, Error> {
     let key = generate_key();
-    stream
-        .write_all(&request(target, options, &key))
-        .await
-        .map_err(io_lost)?;
+    stream.write_all(&request(target, options, &key)).await.map_err(io_lost)?;
     stream.flush().await.map_err(io_lost)?;
     let mut buf = Vec::new();
     loop {
@@ -100,9 +88,7 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
         // An incomplete head of MAX_RESPONSE_HEAD bytes is refused above, so reading never
         // goes past that many bytes: what follows a head stays in the stream for the session,
         // except for the bytes read together with the head, which become `leftover`.
-        let room = MAX_RESPONSE_HEAD
-            .saturating_sub(buf.len())
-            .clamp(1, READ_STEP);
+        let room = MAX_RESPONSE_HEAD.saturating_sub(buf.len()).clamp(1, READ_STEP);
         let filled = buf.len();
         buf.reserve_exact(room);
         buf.resize(filled + room, 0);
@@ -188,20 +174,10 @@ const OFFERED_EXTENSIONS: [&str; 0] = [];
 /// against the offer, and what was agreed is returned for the session.
 fn check_extensions(chosen: &[&str], _options: &Options) -> Result<(), Error> {
     for extension in chosen {
-        let name = extension
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim_matches(is_ows);
+        let name = extension.split(';').next().unwrap_or_default().trim_matches(is_ows);
         let named = if name.is_empty() { extension } else { name };
-        if !OFFERED_EXTENSIONS
-            .iter()
-            .any(|offered| offered.eq_ignore_ascii_case(name))
-        {
-            return Err(rejected(format!(
-                "the server chose extension {}, which was not offered",
-                shown(named)
-            )));
+        if !OFFERED_EXTENSIONS.iter().any(|offered| offered.eq_ignore_ascii_case(name)) {
+            return Err(rejected(format!("the server chose extension {}, which was not offered", shown(named))));
         }
     }
     Ok(())
@@ -224,24 +200,15 @@ fn chosen_protocol(values: &[&str], options: &Options) -> Result<Option<String>,
         return Ok(None);
     }
     if value.contains(',') {
-        return Err(rejected(format!(
-            "the server chose several subprotocols ({}); it must choose one",
-            shown(value)
-        )));
+        return Err(rejected(format!("the server chose several subprotocols ({}); it must choose one", shown(value))));
     }
     if !options.subprotocols.iter().any(|p| p == value) {
-        return Err(rejected(format!(
-            "the server chose subprotocol {}, which was not offered",
-            shown(value)
-        )));
+        return Err(rejected(format!("the server chose subprotocol {}, which was not offered", shown(value))));
     }
     Ok(Some(value.to_owned()))
 }
 
-fn parse_head<'h, 'b>(
-    response: &mut httparse::Response<'h, 'b>,
-    window: &'b [u8],
-) -> httparse::Result<usize> {
+fn parse_head<'h, 'b>(response: &mut httparse::Response<'h, 'b>, window: &'b [u8]) -> httparse::Result<usize> {
     httparse::ParserConfig::default()
         .allow_obsolete_multiline_headers_in_responses(true)
         .parse_response(response, window)
@@ -250,11 +217,7 @@ fn parse_head<'h, 'b>(
 /// Reads the server's response head from `buf` (every byte received so far): Ok(None) while it
 /// is incomplete, the upgrade once it is complete and valid, else why it is refused (always
 /// WS_STATUS_HANDSHAKE_REJECTED). A pure function of its arguments, which the fuzz targets call.
-pub(crate) fn parse_response(
-    buf: &[u8],
-    key: &str,
-    options: &Options,
-) -> Result<Option<Upgraded>, Error> {
+pub(crate) fn parse_response(buf: &[u8], key: &str, options: &Options) -> Result<Option<Upgraded>, Error> {
     // A head that is complete within the limit is complete within its first bytes.
     let window = &buf[..buf.len().min(MAX_RESPONSE_HEAD)];
     let mut usual = [httparse::EMPTY_HEADER; USUAL_HEADERS];
@@ -263,19 +226,14 @@ pub(crate) fn parse_response(
     let mut parsed = parse_head(&mut response, window);
     if let Err(httparse::Error::TooManyHeaders) = parsed {
         // Every header line ends with a line feed: that many fit.
-        many.resize(
-            window.iter().filter(|&&b| b == b'\n').count(),
-            httparse::EMPTY_HEADER,
-        );
+        many.resize(window.iter().filter(|&&b| b == b'\n').count(), httparse::EMPTY_HEADER);
         response = httparse::Response::new(&mut many);
         parsed = parse_head(&mut response, window);
     }
     let head_len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() >= MAX_RESPONSE_HEAD => {
-            return Err(rejected(format!(
-                "the response head is longer than {MAX_RESPONSE_HEAD} bytes"
-            )))
+            return Err(rejected(format!("the response head is longer than {MAX_RESPONSE_HEAD} bytes")))
         }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(rejected(format!("malformed HTTP response ({e})"))),
@@ -289,9 +247,7 @@ pub(crate) fn parse_response(
         return Err(rejected(format!("HTTP {code}{sep}{reason}")));
     }
     if response.version != Some(1) {
-        return Err(rejected(
-            "the server answered 101 in HTTP/1.0 (a 101 requires HTTP/1.1)",
-        ));
+        return Err(rejected("the server answered 101 in HTTP/1.0 (a 101 requires HTTP/1.1)"));
     }
     let headers = response.headers;
 
@@ -306,10 +262,7 @@ pub(crate) fn parse_response(
             )))
         }
     }
-    if !elements(&lines(headers, "Connection")?)
-        .iter()
-        .any(|option| option.eq_ignore_ascii_case("upgrade"))
-    {
+    if !elements(&lines(headers, "Connection")?).iter().any(|option| option.eq_ignore_ascii_case("upgrade")) {
         return Err(rejected("the response lacks \"Connection: Upgrade\""));
     }
     match lines(headers, "Sec-WebSocket-Accept")?[..] {
@@ -317,21 +270,12 @@ pub(crate) fn parse_response(
         [accept] if accept.trim_matches(is_ows) == derive_accept_key(key.as_bytes()) => {}
         [_] => return Err(rejected("wrong Sec-WebSocket-Accept from the server")),
         ref several => {
-            return Err(rejected(format!(
-                "Sec-WebSocket-Accept appears {} times; it must appear once",
-                several.len()
-            )))
+            return Err(rejected(format!("Sec-WebSocket-Accept appears {} times; it must appear once", several.len())))
         }
     }
-    check_extensions(
-        &elements(&lines(headers, "Sec-WebSocket-Extensions")?),
-        options,
-    )?;
+    check_extensions(&elements(&lines(headers, "Sec-WebSocket-Extensions")?), options)?;
     let protocol = chosen_protocol(&lines(headers, "Sec-WebSocket-Protocol")?, options)?;
-    Ok(Some(Upgraded {
-        protocol,
-        leftover: buf[head_len..].to_vec(),
-    }))
+    Ok(Some(Upgraded { protocol, leftover: buf[head_len..].to_vec() }))
 }
 
 #[cfg(test)]
@@ -357,10 +301,7 @@ mod tests {
 
     /// A valid 101 for `key` with `extra` lines after the required ones.
     fn good_for(key: &str, extra: &[&str]) -> Vec<u8> {
-        let accept = format!(
-            "Sec-WebSocket-Accept: {}",
-            derive_accept_key(key.as_bytes())
-        );
+        let accept = format!("Sec-WebSocket-Accept: {}", derive_accept_key(key.as_bytes()));
         let mut lines = vec!["Upgrade: websocket", "Connection: Upgrade", &accept];
         lines.extend_from_slice(extra);
         head("HTTP/1.1 101 Switching Protocols", &lines)
@@ -404,11 +345,7 @@ mod tests {
         match parse_with(bytes, options) {
             Err(e) => {
                 assert_eq!(e.status, WsStatus::HandshakeRejected, "{}", e.message);
-                assert!(
-                    e.message.starts_with("handshake rejected: "),
-                    "{}",
-                    e.message
-                );
+                assert!(e.message.starts_with("handshake rejected: "), "{}", e.message);
                 e.message
             }
             Ok(Some(_)) => panic!("opened: {}", lossy(bytes)),
@@ -434,10 +371,7 @@ mod tests {
         options.add_subprotocol("chat").unwrap();
         let target = crate::uri::parse("ws://example.com:8080/chat?room=1").unwrap();
         let head = String::from_utf8(request(&target, &options, "KEY")).unwrap();
-        assert!(
-            head.starts_with("GET /chat?room=1 HTTP/1.1\r\nHost: example.com:8080\r\n"),
-            "{head}"
-        );
+        assert!(head.starts_with("GET /chat?room=1 HTTP/1.1\r\nHost: example.com:8080\r\n"), "{head}");
         assert!(head.contains("Sec-WebSocket-Key: KEY\r\n"));
         assert!(head.contains("Sec-WebSocket-Protocol: chat\r\n"));
         assert!(head.ends_with("authorization: Bearer x\r\n\r\n"), "{head}");
@@ -454,11 +388,7 @@ mod tests {
             ("ws://example.com/a/b?c=d?e", "GET /a/b?c=d?e HTTP/1.1\r\n"),
             ("ws://[::1]:9000?x=1", "GET /?x=1 HTTP/1.1\r\n"),
         ] {
-            assert!(
-                request_for(uri).starts_with(line),
-                "{uri}: {}",
-                request_for(uri)
-            );
+            assert!(request_for(uri).starts_with(line), "{uri}: {}", request_for(uri));
         }
     }
 
@@ -518,9 +448,7 @@ mod tests {
             let line = format!("\r\nHost: {host}\r\n");
             assert!(head.contains(&line), "{uri}: {head}");
         }
-        assert!(
-            request_for("WS://EXAMPLE.com:8080/Path?Q=A").starts_with("GET /Path?Q=A HTTP/1.1\r\n")
-        );
+        assert!(request_for("WS://EXAMPLE.com:8080/Path?Q=A").starts_with("GET /Path?Q=A HTTP/1.1\r\n"));
     }
 
     #[test]
@@ -532,30 +460,16 @@ mod tests {
         assert_eq!(upgraded.leftover, b"\x81\x02hi\x82\x00");
         assert_eq!(upgraded.protocol, None);
         for cut in 0..head_len {
-            assert!(
-                parse_with(&bytes[..cut], &Options::default())
-                    .unwrap()
-                    .is_none(),
-                "cut at {cut}"
-            );
+            assert!(parse_with(&bytes[..cut], &Options::default()).unwrap().is_none(), "cut at {cut}");
         }
         assert!(opens(&bytes[..head_len]).leftover.is_empty());
     }
 
     #[test]
     fn status_lines() {
-        assert_eq!(
-            refused(b"HTTP/1.1 403 Forbidden\r\n\r\n"),
-            "handshake rejected: HTTP 403 Forbidden"
-        );
-        assert_eq!(
-            refused(b"HTTP/1.1 400\r\n\r\n"),
-            "handshake rejected: HTTP 400"
-        );
-        assert_eq!(
-            refused(b"HTTP/1.0 403 Forbidden\r\n\r\n"),
-            "handshake rejected: HTTP 403 Forbidden"
-        );
+        assert_eq!(refused(b"HTTP/1.1 403 Forbidden\r\n\r\n"), "handshake rejected: HTTP 403 Forbidden");
+        assert_eq!(refused(b"HTTP/1.1 400\r\n\r\n"), "handshake rejected: HTTP 400");
+        assert_eq!(refused(b"HTTP/1.0 403 Forbidden\r\n\r\n"), "handshake rejected: HTTP 403 Forbidden");
         // A 101 without a reason phrase (with or without the space before it) is fine.
         let accept = format!("Sec-WebSocket-Accept: {}", accept());
         let lines = ["Upgrade: websocket", "Connection: Upgrade", &accept];
@@ -575,34 +489,11 @@ mod tests {
         // RFC 9110 5.3: lines of one name are one comma-separated list.
         let accept = format!("Sec-WebSocket-Accept: {}", accept());
         for lines in [
-            &[
-                "Upgrade: websocket",
-                "Connection: keep-alive",
-                "Connection: Upgrade",
-                &accept,
-            ][..],
-            &[
-                "Upgrade: websocket",
-                "Connection: Upgrade",
-                "Connection: keep-alive",
-                &accept,
-            ],
-            &[
-                "Upgrade: websocket",
-                "Connection: keep-alive, Upgrade",
-                &accept,
-            ],
-            &[
-                "Upgrade: websocket",
-                "Connection: ,, keep-alive ,upgrade,",
-                &accept,
-            ],
-            &[
-                "Upgrade: websocket",
-                "connection: keep-alive",
-                "CONNECTION: UPGRADE",
-                &accept,
-            ],
+            &["Upgrade: websocket", "Connection: keep-alive", "Connection: Upgrade", &accept][..],
+            &["Upgrade: websocket", "Connection: Upgrade", "Connection: keep-alive", &accept],
+            &["Upgrade: websocket", "Connection: keep-alive, Upgrade", &accept],
+            &["Upgrade: websocket", "Connection: ,, keep-alive ,upgrade,", &accept],
+            &["Upgrade: websocket", "connection: keep-alive", "CONNECTION: UPGRADE", &accept],
             &["UPGRADE: WebSocket", "Connection: Upgrade", &accept],
         ] {
             opens(&head("HTTP/1.1 101 Switching Protocols", lines));
@@ -647,28 +538,15 @@ mod tests {
             lines.extend_from_slice(accepts);
             head("HTTP/1.1 101 Switching Protocols", &lines)
         };
-        assert_eq!(
-            refused(&with(&[])),
-            "handshake rejected: the response lacks Sec-WebSocket-Accept"
-        );
-        assert_eq!(
-            refused(&with(&[&wrong])),
-            "handshake rejected: wrong Sec-WebSocket-Accept from the server"
-        );
+        assert_eq!(refused(&with(&[])), "handshake rejected: the response lacks Sec-WebSocket-Accept");
+        assert_eq!(refused(&with(&[&wrong])), "handshake rejected: wrong Sec-WebSocket-Accept from the server");
         // RFC 6455 11.3.3: it must not appear more than once, whatever the copies say.
         let (right, wrong) = (right.as_str(), wrong.as_str());
         for accepts in [[right, wrong], [wrong, right], [right, right]] {
             let message = refused(&with(&accepts));
-            assert!(
-                message.contains("Sec-WebSocket-Accept") && message.contains("2 times"),
-                "{message}"
-            );
+            assert!(message.contains("Sec-WebSocket-Accept") && message.contains("2 times"), "{message}");
         }
-        let folded_in_two = format!(
-            "Sec-WebSocket-Accept: {}\r\n {}",
-            &accept()[..10],
-            &accept()[10..]
-        );
+        let folded_in_two = format!("Sec-WebSocket-Accept: {}\r\n {}", &accept()[..10], &accept()[10..]);
         assert!(refused(&with(&[&folded_in_two])).contains("wrong Sec-WebSocket-Accept"));
     }
 
@@ -677,29 +555,13 @@ mod tests {
         // Nothing is offered yet: any extension named fails, on whichever line it comes, and
         // the error names it.
         for (lines, named) in [
+            (&["Sec-WebSocket-Extensions: permessage-deflate"][..], "permessage-deflate"),
+            (&["Sec-WebSocket-Extensions: ", "Sec-WebSocket-Extensions: x-evil; a=1"], "x-evil"),
             (
-                &["Sec-WebSocket-Extensions: permessage-deflate"][..],
-                "permessage-deflate",
-            ),
-            (
-                &[
-                    "Sec-WebSocket-Extensions: ",
-                    "Sec-WebSocket-Extensions: x-evil; a=1",
-                ],
-                "x-evil",
-            ),
-            (
-                &[
-                    "Sec-WebSocket-Extensions:",
-                    "Sec-WebSocket-Extensions: ,",
-                    "sec-websocket-extensions: x-third",
-                ],
+                &["Sec-WebSocket-Extensions:", "Sec-WebSocket-Extensions: ,", "sec-websocket-extensions: x-third"],
                 "x-third",
             ),
-            (
-                &["Sec-WebSocket-Extensions: , x-after-empty"],
-                "x-after-empty",
-            ),
+            (&["Sec-WebSocket-Extensions: , x-after-empty"], "x-after-empty"),
             // A quoted parameter may hold a comma: it does not start another extension.
             (&["Sec-WebSocket-Extensions: x-q; p=\"a, b\""], "\"x-q\""),
         ] {
@@ -709,10 +571,7 @@ mod tests {
         }
         // Empty lines name nothing (RFC 9110 5.6.1: empty list elements are ignored).
         opens(&good_with(&["Sec-WebSocket-Extensions: "]));
-        opens(&good_with(&[
-            "Sec-WebSocket-Extensions: ",
-            "Sec-WebSocket-Extensions: , ,",
-        ]));
+        opens(&good_with(&["Sec-WebSocket-Extensions: ", "Sec-WebSocket-Extensions: , ,"]));
     }
 
     #[test]
@@ -721,19 +580,11 @@ mod tests {
         options.add_subprotocol("chat").unwrap();
         options.add_subprotocol("superchat").unwrap();
         let chosen = |lines: &[&str]| {
-            parse_with(&good_with(lines), &options)
-                .map(|u| u.unwrap().protocol)
-                .map_err(|e| e.message)
+            parse_with(&good_with(lines), &options).map(|u| u.unwrap().protocol).map_err(|e| e.message)
         };
         assert_eq!(chosen(&[]), Ok(None));
-        assert_eq!(
-            chosen(&["Sec-WebSocket-Protocol: chat"]),
-            Ok(Some("chat".into()))
-        );
-        assert_eq!(
-            chosen(&["Sec-WebSocket-Protocol:  superchat  "]),
-            Ok(Some("superchat".into()))
-        );
+        assert_eq!(chosen(&["Sec-WebSocket-Protocol: chat"]), Ok(Some("chat".into())));
+        assert_eq!(chosen(&["Sec-WebSocket-Protocol:  superchat  "]), Ok(Some("superchat".into())));
         // An empty value chooses none.
         assert_eq!(chosen(&["Sec-WebSocket-Protocol: "]), Ok(None));
         for (lines, says) in [
@@ -742,31 +593,13 @@ mod tests {
             (&["Sec-WebSocket-Protocol: Chat"], "not offered"),
             (&["Sec-WebSocket-Protocol: chat, superchat"], "one"),
             (&["Sec-WebSocket-Protocol: chat,"], "one"),
-            (
-                &[
-                    "Sec-WebSocket-Protocol: chat",
-                    "Sec-WebSocket-Protocol: chat",
-                ],
-                "2 times",
-            ),
-            (
-                &[
-                    "Sec-WebSocket-Protocol: chat",
-                    "Sec-WebSocket-Protocol: superchat",
-                ],
-                "2 times",
-            ),
-            (
-                &["Sec-WebSocket-Protocol: ", "Sec-WebSocket-Protocol: chat"],
-                "2 times",
-            ),
+            (&["Sec-WebSocket-Protocol: chat", "Sec-WebSocket-Protocol: chat"], "2 times"),
+            (&["Sec-WebSocket-Protocol: chat", "Sec-WebSocket-Protocol: superchat"], "2 times"),
+            (&["Sec-WebSocket-Protocol: ", "Sec-WebSocket-Protocol: chat"], "2 times"),
         ] {
             let message = refused_with(&good_with(lines), &options);
             assert!(message.contains(says), "{lines:?}: {message}");
-            assert!(
-                message.contains("Sec-WebSocket-Protocol") || message.contains("subprotocol"),
-                "{message}"
-            );
+            assert!(message.contains("Sec-WebSocket-Protocol") || message.contains("subprotocol"), "{message}");
         }
         // Offered nothing: any choice fails.
         assert!(refused(&good_with(&["Sec-WebSocket-Protocol: chat"])).contains("not offered"));
@@ -778,20 +611,11 @@ mod tests {
         let accept = format!("Sec-WebSocket-Accept: {}", accept());
         opens(&head(
             "HTTP/1.1 101 Switching Protocols",
-            &[
-                "Upgrade: websocket",
-                "Connection: keep-alive,\r\n Upgrade",
-                &accept,
-            ],
+            &["Upgrade: websocket", "Connection: keep-alive,\r\n Upgrade", &accept],
         ));
         opens(&head(
             "HTTP/1.1 101 Switching Protocols",
-            &[
-                "Upgrade:\r\n\twebsocket",
-                "Connection: Upgrade",
-                &accept,
-                "X-Note: a\r\n b",
-            ],
+            &["Upgrade:\r\n\twebsocket", "Connection: Upgrade", &accept, "X-Note: a\r\n b"],
         ));
         let message = refused(&head(
             "HTTP/1.1 101 Switching Protocols",
@@ -814,24 +638,15 @@ mod tests {
         // In a header the upgrade reads: refused, naming the header.
         for (line, name) in [
             (&b"Connection: Upgrade, \xff"[..], "Connection"),
-            (
-                b"Sec-WebSocket-Protocol: ch\xc3\xa4t",
-                "Sec-WebSocket-Protocol",
-            ),
-            (
-                b"Sec-WebSocket-Extensions: \xe9",
-                "Sec-WebSocket-Extensions",
-            ),
+            (b"Sec-WebSocket-Protocol: ch\xc3\xa4t", "Sec-WebSocket-Protocol"),
+            (b"Sec-WebSocket-Extensions: \xe9", "Sec-WebSocket-Extensions"),
         ] {
             let mut bytes = good_with(&[]);
             bytes.truncate(bytes.len() - 2);
             bytes.extend_from_slice(line);
             bytes.extend_from_slice(b"\r\n\r\n");
             let message = refused(&bytes);
-            assert!(
-                message.contains(name) && message.contains("not ASCII"),
-                "{message}"
-            );
+            assert!(message.contains(name) && message.contains("not ASCII"), "{message}");
         }
         // Control characters are not allowed in any value.
         let mut bytes = good_with(&[]);
@@ -861,18 +676,14 @@ mod tests {
         }
         let (bytes, head_len) = sized(16384);
         assert_eq!(opens(&bytes).leftover, b"\x81\x02hi");
-        assert!(parse_with(&bytes[..head_len - 1], &Options::default())
-            .unwrap()
-            .is_none());
+        assert!(parse_with(&bytes[..head_len - 1], &Options::default()).unwrap().is_none());
         let (bytes, head_len) = sized(16385);
         let expected = "handshake rejected: the response head is longer than 16384 bytes";
         // Whether the bytes past the limit have arrived or not.
         assert_eq!(refused(&bytes), expected);
         assert_eq!(refused(&bytes[..head_len]), expected);
         assert_eq!(refused(&bytes[..16384]), expected);
-        assert!(parse_with(&bytes[..16383], &Options::default())
-            .unwrap()
-            .is_none());
+        assert!(parse_with(&bytes[..16383], &Options::default()).unwrap().is_none());
         // A header line that never ends.
         let mut endless = b"HTTP/1.1 101 Switching Protocols\r\nX-Endless: ".to_vec();
         endless.resize(20000, b'a');
@@ -892,9 +703,7 @@ mod tests {
             assert!(message.contains("malformed"), "{message}");
         }
         // Bare LF line ends are accepted (RFC 9112 2.2 allows it).
-        let lf = String::from_utf8(good_with(&[]))
-            .unwrap()
-            .replace("\r\n", "\n");
+        let lf = String::from_utf8(good_with(&[])).unwrap().replace("\r\n", "\n");
         opens(lf.as_bytes());
     }
 
@@ -912,11 +721,7 @@ mod tests {
                 request.push(server.read_u8().await.unwrap());
             }
             let request = String::from_utf8(request).unwrap();
-            let key = request
-                .lines()
-                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-                .unwrap()
-                .to_owned();
+            let key = request.lines().find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ")).unwrap().to_owned();
             let mut bytes = padded(&key, size);
             bytes.extend_from_slice(&after);
             server.write_all(&bytes[..size - 2]).await.unwrap();
@@ -945,18 +750,12 @@ mod tests {
             );
             let mut all = upgraded.leftover;
             all.extend_from_slice(&rest);
-            assert!(
-                all == frames,
-                "{size}: the bytes after the head are not kept"
-            );
+            assert!(all == frames, "{size}: the bytes after the head are not kept");
         }
         // Too long: refused after reading exactly the limit, nothing beyond.
         let (outcome, rest) = upgrade_against(16385, &frames).await;
         let error = outcome.err().unwrap();
-        assert_eq!(
-            error.message,
-            "handshake rejected: the response head is longer than 16384 bytes"
-        );
+        assert_eq!(error.message, "handshake rejected: the response head is longer than 16384 bytes");
         assert_eq!(rest.len(), 16385 + frames.len() - MAX_RESPONSE_HEAD);
     }
 }

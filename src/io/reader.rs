@@ -141,9 +141,7 @@ impl FrameReader {
                 grow_for_arrival(&mut large.data, large.len, self.read_size)?;
                 return Ok(None);
             }
-            let LargeFrame {
-                opcode, fin, data, ..
-            } = self.large.take().expect("checked above");
+            let LargeFrame { opcode, fin, data, .. } = self.large.take().expect("checked above");
             if let Some(item) = self.data_frame(opcode, fin, Payload::Owned(data))? {
                 return Ok(Some(item));
             }
@@ -254,11 +252,7 @@ impl FrameReader {
             buf.clear();
             // Kept as the thread's spare if it has none (the one it had is freed otherwise).
             let spare = SPARE_BUFFER.take();
-            SPARE_BUFFER.set(if spare.capacity() >= buf.capacity() {
-                spare
-            } else {
-                buf
-            });
+            SPARE_BUFFER.set(if spare.capacity() >= buf.capacity() { spare } else { buf });
             self.start = 0;
             self.last_payload = 0..0;
         }
@@ -284,8 +278,7 @@ impl FrameReader {
         if room < MIN_READ || self.buf.capacity() < self.read_size {
             // Exact: a buffer of `read_size` (more only while a frame larger than that waits
             // for its last bytes, and such frames below OWN_ALLOCATION_FROM are small).
-            self.buf
-                .reserve_exact(self.read_size.max(self.buf.len() + MIN_READ) - self.buf.len());
+            self.buf.reserve_exact(self.read_size.max(self.buf.len() + MIN_READ) - self.buf.len());
         }
     }
 
@@ -302,21 +295,14 @@ impl FrameReader {
             CONTINUATION | TEXT | BINARY => {
                 let so_far = self.fragments.as_ref().map_or(0, |f| f.data.len()) as u64;
                 if header.len.saturating_add(so_far) > self.max_message as u64 {
-                    return Err(ReadError::TooBig {
-                        size: header.len.saturating_add(so_far),
-                        max: self.max_message,
-                    });
+                    return Err(ReadError::TooBig { size: header.len.saturating_add(so_far), max: self.max_message });
                 }
                 match (header.opcode, self.fragments.is_some()) {
                     (CONTINUATION, false) => {
-                        return Err(ReadError::Protocol(
-                            "continuation frame without a message to continue",
-                        ))
+                        return Err(ReadError::Protocol("continuation frame without a message to continue"))
                     }
                     (TEXT | BINARY, true) => {
-                        return Err(ReadError::Protocol(
-                            "new data frame before the fragmented message ended",
-                        ))
+                        return Err(ReadError::Protocol("new data frame before the fragmented message ended"))
                     }
                     _ => {}
                 }
@@ -332,29 +318,15 @@ impl FrameReader {
         let len = header.len as usize;
         let mut data = Vec::new();
         let arrived = &self.buf[body..];
-        try_grow(
-            &mut data,
-            len,
-            arrived.len().saturating_mul(2).max(self.read_size),
-        )?;
+        try_grow(&mut data, len, arrived.len().saturating_mul(2).max(self.read_size))?;
         data.extend_from_slice(arrived);
         self.buf.truncate(self.start);
-        self.large = Some(LargeFrame {
-            opcode: header.opcode,
-            fin: header.fin,
-            len,
-            data,
-        });
+        self.large = Some(LargeFrame { opcode: header.opcode, fin: header.fin, len, data });
         Ok(())
     }
 
     /// A complete data frame: a message, or a fragment of one (None).
-    fn data_frame(
-        &mut self,
-        opcode: u8,
-        fin: bool,
-        payload: Payload,
-    ) -> Result<Option<Item>, ReadError> {
+    fn data_frame(&mut self, opcode: u8, fin: bool, payload: Payload) -> Result<Option<Item>, ReadError> {
         let text = match opcode {
             CONTINUATION => self.fragments.as_ref().is_some_and(|f| f.text),
             opcode => opcode == TEXT,
@@ -372,11 +344,7 @@ impl FrameReader {
                 Payload::Owned(data) => finish_owned(text, data).map(Some),
             };
         }
-        let fragments = self.fragments.get_or_insert_with(|| Fragments {
-            text,
-            data: Vec::new(),
-            valid_up_to: 0,
-        });
+        let fragments = self.fragments.get_or_insert_with(|| Fragments { text, data: Vec::new(), valid_up_to: 0 });
         let bytes = match &payload {
             Payload::InBuffer(range) => &self.buf[range.clone()],
             Payload::Owned(data) => &data[..],
@@ -390,11 +358,7 @@ impl FrameReader {
                 if needed > fragments.data.capacity() {
                     let target = needed.max(fragments.data.capacity().saturating_mul(2));
                     let additional = target - fragments.data.len();
-                    try_grow(
-                        &mut fragments.data,
-                        self.max_message.max(needed),
-                        additional,
-                    )?;
+                    try_grow(&mut fragments.data, self.max_message.max(needed), additional)?;
                 }
                 fragments.data.extend_from_slice(bytes);
             }
@@ -407,10 +371,7 @@ impl FrameReader {
             return Ok(None);
         }
         let Fragments { text, data, .. } = self.fragments.take().expect("inserted above");
-        Ok(Some(Item::OwnedMessage {
-            text,
-            data: with_nul_if_text(text, data)?,
-        }))
+        Ok(Some(Item::OwnedMessage { text, data: with_nul_if_text(text, data)? }))
     }
 }
 
@@ -437,19 +398,13 @@ fn finish_owned(text: bool, data: Vec<u8>) -> Result<Item, ReadError> {
     if text && std::str::from_utf8(&data).is_err() {
         return Err(ReadError::InvalidUtf8);
     }
-    Ok(Item::OwnedMessage {
-        text,
-        data: with_nul_if_text(text, data)?,
-    })
+    Ok(Item::OwnedMessage { text, data: with_nul_if_text(text, data)? })
 }
 
 /// Text is handed to the host followed by a NUL (not part of the message).
 fn with_nul_if_text(text: bool, mut data: Vec<u8>) -> Result<Vec<u8>, ReadError> {
     if text {
-        data.try_reserve_exact(1)
-            .map_err(|_| ReadError::OutOfMemory {
-                size: data.len() as u64 + 1,
-            })?;
+        data.try_reserve_exact(1).map_err(|_| ReadError::OutOfMemory { size: data.len() as u64 + 1 })?;
         data.push(0);
     }
     Ok(data)
@@ -468,13 +423,9 @@ fn grow_for_arrival(data: &mut Vec<u8>, len: usize, step: usize) -> Result<(), R
 /// Reserves `additional` more bytes in `data`, without passing `len` (plus the text NUL);
 /// an allocation failure is an error, not an abort.
 fn try_grow(data: &mut Vec<u8>, len: usize, additional: usize) -> Result<(), ReadError> {
-    let target = data
-        .len()
-        .saturating_add(additional)
-        .min(len.saturating_add(1));
+    let target = data.len().saturating_add(additional).min(len.saturating_add(1));
     let additional = target.saturating_sub(data.len());
-    data.try_reserve_exact(additional)
-        .map_err(|_| ReadError::OutOfMemory { size: len as u64 })
+    data.try_reserve_exact(additional).map_err(|_| ReadError::OutOfMemory { size: len as u64 })
 }
 
 /// The frame header at the start of `bytes`, or None if it has not fully arrived.
@@ -501,16 +452,9 @@ fn parse_header(bytes: &[u8]) -> Result<Option<Header>, ReadError> {
         short => (short as u64, 2),
     };
     if len >> 63 != 0 {
-        return Err(ReadError::Protocol(
-            "frame length with the most significant bit set",
-        ));
+        return Err(ReadError::Protocol("frame length with the most significant bit set"));
     }
-    Ok(Some(Header {
-        fin: first & 0x80 != 0,
-        opcode: first & 0x0F,
-        header_len,
-        len,
-    }))
+    Ok(Some(Header { fin: first & 0x80 != 0, opcode: first & 0x0F, header_len, len }))
 }
 
 fn parse_close(payload: &[u8]) -> Result<Item, ReadError> {
@@ -531,22 +475,12 @@ fn parse_close(payload: &[u8]) -> Result<Item, ReadError> {
 pub(crate) trait Source {
     /// Reads at most `max` bytes into the spare capacity of `buf` (which has that much).
     /// Ready(Ok(0)) is the end of the stream.
-    fn poll_read_into(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut Vec<u8>,
-        max: usize,
-    ) -> Poll<io::Result<usize>>;
+    fn poll_read_into(&mut self, cx: &mut Context<'_>, buf: &mut Vec<u8>, max: usize) -> Poll<io::Result<usize>>;
 }
 
 /// Bytes from a slice, as many as fit each time (the tests and fuzz targets cut streams so).
 impl Source for &[u8] {
-    fn poll_read_into(
-        &mut self,
-        _: &mut Context<'_>,
-        buf: &mut Vec<u8>,
-        max: usize,
-    ) -> Poll<io::Result<usize>> {
+    fn poll_read_into(&mut self, _: &mut Context<'_>, buf: &mut Vec<u8>, max: usize) -> Poll<io::Result<usize>> {
         let n = max.min(self.len());
         buf.extend_from_slice(&self[..n]);
         *self = &self[n..];
@@ -617,28 +551,12 @@ mod tests {
                 (Item::Message { text: true }, "héllo".as_bytes().to_vec()),
                 (Item::Message { text: false }, vec![1, 2, 3]),
                 (Item::Ping, b"ping between fragments".to_vec()),
-                (
-                    Item::OwnedMessage {
-                        text: false,
-                        data: b"fragmented".to_vec(),
-                    },
-                    vec![],
-                ),
-                (
-                    Item::OwnedMessage {
-                        text: false,
-                        data: big.clone(),
-                    },
-                    vec![],
-                ),
+                (Item::OwnedMessage { text: false, data: b"fragmented".to_vec() }, vec![]),
+                (Item::OwnedMessage { text: false, data: big.clone() }, vec![]),
                 (Item::Message { text: false }, big[..300].to_vec()),
                 (Item::Close(Some((1000, "bye".into()))), vec![]),
             ];
-            assert!(
-                items == expected,
-                "cut every {step} bytes: {:?}",
-                items.iter().map(|i| &i.0).collect::<Vec<_>>()
-            );
+            assert!(items == expected, "cut every {step} bytes: {:?}", items.iter().map(|i| &i.0).collect::<Vec<_>>());
         }
     }
 
@@ -646,70 +564,32 @@ mod tests {
     fn protocol_violations_are_refused() {
         let cases: Vec<(Vec<u8>, ReadError)> = vec![
             (frame(0x83, b"x"), ReadError::Protocol("reserved opcode")),
-            (
-                frame(0xC1, b"x"),
-                ReadError::Protocol("reserved bits set in a frame header"),
-            ),
-            (
-                vec![0x81, 0x81, 1, 2, 3, 4, b'x'],
-                ReadError::Protocol("masked frame from the server"),
-            ),
-            (
-                frame(0x09, b"x"),
-                ReadError::Protocol("fragmented control frame"),
-            ),
-            (
-                frame(0x89, &[0; 126]),
-                ReadError::Protocol("control frame longer than 125 bytes"),
-            ),
-            (
-                frame(0x80, b"x"),
-                ReadError::Protocol("continuation frame without a message to continue"),
-            ),
+            (frame(0xC1, b"x"), ReadError::Protocol("reserved bits set in a frame header")),
+            (vec![0x81, 0x81, 1, 2, 3, 4, b'x'], ReadError::Protocol("masked frame from the server")),
+            (frame(0x09, b"x"), ReadError::Protocol("fragmented control frame")),
+            (frame(0x89, &[0; 126]), ReadError::Protocol("control frame longer than 125 bytes")),
+            (frame(0x80, b"x"), ReadError::Protocol("continuation frame without a message to continue")),
             (
                 [frame(0x01, b"a"), frame(0x81, b"b")].concat(),
                 ReadError::Protocol("new data frame before the fragmented message ended"),
             ),
-            (
-                frame(0x88, &[3]),
-                ReadError::Protocol("close frame with a one-byte payload"),
-            ),
-            (
-                frame(0x88, &[0x03, 0xED]),
-                ReadError::Protocol("invalid close code"),
-            ),
+            (frame(0x88, &[3]), ReadError::Protocol("close frame with a one-byte payload")),
+            (frame(0x88, &[0x03, 0xED]), ReadError::Protocol("invalid close code")),
             (frame(0x88, &[0x03, 0xE8, 0xFF]), ReadError::InvalidUtf8),
             (frame(0x81, &[b'a', 0xC3]), ReadError::InvalidUtf8),
-            (
-                [frame(0x01, &[0xE2, 0x82]), frame(0x80, &[0x28])].concat(),
-                ReadError::InvalidUtf8,
-            ),
+            ([frame(0x01, &[0xE2, 0x82]), frame(0x80, &[0x28])].concat(), ReadError::InvalidUtf8),
             (
                 vec![0x82, 127, 0x80, 0, 0, 0, 0, 0, 0, 0],
                 ReadError::Protocol("frame length with the most significant bit set"),
             ),
-            (
-                vec![0x82, 127, 0, 0, 0, 0, 0x10, 0, 0, 0],
-                ReadError::TooBig {
-                    size: 1 << 28,
-                    max: 1 << 20,
-                },
-            ),
+            (vec![0x82, 127, 0, 0, 0, 0, 0x10, 0, 0, 0], ReadError::TooBig { size: 1 << 28, max: 1 << 20 }),
             (
                 [frame(0x02, &[0; 700_000]), frame(0x80, &[0; 400_000])].concat(),
-                ReadError::TooBig {
-                    size: 1_100_000,
-                    max: 1 << 20,
-                },
+                ReadError::TooBig { size: 1_100_000, max: 1 << 20 },
             ),
         ];
         for (wire, expected) in cases {
-            assert_eq!(
-                read_all(&wire, wire.len()).unwrap_err(),
-                expected,
-                "{:02x?}",
-                &wire[..wire.len().min(12)]
-            );
+            assert_eq!(read_all(&wire, wire.len()).unwrap_err(), expected, "{:02x?}", &wire[..wire.len().min(12)]);
         }
     }
 
@@ -742,16 +622,7 @@ mod tests {
         let euro = "€".as_bytes();
         let wire = [frame(0x01, &euro[..1]), frame(0x80, &euro[1..])].concat();
         let items = read_all(&wire, 1).unwrap();
-        assert_eq!(
-            items,
-            vec![(
-                Item::OwnedMessage {
-                    text: true,
-                    data: [euro, b"\0"].concat()
-                },
-                vec![]
-            )]
-        );
+        assert_eq!(items, vec![(Item::OwnedMessage { text: true, data: [euro, b"\0"].concat() }, vec![])]);
     }
 
     #[test]
@@ -782,10 +653,7 @@ mod tests {
             let whole = read_all(&wire, wire.len()).unwrap();
             for _ in 0..3 {
                 let step = rng.below(3000) as usize + 1;
-                assert!(
-                    read_all(&wire, step).unwrap() == whole,
-                    "round {round}, cut every {step} bytes"
-                );
+                assert!(read_all(&wire, step).unwrap() == whole, "round {round}, cut every {step} bytes");
             }
         }
     }
@@ -809,10 +677,7 @@ mod tests {
     #[test]
     fn an_idle_reader_holds_no_buffer() {
         let mut reader = FrameReader::new(frame(0x82, b"abc"), 65536, 1 << 20);
-        assert_eq!(
-            reader.next_item().unwrap(),
-            Some(Item::Message { text: false })
-        );
+        assert_eq!(reader.next_item().unwrap(), Some(Item::Message { text: false }));
         assert_eq!(reader.next_item().unwrap(), None);
         reader.release_if_drained();
         assert_eq!(reader.buf.capacity(), 0);

@@ -41,12 +41,7 @@ struct Pool {
 }
 
 static POOL: Pool = Pool {
-    queue: Mutex::new(Queue {
-        jobs: VecDeque::new(),
-        threads: 0,
-        idle: 0,
-        running: Vec::new(),
-    }),
+    queue: Mutex::new(Queue { jobs: VecDeque::new(), threads: 0, idle: 0, running: Vec::new() }),
     job_ready: Condvar::new(),
 };
 
@@ -66,31 +61,19 @@ pub(crate) async fn lookup(host: &str, port: u16) -> io::Result<Vec<SocketAddr>>
         asker: Arc::downgrade(&asker),
         run: Box::new(move || {
             // The asker may be gone meanwhile: fine.
-            let _ = answer.send(
-                (host.as_str(), port)
-                    .to_socket_addrs()
-                    .map(Iterator::collect),
-            );
+            let _ = answer.send((host.as_str(), port).to_socket_addrs().map(Iterator::collect));
         }),
     })?;
     let answer = answered.await;
     drop(asker);
-    answer.unwrap_or_else(|_| {
-        Err(io::Error::other(
-            "the resolver thread ended without an answer",
-        ))
-    })
+    answer.unwrap_or_else(|_| Err(io::Error::other("the resolver thread ended without an answer")))
 }
 
 fn submit(job: Job) -> io::Result<()> {
     let mut queue = lock(&POOL.queue);
     queue.jobs.push_back(job);
     // Threads at work for someone who still waits (starting ones included): only those count.
-    let abandoned = queue
-        .running
-        .iter()
-        .filter(|asker| asker.strong_count() == 0)
-        .count();
+    let abandoned = queue.running.iter().filter(|asker| asker.strong_count() == 0).count();
     let working = queue.threads - queue.idle - abandoned;
     if queue.idle >= queue.jobs.len() || working >= MAX_LIVE || queue.threads >= MAX_THREADS {
         POOL.job_ready.notify_one();
@@ -98,9 +81,7 @@ fn submit(job: Job) -> io::Result<()> {
     }
     queue.threads += 1;
     drop(queue);
-    let started = std::thread::Builder::new()
-        .name("wsclient-dns".into())
-        .spawn(serve);
+    let started = std::thread::Builder::new().name("wsclient-dns".into()).spawn(serve);
     if let Err(e) = started {
         let mut queue = lock(&POOL.queue);
         queue.threads -= 1;
@@ -132,10 +113,8 @@ fn serve() {
             continue;
         }
         queue.idle += 1;
-        let (guard, waited) = POOL
-            .job_ready
-            .wait_timeout(queue, IDLE_EXIT)
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (guard, waited) =
+            POOL.job_ready.wait_timeout(queue, IDLE_EXIT).unwrap_or_else(|poisoned| poisoned.into_inner());
         queue = guard;
         queue.idle -= 1;
         if waited.timed_out() && queue.jobs.is_empty() {
@@ -151,24 +130,11 @@ mod tests {
 
     #[tokio::test]
     async fn literals_and_names() {
-        assert_eq!(
-            lookup("127.0.0.1", 80).await.unwrap(),
-            ["127.0.0.1:80".parse().unwrap()]
-        );
-        assert_eq!(
-            lookup("::1", 443).await.unwrap(),
-            ["[::1]:443".parse().unwrap()]
-        );
+        assert_eq!(lookup("127.0.0.1", 80).await.unwrap(), ["127.0.0.1:80".parse().unwrap()]);
+        assert_eq!(lookup("::1", 443).await.unwrap(), ["[::1]:443".parse().unwrap()]);
         let local = lookup("localhost", 8080).await.unwrap();
-        assert!(
-            local
-                .iter()
-                .all(|a| a.ip().is_loopback() && a.port() == 8080),
-            "{local:?}"
-        );
-        let many: Vec<_> = (0..20)
-            .map(|_| tokio::spawn(async { lookup("localhost", 1).await }))
-            .collect();
+        assert!(local.iter().all(|a| a.ip().is_loopback() && a.port() == 8080), "{local:?}");
+        let many: Vec<_> = (0..20).map(|_| tokio::spawn(async { lookup("localhost", 1).await })).collect();
         for answer in many {
             assert!(!answer.await.unwrap().unwrap().is_empty());
         }
@@ -182,18 +148,10 @@ mod tests {
         let weak = Arc::downgrade(&gone);
         drop(gone);
         let (ran, told) = std::sync::mpsc::channel();
-        submit(Job {
-            asker: weak,
-            run: Box::new(move || ran.send(()).unwrap()),
-        })
-        .unwrap();
+        submit(Job { asker: weak, run: Box::new(move || ran.send(()).unwrap()) }).unwrap();
         let waiting = Arc::new(Asker);
         let (done, finished) = std::sync::mpsc::channel();
-        submit(Job {
-            asker: Arc::downgrade(&waiting),
-            run: Box::new(move || done.send(()).unwrap()),
-        })
-        .unwrap();
+        submit(Job { asker: Arc::downgrade(&waiting), run: Box::new(move || done.send(()).unwrap()) }).unwrap();
         finished.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(told.try_recv().is_err(), "a look-up nobody waits for ran");
     }

@@ -20,6 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -29,7 +30,7 @@ use crate::conn::{Allowance, Conn, Event, Gate, Outgoing, Payload, PayloadArena,
 use crate::error::{Error, WsStatus};
 use crate::options::Options;
 use crate::wire::frame::{self, Opcode};
-use crate::wire::{Wire, Written};
+use crate::wire::{Receiving, Wire, Written};
 
 /// Pieces of frames handed to one write (one writev for plain TCP).
 const SLICES_PER_WRITE: usize = 64;
@@ -55,13 +56,14 @@ const READ_AHEAD_ROUNDS: usize = 16;
 pub(crate) async fn serve(
     conn: Arc<Conn>,
     wire: Wire,
+    read: OwnedReadHalf,
     leftover: Vec<u8>,
     options: Arc<Options>,
 ) -> Option<Event> {
     let wire = Arc::new(wire);
     conn.attach_wire(wire.clone());
     let reader = FrameReader::new(leftover, options.read_buffer_size, options.max_message_size);
-    Session::new(conn, wire, reader, options).run().await
+    Session::new(conn, wire, read, reader, options).run().await
 }
 
 /// How a session ended: the final event (None when the client is being freed) and a close
@@ -73,19 +75,13 @@ struct End {
 
 impl End {
     fn event(event: Event) -> End {
-        End {
-            event: Some(event),
-            close_with: None,
-        }
+        End { event: Some(event), close_with: None }
     }
 
     fn failing(status: WsStatus, message: String, code: CloseCode, reason: &'static str) -> End {
         End {
             event: Some(Event::Error(Error::new(status, message))),
-            close_with: Some(CloseFrame {
-                code,
-                reason: reason.into(),
-            }),
+            close_with: Some(CloseFrame { code, reason: reason.into() }),
         }
     }
 
@@ -104,6 +100,8 @@ struct Unflushed {
 struct Session {
     conn: Arc<Conn>,
     wire: Arc<Wire>,
+    /// The reading side of the socket (only this task reads).
+    read: OwnedReadHalf,
     /// The socket under it, to see whether the peer takes what we sent (see `peer_took_data`).
     socket: RawFd,
     /// The bytes the peer had acknowledged when the keepalive ping went out.
@@ -144,16 +142,14 @@ struct Session {
 }
 
 impl Session {
-    fn new(conn: Arc<Conn>, wire: Arc<Wire>, reader: FrameReader, options: Arc<Options>) -> Self {
+    fn new(conn: Arc<Conn>, wire: Arc<Wire>, read: OwnedReadHalf, reader: FrameReader, options: Arc<Options>) -> Self {
         let now = Instant::now();
-        let first_check = now
-            + options
-                .keepalive_interval
-                .unwrap_or(Duration::from_secs(3600));
+        let first_check = now + options.keepalive_interval.unwrap_or(Duration::from_secs(3600));
         Session {
             conn,
             socket: wire.socket(),
             wire,
+            read,
             acked_at_ping: 0,
             reader,
             taken: Taken::default(),
@@ -182,16 +178,10 @@ impl Session {
         let end = poll_fn(|cx| self.poll(cx)).await;
         let (close_with, wait) = match end.event {
             None => {
-                let away = CloseFrame {
-                    code: CloseCode::Away,
-                    reason: "client shutting down".into(),
-                };
+                let away = CloseFrame { code: CloseCode::Away, reason: "client shutting down".into() };
                 (Some(away), SHUTDOWN_CLOSE_WAIT)
             }
-            Some(_) => (
-                end.close_with,
-                self.options.close_timeout.min(Duration::from_secs(1)),
-            ),
+            Some(_) => (end.close_with, self.options.close_timeout.min(Duration::from_secs(1))),
         };
         // Best effort, and bounded: the connection is ending either way. The close frame (if
         // the protocol asks for one and none went out yet), then the end of our side of the
@@ -266,12 +256,7 @@ impl Session {
             self.arm_close_deadline();
         }
         match permit.gate {
-            Gate::Shutdown => {
-                return Err(End {
-                    event: None,
-                    close_with: None,
-                })
-            }
+            Gate::Shutdown => return Err(End { event: None, close_with: None }),
             Gate::Open(allowance) => progress |= self.read(cx, allowance)?,
             Gate::Closed => {
                 // The host is behind, not the peer: silence while we do not read proves nothing.
@@ -349,9 +334,7 @@ impl Session {
         }
         if let Some(reply) = self.close_reply.take() {
             if !self.close_sent {
-                let payload = reply
-                    .map(|f| frame::close_payload(f.code.into(), &f.reason))
-                    .unwrap_or_default();
+                let payload = reply.map(|f| frame::close_payload(f.code.into(), &f.reason)).unwrap_or_default();
                 self.queue_own(Opcode::Close, &payload);
                 self.closing_frame_sent();
             }
@@ -371,11 +354,7 @@ impl Session {
                 // Sent after the close started: no longer allowed on the wire.
                 self.conn.sent(payload.len(), 1);
             }
-            Outgoing::Message {
-                opcode,
-                key,
-                payload,
-            } => {
+            Outgoing::Message { opcode, key, payload } => {
                 let mut header = Vec::with_capacity(frame::MAX_HEADER);
                 frame::put_header(&mut header, opcode, payload.len(), key);
                 self.count_message(payload.len());
@@ -434,12 +413,7 @@ impl Session {
         let done = if self.queued.is_empty() {
             self.wire.flush_now()?
         } else {
-            let slices: Vec<IoSlice<'_>> = self
-                .queued
-                .iter()
-                .take(SLICES_PER_WRITE)
-                .map(|b| IoSlice::new(b))
-                .collect();
+            let slices: Vec<IoSlice<'_>> = self.queued.iter().take(SLICES_PER_WRITE).map(|b| IoSlice::new(b)).collect();
             let (taken, written) = self.wire.write_now(&slices)?;
             self.advance_queued(taken);
             written == Written::All && self.queued.is_empty()
@@ -458,10 +432,7 @@ impl Session {
     /// Drops the first `n` queued bytes: they are written.
     fn advance_queued(&mut self, mut n: usize) {
         while n > 0 {
-            let front = self
-                .queued
-                .front_mut()
-                .expect("no more written than queued");
+            let front = self.queued.front_mut().expect("no more written than queued");
             if front.len() > n {
                 front.advance(n);
                 return;
@@ -496,15 +467,17 @@ impl Session {
             let item = match self.reader.next_item() {
                 Ok(Some(item)) => item,
                 Ok(None) if self.peer_eof => return Err(self.stream_ended()),
-                Ok(None) => match self.reader.poll_read_from(&mut &*self.wire, cx) {
-                    Poll::Ready(Ok(0)) => return Err(self.stream_ended()),
-                    Poll::Ready(Ok(_)) => {
-                        progress = true;
-                        continue;
+                Ok(None) => {
+                    match self.reader.poll_read_from(&mut Receiving { wire: &self.wire, read: &mut self.read }, cx) {
+                        Poll::Ready(Ok(0)) => return Err(self.stream_ended()),
+                        Poll::Ready(Ok(_)) => {
+                            progress = true;
+                            continue;
+                        }
+                        Poll::Ready(Err(e)) => return Err(self.io_failure(e)),
+                        Poll::Pending => break,
                     }
-                    Poll::Ready(Err(e)) => return Err(self.io_failure(e)),
-                    Poll::Pending => break,
-                },
+                }
                 Err(refused) => {
                     // What was read before the violation goes to the host first, and its
                     // replies go out before our close frame, as with a client that reads one
@@ -569,7 +542,7 @@ impl Session {
                     }
                 }
             }
-            match self.reader.poll_read_ahead(&mut &*self.wire, cx) {
+            match self.reader.poll_read_ahead(&mut Receiving { wire: &self.wire, read: &mut self.read }, cx) {
                 // No room: the rest waits until the host has taken what is held.
                 None | Some(Poll::Pending) => break,
                 Some(Poll::Ready(Ok(0))) => {
@@ -593,10 +566,9 @@ impl Session {
                 self.pongs.push_back(latest);
             }
             // The reply echoes the peer's code and reason (none if it sent none).
-            let reply = frame.as_ref().map(|(code, reason)| CloseFrame {
-                code: CloseCode::from(*code),
-                reason: reason.as_str().into(),
-            });
+            let reply = frame
+                .as_ref()
+                .map(|(code, reason)| CloseFrame { code: CloseCode::from(*code), reason: reason.as_str().into() });
             self.close_reply = Some(reply);
         }
         self.peer_close = Some(frame.unwrap_or((1005, String::new())));
@@ -711,26 +683,22 @@ impl Session {
     /// it has not read yet. A peer whose application stopped reading takes at most its receive
     /// buffer, and then no more: the keepalive timeout fires then.
     fn peer_took_data(&self) -> bool {
-        acknowledged_bytes(self.socket)
-            .is_some_and(|acked| acked > self.acked_at_ping + TAKEN_WHILE_ALIVE)
+        acknowledged_bytes(self.socket).is_some_and(|acked| acked > self.acked_at_ping + TAKEN_WHILE_ALIVE)
     }
 
     /// The peer's side of the stream ended (the socket reached its end).
     fn stream_ended(&mut self) -> End {
         match self.peer_close.take() {
             Some((code, reason)) => End::event(Event::close(code, &reason)),
-            None => End::error(
-                WsStatus::ConnectionLost,
-                "connection closed by the peer without a close handshake".into(),
-            ),
+            None => {
+                End::error(WsStatus::ConnectionLost, "connection closed by the peer without a close handshake".into())
+            }
         }
     }
 
     fn io_failure(&mut self, err: io::Error) -> End {
         let message = match &err {
-            e if e.kind() == io::ErrorKind::ConnectionReset => {
-                "connection reset by the peer".into()
-            }
+            e if e.kind() == io::ErrorKind::ConnectionReset => "connection reset by the peer".into(),
             e => format!("connection lost: {e}"),
         };
         if let Some((code, reason)) = self.peer_close.take() {
@@ -787,11 +755,8 @@ fn refusal(refused: ReadError) -> End {
             CloseCode::Size,
             "message too big",
         ),
-        ReadError::Protocol(what) => End::failing(
-            WsStatus::Protocol,
-            format!("protocol error: {what}"),
-            CloseCode::Protocol,
-            "protocol error",
-        ),
+        ReadError::Protocol(what) => {
+            End::failing(WsStatus::Protocol, format!("protocol error: {what}"), CloseCode::Protocol, "protocol error")
+        }
     }
 }

@@ -10,6 +10,7 @@ use std::task::Poll;
 
 use futures_util::FutureExt;
 use rustls_pki_types::ServerName;
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -35,10 +36,7 @@ pub async fn run(launch: Launch) {
     let conn = launch.conn.clone();
     let outcome = AssertUnwindSafe(drive(launch)).catch_unwind().await;
     let final_event = outcome.unwrap_or_else(|_| {
-        Some(Event::Error(Error::new(
-            WsStatus::Internal,
-            "internal error: the connection task panicked",
-        )))
+        Some(Event::Error(Error::new(WsStatus::Internal, "internal error: the connection task panicked")))
     });
     conn.task_ending();
     if let Some(event) = final_event {
@@ -48,18 +46,10 @@ pub async fn run(launch: Launch) {
 }
 
 async fn drive(launch: Launch) -> Option<Event> {
-    let Launch {
-        conn,
-        target,
-        options,
-        tls,
-    } = launch;
+    let Launch { conn, target, options, tls } = launch;
     // Boxed, as is the session below: the task itself stays small, and each phase holds only
     // the memory it needs (the connect machinery is freed once connected).
-    let connecting = Box::pin(tokio::time::timeout(
-        options.connect_timeout,
-        connect(&conn, &target, &options, &tls),
-    ));
+    let connecting = Box::pin(tokio::time::timeout(options.connect_timeout, connect(&conn, &target, &options, &tls)));
     let until_control = poll_fn(|cx| match conn.control(cx.waker()) {
         Control::Proceed => Poll::Pending,
         other => Poll::Ready(other),
@@ -75,10 +65,7 @@ async fn drive(launch: Launch) -> Option<Event> {
     let connected = match connected {
         Err(_) => {
             let ms = options.connect_timeout.as_millis();
-            let msg = format!(
-                "connect timeout: {}:{} not connected within {ms} ms",
-                target.host, target.port
-            );
+            let msg = format!("connect timeout: {}:{} not connected within {ms} ms", target.host, target.port);
             return Some(Event::Error(Error::new(WsStatus::ConnectTimeout, msg)));
         }
         Ok(Err(e)) => return Some(Event::Error(e)),
@@ -94,16 +81,11 @@ type SessionFuture = Pin<Box<dyn Future<Output = Option<Event>> + Send>>;
 
 fn session(
     conn: &Arc<Conn>,
-    wire: Wire,
+    (wire, read): (Wire, OwnedReadHalf),
     leftover: Vec<u8>,
     options: &Arc<Options>,
 ) -> SessionFuture {
-    Box::pin(session::serve(
-        conn.clone(),
-        wire,
-        leftover,
-        options.clone(),
-    ))
+    Box::pin(session::serve(conn.clone(), wire, read, leftover, options.clone()))
 }
 
 async fn connect(
@@ -119,31 +101,17 @@ async fn connect(
         return Ok(session(conn, Wire::plain(tcp), upgraded.leftover, options));
     }
     let tls_config = tls.get(&options.extra_ca)?;
-    let name = ServerName::try_from(target.host.clone()).map_err(|_| {
-        Error::new(
-            WsStatus::Tls,
-            format!("TLS: {} is not a valid server name", target.host),
-        )
-    })?;
+    let name = ServerName::try_from(target.host.clone())
+        .map_err(|_| Error::new(WsStatus::Tls, format!("TLS: {} is not a valid server name", target.host)))?;
     let mut stream = TlsConnector::from(tls_config)
         .connect(name, tcp)
         .await
-        .map_err(|e| {
-            Error::new(
-                WsStatus::Tls,
-                tls::describe_handshake_error(&e, &target.host),
-            )
-        })?;
+        .map_err(|e| Error::new(WsStatus::Tls, tls::describe_handshake_error(&e, &target.host)))?;
     let upgraded = handshake::upgrade(&mut stream, target, options).await?;
     conn.set_protocol(upgraded.protocol);
     // From here on the session is shared with the host's thread (see `wire`).
     let (tcp, session_state) = stream.into_inner();
-    Ok(session(
-        conn,
-        Wire::tls(tcp, session_state),
-        upgraded.leftover,
-        options,
-    ))
+    Ok(session(conn, Wire::tls(tcp, session_state), upgraded.leftover, options))
 }
 
 async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, Error> {
@@ -163,14 +131,10 @@ async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, Error> {
     }
     Err(match last_failure {
         None => Error::new(WsStatus::Dns, format!("DNS: {host} has no address")),
-        Some((addr, e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Error::new(
-            WsStatus::ConnectFailed,
-            format!("connection refused by {addr}"),
-        ),
-        Some((addr, e)) => Error::new(
-            WsStatus::ConnectFailed,
-            format!("cannot connect to {addr}: {e}"),
-        ),
+        Some((addr, e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Error::new(WsStatus::ConnectFailed, format!("connection refused by {addr}"))
+        }
+        Some((addr, e)) => Error::new(WsStatus::ConnectFailed, format!("cannot connect to {addr}: {e}")),
     })
 }
 
@@ -188,12 +152,8 @@ mod tests {
         let hub = Arc::new(crate::host::dispatch::Hub::new().unwrap());
         let conn = Arc::new(Conn::new(1, hub, 1, 1));
         let target = crate::uri::parse("wss://127.0.0.1:1/").unwrap();
-        let launch = Launch {
-            conn,
-            target,
-            options: Arc::new(Options::default()),
-            tls: Arc::new(TlsConfigs::default()),
-        };
+        let launch =
+            Launch { conn, target, options: Arc::new(Options::default()), tls: Arc::new(TlsConfigs::default()) };
         let size = size_of_future(&run(launch));
         assert!(size <= 1024, "a connection task is {size} bytes");
     }

@@ -25,18 +25,12 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn build(
-    system: &RootCertStore,
-    extra_ca: &[CertificateDer<'static>],
-) -> Result<Arc<ClientConfig>, Error> {
+fn build(system: &RootCertStore, extra_ca: &[CertificateDer<'static>]) -> Result<Arc<ClientConfig>, Error> {
     let mut roots = system.clone();
     for cert in extra_ca {
-        roots.add(cert.clone()).map_err(|e| {
-            Error::new(
-                WsStatus::CertificateFile,
-                format!("CA certificate cannot be used: {e}"),
-            )
-        })?;
+        roots
+            .add(cert.clone())
+            .map_err(|e| Error::new(WsStatus::CertificateFile, format!("CA certificate cannot be used: {e}")))?;
     }
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -68,17 +62,12 @@ impl TlsConfigs {
 
 /// Turns an I/O error from the TLS handshake into a message that names the cause.
 pub fn describe_handshake_error(err: &std::io::Error, host: &str) -> String {
-    let Some(tls) = err
-        .get_ref()
-        .and_then(|e| e.downcast_ref::<rustls::Error>())
-    else {
+    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
         return match err.kind() {
             std::io::ErrorKind::UnexpectedEof => {
                 "TLS: the server closed the connection during the TLS handshake".into()
             }
-            std::io::ErrorKind::ConnectionReset => {
-                "TLS: connection reset during the TLS handshake".into()
-            }
+            std::io::ErrorKind::ConnectionReset => "TLS: connection reset during the TLS handshake".into(),
             _ => format!("TLS: {err}"),
         };
     };
@@ -87,12 +76,8 @@ pub fn describe_handshake_error(err: &std::io::Error, host: &str) -> String {
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
                 format!("TLS: certificate not valid for name {host}")
             }
-            CertificateError::UnknownIssuer => {
-                "TLS: certificate not trusted (unknown issuer)".into()
-            }
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                "TLS: certificate expired".into()
-            }
+            CertificateError::UnknownIssuer => "TLS: certificate not trusted (unknown issuer)".into(),
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "TLS: certificate expired".into(),
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 "TLS: certificate not valid yet".into()
             }

@@ -48,9 +48,7 @@ pub(crate) fn put_frame(out: &mut Vec<u8>, opcode: Opcode, payload: &[u8]) {
 
 /// XORs `data` with the masking key, repeated (the payload starts at key byte 0).
 pub(crate) fn apply_mask(data: &mut [u8], key: [u8; 4]) {
-    let word = u64::from_ne_bytes([
-        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
-    ]);
+    let word = u64::from_ne_bytes([key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3]]);
     let mut words = data.chunks_exact_mut(8);
     for chunk in &mut words {
         let masked = u64::from_ne_bytes((&*chunk).try_into().expect("8 bytes")) ^ word;
@@ -79,10 +77,7 @@ mod tests {
         assert_eq!(bytes[1] & 0x80, 0x80, "client frames are masked");
         let (len, at) = match bytes[1] & 0x7F {
             126 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
-            127 => (
-                u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize,
-                10,
-            ),
+            127 => (u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize, 10),
             n => (n as usize, 2),
         };
         let key: [u8; 4] = bytes[at..at + 4].try_into().unwrap();
@@ -112,11 +107,7 @@ mod tests {
             let data: Vec<u8> = (0..len as u8).collect();
             let mut fast = data.clone();
             apply_mask(&mut fast, key);
-            let slow: Vec<u8> = data
-                .iter()
-                .enumerate()
-                .map(|(i, b)| b ^ key[i % 4])
-                .collect();
+            let slow: Vec<u8> = data.iter().enumerate().map(|(i, b)| b ^ key[i % 4]).collect();
             assert_eq!(fast, slow, "length {len}");
         }
     }
@@ -124,11 +115,7 @@ mod tests {
     #[test]
     fn keys_differ() {
         let keys: std::collections::HashSet<[u8; 4]> = (0..1000).map(|_| masking_key()).collect();
-        assert!(
-            keys.len() > 990,
-            "masking keys repeat: {} distinct of 1000",
-            keys.len()
-        );
+        assert!(keys.len() > 990, "masking keys repeat: {} distinct of 1000", keys.len());
     }
 
     #[test]

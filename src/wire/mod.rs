@@ -19,15 +19,26 @@ use std::os::fd::AsRawFd;
 use std::sync::{Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 
-use bytes::BufMut;
+use std::pin::Pin;
+
 use rustls::ClientConnection;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use crate::io::reader::Source;
 
+/// The writing side, shared by both threads (and, for TLS, the session both sides use).
 pub(crate) struct Wire {
-    tcp: TcpStream,
+    write: OwnedWriteHalf,
     tls: Option<Mutex<ClientConnection>>,
+}
+
+/// The reading side: the I/O task's alone. (Read through tokio's own poll_read, which knows
+/// that a short read drained the socket and spares the read that would say so.)
+pub(crate) struct Receiving<'a> {
+    pub(crate) wire: &'a Wire,
+    pub(crate) read: &'a mut OwnedReadHalf,
 }
 
 /// What a write left behind.
@@ -42,27 +53,30 @@ pub(crate) enum Written {
 }
 
 impl Wire {
-    pub(crate) fn plain(tcp: TcpStream) -> Wire {
-        Wire { tcp, tls: None }
+    /// The wire of a plain TCP connection, and its reading side.
+    pub(crate) fn plain(tcp: TcpStream) -> (Wire, OwnedReadHalf) {
+        let (read, write) = tcp.into_split();
+        (Wire { write, tls: None }, read)
     }
 
-    pub(crate) fn tls(tcp: TcpStream, session: ClientConnection) -> Wire {
-        Wire {
-            tcp,
-            tls: Some(Mutex::new(session)),
-        }
+    /// The wire of a TLS connection, and its reading side.
+    pub(crate) fn tls(tcp: TcpStream, session: ClientConnection) -> (Wire, OwnedReadHalf) {
+        let (read, write) = tcp.into_split();
+        (Wire { write, tls: Some(Mutex::new(session)) }, read)
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        self.write.as_ref()
     }
 
     /// The socket's descriptor (to ask the kernel about it).
     pub(crate) fn socket(&self) -> std::os::fd::RawFd {
-        self.tcp.as_raw_fd()
+        self.tcp().as_raw_fd()
     }
 
     fn session(&self) -> Option<MutexGuard<'_, ClientConnection>> {
         // A panic in rustls leaves the session to the connection's end; never poison it.
-        self.tls
-            .as_ref()
-            .map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        self.tls.as_ref().map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
     // ---- writing: either thread, one at a time (the connection's lock decides who) --------
@@ -74,26 +88,15 @@ impl Wire {
     pub(crate) fn write_now(&self, chunks: &[IoSlice<'_>]) -> io::Result<(usize, Written)> {
         let total: usize = chunks.iter().map(|c| c.len()).sum();
         let Some(mut tls) = self.session() else {
-            let written = match self.tcp.try_write_vectored(chunks) {
+            let written = match self.tcp().try_write_vectored(chunks) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 other => other?,
             };
-            return Ok((
-                written,
-                if written == total {
-                    Written::All
-                } else {
-                    Written::Part(written)
-                },
-            ));
+            return Ok((written, if written == total { Written::All } else { Written::Part(written) }));
         };
         let taken = tls.writer().write_vectored(chunks)?;
-        let state = flush_session(&mut tls, &self.tcp)?;
-        let written = if taken < total {
-            Written::Part(taken)
-        } else {
-            state
-        };
+        let state = flush_session(&mut tls, self.tcp())?;
+        let written = if taken < total { Written::Part(taken) } else { state };
         Ok((taken, written))
     }
 
@@ -102,13 +105,13 @@ impl Wire {
     pub(crate) fn flush_now(&self) -> io::Result<bool> {
         match self.session() {
             None => Ok(true),
-            Some(mut tls) => Ok(flush_session(&mut tls, &self.tcp)? == Written::All),
+            Some(mut tls) => Ok(flush_session(&mut tls, self.tcp())? == Written::All),
         }
     }
 
     /// The I/O task: ready when the socket may take more (after a write that it did not take).
     pub(crate) fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.tcp.poll_write_ready(cx)
+        self.tcp().poll_write_ready(cx)
     }
 
     /// Starts the end of our side of the stream: the TLS close_notify, then (once it is out)
@@ -117,40 +120,27 @@ impl Wire {
         while let Some(mut tls) = self.session() {
             // Sent once, however often this is polled.
             tls.send_close_notify();
-            if flush_session(&mut tls, &self.tcp)? == Written::All {
+            if flush_session(&mut tls, self.tcp())? == Written::All {
                 break;
             }
             drop(tls);
-            ready!(self.tcp.poll_write_ready(cx))?;
+            ready!(self.tcp().poll_write_ready(cx))?;
         }
         // SAFETY: shutdown(2) on the socket this wire owns.
-        unsafe { libc::shutdown(self.tcp.as_raw_fd(), libc::SHUT_WR) };
+        unsafe { libc::shutdown(self.socket(), libc::SHUT_WR) };
         Poll::Ready(Ok(()))
     }
+}
 
-    // ---- reading: the I/O task only --------------------------------------------------------
-
+impl Receiving<'_> {
     /// Reads at most `max` bytes (the decrypted bytes, for TLS) into the spare capacity of
     /// `buf`, which has at least that much. Ready(Ok(0)) is the end of the stream.
-    fn poll_read(
-        &self,
-        cx: &mut Context<'_>,
-        buf: &mut Vec<u8>,
-        max: usize,
-    ) -> Poll<io::Result<usize>> {
-        let Some(mut tls) = self.session() else {
-            loop {
-                ready!(self.tcp.poll_read_ready(cx))?;
-                match self.tcp.try_read_buf(&mut buf.limit(max)) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    other => return Poll::Ready(other),
-                }
-            }
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut Vec<u8>, max: usize) -> Poll<io::Result<usize>> {
+        let Some(mut tls) = self.wire.session() else {
+            return poll_read_into(self.read, cx, buf, max);
         };
         loop {
-            let state = tls
-                .process_new_packets()
-                .map_err(|e| tls_failed(&mut tls, &self.tcp, e))?;
+            let state = tls.process_new_packets().map_err(|e| tls_failed(&mut tls, self.wire.tcp(), e))?;
             let available = state.plaintext_bytes_to_read().min(max);
             if available > 0 {
                 let start = buf.len();
@@ -161,27 +151,55 @@ impl Wire {
             if state.peer_has_closed() {
                 return Poll::Ready(Ok(0));
             }
-            ready!(self.tcp.poll_read_ready(cx))?;
-            match tls.read_tls(&mut TcpIo(&self.tcp)) {
+            match tls.read_tls(&mut PollRead { read: self.read, cx }) {
                 // The end of the stream, with or without close_notify: what was complete has
                 // been read, and an unfinished frame shows as one.
                 Ok(0) => return Poll::Ready(Ok(0)),
                 Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
 }
 
-impl Source for &Wire {
-    fn poll_read_into(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut Vec<u8>,
-        max: usize,
-    ) -> Poll<io::Result<usize>> {
+impl Source for Receiving<'_> {
+    fn poll_read_into(&mut self, cx: &mut Context<'_>, buf: &mut Vec<u8>, max: usize) -> Poll<io::Result<usize>> {
         self.poll_read(cx, buf, max)
+    }
+}
+
+/// Reads at most `max` bytes from `read` into the spare capacity of `buf` (which has it).
+fn poll_read_into(
+    read: &mut OwnedReadHalf,
+    cx: &mut Context<'_>,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Poll<io::Result<usize>> {
+    let len = buf.len();
+    let mut read_buf = ReadBuf::uninit(&mut buf.spare_capacity_mut()[..max]);
+    ready!(Pin::new(read).poll_read(cx, &mut read_buf))?;
+    let n = read_buf.filled().len();
+    // SAFETY: the socket initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(len + n) };
+    Poll::Ready(Ok(n))
+}
+
+/// The reading side as std's Read, for rustls's read_tls: Pending becomes WouldBlock (with the
+/// task's waker registered).
+struct PollRead<'a, 'b> {
+    read: &'a mut OwnedReadHalf,
+    cx: &'a mut Context<'b>,
+}
+
+impl Read for PollRead<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut read_buf = ReadBuf::new(buf);
+        match Pin::new(&mut *self.read).poll_read(self.cx, &mut read_buf) {
+            Poll::Ready(Ok(())) => Ok(read_buf.filled().len()),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
     }
 }
 
@@ -203,14 +221,8 @@ fn tls_failed(tls: &mut ClientConnection, tcp: &TcpStream, error: rustls::Error)
     io::Error::new(io::ErrorKind::InvalidData, error)
 }
 
-/// The socket as std's Read and Write, without waiting (for rustls's read_tls and write_tls).
+/// The socket as std's Write, without waiting (for rustls's write_tls).
 struct TcpIo<'a>(&'a TcpStream);
-
-impl Read for TcpIo<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_read(buf)
-    }
-}
 
 impl Write for TcpIo<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {

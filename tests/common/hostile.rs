@@ -102,10 +102,7 @@ pub fn read_frame_from(stream: &mut impl Read) -> io::Result<Frame> {
         len = u64::from_be_bytes(ext);
     }
     if head[1] & 0x80 == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "an unmasked frame from the client",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "an unmasked frame from the client"));
     }
     let mut mask = [0u8; 4];
     stream.read_exact(&mut mask)?;
@@ -114,11 +111,7 @@ pub fn read_frame_from(stream: &mut impl Read) -> io::Result<Frame> {
     for (i, b) in payload.iter_mut().enumerate() {
         *b ^= mask[i % 4];
     }
-    Ok(Frame {
-        fin: head[0] & 0x80 != 0,
-        opcode: head[0] & 0x0f,
-        payload,
-    })
+    Ok(Frame { fin: head[0] & 0x80 != 0, opcode: head[0] & 0x0f, payload })
 }
 
 /// Reads the client's upgrade request head (up to the empty line).
@@ -135,11 +128,8 @@ pub fn read_request_from(stream: &mut impl Read) -> io::Result<String> {
 /// A valid 101 response to `request`, with `extra` header lines (each ending in CRLF) before the
 /// empty line.
 pub fn response_to(request: &str, extra: &str) -> String {
-    let key = request
-        .lines()
-        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-        .expect("the request carries a key")
-        .trim();
+    let key =
+        request.lines().find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ")).expect("the request carries a key").trim();
     format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Accept: {}\r\n{extra}\r\n",
@@ -166,12 +156,7 @@ impl Listener {
     /// hundred KiB, whatever the machine's TCP settings (tcp_rmem may allow 32 MiB).
     pub fn bind_small_receive_buffer() -> Listener {
         let listener = Listener::bind();
-        set_int_option(
-            listener.listener.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            64 << 10,
-        );
+        set_int_option(listener.listener.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 64 << 10);
         listener
     }
 
@@ -185,10 +170,7 @@ impl Listener {
 
     /// The next connection (waits at most PEER_TIMEOUT).
     pub fn accept(&self) -> Peer {
-        assert!(
-            readable(self.listener.as_raw_fd(), PEER_TIMEOUT),
-            "no client connected within {PEER_TIMEOUT:?}"
-        );
+        assert!(readable(self.listener.as_raw_fd(), PEER_TIMEOUT), "no client connected within {PEER_TIMEOUT:?}");
         let (stream, _) = self.listener.accept().unwrap();
         Peer::new(stream)
     }
@@ -196,9 +178,7 @@ impl Listener {
 
 /// Runs `script` on a thread of its own as the server of one connection; returns the URL to
 /// connect to and the thread, whose result is what the script saw.
-pub fn serve<T: Send + 'static>(
-    script: impl FnOnce(Peer) -> T + Send + 'static,
-) -> (String, JoinHandle<T>) {
+pub fn serve<T: Send + 'static>(script: impl FnOnce(Peer) -> T + Send + 'static) -> (String, JoinHandle<T>) {
     serve_on(Listener::bind(), script)
 }
 
@@ -283,19 +263,13 @@ impl Peer {
     /// Bytes the client sent that this peer has not read (FIONREAD).
     pub fn unread(&self) -> usize {
         let mut n: libc::c_int = 0;
-        assert_eq!(
-            unsafe { libc::ioctl(self.stream.as_raw_fd(), libc::FIONREAD, &mut n) },
-            0
-        );
+        assert_eq!(unsafe { libc::ioctl(self.stream.as_raw_fd(), libc::FIONREAD, &mut n) }, 0);
         n as usize
     }
 
     /// The client's end of this connection, as the kernel sees it.
     pub fn client_socket(&self) -> ClientSocket {
-        ClientSocket {
-            client: self.stream.peer_addr().unwrap(),
-            server: self.stream.local_addr().unwrap(),
-        }
+        ClientSocket { client: self.stream.peer_addr().unwrap(), server: self.stream.local_addr().unwrap() }
     }
 }
 
@@ -319,10 +293,7 @@ pub struct SocketState {
 /// `local` to `remote` if `exact` is given, else every socket in one of the `states` (a mask of
 /// 1 << state). Returns (local, remote, state) for each. Fast whatever the number of sockets
 /// in TIME_WAIT that earlier tests left (reading /proc/net/tcp is not).
-fn tcp_diag(
-    states: u32,
-    exact: Option<(SocketAddr, SocketAddr)>,
-) -> Vec<(SocketAddr, SocketAddr, SocketState)> {
+fn tcp_diag(states: u32, exact: Option<(SocketAddr, SocketAddr)>) -> Vec<(SocketAddr, SocketAddr, SocketState)> {
     #[repr(C)]
     #[derive(Clone, Copy, Default)]
     struct SockId {
@@ -368,10 +339,7 @@ fn tcp_diag(
         SocketAddr::V4(a) => a,
         SocketAddr::V6(_) => panic!("IPv4 only"),
     };
-    let mut id = SockId {
-        cookie: [u32::MAX; 2],
-        ..SockId::default()
-    };
+    let mut id = SockId { cookie: [u32::MAX; 2], ..SockId::default() };
     if let Some((local, remote)) = exact {
         let (local, remote) = (v4(local), v4(remote));
         id.sport = local.port().to_be_bytes();
@@ -393,13 +361,7 @@ fn tcp_diag(
         id,
     };
     use std::os::fd::{FromRawFd, OwnedFd};
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
     assert!(fd >= 0, "netlink socket: {}", io::Error::last_os_error());
     let _owned = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
@@ -414,17 +376,9 @@ fn tcp_diag(
             std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
         )
     };
-    assert_eq!(
-        sent,
-        request.len as isize,
-        "netlink send: {}",
-        io::Error::last_os_error()
-    );
+    assert_eq!(sent, request.len as isize, "netlink send: {}", io::Error::last_os_error());
     let addr = |ip: [u8; 16], port: [u8; 2]| {
-        SocketAddr::V4(SocketAddrV4::new(
-            Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]),
-            u16::from_be_bytes(port),
-        ))
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]), u16::from_be_bytes(port)))
     };
     let mut found = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
@@ -439,18 +393,13 @@ fn tcp_diag(
                 // The end of a dump, or (exact look-up) no such socket.
                 NLMSG_DONE | NLMSG_ERROR => return found,
                 SOCK_DIAG_BY_FAMILY => {
-                    let reply: Reply =
-                        unsafe { std::ptr::read_unaligned(buf[at + 16..].as_ptr().cast()) };
+                    let reply: Reply = unsafe { std::ptr::read_unaligned(buf[at + 16..].as_ptr().cast()) };
                     let state = SocketState {
                         state: reply.state,
                         tx_queue: reply.wqueue as u64,
                         rx_queue: reply.rqueue as u64,
                     };
-                    found.push((
-                        addr(reply.id.src, reply.id.sport),
-                        addr(reply.id.dst, reply.id.dport),
-                        state,
-                    ));
+                    found.push((addr(reply.id.src, reply.id.sport), addr(reply.id.dst, reply.id.dport), state));
                 }
                 _ => {}
             }
@@ -464,18 +413,12 @@ fn tcp_diag(
 
 /// Every TCP socket in state `state` whose remote end is `remote`, by local address.
 pub fn sockets_to(remote: SocketAddr, state: u8) -> Vec<(SocketAddr, SocketState)> {
-    tcp_diag(1 << state, None)
-        .into_iter()
-        .filter(|(_, r, _)| *r == remote)
-        .map(|(l, _, s)| (l, s))
-        .collect()
+    tcp_diag(1 << state, None).into_iter().filter(|(_, r, _)| *r == remote).map(|(l, _, s)| (l, s)).collect()
 }
 
 /// One TCP socket, from `local` to `remote`; None once it is gone.
 fn socket_state(local: SocketAddr, remote: SocketAddr) -> Option<SocketState> {
-    tcp_diag(u32::MAX, Some((local, remote)))
-        .first()
-        .map(|(_, _, s)| *s)
+    tcp_diag(u32::MAX, Some((local, remote))).first().map(|(_, _, s)| *s)
 }
 
 /// The client's end of one connection.
@@ -580,10 +523,7 @@ pub fn process_cpu() -> Duration {
 /// A field of /proc/self/status in KiB ("VmHWM", "VmRSS", "VmData", "VmSize", "VmPeak").
 pub fn status_kib(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
-        .unwrap();
+    let line = status.lines().find(|l| l.starts_with(field) && l[field.len()..].starts_with(':')).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
@@ -597,10 +537,7 @@ pub const MIB: f64 = (1 << 20) as f64;
 
 /// Limits the process's address space to `bytes` (RLIMIT_AS): an allocation past it fails.
 pub fn limit_address_space(bytes: u64) {
-    let limit = libc::rlimit {
-        rlim_cur: bytes,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let limit = libc::rlimit { rlim_cur: bytes, rlim_max: libc::RLIM_INFINITY };
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
 }
 
@@ -652,28 +589,15 @@ pub fn in_child(name: &str, env: &[(&str, &str)]) -> bool {
     };
     let text = format!("{}{}", stdout.join().unwrap(), stderr.join().unwrap());
     eprintln!("---- child process of {name} ----\n{text}---- end of child ----");
-    assert!(
-        !timed_out,
-        "the child process of {name} ran longer than {CHILD_DEADLINE:?} and was killed"
-    );
+    assert!(!timed_out, "the child process of {name} ran longer than {CHILD_DEADLINE:?} and was killed");
     use std::os::unix::process::ExitStatusExt;
     if let Some(signal) = status.signal() {
-        let what = if signal == libc::SIGABRT {
-            " (SIGABRT: the process aborted)"
-        } else {
-            ""
-        };
+        let what = if signal == libc::SIGABRT { " (SIGABRT: the process aborted)" } else { "" };
         panic!("the child process of {name} was killed by signal {signal}{what}");
     }
-    assert!(
-        status.success(),
-        "the child process of {name} failed ({status})"
-    );
+    assert!(status.success(), "the child process of {name} failed ({status})");
     // A child that ran no test (a wrong name) must not pass silently.
-    assert!(
-        text.contains("1 passed"),
-        "the child process ran no test named {name}"
-    );
+    assert!(text.contains("1 passed"), "the child process ran no test named {name}");
     false
 }
 
@@ -694,11 +618,7 @@ fn set_int_option(fd: i32, level: i32, option: i32, value: i32) {
 
 /// Whether `fd` becomes readable within `timeout`.
 pub fn readable(fd: i32, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
     unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) > 0 }
 }
 
@@ -714,27 +634,12 @@ pub fn full_backlog_listener() -> (SocketAddr, (std::os::fd::OwnedFd, Vec<TcpStr
     addr.sin_family = libc::AF_INET as libc::sa_family_t;
     addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
     let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    assert_eq!(
-        unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len) },
-        0
-    );
+    assert_eq!(unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len) }, 0);
     assert_eq!(unsafe { libc::listen(fd, 0) }, 0);
     let mut bound: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     let mut bound_len = len;
-    assert_eq!(
-        unsafe {
-            libc::getsockname(
-                fd,
-                (&mut bound as *mut libc::sockaddr_in).cast(),
-                &mut bound_len,
-            )
-        },
-        0
-    );
-    let address = SocketAddr::V4(SocketAddrV4::new(
-        Ipv4Addr::LOCALHOST,
-        u16::from_be(bound.sin_port),
-    ));
+    assert_eq!(unsafe { libc::getsockname(fd, (&mut bound as *mut libc::sockaddr_in).cast(), &mut bound_len,) }, 0);
+    let address = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, u16::from_be(bound.sin_port)));
     // Connections nobody accepts fill the queue; the first one that stays in SYN_SENT shows it
     // is full.
     let mut held = Vec::new();
@@ -760,48 +665,33 @@ pub struct TlsIdentity {
 
 impl TlsIdentity {
     pub fn new() -> TlsIdentity {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-        };
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("wsclient hostile CA {} {serial}", std::process::id());
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, name.clone());
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        ca_params.distinguished_name.push(DnType::CommonName, name.clone());
+        ca_params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let issuer = Issuer::new(ca_params, ca_key);
         let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "wsclient hostile peer");
+        let mut params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "wsclient hostile peer");
         let cert = params.signed_by(&key, &issuer).unwrap();
         let chain = vec![cert.der().clone(), ca_cert.der().clone()];
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
         let ca_pem = std::env::temp_dir().join(format!("{}.pem", name.replace(' ', "-")));
         std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
-        TlsIdentity {
-            ca_pem,
-            config: Arc::new(config),
-        }
+        TlsIdentity { ca_pem, config: Arc::new(config) }
     }
 
     /// The server side of TLS over an accepted connection (the handshake happens on first use).

@@ -32,11 +32,7 @@ pub enum Ev {
 impl Ev {
     pub fn conn(&self) -> WsConn {
         match self {
-            Ev::Open(c)
-            | Ev::Text(c, _)
-            | Ev::Binary(c, _)
-            | Ev::Close(c, ..)
-            | Ev::Error(c, ..) => *c,
+            Ev::Open(c) | Ev::Text(c, _) | Ev::Binary(c, _) | Ev::Close(c, ..) | Ev::Error(c, ..) => *c,
         }
     }
     pub fn is_final(&self) -> bool {
@@ -54,10 +50,7 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn push(&self, ev: Ev) {
-        self.threads
-            .lock()
-            .unwrap()
-            .push(std::thread::current().id());
+        self.threads.lock().unwrap().push(std::thread::current().id());
         self.events.lock().unwrap().push(ev);
     }
     /// Forgets everything recorded so far.
@@ -70,10 +63,7 @@ impl Recorder {
         self.events.lock().unwrap().clone()
     }
     pub fn of(&self, conn: WsConn) -> Vec<Ev> {
-        self.events()
-            .into_iter()
-            .filter(|e| e.conn() == conn)
-            .collect()
+        self.events().into_iter().filter(|e| e.conn() == conn).collect()
     }
     pub fn finals(&self, conn: WsConn) -> usize {
         self.of(conn).iter().filter(|e| e.is_final()).count()
@@ -97,13 +87,7 @@ pub unsafe extern "C" fn on_open(conn: WsConn, user: *mut c_void) {
     rec(user).push(Ev::Open(conn));
 }
 
-pub unsafe extern "C" fn on_message(
-    conn: WsConn,
-    data: *const u8,
-    len: usize,
-    kind: WsMessageKind,
-    user: *mut c_void,
-) {
+pub unsafe extern "C" fn on_message(conn: WsConn, data: *const u8, len: usize, kind: WsMessageKind, user: *mut c_void) {
     let bytes = std::slice::from_raw_parts(data, len).to_vec();
     match kind {
         WsMessageKind::Text => {
@@ -115,25 +99,13 @@ pub unsafe extern "C" fn on_message(
     }
 }
 
-pub unsafe extern "C" fn on_close(
-    conn: WsConn,
-    code: u16,
-    reason: *const c_char,
-    len: usize,
-    user: *mut c_void,
-) {
+pub unsafe extern "C" fn on_close(conn: WsConn, code: u16, reason: *const c_char, len: usize, user: *mut c_void) {
     assert_eq!(*reason.add(len), 0, "reason must be NUL-terminated");
-    let reason =
-        String::from_utf8(std::slice::from_raw_parts(reason.cast::<u8>(), len).to_vec()).unwrap();
+    let reason = String::from_utf8(std::slice::from_raw_parts(reason.cast::<u8>(), len).to_vec()).unwrap();
     rec(user).push(Ev::Close(conn, code, reason));
 }
 
-pub unsafe extern "C" fn on_error(
-    conn: WsConn,
-    kind: WsStatus,
-    message: *const c_char,
-    user: *mut c_void,
-) {
+pub unsafe extern "C" fn on_error(conn: WsConn, kind: WsStatus, message: *const c_char, user: *mut c_void) {
     let message = CStr::from_ptr(message).to_str().unwrap().to_owned();
     rec(user).push(Ev::Error(conn, kind, message));
 }
@@ -175,8 +147,7 @@ impl Client {
 
     pub fn connect_with(&self, url: &str, options: *const WsOptions) -> WsConn {
         let mut conn = 0;
-        let status =
-            unsafe { ws_connect_with_options(self.0, cstr(url).as_ptr(), options, &mut conn) };
+        let status = unsafe { ws_connect_with_options(self.0, cstr(url).as_ptr(), options, &mut conn) };
         assert_eq!(status, WsStatus::Ok, "connect {url}: {}", last_error());
         conn
     }
@@ -195,11 +166,7 @@ impl Client {
 
     /// Waits for the fd to become readable (at most `timeout`); true if it is.
     pub fn wait_readable(&self, timeout: Duration) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
         unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) > 0 }
     }
 
@@ -279,9 +246,7 @@ pub fn header_functions() -> std::collections::BTreeSet<String> {
     code.match_indices('(')
         .map(|(i, _)| {
             let before = &code[..i];
-            let start = before
-                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .map_or(0, |j| j + 1);
+            let start = before.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(0, |j| j + 1);
             &before[start..]
         })
         .filter(|w| w.starts_with("ws_"))
@@ -308,10 +273,7 @@ pub fn survive_keepalive(timeout_ms: u32, mut wait_for_pings: impl FnMut(usize))
 /// WSCLIENT_REQUIRE_ALL=1 says that every test must run.
 pub fn skipped(test: &str, why: &str) {
     use std::io::Write;
-    assert!(
-        std::env::var_os("WSCLIENT_REQUIRE_ALL").is_none(),
-        "{test}: {why} (WSCLIENT_REQUIRE_ALL is set)"
-    );
+    assert!(std::env::var_os("WSCLIENT_REQUIRE_ALL").is_none(), "{test}: {why} (WSCLIENT_REQUIRE_ALL is set)");
     let line = format!("\nSKIPPED: {test}: {why}\n");
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }

@@ -19,11 +19,7 @@ impl Peer {
     pub fn start_python() -> Peer {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let python = root.join(".venv/bin/python");
-        assert!(
-            python.exists(),
-            "{} is missing: run `make test`, which installs the test peers",
-            python.display()
-        );
+        assert!(python.exists(), "{} is missing: run `make test`, which installs the test peers", python.display());
         Self::spawn(Command::new(python).arg(root.join("tests/peers/py_server.py")))
     }
 
@@ -31,28 +27,16 @@ impl Peer {
     pub fn start_node() -> Peer {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let module = root.join("tests/peers/node_modules/ws");
-        assert!(
-            module.exists(),
-            "{} is missing: run `make test`, which installs the test peers",
-            module.display()
-        );
+        assert!(module.exists(), "{} is missing: run `make test`, which installs the test peers", module.display());
         Self::spawn(Command::new("node").arg(root.join("tests/peers/node_server.js")))
     }
 
     fn spawn(command: &mut Command) -> Peer {
-        let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the Python peer");
+        let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("start the Python peer");
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut first = String::new();
         stdout.read_line(&mut first).unwrap();
-        let port = first
-            .trim()
-            .strip_prefix("port=")
-            .and_then(|p| p.parse().ok())
-            .expect("port line");
+        let port = first.trim().strip_prefix("port=").and_then(|p| p.parse().ok()).expect("port line");
         let lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
         let sink = lines.clone();
         std::thread::spawn(move || {
@@ -79,11 +63,7 @@ impl Peer {
         let mut lines = self.lines.0.lock().unwrap();
         while lines.iter().filter(|l| *l == wanted).count() < count {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "the Python peer never printed {wanted:?}; it printed {:?}",
-                *lines
-            );
+            assert!(!left.is_zero(), "the Python peer never printed {wanted:?}; it printed {:?}", *lines);
             lines = self.lines.1.wait_timeout(lines, left).unwrap().0;
         }
     }
@@ -107,20 +87,10 @@ impl ServerProcess {
     pub fn start() -> ServerProcess {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let binary = root.join("target/release/examples/testserver");
-        assert!(
-            binary.exists(),
-            "{} is missing: run `make test`, which builds it",
-            binary.display()
-        );
-        let mut child = Command::new(binary)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        assert!(binary.exists(), "{} is missing: run `make test`, which builds it", binary.display());
+        let mut child = Command::new(binary).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
         let ws_port = line
             .split_whitespace()
             .find_map(|kv| kv.strip_prefix("ws_port="))

@@ -69,11 +69,7 @@ impl ServerLog {
                 return matching[0].clone();
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "server log never showed the expected line; it has {:?}",
-                *lines
-            );
+            assert!(!left.is_zero(), "server log never showed the expected line; it has {:?}", *lines);
             lines = self.changed.wait_timeout(lines, left).unwrap().0;
         }
     }
@@ -125,9 +121,7 @@ struct Tls {
 }
 
 fn make_tls() -> Tls {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -136,11 +130,8 @@ fn make_tls() -> Tls {
     let serial = CA_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = format!("wsclient test CA {} {serial}", std::process::id());
     ca_params.distinguished_name.push(DnType::CommonName, name);
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let config_for = |names: Vec<String>, expired: bool| {
@@ -150,29 +141,20 @@ fn make_tls() -> Tls {
             params.not_before = rcgen::date_time_ymd(2001, 1, 1);
             params.not_after = rcgen::date_time_ymd(2002, 1, 1);
         }
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "wsclient test server");
+        params.distinguished_name.push(DnType::CommonName, "wsclient test server");
         let cert = params.signed_by(&key, &issuer).unwrap();
         let chain = vec![cert.der().clone(), ca_cert.der().clone()];
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
         Arc::new(config)
     };
-    let good_config = config_for(
-        vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
-        false,
-    );
-    let acceptor = |names: Vec<String>, expired: bool| {
-        tokio_rustls::TlsAcceptor::from(config_for(names, expired))
-    };
+    let good_config = config_for(vec!["localhost".into(), "127.0.0.1".into(), "::1".into()], false);
+    let acceptor = |names: Vec<String>, expired: bool| tokio_rustls::TlsAcceptor::from(config_for(names, expired));
     Tls {
         good: tokio_rustls::TlsAcceptor::from(good_config.clone()),
         good_config,
@@ -184,11 +166,7 @@ fn make_tls() -> Tls {
 
 impl TestServer {
     pub fn start() -> TestServer {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let log = Arc::new(ServerLog::default());
         let tls = make_tls();
         static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -197,60 +175,54 @@ impl TestServer {
         std::fs::create_dir_all(&dir).unwrap();
         let ca_pem = dir.join("ca.pem");
         std::fs::write(&ca_pem, &tls.ca_pem).unwrap();
-        let (
-            port,
-            tls_port,
-            wrong_name_port,
-            blackhole_port,
-            ipv6_port,
-            (tls_ipv6_port, expired_port, hangup_port),
-        ) = runtime.block_on(async {
-            let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let secure = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let wrong = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let blackhole = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let ipv6 = TcpListener::bind("[::1]:0").await.ok();
-            let ipv6_port = ipv6.as_ref().map(|l| l.local_addr().unwrap().port());
-            let tls_ipv6 = TcpListener::bind("[::1]:0").await.ok();
-            let tls_ipv6_port = tls_ipv6.as_ref().map(|l| l.local_addr().unwrap().port());
-            if let Some(listener) = tls_ipv6 {
-                tokio::spawn(serve(listener, Some(tls.good.clone()), log.clone()));
-            }
-            let expired = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let expired_port = expired.local_addr().unwrap().port();
-            tokio::spawn(serve(expired, Some(tls.expired), log.clone()));
-            let hangup = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let hangup_port = hangup.local_addr().unwrap().port();
-            tokio::spawn(async move {
-                use tokio::io::AsyncReadExt;
-                while let Ok((mut stream, _)) = hangup.accept().await {
-                    let mut hello = [0u8; 16];
-                    let _ = stream.read(&mut hello).await;
-                    drop(stream);
+        let (port, tls_port, wrong_name_port, blackhole_port, ipv6_port, (tls_ipv6_port, expired_port, hangup_port)) =
+            runtime.block_on(async {
+                let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let secure = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let wrong = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let blackhole = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let ipv6 = TcpListener::bind("[::1]:0").await.ok();
+                let ipv6_port = ipv6.as_ref().map(|l| l.local_addr().unwrap().port());
+                let tls_ipv6 = TcpListener::bind("[::1]:0").await.ok();
+                let tls_ipv6_port = tls_ipv6.as_ref().map(|l| l.local_addr().unwrap().port());
+                if let Some(listener) = tls_ipv6 {
+                    tokio::spawn(serve(listener, Some(tls.good.clone()), log.clone()));
                 }
-            });
-            let ports = (
-                plain.local_addr().unwrap().port(),
-                secure.local_addr().unwrap().port(),
-                wrong.local_addr().unwrap().port(),
-                blackhole.local_addr().unwrap().port(),
-                ipv6_port,
-                (tls_ipv6_port, expired_port, hangup_port),
-            );
-            if let Some(listener) = ipv6 {
-                tokio::spawn(serve(listener, None, log.clone()));
-            }
-            tokio::spawn(serve(plain, None, log.clone()));
-            tokio::spawn(serve(secure, Some(tls.good), log.clone()));
-            tokio::spawn(serve(wrong, Some(tls.wrong_name), log.clone()));
-            tokio::spawn(async move {
-                let mut held = Vec::new();
-                while let Ok((stream, _)) = blackhole.accept().await {
-                    held.push(stream);
+                let expired = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let expired_port = expired.local_addr().unwrap().port();
+                tokio::spawn(serve(expired, Some(tls.expired), log.clone()));
+                let hangup = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let hangup_port = hangup.local_addr().unwrap().port();
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    while let Ok((mut stream, _)) = hangup.accept().await {
+                        let mut hello = [0u8; 16];
+                        let _ = stream.read(&mut hello).await;
+                        drop(stream);
+                    }
+                });
+                let ports = (
+                    plain.local_addr().unwrap().port(),
+                    secure.local_addr().unwrap().port(),
+                    wrong.local_addr().unwrap().port(),
+                    blackhole.local_addr().unwrap().port(),
+                    ipv6_port,
+                    (tls_ipv6_port, expired_port, hangup_port),
+                );
+                if let Some(listener) = ipv6 {
+                    tokio::spawn(serve(listener, None, log.clone()));
                 }
+                tokio::spawn(serve(plain, None, log.clone()));
+                tokio::spawn(serve(secure, Some(tls.good), log.clone()));
+                tokio::spawn(serve(wrong, Some(tls.wrong_name), log.clone()));
+                tokio::spawn(async move {
+                    let mut held = Vec::new();
+                    while let Ok((stream, _)) = blackhole.accept().await {
+                        held.push(stream);
+                    }
+                });
+                ports
             });
-            ports
-        });
         TestServer {
             port,
             tls_port,
@@ -298,11 +270,7 @@ async fn serve(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>, lo
 }
 
 fn param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
-    query.split('&').find_map(|kv| {
-        kv.split_once('=')
-            .filter(|(k, _)| *k == key)
-            .map(|(_, v)| v)
-    })
+    query.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == key).map(|(_, v)| v))
 }
 
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog>) {
@@ -312,17 +280,8 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         path = req.uri().path().to_owned();
         query = req.uri().query().unwrap_or("").to_owned();
-        authorization = req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let offered = req
-            .headers()
-            .get("sec-websocket-protocol")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+        authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let offered = req.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).unwrap_or("");
         match path.as_str() {
             "/reject" => {
                 let mut refusal = ErrorResponse::new(Some("go away".into()));
@@ -331,38 +290,26 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
             }
             "/protocol" => {
                 if let Some(first) = offered.split(',').map(str::trim).find(|p| !p.is_empty()) {
-                    resp.headers_mut().insert(
-                        "sec-websocket-protocol",
-                        HeaderValue::from_str(first).unwrap(),
-                    );
+                    resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_str(first).unwrap());
                 }
             }
             "/badproto" => {
-                resp.headers_mut()
-                    .insert("sec-websocket-protocol", HeaderValue::from_static("bogus"));
+                resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static("bogus"));
             }
             _ => {}
         }
         Ok(resp)
     };
-    let config = WebSocketConfig::default()
-        .max_message_size(None)
-        .max_frame_size(None);
-    let Ok(mut ws) =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await
-    else {
+    let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await else {
         return;
     };
     log.push(format!("open {path}"));
     match path.as_str() {
         "/push" => {
-            let n: usize = param(&query, "n")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(10);
+            let n: usize = param(&query, "n").and_then(|v| v.parse().ok()).unwrap_or(10);
             let size: Option<usize> = param(&query, "size").and_then(|v| v.parse().ok());
-            let code: u16 = param(&query, "code")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1000);
+            let code: u16 = param(&query, "code").and_then(|v| v.parse().ok()).unwrap_or(1000);
             let kind = param(&query, "kind").unwrap_or("binary");
             for i in 0..n {
                 let message = match size {
@@ -371,8 +318,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
                     }
                     Some(size) => {
                         let mut bytes = vec![(i % 251) as u8; size];
-                        bytes[..8.min(size)]
-                            .copy_from_slice(&(i as u64).to_le_bytes()[..8.min(size)]);
+                        bytes[..8.min(size)].copy_from_slice(&(i as u64).to_le_bytes()[..8.min(size)]);
                         Message::Binary(Bytes::from(bytes))
                     }
                     None => Message::text(format!("msg {i}")),
@@ -381,10 +327,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
                     return;
                 }
                 // Progress, in whole MiB that reached the socket.
-                let (before, after) = (
-                    (i * size.unwrap_or(0)) >> 20,
-                    ((i + 1) * size.unwrap_or(0)) >> 20,
-                );
+                let (before, after) = ((i * size.unwrap_or(0)) >> 20, ((i + 1) * size.unwrap_or(0)) >> 20);
                 if after > before {
                     if ws.flush().await.is_err() {
                         return;
@@ -392,25 +335,15 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
                     log.push(format!("pushed {after} MiB"));
                 }
             }
-            let _ = ws
-                .send(Message::Close(Some(CloseFrame {
-                    code: CloseCode::from(code),
-                    reason: "done".into(),
-                })))
-                .await;
+            let _ =
+                ws.send(Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: "done".into() }))).await;
             drain(ws, &log).await;
         }
         "/close" => {
-            let code: u16 = param(&query, "code")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1000);
+            let code: u16 = param(&query, "code").and_then(|v| v.parse().ok()).unwrap_or(1000);
             let reason = param(&query, "reason").unwrap_or("").to_owned();
-            let _ = ws
-                .send(Message::Close(Some(CloseFrame {
-                    code: CloseCode::from(code),
-                    reason: reason.into(),
-                })))
-                .await;
+            let _ =
+                ws.send(Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() }))).await;
             drain(ws, &log).await;
         }
         "/drop" => {
@@ -422,15 +355,11 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
         "/headers" => {
-            let _ = ws
-                .send(Message::text(format!("authorization: {authorization}")))
-                .await;
+            let _ = ws.send(Message::text(format!("authorization: {authorization}"))).await;
             echo(ws, &log).await;
         }
         "/ping" => {
-            let _ = ws
-                .send(Message::Ping(Bytes::from_static(b"are you there")))
-                .await;
+            let _ = ws.send(Message::Ping(Bytes::from_static(b"are you there"))).await;
             while let Some(Ok(message)) = ws.next().await {
                 if let Message::Pong(payload) = message {
                     let text = format!("pong:{}", String::from_utf8_lossy(&payload));
@@ -441,9 +370,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
             echo(ws, &log).await;
         }
         _ => {
-            let close_after = param(&query, "close_after")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(usize::MAX);
+            let close_after = param(&query, "close_after").and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
             echo_then_close(ws, &log, close_after).await
         }
     }
@@ -485,12 +412,8 @@ async fn echo_then_close<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 echoed += 1;
                 if echoed == close_after {
-                    let _ = ws
-                        .send(Message::Close(Some(CloseFrame {
-                            code: CloseCode::Normal,
-                            reason: "".into(),
-                        })))
-                        .await;
+                    let _ =
+                        ws.send(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "".into() }))).await;
                 }
             }
             Message::Close(frame) => log_close(log, &frame),
@@ -511,10 +434,7 @@ async fn drain<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketStream<S>, lo
 }
 
 /// The app service of `make demo`: answers a few JSON requests by their "mt" field.
-async fn demo_service<S: AsyncRead + AsyncWrite + Unpin>(
-    mut ws: WebSocketStream<S>,
-    log: &ServerLog,
-) {
+async fn demo_service<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketStream<S>, log: &ServerLog) {
     let is = |text: &str, mt: &str| text.contains(&format!("\"mt\":\"{mt}\""));
     while let Some(Ok(message)) = ws.next().await {
         let Message::Text(text) = message else {
@@ -524,34 +444,18 @@ async fn demo_service<S: AsyncRead + AsyncWrite + Unpin>(
             continue;
         };
         let replies: Vec<String> = if is(&text, "Login") {
-            vec![
-                r#"{"mt":"LoginResult","ok":true,"user":"alice","server":"wsclient demo PBX"}"#
-                    .into(),
-            ]
+            vec![r#"{"mt":"LoginResult","ok":true,"user":"alice","server":"wsclient demo PBX"}"#.into()]
         } else if is(&text, "SubscribePresence") {
-            let people = [
-                ("bob", "available"),
-                ("carol", "busy"),
-                ("dave", "away"),
-                ("erin", "available"),
-            ];
+            let people = [("bob", "available"), ("carol", "busy"), ("dave", "away"), ("erin", "available")];
             let mut replies: Vec<String> = people
                 .iter()
-                .map(|(user, status)| {
-                    format!(r#"{{"mt":"PresenceChanged","user":"{user}","status":"{status}"}}"#)
-                })
+                .map(|(user, status)| format!(r#"{{"mt":"PresenceChanged","user":"{user}","status":"{status}"}}"#))
                 .collect();
-            replies.push(format!(
-                r#"{{"mt":"SubscribePresenceResult","count":{}}}"#,
-                people.len()
-            ));
+            replies.push(format!(r#"{{"mt":"SubscribePresenceResult","count":{}}}"#, people.len()));
             replies
         } else if is(&text, "Logout") {
             let _ = ws.send(Message::text(r#"{"mt":"LogoutResult"}"#)).await;
-            let frame = CloseFrame {
-                code: CloseCode::Normal,
-                reason: "bye alice".into(),
-            };
+            let frame = CloseFrame { code: CloseCode::Normal, reason: "bye alice".into() };
             let _ = ws.send(Message::Close(Some(frame))).await;
             continue;
         } else {
