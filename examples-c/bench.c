@@ -7,7 +7,9 @@
  *         [--window W] [--conns C] [--ca CA.pem]
  *
  * Prints one JSON line {"client","mode","size","count","wall_s","msgs_per_s","mb_per_s",
- * "peak_rss_kib"}; exit 2 for an unsupported mode, 1 on failure. WSB_READ_BUFFER=BYTES sets the
+ * "peak_rss_kib","host_thread_cpu_s"}; exit 2 for an unsupported mode, 1 on failure.
+ * host_thread_cpu_s is the CPU time of this thread (the host's: callbacks, and the sends it
+ * writes itself) from the connect to the end, the cost a JS engine's thread would pay. WSB_READ_BUFFER=BYTES sets the
  * read buffer option (default: the library's default), for trade-off measurements.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -65,6 +67,12 @@ static void parse(int argc, char **argv) {
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static double thread_cpu_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
@@ -153,7 +161,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "CA: %s\n", ws_last_error());
         return 1;
     }
-    double t0 = now_s();
+    double t0 = now_s(), cpu0 = thread_cpu_s();
     for (long i = 0; i < nconns; i++) {
         if (ws_connect_with_options(client, url, options, &run.conns[i]) != WS_STATUS_OK) {
             fprintf(stderr, "connect: %s\n", ws_last_error());
@@ -175,13 +183,14 @@ int main(int argc, char **argv) {
         ws_dispatch(client, NULL, NULL);
     }
     double wall = now_s() - t0;
+    double host_cpu = thread_cpu_s() - cpu0;
     ws_client_free(client);
     if (run.failed) return 1;
 
     long count = args.mode == CONNS ? args.conns : run.received;
     printf("{\"client\":\"wsclient\",\"mode\":\"%s\",\"size\":%ld,\"count\":%ld,\"wall_s\":%.6f,"
-           "\"msgs_per_s\":%.1f,\"mb_per_s\":%.3f,\"peak_rss_kib\":%ld}\n",
-           args.mode_name, args.size, count, wall, count / wall, run.rx_bytes / wall / 1e6, peak_rss_kib());
+           "\"msgs_per_s\":%.1f,\"mb_per_s\":%.3f,\"peak_rss_kib\":%ld,\"host_thread_cpu_s\":%.6f}\n",
+           args.mode_name, args.size, count, wall, count / wall, run.rx_bytes / wall / 1e6, peak_rss_kib(), host_cpu);
     free(run.payload);
     free(run.conns);
     return 0;

@@ -6,6 +6,12 @@ set -euo pipefail
 harness=$1 client=$2
 cd "$(dirname "$0")/.."
 [[ -x $harness/run.sh ]] || { echo "no benchmark harness at $harness (set SHARED=...)"; exit 1; }
+if [[ ! -w $harness ]]; then
+  # The harness builds and writes its results inside its own folder: use a copy we may write.
+  mkdir -p target/bench-harness
+  cp -r "$harness/." target/bench-harness/ && chmod -R u+w target/bench-harness
+  harness=target/bench-harness
+fi
 report=$(mktemp)
 # The library with its defaults (bench.c honours WSB_READ_BUFFER for trying other read sizes).
 EXTRA_CLIENTS="wsclient|ws|$client" "$harness/run.sh" | tee "$report"
@@ -19,6 +25,9 @@ EXTRA_CLIENTS="wsclient|ws|$client" "$harness/run.sh" | tee "$report"
   echo "'wsclient' is examples-c/bench.c on the library's defaults."
   echo
   cat "$report"
+  echo
+  runs=$(sed -n 's/.*raw data: \([^ ]*runs.jsonl\).*/\1/p' "$report" | tail -1)
+  if [[ -n $runs ]]; then examples-c/host_cpu_table.py "$harness/$runs"; fi
 } >BENCHMARKS.md
 rm -f "$report"
 echo "[bench] report kept in BENCHMARKS.md"

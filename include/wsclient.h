@@ -416,9 +416,13 @@ ws_status ws_on_close(ws_conn conn, ws_close_cb callback, void *user);
 ws_status ws_on_error(ws_conn conn, ws_error_cb callback, void *user);
 
 /**
- * Queues a text message of `len` bytes (no NUL needed; embedded NULs are sent). The bytes are
- * copied before it returns. Before the connection opens, messages wait and go out in order
- * right after the handshake.
+ * Sends a text message of `len` bytes (no NUL needed; embedded NULs are sent). The bytes are
+ * copied (or written) before it returns. Before the connection opens, messages wait and go out
+ * in order right after the handshake. A message of at most 16 KiB with nothing queued before
+ * it is written to the socket on the calling thread with one non-blocking write (sent from
+ * inside a callback, when its dispatch batch ends, together with the batch's other sends);
+ * anything else, and what the socket does not take, is written by the library's I/O thread.
+ * Messages go out in the order of the calls that sent them, whatever the threads.
  *
  * WS_STATUS_INVALID_UTF8 if the text is not valid UTF-8 (nothing is sent);
  * WS_STATUS_CLOSING after ws_close or once the connection has ended; WS_STATUS_SEND_QUEUE_FULL

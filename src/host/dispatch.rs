@@ -50,6 +50,51 @@ thread_local! {
     static CORKED: RefCell<Vec<Arc<Conn>>> = const { RefCell::new(Vec::new()) };
 }
 
+thread_local! {
+    /// On an I/O thread inside a connection task's poll: host wake-ups are held back (see
+    /// `HostWakes`), and these are the hubs to wake when the poll ends.
+    static HOLDING_HOST_WAKES: Cell<bool> = const { Cell::new(false) };
+    static HELD_HOST_WAKES: RefCell<Vec<Arc<Hub>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Holds back the wake-ups of hosts that an I/O task's poll causes until the poll ends, so
+/// that the task has done its work (and is about to wait) when the host's thread starts: with
+/// both on one core, a host woken earlier preempts the task, which must then be switched back
+/// in only to finish and wait.
+pub(crate) struct HostWakes(());
+
+impl HostWakes {
+    pub(crate) fn hold() -> HostWakes {
+        HOLDING_HOST_WAKES.set(true);
+        HostWakes(())
+    }
+
+    /// Takes the wake-up of `hub`'s host if a poll holds wake-ups back on this thread.
+    fn defer(hub: &Arc<Hub>) -> bool {
+        if !HOLDING_HOST_WAKES.get() {
+            return false;
+        }
+        HELD_HOST_WAKES.with_borrow_mut(|hubs| {
+            if !hubs.iter().any(|h| Arc::ptr_eq(h, hub)) {
+                hubs.push(hub.clone());
+            }
+        });
+        true
+    }
+}
+
+impl Drop for HostWakes {
+    fn drop(&mut self) {
+        HOLDING_HOST_WAKES.set(false);
+        let mut hubs = HELD_HOST_WAKES.take();
+        for hub in hubs.drain(..) {
+            hub.wakeup.set();
+        }
+        // Its capacity is kept for the next poll.
+        HELD_HOST_WAKES.set(hubs);
+    }
+}
+
 /// Writes `conn`'s held-back sends when the dispatch batch running on this thread ends.
 pub(crate) fn uncork_when_batch_ends(conn: Arc<Conn>) {
     CORKED.with_borrow_mut(|conns| conns.push(conn));
@@ -167,7 +212,7 @@ impl Hub {
     }
 
     /// Puts a connection with deliverable events on the ready list.
-    pub fn schedule(&self, conn: Arc<Conn>) {
+    pub fn schedule(self: &Arc<Self>, conn: Arc<Conn>) {
         let was_empty = {
             let mut ready = lock(&self.ready);
             let was_empty = ready.is_empty();
@@ -177,7 +222,7 @@ impl Hub {
         // Signalled after the lock is released: a host woken at once must not find it taken.
         // A dispatch that runs in between takes the connection and the signal is then spurious
         // (one dispatch with nothing to do), never lost.
-        if was_empty {
+        if was_empty && !HostWakes::defer(self) {
             self.wakeup.set();
         }
     }

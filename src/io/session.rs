@@ -28,6 +28,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use super::reader::{Buffered, FrameReader, Item, ReadError};
 use crate::conn::{Allowance, Conn, Event, Gate, Outgoing, Payload, PayloadArena, Taken};
 use crate::error::{Error, WsStatus};
+use crate::host::dispatch;
 use crate::options::Options;
 use crate::wire::frame::{self, Opcode};
 use crate::wire::{Receiving, Wire, Written};
@@ -208,6 +209,8 @@ impl Session {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        // The host is woken once this poll is done (see `HostWakes`).
+        let _host_wakes = dispatch::HostWakes::hold();
         let outcome = self.poll_rounds(cx);
         self.arena.drain_into(&mut self.batch);
         // What was read goes to the host before the task waits or ends (so messages always
