@@ -26,8 +26,9 @@ EXTRA_CLIENTS="wsclient|ws|$client" "$harness/run.sh" | tee "$report"
   echo
   cat "$report"
   echo
-  runs=$(sed -n 's/.*raw data: \([^ ]*runs.jsonl\).*/\1/p' "$report" | tail -1)
-  if [[ -n $runs ]]; then examples-c/host_cpu_table.py "$harness/$runs"; fi
+  # The run just made is the newest in the harness's results.
+  runs=$(ls -td "$harness"/target/results/*/ 2>/dev/null | head -1)
+  if [[ -f ${runs}runs.jsonl ]]; then examples-c/host_cpu_table.py "${runs}runs.jsonl"; fi
 } >BENCHMARKS.md
 rm -f "$report"
 echo "[bench] report kept in BENCHMARKS.md"
