@@ -1,0 +1,669 @@
+//! Round 3 of the attacks on the documented promises: the new write path. A small send with
+//! nothing queued before it is written on the caller's thread; sends made inside callbacks are
+//! held ("corked") until their dispatch batch ends; the I/O task writes the rest, and its own
+//! pings, pongs and close frames; for wss both threads share the TLS session.
+//!
+//! What the tests assert is measured from outside the library (what the peer receives, byte for
+//! byte; what the kernel holds in the sockets; whether the process survives), never read from
+//! the library's counters, except where a counter's value is itself the promise
+//! (ws_buffered_amount), and then it is checked against what the kernel holds.
+//!
+//! The raw peer and the outside measurements are tests/common/hostile.rs (rounds 1 to 3). Tests
+//! wait for events; the fixed durations are margins for hand-overs that show nowhere outside the
+//! library (said where used) and the bounds being asserted.
+
+mod common;
+
+use std::ffi::c_void;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::hostile::*;
+use common::*;
+
+// ---- host-side helpers ------------------------------------------------------------------------
+
+/// Dispatches (as a host's event loop does) until `done` holds or `limit` has passed; returns
+/// whether it held.
+fn pump(client: &Client, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        if client.wait_readable(left.min(Duration::from_millis(20))) {
+            client.dispatch();
+        }
+    }
+}
+
+/// Dispatches until `conn`'s open callback ran.
+fn wait_open(client: &Client, rec: &Recorder, conn: WsConn) {
+    assert!(
+        pump(client, DEADLINE, || rec.of(conn).contains(&Ev::Open(conn)) || rec.finals(conn) > 0),
+        "the connection never opened"
+    );
+    assert_eq!(rec.of(conn).first(), Some(&Ev::Open(conn)), "{:?}", rec.of(conn));
+}
+
+fn last_event(rec: &Recorder, conn: WsConn) -> Option<Ev> {
+    rec.of(conn).last().cloned()
+}
+
+fn set(status: WsStatus) {
+    assert_eq!(status, WsStatus::Ok, "{}", last_error());
+}
+
+/// Options with keepalive pings off.
+fn no_keepalive() -> Options {
+    let options = Options::new();
+    set(unsafe { ws_options_set_keepalive(options.0, 0, 1000) });
+    options
+}
+
+fn user<T>(value: &T) -> *mut c_void {
+    value as *const T as *mut c_void
+}
+
+fn buffered(conn: WsConn) -> (WsStatus, usize) {
+    let mut n = usize::MAX;
+    let status = unsafe { ws_buffered_amount(conn, &mut n) };
+    (status, n)
+}
+
+/// A watchdog for tests run in a child process: if `done` is not set within `limit`, prints
+/// `what` and ends the process with a failure.
+fn watchdog(limit: Duration, what: &'static str) -> Arc<AtomicBool> {
+    let done = Arc::new(AtomicBool::new(false));
+    let flag = done.clone();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if flag.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("WATCHDOG: {what} (nothing happened for {limit:?})");
+        std::process::exit(3);
+    });
+    done
+}
+
+/// Options that trust `identity`'s CA, keepalive off.
+fn trusting(identity: &TlsIdentity) -> Options {
+    let options = no_keepalive();
+    let ca = cstr(identity.ca_pem.to_str().unwrap());
+    set(unsafe { ws_options_add_ca_file(options.0, ca.as_ptr()) });
+    options
+}
+
+/// The TLS handshake and the WebSocket upgrade, on the server's side.
+fn tls_upgrade(identity: &TlsIdentity, peer: Peer) -> TlsPeer {
+    let mut tls = identity.accept(peer);
+    let request = read_request_from(&mut tls).expect("the upgrade request over TLS");
+    tls.write_all(response_to(&request, "").as_bytes()).unwrap();
+    tls.flush().unwrap();
+    tls
+}
+
+/// How a frame the peer received reads in a report.
+fn show(f: &Frame) -> String {
+    match f.opcode {
+        CLOSE => format!("close {:?} {:?}", f.close_code(), String::from_utf8_lossy(f.payload.get(2..).unwrap_or(&[]))),
+        TEXT => format!("text {:?}", String::from_utf8_lossy(&f.payload)),
+        BINARY => format!("binary of {} bytes", f.payload.len()),
+        PING => "ping".into(),
+        PONG => format!("pong {:?}", String::from_utf8_lossy(&f.payload)),
+        other => format!("opcode {other}"),
+    }
+}
+
+/// The peer's side of a one-question conversation: sends `question`, reads the client's frames
+/// up to and with its close frame, answers the close, then reads whatever still comes (nothing
+/// may follow a close frame) until the stream ends. Returns every frame read, in order.
+fn ask_then_read_to_the_end<S: Read + Write>(stream: &mut S, question: &[u8]) -> Vec<Frame> {
+    stream.write_all(&frame(FIN | TEXT, question)).unwrap();
+    stream.flush().unwrap();
+    let mut frames = Vec::new();
+    loop {
+        match read_frame_from(stream) {
+            Ok(f) => {
+                let close = f.opcode == CLOSE;
+                frames.push(f);
+                if close {
+                    break;
+                }
+            }
+            Err(_) => return frames,
+        }
+    }
+    let _ = stream.write_all(&close_frame(1000, ""));
+    let _ = stream.flush();
+    while let Ok(f) = read_frame_from(stream) {
+        frames.push(f);
+    }
+    frames
+}
+
+// ---- 1. ws_close and the sends a callback holds -----------------------------------------------
+
+/// What a replying callback saw: the statuses of its calls, in order.
+#[derive(Default)]
+struct Calls {
+    statuses: Mutex<Vec<(&'static str, WsStatus)>>,
+}
+
+impl Calls {
+    fn push(&self, what: &'static str, status: WsStatus) {
+        self.statuses.lock().unwrap().push((what, status));
+    }
+
+    fn all(&self) -> Vec<(&'static str, WsStatus)> {
+        self.statuses.lock().unwrap().clone()
+    }
+}
+
+/// Replies to the question, then closes, from inside the message callback.
+unsafe extern "C" fn reply_then_close(conn: WsConn, _: *const u8, _: usize, _: WsMessageKind, user: *mut c_void) {
+    let calls = &*(user as *const Calls);
+    calls.push("send", send_text(conn, "the reply"));
+    calls.push("close", close(conn, 1000, "done"));
+}
+
+/// Connects to `url`, lets `reply_then_close` answer the peer's question; returns the calls'
+/// statuses and the connection's events.
+fn reply_then_close_over(url: &str, options: &Options) -> (Vec<(&'static str, WsStatus)>, Vec<Ev>) {
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect_with(url, options.0);
+    watch(conn, &rec);
+    let calls = Calls::default();
+    set(ws_on_message(conn, Some(reply_then_close), user(&calls)));
+    assert!(pump(&client, DEADLINE, || rec.finals(conn) > 0), "no final callback: {:?}", rec.of(conn));
+    (calls.all(), rec.of(conn))
+}
+
+fn assert_reply_then_close(what: &str, calls: &[(&str, WsStatus)], events: &[Ev], frames: &[Frame]) {
+    let seen: Vec<String> = frames.iter().map(show).collect();
+    eprintln!("{what}: the callback's calls {calls:?}; the peer received {seen:?}; events {events:?}");
+    assert_eq!(calls, [("send", WsStatus::Ok), ("close", WsStatus::Ok)], "{what}");
+    assert_eq!(
+        seen,
+        [r#"text "the reply""#.to_string(), r#"close Some(1000) "done""#.to_string()],
+        "{what}: the reply, sent before ws_close, must reach the peer whole, before the close frame, and \
+         nothing may follow the close frame"
+    );
+}
+
+/// Header of ws_close: "Starts the close handshake after the messages already queued"; ws_send:
+/// "Messages go out in the order of the calls that sent them". A message callback that replies
+/// and then closes (the commonest way to end a conversation): the peer must get the reply,
+/// then the close frame, then nothing.
+#[test]
+fn a_callback_that_replies_then_closes_sends_the_reply_before_the_close_frame() {
+    let (url, peer) = serve(|mut p| {
+        p.upgrade();
+        p.read_timeout(Duration::from_secs(10));
+        ask_then_read_to_the_end(&mut p.stream, b"question")
+    });
+    let (calls, events) = reply_then_close_over(&url, &no_keepalive());
+    let frames = peer.join().unwrap();
+    assert_reply_then_close("ws", &calls, &events, &frames);
+}
+
+/// The same over wss (the TLS session shared by both threads).
+#[test]
+fn tls_a_callback_that_replies_then_closes_sends_the_reply_before_the_close_frame() {
+    let identity = Arc::new(TlsIdentity::new());
+    let server_identity = identity.clone();
+    let listener = Listener::bind();
+    let url = format!("wss://127.0.0.1:{}/", listener.port);
+    let peer = std::thread::spawn(move || {
+        let mut tls = tls_upgrade(&server_identity, listener.accept());
+        tls.sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        ask_then_read_to_the_end(&mut tls, b"question")
+    });
+    let (calls, events) = reply_then_close_over(&url, &trusting(&identity));
+    let frames = peer.join().unwrap();
+    assert_reply_then_close("wss", &calls, &events, &frames);
+}
+
+/// Sends a reply, then has another thread send a message and close, and waits for that thread.
+unsafe extern "C" fn reply_then_another_thread_closes(
+    conn: WsConn,
+    _: *const u8,
+    _: usize,
+    _: WsMessageKind,
+    user: *mut c_void,
+) {
+    let calls = &*(user as *const Calls);
+    calls.push("send in the callback", send_text(conn, "from the callback"));
+    let (sent, closed) = std::thread::spawn(move || (send_text(conn, "from another thread"), close(conn, 1000, "bye")))
+        .join()
+        .unwrap();
+    calls.push("send on another thread", sent);
+    calls.push("close on another thread", closed);
+}
+
+/// README: ws_close "Starts the close handshake after the messages already queued"; "Every other
+/// function may be called from any thread and from inside callbacks". A message callback sends a
+/// reply, then another thread sends a message and calls ws_close (the callback waits for it: the
+/// calls happen one after the other). The peer must get both messages, in the order of the
+/// calls, then the close frame, then nothing.
+#[test]
+fn a_close_from_another_thread_goes_after_the_reply_a_callback_sent_before_it() {
+    let mut outcomes = Vec::new();
+    for round in 0..20 {
+        let (url, peer) = serve(|mut p| {
+            p.upgrade();
+            p.read_timeout(Duration::from_secs(10));
+            ask_then_read_to_the_end(&mut p.stream, b"question")
+        });
+        let client = Client::new();
+        let rec = Recorder::default();
+        let options = no_keepalive();
+        let conn = client.connect_with(&url, options.0);
+        watch(conn, &rec);
+        let calls = Calls::default();
+        set(ws_on_message(conn, Some(reply_then_another_thread_closes), user(&calls)));
+        assert!(pump(&client, DEADLINE, || rec.finals(conn) > 0), "no final callback: {:?}", rec.of(conn));
+        let seen: Vec<String> = peer.join().unwrap().iter().map(show).collect();
+        let calls = calls.all();
+        assert!(calls.iter().all(|(_, s)| *s == WsStatus::Ok), "round {round}: {calls:?}");
+        let expected = [
+            r#"text "from the callback""#.to_string(),
+            r#"text "from another thread""#.to_string(),
+            r#"close Some(1000) "bye""#.to_string(),
+        ];
+        if seen != expected {
+            outcomes.push(format!("round {round}: the peer received {seen:?}"));
+        }
+    }
+    eprintln!("{} of 20 rounds wrong: {outcomes:#?}", outcomes.len());
+    assert!(
+        outcomes.is_empty(),
+        "the messages sent before ws_close must reach the peer, in order, before the close frame: {} of 20 \
+         rounds wrong, first {:?}",
+        outcomes.len(),
+        outcomes.first()
+    );
+}
+
+// ---- 2. ws_buffered_amount and the sends a callback holds -------------------------------------
+
+/// What the probing callback needs and what it saw.
+#[derive(Default)]
+struct HeldProbe {
+    /// The peer's end of the connection (a copy of its socket, to ask the kernel what arrived).
+    peer: Mutex<Option<(TcpStream, ClientSocket)>>,
+    /// (send status, ws_buffered_amount's answer, bytes in the kernel: peer unread + client unsent)
+    seen: Mutex<Option<(WsStatus, (WsStatus, usize), u64)>>,
+}
+
+unsafe extern "C" fn send_then_probe(conn: WsConn, _: *const u8, _: usize, _: WsMessageKind, user: *mut c_void) {
+    let probe = &*(user as *const HeldProbe);
+    let status = send_binary(conn, &[0x5a; 1000]);
+    let amount = buffered(conn);
+    let guard = probe.peer.lock().unwrap();
+    let (peer, socket) = guard.as_ref().unwrap();
+    let in_kernel = unread_bytes(peer.as_raw_fd()) as u64 + socket.state().map_or(0, |s| s.tx_queue);
+    *probe.seen.lock().unwrap() = Some((status, amount, in_kernel));
+}
+
+/// Header of ws_buffered_amount: "how many payload bytes were accepted by ws_send/ws_send_binary
+/// and not yet written to the socket (the browser's bufferedAmount)". A message callback sends
+/// 1,000 bytes, then asks ws_buffered_amount, then the kernel whether any byte of it reached the
+/// socket (the peer's unread bytes and the client's unsent ones). Sends made inside a callback
+/// wait for the end of the dispatch batch: none is in the kernel yet, so the answer must be at
+/// least 1,000.
+#[test]
+fn buffered_amount_counts_the_bytes_a_callback_sent_while_they_wait_for_the_batch_end() {
+    let (sockets, peer_sockets) = mpsc::channel();
+    let (done, peer_done) = mpsc::channel::<()>();
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        sockets.send((p.stream.try_clone().unwrap(), p.client_socket())).unwrap();
+        p.send(&frame(FIN | TEXT, b"question"));
+        let _ = peer_done.recv_timeout(PEER_TIMEOUT);
+        p.read_frame().map(|f| (f.opcode, f.payload.len()))
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    let probe = HeldProbe::default();
+    *probe.peer.lock().unwrap() = Some(peer_sockets.recv_timeout(PEER_TIMEOUT).unwrap());
+    set(ws_on_message(conn, Some(send_then_probe), user(&probe)));
+    assert!(pump(&client, DEADLINE, || probe.seen.lock().unwrap().is_some()), "the question never came");
+    done.send(()).unwrap();
+    let (status, amount, in_kernel) = probe.seen.lock().unwrap().unwrap();
+    let received = peer.join().unwrap();
+    eprintln!(
+        "inside the callback, after a send of 1000 bytes: {status:?}, ws_buffered_amount {amount:?}, bytes in \
+         the kernel {in_kernel}; the peer then read {received:?}"
+    );
+    assert_eq!(status, WsStatus::Ok);
+    assert_eq!(received.ok(), Some((BINARY, 1000)), "the message was sent at all");
+    assert_eq!(amount.0, WsStatus::Ok);
+    assert!(
+        in_kernel > 0 || amount.1 >= 1000,
+        "ws_buffered_amount answered {} while none of the 1000 bytes had reached the socket",
+        amount.1
+    );
+}
+
+/// What the callbacks of the next test saw.
+#[derive(Default)]
+struct EndProbe {
+    go_peer: Mutex<Option<mpsc::Sender<()>>>,
+    /// Sends answered OK in the message callback (the reply and the probes).
+    accepted: AtomicUsize,
+    /// How the last probe was answered.
+    last: Mutex<Option<WsStatus>>,
+    /// ws_buffered_amount inside the close callback.
+    in_close: Mutex<Option<(WsStatus, usize)>>,
+    close: Mutex<Option<(u16, String)>>,
+}
+
+/// Sends a reply, lets the peer close, then sends one byte at a time until ws_send answers
+/// CLOSING ("once the connection has ended").
+unsafe extern "C" fn reply_while_the_peer_closes(conn: WsConn, _: *const u8, _: usize, _: WsMessageKind, user: *mut c_void) {
+    let probe = &*(user as *const EndProbe);
+    if send_text(conn, "the reply") == WsStatus::Ok {
+        probe.accepted.fetch_add(1, Ordering::SeqCst);
+    }
+    probe.go_peer.lock().unwrap().take().unwrap().send(()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let status = send_text(conn, "p");
+        *probe.last.lock().unwrap() = Some(status);
+        if status != WsStatus::Ok {
+            return;
+        }
+        probe.accepted.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+unsafe extern "C" fn buffered_in_close(conn: WsConn, code: u16, reason: *const std::os::raw::c_char, len: usize, user: *mut c_void) {
+    let probe = &*(user as *const EndProbe);
+    *probe.in_close.lock().unwrap() = Some(buffered(conn));
+    let reason = String::from_utf8_lossy(std::slice::from_raw_parts(reason.cast::<u8>(), len)).into_owned();
+    *probe.close.lock().unwrap() = Some((code, reason));
+}
+
+/// README: "ws_buffered_amount() tells how many payload bytes wait to be written (0 once the
+/// connection has ended)". A message callback replies, then the peer closes; the callback goes
+/// on sending until ws_send answers CLOSING, which the header gives "once the connection has
+/// ended". In the close callback that follows, ws_buffered_amount must be 0.
+#[test]
+fn buffered_amount_is_zero_in_the_close_callback_after_a_callback_sent_while_the_peer_closed() {
+    let (go_peer, peer_go) = mpsc::channel::<()>();
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        p.send(&frame(FIN | TEXT, b"question"));
+        let _ = peer_go.recv_timeout(PEER_TIMEOUT);
+        p.send(&close_frame(1000, "peer done"));
+        let (frames, _) = p.read_timeout(Duration::from_secs(10)).read_until_close();
+        let _ = p.read_to_end();
+        frames.iter().map(show).collect::<Vec<_>>()
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    let probe = EndProbe::default();
+    *probe.go_peer.lock().unwrap() = Some(go_peer);
+    set(ws_on_message(conn, Some(reply_while_the_peer_closes), user(&probe)));
+    set(ws_on_close(conn, Some(buffered_in_close), user(&probe)));
+    assert!(
+        pump(&client, DEADLINE, || probe.close.lock().unwrap().is_some() || rec.finals(conn) > 0),
+        "no final callback: {:?}",
+        rec.of(conn)
+    );
+    let frames = peer.join().unwrap();
+    let last = *probe.last.lock().unwrap();
+    let in_close = *probe.in_close.lock().unwrap();
+    eprintln!(
+        "{} sends accepted in the callback, then {last:?}; the peer received {frames:?}; in the close callback \
+         ({:?}) ws_buffered_amount answered {in_close:?}; events {:?}",
+        probe.accepted.load(Ordering::SeqCst),
+        probe.close.lock().unwrap(),
+        rec.of(conn)
+    );
+    assert_eq!(last, Some(WsStatus::Closing), "ws_send says the connection has ended");
+    assert_eq!(*probe.close.lock().unwrap(), Some((1000, "peer done".to_string())));
+    assert_eq!(in_close, Some((WsStatus::Ok, 0)), "bytes said to wait once the connection has ended");
+}
+
+// ---- 3. ws_close in a message callback after the peer's close --------------------------------
+
+unsafe extern "C" fn close_in_message(conn: WsConn, _: *const u8, _: usize, _: WsMessageKind, user: *mut c_void) {
+    let calls = &*(user as *const Calls);
+    calls.push("close in the message callback", close(conn, 1000, ""));
+}
+
+/// Header of ws_close: "If the peer started the close first, it returns WS_STATUS_OK and the close
+/// callback follows with the peer's code. ... a call from inside the final callback returns
+/// WS_STATUS_CLOSING". The peer sends a message and its close frame in one write; the host
+/// dispatches once the connection has ended (the peer saw the client's close answer and the end
+/// of its stream, and ws_send answers CLOSING); in the message callback, which is not the final
+/// callback, ws_close must answer OK, as it does when the host dispatches sooner.
+///
+/// (50 ms after ws_send first answers CLOSING, for the I/O thread to queue the final event right
+/// after it: that hand-over shows nowhere outside the library.)
+#[test]
+fn ws_close_in_the_message_before_the_peers_close_answers_ok_however_late_the_host_dispatches() {
+    let (go_peer, peer_go) = mpsc::channel::<()>();
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        let _ = peer_go.recv_timeout(PEER_TIMEOUT);
+        let mut bytes = frame(FIN | TEXT, b"last words");
+        bytes.extend(close_frame(4000, "bye"));
+        p.send(&bytes);
+        let (frames, _) = p.read_timeout(Duration::from_secs(10)).read_until_close();
+        let end = p.read_to_end();
+        (frames.iter().map(show).collect::<Vec<_>>(), end.is_ok())
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    wait_open(&client, &rec, conn);
+    let calls = Calls::default();
+    set(ws_on_message(conn, Some(close_in_message), user(&calls)));
+    go_peer.send(()).unwrap();
+    let (frames, ended) = peer.join().unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while send_text(conn, "probe") == WsStatus::Ok {
+        assert!(Instant::now() < deadline, "ws_send never answered CLOSING");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(pump(&client, DEADLINE, || rec.finals(conn) > 0), "no final callback");
+    let calls = calls.all();
+    eprintln!("the peer received {frames:?} (then its stream ended: {ended}); calls {calls:?}; events {:?}", rec.of(conn));
+    // (The message callback here is the probe, which records nothing itself.)
+    assert_eq!(rec.of(conn)[1..], [Ev::Close(conn, 4000, "bye".into())]);
+    assert_eq!(
+        calls,
+        [("close in the message callback", WsStatus::Ok)],
+        "the message callback is not the final callback, and the peer started the close first"
+    );
+}
+
+// ---- 4. the send queue limit and the sends a callback holds ------------------------------------
+
+/// Sends 1,000-byte messages until one is refused; counts those accepted.
+unsafe extern "C" fn send_until_refused(conn: WsConn, _: *const u8, _: usize, _: WsMessageKind, user: *mut c_void) {
+    let probe = &*(user as *const (AtomicUsize, Mutex<Option<WsStatus>>));
+    for _ in 0..1_000_000 {
+        let status = send_binary(conn, &[0x33; 1000]);
+        if status != WsStatus::Ok {
+            *probe.1.lock().unwrap() = Some(status);
+            return;
+        }
+        probe.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// One frame of a 1,000-byte message: 2 bytes, a 2-byte length, the 4-byte mask, the payload.
+const FRAME_OF_1000: u64 = 1008;
+const SMALL_SEND_LIMIT: usize = 1024;
+
+/// A connection with a send queue limit of 1,024 bytes to a peer that reads nothing: a message
+/// callback sends 1,000-byte messages until ws_send refuses. Returns (messages accepted, the
+/// refusal, bytes held inside the library once the sockets have settled).
+fn held_after_a_callback_fills_the_socket() -> (u64, Option<WsStatus>, u64) {
+    let (sockets, peer_sockets) = mpsc::channel();
+    let (stop, peer_stop) = mpsc::channel::<()>();
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        sockets.send(p.client_socket()).unwrap();
+        p.send(&frame(FIN | TEXT, b"go"));
+        let _ = peer_stop.recv_timeout(PEER_TIMEOUT);
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    set(unsafe { ws_options_set_send_queue_limit(options.0, SMALL_SEND_LIMIT) });
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    let socket = peer_sockets.recv_timeout(PEER_TIMEOUT).unwrap();
+    let probe = (AtomicUsize::new(0), Mutex::new(None));
+    set(ws_on_message(conn, Some(send_until_refused), user(&probe)));
+    assert!(pump(&client, DEADLINE, || probe.1.lock().unwrap().is_some()), "the callback never ran to its end");
+    let (unsent, unread) = settled_queues(&socket, Duration::from_millis(300));
+    let accepted = probe.0.load(Ordering::SeqCst) as u64;
+    let held = (accepted * FRAME_OF_1000).saturating_sub(unsent + unread);
+    let refusal = *probe.1.lock().unwrap();
+    stop.send(()).unwrap();
+    peer.join().unwrap();
+    (accepted, refusal, held)
+}
+
+/// README: "past 64 MiB (`ws_options_set_send_queue_limit`) `ws_send` refuses with
+/// WS_STATUS_SEND_QUEUE_FULL rather than grow"; header: "Bytes that may wait to be sent before
+/// ws_send refuses". A limit of 1,024 bytes, a peer that reads nothing, and a message callback
+/// that sends 1,000-byte messages until refused: what the library holds once the sockets settle
+/// (the frames accepted minus what the kernel holds: the client's unsent bytes and the peer's
+/// unread ones) may pass the limit by at most the one message the socket took in part. Three
+/// connections.
+#[test]
+fn the_send_queue_limit_bounds_what_waits_after_a_callbacks_sends_fill_the_socket() {
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(held_after_a_callback_fills_the_socket());
+    }
+    eprintln!("limit {SMALL_SEND_LIMIT} bytes: (accepted 1000-byte messages, refusal, bytes held in the library): {runs:?}");
+    for (accepted, refusal, held) in &runs {
+        assert!(*accepted > 0);
+        assert_eq!(*refusal, Some(WsStatus::SendQueueFull));
+        assert!(
+            *held <= SMALL_SEND_LIMIT as u64 + FRAME_OF_1000,
+            "{held} bytes wait inside the library with a send queue limit of {SMALL_SEND_LIMIT} (runs: {runs:?})"
+        );
+    }
+}
+
+// ---- 5. a peer that resets, and a host that keeps SIGPIPE's default ------------------------------
+
+/// One connection whose peer reads 20 frames and resets it while two threads send small messages
+/// as fast as they can (wss if `identity` is given). Returns the connection's final event.
+fn reset_while_sending(identity: Option<Arc<TlsIdentity>>) -> Ev {
+    let listener = Listener::bind();
+    let url = match identity {
+        Some(_) => format!("wss://127.0.0.1:{}/", listener.port),
+        None => listener.url(),
+    };
+    let options = match &identity {
+        Some(identity) => trusting(identity),
+        None => no_keepalive(),
+    };
+    let peer = std::thread::spawn(move || {
+        let p = listener.accept();
+        match identity {
+            Some(identity) => {
+                let mut tls = tls_upgrade(&identity, p);
+                for _ in 0..20 {
+                    let _ = read_frame_from(&mut tls);
+                }
+                reset(tls.sock);
+            }
+            None => {
+                let mut p = p;
+                p.upgrade();
+                for _ in 0..20 {
+                    let _ = p.read_frame();
+                }
+                reset(p.stream);
+            }
+        }
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    wait_open(&client, &rec, conn);
+    let senders: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for _ in 0..2_000_000 {
+                    match send_binary(conn, &[1u8; 100]) {
+                        WsStatus::Ok | WsStatus::SendQueueFull => {}
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    client.run_until_final(&rec, conn);
+    for s in senders {
+        s.join().unwrap();
+    }
+    peer.join().unwrap();
+    last_event(&rec, conn).unwrap()
+}
+
+/// README, status 25: "error callback: reset or closed without a close handshake"; Security: the
+/// limits "keep a hostile or broken peer from exhausting the host". The library is meant for C
+/// hosts, where SIGPIPE keeps its default action (it ends the process) unless the host ignores
+/// it, which the README never asks. Peers that reset their connection while two threads send:
+/// each connection must end in its error callback, and the process must live. 40 connections,
+/// half of them wss, in a process of its own with SIGPIPE as a C program has it.
+#[test]
+fn peers_that_reset_while_threads_send_do_not_kill_a_host_that_keeps_sigpipe_default() {
+    const NAME: &str = "peers_that_reset_while_threads_send_do_not_kill_a_host_that_keeps_sigpipe_default";
+    if !in_child(NAME, &[]) {
+        return;
+    }
+    sigpipe_as_in_a_c_host();
+    let done = watchdog(Duration::from_secs(100), "resets while sending");
+    let identity = Arc::new(TlsIdentity::new());
+    let mut finals = std::collections::BTreeMap::new();
+    for round in 0..40 {
+        let end = reset_while_sending((round % 2 == 1).then(|| identity.clone()));
+        let key = match end {
+            Ev::Error(_, status, _) => format!("error {status:?}"),
+            Ev::Close(_, code, _) => format!("close {code}"),
+            other => panic!("not a final event: {other:?}"),
+        };
+        *finals.entry(key).or_insert(0) += 1;
+    }
+    done.store(true, Ordering::Release);
+    eprintln!("40 resets while sending, the process alive; final callbacks: {finals:?}");
+}
+
