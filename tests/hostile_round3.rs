@@ -977,3 +977,243 @@ fn tls_key_updates_requested_while_threads_send_keep_every_record_readable_and_i
     assert!(updates.load(Ordering::SeqCst) >= 20, "too few key updates: the test missed its case");
     assert_eq!(end, Some(Ev::Close(conn, 1000, String::new())));
 }
+
+// ---- 8. sends before the open, then the caller's thread -----------------------------------------
+
+/// Sends one text message from the open callback.
+unsafe extern "C" fn send_on_open(conn: WsConn, user: *mut c_void) {
+    let status = send_text(conn, "from the open callback");
+    *(*(user as *const Mutex<Option<WsStatus>>)).lock().unwrap() = Some(status);
+}
+
+/// README "Threading contract": "Sends before open are queued and go out in order after the
+/// handshake"; header of ws_send: "Messages go out in the order of the calls that sent them,
+/// whatever the threads". A thread sends 300 messages while the peer holds back its 101; then
+/// the peer answers and the thread goes on (its sends now race the open: queued, or written by
+/// the thread itself once the socket is the caller's), a second thread starts sending, and the
+/// open callback sends one message. Every thread's messages arrive whole and in order, the
+/// first thread's 300 before the open callback's message (they were sent before the open), and
+/// nothing follows the close frame.
+#[test]
+fn sends_queued_before_the_open_go_before_those_written_after_it() {
+    const EARLY: u32 = 300;
+    const PER_SENDER: u32 = 1500;
+    let (go, peer_go) = mpsc::channel::<()>();
+    let (url, peer) = serve(move |mut p| {
+        let request = p.read_request();
+        let _ = peer_go.recv_timeout(PEER_TIMEOUT);
+        p.send(response_to(&request, "").as_bytes());
+        p.read_timeout(Duration::from_secs(20));
+        // (sender, seq) or None for the open callback's message, in arrival order; what was wrong.
+        let mut arrived = Vec::new();
+        let mut wrong = Vec::new();
+        loop {
+            match p.read_frame() {
+                Ok(f) if f.opcode == BINARY => match untag(&f.payload) {
+                    Ok(tag) => arrived.push(Some(tag)),
+                    Err(e) => wrong.push(e),
+                },
+                Ok(f) if f.opcode == TEXT && f.payload == b"from the open callback" => arrived.push(None),
+                Ok(f) if f.opcode == CLOSE => {
+                    p.send(&close_frame(1000, ""));
+                    while let Ok(f) = p.read_frame() {
+                        wrong.push(format!("{} after the close frame", show(&f)));
+                    }
+                    return (arrived, wrong);
+                }
+                Ok(f) => wrong.push(show(&f)),
+                Err(e) => {
+                    wrong.push(format!("reading failed before the close: {e}"));
+                    return (arrived, wrong);
+                }
+            }
+        }
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    let opened = Mutex::new(None);
+    set(ws_on_open(conn, Some(send_on_open), user(&opened)));
+    let sizes = [9usize, 125, 126, 16383, 16384, 16385, 200, 5000];
+    let (started, second_go) = mpsc::channel::<()>();
+    let first = std::thread::spawn(move || {
+        for seq in 0..PER_SENDER {
+            if seq == EARLY {
+                go.send(()).unwrap();
+                started.send(()).unwrap();
+            }
+            assert_eq!(send_binary(conn, &tagged(0, seq, sizes[seq as usize % sizes.len()])), WsStatus::Ok);
+        }
+    });
+    let second = std::thread::spawn(move || {
+        let _ = second_go.recv_timeout(PEER_TIMEOUT);
+        for seq in 0..PER_SENDER {
+            assert_eq!(send_binary(conn, &tagged(1, seq, sizes[(seq as usize + 3) % sizes.len()])), WsStatus::Ok);
+        }
+    });
+    assert!(pump(&client, DEADLINE, || first.is_finished() && second.is_finished()), "the senders never finished");
+    first.join().unwrap();
+    second.join().unwrap();
+    assert_eq!(close(conn, 1000, ""), WsStatus::Ok);
+    assert!(pump(&client, DEADLINE, || rec.finals(conn) > 0), "no final callback");
+    let (arrived, wrong) = peer.join().unwrap();
+    let open_at = arrived.iter().position(Option::is_none);
+    let early_end = arrived.iter().position(|a| *a == Some((0, EARLY - 1)));
+    eprintln!(
+        "{} messages arrived; the open callback's ({:?}) at {open_at:?}, the last early one at {early_end:?}; wrong: \
+         {wrong:?}",
+        arrived.len(),
+        *opened.lock().unwrap()
+    );
+    assert!(wrong.is_empty(), "{wrong:?}");
+    assert_eq!(*opened.lock().unwrap(), Some(WsStatus::Ok));
+    for sender in 0..2 {
+        let seqs: Vec<u32> = arrived.iter().flatten().filter(|(s, _)| *s == sender).map(|(_, q)| *q).collect();
+        assert!(
+            seqs == (0..PER_SENDER).collect::<Vec<_>>(),
+            "sender {sender}: {} messages, first out of order at {:?}",
+            seqs.len(),
+            seqs.iter().enumerate().position(|(i, q)| *q != i as u32)
+        );
+    }
+    assert_eq!(arrived.iter().filter(|a| a.is_none()).count(), 1, "the open callback's message, once");
+    assert!(open_at > early_end, "the open callback's message overtook messages sent before the open");
+    assert_eq!(last_event(&rec, conn), Some(Ev::Close(conn, 1000, String::new())));
+}
+
+// ---- 9. connections ending while threads send: a later connection gets none of their bytes -----
+
+/// The message sent on connection `n`: its number, then a pattern of it (64 bytes).
+fn for_connection(n: u32) -> Vec<u8> {
+    let mut m = n.to_le_bytes().to_vec();
+    m.extend((4..64).map(|i| (i as u8) ^ (n as u8)));
+    m
+}
+
+/// The peer of one connection: checks that the upgrade request is the one of the path it names
+/// and that every frame carries that connection's number, then resets the connection after 30
+/// frames. Returns what was wrong.
+fn numbered_peer(mut p: Peer) -> Vec<String> {
+    let mut wrong = Vec::new();
+    p.read_timeout(Duration::from_secs(10));
+    let request = match read_request_from(&mut p.stream) {
+        Ok(r) => r,
+        Err(e) => return vec![format!("no request: {e}")],
+    };
+    let n = request
+        .strip_prefix("GET /c")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse::<u32>().ok());
+    let Some(n) = n else {
+        return vec![format!("a garbled request: {:?}", &request[..request.len().min(80)])];
+    };
+    p.send(response_to(&request, "").as_bytes());
+    for _ in 0..30 {
+        match p.read_frame() {
+            Ok(f) if f.opcode == BINARY && f.payload == for_connection(n) => {}
+            Ok(f) => {
+                let tag = f.payload.get(..4).map(|t| u32::from_le_bytes(t.try_into().unwrap()));
+                wrong.push(format!("connection {n} received {} tagged {tag:?}", show(&f)));
+            }
+            Err(_) => break,
+        }
+    }
+    reset(p.stream);
+    wrong
+}
+
+/// A closed descriptor's number is the next one a new socket gets: a write made through a stale
+/// descriptor would land in another connection (a later client connection, or, in this
+/// process, a peer's end). 300 connections, six at a time, each reset by its peer after 30
+/// frames while four threads send on every live connection as fast as they can: every request
+/// the peers read is the one of its connection, every frame carries its connection's number,
+/// and every connection ends with CONNECTION_LOST (a byte of a stale write arriving on a client
+/// connection would fail it as a protocol error).
+#[test]
+fn connections_reset_while_threads_send_never_write_into_a_later_connection() {
+    const CONNECTIONS: u32 = 300;
+    const LIVE: usize = 6;
+    let listener = Listener::bind();
+    let port = listener.port;
+    let problems = Arc::new(Mutex::new(Vec::<String>::new()));
+    let acceptor = {
+        let problems = problems.clone();
+        std::thread::spawn(move || {
+            let mut peers = Vec::new();
+            for _ in 0..CONNECTIONS {
+                let p = listener.accept();
+                let problems = problems.clone();
+                peers.push(std::thread::spawn(move || problems.lock().unwrap().extend(numbered_peer(p))));
+            }
+            for p in peers {
+                p.join().unwrap();
+            }
+        })
+    };
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    let live = Arc::new(Mutex::new(Vec::<(WsConn, u32)>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..4)
+        .map(|_| {
+            let (live, stop) = (live.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut sent = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let snapshot = live.lock().unwrap().clone();
+                    if snapshot.is_empty() {
+                        std::thread::yield_now();
+                    }
+                    for (conn, n) in snapshot {
+                        if send_binary(conn, &for_connection(n)) == WsStatus::Ok {
+                            sent += 1;
+                        }
+                    }
+                }
+                sent
+            })
+        })
+        .collect();
+    let mut opened = 0u32;
+    let mut finals = std::collections::BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        {
+            let mut live = live.lock().unwrap();
+            live.retain(|(conn, _)| {
+                let ended = rec.finals(*conn) > 0;
+                if ended {
+                    let key = match last_event(&rec, *conn) {
+                        Some(Ev::Error(_, status, _)) => format!("error {status:?}"),
+                        other => format!("{other:?}"),
+                    };
+                    *finals.entry(key).or_insert(0) += 1;
+                }
+                !ended
+            });
+            while live.len() < LIVE && opened < CONNECTIONS {
+                let conn = client.connect_with(&format!("ws://127.0.0.1:{port}/c{opened}"), options.0);
+                watch(conn, &rec);
+                live.push((conn, opened));
+                opened += 1;
+            }
+            if live.is_empty() {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "connections still alive after 120 s: {:?}", live.lock().unwrap());
+        if client.wait_readable(Duration::from_millis(20)) {
+            client.dispatch();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent: u64 = senders.into_iter().map(|s| s.join().unwrap()).sum();
+    acceptor.join().unwrap();
+    let problems = problems.lock().unwrap().clone();
+    eprintln!("{CONNECTIONS} connections, {sent} sends accepted; final callbacks {finals:?}; problems {problems:?}");
+    assert!(problems.is_empty(), "{} problems, first {:?}", problems.len(), problems.first());
+    assert_eq!(finals.get("error ConnectionLost"), Some(&(CONNECTIONS as usize)), "{finals:?}");
+}
