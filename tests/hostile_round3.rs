@@ -526,8 +526,9 @@ const SMALL_SEND_LIMIT: usize = 1024;
 
 /// A connection with a send queue limit of 1,024 bytes to a peer that reads nothing: a message
 /// callback sends 1,000-byte messages until ws_send refuses. Returns (messages accepted, the
-/// refusal, bytes held inside the library once the sockets have settled).
-fn held_after_a_callback_fills_the_socket() -> (u64, Option<WsStatus>, u64) {
+/// refusal, frame bytes held inside the library once the sockets have settled, and then
+/// ws_buffered_amount's answer).
+fn held_after_a_callback_fills_the_socket() -> (u64, Option<WsStatus>, u64, (WsStatus, usize)) {
     let (sockets, peer_sockets) = mpsc::channel();
     let (stop, peer_stop) = mpsc::channel::<()>();
     let (url, peer) = serve(move |mut p| {
@@ -550,9 +551,10 @@ fn held_after_a_callback_fills_the_socket() -> (u64, Option<WsStatus>, u64) {
     let accepted = probe.0.load(Ordering::SeqCst) as u64;
     let held = (accepted * FRAME_OF_1000).saturating_sub(unsent + unread);
     let refusal = *probe.1.lock().unwrap();
+    let amount = buffered(conn);
     stop.send(()).unwrap();
     peer.join().unwrap();
-    (accepted, refusal, held)
+    (accepted, refusal, held, amount)
 }
 
 /// README: "past 64 MiB (`ws_options_set_send_queue_limit`) `ws_send` refuses with
@@ -568,13 +570,109 @@ fn the_send_queue_limit_bounds_what_waits_after_a_callbacks_sends_fill_the_socke
     for _ in 0..3 {
         runs.push(held_after_a_callback_fills_the_socket());
     }
-    eprintln!("limit {SMALL_SEND_LIMIT} bytes: (accepted 1000-byte messages, refusal, bytes held in the library): {runs:?}");
-    for (accepted, refusal, held) in &runs {
+    eprintln!(
+        "limit {SMALL_SEND_LIMIT} bytes: (accepted 1000-byte messages, refusal, bytes held in the library, \
+         ws_buffered_amount): {runs:?}"
+    );
+    for (accepted, refusal, held, _) in &runs {
         assert!(*accepted > 0);
         assert_eq!(*refusal, Some(WsStatus::SendQueueFull));
         assert!(
             *held <= SMALL_SEND_LIMIT as u64 + FRAME_OF_1000,
             "{held} bytes wait inside the library with a send queue limit of {SMALL_SEND_LIMIT} (runs: {runs:?})"
+        );
+    }
+}
+
+/// One frame of a 16 KiB message: 2 bytes, a 2-byte length, the 4-byte mask, the payload.
+const FRAME_OF_16K: u64 = 16392;
+
+/// A connection with a send queue limit of 20,000 bytes (one 16 KiB message) to a peer that
+/// reads nothing: a thread (not a callback) sends 16 KiB messages, which its own thread writes,
+/// until ws_send refuses. Returns (messages accepted, the refusal, ws_buffered_amount's answer,
+/// payload bytes held inside the library once the sockets have settled).
+fn buffered_after_a_partial_write() -> (u64, WsStatus, (WsStatus, usize), u64) {
+    let (sockets, peer_sockets) = mpsc::channel();
+    let (stop, peer_stop) = mpsc::channel::<()>();
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        sockets.send(p.client_socket()).unwrap();
+        let _ = peer_stop.recv_timeout(PEER_TIMEOUT);
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    set(unsafe { ws_options_set_send_queue_limit(options.0, 20_000) });
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    wait_open(&client, &rec, conn);
+    let socket = peer_sockets.recv_timeout(PEER_TIMEOUT).unwrap();
+    let message = vec![0x44u8; 16384];
+    let mut accepted = 0u64;
+    let (refusal, unsent, unread, held_frames) = loop {
+        match send_binary(conn, &message) {
+            WsStatus::Ok => accepted += 1,
+            other => {
+                // Refused: a message waits. Until the socket was the caller's (the first sends
+                // may wait for the I/O task), that one may since have been written: then send on.
+                let (unsent, unread) = settled_queues(&socket, Duration::from_millis(300));
+                let held_frames = (accepted * FRAME_OF_16K).saturating_sub(unsent + unread);
+                if held_frames > 0 {
+                    break (other, unsent, unread, held_frames);
+                }
+            }
+        }
+        assert!(accepted < 100_000, "ws_send never refused");
+    };
+    let amount = buffered(conn);
+    eprintln!("client unsent {unsent}, peer unread {unread}, frames accepted {accepted}");
+    // At most one frame is held (the limit is one message), so its unwritten payload is the
+    // held bytes, but never more than its payload.
+    let held_payload = held_frames.min(16384);
+    stop.send(()).unwrap();
+    peer.join().unwrap();
+    (accepted, refusal, amount, held_payload)
+}
+
+/// Header of ws_buffered_amount: "how many payload bytes were accepted by ws_send/ws_send_binary
+/// and not yet written to the socket". A thread sends 16 KiB messages to a peer that reads
+/// nothing, with a send queue limit of one message, until refused: the last one accepted was
+/// written in part by the sending thread. Once the sockets settle, ws_buffered_amount must be
+/// the payload bytes that the kernel has not got (the frames accepted minus the client's unsent
+/// and the peer's unread bytes), within 8 bytes (a frame's header). Three connections.
+#[test]
+fn buffered_amount_after_a_partial_write_counts_only_what_the_socket_did_not_take() {
+    let runs: Vec<_> = (0..3).map(|_| buffered_after_a_partial_write()).collect();
+    eprintln!("(16 KiB messages accepted, refusal, ws_buffered_amount, payload bytes held in the library): {runs:?}");
+    for (accepted, refusal, (status, amount), held) in &runs {
+        assert!(*accepted > 0);
+        assert_eq!(*refusal, WsStatus::SendQueueFull);
+        assert_eq!(*status, WsStatus::Ok);
+        assert!(
+            (*amount as u64).abs_diff(*held) <= 8,
+            "ws_buffered_amount answered {amount} while {held} payload bytes had not reached the socket (runs: \
+             {runs:?})"
+        );
+    }
+}
+
+/// Header of ws_buffered_amount: "how many payload bytes were accepted ... and not yet written
+/// to the socket". The situation of the previous test (a callback's sends, held until its batch
+/// ends, written together, the socket taking them in part), with a limit of 1,024 bytes: once
+/// the sockets settle, ws_buffered_amount must be the payload bytes of what the library holds
+/// (at most 8 bytes of header for each 1,000 of payload), not the payload of every message
+/// written together with them. Three connections.
+#[test]
+fn buffered_amount_after_a_callbacks_held_sends_were_written_in_part_counts_only_what_the_socket_did_not_take() {
+    let runs: Vec<_> = (0..3).map(|_| held_after_a_callback_fills_the_socket()).collect();
+    eprintln!("(accepted 1000-byte messages, refusal, frame bytes held in the library, ws_buffered_amount): {runs:?}");
+    for (_, _, held, (status, amount)) in &runs {
+        assert_eq!(*status, WsStatus::Ok);
+        let payload_held = held * 1000 / FRAME_OF_1000;
+        assert!(
+            (*amount as u64).abs_diff(payload_held) <= 8 + held / 100,
+            "ws_buffered_amount answered {amount} while about {payload_held} payload bytes had not reached the \
+             socket (runs: {runs:?})"
         );
     }
 }
