@@ -1356,3 +1356,56 @@ fn connections_reset_while_threads_send_never_write_into_a_later_connection() {
     assert_eq!(finals.get("error ConnectionLost"), Some(&(CONNECTIONS as usize)), "{finals:?}");
 }
 
+
+
+// ---- 10. a close that waits for the peer, after a callback's held sends -------------------------
+
+/// README "Security": the limits "keep a hostile or broken peer from exhausting the host"; the
+/// close timeout bounds a close the peer does not answer. A message callback sends a reply, then
+/// another thread calls ws_close (the callback waits for it); the peer reads everything but
+/// never answers the close. Until the close timeout (2 s) ends the connection, nothing happens
+/// but waiting: the library's I/O threads may use at most 10% of that time in CPU. Run in a
+/// process of its own (the I/O threads' CPU is the process's).
+#[test]
+fn a_close_the_peer_does_not_answer_costs_no_cpu_after_a_callbacks_held_sends() {
+    const NAME: &str = "a_close_the_peer_does_not_answer_costs_no_cpu_after_a_callbacks_held_sends";
+    if !in_child(NAME, &[]) {
+        return;
+    }
+    let done = watchdog(Duration::from_secs(60), "a close the peer does not answer");
+    let (stop, peer_stop) = mpsc::channel::<()>();
+    let (url, peer) = serve(move |mut p| {
+        p.upgrade();
+        p.send(&frame(FIN | TEXT, b"question"));
+        let (frames, _) = p.read_timeout(Duration::from_secs(10)).read_until_close();
+        // Never answers: waits until the test is done.
+        let _ = peer_stop.recv_timeout(PEER_TIMEOUT);
+        frames.iter().map(show).collect::<Vec<_>>()
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    set(unsafe { ws_options_set_close_timeout_ms(options.0, 2000) });
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    let calls = Calls::default();
+    set(ws_on_message(conn, Some(reply_then_another_thread_closes), user(&calls)));
+    assert!(pump(&client, DEADLINE, || calls.all().len() == 3), "the question never came");
+    let (io, started) = (io_threads_cpu(), Instant::now());
+    assert!(pump(&client, DEADLINE, || rec.finals(conn) > 0), "no final callback");
+    let (io, waited) = (io_threads_cpu() - io, started.elapsed());
+    stop.send(()).unwrap();
+    let frames = peer.join().unwrap();
+    done.store(true, Ordering::Release);
+    eprintln!(
+        "calls {:?}; the peer received {frames:?}; waiting {waited:?} for the close, the I/O threads used {io:?} of CPU; \
+         events {:?}",
+        calls.all(),
+        rec.of(conn)
+    );
+    assert!(matches!(last_event(&rec, conn), Some(Ev::Error(_, WsStatus::CloseTimeout, _))), "{:?}", rec.of(conn));
+    assert!(
+        io <= waited.mul_f64(0.10),
+        "the I/O threads used {io:?} of CPU in {waited:?} while the close waited for the peer"
+    );
+}
