@@ -178,6 +178,7 @@ unsafe extern "C" fn reply_then_close(conn: WsConn, _: *const u8, _: usize, _: W
     let calls = &*(user as *const Calls);
     calls.push("send", send_text(conn, "the reply"));
     calls.push("close", close(conn, 1000, "done"));
+    calls.push("send after close", send_text(conn, "too late"));
 }
 
 /// Connects to `url`, lets `reply_then_close` answer the peer's question; returns the calls'
@@ -196,7 +197,11 @@ fn reply_then_close_over(url: &str, options: &Options) -> (Vec<(&'static str, Ws
 fn assert_reply_then_close(what: &str, calls: &[(&str, WsStatus)], events: &[Ev], frames: &[Frame]) {
     let seen: Vec<String> = frames.iter().map(show).collect();
     eprintln!("{what}: the callback's calls {calls:?}; the peer received {seen:?}; events {events:?}");
-    assert_eq!(calls, [("send", WsStatus::Ok), ("close", WsStatus::Ok)], "{what}");
+    assert_eq!(
+        calls,
+        [("send", WsStatus::Ok), ("close", WsStatus::Ok), ("send after close", WsStatus::Closing)],
+        "{what}"
+    );
     assert_eq!(
         seen,
         [r#"text "the reply""#.to_string(), r#"close Some(1000) "done""#.to_string()],
@@ -206,9 +211,9 @@ fn assert_reply_then_close(what: &str, calls: &[(&str, WsStatus)], events: &[Ev]
 }
 
 /// Header of ws_close: "Starts the close handshake after the messages already queued"; ws_send:
-/// "Messages go out in the order of the calls that sent them". A message callback that replies
-/// and then closes (the commonest way to end a conversation): the peer must get the reply,
-/// then the close frame, then nothing.
+/// "Messages go out in the order of the calls that sent them". A message callback that replies,
+/// then closes (the commonest way to end a conversation), then tries to send again (CLOSING):
+/// the peer must get the reply, then the close frame, then nothing.
 #[test]
 fn a_callback_that_replies_then_closes_sends_the_reply_before_the_close_frame() {
     let (url, peer) = serve(|mut p| {
@@ -1408,4 +1413,92 @@ fn a_close_the_peer_does_not_answer_costs_no_cpu_after_a_callbacks_held_sends() 
         io <= waited.mul_f64(0.10),
         "the I/O threads used {io:?} of CPU in {waited:?} while the close waited for the peer"
     );
+}
+
+// ---- 11. a callback's burst, written together, while other threads send ------------------------
+
+/// What the bursting callback counts.
+#[derive(Default)]
+struct Burst {
+    answered: AtomicUsize,
+    next: std::sync::atomic::AtomicU32,
+}
+
+/// The sender number of the callback's burst messages.
+const BURST_SENDER: usize = 7;
+
+/// Answers each question with 40 numbered messages (held until the batch ends and written
+/// together), then the text answer.
+unsafe extern "C" fn answer_with_a_burst(conn: WsConn, data: *const u8, len: usize, _: WsMessageKind, user: *mut c_void) {
+    let burst = &*(user as *const Burst);
+    for _ in 0..40 {
+        let seq = burst.next.fetch_add(1, Ordering::SeqCst);
+        let m = tagged(BURST_SENDER, seq, [9usize, 125, 1000, 3000][seq as usize % 4]);
+        assert_eq!(send_binary(conn, &m), WsStatus::Ok);
+    }
+    let reply = [b"answer ", std::slice::from_raw_parts(data, len)].concat();
+    assert_eq!(ws_send(conn, reply.as_ptr().cast(), reply.len()), WsStatus::Ok);
+    burst.answered.fetch_add(1, Ordering::SeqCst);
+}
+
+/// README "Performance": "Sends made inside callbacks are held until their dispatch batch ends
+/// and written together ... nothing overtakes what was sent before it". A peer that reads 512
+/// bytes at a time and pings every 50 frames; two threads send 3,000 messages of up to 16 KiB
+/// each while the host answers 150 questions, each with 40 messages and a text answer from its
+/// callback (the batch's frames written together when it ends, in part when the socket is
+/// full, the rest by the I/O task while the threads go on sending). Every thread's messages and
+/// the callback's arrive whole and in order, pongs in order, the close frame last.
+#[test]
+fn a_callbacks_burst_written_in_part_while_threads_send_keeps_every_order() {
+    const PLAN: Plan = Plan { senders: 2, per_sender: 3000, sizes: &SMALL_EDGE_SIZES, questions: 150 };
+    let (url, peer) = serve_on(Listener::bind_small_receive_buffer(), |mut p| {
+        p.upgrade();
+        converse_peer(&mut p.stream, 512, 50, PLAN.questions)
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let options = no_keepalive();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    let burst = Burst::default();
+    set(ws_on_message(conn, Some(answer_with_a_burst), user(&burst)));
+    wait_open(&client, &rec, conn);
+    let senders: Vec<_> = (0..PLAN.senders)
+        .map(|sender| {
+            std::thread::spawn(move || {
+                for seq in 0..PLAN.per_sender {
+                    let m = tagged(sender, seq, PLAN.sizes[(seq as usize + sender) % PLAN.sizes.len()]);
+                    assert_eq!(send_binary(conn, &m), WsStatus::Ok, "sender {sender}, message {seq}");
+                }
+            })
+        })
+        .collect();
+    assert!(
+        pump(&client, Duration::from_secs(60), || senders.iter().all(|s| s.is_finished())
+            && burst.answered.load(Ordering::SeqCst) == PLAN.questions as usize),
+        "questions answered: {}",
+        burst.answered.load(Ordering::SeqCst)
+    );
+    for s in senders {
+        s.join().unwrap();
+    }
+    let partial = wsclient::testing::partial_writes(conn).unwrap_or(0);
+    assert_eq!(close(conn, 1000, ""), WsStatus::Ok);
+    assert!(pump(&client, Duration::from_secs(60), || rec.finals(conn) > 0), "no final callback");
+    let seen = peer.join().unwrap();
+    let bursts = &seen.sequences[BURST_SENDER];
+    eprintln!(
+        "{partial} writes on callers' threads taken in part; the callback's burst messages: {}; {:?}",
+        bursts.len(),
+        last_event(&rec, conn)
+    );
+    check_conversation("a callback's bursts among two senders", &seen, PLAN);
+    assert!(
+        *bursts == (0..40 * PLAN.questions).collect::<Vec<_>>(),
+        "the callback's messages: {} of {}, first out of order at {:?}",
+        bursts.len(),
+        40 * PLAN.questions,
+        bursts.iter().enumerate().position(|(i, q)| *q != i as u32)
+    );
+    assert_eq!(last_event(&rec, conn), Some(Ev::Close(conn, 1000, String::new())));
 }
