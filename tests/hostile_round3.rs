@@ -253,9 +253,8 @@ unsafe extern "C" fn reply_then_another_thread_closes(
 ) {
     let calls = &*(user as *const Calls);
     calls.push("send in the callback", send_text(conn, "from the callback"));
-    let (sent, closed) = std::thread::spawn(move || (send_text(conn, "from another thread"), close(conn, 1000, "bye")))
-        .join()
-        .unwrap();
+    let (sent, closed) =
+        std::thread::spawn(move || (send_text(conn, "from another thread"), close(conn, 1000, "bye"))).join().unwrap();
     calls.push("send on another thread", sent);
     calls.push("close on another thread", closed);
 }
@@ -383,7 +382,13 @@ struct EndProbe {
 
 /// Sends a reply, lets the peer close, then sends one byte at a time until ws_send answers
 /// CLOSING ("once the connection has ended").
-unsafe extern "C" fn reply_while_the_peer_closes(conn: WsConn, _: *const u8, _: usize, _: WsMessageKind, user: *mut c_void) {
+unsafe extern "C" fn reply_while_the_peer_closes(
+    conn: WsConn,
+    _: *const u8,
+    _: usize,
+    _: WsMessageKind,
+    user: *mut c_void,
+) {
     let probe = &*(user as *const EndProbe);
     if send_text(conn, "the reply") == WsStatus::Ok {
         probe.accepted.fetch_add(1, Ordering::SeqCst);
@@ -401,7 +406,13 @@ unsafe extern "C" fn reply_while_the_peer_closes(conn: WsConn, _: *const u8, _: 
     }
 }
 
-unsafe extern "C" fn buffered_in_close(conn: WsConn, code: u16, reason: *const std::os::raw::c_char, len: usize, user: *mut c_void) {
+unsafe extern "C" fn buffered_in_close(
+    conn: WsConn,
+    code: u16,
+    reason: *const std::os::raw::c_char,
+    len: usize,
+    user: *mut c_void,
+) {
     let probe = &*(user as *const EndProbe);
     *probe.in_close.lock().unwrap() = Some(buffered(conn));
     let reason = String::from_utf8_lossy(std::slice::from_raw_parts(reason.cast::<u8>(), len)).into_owned();
@@ -500,7 +511,10 @@ fn ws_close_in_the_message_before_the_peers_close_answers_ok_however_late_the_ho
     std::thread::sleep(Duration::from_millis(50));
     assert!(pump(&client, DEADLINE, || rec.finals(conn) > 0), "no final callback");
     let calls = calls.all();
-    eprintln!("the peer received {frames:?} (then its stream ended: {ended}); calls {calls:?}; events {:?}", rec.of(conn));
+    eprintln!(
+        "the peer received {frames:?} (then its stream ended: {ended}); calls {calls:?}; events {:?}",
+        rec.of(conn)
+    );
     // (The message callback here is the probe, which records nothing itself.)
     assert_eq!(rec.of(conn)[1..], [Ev::Close(conn, 4000, "bye".into())]);
     assert_eq!(
@@ -1060,7 +1074,8 @@ fn tls_a_peer_that_reads_one_byte_at_a_time_gets_every_record_and_frame_whole_an
 
 // ---- 7. wss: the server updates its keys while both threads encrypt ----------------------------
 
-const KEY_UPDATES: Plan = Plan { senders: 3, per_sender: 300, sizes: &[9, 100, 3000, 16384, 16385, 30000], questions: 30 };
+const KEY_UPDATES: Plan =
+    Plan { senders: 3, per_sender: 300, sizes: &[9, 100, 3000, 16384, 16385, 30000], questions: 30 };
 
 /// TLS 1.3 KeyUpdate with update_requested: the client's session answers with a KeyUpdate of its
 /// own and encrypts with new keys from then on, while the host's threads encrypt their sends in
@@ -1103,7 +1118,12 @@ fn tls_key_updates_requested_while_threads_send_keep_every_record_readable_and_i
                 self.tls.flush()
             }
         }
-        converse_peer(&mut Updating { tls: &mut tls, reads: 0, updates: counted }, usize::MAX, 40, KEY_UPDATES.questions)
+        converse_peer(
+            &mut Updating { tls: &mut tls, reads: 0, updates: counted },
+            usize::MAX,
+            40,
+            KEY_UPDATES.questions,
+        )
     });
     let client = Client::new();
     let rec = Recorder::default();
@@ -1245,10 +1265,7 @@ fn numbered_peer(mut p: Peer) -> Vec<String> {
         Ok(r) => r,
         Err(e) => return vec![format!("no request: {e}")],
     };
-    let n = request
-        .strip_prefix("GET /c")
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|n| n.parse::<u32>().ok());
+    let n = request.strip_prefix("GET /c").and_then(|rest| rest.split(' ').next()).and_then(|n| n.parse::<u32>().ok());
     let Some(n) = n else {
         return vec![format!("a garbled request: {:?}", &request[..request.len().min(80)])];
     };
@@ -1361,8 +1378,6 @@ fn connections_reset_while_threads_send_never_write_into_a_later_connection() {
     assert_eq!(finals.get("error ConnectionLost"), Some(&(CONNECTIONS as usize)), "{finals:?}");
 }
 
-
-
 // ---- 10. a close that waits for the peer, after a callback's held sends -------------------------
 
 /// README "Security": the limits "keep a hostile or broken peer from exhausting the host"; the
@@ -1429,7 +1444,13 @@ const BURST_SENDER: usize = 7;
 
 /// Answers each question with 40 numbered messages (held until the batch ends and written
 /// together), then the text answer.
-unsafe extern "C" fn answer_with_a_burst(conn: WsConn, data: *const u8, len: usize, _: WsMessageKind, user: *mut c_void) {
+unsafe extern "C" fn answer_with_a_burst(
+    conn: WsConn,
+    data: *const u8,
+    len: usize,
+    _: WsMessageKind,
+    user: *mut c_void,
+) {
     let burst = &*(user as *const Burst);
     for _ in 0..40 {
         let seq = burst.next.fetch_add(1, Ordering::SeqCst);
