@@ -732,3 +732,90 @@ pub fn flush_tls(tls: &mut TlsPeer) -> io::Result<()> {
     }
     tls.sock.flush()
 }
+
+// ---- round 3: the write path (sends written on the caller's thread, held by callbacks) --------
+
+impl Listener {
+    /// A listener whose connections have a receive buffer of `bytes` (no auto-tuning).
+    pub fn bind_receive_buffer(bytes: i32) -> Listener {
+        let listener = Listener::bind();
+        set_int_option(listener.listener.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, bytes);
+        listener
+    }
+}
+
+/// Ends a TCP connection with a reset (SO_LINGER 0, then close), as a crashed peer would.
+pub fn reset(stream: TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let status = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(status, 0, "SO_LINGER: {}", io::Error::last_os_error());
+    drop(stream);
+}
+
+/// Bytes waiting unread in a socket (FIONREAD).
+pub fn unread_bytes(fd: i32) -> usize {
+    let mut n: libc::c_int = 0;
+    assert_eq!(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) }, 0);
+    n as usize
+}
+
+/// Makes SIGPIPE kill the process again, as it does in a C program that did not ignore it (a
+/// Rust program, this test binary included, ignores it from its start).
+pub fn sigpipe_as_in_a_c_host() {
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+/// The client's unsent bytes and the peer's unread ones, once neither has changed for `quiet`
+/// (at most PEER_TIMEOUT): (client tx_queue, peer rx_queue).
+pub fn settled_queues(socket: &ClientSocket, quiet: Duration) -> (u64, u64) {
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    let read = || {
+        let client = socket.state().map_or(0, |s| s.tx_queue);
+        let peer = socket.peer_state().map_or(0, |s| s.rx_queue);
+        (client, peer)
+    };
+    let mut last = read();
+    let mut since = Instant::now();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        let now = read();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            break;
+        }
+    }
+    last
+}
+
+/// A reader that takes at most `max` bytes per read (a peer that reads a byte at a time).
+pub struct Trickle<S> {
+    pub inner: S,
+    pub max: usize,
+}
+
+impl<S: Read> Read for Trickle<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = buf.len().min(self.max);
+        self.inner.read(&mut buf[..n])
+    }
+}
+
+impl<S: Write> Write for Trickle<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
