@@ -34,6 +34,9 @@ impl Client {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(IO_THREADS)
             .thread_name("wsclient-io")
+            // Writes on these threads (the upgrade, TLS records) must not raise SIGPIPE when a
+            // peer has reset the connection: the error ends the connection, the process lives.
+            .on_thread_start(block_sigpipe)
             .enable_all()
             .build()
             .map_err(|e| Error::new(WsStatus::Runtime, format!("cannot start the I/O threads: {e}")))?;
@@ -88,5 +91,17 @@ impl Client {
             drop(runtime);
         }
         self.hub.clear();
+    }
+}
+
+/// Blocks SIGPIPE on the calling thread (one of the library's own): a write to a connection the
+/// peer reset then fails with EPIPE instead of killing a host that keeps SIGPIPE's default.
+fn block_sigpipe() {
+    // SAFETY: plain libc calls on a local signal set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }

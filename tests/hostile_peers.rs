@@ -132,6 +132,12 @@ fn queue_mebibytes(conn: WsConn, n: usize) {
 /// does that). Both idle windows are measured and asserted.
 #[test]
 fn blocked_writes_do_not_spin() {
+    if common::skip_under_asan(
+        "blocked_writes_do_not_spin",
+        "it bounds CPU or memory, which AddressSanitizer multiplies: checked in the normal build",
+    ) {
+        return;
+    }
     if !in_child("blocked_writes_do_not_spin", &[]) {
         return;
     }

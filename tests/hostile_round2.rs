@@ -1446,6 +1446,12 @@ fn tls_upgrade(identity: &TlsIdentity, peer: Peer) -> TlsPeer {
 /// ws_close with a 500 ms close timeout must end in CLOSE_TIMEOUT within 2 s.
 #[test]
 fn tls_a_peer_that_stops_reading_during_an_upload_costs_no_cpu_and_the_close_timeout_bounds_the_close() {
+    if common::skip_under_asan(
+        "tls_a_peer_that_stops_reading_during_an_upload_costs_no_cpu_and_the_close_timeout_bounds_the_close",
+        "it bounds CPU or memory, which AddressSanitizer multiplies: checked in the normal build",
+    ) {
+        return;
+    }
     if !in_child(
         "tls_a_peer_that_stops_reading_during_an_upload_costs_no_cpu_and_the_close_timeout_bounds_the_close",
         &[],
@@ -2049,6 +2055,12 @@ fn tls12_a_renegotiation_request_from_the_server() {
 /// 1 MiB) and the peak resident size by no more than 8 MiB.
 #[test]
 fn a_host_that_dispatches_once_a_second_loses_nothing_and_stays_within_the_receive_bound() {
+    if common::skip_under_asan(
+        "a_host_that_dispatches_once_a_second_loses_nothing_and_stays_within_the_receive_bound",
+        "it bounds CPU or memory, which AddressSanitizer multiplies: checked in the normal build",
+    ) {
+        return;
+    }
     if !in_child("a_host_that_dispatches_once_a_second_loses_nothing_and_stays_within_the_receive_bound", &[]) {
         return;
     }
@@ -2193,6 +2205,12 @@ fn empty_pings_behind_a_held_message_cost_what_they_cost_otherwise() {
 /// has not grown by 32 buffers (512 MiB); allowed 64 MiB (the I/O thread keeps one spare).
 #[test]
 fn idle_connections_hold_no_read_buffer_even_a_16_mib_one() {
+    if common::skip_under_asan(
+        "idle_connections_hold_no_read_buffer_even_a_16_mib_one",
+        "it bounds CPU or memory, which AddressSanitizer multiplies: checked in the normal build",
+    ) {
+        return;
+    }
     if !in_child("idle_connections_hold_no_read_buffer_even_a_16_mib_one", &[]) {
         return;
     }

@@ -8,15 +8,12 @@ use std::sync::{Arc, MutexGuard};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use super::event::Event;
-use super::outbox::{Outbox, SEND_OVERHEAD};
-use super::state::{Phase, State, CORK_MAX, WRITE_ON_HOST_THREAD_MAX};
+use super::state::{Phase, State};
 use super::Conn;
 use crate::error::{Error, WsStatus};
 use crate::host::callbacks::{self, Callbacks, WsMessageKind};
 use crate::host::dispatch;
 use crate::host::handles;
-use crate::wire::frame::{self, Opcode};
-use crate::wire::{Wire, Written as WireWritten};
 
 impl Conn {
     /// Changes the registered callbacks. In force for every callback that starts after this
@@ -27,149 +24,6 @@ impl Conn {
             change(&mut st.callbacks);
             self.callbacks_version.fetch_add(1, Ordering::Release);
         })
-    }
-
-    /// Sends `text`, or queues a copy of it: it goes out after the handshake, in order with
-    /// the other sends.
-    pub(crate) fn send_text(self: &Arc<Self>, text: &str) -> Result<(), Error> {
-        self.send(Opcode::Text, text.as_bytes(), |outbox| outbox.push_text(text))
-    }
-
-    /// Sends `data`, as `send_text` does.
-    pub(crate) fn send_binary(self: &Arc<Self>, data: &[u8]) -> Result<(), Error> {
-        self.send(Opcode::Binary, data, |outbox| outbox.push_binary(data))
-    }
-
-    /// A small message with nothing queued before it is framed and written here, on the
-    /// caller's thread, with one non-blocking write: no switch to the I/O thread. What the
-    /// socket does not take, and everything else, is queued for the I/O task.
-    fn send(self: &Arc<Self>, opcode: Opcode, payload: &[u8], push: impl FnOnce(&mut Outbox)) -> Result<(), Error> {
-        let len = payload.len();
-        let mut st = self.lock();
-        if matches!(st.phase, Phase::Closing | Phase::Finished) {
-            return Err(Error::new(WsStatus::Closing, "the connection is closing: nothing more can be sent"));
-        }
-        if st.task_ended {
-            return Err(Error::new(WsStatus::Closing, "the connection has ended: nothing more can be sent"));
-        }
-        if !st.corked.is_empty() || dispatch::in_callback() {
-            if self.cork(&mut st, opcode, payload) {
-                return Ok(());
-            }
-            // Too much to hold back: what is held goes first.
-            st = self.uncork_locked(st);
-        }
-        if let Some(wire) = st.writable_now(len).cloned() {
-            FRAME.with_borrow_mut(|out| {
-                out.clear();
-                frame::put_frame(out, opcode, payload);
-                drop(self.write_now(st, &wire, out, (len, 1)));
-            });
-            return Ok(());
-        }
-        let cost = len.saturating_add(SEND_OVERHEAD);
-        let queued = self.queued_cost.load(Ordering::Relaxed);
-        if queued.saturating_add(cost) > self.send_queue_limit {
-            return Err(Error::new(
-                WsStatus::SendQueueFull,
-                format!(
-                    "{queued} bytes wait to be sent (payloads plus {SEND_OVERHEAD} bytes a message) and the limit \
-                     is {}",
-                    self.send_queue_limit
-                ),
-            ));
-        }
-        self.hand_to_task(st, len, push);
-        Ok(())
-    }
-
-    /// Holds a callback's small send back until its dispatch batch ends (or, if sends are
-    /// held already, whoever sends), so that a batch of replies is one system call. Returns
-    /// false if it cannot: too large, or the socket is not the caller's to write.
-    fn cork(self: &Arc<Self>, st: &mut State, opcode: Opcode, payload: &[u8]) -> bool {
-        let may = st.corked.is_empty() && st.writable_now(payload.len()).is_some();
-        let fits = st.corked.len() + payload.len() <= CORK_MAX && payload.len() <= WRITE_ON_HOST_THREAD_MAX;
-        if !(fits && (may || !st.corked.is_empty())) {
-            return false;
-        }
-        if st.corked.is_empty() {
-            dispatch::uncork_when_batch_ends(self.clone());
-        }
-        frame::put_frame(&mut st.corked, opcode, payload);
-        st.corked_messages.0 += payload.len();
-        st.corked_messages.1 += 1;
-        true
-    }
-
-    /// Writes the sends held back (see `cork`), at the end of the dispatch batch.
-    pub(crate) fn uncork(&self) {
-        drop(self.uncork_locked(self.lock()));
-    }
-
-    fn uncork_locked<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        if st.corked.is_empty() {
-            return st;
-        }
-        let corked = std::mem::take(&mut st.corked);
-        let counted = std::mem::take(&mut st.corked_messages);
-        match st.wire.clone() {
-            // Our socket still (no task write began since, no close): write them now.
-            Some(wire) if !st.task_writing && st.outbox.is_empty() => st = self.write_now(st, &wire, &corked, counted),
-            // The task writes first (its answers to pings, or the close): they follow.
-            _ => st = self.hand_to_task_locked(st, counted, |outbox| outbox.push_rest(&corked, counted.0)),
-        }
-        st.corked = corked;
-        st.corked.clear();
-        st
-    }
-
-    /// Writes `frames` (of `counted` = (payload bytes, messages)) now, on this thread; what the
-    /// socket does not take goes to the I/O task, first.
-    fn write_now<'a>(
-        &'a self,
-        st: MutexGuard<'a, State>,
-        wire: &Wire,
-        frames: &[u8],
-        counted: (usize, usize),
-    ) -> MutexGuard<'a, State> {
-        let written = match wire.write_now(&[std::io::IoSlice::new(frames)]) {
-            Ok((_, WireWritten::All)) => return st,
-            Ok((taken, WireWritten::Part(_))) => Some(taken),
-            Ok((_, WireWritten::Unflushed)) => None,
-            // The I/O task meets the same error on the socket and ends the connection: the
-            // frames wait for it like any other.
-            Err(_) => Some(0),
-        };
-        // Part of it is on the wire already: the rest must follow, whatever the send queue
-        // holds, and goes out first (written by the I/O task).
-        self.partial_writes.fetch_add(1, Ordering::Relaxed);
-        match written {
-            Some(taken) => {
-                self.hand_to_task_locked(st, counted, |outbox| outbox.push_rest(&frames[taken..], counted.0))
-            }
-            None => self.hand_to_task_locked(st, counted, |outbox| outbox.push_flush(counted.0)),
-        }
-    }
-
-    /// Queues a message of `len` payload bytes for the I/O task, and counts it until written.
-    fn hand_to_task(&self, st: MutexGuard<'_, State>, len: usize, push: impl FnOnce(&mut Outbox)) {
-        drop(self.hand_to_task_locked(st, (len, 1), push));
-    }
-
-    /// Queues what `push` adds for the I/O task, counted as `counted` = (payload bytes,
-    /// messages) until written, and wakes the task if it may wait for it.
-    fn hand_to_task_locked<'a>(
-        &'a self,
-        mut st: MutexGuard<'a, State>,
-        (bytes, messages): (usize, usize),
-        push: impl FnOnce(&mut Outbox),
-    ) -> MutexGuard<'a, State> {
-        self.queued_cost.fetch_add(bytes.saturating_add(messages * SEND_OVERHEAD), Ordering::Relaxed);
-        self.buffered.fetch_add(bytes, Ordering::Relaxed);
-        if let Some(w) = st.queue_for_task(push) {
-            dispatch::wake_task(w);
-        }
-        st
     }
 
     /// Starts the close handshake (or aborts the connect).
@@ -188,6 +42,8 @@ impl Conn {
                     ))
                 }
             }
+            // Sends held back for the end of a batch were made before: they go first.
+            st = self.uncork_locked(st);
             st.phase = Phase::Closing;
             // The task no longer honours flow control once closing: it must read the peer's close.
             st.close_requested = true;
@@ -301,6 +157,9 @@ impl Conn {
                 if current != version {
                     (callbacks, version) = (self.lock().callbacks, current);
                 }
+                if event.is_final() {
+                    self.lock().phase = Phase::Finished;
+                }
                 ran += self.deliver_to_host(&event, &callbacks) as u32;
                 if event.is_final() {
                     drop(calling);
@@ -372,7 +231,9 @@ impl Conn {
                     // before the call. Without a callback nobody would complete it: no hold.
                     st.awaiting_complete = st.flow_control && st.callbacks.message.0.is_some();
                 }
-                Event::Close { .. } | Event::Error(_) => st.phase = Phase::Finished,
+                // The phase becomes Finished when its callback is called, not now: the callbacks
+                // of the messages before it still see the connection open.
+                Event::Close { .. } | Event::Error(_) => {}
             }
             let stop = st.awaiting_complete || event.is_final();
             batch.push_back(event);
@@ -410,9 +271,4 @@ impl Conn {
         drop(st);
         self.hub.connection_gone();
     }
-}
-
-thread_local! {
-    /// Where this thread frames the messages it writes itself (kept: no allocation per send).
-    static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }

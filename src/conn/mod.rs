@@ -1,7 +1,8 @@
 //! One connection as both sides of the thread boundary see it.
 //!
-//! - `host_side`: what the host's calls do (send, close, flow control, callback registration)
-//!   and dispatch, which runs the callbacks on the host's thread;
+//! - `host_side`: what the host's calls do (close, flow control, callback registration) and
+//!   dispatch, which runs the callbacks on the host's thread;
+//! - `sending`: sends, written on the caller's thread where that is the shortest way;
 //! - `task_side`: what the I/O task does (hand over events, ask the gate whether it may read,
 //!   take the host's requests);
 //! - `state`: the state both share, behind one mutex, and the rules that read it;
@@ -21,12 +22,13 @@ mod arena;
 mod event;
 mod host_side;
 mod outbox;
+mod sending;
 mod state;
 mod task_side;
 
 pub(crate) use arena::PayloadArena;
 pub(crate) use event::{Event, Payload};
-pub(crate) use outbox::{Outgoing, Taken};
+pub(crate) use outbox::{Counted, Outgoing, Taken};
 pub(crate) use task_side::{Allowance, Control, Gate};
 
 use state::State;

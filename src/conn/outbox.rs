@@ -24,12 +24,31 @@ enum Command {
     Binary(usize),
     /// Boxed: rare, and it would make every command (and `SEND_OVERHEAD`) larger.
     Close(Box<CloseFrame>),
-    /// The unwritten end of a frame the host's thread began writing (a message of `len`
-    /// payload bytes); they go out first.
-    Rest(Box<(Bytes, usize)>),
-    /// A message of `len` payload bytes that the host's thread handed to the TLS session,
-    /// which could not write all of it yet.
-    Flush(usize),
+    /// Frames the host's thread framed (and began writing, perhaps): their unwritten bytes,
+    /// and what they are counted for until written.
+    Rest(Box<(Bytes, Counted)>),
+    /// Messages that the host's thread handed to the TLS session, which could not write all of
+    /// it yet, and what they are counted for.
+    Flush(Box<Counted>),
+}
+
+/// What queued messages count for in bufferedAmount and the send queue limit until written:
+/// payload bytes, and messages (each costs `SEND_OVERHEAD` more).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Counted {
+    pub(crate) bytes: usize,
+    pub(crate) messages: usize,
+}
+
+impl Counted {
+    pub(crate) fn message(len: usize) -> Counted {
+        Counted { bytes: len, messages: 1 }
+    }
+
+    /// What they count for against the send queue limit.
+    pub(crate) fn cost(self) -> usize {
+        self.bytes.saturating_add(self.messages.saturating_mul(SEND_OVERHEAD))
+    }
 }
 
 /// Sends and the close request for the I/O task. The payloads are copied back to back into one
@@ -60,14 +79,15 @@ impl Outbox {
         self.commands.push_back(Command::Close(Box::new(frame)));
     }
 
-    /// The rest of a frame of a `len`-byte message that was partly written.
-    pub(crate) fn push_rest(&mut self, rest: &[u8], len: usize) {
-        self.commands.push_back(Command::Rest(Box::new((Bytes::copy_from_slice(rest), len))));
+    /// Framed bytes (the rest of frames partly written, or frames held back), counted for
+    /// `counted` until written.
+    pub(crate) fn push_rest(&mut self, rest: &[u8], counted: Counted) {
+        self.commands.push_back(Command::Rest(Box::new((Bytes::copy_from_slice(rest), counted))));
     }
 
-    /// A `len`-byte message waiting, encrypted, in the TLS session.
-    pub(crate) fn push_flush(&mut self, len: usize) {
-        self.commands.push_back(Command::Flush(len));
+    /// Messages waiting, encrypted, in the TLS session, counted for `counted` until written.
+    pub(crate) fn push_flush(&mut self, counted: Counted) {
+        self.commands.push_back(Command::Flush(Box::new(counted)));
     }
 
     fn push_payload(&mut self, payload: &[u8]) {
@@ -81,23 +101,24 @@ impl Outbox {
         self.commands.is_empty()
     }
 
-    /// Empties the outbox; returns what its sends were counted for: (payload bytes, cost).
-    pub(crate) fn discard(&mut self) -> (usize, usize) {
+    /// Empties the outbox; returns what its sends were counted for.
+    pub(crate) fn discard(&mut self) -> Counted {
         self.payloads = Vec::new();
-        self.commands.drain(..).fold((0, 0), |(bytes, cost), command| match command.message_len() {
-            Some(len) => (bytes + len, cost + len + SEND_OVERHEAD),
-            None => (bytes, cost),
+        self.commands.drain(..).fold(Counted::default(), |sum, command| {
+            let counted = command.counted();
+            Counted { bytes: sum.bytes + counted.bytes, messages: sum.messages + counted.messages }
         })
     }
 }
 
 impl Command {
-    /// The payload length of the message this command sends, if it sends one.
-    fn message_len(&self) -> Option<usize> {
+    /// What the messages this command sends are counted for.
+    fn counted(&self) -> Counted {
         match self {
-            Command::Text(len) | Command::Binary(len) | Command::Flush(len) => Some(*len),
-            Command::Rest(rest) => Some(rest.1),
-            Command::Close(_) => None,
+            Command::Text(len) | Command::Binary(len) => Counted::message(*len),
+            Command::Flush(counted) => **counted,
+            Command::Rest(rest) => rest.1,
+            Command::Close(_) => Counted::default(),
         }
     }
 }
@@ -120,11 +141,11 @@ pub(crate) enum Outgoing {
     /// The rest of a frame of a `len`-byte message, to write before anything else.
     Rest {
         bytes: Bytes,
-        len: usize,
+        counted: Counted,
     },
-    /// A `len`-byte message waiting in the TLS session: flushing it sends it.
+    /// Messages waiting in the TLS session: flushing it sends them.
     Flush {
-        len: usize,
+        counted: Counted,
     },
     Close(CloseFrame),
 }
@@ -158,8 +179,8 @@ impl Taken {
             Command::Text(len) => self.message(Opcode::Text, len),
             Command::Binary(len) => self.message(Opcode::Binary, len),
             Command::Close(frame) => Outgoing::Close(*frame),
-            Command::Rest(rest) => Outgoing::Rest { bytes: rest.0, len: rest.1 },
-            Command::Flush(len) => Outgoing::Flush { len },
+            Command::Rest(rest) => Outgoing::Rest { bytes: rest.0, counted: rest.1 },
+            Command::Flush(counted) => Outgoing::Flush { counted: *counted },
         })
     }
 
@@ -185,8 +206,8 @@ mod tests {
                     apply_mask(&mut plain, key);
                     format!("{opcode:?} {}", String::from_utf8_lossy(&plain))
                 }
-                Outgoing::Rest { bytes, len } => format!("rest {len} {}", bytes.len()),
-                Outgoing::Flush { len } => format!("flush {len}"),
+                Outgoing::Rest { bytes, counted } => format!("rest {} {}", counted.bytes, bytes.len()),
+                Outgoing::Flush { counted } => format!("flush {}", counted.bytes),
                 Outgoing::Close(f) => format!("close {}", u16::from(f.code)),
             })
             .collect()
@@ -195,11 +216,11 @@ mod tests {
     #[test]
     fn requests_come_out_in_order_with_their_own_bytes() {
         let mut outbox = Outbox::default();
-        outbox.push_rest(b"tail", 10);
+        outbox.push_rest(b"tail", Counted::message(10));
         outbox.push_text("héllo");
         outbox.push_binary(b"");
         outbox.push_binary(b"\x01\x02");
-        outbox.push_flush(3);
+        outbox.push_flush(Counted::message(3));
         outbox.push_text("");
         outbox.push_close(CloseFrame { code: 1000.into(), reason: "".into() });
         assert_eq!(
@@ -216,9 +237,11 @@ mod tests {
         let mut outbox = Outbox::default();
         outbox.push_binary(b"");
         outbox.push_text("abc");
-        outbox.push_rest(b"xy", 5);
+        outbox.push_rest(b"xy", Counted { bytes: 5, messages: 2 });
         outbox.push_close(CloseFrame { code: 1000.into(), reason: "".into() });
-        assert_eq!(outbox.discard(), (8, 8 + 3 * SEND_OVERHEAD));
+        let discarded = outbox.discard();
+        assert_eq!(discarded, Counted { bytes: 8, messages: 4 });
+        assert_eq!(discarded.cost(), 8 + 4 * SEND_OVERHEAD);
         assert!(outbox.is_empty());
         assert!(SEND_OVERHEAD >= 2 * size_of::<Command>());
     }

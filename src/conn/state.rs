@@ -6,6 +6,7 @@ use std::task::Waker;
 
 use super::event::Event;
 use super::outbox::Outbox;
+use super::sending::Frames;
 use crate::host::callbacks::Callbacks;
 use crate::wire::Wire;
 
@@ -68,9 +69,7 @@ pub(super) struct State {
     pub(super) task_writing: bool,
     /// Frames of sends made by callbacks, written together when their dispatch batch ends
     /// (one system call for a batch of replies); nothing else goes out before them.
-    pub(super) corked: Vec<u8>,
-    /// The payload bytes, and the number of messages, in `corked`.
-    pub(super) corked_messages: (usize, usize),
+    pub(super) corked: Frames,
 }
 
 impl State {
@@ -95,8 +94,7 @@ impl State {
             task_ended: false,
             wire: None,
             task_writing: false,
-            corked: Vec::new(),
-            corked_messages: (0, 0),
+            corked: Frames::default(),
         }
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::Waker;
 
 use super::event::Event;
-use super::outbox::{Taken, SEND_OVERHEAD};
+use super::outbox::Taken;
 use super::state::{store_waker, State};
 use super::Conn;
 use crate::host::callbacks::Callbacks;
@@ -164,13 +164,6 @@ impl Conn {
         st.outbox.discard();
         self.buffered.store(0, Ordering::Relaxed);
         self.queued_cost.store(0, Ordering::Relaxed);
-    }
-
-    /// The task wrote `messages` queued messages, of `bytes` payload bytes, to the socket (or
-    /// dropped them, when they came after the close).
-    pub(crate) fn sent(&self, bytes: usize, messages: usize) {
-        self.buffered.fetch_sub(bytes, Ordering::Relaxed);
-        self.queued_cost.fetch_sub(bytes + messages * SEND_OVERHEAD, Ordering::Relaxed);
     }
 
     /// The client is being freed: drop pending events and tell the task to stop.

@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use super::reader::{Buffered, FrameReader, Item, ReadError};
-use crate::conn::{Allowance, Conn, Event, Gate, Outgoing, Payload, PayloadArena, Taken};
+use crate::conn::{Allowance, Conn, Counted, Event, Gate, Outgoing, Payload, PayloadArena, Taken};
 use crate::error::{Error, WsStatus};
 use crate::host::dispatch;
 use crate::options::Options;
@@ -91,13 +91,6 @@ impl End {
     }
 }
 
-/// Writes not yet flushed to the socket: they count toward bufferedAmount until they are.
-#[derive(Default)]
-struct Unflushed {
-    bytes: usize,
-    messages: usize,
-}
-
 struct Session {
     conn: Arc<Conn>,
     wire: Arc<Wire>,
@@ -113,7 +106,9 @@ struct Session {
     /// Framed bytes (headers, masked payloads) waiting to be written, in order.
     queued: VecDeque<Bytes>,
     options: Arc<Options>,
-    unflushed: Unflushed,
+    /// Messages handed to the socket's queue (`queued`) and not fully written yet: they count
+    /// toward bufferedAmount until they are.
+    unflushed: Counted,
     /// The task is the connection's writer (see `Conn::take_requests`).
     writing: bool,
     /// The socket took less than we had for it: we wait until it is writable.
@@ -156,7 +151,7 @@ impl Session {
             taken: Taken::default(),
             queued: VecDeque::new(),
             options,
-            unflushed: Unflushed::default(),
+            unflushed: Counted::default(),
             writing: false,
             write_blocked: false,
             close_sent: false,
@@ -252,7 +247,9 @@ impl Session {
         }
         // Hand over what was read (so that the gate counts it) and ask the gate, in one lock.
         self.arena.drain_into(&mut self.batch);
-        let asking = Some((cx.waker(), !self.write_blocked));
+        // Requests queued meanwhile wake the task only if it can take them: not while it waits
+        // for the socket, nor after our close frame (they are dropped where they wait).
+        let asking = Some((cx.waker(), !self.write_blocked && !self.close_sent));
         let permit = self.conn.deliver_then_gate(&mut self.batch, asking);
         if permit.close_requested {
             // The close timeout bounds the whole close, what still waits to be sent included.
@@ -298,8 +295,7 @@ impl Session {
                 // Nothing left to write: let other threads write again, unless sends were
                 // queued meanwhile.
                 if self.writing {
-                    let Unflushed { bytes, messages } = std::mem::take(&mut self.unflushed);
-                    self.conn.sent(bytes, messages);
+                    self.conn.sent(std::mem::take(&mut self.unflushed));
                     if self.close_sent {
                         // Nothing more goes out: the writer role has no further use.
                         return Ok(progress);
@@ -355,24 +351,27 @@ impl Session {
         match request {
             Outgoing::Message { payload, .. } if after_close => {
                 // Sent after the close started: no longer allowed on the wire.
-                self.conn.sent(payload.len(), 1);
+                self.conn.sent(Counted::message(payload.len()));
             }
+            // Frames the host's thread held back, whole (the rest of a frame it began writing
+            // always goes before our close frame): after it, dropped.
+            Outgoing::Rest { counted, .. } | Outgoing::Flush { counted } if after_close => self.conn.sent(counted),
             Outgoing::Message { opcode, key, payload } => {
                 let mut header = Vec::with_capacity(frame::MAX_HEADER);
                 frame::put_header(&mut header, opcode, payload.len(), key);
-                self.count_message(payload.len());
+                self.count(Counted::message(payload.len()));
                 self.queued.push_back(Bytes::from(header));
                 if !payload.is_empty() {
                     self.queued.push_back(payload);
                 }
             }
-            Outgoing::Rest { bytes, len } => {
-                self.count_message(len);
+            Outgoing::Rest { bytes, counted } => {
+                self.count(counted);
                 self.queued.push_back(bytes);
             }
-            Outgoing::Flush { len } => {
+            Outgoing::Flush { counted } => {
                 // Already in the TLS session: writing what waits there sends it.
-                self.count_message(len);
+                self.count(counted);
                 self.write_blocked = true;
             }
             Outgoing::Close(frame) => {
@@ -392,9 +391,9 @@ impl Session {
         self.close_sent && self.queued.is_empty() && !self.write_blocked
     }
 
-    fn count_message(&mut self, len: usize) {
-        self.unflushed.bytes += len;
-        self.unflushed.messages += 1;
+    fn count(&mut self, counted: Counted) {
+        self.unflushed.bytes += counted.bytes;
+        self.unflushed.messages += counted.messages;
     }
 
     /// Queues a frame of the task's own (a pong, a ping, a close frame).

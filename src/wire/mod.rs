@@ -89,7 +89,7 @@ impl Wire {
     pub(crate) fn write_now(&self, chunks: &[IoSlice<'_>]) -> io::Result<(usize, Written)> {
         let total: usize = chunks.iter().map(|c| c.len()).sum();
         let Some(mut tls) = self.session() else {
-            let written = match self.tcp().try_write_vectored(chunks) {
+            let written = match send_vectored(self.tcp(), chunks) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 other => other?,
             };
@@ -222,16 +222,36 @@ fn tls_failed(tls: &mut ClientConnection, tcp: &TcpStream, error: rustls::Error)
     io::Error::new(io::ErrorKind::InvalidData, error)
 }
 
+/// Writes `bufs` to the socket without waiting, and without SIGPIPE: a peer that reset the
+/// connection must end it with an error, not kill a host that keeps SIGPIPE's default (the
+/// host's threads write too, and a library must not change the process's signals). Through
+/// tokio's `try_io`, so that a full socket clears its readiness as tokio's own writes do.
+fn send_vectored(tcp: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    tcp.try_io(tokio::io::Interest::WRITABLE, || {
+        // SAFETY: msghdr is plain data; it points at `bufs` (IoSlice is ABI-compatible with
+        // iovec), which outlive the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
+        let sent = unsafe { libc::sendmsg(tcp.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if sent < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(sent as usize)
+        }
+    })
+}
+
 /// The socket as std's Write, without waiting (for rustls's write_tls).
 struct TcpIo<'a>(&'a TcpStream);
 
 impl Write for TcpIo<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.try_write(buf)
+        send_vectored(self.0, &[IoSlice::new(buf)])
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.0.try_write_vectored(bufs)
+        send_vectored(self.0, bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {
