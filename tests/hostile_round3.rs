@@ -305,13 +305,17 @@ fn a_close_from_another_thread_goes_after_the_reply_a_callback_sent_before_it() 
 
 // ---- 2. ws_buffered_amount and the sends a callback holds -------------------------------------
 
+/// What the probing callback saw: the send's status, ws_buffered_amount's answer, and the bytes
+/// in the kernel (the peer's unread and the client's unsent).
+type Probed = (WsStatus, (WsStatus, usize), u64);
+
 /// What the probing callback needs and what it saw.
 #[derive(Default)]
 struct HeldProbe {
     /// The peer's end of the connection (a copy of its socket, to ask the kernel what arrived).
     peer: Mutex<Option<(TcpStream, ClientSocket)>>,
     /// (send status, ws_buffered_amount's answer, bytes in the kernel: peer unread + client unsent)
-    seen: Mutex<Option<(WsStatus, (WsStatus, usize), u64)>>,
+    seen: Mutex<Option<Probed>>,
 }
 
 unsafe extern "C" fn send_then_probe(conn: WsConn, _: *const u8, _: usize, _: WsMessageKind, user: *mut c_void) {
@@ -1006,8 +1010,8 @@ fn check_conversation(what: &str, seen: &Seen, plan: Plan, sent: &[u32]) {
     );
     assert!(seen.wrong.is_empty(), "{what}: {:?}", seen.wrong);
     assert_eq!(seen.close, Some(1000), "{what}");
-    for sender in 0..plan.senders {
-        let expected: Vec<u32> = (0..sent[sender]).collect();
+    for (sender, &count) in sent.iter().enumerate().take(plan.senders) {
+        let expected: Vec<u32> = (0..count).collect();
         let seqs = &seen.sequences[sender];
         assert!(
             *seqs == expected,
