@@ -11,7 +11,7 @@
 //! - `conn/`: one connection's state shared by both sides: inbox, outbox, flow control, the gate;
 //! - `wire/`: the socket both sides may write to, and the frames we send;
 //! - `client`: the client context (runtime, connect, free);
-//! - `options`, `uri`, `error`: what their names say;
+//! - `options`, `uri`, `error`, `sync`: what their names say;
 //! - `testing`: helpers shared by the unit and integration tests (hidden, not API).
 
 pub(crate) mod client;
@@ -21,6 +21,7 @@ pub mod ffi;
 pub mod host;
 pub(crate) mod io;
 pub(crate) mod options;
+pub(crate) mod sync;
 #[doc(hidden)]
 pub mod testing;
 pub(crate) mod uri;

@@ -74,7 +74,7 @@ impl Conn {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent data behind: every update is a
         // handful of plain assignments. Keep going rather than poisoning the connection.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.state)
     }
 }
 

@@ -9,12 +9,13 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use crate::conn::{Conn, Event};
 use crate::error::{Error, WsStatus};
+use crate::sync::lock;
 
 /// An eventfd used as a level-triggered "callbacks are pending" flag.
 struct Wakeup(OwnedFd);
@@ -187,10 +188,6 @@ impl Drop for DispatchGuard<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Hub {

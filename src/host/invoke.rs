@@ -10,9 +10,10 @@
 //! nothing for it.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex};
 
 use crate::host::dispatch;
+use crate::sync::lock;
 
 /// `InvokeLock::state`: the dispatching thread is running this connection's callbacks.
 const CALLING: usize = 1;
@@ -116,10 +117,6 @@ impl Drop for Calling<'_> {
     fn drop(&mut self) {
         self.lock.release();
     }
-}
-
-fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A number naming the calling thread, never 0.

@@ -11,8 +11,10 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
+
+use crate::sync::lock;
 
 const MAX_LIVE: usize = 4;
 const MAX_THREADS: usize = 32;
@@ -44,10 +46,6 @@ static POOL: Pool = Pool {
     queue: Mutex::new(Queue { jobs: VecDeque::new(), threads: 0, idle: 0, running: Vec::new() }),
     job_ready: Condvar::new(),
 };
-
-fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// The addresses of `host` (an IP literal is not looked up).
 pub(crate) async fn lookup(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {

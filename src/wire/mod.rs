@@ -77,7 +77,7 @@ impl Wire {
 
     fn session(&self) -> Option<MutexGuard<'_, ClientConnection>> {
         // A panic in rustls leaves the session to the connection's end; never poison it.
-        self.tls.as_ref().map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        self.tls.as_deref().map(crate::sync::lock)
     }
 
     // ---- writing: either thread, one at a time (the connection's lock decides who) --------
