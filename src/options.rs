@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
-use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+use tungstenite::http::{HeaderName, HeaderValue};
 
 use crate::error::{Error, WsStatus};
 

@@ -141,7 +141,7 @@ pub const FUZZ_UPGRADE_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 /// the same when more bytes follow.
 pub fn fuzz_upgrade_response(data: &[u8]) {
     use crate::io::handshake::parse_response;
-    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tungstenite::handshake::derive_accept_key;
 
     let [offer, buf @ ..] = data else {
         return;

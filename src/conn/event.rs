@@ -2,7 +2,7 @@
 
 use std::mem::size_of;
 
-use tokio_tungstenite::tungstenite::Bytes;
+use bytes::Bytes;
 
 use crate::error::Error;
 

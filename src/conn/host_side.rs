@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
 
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::CloseFrame;
 
 use super::event::Event;
 use super::state::{Phase, State};

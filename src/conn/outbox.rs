@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::mem::size_of;
 
 use bytes::{Bytes, BytesMut};
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::CloseFrame;
 
 use crate::wire::frame::{apply_mask, masking_key, Opcode};
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::task::{Wake, Waker};
 use std::time::Duration;
 
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::CloseFrame;
 
 use super::event::RECEIVE_OVERHEAD;
 use super::outbox::SEND_OVERHEAD;

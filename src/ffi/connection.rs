@@ -4,8 +4,8 @@
 use std::ffi::c_void;
 use std::os::raw::c_char;
 
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::CloseFrame;
 
 use super::{byte_slice, c_str, live, null, write_out};
 use crate::error::{Error, WsStatus};

@@ -18,8 +18,8 @@
 //! - `Sec-WebSocket-Protocol` may appear once, naming one subprotocol that was offered.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::handshake::client::generate_key;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tungstenite::handshake::client::generate_key;
+use tungstenite::handshake::derive_accept_key;
 
 use crate::error::{Error, WsStatus};
 use crate::options::Options;

@@ -22,8 +22,8 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::{Instant, Sleep};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::CloseFrame;
 
 use super::reader::{Buffered, FrameReader, Item, ReadError};
 use crate::conn::{Allowance, Conn, Counted, Event, Gate, Outgoing, Payload, PayloadArena, Taken};
