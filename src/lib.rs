@@ -1,13 +1,14 @@
 //! wsclient: a WebSocket client with a C ABI.
 //!
-//! I/O and TLS run on the library's own tokio threads; every callback runs on the host's thread,
-//! inside its call to `ws_dispatch`, woken through a file descriptor. See README.md and
+//! Connecting, reading and most writing run on the library's own threads (a small send is framed
+//! and written by the thread that makes it: see `wire`); every callback runs on the host's
+//! thread, inside its call to `ws_dispatch`, woken through a file descriptor. See README.md and
 //! include/wsclient.h for the contract.
 //!
 //! Modules, one concern each, with a folder for each side of the thread boundary:
 //! - `ffi/`: the C surface, a thin layer of argument checks and the panic boundary;
 //! - `host/`: the host's thread: dispatch, callbacks, the handle table;
-//! - `io/`: the library's I/O threads: the connection task, session, frame reader, upgrade, TLS;
+//! - `io/`: the library's own threads: connection task, session, frame reader, upgrade, TLS, DNS;
 //! - `conn/`: one connection's state shared by both sides: inbox, outbox, flow control, the gate;
 //! - `wire/`: the socket both sides may write to, and the frames we send;
 //! - `client`: the client context (runtime, connect, free);

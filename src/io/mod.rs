@@ -1,7 +1,8 @@
-//! The I/O side: everything that runs on the library's tokio threads.
+//! The I/O side: everything that runs on the library's own threads (its tokio threads, and
+//! the resolver threads of `resolve`).
 //!
 //! - `task`: one connection's task from connect to its final event;
-//! - `session`: the poll loop of an open connection (tungstenite frames what it sends);
+//! - `session`: the poll loop of an open connection (it writes through `crate::wire`);
 //! - `reader`: the frames the peer sends, parsed straight from the socket;
 //! - `handshake`: the HTTP upgrade;
 //! - `resolve`: host names, on resolver threads shared by all clients;

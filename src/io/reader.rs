@@ -1,5 +1,5 @@
 //! Frames from the peer: the receiving half of the WebSocket protocol (RFC 6455 section 5),
-//! read straight from the socket. (tungstenite frames what we send.)
+//! read straight from the socket. (What we send is framed by `crate::wire::frame`.)
 //!
 //! Why our own: tungstenite keeps a read buffer of fixed size for the life of a connection, so
 //! a connection had to choose between small reads (many system calls for large messages) and a

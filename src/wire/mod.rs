@@ -1,9 +1,9 @@
 //! The socket of an open connection, which both threads may write to.
 //!
-//! A small send made on the host's thread, with nothing queued before it, is framed and
-//! written right there (see `conn::host_side`): that saves the switch to the I/O thread and
+//! A small send with nothing queued before it is framed and written by the thread that makes
+//! it, usually the host's (see `conn::host_side`): that saves the switch to the I/O thread and
 //! back that a request/reply round trip would otherwise pay. Everything else is written by the
-//! I/O task. Who may write when is decided under the connection's lock (`State::may_write_now`):
+//! I/O task. Who may write when is decided under the connection's lock (`State::writable_now`):
 //! only one side writes at a time, and never ahead of what is queued.
 //!
 //! For wss the TLS session sits behind its own mutex, taken briefly by whichever side encrypts
