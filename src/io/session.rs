@@ -97,8 +97,6 @@ struct Session {
     wire: Arc<Wire>,
     /// The reading side of the socket (only this task reads).
     read: OwnedReadHalf,
-    /// The socket under it, to see whether the peer takes what we sent (see `peer_took_data`).
-    socket: RawFd,
     /// The bytes the peer had acknowledged when the keepalive ping went out.
     acked_at_ping: u64,
     reader: FrameReader,
@@ -144,7 +142,6 @@ impl Session {
         let first_check = now + options.keepalive_interval.unwrap_or(Duration::from_secs(3600));
         Session {
             conn,
-            socket: wire.socket(),
             wire,
             read,
             acked_at_ping: 0,
@@ -681,7 +678,7 @@ impl Session {
                 None if now >= self.last_heard + interval => {
                     self.ping_due = true;
                     self.ping_sent = Some(now);
-                    self.acked_at_ping = acknowledged_bytes(self.socket).unwrap_or(0);
+                    self.acked_at_ping = acknowledged_bytes(self.wire.socket()).unwrap_or(0);
                     pinged = true;
                     next = next.min(now + timeout);
                 }
@@ -699,7 +696,7 @@ impl Session {
     /// it has not read yet. A peer whose application stopped reading takes at most its receive
     /// buffer, and then no more: the keepalive timeout fires then.
     fn peer_took_data(&self) -> bool {
-        acknowledged_bytes(self.socket).is_some_and(|acked| acked > self.acked_at_ping + TAKEN_WHILE_ALIVE)
+        acknowledged_bytes(self.wire.socket()).is_some_and(|acked| acked > self.acked_at_ping + TAKEN_WHILE_ALIVE)
     }
 
     /// The peer's side of the stream ended (the socket reached its end).
