@@ -10,12 +10,12 @@ use std::mem::size_of;
 use bytes::{Bytes, BytesMut};
 use tungstenite::protocol::CloseFrame;
 
-use crate::wire::frame::{apply_mask, masking_key, Opcode};
+use crate::wire::frame::{apply_mask, masking_key, Opcode, MAX_HEADER};
 
 /// What one queued message costs beyond its payload, counted against the send queue limit so
 /// that a flood of empty sends is bounded like a flood of large ones: its command in the queue
 /// (twice, for the queue's spare capacity) and the frame header and mask added when sending.
-pub(crate) const SEND_OVERHEAD: usize = 2 * size_of::<Command>() + 14;
+pub(crate) const SEND_OVERHEAD: usize = 2 * size_of::<Command>() + MAX_HEADER;
 
 /// One request, in the order the host made it. A send's payload is the next `len` bytes of
 /// the payload buffer.
