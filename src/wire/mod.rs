@@ -133,12 +133,12 @@ impl Wire {
     }
 }
 
-impl Receiving<'_> {
+impl Source for Receiving<'_> {
     /// Reads at most `max` bytes (the decrypted bytes, for TLS) into the spare capacity of
     /// `buf`, which has at least that much. Ready(Ok(0)) is the end of the stream.
-    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut Vec<u8>, max: usize) -> Poll<io::Result<usize>> {
+    fn poll_read_into(&mut self, cx: &mut Context<'_>, buf: &mut Vec<u8>, max: usize) -> Poll<io::Result<usize>> {
         let Some(mut tls) = self.wire.session() else {
-            return poll_read_into(self.read, cx, buf, max);
+            return poll_read_tcp(self.read, cx, buf, max);
         };
         loop {
             let state = tls.process_new_packets().map_err(|e| tls_failed(&mut tls, self.wire.tcp(), e))?;
@@ -164,14 +164,8 @@ impl Receiving<'_> {
     }
 }
 
-impl Source for Receiving<'_> {
-    fn poll_read_into(&mut self, cx: &mut Context<'_>, buf: &mut Vec<u8>, max: usize) -> Poll<io::Result<usize>> {
-        self.poll_read(cx, buf, max)
-    }
-}
-
 /// Reads at most `max` bytes from `read` into the spare capacity of `buf` (which has it).
-fn poll_read_into(
+fn poll_read_tcp(
     read: &mut OwnedReadHalf,
     cx: &mut Context<'_>,
     buf: &mut Vec<u8>,
