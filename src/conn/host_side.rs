@@ -90,9 +90,14 @@ impl Conn {
     fn release(self: &Arc<Self>, mut st: MutexGuard<'_, State>) {
         st.awaiting_complete = false;
         let schedule = !st.scheduled && st.deliverable();
-        if schedule {
-            st.scheduled = true;
-        }
+        st.scheduled |= schedule;
+        self.unlock_then_notify(st, schedule);
+    }
+
+    /// Releases the state's lock, then puts the connection on the ready list if `schedule`, and
+    /// wakes the I/O task if it was waiting for the host and may go on now (see
+    /// `State::waker_to_wake`). Both after the lock: whoever is woken must not find it taken.
+    fn unlock_then_notify(self: &Arc<Self>, mut st: MutexGuard<'_, State>, schedule: bool) {
         let waker = st.waker_to_wake();
         drop(st);
         if schedule {
@@ -171,15 +176,8 @@ impl Conn {
         drop(calling);
         let mut st = self.lock();
         st.scheduled = st.deliverable();
-        let waker = st.waker_to_wake();
         let schedule = st.scheduled;
-        drop(st);
-        if schedule {
-            self.hub.schedule(self.clone());
-        }
-        if let Some(w) = waker {
-            dispatch::wake_task(w);
-        }
+        self.unlock_then_notify(st, schedule);
         ran
     }
 
@@ -202,7 +200,7 @@ impl Conn {
 
     /// Moves up to `max` deliverable events into `batch` (one at a time under flow control);
     /// returns the callbacks in force and their version.
-    fn take_batch(&self, max: usize, batch: &mut VecDeque<Event>) -> (Callbacks, u64) {
+    fn take_batch(self: &Arc<Self>, max: usize, batch: &mut VecDeque<Event>) -> (Callbacks, u64) {
         let mut st = self.lock();
         let taken_with = (st.callbacks, self.callbacks_version.load(Ordering::Acquire));
         let only_messages = st.inbox_messages == st.inbox.len();
@@ -241,11 +239,7 @@ impl Conn {
                 break;
             }
         }
-        let waker = st.waker_to_wake();
-        drop(st);
-        if let Some(w) = waker {
-            dispatch::wake_task(w);
-        }
+        self.unlock_then_notify(st, false);
         taken_with
     }
 
