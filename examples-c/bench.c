@@ -64,15 +64,10 @@ static void parse(int argc, char **argv) {
     if (args.conns < 1) args.conns = 1;
 }
 
-static double now_s(void) {
+/* Seconds on `clock`: CLOCK_MONOTONIC for wall time, CLOCK_THREAD_CPUTIME_ID for this thread's CPU. */
+static double clock_s(clockid_t clock) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static double thread_cpu_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    clock_gettime(clock, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
@@ -161,7 +156,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "CA: %s\n", ws_last_error());
         return 1;
     }
-    double t0 = now_s(), cpu0 = thread_cpu_s();
+    double t0 = clock_s(CLOCK_MONOTONIC), cpu0 = clock_s(CLOCK_THREAD_CPUTIME_ID);
     for (long i = 0; i < nconns; i++) {
         if (ws_connect_with_options(client, url, options, &run.conns[i]) != WS_STATUS_OK) {
             fprintf(stderr, "connect: %s\n", ws_last_error());
@@ -182,8 +177,8 @@ int main(int argc, char **argv) {
         }
         ws_dispatch(client, NULL, NULL);
     }
-    double wall = now_s() - t0;
-    double host_cpu = thread_cpu_s() - cpu0;
+    double wall = clock_s(CLOCK_MONOTONIC) - t0;
+    double host_cpu = clock_s(CLOCK_THREAD_CPUTIME_ID) - cpu0;
     ws_client_free(client);
     if (run.failed) return 1;
 
