@@ -205,12 +205,9 @@ impl Session {
         // The host is woken once this poll is done (see `HostWakes`).
         let _host_wakes = dispatch::HostWakes::hold();
         let outcome = self.poll_rounds(cx);
-        self.arena.drain_into(&mut self.batch);
         // What was read goes to the host before the task waits or ends (so messages always
         // precede the final event).
-        if !self.batch.is_empty() {
-            self.conn.deliver_then_gate(&mut self.batch, None);
-        }
+        self.hand_over();
         if outcome.is_pending() {
             // Idle connections keep no block and no read buffer of their own.
             self.arena.release();
@@ -265,6 +262,14 @@ impl Session {
         }
         progress |= self.check_timers(cx)?;
         Ok(progress)
+    }
+
+    /// Hands the messages read so far to the host, if there are any.
+    fn hand_over(&mut self) {
+        self.arena.drain_into(&mut self.batch);
+        if !self.batch.is_empty() {
+            self.conn.deliver_then_gate(&mut self.batch, None);
+        }
     }
 
     /// Writes what there is to write, as long as the socket takes it: the rest of a frame the
@@ -597,10 +602,7 @@ impl Session {
             return Err(self.failing.take().unwrap_or(timeout));
         }
         // Messages still read are handed over (a violation stops reading, not delivering).
-        self.arena.drain_into(&mut self.batch);
-        if !self.batch.is_empty() {
-            self.conn.deliver_then_gate(&mut self.batch, None);
-        }
+        self.hand_over();
         if !self.conn.drained(cx.waker()) {
             return Ok(progress);
         }
