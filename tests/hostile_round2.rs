@@ -22,61 +22,6 @@ use common::*;
 
 // ---- host-side helpers ------------------------------------------------------------------------
 
-/// Dispatches (as a host's event loop does) until `done` holds or `limit` has passed; returns
-/// whether it held.
-fn pump(client: &Client, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if done() {
-            return true;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        if client.wait_readable(left.min(Duration::from_millis(20))) {
-            client.dispatch();
-        }
-    }
-}
-
-/// Dispatches until `conn`'s open callback ran.
-fn wait_open(client: &Client, rec: &Recorder, conn: WsConn) {
-    assert!(
-        pump(client, DEADLINE, || rec.of(conn).contains(&Ev::Open(conn)) || rec.finals(conn) > 0),
-        "the connection never opened"
-    );
-    assert_eq!(rec.of(conn).first(), Some(&Ev::Open(conn)), "{:?}", rec.of(conn));
-}
-
-/// Dispatches until `conn`'s final callback, at most `limit`; returns the time it took.
-fn final_within(client: &Client, rec: &Recorder, conn: WsConn, limit: Duration) -> Option<Duration> {
-    let start = Instant::now();
-    pump(client, limit, || rec.finals(conn) > 0).then(|| start.elapsed())
-}
-
-fn last_event(rec: &Recorder, conn: WsConn) -> Option<Ev> {
-    rec.of(conn).last().cloned()
-}
-
-fn final_status(rec: &Recorder, conn: WsConn) -> Option<WsStatus> {
-    match last_event(rec, conn) {
-        Some(Ev::Error(_, status, _)) => Some(status),
-        _ => None,
-    }
-}
-
-fn set(status: WsStatus) {
-    assert_eq!(status, WsStatus::Ok, "{}", last_error());
-}
-
-/// Options with keepalive pings off (tests that hold a peer silent must not be ended by them).
-fn no_keepalive() -> Options {
-    let options = Options::new();
-    set(unsafe { ws_options_set_keepalive(options.0, 0, 1000) });
-    options
-}
-
 fn user<T>(value: &T) -> *mut c_void {
     value as *const T as *mut c_void
 }
@@ -86,36 +31,6 @@ fn busy(d: Duration) {
     let start = Instant::now();
     while start.elapsed() < d {
         std::hint::spin_loop();
-    }
-}
-
-/// How long an idle window lasts while CPU is measured, and the share of it an idle library may
-/// use (a correct one sleeps in epoll).
-const IDLE_WINDOW: Duration = Duration::from_millis(1500);
-const IDLE_CPU_SHARE: f64 = 0.10;
-
-fn cpu_over_idle_window(client: Option<&Client>) -> (Duration, Duration) {
-    let (io, process) = (io_threads_cpu(), process_cpu());
-    match client {
-        Some(client) => {
-            pump(client, IDLE_WINDOW, || false);
-        }
-        None => std::thread::sleep(IDLE_WINDOW),
-    }
-    (io_threads_cpu() - io, process_cpu() - process)
-}
-
-fn assert_idle(windows: &[(&str, (Duration, Duration))]) {
-    let limit = IDLE_WINDOW.mul_f64(IDLE_CPU_SHARE);
-    for (what, (io, process)) in windows {
-        eprintln!("{what}: the I/O threads used {io:?} and the process {process:?} of CPU in {IDLE_WINDOW:?}");
-    }
-    for (what, (io, process)) in windows {
-        assert!(
-            *io <= limit && *process <= limit * 2,
-            "{what}: the library busy-waits: its I/O threads used {io:?} of CPU (the process {process:?}) \
-             in an idle window of {IDLE_WINDOW:?} (allowed {limit:?})"
-        );
     }
 }
 

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use super::{pump, Client};
+
 /// The longest any blocking step of the peer waits (a safety net: tests synchronise on events).
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -539,6 +541,41 @@ pub const MIB: f64 = (1 << 20) as f64;
 pub fn limit_address_space(bytes: u64) {
     let limit = libc::rlimit { rlim_cur: bytes, rlim_max: libc::RLIM_INFINITY };
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
+}
+
+// ---- idle CPU, measured while the host waits ----------------------------------------------------
+/// How long an idle window lasts while CPU is measured; and the share of it an idle library
+/// may use (a correct one uses none: it sleeps in epoll).
+pub const IDLE_WINDOW: Duration = Duration::from_millis(1500);
+pub const IDLE_CPU_SHARE: f64 = 0.10;
+
+/// CPU used over one idle window by the library's I/O threads and by the whole process, while
+/// the host waits on the fd and dispatches whenever it is readable (as a host's loop does).
+pub fn cpu_over_idle_window(client: Option<&Client>) -> (Duration, Duration) {
+    let (io, process) = (io_threads_cpu(), process_cpu());
+    match client {
+        Some(client) => {
+            pump(client, IDLE_WINDOW, || false);
+        }
+        // A host busy elsewhere: it does not dispatch at all.
+        None => std::thread::sleep(IDLE_WINDOW),
+    }
+    (io_threads_cpu() - io, process_cpu() - process)
+}
+
+/// Asserts that every window was idle (after printing all of them).
+pub fn assert_idle(windows: &[(&str, (Duration, Duration))]) {
+    let limit = IDLE_WINDOW.mul_f64(IDLE_CPU_SHARE);
+    for (what, (io, process)) in windows {
+        eprintln!("{what}: the I/O threads used {io:?} and the process {process:?} of CPU in {IDLE_WINDOW:?}");
+    }
+    for (what, (io, process)) in windows {
+        assert!(
+            *io <= limit && *process <= limit * 2,
+            "{what}: the library busy-waits: its I/O threads used {io:?} of CPU (the process {process:?}) \
+             in an idle window of {IDLE_WINDOW:?} (allowed {limit:?})"
+        );
+    }
 }
 
 // ---- a test in a process of its own ---------------------------------------------------------

@@ -290,3 +290,61 @@ pub fn skip_under_asan(test: &str, why: &str) -> bool {
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
     true
 }
+
+// ---- helpers of the hostile tests (hostile_peers.rs, hostile_round2.rs) -----------------------
+
+/// Dispatches (as a host's event loop does) until `done` holds or `limit` has passed; returns
+/// whether it held.
+pub fn pump(client: &Client, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        if client.wait_readable(left.min(Duration::from_millis(20))) {
+            client.dispatch();
+        }
+    }
+}
+
+/// Dispatches until `conn`'s open callback ran.
+pub fn wait_open(client: &Client, rec: &Recorder, conn: WsConn) {
+    assert!(
+        pump(client, DEADLINE, || rec.of(conn).contains(&Ev::Open(conn)) || rec.finals(conn) > 0),
+        "the connection never opened"
+    );
+    assert_eq!(rec.of(conn).first(), Some(&Ev::Open(conn)), "{:?}", rec.of(conn));
+}
+
+/// Dispatches until `conn`'s final callback, at most `limit`; returns the time it took, or
+/// None if it did not come.
+pub fn final_within(client: &Client, rec: &Recorder, conn: WsConn, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    pump(client, limit, || rec.finals(conn) > 0).then(|| start.elapsed())
+}
+
+pub fn last_event(rec: &Recorder, conn: WsConn) -> Option<Ev> {
+    rec.of(conn).last().cloned()
+}
+
+pub fn final_status(rec: &Recorder, conn: WsConn) -> Option<WsStatus> {
+    match last_event(rec, conn) {
+        Some(Ev::Error(_, status, _)) => Some(status),
+        _ => None,
+    }
+}
+
+pub fn set(status: WsStatus) {
+    assert_eq!(status, WsStatus::Ok, "{}", last_error());
+}
+
+/// Options with keepalive pings off (tests that hold a peer silent must not be ended by them).
+pub fn no_keepalive() -> Options {
+    let options = Options::new();
+    set(unsafe { ws_options_set_keepalive(options.0, 0, 1000) });
+    options
+}
