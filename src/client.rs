@@ -8,6 +8,7 @@ use crate::conn::Conn;
 use crate::error::{Error, WsStatus};
 use crate::host::dispatch::Hub;
 use crate::host::handles::{self, WsConn};
+use crate::io::proxy;
 use crate::io::task::{self, Launch};
 use crate::io::tls::TlsConfigs;
 use crate::options::Options;
@@ -60,6 +61,9 @@ impl Client {
             Some(o) => Arc::new(o.clone()),
             None => self.default_options.clone(),
         };
+        // The environment is read here, on the caller's thread, where a host would change it.
+        let env = |name: &str| std::env::var(name).ok();
+        let proxy = proxy::choice::choose(&options.proxy, &env, target.tls, &target.host, target.port)?;
         let runtime =
             self.runtime.as_ref().ok_or_else(|| Error::new(WsStatus::Runtime, "the client is shutting down"))?;
         let conn = handles::insert(|id| {
@@ -67,7 +71,7 @@ impl Client {
         });
         self.hub.connection_added();
         self.hub.task_started();
-        let launch = Launch { conn: conn.clone(), target, options, tls: self.tls.clone() };
+        let launch = Launch { conn: conn.clone(), target, options, tls: self.tls.clone(), proxy };
         runtime.spawn(task::run(launch));
         Ok(conn.id)
     }

@@ -68,6 +68,13 @@ pub enum WsStatus {
     MessageTooBig = 29,
     /// Error callback: an internal error (a bug) ended the connection.
     Internal = 30,
+    /// Error callback: the proxy could not be reached, refused the tunnel (HTTP 403, a SOCKS5
+    /// refusal by its rules, ...) or did not speak its protocol; the message names the proxy and
+    /// what it said. (A proxy that reports the server unreachable gives WS_STATUS_CONNECT_FAILED.)
+    Proxy = 31,
+    /// Error callback: the proxy wants credentials, or refused those in the proxy URL (HTTP 407,
+    /// with the realm in the message; SOCKS5 user name and password).
+    ProxyAuth = 32,
 }
 
 /// The one table of statuses beside the enum: each variant once, with its description. It
@@ -119,6 +126,8 @@ status_table! {
     KeepaliveTimeout => "keepalive timeout: the peer stopped answering",
     MessageTooBig => "message too big",
     Internal => "internal error",
+    Proxy => "the proxy failed or refused the tunnel",
+    ProxyAuth => "the proxy requires credentials or refused them",
 }
 
 impl WsStatus {

@@ -8,6 +8,7 @@ use rustls_pki_types::CertificateDer;
 use tungstenite::http::{HeaderName, HeaderValue};
 
 use crate::error::{Error, WsStatus};
+use crate::io::proxy::ProxySetting;
 
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,6 +46,8 @@ pub struct Options {
     pub receive_queue_limit: usize,
     /// Bytes accepted by send and not yet written beyond which send refuses.
     pub send_queue_limit: usize,
+    /// The proxy: from the environment unless set.
+    pub proxy: ProxySetting,
 }
 
 impl Default for Options {
@@ -61,6 +64,7 @@ impl Default for Options {
             read_buffer_size: DEFAULT_READ_BUFFER_SIZE,
             receive_queue_limit: DEFAULT_RECEIVE_QUEUE_LIMIT,
             send_queue_limit: DEFAULT_SEND_QUEUE_LIMIT,
+            proxy: ProxySetting::Environment,
         }
     }
 }

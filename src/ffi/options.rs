@@ -7,6 +7,7 @@ use super::client::{connect, WsClient};
 use super::{c_str, null};
 use crate::error::{Error, WsStatus};
 use crate::host::handles::WsConn;
+use crate::io::proxy;
 use crate::options::Options;
 
 /// Options for ws_connect_with_options(). Opaque; create with ws_options_new(), free with
@@ -95,6 +96,30 @@ pub unsafe extern "C" fn ws_options_add_subprotocol(options: *mut WsOptions, pro
     ffi_status!({
         let options = options_mut(options)?;
         options.add_subprotocol(c_str(protocol, "protocol")?)
+    })
+}
+
+/// The proxy for the connections made with these options, instead of the one the environment
+/// names: `http://[user:password@]host[:port]` (HTTP CONNECT; `http://` may be omitted),
+/// `socks5://...` (the library resolves the server's name) or `socks5h://...` (the proxy
+/// resolves it); the port defaults to 1080, as with curl; user name and password are
+/// percent-decoded. An empty string means no proxy, whatever the environment says.
+/// Without this call the environment decides when each connection starts, as curl does:
+/// ws uses `ws_proxy` then `http_proxy`, wss `wss_proxy` then `https_proxy`, both then
+/// `all_proxy`, lowercase before uppercase, and `no_proxy` lists the hosts to reach directly
+/// (the README's "Proxies" section has the rules). WS_STATUS_INVALID_ARGUMENT for a URL that
+/// is not one of these (ws_last_error() says why).
+/// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed; `url` is NULL or a
+/// NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_set_proxy(options: *mut WsOptions, url: *const c_char) -> WsStatus {
+    ffi_status!({
+        let options = options_mut(options)?;
+        options.proxy = proxy::choice::setting(c_str(url, "url")?)?;
+        Ok(())
     })
 }
 

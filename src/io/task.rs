@@ -14,6 +14,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::proxy::{self, Proxy};
 use super::session;
 use super::tls::{self, TlsConfigs};
 use super::{handshake, resolve};
@@ -29,6 +30,9 @@ pub struct Launch {
     pub target: Target,
     pub options: Arc<Options>,
     pub tls: Arc<TlsConfigs>,
+    /// The proxy to connect through, if any (chosen by `proxy::choice` when the connection
+    /// started).
+    pub proxy: Option<Proxy>,
 }
 
 /// Runs a connection to its end and queues its final event (none when the client is freed).
@@ -46,10 +50,13 @@ pub async fn run(launch: Launch) {
 }
 
 async fn drive(launch: Launch) -> Option<Event> {
-    let Launch { conn, target, options, tls } = launch;
+    let Launch { conn, target, options, tls, proxy } = launch;
     // Boxed, as is the session below: the task itself stays small, and each phase holds only
     // the memory it needs (the connect machinery is freed once connected).
-    let connecting = Box::pin(tokio::time::timeout(options.connect_timeout, connect(&conn, &target, &options, &tls)));
+    let connecting = Box::pin(tokio::time::timeout(
+        options.connect_timeout,
+        connect(&conn, &target, &options, &tls, proxy.as_ref()),
+    ));
     let until_control = poll_fn(|cx| match conn.control(cx.waker()) {
         Control::Proceed => Poll::Pending,
         other => Poll::Ready(other),
@@ -93,8 +100,15 @@ async fn connect(
     target: &Target,
     options: &Arc<Options>,
     tls: &TlsConfigs,
+    proxy: Option<&Proxy>,
 ) -> Result<SessionFuture, Error> {
-    let mut tcp = connect_tcp(&target.host, target.port).await?;
+    let mut tcp = match proxy {
+        None => connect_tcp(&target.host, target.port).await?,
+        Some(proxy) => {
+            proxy::tunnel(proxy, &target.host, target.port, |host, port| async move { connect_tcp(&host, port).await })
+                .await?
+        }
+    };
     if !target.tls {
         let upgraded = handshake::upgrade(&mut tcp, target, options).await?;
         conn.set_protocol(upgraded.protocol);
@@ -152,8 +166,13 @@ mod tests {
         let hub = Arc::new(crate::host::dispatch::Hub::new().unwrap());
         let conn = Arc::new(Conn::new(1, hub, 1, 1));
         let target = crate::uri::parse("wss://127.0.0.1:1/").unwrap();
-        let launch =
-            Launch { conn, target, options: Arc::new(Options::default()), tls: Arc::new(TlsConfigs::default()) };
+        let launch = Launch {
+            conn,
+            target,
+            options: Arc::new(Options::default()),
+            tls: Arc::new(TlsConfigs::default()),
+            proxy: None,
+        };
         let size = size_of_future(&run(launch));
         assert!(size <= 1024, "a connection task is {size} bytes");
     }

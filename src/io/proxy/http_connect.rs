@@ -1,0 +1,137 @@
+//! An HTTP `CONNECT` tunnel (RFC 9110 9.3.6), with Basic credentials (RFC 7617) when the
+//! proxy URL has them.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{authority, lost, Proxy};
+use crate::error::{Error, WsStatus};
+
+/// The largest response head a proxy may send, as for the upgrade response.
+const MAX_HEAD: usize = 16 * 1024;
+
+pub(super) async fn open(stream: &mut TcpStream, proxy: &Proxy, host: &str, port: u16) -> Result<(), Error> {
+    stream.write_all(request(proxy, host, port).as_bytes()).await.map_err(|e| lost(proxy, e))?;
+    let head = read_head(stream, proxy).await?;
+    check_response(&head, proxy, host, port)
+}
+
+fn request(proxy: &Proxy, host: &str, port: u16) -> String {
+    let target = authority(host, port);
+    let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some((user, password)) = &proxy.credentials {
+        let token = data_encoding::BASE64.encode(format!("{user}:{password}").as_bytes());
+        request.push_str(&format!("Proxy-Authorization: Basic {token}\r\n"));
+    }
+    request.push_str("\r\n");
+    request
+}
+
+/// Reads the response head. Nothing may follow it: the server behind the tunnel speaks only
+/// after the client (the TLS client hello, or the upgrade request), so bytes after the head
+/// would be the proxy's, and are refused rather than lost.
+async fn read_head(stream: &mut TcpStream, proxy: &Proxy) -> Result<Vec<u8>, Error> {
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await.map_err(|e| lost(proxy, e))?;
+        if n == 0 {
+            return Err(lost(proxy, std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        head.extend_from_slice(&chunk[..n]);
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            let status_ok = head.starts_with(b"HTTP/1.1 2") || head.starts_with(b"HTTP/1.0 2");
+            if status_ok && end + 4 != head.len() {
+                let extra = head.len() - end - 4;
+                let msg = format!("proxy {}: {extra} bytes followed its CONNECT response", proxy.shown());
+                return Err(Error::new(WsStatus::Proxy, msg));
+            }
+            head.truncate(end + 4);
+            return Ok(head);
+        }
+        if head.len() > MAX_HEAD {
+            let msg = format!("proxy {}: its CONNECT response head exceeds {MAX_HEAD} bytes", proxy.shown());
+            return Err(Error::new(WsStatus::Proxy, msg));
+        }
+    }
+}
+
+fn check_response(head: &[u8], proxy: &Proxy, host: &str, port: u16) -> Result<(), Error> {
+    let mut headers = vec![httparse::EMPTY_HEADER; 128];
+    let mut response = httparse::Response::new(&mut headers);
+    let bad = |why: String| Error::new(WsStatus::Proxy, format!("proxy {}: {why}", proxy.shown()));
+    match response.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(bad("its CONNECT response is not valid HTTP".into())),
+    }
+    let code = response.code.unwrap_or(0);
+    let reason = response.reason.unwrap_or("").trim();
+    if (200..300).contains(&code) {
+        return Ok(());
+    }
+    let said = format!("{code} {reason}").trim_end().to_owned();
+    let target = authority(host, port);
+    if code == 407 {
+        let realm = response
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("proxy-authenticate"))
+            .find_map(|h| realm(&String::from_utf8_lossy(h.value)));
+        let realm = realm.map(|r| format!(" (realm \"{r}\")")).unwrap_or_default();
+        let given = if proxy.credentials.is_some() { "refused the credentials given" } else { "requires credentials" };
+        let msg = format!("proxy {}: {said}: it {given}{realm}", proxy.shown());
+        return Err(Error::new(WsStatus::ProxyAuth, msg));
+    }
+    Err(bad(format!("refused the tunnel to {target}: {said}")))
+}
+
+/// The realm of a `Proxy-Authenticate` challenge, if it names one.
+fn realm(challenge: &str) -> Option<String> {
+    let at = challenge.to_ascii_lowercase().find("realm=")?;
+    let value = &challenge[at + "realm=".len()..];
+    let value = match value.strip_prefix('"') {
+        Some(quoted) => quoted.split('"').next()?,
+        None => value.split([',', ' ']).next()?,
+    };
+    Some(value.chars().filter(|c| !c.is_control()).take(200).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::proxy::choice::parse;
+
+    #[test]
+    fn the_request_names_the_target_and_carries_basic_credentials() {
+        let proxy = parse("http://Aladdin:open%20sesame@p:3128").unwrap();
+        assert_eq!(
+            request(&proxy, "::1", 443),
+            "CONNECT [::1]:443 HTTP/1.1\r\nHost: [::1]:443\r\nProxy-Authorization: Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==\r\n\r\n"
+        );
+        assert_eq!(request(&parse("p").unwrap(), "h", 80), "CONNECT h:80 HTTP/1.1\r\nHost: h:80\r\n\r\n");
+    }
+
+    #[test]
+    fn responses() {
+        let proxy = parse("http://p:1").unwrap();
+        let check = |head: &str| check_response(head.as_bytes(), &proxy, "h", 80);
+        assert!(check("HTTP/1.1 200 Connection established\r\n\r\n").is_ok());
+        assert!(check("HTTP/1.0 200 OK\r\nProxy-agent: x\r\n\r\n").is_ok());
+        let e =
+            check("HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"Corp Net\"\r\n\r\n")
+                .unwrap_err();
+        assert_eq!(e.status, WsStatus::ProxyAuth);
+        assert!(e.message.contains("Corp Net") && e.message.contains("requires credentials"), "{}", e.message);
+        let e = check("HTTP/1.1 403 Forbidden\r\n\r\n").unwrap_err();
+        assert_eq!(e.status, WsStatus::Proxy);
+        assert!(e.message.contains("403 Forbidden") && e.message.contains("h:80"), "{}", e.message);
+        assert_eq!(check("SSH-2.0-x\r\n\r\n").unwrap_err().status, WsStatus::Proxy);
+    }
+
+    #[test]
+    fn realms() {
+        assert_eq!(realm("Basic realm=\"a b\"").as_deref(), Some("a b"));
+        assert_eq!(realm("Basic REALM=x, charset=UTF-8").as_deref(), Some("x"));
+        assert_eq!(realm("Negotiate"), None);
+    }
+}
