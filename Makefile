@@ -8,7 +8,7 @@ LIBDIR := target/release
 BUILD := examples-c/build
 EXAMPLES := $(BUILD)/echo $(BUILD)/flow $(BUILD)/many $(BUILD)/bench $(BUILD)/wsjs
 # Debian packages the tests and examples need (installed by `make deps` when root).
-DEB_PACKAGES := valgrind pkg-config duktape-dev
+DEB_PACKAGES := valgrind pkg-config duktape-dev tinyproxy microsocks
 
 VENV := .venv
 PEER_PYTHON := $(VENV)/bin/python

@@ -153,6 +153,17 @@ enum ws_status
    * Error callback: an internal error (a bug) ended the connection.
    */
   WS_STATUS_INTERNAL = 30,
+  /**
+   * Error callback: the proxy could not be reached, refused the tunnel (HTTP 403, a SOCKS5
+   * refusal by its rules, ...) or did not speak its protocol; the message names the proxy and
+   * what it said. (A proxy that reports the server unreachable gives WS_STATUS_CONNECT_FAILED.)
+   */
+  WS_STATUS_PROXY = 31,
+  /**
+   * Error callback: the proxy wants credentials, or refused those in the proxy URL (HTTP 407,
+   * with the realm in the message; SOCKS5 user name and password).
+   */
+  WS_STATUS_PROXY_AUTH = 32,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -548,6 +559,25 @@ ws_status ws_options_add_header(ws_options *options, const char *name, const cha
  * NUL-terminated string.
  */
 ws_status ws_options_add_subprotocol(ws_options *options, const char *protocol);
+
+/**
+ * The proxy for the connections made with these options, instead of the one the environment
+ * names: `http://[user:password@]host[:port]` (HTTP CONNECT; `http://` may be omitted),
+ * `socks5://...` (the library resolves the server's name) or `socks5h://...` (the proxy
+ * resolves it); the port defaults to 1080, as with curl; user name and password are
+ * percent-decoded. An empty string means no proxy, whatever the environment says.
+ * Without this call the environment decides when each connection starts, as curl does:
+ * ws uses `ws_proxy` then `http_proxy`, wss `wss_proxy` then `https_proxy`, both then
+ * `all_proxy`, lowercase before uppercase, and `no_proxy` lists the hosts to reach directly
+ * (the README's "Proxies" section has the rules). WS_STATUS_INVALID_ARGUMENT for a URL that
+ * is not one of these (ws_last_error() says why).
+ * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed; `url` is NULL or a
+ * NUL-terminated string.
+ */
+ws_status ws_options_set_proxy(ws_options *options, const char *url);
 
 /**
  * Time allowed for DNS, TCP, TLS and the upgrade together (default 30000 ms; at least 1).

@@ -275,6 +275,8 @@ pub struct Defaults {
     pub read_buffer_size: usize,
     pub receive_queue_limit: usize,
     pub send_queue_limit: usize,
+    /// Whether the proxy comes from the environment (else the options name one, or none).
+    pub proxy_from_environment: bool,
 }
 
 /// The library's actual defaults (those of `Options::default()`, which plain `ws_connect` and
@@ -293,6 +295,7 @@ pub fn defaults() -> Defaults {
         read_buffer_size: o.read_buffer_size,
         receive_queue_limit: o.receive_queue_limit,
         send_queue_limit: o.send_queue_limit,
+        proxy_from_environment: o.proxy == crate::io::proxy::ProxySetting::Environment,
     }
 }
 

@@ -80,6 +80,9 @@ fn the_option_table_states_the_actual_defaults() {
         ("ws_options_add_subprotocol", ("none", d.subprotocols)),
     ]
     .into();
+    // Options whose default is a behaviour, said in words, and whether the code has it.
+    let behaviours: BTreeMap<&str, (&str, bool)> =
+        [("ws_options_set_proxy", ("from the environment (see Proxies)", d.proxy_from_environment))].into();
     let mut seen = BTreeSet::new();
     for row in table_after(&readme, "## Options and defaults") {
         let (option, default) = (&row[0], &row[1]);
@@ -94,6 +97,9 @@ fn the_option_table_states_the_actual_defaults() {
         } else if let Some((text, count)) = lists.get(name) {
             assert_eq!(default, text, "{name}");
             assert_eq!(*count, 0, "{name}: the default is {default:?}");
+        } else if let Some((text, holds)) = behaviours.get(name) {
+            assert_eq!(default, text, "{name}");
+            assert!(holds, "{name}: the default is not {default:?}");
         } else {
             panic!("README's option table names {name}, which this test does not know");
         }
@@ -104,7 +110,7 @@ fn the_option_table_states_the_actual_defaults() {
             assert!(seen.contains(&function), "README's option table lacks {function}");
         }
     }
-    assert_eq!(seen.len(), numeric.len() + lists.len());
+    assert_eq!(seen.len(), numeric.len() + lists.len() + behaviours.len());
 }
 
 #[test]

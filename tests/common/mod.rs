@@ -5,6 +5,7 @@
 
 pub mod hostile;
 pub mod peers;
+pub mod proxies;
 pub mod server;
 
 use std::ffi::{c_void, CStr, CString};

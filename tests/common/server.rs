@@ -19,7 +19,7 @@
 //!   /ping                      ping "are you there", send "pong:<payload>" when the pong arrives, then echo
 //!   /PBX0/APPS/demo            a small JSON app service for `make demo` (Login, SubscribePresence, Logout)
 //! Every close frame a server connection receives is logged as "close CODE REASON", and every
-//! ping the echo receives as "ping".
+//! ping the echo receives as "ping"; every TCP connection accepted as "accepted from IP".
 
 #![allow(dead_code, clippy::result_large_err)]
 
@@ -250,10 +250,11 @@ impl TestServer {
 
 async fn serve(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>, log: Arc<ServerLog>) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
+        let Ok((tcp, peer)) = listener.accept().await else {
             return;
         };
         let _ = tcp.set_nodelay(true);
+        log.push(format!("accepted from {}", peer.ip()));
         let log = log.clone();
         let tls = tls.clone();
         tokio::spawn(async move {

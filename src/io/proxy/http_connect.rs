@@ -71,11 +71,14 @@ fn check_response(head: &[u8], proxy: &Proxy, host: &str, port: u16) -> Result<(
     }
     let said = format!("{code} {reason}").trim_end().to_owned();
     let target = authority(host, port);
-    if code == 407 {
+    // 407 is the standard answer; some proxies (tinyproxy, to wrong credentials) send 401.
+    if code == 407 || code == 401 {
         let realm = response
             .headers
             .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("proxy-authenticate"))
+            .filter(|h| {
+                h.name.eq_ignore_ascii_case("proxy-authenticate") || h.name.eq_ignore_ascii_case("www-authenticate")
+            })
             .find_map(|h| realm(&String::from_utf8_lossy(h.value)));
         let realm = realm.map(|r| format!(" (realm \"{r}\")")).unwrap_or_default();
         let given = if proxy.credentials.is_some() { "refused the credentials given" } else { "requires credentials" };
@@ -122,6 +125,8 @@ mod tests {
                 .unwrap_err();
         assert_eq!(e.status, WsStatus::ProxyAuth);
         assert!(e.message.contains("Corp Net") && e.message.contains("requires credentials"), "{}", e.message);
+        let e = check("HTTP/1.0 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"Tinyproxy\"\r\n\r\n").unwrap_err();
+        assert_eq!(e.status, WsStatus::ProxyAuth, "tinyproxy's answer to wrong credentials");
         let e = check("HTTP/1.1 403 Forbidden\r\n\r\n").unwrap_err();
         assert_eq!(e.status, WsStatus::Proxy);
         assert!(e.message.contains("403 Forbidden") && e.message.contains("h:80"), "{}", e.message);
