@@ -6,9 +6,11 @@
 //! - `reader`: the frames the peer sends, parsed straight from the socket;
 //! - `handshake`: the HTTP upgrade;
 //! - `resolve`: host names, on resolver threads shared by all clients;
+//! - `eyeballs`: TCP connections to the addresses of a name, raced (Happy Eyeballs);
 //! - `tls`: TLS configurations and readable TLS errors;
 //! - `proxy`: which proxy a connection goes through, and the tunnel through it.
 
+pub(crate) mod eyeballs;
 pub(crate) mod handshake;
 pub(crate) mod proxy;
 pub(crate) mod reader;

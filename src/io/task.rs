@@ -11,13 +11,12 @@ use std::task::Poll;
 use futures_util::FutureExt;
 use rustls_pki_types::ServerName;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::proxy::{self, Proxy};
 use super::session;
 use super::tls::{self, TlsConfigs};
-use super::{handshake, resolve};
+use super::{eyeballs, handshake};
 use crate::conn::{Conn, Control, Event};
 use crate::error::{Error, WsStatus};
 use crate::options::Options;
@@ -102,13 +101,16 @@ async fn connect(
     tls: &TlsConfigs,
     proxy: Option<&Proxy>,
 ) -> Result<SessionFuture, Error> {
-    let mut tcp = match proxy {
-        None => connect_tcp(&target.host, target.port).await?,
-        Some(proxy) => {
-            proxy::tunnel(proxy, &target.host, target.port, |host, port| async move { connect_tcp(&host, port).await })
+    let mut tcp =
+        match proxy {
+            None => eyeballs::connect(&target.host, target.port).await?,
+            Some(proxy) => {
+                proxy::tunnel(proxy, &target.host, target.port, |host, port| async move {
+                    eyeballs::connect(&host, port).await
+                })
                 .await?
-        }
-    };
+            }
+        };
     if !target.tls {
         let upgraded = handshake::upgrade(&mut tcp, target, options).await?;
         conn.set_protocol(upgraded.protocol);
@@ -126,30 +128,6 @@ async fn connect(
     // From here on the session is shared with the host's thread (see `wire`).
     let (tcp, session_state) = stream.into_inner();
     Ok(session(conn, Wire::tls(tcp, session_state), upgraded.leftover, options))
-}
-
-async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, Error> {
-    let addrs = resolve::lookup(host, port)
-        .await
-        .map_err(|e| Error::new(WsStatus::Dns, format!("DNS: cannot resolve {host}: {e}")))?;
-    let mut last_failure = None;
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(stream) => {
-                // Small messages go out at once; batching is done above the socket.
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
-            }
-            Err(e) => last_failure = Some((addr, e)),
-        }
-    }
-    Err(match last_failure {
-        None => Error::new(WsStatus::Dns, format!("DNS: {host} has no address")),
-        Some((addr, e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            Error::new(WsStatus::ConnectFailed, format!("connection refused by {addr}"))
-        }
-        Some((addr, e)) => Error::new(WsStatus::ConnectFailed, format!("cannot connect to {addr}: {e}")),
-    })
 }
 
 #[cfg(test)]
