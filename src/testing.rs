@@ -192,7 +192,7 @@ pub fn fuzz_upgrade_response(data: &[u8]) {
 /// Checks: no panic; an accepted URI has a non-empty host without brackets, a port from 1 to
 /// 65535, a request target that starts with '/' and is plain printable ASCII (non-ASCII is
 /// percent-encoded), an ASCII Host header; and the URI made of its scheme, Host header and
-/// request target parses again to the same target.
+/// request target parses again to the same target (its zone identifier aside).
 pub fn fuzz_uri(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -210,7 +210,8 @@ pub fn fuzz_uri(data: &[u8]) {
     let scheme = if target.tls { "wss" } else { "ws" };
     let shown = format!("{scheme}://{}{}", target.host_header, target.resource);
     let again = crate::uri::parse(&shown).expect("an accepted URI's parts are accepted again");
-    assert_eq!(again, target, "{text:?} re-parsed from {shown:?}");
+    // The zone stays out of the Host header (RFC 6874 4), so only it may differ.
+    assert_eq!(crate::uri::Target { zone: target.zone, ..again }, target, "{text:?} re-parsed from {shown:?}");
 }
 
 // --- The panic boundary --------------------------------------------------------------------------

@@ -12,9 +12,16 @@
 //!   does not start a `%XX` escape. A path that is empty becomes `/` (`ws://host?x=1` asks for
 //!   `/?x=1`), as browsers send it.
 //!
+//! - an internationalised host name (`ws://bücher.example/`, or its UTF-8 percent-encoded)
+//!   is converted to its ASCII form (`xn--bcher-kva.example`, UTS 46 as browsers do), which is
+//!   what is resolved, sent in the Host header and checked against the certificate;
+//! - an IPv6 address may carry a zone identifier (RFC 6874: `ws://[fe80::1%25eth0]/`, an
+//!   interface name or number): the connection goes out through that interface, and the Host
+//!   header omits the zone, which means nothing to the server (RFC 6874 4).
+//!
 //! Refused: spaces and control characters anywhere, a fragment (`#`), user information
-//! (`user@`), a non-ASCII host (give its `xn--` form), other characters in a host name, IPv6
-//! zone identifiers and IPvFuture literals.
+//! (`user@`), a host name that is not valid (other characters, or no valid IDNA form), an
+//! unknown zone, and IPvFuture literals.
 
 use std::net::Ipv6Addr;
 
@@ -33,6 +40,8 @@ pub struct Target {
     /// The value of the Host header: the host (an IPv6 literal in brackets), then `:port`
     /// unless the port is the scheme's default (as browsers send it, RFC 6455 4.1).
     pub host_header: String,
+    /// The interface index of an IPv6 zone identifier (`[fe80::1%25eth0]`), or 0.
+    pub zone: u32,
 }
 
 fn bad(reason: &str, uri: &str) -> Error {
@@ -68,22 +77,69 @@ fn resource(path_and_query: &str) -> String {
     out
 }
 
-/// A host name: ASCII letters, digits, '-', '.' and '_', in lower case.
+/// A host name: ASCII letters, digits, '-', '.' and '_', in lower case; an internationalised
+/// name (non-ASCII, or percent-encoded UTF-8) in its ASCII form.
 fn host_name(host: &str, text: &str) -> Result<String, Error> {
     if host.is_empty() {
         return Err(bad("it has no host", text));
     }
-    if !host.is_ascii() {
-        return Err(bad(
-            "internationalized host names are not supported: give the host in its ASCII \
-             (xn--) form",
-            text,
-        ));
+    if !host.is_ascii() || host.contains('%') {
+        return international(host, text);
     }
     if let Some(c) = host.chars().find(|c| !(c.is_ascii_alphanumeric() || "-._".contains(*c))) {
         return Err(bad(&format!("the host cannot contain {c:?}"), text));
     }
     Ok(host.to_ascii_lowercase())
+}
+
+/// The ASCII form (IDNA, UTS 46 with the rules browsers use) of a name given in Unicode or
+/// percent-encoded UTF-8.
+fn international(host: &str, text: &str) -> Result<String, Error> {
+    let decoded = percent_encoding::percent_decode_str(host)
+        .decode_utf8()
+        .map_err(|_| bad("the host's percent-encoded bytes are not UTF-8", text))?;
+    let ascii = idna::domain_to_ascii(&decoded)
+        .map_err(|_| bad(&format!("the host {decoded:?} is not a valid internationalised name (IDNA)"), text))?;
+    if ascii.is_empty() {
+        return Err(bad("it has no host", text));
+    }
+    // What IDNA maps to (full stops, compatibility forms) must still be a plain host name.
+    if let Some(c) = ascii.chars().find(|c| !(c.is_ascii_alphanumeric() || "-._".contains(*c))) {
+        return Err(bad(&format!("the host cannot contain {c:?}"), text));
+    }
+    Ok(ascii)
+}
+
+/// An IPv6 literal with an optional zone (`fe80::1%25eth0`): the address and the zone's
+/// interface index (0 without a zone).
+fn ipv6_literal(literal: &str, text: &str) -> Result<(Ipv6Addr, u32), Error> {
+    let (address, zone) = match literal.split_once('%') {
+        Some((address, zone)) => (address, Some(zone)),
+        None => (literal, None),
+    };
+    let address: Ipv6Addr = address
+        .parse()
+        .map_err(|_| bad(&format!("[{literal}] is not an IPv6 address (IPvFuture is not supported)"), text))?;
+    let Some(zone) = zone else { return Ok((address, 0)) };
+    // RFC 6874: the '%' is itself percent-encoded ("%25"), then the zone's characters.
+    let zone = zone
+        .strip_prefix("25")
+        .ok_or_else(|| bad("a zone identifier follows \"%25\" in a URI (RFC 6874: [fe80::1%25eth0])", text))?;
+    let zone = percent_encoding::percent_decode_str(zone)
+        .decode_utf8()
+        .map_err(|_| bad("the zone identifier is not UTF-8", text))?;
+    Ok((address, zone_index(&zone).ok_or_else(|| bad(&format!("no network interface {zone:?} here"), text))?))
+}
+
+/// The interface index of a zone: a number, or an interface's name.
+fn zone_index(zone: &str) -> Option<u32> {
+    if let Ok(index) = zone.parse::<u32>() {
+        return (index > 0).then_some(index);
+    }
+    let name = std::ffi::CString::new(zone).ok()?;
+    // SAFETY: a NUL-terminated string; if_nametoindex only reads it.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index > 0).then_some(index)
 }
 
 pub fn parse(text: &str) -> Result<Target, Error> {
@@ -113,26 +169,19 @@ pub fn parse(text: &str) -> Result<Target, Error> {
     if authority.contains('@') {
         return Err(bad("user information (user@host) is not supported", text));
     }
-    let (host, port, ipv6) = if let Some(inside) = authority.strip_prefix('[') {
+    // `zone`: Some for an IPv6 literal.
+    let (host, port, zone) = if let Some(inside) = authority.strip_prefix('[') {
         let Some((literal, after)) = inside.split_once(']') else {
             return Err(bad("an IPv6 address must end with ']'", text));
         };
-        let address: Ipv6Addr = literal.parse().map_err(|_| {
-            bad(
-                &format!(
-                    "[{literal}] is not an IPv6 address \
-                     (zone identifiers and IPvFuture are not supported)"
-                ),
-                text,
-            )
-        })?;
+        let (address, zone) = ipv6_literal(literal, text)?;
         let port = match after {
             "" => None,
             _ => Some(
                 after.strip_prefix(':').ok_or_else(|| bad("only a port (:port) can follow an IPv6 address", text))?,
             ),
         };
-        (address.to_string(), port, true)
+        (address.to_string(), port, Some(zone))
     } else {
         if authority.matches(':').count() > 1 {
             return Err(bad("the host cannot contain ':' (an IPv6 address goes in brackets: ws://[::1]:port/)", text));
@@ -141,7 +190,7 @@ pub fn parse(text: &str) -> Result<Target, Error> {
             Some((host, port)) => (host, Some(port)),
             None => (authority, None),
         };
-        (host_name(host, text)?, port, false)
+        (host_name(host, text)?, port, None)
     };
     let default_port = if tls { 443 } else { 80 };
     let port = match port {
@@ -152,11 +201,11 @@ pub fn parse(text: &str) -> Result<Target, Error> {
         },
         Some(_) => return Err(bad(BAD_PORT, text)),
     };
-    let mut host_header = if ipv6 { format!("[{host}]") } else { host.clone() };
+    let mut host_header = if zone.is_some() { format!("[{host}]") } else { host.clone() };
     if port != default_port {
         host_header.push_str(&format!(":{port}"));
     }
-    Ok(Target { tls, host, port, resource: resource(path_and_query), host_header })
+    Ok(Target { tls, host, port, resource: resource(path_and_query), host_header, zone: zone.unwrap_or(0) })
 }
 
 #[cfg(test)]
@@ -202,6 +251,7 @@ mod tests {
                 port: 8443,
                 resource: "/?q=caf%C3%A9".into(),
                 host_header: "example.com:8443".into(),
+                zone: 0,
             }
         );
         assert_eq!(
@@ -212,6 +262,7 @@ mod tests {
                 port: 80,
                 resource: "/a%2Fb".into(),
                 host_header: "[::ffff:127.0.0.1]".into(),
+                zone: 0,
             }
         );
     }
@@ -291,13 +342,15 @@ mod tests {
             "ws://[]/",
             "ws://[not-an-ip]/",
             "ws://[127.0.0.1]/",
-            "ws://[fe80::1%25eth0]/",
+            "ws://[fe80::1%25no-such-interface]/",
+            "ws://[fe80::1%eth0]/",
+            "ws://[fe80::1%25]/",
             "ws://[v1.fe80::1]/",
-            "ws://ho%41st/",
             "ws://a,b/",
             "ws://a;b/",
             "ws://a!b/",
-            "ws://b\u{fc}cher.example/",
+            "ws://xn--a.example%00/",
+            "ws://%ff.example/",
         ] {
             match parse(bad) {
                 Err(e) if e.status == WsStatus::InvalidUri => {
@@ -310,15 +363,41 @@ mod tests {
     }
 
     #[test]
+    fn internationalised_names_go_out_in_their_ascii_form() {
+        for (uri, host, host_header) in [
+            ("ws://b\u{fc}cher.example/", "xn--bcher-kva.example", "xn--bcher-kva.example"),
+            ("wss://B\u{dc}CHER.example:8443/", "xn--bcher-kva.example", "xn--bcher-kva.example:8443"),
+            ("ws://b%C3%BCcher.example/", "xn--bcher-kva.example", "xn--bcher-kva.example"),
+            ("ws://\u{4f8b}\u{3048}.\u{30c6}\u{30b9}\u{30c8}/", "xn--r8jz45g.xn--zckzah", "xn--r8jz45g.xn--zckzah"),
+            ("ws://faß.de/", "xn--fa-hia.de", "xn--fa-hia.de"),
+            ("ws://example\u{3002}com/", "example.com", "example.com"),
+            // RFC 3986 3.2.2: a registered name may be percent-encoded; decoded, as browsers do.
+            ("ws://ho%41st/", "hoast", "hoast"),
+        ] {
+            let t = parse(uri).unwrap_or_else(|e| panic!("{uri}: {}", e.message));
+            assert_eq!((t.host.as_str(), t.host_header.as_str()), (host, host_header), "{uri}");
+        }
+    }
+
+    #[test]
+    fn zone_identifiers_choose_the_interface_and_stay_out_of_the_host_header() {
+        let lo = zone_index("lo").expect("a loopback interface named lo");
+        let t = parse("ws://[fe80::1%25lo]:9000/").unwrap();
+        assert_eq!((t.host.as_str(), t.zone, t.host_header.as_str()), ("fe80::1", lo, "[fe80::1]:9000"));
+        assert_eq!(parse(&format!("ws://[fe80::1%25{lo}]/")).unwrap().zone, lo);
+        assert_eq!(parse("ws://[::1]/").unwrap().zone, 0);
+    }
+
+    #[test]
     fn refusals_say_why() {
         assert_eq!(refused("ws://host:0/"), "the port must be a number from 1 to 65535");
         assert_eq!(refused("relative/path"), "it is not absolute (ws://host/... or wss://host/...)");
         assert_eq!(refused("http://x/"), "the scheme is http:, not ws: or wss:");
-        assert!(refused("ws://b\u{fc}cher.example/").contains("xn--"));
         assert!(refused("ws://user@host/").contains("user information"));
         assert!(refused("ws://host/#f").contains("fragment"));
         assert!(refused("ws://[::1/").contains("IPv6"));
-        assert!(refused("ws://[fe80::1%25eth0]/").contains("IPv6"));
+        assert!(refused("ws://[fe80::1%25nope0]/").contains("no network interface \"nope0\""));
+        assert!(refused("ws://[fe80::1%lo]/").contains("%25"));
         assert!(refused("ws://a,b/").contains("','"));
     }
 }

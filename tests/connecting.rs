@@ -155,3 +155,50 @@ fn a_refused_first_address_does_not_fail_the_connection() {
     close(conn, 1000, "");
     client.run_until_final(&rec, conn);
 }
+
+/// Connects and returns the first text the server sends (the /host path sends its Host header).
+fn first_text(client: &Client, url: &str, options: Option<&Options>) -> Result<String, Vec<Ev>> {
+    let rec = Recorder::default();
+    let conn = match options {
+        Some(options) => client.connect_with(url, options.0),
+        None => client.connect(url),
+    };
+    watch(conn, &rec);
+    client.run_until("a text or the end", || !rec.texts(conn).is_empty() || rec.finals(conn) > 0);
+    let texts = rec.texts(conn);
+    close(conn, 1000, "");
+    client.run_until_final(&rec, conn);
+    texts.first().cloned().ok_or_else(|| rec.of(conn))
+}
+
+/// An internationalised name is looked up and sent in the Host header in its ASCII form.
+#[test]
+fn an_internationalised_name_goes_out_in_its_ascii_form() {
+    let server = TestServer::start();
+    answer("xn--bcher-kva.test", &["127.0.0.1"]);
+    let client = Client::new();
+    let url = format!("ws://B\u{fc}cher.test:{}/host", server.port);
+    assert_eq!(first_text(&client, &url, None).unwrap(), format!("host: xn--bcher-kva.test:{}", server.port));
+    assert!(test_resolver::ASKED.lock().unwrap().iter().any(|n| n == "xn--bcher-kva.test"));
+    // Percent-encoded UTF-8 is the same name.
+    let url = format!("ws://b%C3%BCcher.test:{}/host", server.port);
+    assert_eq!(first_text(&client, &url, None).unwrap(), format!("host: xn--bcher-kva.test:{}", server.port));
+}
+
+/// A zone identifier chooses the interface and stays out of the Host header.
+#[test]
+fn an_ipv6_zone_identifier_is_decoded_and_left_out_of_the_host_header() {
+    let server = TestServer::start();
+    let Some(port) = server.ipv6_port else {
+        skipped("an_ipv6_zone_identifier_is_decoded_and_left_out_of_the_host_header", "no IPv6 loopback here");
+        return;
+    };
+    let client = Client::new();
+    let url = format!("ws://[::1%25lo]:{port}/host");
+    assert_eq!(first_text(&client, &url, None).unwrap(), format!("host: [::1]:{port}"));
+    // An interface that does not exist is refused by ws_connect, naming it.
+    let mut conn = 0;
+    let status = unsafe { ws_connect(client.0, cstr("ws://[fe80::1%25nosuch0]/").as_ptr(), &mut conn) };
+    assert_eq!(status, WsStatus::InvalidUri);
+    assert!(last_error().contains("nosuch0"), "{}", last_error());
+}

@@ -17,11 +17,19 @@ use crate::error::{Error, WsStatus};
 /// RFC 8305 5: "Connection Attempt Delay", 250 ms recommended.
 pub(crate) const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 
-/// A TCP connection to `host:port` (a name or an IP literal), with TCP_NODELAY.
-pub(crate) async fn connect(host: &str, port: u16) -> Result<TcpStream, Error> {
-    let addrs = resolve::lookup(host, port)
+/// A TCP connection to `host:port` (a name or an IP literal), with TCP_NODELAY. `zone`: the
+/// interface of an IPv6 literal with a zone identifier (0: none).
+pub(crate) async fn connect(host: &str, port: u16, zone: u32) -> Result<TcpStream, Error> {
+    let mut addrs = resolve::lookup(host, port)
         .await
         .map_err(|e| Error::new(WsStatus::Dns, format!("DNS: cannot resolve {host}: {e}")))?;
+    if zone != 0 {
+        for addr in &mut addrs {
+            if let SocketAddr::V6(v6) = addr {
+                v6.set_scope_id(zone);
+            }
+        }
+    }
     if addrs.is_empty() {
         return Err(Error::new(WsStatus::Dns, format!("DNS: {host} has no address")));
     }

@@ -101,16 +101,15 @@ async fn connect(
     tls: &TlsConfigs,
     proxy: Option<&Proxy>,
 ) -> Result<SessionFuture, Error> {
-    let mut tcp =
-        match proxy {
-            None => eyeballs::connect(&target.host, target.port).await?,
-            Some(proxy) => {
-                proxy::tunnel(proxy, &target.host, target.port, |host, port| async move {
-                    eyeballs::connect(&host, port).await
-                })
-                .await?
-            }
-        };
+    let mut tcp = match proxy {
+        None => eyeballs::connect(&target.host, target.port, target.zone).await?,
+        Some(proxy) => {
+            proxy::tunnel(proxy, &target.host, target.port, |host, port| async move {
+                eyeballs::connect(&host, port, 0).await
+            })
+            .await?
+        }
+    };
     if !target.tls {
         let upgraded = handshake::upgrade(&mut tcp, target, options).await?;
         conn.set_protocol(upgraded.protocol);

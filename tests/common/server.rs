@@ -14,6 +14,7 @@
 //!   /reject                    refuse the upgrade with HTTP 403
 //!   /silent                    upgrade, then never read nor write
 //!   /headers                   send the Authorization header's value, then echo
+//!   /host                      send the Host header's value, then echo
 //!   /protocol                  choose the first offered subprotocol, then echo
 //!   /badproto                  choose subprotocol "bogus" whatever was offered
 //!   /ping                      ping "are you there", send "pong:<payload>" when the pong arrives, then echo
@@ -278,10 +279,12 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
     let mut path = String::new();
     let mut query = String::new();
     let mut authorization = String::new();
+    let mut host = String::new();
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         path = req.uri().path().to_owned();
         query = req.uri().query().unwrap_or("").to_owned();
         authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        host = req.headers().get("host").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let offered = req.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).unwrap_or("");
         match path.as_str() {
             "/reject" => {
@@ -354,6 +357,10 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
         "/PBX0/APPS/demo" => demo_service(ws, &log).await,
         "/silent" => {
             tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        "/host" => {
+            let _ = ws.send(Message::text(format!("host: {host}"))).await;
+            echo(ws, &log).await;
         }
         "/headers" => {
             let _ = ws.send(Message::text(format!("authorization: {authorization}"))).await;
