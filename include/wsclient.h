@@ -580,6 +580,21 @@ ws_status ws_options_add_subprotocol(ws_options *options, const char *protocol);
 ws_status ws_options_set_proxy(ws_options *options, const char *url);
 
 /**
+ * Follows up to `max_redirects` redirects (HTTP 301, 302, 307, 308) of the upgrade request
+ * (default 0: a redirect fails the connection with WS_STATUS_HANDSHAKE_REJECTED, naming the
+ * Location, as browsers' WebSocket does). A relative Location is resolved against the current
+ * URI; http: and https: Locations are taken as ws: and wss:. A redirect from wss: to ws: is
+ * refused. The Authorization and Cookie headers added with ws_options_add_header go only to
+ * the scheme, host and port they were given for, as curl does. At most 30
+ * (WS_STATUS_INVALID_ARGUMENT above).
+ * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed.
+ */
+ws_status ws_options_set_follow_redirects(ws_options *options, uint32_t max_redirects);
+
+/**
  * Time allowed for DNS, TCP, TLS and the upgrade together (default 30000 ms; at least 1).
  * Any thread, also inside callbacks; one thread at a time per options object.
  *

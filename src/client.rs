@@ -8,7 +8,7 @@ use crate::conn::Conn;
 use crate::error::{Error, WsStatus};
 use crate::host::dispatch::Hub;
 use crate::host::handles::{self, WsConn};
-use crate::io::proxy;
+use crate::io::proxy::{self, choice::ProxyEnvironment, ProxySetting};
 use crate::io::task::{self, Launch};
 use crate::io::tls::TlsConfigs;
 use crate::options::Options;
@@ -61,9 +61,14 @@ impl Client {
             Some(o) => Arc::new(o.clone()),
             None => self.default_options.clone(),
         };
-        // The environment is read here, on the caller's thread, where a host would change it.
-        let env = |name: &str| std::env::var(name).ok();
-        let proxy = proxy::choice::choose(&options.proxy, &env, target.tls, &target.host, target.port)?;
+        // The environment is read here, on the caller's thread, where a host would change it;
+        // an invalid proxy in it fails the connect at once.
+        let proxy_env = match options.proxy {
+            ProxySetting::Environment => ProxyEnvironment::read(&|name| std::env::var(name).ok()),
+            _ => ProxyEnvironment::default(),
+        };
+        let env = |name: &str| proxy_env.get(name);
+        proxy::choice::choose(&options.proxy, &env, target.tls, &target.host, target.port)?;
         let runtime =
             self.runtime.as_ref().ok_or_else(|| Error::new(WsStatus::Runtime, "the client is shutting down"))?;
         let conn = handles::insert(|id| {
@@ -71,7 +76,7 @@ impl Client {
         });
         self.hub.connection_added();
         self.hub.task_started();
-        let launch = Launch { conn: conn.clone(), target, options, tls: self.tls.clone(), proxy };
+        let launch = Launch { conn: conn.clone(), target, options, tls: self.tls.clone(), proxy_env };
         runtime.spawn(task::run(launch));
         Ok(conn.id)
     }

@@ -48,6 +48,8 @@ pub struct Options {
     pub send_queue_limit: usize,
     /// The proxy: from the environment unless set.
     pub proxy: ProxySetting,
+    /// Redirects of the upgrade request to follow (0: none, the default).
+    pub max_redirects: u32,
 }
 
 impl Default for Options {
@@ -65,6 +67,7 @@ impl Default for Options {
             receive_queue_limit: DEFAULT_RECEIVE_QUEUE_LIMIT,
             send_queue_limit: DEFAULT_SEND_QUEUE_LIMIT,
             proxy: ProxySetting::Environment,
+            max_redirects: 0,
         }
     }
 }

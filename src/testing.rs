@@ -278,6 +278,7 @@ pub struct Defaults {
     pub send_queue_limit: usize,
     /// Whether the proxy comes from the environment (else the options name one, or none).
     pub proxy_from_environment: bool,
+    pub max_redirects: u32,
 }
 
 /// The library's actual defaults (those of `Options::default()`, which plain `ws_connect` and
@@ -297,6 +298,7 @@ pub fn defaults() -> Defaults {
         receive_queue_limit: o.receive_queue_limit,
         send_queue_limit: o.send_queue_limit,
         proxy_from_environment: o.proxy == crate::io::proxy::ProxySetting::Environment,
+        max_redirects: o.max_redirects,
     }
 }
 

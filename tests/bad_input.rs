@@ -371,6 +371,11 @@ fn a_panic_inside_any_export_returns_its_default_and_is_reported() {
                 Box::new(|| Status(ws_options_set_proxy(options.0, text.as_ptr()))),
             ),
             (
+                "ws_options_set_follow_redirects",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_set_follow_redirects(options.0, 1))),
+            ),
+            (
                 "ws_options_set_connect_timeout_ms",
                 Status(WsStatus::Panic),
                 Box::new(|| Status(ws_options_set_connect_timeout_ms(options.0, 1000))),

@@ -81,8 +81,11 @@ fn the_option_table_states_the_actual_defaults() {
     ]
     .into();
     // Options whose default is a behaviour, said in words, and whether the code has it.
-    let behaviours: BTreeMap<&str, (&str, bool)> =
-        [("ws_options_set_proxy", ("from the environment (see Proxies)", d.proxy_from_environment))].into();
+    let behaviours: BTreeMap<&str, (&str, bool)> = [
+        ("ws_options_set_proxy", ("from the environment (see Proxies)", d.proxy_from_environment)),
+        ("ws_options_set_follow_redirects", ("not followed", d.max_redirects == 0)),
+    ]
+    .into();
     let mut seen = BTreeSet::new();
     for row in table_after(&readme, "## Options and defaults") {
         let (option, default) = (&row[0], &row[1]);

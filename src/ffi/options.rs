@@ -8,6 +8,7 @@ use super::{c_str, null};
 use crate::error::{Error, WsStatus};
 use crate::host::handles::WsConn;
 use crate::io::proxy;
+use crate::io::redirect::MAX_REDIRECTS;
 use crate::options::Options;
 
 /// Options for ws_connect_with_options(). Opaque; create with ws_options_new(), free with
@@ -119,6 +120,32 @@ pub unsafe extern "C" fn ws_options_set_proxy(options: *mut WsOptions, url: *con
     ffi_status!({
         let options = options_mut(options)?;
         options.proxy = proxy::choice::setting(c_str(url, "url")?)?;
+        Ok(())
+    })
+}
+
+/// Follows up to `max_redirects` redirects (HTTP 301, 302, 307, 308) of the upgrade request
+/// (default 0: a redirect fails the connection with WS_STATUS_HANDSHAKE_REJECTED, naming the
+/// Location, as browsers' WebSocket does). A relative Location is resolved against the current
+/// URI; http: and https: Locations are taken as ws: and wss:. A redirect from wss: to ws: is
+/// refused. The Authorization and Cookie headers added with ws_options_add_header go only to
+/// the scheme, host and port they were given for, as curl does. At most 30
+/// (WS_STATUS_INVALID_ARGUMENT above).
+/// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_set_follow_redirects(options: *mut WsOptions, max_redirects: u32) -> WsStatus {
+    ffi_status!({
+        let options = options_mut(options)?;
+        if max_redirects > MAX_REDIRECTS {
+            return Err(Error::new(
+                WsStatus::InvalidArgument,
+                format!("at most {MAX_REDIRECTS} redirects can be followed, not {max_redirects}"),
+            ));
+        }
+        options.max_redirects = max_redirects;
         Ok(())
     })
 }

@@ -42,6 +42,39 @@ pub struct Upgraded {
     pub leftover: Vec<u8>,
 }
 
+/// The server's answer: the upgrade, or a redirect (301, 302, 307 or 308 with a Location).
+pub enum Answer {
+    Upgraded(Upgraded),
+    Redirect(Redirect),
+}
+
+pub struct Redirect {
+    /// "HTTP 307 Temporary Redirect", for messages.
+    pub status: String,
+    /// The Location header's value, as sent.
+    pub location: String,
+}
+
+impl Answer {
+    /// The upgrade; a redirect is a rejection (where redirects are not followed).
+    pub fn upgraded(self) -> Result<Upgraded, Error> {
+        match self {
+            Answer::Upgraded(upgraded) => Ok(upgraded),
+            Answer::Redirect(redirect) => Err(redirect.not_followed()),
+        }
+    }
+}
+
+impl Redirect {
+    pub fn not_followed(&self) -> Error {
+        rejected(format!(
+            "{} to {} (not followed: ws_options_set_follow_redirects turns that on)",
+            self.status,
+            shown(&self.location)
+        ))
+    }
+}
+
 fn rejected(reason: impl std::fmt::Display) -> Error {
     Error::new(WsStatus::HandshakeRejected, format!("handshake rejected: {reason}"))
 }
@@ -76,14 +109,14 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     target: &Target,
     options: &Options,
-) -> Result<Upgraded, Error> {
+) -> Result<Answer, Error> {
     let key = generate_key();
     stream.write_all(&request(target, options, &key)).await.map_err(io_lost)?;
     stream.flush().await.map_err(io_lost)?;
     let mut buf = Vec::new();
     loop {
-        if let Some(upgraded) = parse_response(&buf, &key, options)? {
-            return Ok(upgraded);
+        if let Some(answer) = parse_answer(&buf, &key, options)? {
+            return Ok(answer);
         }
         // An incomplete head of MAX_RESPONSE_HEAD bytes is refused above, so reading never
         // goes past that many bytes: what follows a head stays in the stream for the session,
@@ -217,7 +250,14 @@ fn parse_head<'h, 'b>(response: &mut httparse::Response<'h, 'b>, window: &'b [u8
 /// Reads the server's response head from `buf` (every byte received so far): Ok(None) while it
 /// is incomplete, the upgrade once it is complete and valid, else why it is refused (always
 /// WS_STATUS_HANDSHAKE_REJECTED). A pure function of its arguments, which the fuzz targets call.
+/// The upgrade the response head in `buf` makes (None: the head is incomplete); a redirect is
+/// a rejection.
 pub(crate) fn parse_response(buf: &[u8], key: &str, options: &Options) -> Result<Option<Upgraded>, Error> {
+    parse_answer(buf, key, options)?.map(Answer::upgraded).transpose()
+}
+
+/// What the response head in `buf` says (None: the head is incomplete).
+pub(crate) fn parse_answer(buf: &[u8], key: &str, options: &Options) -> Result<Option<Answer>, Error> {
     // A head that is complete within the limit is complete within its first bytes.
     let window = &buf[..buf.len().min(MAX_RESPONSE_HEAD)];
     let mut usual = [httparse::EMPTY_HEADER; USUAL_HEADERS];
@@ -244,7 +284,14 @@ pub(crate) fn parse_response(buf: &[u8], key: &str, options: &Options) -> Result
         let reason: String = response.reason.unwrap_or("").chars().take(80).collect();
         let reason = reason.trim();
         let sep = if reason.is_empty() { "" } else { " " };
-        return Err(rejected(format!("HTTP {code}{sep}{reason}")));
+        let status = format!("HTTP {code}{sep}{reason}");
+        if matches!(code, 301 | 302 | 307 | 308) {
+            if let [location] = lines(response.headers, "Location")?[..] {
+                let location = location.trim_matches(is_ows).to_owned();
+                return Ok(Some(Answer::Redirect(Redirect { status, location })));
+            }
+        }
+        return Err(rejected(status));
     }
     if response.version != Some(1) {
         return Err(rejected("the server answered 101 in HTTP/1.0 (a 101 requires HTTP/1.1)"));
@@ -275,7 +322,7 @@ pub(crate) fn parse_response(buf: &[u8], key: &str, options: &Options) -> Result
     }
     check_extensions(&elements(&lines(headers, "Sec-WebSocket-Extensions")?), options)?;
     let protocol = chosen_protocol(&lines(headers, "Sec-WebSocket-Protocol")?, options)?;
-    Ok(Some(Upgraded { protocol, leftover: buf[head_len..].to_vec() }))
+    Ok(Some(Answer::Upgraded(Upgraded { protocol, leftover: buf[head_len..].to_vec() })))
 }
 
 #[cfg(test)]
@@ -730,7 +777,7 @@ mod tests {
             // Dropping the server's end: the client reads what is left, then the end.
         });
         let target = crate::uri::parse("ws://example.com/").unwrap();
-        let outcome = upgrade(&mut client, &target, &Options::default()).await;
+        let outcome = upgrade(&mut client, &target, &Options::default()).await.and_then(Answer::upgraded);
         server.await.unwrap();
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).await.unwrap();

@@ -8,12 +8,14 @@
 //! - `resolve`: host names, on resolver threads shared by all clients;
 //! - `eyeballs`: TCP connections to the addresses of a name, raced (Happy Eyeballs);
 //! - `tls`: TLS configurations and readable TLS errors;
-//! - `proxy`: which proxy a connection goes through, and the tunnel through it.
+//! - `proxy`: which proxy a connection goes through, and the tunnel through it;
+//! - `redirect`: where a redirect of the upgrade leads, and what goes there.
 
 pub(crate) mod eyeballs;
 pub(crate) mod handshake;
 pub(crate) mod proxy;
 pub(crate) mod reader;
+pub(crate) mod redirect;
 pub(crate) mod resolve;
 pub(crate) mod session;
 pub(crate) mod task;

@@ -2,6 +2,7 @@
 //! upgrade), run the session until the connection ends, then hand the host exactly one final
 //! event.
 
+use std::borrow::Cow;
 use std::future::{poll_fn, Future};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -13,7 +14,10 @@ use rustls_pki_types::ServerName;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio_rustls::TlsConnector;
 
+use super::handshake::{Answer, Redirect};
+use super::proxy::choice::ProxyEnvironment;
 use super::proxy::{self, Proxy};
+use super::redirect;
 use super::session;
 use super::tls::{self, TlsConfigs};
 use super::{eyeballs, handshake};
@@ -29,9 +33,9 @@ pub struct Launch {
     pub target: Target,
     pub options: Arc<Options>,
     pub tls: Arc<TlsConfigs>,
-    /// The proxy to connect through, if any (chosen by `proxy::choice` when the connection
-    /// started).
-    pub proxy: Option<Proxy>,
+    /// The environment's proxy variables, as they were when the connection started (each
+    /// redirect may lead to a host whose proxy differs).
+    pub proxy_env: ProxyEnvironment,
 }
 
 /// Runs a connection to its end and queues its final event (none when the client is freed).
@@ -49,13 +53,11 @@ pub async fn run(launch: Launch) {
 }
 
 async fn drive(launch: Launch) -> Option<Event> {
-    let Launch { conn, target, options, tls, proxy } = launch;
+    let Launch { conn, target, options, tls, proxy_env } = launch;
     // Boxed, as is the session below: the task itself stays small, and each phase holds only
     // the memory it needs (the connect machinery is freed once connected).
-    let connecting = Box::pin(tokio::time::timeout(
-        options.connect_timeout,
-        connect(&conn, &target, &options, &tls, proxy.as_ref()),
-    ));
+    let connecting =
+        Box::pin(tokio::time::timeout(options.connect_timeout, connect(&conn, &target, &options, &tls, &proxy_env)));
     let until_control = poll_fn(|cx| match conn.control(cx.waker()) {
         Control::Proceed => Poll::Pending,
         other => Poll::Ready(other),
@@ -94,13 +96,62 @@ fn session(
     Box::pin(session::serve(conn.clone(), wire, read, leftover, options.clone()))
 }
 
+/// Connects, following redirects as far as the options allow.
 async fn connect(
     conn: &Arc<Conn>,
+    first: &Target,
+    options: &Arc<Options>,
+    tls: &TlsConfigs,
+    proxy_env: &ProxyEnvironment,
+) -> Result<SessionFuture, Error> {
+    let mut target = first.clone();
+    // The upgrade's own options: the credentials go only to the origin they were given for.
+    let mut upgrade_options = Cow::Borrowed(&**options);
+    let mut followed = 0;
+    loop {
+        let env = |name: &str| proxy_env.get(name);
+        let proxy = proxy::choice::choose(&options.proxy, &env, target.tls, &target.host, target.port)?;
+        let redirect = match reach(conn, &target, &upgrade_options, options, tls, proxy.as_ref()).await? {
+            Reached::Open(session) => return Ok(session),
+            Reached::Redirect(redirect) => redirect,
+        };
+        if followed == options.max_redirects {
+            return Err(match followed {
+                0 => redirect.not_followed(),
+                n => Error::new(
+                    WsStatus::HandshakeRejected,
+                    format!(
+                        "handshake rejected: too many redirects ({n} followed, the limit), the last to {:?}",
+                        redirect.location
+                    ),
+                ),
+            });
+        }
+        followed += 1;
+        let next = redirect::next_target(&target, &redirect.location)?;
+        if !redirect::same_origin(&target, &next) {
+            let credential = |name: &str| redirect::CREDENTIAL_HEADERS.contains(&name);
+            upgrade_options.to_mut().headers.retain(|(name, _)| !credential(name.as_str()));
+        }
+        target = next;
+    }
+}
+
+/// Where one attempt to connect ends: an open connection, or a redirect elsewhere.
+enum Reached {
+    Open(SessionFuture),
+    Redirect(Redirect),
+}
+
+/// One attempt: TCP (through the proxy, if any), TLS, the upgrade.
+async fn reach(
+    conn: &Arc<Conn>,
     target: &Target,
+    upgrade_options: &Options,
     options: &Arc<Options>,
     tls: &TlsConfigs,
     proxy: Option<&Proxy>,
-) -> Result<SessionFuture, Error> {
+) -> Result<Reached, Error> {
     let mut tcp = match proxy {
         None => eyeballs::connect(&target.host, target.port, target.zone).await?,
         Some(proxy) => {
@@ -111,9 +162,12 @@ async fn connect(
         }
     };
     if !target.tls {
-        let upgraded = handshake::upgrade(&mut tcp, target, options).await?;
+        let upgraded = match handshake::upgrade(&mut tcp, target, upgrade_options).await? {
+            Answer::Upgraded(upgraded) => upgraded,
+            Answer::Redirect(redirect) => return Ok(Reached::Redirect(redirect)),
+        };
         conn.set_protocol(upgraded.protocol);
-        return Ok(session(conn, Wire::plain(tcp), upgraded.leftover, options));
+        return Ok(Reached::Open(session(conn, Wire::plain(tcp), upgraded.leftover, options)));
     }
     let tls_config = tls.get(&options.extra_ca)?;
     let name = ServerName::try_from(target.host.clone())
@@ -122,11 +176,14 @@ async fn connect(
         .connect(name, tcp)
         .await
         .map_err(|e| Error::new(WsStatus::Tls, tls::describe_handshake_error(&e, &target.host)))?;
-    let upgraded = handshake::upgrade(&mut stream, target, options).await?;
+    let upgraded = match handshake::upgrade(&mut stream, target, upgrade_options).await? {
+        Answer::Upgraded(upgraded) => upgraded,
+        Answer::Redirect(redirect) => return Ok(Reached::Redirect(redirect)),
+    };
     conn.set_protocol(upgraded.protocol);
     // From here on the session is shared with the host's thread (see `wire`).
     let (tcp, session_state) = stream.into_inner();
-    Ok(session(conn, Wire::tls(tcp, session_state), upgraded.leftover, options))
+    Ok(Reached::Open(session(conn, Wire::tls(tcp, session_state), upgraded.leftover, options)))
 }
 
 #[cfg(test)]
@@ -148,7 +205,7 @@ mod tests {
             target,
             options: Arc::new(Options::default()),
             tls: Arc::new(TlsConfigs::default()),
-            proxy: None,
+            proxy_env: Default::default(),
         };
         let size = size_of_future(&run(launch));
         assert!(size <= 1024, "a connection task is {size} bytes");

@@ -15,6 +15,9 @@
 //!   /silent                    upgrade, then never read nor write
 //!   /headers                   send the Authorization header's value, then echo
 //!   /host                      send the Host header's value, then echo
+//!   /creds                     send the Authorization and Cookie headers' values, then echo
+//!   /redirect?code=C&to=L      answer the upgrade with HTTP C (307) and Location L (all that
+//!                              follows "to="; /redirect without one), logged as "redirect C to L"
 //!   /protocol                  choose the first offered subprotocol, then echo
 //!   /badproto                  choose subprotocol "bogus" whatever was offered
 //!   /ping                      ping "are you there", send "pong:<payload>" when the pong arrives, then echo
@@ -280,13 +283,27 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
     let mut query = String::new();
     let mut authorization = String::new();
     let mut host = String::new();
+    let mut cookie = String::new();
+    let log_redirect = log.clone();
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         path = req.uri().path().to_owned();
         query = req.uri().query().unwrap_or("").to_owned();
         authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         host = req.headers().get("host").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        cookie = req.headers().get("cookie").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let offered = req.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).unwrap_or("");
         match path.as_str() {
+            "/redirect" => {
+                // Everything after "to=" is the Location (it may hold '&' and '?'); without
+                // one, /redirect itself (a loop).
+                let location = query.split_once("to=").map(|(_, to)| to).unwrap_or("/redirect");
+                let code = param(&query, "code").and_then(|c| c.parse().ok()).unwrap_or(307);
+                let mut redirect = ErrorResponse::new(None);
+                *redirect.status_mut() = StatusCode::from_u16(code).unwrap();
+                redirect.headers_mut().insert("location", HeaderValue::from_str(location).unwrap());
+                log_redirect.push(format!("redirect {code} to {location}"));
+                return Err(redirect);
+            }
             "/reject" => {
                 let mut refusal = ErrorResponse::new(Some("go away".into()));
                 *refusal.status_mut() = StatusCode::FORBIDDEN;
@@ -357,6 +374,10 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, log: Arc<ServerLog
         "/PBX0/APPS/demo" => demo_service(ws, &log).await,
         "/silent" => {
             tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        "/creds" => {
+            let _ = ws.send(Message::text(format!("authorization: {authorization}; cookie: {cookie}"))).await;
+            echo(ws, &log).await;
         }
         "/host" => {
             let _ = ws.send(Message::text(format!("host: {host}"))).await;

@@ -90,6 +90,37 @@ pub(crate) fn setting(url: &str) -> Result<ProxySetting, Error> {
     parse(url).map(ProxySetting::Through).map_err(|why| Error::new(WsStatus::InvalidArgument, why))
 }
 
+/// The environment's proxy variables, read once when a connection starts: `choose` is asked
+/// again at each redirect, and must see the environment the connection started with.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ProxyEnvironment(Vec<(&'static str, String)>);
+
+impl ProxyEnvironment {
+    const NAMES: [&'static str; 13] = [
+        "ws_proxy",
+        "wss_proxy",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "no_proxy",
+        "WS_PROXY",
+        "WSS_PROXY",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "NO_PROXY",
+        "REQUEST_METHOD",
+    ];
+
+    pub fn read(env: &dyn Fn(&str) -> Option<String>) -> ProxyEnvironment {
+        ProxyEnvironment(Self::NAMES.iter().filter_map(|&name| env(name).map(|value| (name, value))).collect())
+    }
+
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.0.iter().find(|(n, _)| *n == name).map(|(_, value)| value.clone())
+    }
+}
+
 /// The proxy for a connection to `host:port` (`tls`: wss), or `None` to connect directly.
 /// `env` reads an environment variable; an invalid proxy URL in the environment is an error
 /// that names the variable.

@@ -1,0 +1,111 @@
+//! Following a redirect of the upgrade request (301, 302, 307, 308), when the options allow it
+//! (`ws_options_set_follow_redirects`; off by default, as browsers' WebSocket never follows).
+//!
+//! The Location may be absolute (`ws:`, `wss:`, or `http:`/`https:`, taken as `ws:`/`wss:`, as
+//! servers that share a path with HTTP send them), network-path (`//host/...`), absolute-path
+//! (`/...`) or relative to the current path. From `wss:` to `ws:` is refused: the connection
+//! would lose its encryption. The upgrade's Authorization and Cookie headers go only to the
+//! origin they were given for (same scheme, host and port), as curl does.
+
+use crate::error::{Error, WsStatus};
+use crate::uri::{self, Target};
+
+/// The most redirects a connection may follow (curl's default limit).
+pub(crate) const MAX_REDIRECTS: u32 = 30;
+
+/// Headers that carry credentials: dropped when a redirect leaves the origin.
+pub(crate) const CREDENTIAL_HEADERS: [&str; 2] = ["authorization", "cookie"];
+
+fn refused(why: String) -> Error {
+    Error::new(WsStatus::HandshakeRejected, format!("handshake rejected: {why}"))
+}
+
+/// Where a redirect from `current` to `location` leads.
+pub(crate) fn next_target(current: &Target, location: &str) -> Result<Target, Error> {
+    let scheme = if current.tls { "wss" } else { "ws" };
+    let absolute = if let Some((given, rest)) = location.split_once("://").filter(|(s, _)| is_scheme(s)) {
+        let mapped = match given.to_ascii_lowercase().as_str() {
+            "ws" | "http" => "ws",
+            "wss" | "https" => "wss",
+            other => return Err(refused(format!("a redirect to a {other}: URI ({location:?})"))),
+        };
+        format!("{mapped}://{rest}")
+    } else if let Some(rest) = location.strip_prefix("//") {
+        format!("{scheme}://{rest}")
+    } else if location.starts_with('/') {
+        format!("{scheme}://{}{location}", current.host_header)
+    } else {
+        let path = current.resource.split('?').next().unwrap_or("/");
+        let directory = &path[..path.rfind('/').map_or(0, |i| i + 1)];
+        format!("{scheme}://{}{directory}{location}", current.host_header)
+    };
+    let mut next =
+        uri::parse(&absolute).map_err(|e| refused(format!("a redirect to an invalid URI: {}", e.message)))?;
+    if current.tls && !next.tls {
+        return Err(refused(format!("a redirect from wss: to ws: ({location:?}) would drop the encryption")));
+    }
+    // The zone of an IPv6 literal carries over to the same address (a Location cannot name one).
+    if next.host == current.host {
+        next.zone = current.zone;
+    }
+    Ok(next)
+}
+
+/// Whether the credentials given for `from` may go to `to`.
+pub(crate) fn same_origin(from: &Target, to: &Target) -> bool {
+    (from.tls, &from.host, from.port) == (to.tls, &to.host, to.port)
+}
+
+fn is_scheme(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(uri: &str, location: &str) -> Result<String, String> {
+        let current = uri::parse(uri).unwrap();
+        next_target(&current, location)
+            .map(|t| format!("{}://{}{}", if t.tls { "wss" } else { "ws" }, t.host_header, t.resource))
+            .map_err(|e| e.message)
+    }
+
+    #[test]
+    fn locations_resolve_against_the_current_uri() {
+        let ok = |uri, location, expected: &str| assert_eq!(from(uri, location).as_deref(), Ok(expected), "{location}");
+        ok("ws://a.example/x/y?q", "ws://b.example:81/z", "ws://b.example:81/z");
+        ok("ws://a.example/x/y", "http://b.example/z", "ws://b.example/z");
+        ok("wss://a.example/x/y", "https://b.example/z", "wss://b.example/z");
+        ok("ws://a.example/x/y", "wss://b.example/z", "wss://b.example/z");
+        ok("wss://a.example:8443/x", "//b.example/z", "wss://b.example/z");
+        ok("ws://a.example:8080/x/y?q", "/z?r", "ws://a.example:8080/z?r");
+        ok("ws://a.example/x/y?q=/w", "z", "ws://a.example/x/z");
+        ok("ws://a.example", "z", "ws://a.example/z");
+        ok("ws://[::1]:9/x", "/y", "ws://[::1]:9/y");
+    }
+
+    #[test]
+    fn unsafe_or_invalid_locations_are_refused() {
+        for (uri, location, why) in [
+            ("wss://a.example/", "ws://a.example/", "drop the encryption"),
+            ("wss://a.example/", "http://a.example/", "drop the encryption"),
+            ("ws://a.example/", "ftp://a.example/", "ftp:"),
+            ("ws://a.example/", "ws://", "invalid URI"),
+            ("ws://a.example/", "ws://a.example/#f", "invalid URI"),
+        ] {
+            let message = from(uri, location).unwrap_err();
+            assert!(message.contains(why), "{location}: {message}");
+        }
+    }
+
+    #[test]
+    fn the_origin_is_scheme_host_and_port() {
+        let t = |u| uri::parse(u).unwrap();
+        assert!(same_origin(&t("ws://a.example/x"), &t("ws://A.example:80/y")));
+        assert!(!same_origin(&t("ws://a.example/"), &t("ws://b.example/")));
+        assert!(!same_origin(&t("ws://a.example/"), &t("ws://a.example:81/")));
+        assert!(!same_origin(&t("ws://a.example/"), &t("wss://a.example:80/")));
+    }
+}
