@@ -38,8 +38,11 @@ async fn read_head(stream: &mut TcpStream, proxy: &Proxy) -> Result<Vec<u8>, Err
         if n == 0 {
             return Err(lost(proxy, std::io::ErrorKind::UnexpectedEof.into()));
         }
+        // Only the new bytes (and the three before them) can complete the blank line: a proxy
+        // that answers a byte at a time costs no more than one that answers at once.
+        let searched_from = head.len().saturating_sub(3);
         head.extend_from_slice(&chunk[..n]);
-        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+        if let Some(end) = head[searched_from..].windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + searched_from) {
             let status_ok = head.starts_with(b"HTTP/1.1 2") || head.starts_with(b"HTTP/1.0 2");
             if status_ok && end + 4 != head.len() {
                 let extra = head.len() - end - 4;
