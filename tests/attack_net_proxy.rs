@@ -427,3 +427,43 @@ fn a_407_with_control_characters_in_its_realm_gives_a_printable_message() {
     assert!(matches!(status, WsStatus::ProxyAuth | WsStatus::Proxy), "{status:?}: {message}");
     peer.join().unwrap();
 }
+
+/// A user name with CR LF in it (percent-encoded in the proxy URL): the CONNECT request gets no
+/// extra header line, and the error message that names the proxy stays one printable line.
+#[test]
+fn a_user_name_with_cr_lf_injects_nothing() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (port, peer) = proxy_peer(move |mut stream| {
+        tx.send(read_head(&mut stream)).unwrap();
+        let _ = stream.write_all(b"HTTP/1.1 407 Auth\r\nProxy-Authenticate: Basic realm=\"r\"\r\n\r\n");
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink);
+    });
+    let proxy = format!("http://a%0D%0AX-Injected:%201:{PASSWORD}@127.0.0.1:{port}");
+    let (event, _) = first_event("ws://127.0.0.1:9/", &options(&proxy, 3000), Duration::from_secs(10));
+    let request = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(!request.to_ascii_lowercase().contains("x-injected"), "{request}");
+    let Some(Ev::Error(_, status, message)) = event else { panic!("{event:?}") };
+    assert_eq!(status, WsStatus::ProxyAuth, "{message}");
+    assert!(!message.contains(PASSWORD), "{message}");
+    assert!(!message.chars().any(char::is_control), "control characters in {message:?}");
+    peer.join().unwrap();
+}
+
+/// socks5h with a host name too long for a SOCKS5 request (over 255 bytes, each label valid):
+/// an error callback that names the proxy (README "Errors name the proxy"), with an error
+/// callback status.
+#[test]
+fn a_name_too_long_for_socks5h_is_an_error_naming_the_proxy() {
+    let (port, _peer) = proxy_peer(|mut stream| {
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink);
+    });
+    let name = vec!["a".repeat(60); 5].join(".");
+    let proxy = format!("socks5h://alice:{PASSWORD}@127.0.0.1:{port}");
+    let (event, took) = first_event(&format!("ws://{name}/"), &options(&proxy, 3000), Duration::from_secs(10));
+    let Some(Ev::Error(_, status, message)) = event else { panic!("{event:?} after {took:?}") };
+    assert!(!message.contains(PASSWORD), "{message}");
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "the message does not name the proxy: {message}");
+    assert_eq!(status, WsStatus::Proxy, "{message}");
+}

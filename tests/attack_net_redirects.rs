@@ -251,3 +251,46 @@ fn garbage_locations_are_refused() {
         assert!(matches!(ev, Ev::Error(_, WsStatus::HandshakeRejected, _)), "{location}: {ev:?}");
     }
 }
+
+/// README: the connect timeout covers "DNS + TCP + TLS + upgrade"; with redirects it covers
+/// every hop: slow hops cannot each get a fresh timeout.
+#[test]
+fn the_connect_timeout_covers_all_the_hops() {
+    let server = Redirector::start(|n, _| {
+        std::thread::sleep(Duration::from_millis(300));
+        redirect(307, &format!("/hop{}", n + 1))
+    });
+    let options = following(20);
+    set(unsafe { ws_options_set_connect_timeout_ms(options.0, 1000) });
+    let started = std::time::Instant::now();
+    let ev = outcome(&server.url("/hop0"), &options);
+    let took = started.elapsed();
+    assert!(matches!(ev, Ev::Error(_, WsStatus::ConnectTimeout, _)), "{ev:?} after {took:?}");
+    assert!(took < Duration::from_millis(2000), "failed after {took:?}");
+    assert!(server.lines().len() <= 5, "{:?}", server.lines());
+}
+
+/// Through an HTTP proxy named in the options, each hop gets its own CONNECT (to the host of
+/// that hop), and credentials are dropped at the origin change as without a proxy.
+#[test]
+fn redirects_through_a_proxy_tunnel_each_hop() {
+    let target = TestServer::start();
+    let proxy = common::proxies::tinyproxy(None, &[]);
+    let options = following(2);
+    set(unsafe { ws_options_set_proxy(options.0, cstr(&format!("http://127.0.0.1:{}", proxy.port)).as_ptr()) });
+    unsafe { ws_options_add_header(options.0, cstr("Authorization").as_ptr(), cstr("Bearer t0ken").as_ptr()) };
+    let to = format!("ws://localhost:{}/creds", target.port);
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect_with(&target.url(&format!("/redirect?code=308&to={to}")), options.0);
+    watch(conn, &rec);
+    client.run_until("a text or the end", || !rec.texts(conn).is_empty() || rec.finals(conn) > 0);
+    assert_eq!(rec.texts(conn), ["authorization: ; cookie: "], "{:?}", rec.of(conn));
+    close(conn, 1000, "");
+    client.run_until_final(&rec, conn);
+    let log = std::fs::read_to_string(proxy.dir.join("log")).unwrap();
+    assert!(log.contains(&format!("CONNECT 127.0.0.1:{}", target.port)), "{log}");
+    assert!(log.contains(&format!("CONNECT localhost:{}", target.port)), "{log}");
+    let accepted = target.log.lines().iter().filter(|l| l.starts_with("accepted from")).cloned().collect::<Vec<_>>();
+    assert_eq!(accepted, ["accepted from 127.0.0.3", "accepted from 127.0.0.3"]);
+}
