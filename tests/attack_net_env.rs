@@ -188,6 +188,52 @@ fn the_environment_rules_hold_at_their_edges() {
     if status != WsStatus::InvalidArgument || !message.contains("ws_proxy") || message.contains("hunter2") {
         failures.push(format!("invalid ws_proxy: {status:?}: {message}"));
     }
+
+    // A proxy variable that is not UTF-8 is not a valid proxy URL: ws_connect must refuse, not
+    // connect directly as if no proxy were set.
+    environment(&[]);
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let mut value = format!("http://127.0.0.1:{}", proxy.port).into_bytes();
+        value.push(0xff);
+        std::env::set_var("ws_proxy", std::ffi::OsStr::from_bytes(&value));
+    }
+    let client = Client::new();
+    let mut conn = 0;
+    let status = unsafe { ws_connect(client.0, cstr(&by_ip).as_ptr(), &mut conn) };
+    let message = last_error();
+    if status != WsStatus::InvalidArgument {
+        let rec = Recorder::default();
+        if status == WsStatus::Ok {
+            watch(conn, &rec);
+            client.run_until("the open or the end", || !rec.of(conn).is_empty());
+            close(conn, 1000, "");
+            client.run_until_final(&rec, conn);
+        }
+        failures.push(format!(
+            "a ws_proxy that is not UTF-8: ws_connect answered {status:?} ({message}), then {:?}",
+            rec.of(conn).first()
+        ));
+    }
+
+    // An invalid proxy variable met only at a redirect's hop (the first host was in no_proxy):
+    // the error names the variable, with an error-callback status (README: 20 and above).
+    environment(&[("ws_proxy", "ftp://nowhere"), ("no_proxy", "localhost")]);
+    let url = format!("ws://localhost:{port}/redirect?to=ws://127.0.0.1:{port}/host");
+    let options = following(1);
+    let mut conn = 0;
+    let status = unsafe { ws_connect_with_options(client.0, cstr(&url).as_ptr(), options.0, &mut conn) };
+    if status == WsStatus::Ok {
+        let rec = Recorder::default();
+        watch(conn, &rec);
+        client.run_until_final(&rec, conn);
+        match rec.of(conn).last() {
+            Some(Ev::Error(_, status, message)) if (*status as u32) >= 20 && message.contains("ws_proxy") => {}
+            other => failures.push(format!("an invalid ws_proxy met at a redirect: {other:?}")),
+        }
+    }
+    drop(client);
+
     environment(&[]);
     assert!(failures.is_empty(), "{} rule(s) broken:\n{}", failures.len(), failures.join("\n"));
 }
