@@ -297,11 +297,12 @@ fn connect_status(url: &str) -> (WsStatus, String) {
     let client = Client::new();
     let mut conn = 0;
     let status = unsafe { ws_connect(client.0, cstr(url).as_ptr(), &mut conn) };
-    let message = last_error();
+    let mut message = last_error();
     if status == WsStatus::Ok {
         let rec = Recorder::default();
         watch(conn, &rec);
         client.run_until_final(&rec, conn);
+        message = format!("ws_connect accepted it; then {:?}", rec.of(conn).last());
     }
     (status, message)
 }

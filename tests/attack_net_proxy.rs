@@ -467,3 +467,57 @@ fn a_name_too_long_for_socks5h_is_an_error_naming_the_proxy() {
     assert!(message.contains(&format!("127.0.0.1:{port}")), "the message does not name the proxy: {message}");
     assert_eq!(status, WsStatus::Proxy, "{message}");
 }
+
+/// RFC 9110 15.2: "A client MUST be able to parse one or more 1xx responses received prior to
+/// a final response". A proxy that sends 100 Continue before its 200 opens the tunnel.
+#[test]
+fn a_100_continue_before_the_200_opens_the_tunnel() {
+    let server = TestServer::start();
+    let server_port = server.port;
+    let (port, _peer) = proxy_peer(move |mut stream| {
+        read_head(&mut stream);
+        stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        stream.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").unwrap();
+        splice(stream, server_port);
+    });
+    let (event, took) =
+        first_event(&server.url("/echo"), &options(&format!("http://127.0.0.1:{port}"), 10_000), DEADLINE);
+    assert!(matches!(event, Some(Ev::Open(_))), "{event:?} after {took:?}");
+}
+
+/// While the proxy keeps the client waiting (connect timeout 30 s): ws_close ends the
+/// connection at once (close 1006, as before an open), and ws_client_free returns promptly.
+#[test]
+fn close_and_free_do_not_wait_for_a_silent_proxy() {
+    let (port, _peer) = proxy_peer(|mut stream| {
+        read_head(&mut stream);
+        std::thread::sleep(Duration::from_secs(15));
+    });
+    let proxy = format!("http://127.0.0.1:{port}");
+    let opts = options(&proxy, 30_000);
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect_with("ws://127.0.0.1:9/", opts.0);
+    watch(conn, &rec);
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    assert_eq!(close(conn, 1000, ""), WsStatus::Ok);
+    assert!(final_within(&client, &rec, conn, Duration::from_secs(3)).is_some(), "{:?}", rec.of(conn));
+    assert!(started.elapsed() < Duration::from_secs(2), "closed after {:?}", started.elapsed());
+    assert!(matches!(rec.of(conn).last(), Some(Ev::Close(_, 1006, _))), "{:?}", rec.of(conn));
+
+    let (port2, _peer2) = proxy_peer(|mut stream| {
+        read_head(&mut stream);
+        std::thread::sleep(Duration::from_secs(15));
+    });
+    let opts = options(&format!("http://127.0.0.1:{port2}"), 30_000);
+    let other = Client::new();
+    let rec = Recorder::default();
+    let conn = other.connect_with("ws://127.0.0.1:9/", opts.0);
+    watch(conn, &rec);
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    drop(other);
+    assert!(started.elapsed() < Duration::from_secs(2), "ws_client_free took {:?}", started.elapsed());
+}
