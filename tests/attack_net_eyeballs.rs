@@ -291,6 +291,22 @@ fn a_proxy_name_with_a_silent_first_address_costs_250_ms() {
     close_and_finish(&client, &rec, conn);
 }
 
+/// "The next address started as soon as one fails": twenty refused addresses cost no attempt
+/// delay each; the connection fails at once, with WS_STATUS_CONNECT_FAILED.
+#[test]
+fn many_refused_addresses_fail_at_once() {
+    let port = closed_port();
+    let addresses: Vec<String> = (10..30).map(|i| format!("127.0.0.{i}")).collect();
+    let refs: Vec<&str> = addresses.iter().map(String::as_str).collect();
+    answer("many-refused.test", &refs);
+    let client = Client::new();
+    let rec = Recorder::default();
+    let url = format!("ws://many-refused.test:{port}/");
+    let (_, first, took) = first_event(&client, &rec, &url, &timeout_options(10_000));
+    assert!(matches!(first, Ev::Error(_, WsStatus::ConnectFailed, _)), "{first:?} after {took:?}");
+    assert!(took < Duration::from_millis(240), "20 refused addresses took {took:?}");
+}
+
 // ---- internationalised names -----------------------------------------------------------------
 
 fn connect_status(url: &str) -> (WsStatus, String) {

@@ -521,3 +521,56 @@ fn close_and_free_do_not_wait_for_a_silent_proxy() {
     drop(other);
     assert!(started.elapsed() < Duration::from_secs(2), "ws_client_free took {:?}", started.elapsed());
 }
+
+/// README: an internationalised name's ASCII form "is what is resolved": through socks5h the
+/// proxy resolves it, so the request carries the ASCII form; through HTTP CONNECT too.
+#[test]
+fn an_internationalised_name_reaches_the_proxy_in_its_ascii_form() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (port, peer) = proxy_peer(move |mut stream| {
+        let head = read_n(&mut stream, 2);
+        read_n(&mut stream, usize::from(head[1]));
+        stream.write_all(&[5, 0]).unwrap();
+        let request = read_n(&mut stream, 4);
+        let len = read_n(&mut stream, 1)[0];
+        let name = read_n(&mut stream, usize::from(len));
+        read_n(&mut stream, 2);
+        tx.send((request[3], name)).unwrap();
+        let _ = stream.write_all(&[5, 4, 0, 1, 0, 0, 0, 0, 0, 0]);
+    });
+    let (event, _) =
+        first_event("ws://B\u{fc}cher.example/", &options(&format!("socks5h://127.0.0.1:{port}"), 5000), DEADLINE);
+    assert!(matches!(event, Some(Ev::Error(_, WsStatus::ConnectFailed, _))), "{event:?}");
+    let (kind, name) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!((kind, String::from_utf8_lossy(&name).into_owned()), (3, "xn--bcher-kva.example".to_owned()));
+    peer.join().unwrap();
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (port, peer) = proxy_peer(move |mut stream| {
+        tx.send(read_head(&mut stream)).unwrap();
+        let _ = stream.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n");
+    });
+    let (event, _) =
+        first_event("ws://B\u{fc}cher.example/", &options(&format!("http://127.0.0.1:{port}"), 5000), DEADLINE);
+    assert!(matches!(event, Some(Ev::Error(_, WsStatus::Proxy, _))), "{event:?}");
+    let head = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(head.starts_with("CONNECT xn--bcher-kva.example:80 HTTP/1.1\r\n"), "{head}");
+    peer.join().unwrap();
+}
+
+/// A refusal with a 10 KB reason phrase: the message stays short, as the upgrade's own
+/// rejections are (their reason phrase is cut at 80 characters).
+#[test]
+fn a_refusal_with_a_huge_reason_phrase_gives_a_bounded_message() {
+    let (port, peer) = proxy_peer(|mut stream| {
+        read_head(&mut stream);
+        let answer = format!("HTTP/1.1 403 {}\r\n\r\n", "Forbidden ".repeat(1000));
+        let _ = stream.write_all(answer.as_bytes());
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink);
+    });
+    let (status, message, _) = failure("http", port, Duration::from_secs(10));
+    assert_eq!(status, WsStatus::Proxy, "{}", &message[..200]);
+    assert!(message.len() < 1024, "a message of {} bytes", message.len());
+    peer.join().unwrap();
+}
