@@ -574,3 +574,16 @@ fn a_refusal_with_a_huge_reason_phrase_gives_a_bounded_message() {
     assert!(message.len() < 1024, "a message of {} bytes", message.len());
     peer.join().unwrap();
 }
+
+/// Bytes behind a SOCKS5 success reply, before the client said anything to the server, are
+/// the proxy's (as the HTTP CONNECT path reasons for bytes behind its 200): WS_STATUS_PROXY,
+/// naming the proxy, not a handshake rejection blamed on the server.
+#[test]
+fn bytes_behind_a_socks5_success_reply_are_the_proxys_fault() {
+    let mut reply = vec![5, 0, 0, 1, 127, 0, 0, 1, 0, 80];
+    reply.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\n");
+    let (port, peer) = socks_peer(vec![5, 0], None, Some(reply));
+    let (status, message, _) = failure("socks5", port, Duration::from_secs(10));
+    assert_eq!(status, WsStatus::Proxy, "{message}");
+    peer.join().unwrap();
+}
