@@ -64,7 +64,7 @@ impl Client {
         // The environment is read here, on the caller's thread, where a host would change it;
         // an invalid proxy in it fails the connect at once.
         let proxy_env = match options.proxy {
-            ProxySetting::Environment => ProxyEnvironment::read(&|name| std::env::var(name).ok()),
+            ProxySetting::Environment => ProxyEnvironment::of_process()?,
             _ => ProxyEnvironment::default(),
         };
         let env = |name: &str| proxy_env.get(name);

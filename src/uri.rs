@@ -134,7 +134,10 @@ fn ipv6_literal(literal: &str, text: &str) -> Result<(Ipv6Addr, u32), Error> {
 /// The interface index of a zone: a number, or an interface's name.
 fn zone_index(zone: &str) -> Option<u32> {
     if let Ok(index) = zone.parse::<u32>() {
-        return (index > 0).then_some(index);
+        let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+        // SAFETY: the buffer holds IF_NAMESIZE bytes, as if_indextoname requires.
+        let exists = index > 0 && !unsafe { libc::if_indextoname(index, name.as_mut_ptr()) }.is_null();
+        return exists.then_some(index);
     }
     let name = std::ffi::CString::new(zone).ok()?;
     // SAFETY: a NUL-terminated string; if_nametoindex only reads it.
@@ -386,6 +389,7 @@ mod tests {
         assert_eq!((t.host.as_str(), t.zone, t.host_header.as_str()), ("fe80::1", lo, "[fe80::1]:9000"));
         assert_eq!(parse(&format!("ws://[fe80::1%25{lo}]/")).unwrap().zone, lo);
         assert_eq!(parse("ws://[::1]/").unwrap().zone, 0);
+        assert!(parse("ws://[fe80::1%25999999]/").is_err(), "a number naming no interface");
     }
 
     #[test]

@@ -56,8 +56,12 @@ async fn drive(launch: Launch) -> Option<Event> {
     let Launch { conn, target, options, tls, proxy_env } = launch;
     // Boxed, as is the session below: the task itself stays small, and each phase holds only
     // the memory it needs (the connect machinery is freed once connected).
-    let connecting =
-        Box::pin(tokio::time::timeout(options.connect_timeout, connect(&conn, &target, &options, &tls, &proxy_env)));
+    // Where connecting stands (the host, and the proxy if any), for a timeout's message.
+    let progress = std::sync::Mutex::new(format!("{}:{}", target.host, target.port));
+    let connecting = Box::pin(tokio::time::timeout(
+        options.connect_timeout,
+        connect(&conn, &target, &options, &tls, &proxy_env, &progress),
+    ));
     let until_control = poll_fn(|cx| match conn.control(cx.waker()) {
         Control::Proceed => Poll::Pending,
         other => Poll::Ready(other),
@@ -73,7 +77,8 @@ async fn drive(launch: Launch) -> Option<Event> {
     let connected = match connected {
         Err(_) => {
             let ms = options.connect_timeout.as_millis();
-            let msg = format!("connect timeout: {}:{} not connected within {ms} ms", target.host, target.port);
+            let progress = crate::sync::lock(&progress).clone();
+            let msg = format!("connect timeout: {progress} not connected within {ms} ms");
             return Some(Event::Error(Error::new(WsStatus::ConnectTimeout, msg)));
         }
         Ok(Err(e)) => return Some(Event::Error(e)),
@@ -103,6 +108,7 @@ async fn connect(
     options: &Arc<Options>,
     tls: &TlsConfigs,
     proxy_env: &ProxyEnvironment,
+    progress: &std::sync::Mutex<String>,
 ) -> Result<SessionFuture, Error> {
     let mut target = first.clone();
     // The upgrade's own options: the credentials go only to the origin they were given for.
@@ -110,7 +116,12 @@ async fn connect(
     let mut followed = 0;
     loop {
         let env = |name: &str| proxy_env.get(name);
-        let proxy = proxy::choice::choose(&options.proxy, &env, target.tls, &target.host, target.port)?;
+        // The first host's proxy was checked by ws_connect; a later hop's is a failure of the
+        // connection, reported as the proxy's.
+        let proxy = proxy::choice::choose(&options.proxy, &env, target.tls, &target.host, target.port)
+            .map_err(|e| Error::new(WsStatus::Proxy, e.message))?;
+        let via = proxy.as_ref().map(|p| format!(" through proxy {}", p.shown())).unwrap_or_default();
+        *crate::sync::lock(progress) = format!("{}:{}{via}", target.host, target.port);
         let redirect = match reach(conn, &target, &upgrade_options, options, tls, proxy.as_ref()).await? {
             Reached::Open(session) => return Ok(session),
             Reached::Redirect(redirect) => redirect,

@@ -48,7 +48,8 @@ impl Proxy {
             ProxyKind::Socks5 { remote_dns: false } => "socks5",
             ProxyKind::Socks5 { remote_dns: true } => "socks5h",
         };
-        let user = self.credentials.as_ref().map(|(user, _)| format!("{user}@")).unwrap_or_default();
+        // Escaped: a decoded user name may hold line breaks that would forge log lines.
+        let user = self.credentials.as_ref().map(|(user, _)| format!("{}@", user.escape_debug())).unwrap_or_default();
         format!("{scheme}://{user}{}:{}", bracketed(&self.host), self.port)
     }
 }
@@ -112,8 +113,23 @@ impl ProxyEnvironment {
         "REQUEST_METHOD",
     ];
 
-    pub fn read(env: &dyn Fn(&str) -> Option<String>) -> ProxyEnvironment {
-        ProxyEnvironment(Self::NAMES.iter().filter_map(|&name| env(name).map(|value| (name, value))).collect())
+    /// The process's environment now. A variable that is not UTF-8 is an error naming it (it
+    /// cannot be a valid proxy URL or list, and ignoring it would bypass the proxy).
+    pub fn of_process() -> Result<ProxyEnvironment, Error> {
+        let mut found = Vec::new();
+        for name in Self::NAMES {
+            let Some(value) = std::env::var_os(name) else { continue };
+            match value.into_string() {
+                Ok(value) => found.push((name, value)),
+                // Only its presence matters.
+                Err(_) if name == "REQUEST_METHOD" => found.push((name, String::new())),
+                Err(_) => {
+                    let msg = format!("environment variable {name} is not UTF-8");
+                    return Err(Error::new(WsStatus::InvalidArgument, msg));
+                }
+            }
+        }
+        Ok(ProxyEnvironment(found))
     }
 
     pub fn get(&self, name: &str) -> Option<String> {

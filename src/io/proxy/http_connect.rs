@@ -27,36 +27,62 @@ fn request(proxy: &Proxy, host: &str, port: u16) -> String {
     request
 }
 
-/// Reads the response head. Nothing may follow it: the server behind the tunnel speaks only
-/// after the client (the TLS client hello, or the upgrade request), so bytes after the head
-/// would be the proxy's, and are refused rather than lost.
+/// Reads the final response head, skipping interim 1xx answers (RFC 9110 15.2). Nothing may
+/// follow it: the server behind the tunnel speaks only after the client (the TLS client hello,
+/// or the upgrade request), so bytes after the head would be the proxy's, and are refused
+/// rather than lost.
 async fn read_head(stream: &mut TcpStream, proxy: &Proxy) -> Result<Vec<u8>, Error> {
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
+    // Where the blank line may still end: only new bytes (and the three before them) can end
+    // it, so a proxy that answers a byte at a time costs no more than one that answers at once.
+    let mut searched_from = 0;
+    let mut interim_bytes = 0;
     loop {
+        while let Some(end) = blank_line(&head, searched_from) {
+            if !is_interim(&head) {
+                let extra = head.len() - end - 4;
+                if is_success(&head) && extra > 0 {
+                    let msg = format!("proxy {}: {extra} bytes followed its CONNECT response", proxy.shown());
+                    return Err(Error::new(WsStatus::Proxy, msg));
+                }
+                head.truncate(end + 4);
+                return Ok(head);
+            }
+            interim_bytes += end + 4;
+            head.drain(..end + 4);
+            searched_from = 0;
+        }
+        searched_from = head.len().saturating_sub(3);
+        if head.len() > MAX_HEAD || interim_bytes > MAX_HEAD {
+            let msg = format!("proxy {}: its CONNECT response head exceeds {MAX_HEAD} bytes", proxy.shown());
+            return Err(Error::new(WsStatus::Proxy, msg));
+        }
         let n = stream.read(&mut chunk).await.map_err(|e| lost(proxy, e))?;
         if n == 0 {
             return Err(lost(proxy, std::io::ErrorKind::UnexpectedEof.into()));
         }
-        // Only the new bytes (and the three before them) can complete the blank line: a proxy
-        // that answers a byte at a time costs no more than one that answers at once.
-        let searched_from = head.len().saturating_sub(3);
         head.extend_from_slice(&chunk[..n]);
-        if let Some(end) = head[searched_from..].windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + searched_from) {
-            let status_ok = head.starts_with(b"HTTP/1.1 2") || head.starts_with(b"HTTP/1.0 2");
-            if status_ok && end + 4 != head.len() {
-                let extra = head.len() - end - 4;
-                let msg = format!("proxy {}: {extra} bytes followed its CONNECT response", proxy.shown());
-                return Err(Error::new(WsStatus::Proxy, msg));
-            }
-            head.truncate(end + 4);
-            return Ok(head);
-        }
-        if head.len() > MAX_HEAD {
-            let msg = format!("proxy {}: its CONNECT response head exceeds {MAX_HEAD} bytes", proxy.shown());
-            return Err(Error::new(WsStatus::Proxy, msg));
-        }
     }
+}
+
+/// Where the first blank line ("\r\n\r\n") at or after `from` starts.
+fn blank_line(head: &[u8], from: usize) -> Option<usize> {
+    head.get(from..)?.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + from)
+}
+
+fn status_class(head: &[u8]) -> Option<u8> {
+    let rest = head.strip_prefix(b"HTTP/1.1 ").or_else(|| head.strip_prefix(b"HTTP/1.0 "))?;
+    rest.first().copied()
+}
+
+/// A 1xx answer other than 101 comes before the final one.
+fn is_interim(head: &[u8]) -> bool {
+    status_class(head) == Some(b'1') && !head[9..].starts_with(b"101")
+}
+
+fn is_success(head: &[u8]) -> bool {
+    status_class(head) == Some(b'2')
 }
 
 fn check_response(head: &[u8], proxy: &Proxy, host: &str, port: u16) -> Result<(), Error> {
@@ -68,7 +94,9 @@ fn check_response(head: &[u8], proxy: &Proxy, host: &str, port: u16) -> Result<(
         _ => return Err(bad("its CONNECT response is not valid HTTP".into())),
     }
     let code = response.code.unwrap_or(0);
-    let reason = response.reason.unwrap_or("").trim();
+    // Printable ASCII (httparse gives "" for other bytes), cut to a readable length.
+    let reason: String = response.reason.unwrap_or("").chars().take(80).collect();
+    let reason = reason.trim();
     if (200..300).contains(&code) {
         return Ok(());
     }
@@ -123,6 +151,8 @@ mod tests {
         let check = |head: &str| check_response(head.as_bytes(), &proxy, "h", 80);
         assert!(check("HTTP/1.1 200 Connection established\r\n\r\n").is_ok());
         assert!(check("HTTP/1.0 200 OK\r\nProxy-agent: x\r\n\r\n").is_ok());
+        let long = format!("HTTP/1.1 403 {}\r\n\r\n", "x".repeat(10_000));
+        assert!(check(&long).unwrap_err().message.len() < 300, "the reason phrase is cut");
         let e =
             check("HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"Corp Net\"\r\n\r\n")
                 .unwrap_err();
@@ -134,6 +164,17 @@ mod tests {
         assert_eq!(e.status, WsStatus::Proxy);
         assert!(e.message.contains("403 Forbidden") && e.message.contains("h:80"), "{}", e.message);
         assert_eq!(check("SSH-2.0-x\r\n\r\n").unwrap_err().status, WsStatus::Proxy);
+    }
+
+    #[test]
+    fn interim_answers_are_told_apart() {
+        assert!(is_interim(b"HTTP/1.1 100 Continue\r\n\r\n"));
+        assert!(!is_interim(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"));
+        assert!(!is_interim(b"HTTP/1.1 200 OK\r\n\r\n") && is_success(b"HTTP/1.0 204 x\r\n\r\n"));
+        assert!(!is_interim(b"XTTP/1.1 100\r\n\r\n") && !is_interim(b"HTTP/1.1"));
+        assert_eq!(blank_line(b"a\r\n\r\nb\r\n\r\n", 0), Some(1));
+        assert_eq!(blank_line(b"a\r\n\r\nb\r\n\r\n", 2), Some(6));
+        assert_eq!(blank_line(b"ab", 5), None);
     }
 
     #[test]

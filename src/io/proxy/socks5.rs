@@ -26,16 +26,33 @@ pub(super) async fn open(
     port: u16,
     remote_dns: bool,
 ) -> Result<(), Error> {
-    let destination = destination(host, port, remote_dns).await?;
+    let destination = destination(host, port, remote_dns, proxy).await?;
     authenticate(stream, proxy).await?;
     let mut request = vec![VERSION, CONNECT, 0];
     request.extend_from_slice(&destination);
     stream.write_all(&request).await.map_err(|e| lost(proxy, e))?;
-    read_reply(stream, proxy, host, port).await
+    read_reply(stream, proxy, host, port).await?;
+    if bytes_waiting(stream) {
+        // The server behind the tunnel speaks only after the client: these are the proxy's.
+        let msg = format!("proxy {}: bytes followed its SOCKS5 reply", proxy.shown());
+        return Err(Error::new(WsStatus::Proxy, msg));
+    }
+    Ok(())
+}
+
+/// Whether bytes already wait to be read (without reading them or waiting).
+fn bytes_waiting(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: a valid socket and a one-byte buffer; MSG_PEEK leaves the byte in the socket.
+    let n = unsafe {
+        libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    };
+    n > 0
 }
 
 /// The destination as the request carries it: an address (resolved here) or a name.
-async fn destination(host: &str, port: u16, remote_dns: bool) -> Result<Vec<u8>, Error> {
+async fn destination(host: &str, port: u16, remote_dns: bool, proxy: &Proxy) -> Result<Vec<u8>, Error> {
     let address = match host.parse::<IpAddr>() {
         Ok(ip) => Some(ip),
         Err(_) if remote_dns => None,
@@ -58,8 +75,10 @@ async fn destination(host: &str, port: u16, remote_dns: bool) -> Result<Vec<u8>,
             out.extend_from_slice(&v6.octets());
         }
         None => {
-            let len = u8::try_from(host.len())
-                .map_err(|_| Error::new(WsStatus::InvalidUri, format!("host name {host} is too long for SOCKS5")))?;
+            let len = u8::try_from(host.len()).map_err(|_| {
+                let msg = format!("proxy {}: the host name {host} is too long for SOCKS5 (255 bytes)", proxy.shown());
+                Error::new(WsStatus::Proxy, msg)
+            })?;
             out.push(DOMAIN);
             out.push(len);
             out.extend_from_slice(host.as_bytes());
