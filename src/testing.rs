@@ -282,7 +282,7 @@ pub struct Defaults {
 pub fn defaults() -> Defaults {
     let o = crate::options::Options::default();
     Defaults {
-        extra_ca_certificates: o.extra_ca.len(),
+        extra_ca_certificates: o.tls.extra_ca.len(),
         headers: o.headers.len(),
         subprotocols: o.subprotocols.len(),
         connect_timeout_ms: o.connect_timeout.as_millis(),

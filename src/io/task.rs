@@ -100,7 +100,7 @@ async fn connect(
         conn.set_protocol(upgraded.protocol);
         return Ok(session(conn, Wire::plain(tcp), upgraded.leftover, options));
     }
-    let tls_config = tls.get(&options.extra_ca)?;
+    let tls_config = tls.get(&options.tls).await?;
     let name = ServerName::try_from(target.host.clone())
         .map_err(|_| Error::new(WsStatus::Tls, format!("TLS: {} is not a valid server name", target.host)))?;
     let mut stream = TlsConnector::from(tls_config)
