@@ -163,3 +163,38 @@ pub fn describe_handshake_error(err: &std::io::Error, host: &str) -> String {
         other => format!("TLS: {other}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls_pki_types::CertificateDer;
+
+    fn new_ca() -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn trusting(ca: &CertificateDer<'static>) -> TlsSettings {
+        TlsSettings { extra_ca: Arc::new(vec![ca.clone()]), client_cert: None }
+    }
+
+    #[tokio::test]
+    async fn each_distinct_configuration_is_built_once_and_few_are_kept() {
+        let configs = TlsConfigs::default();
+        let plain = configs.get(&TlsSettings::default()).await.unwrap();
+        assert!(Arc::ptr_eq(&plain, &configs.get(&TlsSettings::default()).await.unwrap()));
+        let ca = new_ca();
+        let with_ca = configs.get(&trusting(&ca)).await.unwrap();
+        assert!(!Arc::ptr_eq(&plain, &with_ca));
+        // Settings of other options with the same CA (another copy of it) find the same one.
+        assert!(Arc::ptr_eq(&with_ca, &configs.get(&trusting(&ca)).await.unwrap()));
+        for _ in 0..2 * MAX_CONFIGS {
+            configs.get(&trusting(&new_ca())).await.unwrap();
+        }
+        assert_eq!(configs.len(), MAX_CONFIGS);
+        // The least recently used went first: this one is built anew.
+        assert!(!Arc::ptr_eq(&with_ca, &configs.get(&trusting(&ca)).await.unwrap()));
+    }
+}
