@@ -3,7 +3,7 @@
 //! require a client certificate.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 
 use rcgen::{
@@ -112,10 +112,9 @@ impl Ca {
 pub fn rsa_key() -> KeyPair {
     let out = Command::new("openssl")
         .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"])
-        .stderr(Stdio::inherit())
         .output()
         .expect("run openssl (Debian's openssl package)");
-    assert!(out.status.success(), "openssl genpkey failed");
+    assert!(out.status.success(), "openssl genpkey failed: {}", String::from_utf8_lossy(&out.stderr));
     KeyPair::from_pem(std::str::from_utf8(&out.stdout).unwrap()).unwrap()
 }
 
@@ -127,9 +126,8 @@ pub fn traditional(pkcs8_pem: &Path) -> String {
         .arg("-in")
         .arg(pkcs8_pem)
         .arg("-traditional")
-        .stderr(Stdio::inherit())
         .output()
         .expect("run openssl (Debian's openssl package)");
-    assert!(out.status.success(), "openssl pkey failed");
+    assert!(out.status.success(), "openssl pkey failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
