@@ -7,8 +7,10 @@ WARN := -std=c11 -Wall -Wextra -Wpedantic -Werror
 LIBDIR := target/release
 BUILD := examples-c/build
 EXAMPLES := $(BUILD)/echo $(BUILD)/flow $(BUILD)/many $(BUILD)/bench $(BUILD)/wsjs
-# Debian packages the tests and examples need (installed by `make deps` when root).
-DEB_PACKAGES := valgrind pkg-config duktape-dev tinyproxy microsocks
+# Debian packages the tests and examples need (installed by `make deps` when root): tinyproxy and
+# microsocks are the proxies of the proxy tests; openssl makes the RSA and PKCS#1/SEC1 keys of the
+# client certificate tests.
+DEB_PACKAGES := valgrind pkg-config duktape-dev tinyproxy microsocks openssl
 
 VENV := .venv
 PEER_PYTHON := $(VENV)/bin/python

@@ -3,7 +3,7 @@
  * host uses the library: its own poll() loop on the library's fd, ws_dispatch(), callbacks on
  * this thread, the next message sent from inside the callback.
  *
- *   bench --url ws://127.0.0.1:18701 --mode pingpong|pipeline|flood|conns --size S --count N
+ *   bench --url ws://127.0.0.1:18701 --mode pingpong|pipeline|flood|conns|reconnect --size S --count N
  *         [--window W] [--conns C] [--ca CA.pem]
  *
  * Prints one JSON line {"client","mode","size","count","wall_s","msgs_per_s","mb_per_s",
@@ -11,17 +11,24 @@
  * host_thread_cpu_s is the CPU time of this thread (the host's: callbacks, and the sends it
  * writes itself) from the connect to the end, the cost a JS engine's thread would pay. WSB_READ_BUFFER=BYTES sets the
  * read buffer option (default: the library's default), for trade-off measurements.
+ *
+ * --mode reconnect (not a harness mode): N connections one after the other, each closed as soon as
+ * it opens, the next started from the previous one's close callback, all with the same options
+ * (with --ca, an extra CA: over wss the case whose TLS configuration was once rebuilt per
+ * connection). It also prints "process_cpu_us_per_connect": user+sys CPU of the whole process (the
+ * library's I/O thread included) per connection.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <poll.h>
 #include <stdio.h>
+#include <sys/resource.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "wsclient.h"
 
-enum mode { PINGPONG, PIPELINE, FLOOD, CONNS };
+enum mode { PINGPONG, PIPELINE, FLOOD, CONNS, RECONNECT };
 
 static struct {
     const char *url, *ca;
@@ -35,7 +42,34 @@ static struct {
     ws_conn *conns;
     long sent, received, echoed, closed, failed;
     double rx_bytes;
+    /* reconnect mode: what the next connection is started with. */
+    ws_client *client;
+    ws_options *options;
+    const char *url;
 } run;
+
+static void on_open(ws_conn conn, void *user);
+static void on_message(ws_conn conn, const uint8_t *data, size_t len, ws_message_kind kind, void *user);
+static void on_close(ws_conn conn, uint16_t code, const char *reason, size_t len, void *user);
+static void on_error(ws_conn conn, ws_status kind, const char *message, void *user);
+
+static int start(ws_conn *conn) {
+    if (ws_connect_with_options(run.client, run.url, run.options, conn) != WS_STATUS_OK) {
+        fprintf(stderr, "connect: %s\n", ws_last_error());
+        return 0;
+    }
+    ws_on_open(*conn, on_open, NULL);
+    ws_on_message(*conn, on_message, NULL);
+    ws_on_close(*conn, on_close, NULL);
+    ws_on_error(*conn, on_error, NULL);
+    return 1;
+}
+
+/* reconnect mode: the next connection, once the previous one has ended. */
+static void next_connection(void) {
+    ws_conn conn;
+    if (args.mode == RECONNECT && run.closed < args.count && !start(&conn)) run.closed = args.count, run.failed++;
+}
 
 static void parse(int argc, char **argv) {
     for (int i = 1; i + 1 < argc; i += 2) {
@@ -52,9 +86,9 @@ static void parse(int argc, char **argv) {
             exit(2);
         }
     }
-    static const char *const names[] = {"pingpong", "pipeline", "flood", "conns"};
+    static const char *const names[] = {"pingpong", "pipeline", "flood", "conns", "reconnect"};
     int found = 0;
-    for (int m = 0; m < 4; m++)
+    for (int m = 0; m < 5; m++)
         if (!strcmp(args.mode_name, names[m])) args.mode = (enum mode)m, found = 1;
     if (!found) {
         fprintf(stderr, "unsupported mode %s\n", args.mode_name);
@@ -69,6 +103,13 @@ static double clock_s(clockid_t clock) {
     struct timespec ts;
     clock_gettime(clock, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* User+sys CPU seconds of the whole process. */
+static double process_cpu_s(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec * 1e-6;
 }
 
 static long peak_rss_kib(void) {
@@ -94,6 +135,7 @@ static void send_one(ws_conn conn) {
 
 static void on_open(ws_conn conn, void *user) {
     (void)user;
+    if (args.mode == RECONNECT) ws_close(conn, 1000, NULL);
     if (args.mode == PINGPONG || args.mode == CONNS) send_one(conn);
     if (args.mode == PIPELINE)
         while (run.sent < args.count && run.sent < args.window) send_one(conn);
@@ -117,6 +159,7 @@ static void on_message(ws_conn conn, const uint8_t *data, size_t len, ws_message
             for (long i = 0; i < args.conns; i++) ws_close(run.conns[i], 1000, NULL);
         break;
     case FLOOD:
+    case RECONNECT:
         break;
     }
 }
@@ -124,6 +167,7 @@ static void on_message(ws_conn conn, const uint8_t *data, size_t len, ws_message
 static void on_close(ws_conn conn, uint16_t code, const char *reason, size_t len, void *user) {
     (void)conn, (void)code, (void)reason, (void)len, (void)user;
     run.closed++;
+    next_connection();
 }
 
 static void on_error(ws_conn conn, ws_status kind, const char *message, void *user) {
@@ -131,6 +175,7 @@ static void on_error(ws_conn conn, ws_status kind, const char *message, void *us
     fprintf(stderr, "error: %s\n", message);
     run.failed++;
     run.closed++;
+    next_connection();
 }
 
 int main(int argc, char **argv) {
@@ -139,13 +184,16 @@ int main(int argc, char **argv) {
     if (args.mode == FLOOD) snprintf(url, sizeof url, "%s/flood?size=%ld&count=%ld", args.url, args.size, args.count);
     else snprintf(url, sizeof url, "%s/echo", args.url);
     long nconns = args.mode == CONNS ? args.conns : 1;
+    /* Connections to wait for: reconnect mode starts one and each close starts the next. */
+    long ends = args.mode == RECONNECT ? args.count : nconns;
     run.payload = malloc((size_t)args.size + 1);
     run.conns = calloc((size_t)nconns, sizeof *run.conns);
     if (!run.payload || !run.conns) return 1;
     memset(run.payload, 'x', (size_t)args.size);
 
-    ws_client *client = ws_client_new();
-    ws_options *options = ws_options_new();
+    ws_client *client = run.client = ws_client_new();
+    ws_options *options = run.options = ws_options_new();
+    run.url = url;
     if (!client || !options) return 1;
     const char *read_buffer = getenv("WSB_READ_BUFFER");
     if (read_buffer && ws_options_set_read_buffer_size(options, (size_t)atol(read_buffer)) != WS_STATUS_OK) {
@@ -156,21 +204,12 @@ int main(int argc, char **argv) {
         fprintf(stderr, "CA: %s\n", ws_last_error());
         return 1;
     }
-    double t0 = clock_s(CLOCK_MONOTONIC), cpu0 = clock_s(CLOCK_THREAD_CPUTIME_ID);
-    for (long i = 0; i < nconns; i++) {
-        if (ws_connect_with_options(client, url, options, &run.conns[i]) != WS_STATUS_OK) {
-            fprintf(stderr, "connect: %s\n", ws_last_error());
-            return 1;
-        }
-        ws_on_open(run.conns[i], on_open, NULL);
-        ws_on_message(run.conns[i], on_message, NULL);
-        ws_on_close(run.conns[i], on_close, NULL);
-        ws_on_error(run.conns[i], on_error, NULL);
-    }
-    ws_options_free(options);
+    double t0 = clock_s(CLOCK_MONOTONIC), cpu0 = clock_s(CLOCK_THREAD_CPUTIME_ID), process0 = process_cpu_s();
+    for (long i = 0; i < nconns; i++)
+        if (!start(&run.conns[i])) return 1;
 
     struct pollfd pfd = {.fd = ws_client_fd(client), .events = POLLIN};
-    while (run.closed < nconns) {
+    while (run.closed < ends) {
         if (poll(&pfd, 1, 60000) <= 0) {
             fprintf(stderr, "no event within 60 s\n");
             return 1;
@@ -179,8 +218,17 @@ int main(int argc, char **argv) {
     }
     double wall = clock_s(CLOCK_MONOTONIC) - t0;
     double host_cpu = clock_s(CLOCK_THREAD_CPUTIME_ID) - cpu0;
+    double process_cpu = process_cpu_s() - process0;
     ws_client_free(client);
+    ws_options_free(options);
     if (run.failed) return 1;
+
+    if (args.mode == RECONNECT) {
+        printf("{\"client\":\"wsclient\",\"mode\":\"reconnect\",\"count\":%ld,\"wall_s\":%.6f,"
+               "\"wall_us_per_connect\":%.1f,\"process_cpu_us_per_connect\":%.1f,\"host_thread_cpu_s\":%.6f}\n",
+               args.count, wall, wall / args.count * 1e6, process_cpu / args.count * 1e6, host_cpu);
+        return 0;
+    }
 
     long count = args.mode == CONNS ? args.conns : run.received;
     printf("{\"client\":\"wsclient\",\"mode\":\"%s\",\"size\":%ld,\"count\":%ld,\"wall_s\":%.6f,"

@@ -98,7 +98,8 @@ enum ws_status
    */
   WS_STATUS_TIMEOUT = 11,
   /**
-   * A certificate file could not be read or holds no certificate.
+   * A certificate or key file could not be read, holds no certificate or key, or the key does
+   * not match the certificate.
    */
   WS_STATUS_CERTIFICATE_FILE = 12,
   /**
@@ -207,7 +208,8 @@ typedef struct ws_client ws_client;
 /**
  * Options for ws_connect_with_options(). Opaque; create with ws_options_new(), free with
  * ws_options_free(). One thread at a time may use an options object; connect copies it, so it
- * may be changed or freed right after.
+ * may be changed or freed right after. Certificates and keys are read when set and shared by
+ * the copies, never read again.
  */
 typedef struct ws_options ws_options;
 
@@ -536,6 +538,25 @@ void ws_options_free(ws_options *options);
  * NUL-terminated string.
  */
 ws_status ws_options_add_ca_file(ws_options *options, const char *pem_path);
+
+/**
+ * Presents a client certificate to servers that ask for one (mutual TLS). `chain_pem_path` is a
+ * PEM file with the client's certificate first, then any intermediate CA certificates;
+ * `key_pem_path` is a PEM file with its private key: PKCS#8 ("PRIVATE KEY"), PKCS#1
+ * ("RSA PRIVATE KEY") or SEC1 ("EC PRIVATE KEY"), not encrypted. Both are read and checked now,
+ * once: WS_STATUS_CERTIFICATE_FILE if a file cannot be read, holds no certificate or no key,
+ * or the key does not match the certificate (ws_last_error() says which). Setting it again
+ * replaces it. A server that refuses the certificate fails the connection with WS_STATUS_TLS,
+ * naming the server's alert ("unknown CA", "certificate required", ...).
+ * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed; `chain_pem_path` and
+ * `key_pem_path` are NULL or NUL-terminated strings.
+ */
+ws_status ws_options_set_client_certificate(ws_options *options,
+                                            const char *chain_pem_path,
+                                            const char *key_pem_path);
 
 /**
  * Adds an HTTP header to the upgrade request (e.g. "Authorization"). The headers the

@@ -39,7 +39,8 @@ pub enum WsStatus {
     BufferTooSmall = 10,
     /// `ws_run` returned because its time was up while connections were still alive.
     Timeout = 11,
-    /// A certificate file could not be read or holds no certificate.
+    /// A certificate or key file could not be read, holds no certificate or key, or the key does
+    /// not match the certificate.
     CertificateFile = 12,
     /// The library could not start its threads or create its event descriptor.
     Runtime = 13,
@@ -112,7 +113,7 @@ status_table! {
     SendQueueFull => "the send queue of the connection is full",
     BufferTooSmall => "the buffer is too small",
     Timeout => "the time is up",
-    CertificateFile => "the certificate file could not be used",
+    CertificateFile => "a certificate or key file could not be used",
     Runtime => "the library could not start its threads or event descriptor",
     Panic => "internal error: a panic was caught at the C boundary",
     Dns => "host name could not be resolved",

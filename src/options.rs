@@ -1,10 +1,13 @@
 //! Connection options: everything `ws_connect_with_options` can change, with defaults chosen for
 //! hosts that keep many mostly idle connections.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
+use rustls::sign::CertifiedKey;
+use rustls::RootCertStore;
+use rustls_pki_types::pem::{self, PemObject};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tungstenite::http::{HeaderName, HeaderValue};
 
 use crate::error::{Error, WsStatus};
@@ -30,9 +33,39 @@ const RESERVED_HEADERS: [&str; 7] = [
     "sec-websocket-protocol",
 ];
 
+/// What makes one TLS configuration differ from another: each client builds one configuration
+/// per distinct value (src/io/tls.rs), so that connections share its session cache.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct TlsSettings {
+    /// Shared, not copied: options are copied at every connect.
+    pub(crate) extra_ca: Arc<Vec<CertificateDer<'static>>>,
+    pub(crate) client_cert: Option<Arc<ClientCertificate>>,
+}
+
+impl PartialEq for TlsSettings {
+    fn eq(&self, other: &TlsSettings) -> bool {
+        // By content, not by pointer: hosts that build new options for every connect (the same
+        // files each time) must still find the configuration built before.
+        let same_cert = match (&self.client_cert, &other.client_cert) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a.chain == b.chain,
+            _ => false,
+        };
+        same_cert && (Arc::ptr_eq(&self.extra_ca, &other.extra_ca) || self.extra_ca == other.extra_ca)
+    }
+}
+
+/// A client certificate chain and its private key, read and checked when the option is set.
+#[derive(Debug)]
+pub(crate) struct ClientCertificate {
+    /// Identifies the certificate: the key was checked to be the one of its first certificate.
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    pub(crate) key: Arc<CertifiedKey>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Options {
-    pub extra_ca: Vec<CertificateDer<'static>>,
+    pub(crate) tls: TlsSettings,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub subprotocols: Vec<String>,
     pub connect_timeout: Duration,
@@ -55,7 +88,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Options {
         Options {
-            extra_ca: Vec::new(),
+            tls: TlsSettings::default(),
             headers: Vec::new(),
             subprotocols: Vec::new(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -86,7 +119,46 @@ impl Options {
         if certs.is_empty() {
             return Err(Error::new(WsStatus::CertificateFile, format!("CA file {path}: no certificate in it")));
         }
-        self.extra_ca.extend(certs);
+        // Checked now rather than at each connect: a certificate that cannot be a trust anchor.
+        for cert in &certs {
+            RootCertStore::empty().add(cert.clone()).map_err(|e| {
+                Error::new(WsStatus::CertificateFile, format!("CA file {path}: a certificate cannot be used: {e}"))
+            })?;
+        }
+        Arc::make_mut(&mut self.tls.extra_ca).extend(certs);
+        Ok(())
+    }
+
+    /// Presents this certificate chain (PEM, the client's certificate first) with its private key
+    /// (PEM: PKCS#8, PKCS#1 or SEC1) to servers that ask for one. Both are read and checked now.
+    pub fn set_client_certificate(&mut self, chain_path: &str, key_path: &str) -> Result<(), Error> {
+        let file_error = |message: String| Error::new(WsStatus::CertificateFile, message);
+        let chain: Result<Vec<_>, _> = CertificateDer::pem_file_iter(chain_path)
+            .map_err(|e| file_error(format!("client certificate file {chain_path}: {e}")))?
+            .collect();
+        let chain = chain.map_err(|e| file_error(format!("client certificate file {chain_path}: {e}")))?;
+        if chain.is_empty() {
+            return Err(file_error(format!("client certificate file {chain_path}: no certificate in it")));
+        }
+        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| match e {
+            pem::Error::NoItemsFound => {
+                file_error(format!("key file {key_path}: no private key in it (PKCS#8, PKCS#1 or SEC1 PEM)"))
+            }
+            e => file_error(format!("key file {key_path}: {e}")),
+        })?;
+        let key = rustls::crypto::ring::default_provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| file_error(format!("key file {key_path}: the key cannot be used: {e}")))?;
+        let certified = CertifiedKey::new(chain.clone(), key);
+        // Any doubt is an error, so that the chain alone identifies the pair (TlsSettings::eq).
+        certified.keys_match().map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => {
+                file_error(format!("key file {key_path} does not match the certificate in {chain_path}"))
+            }
+            e => file_error(format!("client certificate file {chain_path}: {e}")),
+        })?;
+        self.tls.client_cert = Some(Arc::new(ClientCertificate { chain, key: Arc::new(certified) }));
         Ok(())
     }
 

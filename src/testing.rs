@@ -265,6 +265,7 @@ fn panic_if_asked_on_this_thread() {
 #[derive(Debug)]
 pub struct Defaults {
     pub extra_ca_certificates: usize,
+    pub client_certificates: usize,
     pub headers: usize,
     pub subprotocols: usize,
     pub connect_timeout_ms: u128,
@@ -286,7 +287,8 @@ pub struct Defaults {
 pub fn defaults() -> Defaults {
     let o = crate::options::Options::default();
     Defaults {
-        extra_ca_certificates: o.extra_ca.len(),
+        extra_ca_certificates: o.tls.extra_ca.len(),
+        client_certificates: usize::from(o.tls.client_cert.is_some()),
         headers: o.headers.len(),
         subprotocols: o.subprotocols.len(),
         connect_timeout_ms: o.connect_timeout.as_millis(),

@@ -356,6 +356,11 @@ fn a_panic_inside_any_export_returns_its_default_and_is_reported() {
                 Box::new(|| Status(ws_options_add_ca_file(options.0, null()))),
             ),
             (
+                "ws_options_set_client_certificate",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_set_client_certificate(options.0, null(), null()))),
+            ),
+            (
                 "ws_options_add_header",
                 Status(WsStatus::Panic),
                 Box::new(|| Status(ws_options_add_header(options.0, text.as_ptr(), text.as_ptr()))),

@@ -76,6 +76,7 @@ fn the_option_table_states_the_actual_defaults() {
     .into();
     let lists: BTreeMap<&str, (&str, usize)> = [
         ("ws_options_add_ca_file", ("system store only", d.extra_ca_certificates)),
+        ("ws_options_set_client_certificate", ("none", d.client_certificates)),
         ("ws_options_add_header", ("none", d.headers)),
         ("ws_options_add_subprotocol", ("none", d.subprotocols)),
     ]

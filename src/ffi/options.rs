@@ -13,7 +13,8 @@ use crate::options::Options;
 
 /// Options for ws_connect_with_options(). Opaque; create with ws_options_new(), free with
 /// ws_options_free(). One thread at a time may use an options object; connect copies it, so it
-/// may be changed or freed right after.
+/// may be changed or freed right after. Certificates and keys are read when set and shared by
+/// the copies, never read again.
 pub struct WsOptions {
     inner: Options,
 }
@@ -62,6 +63,31 @@ pub unsafe extern "C" fn ws_options_add_ca_file(options: *mut WsOptions, pem_pat
     ffi_status!({
         let options = options_mut(options)?;
         options.add_ca_file(c_str(pem_path, "pem_path")?)
+    })
+}
+
+/// Presents a client certificate to servers that ask for one (mutual TLS). `chain_pem_path` is a
+/// PEM file with the client's certificate first, then any intermediate CA certificates;
+/// `key_pem_path` is a PEM file with its private key: PKCS#8 ("PRIVATE KEY"), PKCS#1
+/// ("RSA PRIVATE KEY") or SEC1 ("EC PRIVATE KEY"), not encrypted. Both are read and checked now,
+/// once: WS_STATUS_CERTIFICATE_FILE if a file cannot be read, holds no certificate or no key,
+/// or the key does not match the certificate (ws_last_error() says which). Setting it again
+/// replaces it. A server that refuses the certificate fails the connection with WS_STATUS_TLS,
+/// naming the server's alert ("unknown CA", "certificate required", ...).
+/// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed; `chain_pem_path` and
+/// `key_pem_path` are NULL or NUL-terminated strings.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_set_client_certificate(
+    options: *mut WsOptions,
+    chain_pem_path: *const c_char,
+    key_pem_path: *const c_char,
+) -> WsStatus {
+    ffi_status!({
+        let options = options_mut(options)?;
+        options.set_client_certificate(c_str(chain_pem_path, "chain_pem_path")?, c_str(key_pem_path, "key_pem_path")?)
     })
 }
 

@@ -100,7 +100,12 @@ fn request(target: &Target, options: &Options, key: &str) -> Vec<u8> {
     bytes
 }
 
-fn io_lost(e: std::io::Error) -> Error {
+fn io_lost(e: std::io::Error, host: &str) -> Error {
+    // In TLS 1.3 the client's side of the handshake is over before the server has checked the
+    // client's certificate: a server that refuses it says so here, with an alert.
+    if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+        return Error::new(WsStatus::Tls, super::tls::describe_handshake_error(&e, host));
+    }
     Error::new(WsStatus::ConnectionLost, format!("connection lost during the WebSocket handshake: {e}"))
 }
 
@@ -111,6 +116,7 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     options: &Options,
 ) -> Result<Answer, Error> {
     let key = generate_key();
+    let io_lost = |e| io_lost(e, &target.host);
     stream.write_all(&request(target, options, &key)).await.map_err(io_lost)?;
     stream.flush().await.map_err(io_lost)?;
     let mut buf = Vec::new();

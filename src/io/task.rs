@@ -180,7 +180,7 @@ async fn reach(
         conn.set_protocol(upgraded.protocol);
         return Ok(Reached::Open(session(conn, Wire::plain(tcp), upgraded.leftover, options)));
     }
-    let tls_config = tls.get(&options.extra_ca)?;
+    let tls_config = tls.get(&options.tls).await?;
     let name = ServerName::try_from(target.host.clone())
         .map_err(|_| Error::new(WsStatus::Tls, format!("TLS: {} is not a valid server name", target.host)))?;
     let mut stream = TlsConnector::from(tls_config)

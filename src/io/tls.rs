@@ -4,14 +4,21 @@
 //! store (SSL_CERT_FILE and SSL_CERT_DIR replace it, as with OpenSSL-based tools) plus any CA the
 //! options add. There is deliberately no way to turn verification off.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 
-use rustls::{CertificateError, ClientConfig, RootCertStore};
-use rustls_pki_types::CertificateDer;
+use rustls::sign::SingleCertAndKey;
+use rustls::{AlertDescription, CertificateError, ClientConfig, RootCertStore};
 
 use crate::error::{Error, WsStatus};
+use crate::options::TlsSettings;
+use crate::sync::lock;
 
-/// The system's roots, read when a client makes its first wss connection.
+/// Distinct configurations a client keeps. A host rarely has more than a few (one per set of
+/// extra CAs and client certificate); past this the least recently used one is dropped, and
+/// its session cache with it.
+const MAX_CONFIGS: usize = 8;
+
+/// The system's roots, read by a thread of its own (see `TlsConfigs::system`).
 fn load_system_roots() -> RootCertStore {
     let mut roots = RootCertStore::empty();
     // Unreadable or unparsable system certificates are skipped, as OpenSSL does; with no root at
@@ -21,42 +28,91 @@ fn load_system_roots() -> RootCertStore {
     roots
 }
 
+/// Reads the system store on a short-lived thread: it is blocking file I/O (hundreds of files
+/// with SSL_CERT_DIR), which on the I/O thread would stall every other connection of the
+/// client. A thread of its own rather than tokio's blocking pool, so that ws_client_free never
+/// waits for it: a late answer goes to a receiver that is gone.
+async fn load_system_roots_off_thread() -> Result<Arc<RootCertStore>, Error> {
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("wsclient-roots".into())
+        .spawn(move || {
+            let _ = answer.send(load_system_roots());
+        })
+        .map_err(|e| Error::new(WsStatus::Tls, format!("TLS: cannot start a thread to read the trust store: {e}")))?;
+    let roots = answered.await.map_err(|_| Error::new(WsStatus::Tls, "TLS: reading the system trust store failed"))?;
+    Ok(Arc::new(roots))
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn build(system: &RootCertStore, extra_ca: &[CertificateDer<'static>]) -> Result<Arc<ClientConfig>, Error> {
-    let mut roots = system.clone();
-    for cert in extra_ca {
-        roots
-            .add(cert.clone())
-            .map_err(|e| Error::new(WsStatus::CertificateFile, format!("CA certificate cannot be used: {e}")))?;
-    }
-    let config = ClientConfig::builder_with_provider(provider())
+fn build(system: &Arc<RootCertStore>, settings: &TlsSettings) -> Result<Arc<ClientConfig>, Error> {
+    let roots = if settings.extra_ca.is_empty() {
+        system.clone()
+    } else {
+        let mut roots = RootCertStore::clone(system);
+        for cert in settings.extra_ca.iter() {
+            roots
+                .add(cert.clone())
+                .map_err(|e| Error::new(WsStatus::CertificateFile, format!("CA certificate cannot be used: {e}")))?;
+        }
+        Arc::new(roots)
+    };
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::new(WsStatus::Tls, format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match &settings.client_cert {
+        None => builder.with_no_client_auth(),
+        Some(cert) => builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(cert.key.clone()))),
+    };
     Ok(Arc::new(config))
 }
 
-/// One client's TLS configurations. The system store is read once per client, on its first wss
-/// connection, so SSL_CERT_FILE and SSL_CERT_DIR are honoured as they are at that moment.
+/// One client's TLS configurations, each built once and shared by the connections whose options
+/// ask for it: immutable, and with the session cache in it, so that reconnects resume their
+/// TLS sessions instead of doing full handshakes.
 #[derive(Default)]
-pub struct TlsConfigs {
-    system: OnceLock<RootCertStore>,
-    default: OnceLock<Result<Arc<ClientConfig>, Error>>,
+pub(crate) struct TlsConfigs {
+    /// Read once per client, on its first wss connection, so SSL_CERT_FILE and SSL_CERT_DIR are
+    /// honoured as they are at that moment. The connections that need it meanwhile wait here.
+    system: tokio::sync::OnceCell<Arc<RootCertStore>>,
+    /// The least recently used first.
+    built: Mutex<Vec<(TlsSettings, Arc<ClientConfig>)>>,
 }
 
 impl TlsConfigs {
-    /// The configuration for a connection: shared when the options add no CA.
-    pub fn get(&self, extra_ca: &[CertificateDer<'static>]) -> Result<Arc<ClientConfig>, Error> {
-        let system = self.system.get_or_init(load_system_roots);
-        if extra_ca.is_empty() {
-            self.default.get_or_init(|| build(system, &[])).clone()
-        } else {
-            build(system, extra_ca)
+    /// The configuration for a connection with these settings.
+    pub(crate) async fn get(&self, settings: &TlsSettings) -> Result<Arc<ClientConfig>, Error> {
+        if let Some(config) = self.cached(settings, None) {
+            return Ok(config);
         }
+        let system = self.system.get_or_try_init(load_system_roots_off_thread).await?;
+        let config = build(system, settings)?;
+        Ok(self.cached(settings, Some(config)).expect("just inserted"))
+    }
+
+    /// The cached configuration for `settings`, marked as the most recently used; `new` is
+    /// added if there is none (another connection may have built one meanwhile: it wins).
+    fn cached(&self, settings: &TlsSettings, new: Option<Arc<ClientConfig>>) -> Option<Arc<ClientConfig>> {
+        let mut built = lock(&self.built);
+        let entry = match built.iter().position(|(s, _)| s == settings) {
+            Some(i) => built.remove(i),
+            None => (settings.clone(), new?),
+        };
+        let config = entry.1.clone();
+        built.push(entry);
+        if built.len() > MAX_CONFIGS {
+            built.remove(0);
+        }
+        Some(config)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        lock(&self.built).len()
     }
 }
 
@@ -88,6 +144,57 @@ pub fn describe_handshake_error(err: &std::io::Error, host: &str) -> String {
         rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
             format!("TLS: the server does not speak TLS ({tls})")
         }
+        rustls::Error::AlertReceived(alert) => match alert {
+            AlertDescription::CertificateRequired => {
+                "TLS: the server requires a client certificate (alert: certificate required)".into()
+            }
+            AlertDescription::UnknownCA => {
+                "TLS: the server does not trust the client certificate (alert: unknown CA)".into()
+            }
+            AlertDescription::BadCertificate
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateUnknown => {
+                format!("TLS: the server rejected the client certificate (alert: {alert:?})")
+            }
+            other => format!("TLS: the server sent the alert {other:?}"),
+        },
         other => format!("TLS: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls_pki_types::CertificateDer;
+
+    fn new_ca() -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn trusting(ca: &CertificateDer<'static>) -> TlsSettings {
+        TlsSettings { extra_ca: Arc::new(vec![ca.clone()]), client_cert: None }
+    }
+
+    #[tokio::test]
+    async fn each_distinct_configuration_is_built_once_and_few_are_kept() {
+        let configs = TlsConfigs::default();
+        let plain = configs.get(&TlsSettings::default()).await.unwrap();
+        assert!(Arc::ptr_eq(&plain, &configs.get(&TlsSettings::default()).await.unwrap()));
+        let ca = new_ca();
+        let with_ca = configs.get(&trusting(&ca)).await.unwrap();
+        assert!(!Arc::ptr_eq(&plain, &with_ca));
+        // Settings of other options with the same CA (another copy of it) find the same one.
+        assert!(Arc::ptr_eq(&with_ca, &configs.get(&trusting(&ca)).await.unwrap()));
+        for _ in 0..2 * MAX_CONFIGS {
+            configs.get(&trusting(&new_ca())).await.unwrap();
+        }
+        assert_eq!(configs.len(), MAX_CONFIGS);
+        // The least recently used went first: this one is built anew.
+        assert!(!Arc::ptr_eq(&with_ca, &configs.get(&trusting(&ca)).await.unwrap()));
     }
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod hostile;
 pub mod peers;
 pub mod proxies;

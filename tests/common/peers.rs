@@ -2,6 +2,7 @@
 //! installed into .venv by `make test`) and Node's `ws` (tests/peers/node_server.js, installed
 //! into tests/peers/node_modules by `make test`). Both print the same lines.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -17,10 +18,20 @@ pub struct Peer {
 impl Peer {
     /// Python's websockets.
     pub fn start_python() -> Peer {
+        Self::start_python_script("py_server.py", &[])
+    }
+
+    /// Python's websockets over Python's ssl (tests/peers/py_tls_server.py), requiring a client
+    /// certificate signed by `client_ca` (all three are PEM files).
+    pub fn start_python_tls(cert: &Path, key: &Path, client_ca: &Path) -> Peer {
+        Self::start_python_script("py_tls_server.py", &[cert.as_os_str(), key.as_os_str(), client_ca.as_os_str()])
+    }
+
+    fn start_python_script(script: &str, args: &[&OsStr]) -> Peer {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let python = root.join(".venv/bin/python");
         assert!(python.exists(), "{} is missing: run `make test`, which installs the test peers", python.display());
-        Self::spawn(Command::new(python).arg(root.join("tests/peers/py_server.py")))
+        Self::spawn(Command::new(python).arg(root.join("tests/peers").join(script)).args(args))
     }
 
     /// Node's ws.
