@@ -80,8 +80,8 @@ INCLUDEDIR ?= $(PREFIX)/include
 PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
 INSTALL ?= install
 OBJCOPY ?= objcopy
-# The installed libraries lose the debug info (std's, built with full debug info, is most of the
-# 18 MB of the shared library) but keep their symbol tables, so backtraces still name functions;
+# The installed libraries lose the debug info (most of the 18 MB of the shared library is the
+# debug info std comes with, whatever the profile asks) but keep their symbol tables, so backtraces still name functions;
 # `make install STRIP_DEBUG=` keeps it, for a packager who splits it into a debug package. The
 # LLVM bitcode that rustc leaves in the static library is always removed: a C linker ignores it.
 STRIP_DEBUG ?= --strip-debug
@@ -92,23 +92,15 @@ STRIP_DEBUG ?= --strip-debug
 # asking the release build would make it rebuild whenever it is built without the flag.
 $(RELEASE)/native-static-libs: Cargo.toml Cargo.lock build.rs
 	@mkdir -p $(RELEASE)
+	log=$@.$$$$.log; \
 	$(CARGO) rustc --lib --crate-type staticlib --target-dir target/native-libs -- --print native-static-libs \
-	  2>target/native-libs.log || { cat target/native-libs.log; exit 1; }
-	sed -n 's/^note: native-static-libs: //p' target/native-libs.log | tail -n 1 > $@.tmp
-	@test -s $@.tmp || { echo "rustc reported no native-static-libs:"; cat target/native-libs.log; exit 1; }
-	mv $@.tmp $@
+	  2>$$log || { cat $$log; rm -f $$log; exit 1; }; \
+	libs=$$(sed -n 's/^note: native-static-libs: //p' $$log | tail -n 1); \
+	if test -z "$$libs"; then cat $$log; rm -f $$log; echo "rustc reported no native-static-libs"; exit 1; fi; \
+	rm -f $$log; echo "$$libs" > $@.$$$$ && mv $@.$$$$ $@
 
-# wsclient.pc: paths under PREFIX are written relative to ${prefix}, as pkg-config files do.
-$(RELEASE)/wsclient.pc: wsclient.pc.in $(RELEASE)/native-static-libs Cargo.toml FORCE
-	sed -e 's|@PREFIX@|$(PREFIX)|' \
-	  -e 's|@LIBDIR@|$(patsubst $(PREFIX)/%,$${prefix}/%,$(LIBDIR))|' \
-	  -e 's|@INCLUDEDIR@|$(patsubst $(PREFIX)/%,$${prefix}/%,$(INCLUDEDIR))|' \
-	  -e 's|@VERSION@|$(VERSION)|' \
-	  -e "s|@LIBS_PRIVATE@|$$(cat $(RELEASE)/native-static-libs)|" $< > $@
-
-FORCE:
-
-install: lib $(RELEASE)/wsclient.pc
+# wsclient.pc names the paths under PREFIX relative to ${prefix}, as pkg-config files do.
+install: lib $(RELEASE)/native-static-libs
 	$(INSTALL) -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(PKGCONFIGDIR)
 	$(OBJCOPY) $(STRIP_DEBUG) $(RELEASE)/libwsclient.so $(DESTDIR)$(LIBDIR)/libwsclient.so.$(VERSION)
 	chmod 755 $(DESTDIR)$(LIBDIR)/libwsclient.so.$(VERSION)
@@ -118,7 +110,13 @@ install: lib $(RELEASE)/wsclient.pc
 	  $(RELEASE)/libwsclient.a $(DESTDIR)$(LIBDIR)/libwsclient.a
 	chmod 644 $(DESTDIR)$(LIBDIR)/libwsclient.a
 	$(INSTALL) -m 644 include/wsclient.h $(DESTDIR)$(INCLUDEDIR)/wsclient.h
-	$(INSTALL) -m 644 $(RELEASE)/wsclient.pc $(DESTDIR)$(PKGCONFIGDIR)/wsclient.pc
+	sed -e 's|@PREFIX@|$(PREFIX)|' \
+	  -e 's|@LIBDIR@|$(patsubst $(PREFIX)/%,$${prefix}/%,$(LIBDIR))|' \
+	  -e 's|@INCLUDEDIR@|$(patsubst $(PREFIX)/%,$${prefix}/%,$(INCLUDEDIR))|' \
+	  -e 's|@VERSION@|$(VERSION)|' \
+	  -e "s|@LIBS_PRIVATE@|$$(cat $(RELEASE)/native-static-libs)|" \
+	  wsclient.pc.in > $(DESTDIR)$(PKGCONFIGDIR)/wsclient.pc
+	chmod 644 $(DESTDIR)$(PKGCONFIGDIR)/wsclient.pc
 
 uninstall:
 	rm -f $(DESTDIR)$(LIBDIR)/libwsclient.so.$(VERSION) $(DESTDIR)$(LIBDIR)/libwsclient.so.$(MAJOR) \
@@ -126,11 +124,14 @@ uninstall:
 	  $(DESTDIR)$(INCLUDEDIR)/wsclient.h $(DESTDIR)$(PKGCONFIGDIR)/wsclient.pc
 
 # Every test: Rust unit and integration tests (the C functions against local servers, ws and
-# wss), the header check, the C examples under valgrind (run by tests/c_examples.rs), and a
+# wss), the header check, the C examples under valgrind (run by tests/c_examples.rs), the
+# install test (tests/install.rs), then the unit tests, the C API's semantics and the epoll
+# hosts again with the wake-up descriptor as a pipe (the macOS and BSD path, `pipe-wake`), and a
 # short run of each fuzz target where the nightly toolchain exists.
 test: deps all peers lint
 	$(CARGO) test -- --test-threads=4
-	$(CARGO) test --features pipe-wake $(PIPE_WAKE_TESTS) -- --test-threads=4
+	$(CARGO) test --features pipe-wake --lib --test semantics -- --test-threads=4
+	$(CARGO) test --features pipe-wake --test hostile_round2 -- epoll --test-threads=4
 	$(MAKE) fuzz-smoke
 
 # Fuzzing (cargo-fuzz, libFuzzer, nightly): the frame reader cut at random points, the upgrade
@@ -178,6 +179,7 @@ asan: deps all peers
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features pipe-wake -- -D warnings
 
 # Runs the C echo example over wss against the bundled local server, with a throwaway CA.
 demo: deps all

@@ -124,6 +124,7 @@ async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, Error> {
             Ok(stream) => {
                 // Small messages go out at once; batching is done above the socket.
                 let _ = stream.set_nodelay(true);
+                crate::wire::no_sigpipe(&stream);
                 return Ok(stream);
             }
             Err(e) => last_failure = Some((addr, e)),
