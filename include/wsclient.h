@@ -211,7 +211,9 @@ typedef struct ws_client ws_client;
 typedef struct ws_options ws_options;
 
 /**
- * The C type of a connection handle. 0 is never a valid handle.
+ * The C type of a connection handle. 0 is never a valid handle, and a value is never reused.
+ * Every handle is below 2^53, so a binding may keep it in a JavaScript number (a double)
+ * exactly; it needs more than 32 bits.
  */
 typedef uint64_t ws_conn;
 
