@@ -9,6 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Mutex;
 
 use common::server::TestServer;
 use common::skip_under_asan;
@@ -46,8 +47,11 @@ fn check(what: &str, output: Output) -> String {
 }
 
 /// `make TARGET VARS...` in the repository, as a user or packager runs it (not as part of the
-/// make that runs the tests: its jobserver and flags stay out).
+/// make that runs the tests: its jobserver and flags stay out). One at a time: two installs at
+/// once would both refresh the build tree's files (`make lib`'s soname link, for one).
 fn make(target: &str, vars: &[String]) -> String {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let output = Command::new("make")
         .current_dir(root())
         .arg("--no-print-directory")
