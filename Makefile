@@ -1,10 +1,15 @@
-# wsclient: build, test and demo. `make demo` and `make test` do all the set-up they need.
+# wsclient: build, install, test and demo. `make demo` and `make test` do all the set-up they
+# need; plain `make` only builds (it never installs system packages: packagers build offline).
 CARGO ?= cargo
 CC ?= cc
 CXX ?= c++
 CFLAGS ?= -O2 -g
 WARN := -std=c11 -Wall -Wextra -Wpedantic -Werror
-LIBDIR := target/release
+# Where cargo leaves the release build.
+RELEASE := target/release
+# The version, from Cargo.toml (also in the header and behind ws_version(); tests check they agree).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+MAJOR := $(firstword $(subst ., ,$(VERSION)))
 BUILD := examples-c/build
 EXAMPLES := $(BUILD)/echo $(BUILD)/flow $(BUILD)/many $(BUILD)/bench $(BUILD)/wsjs
 # Debian packages the tests and examples need (installed by `make deps` when root): tinyproxy and
@@ -15,17 +20,18 @@ DEB_PACKAGES := valgrind pkg-config duktape-dev tinyproxy microsocks openssl
 VENV := .venv
 PEER_PYTHON := $(VENV)/bin/python
 
-.PHONY: all lib examples deps peers test lint demo bench header clean fuzz fuzz-smoke fuzz-tools asan
+.PHONY: all lib examples deps peers test lint demo bench header clean fuzz fuzz-smoke fuzz-tools asan install uninstall
 
 # The shared benchmark harness: beside this repository (as in CI), else set SHARED=DIR.
 SHARED ?= $(abspath ../shared)
 
-all: deps lib examples
+all: lib examples
 
-# The library (libwsclient.so with soname libwsclient.so.0, libwsclient.a) and the bundled test server.
+# The library (libwsclient.so with soname libwsclient.so.MAJOR, libwsclient.a) and the bundled
+# test server. The soname link lets programs linked here run from the build tree.
 lib:
 	$(CARGO) build --release --lib --example testserver
-	ln -sf libwsclient.so $(LIBDIR)/libwsclient.so.0
+	ln -sf libwsclient.so $(RELEASE)/libwsclient.so.$(MAJOR)
 
 examples: $(EXAMPLES)
 
@@ -35,10 +41,10 @@ $(BUILD):
 # wsjs embeds Duktape (Debian's duktape-dev, found with pkg-config).
 $(BUILD)/wsjs: examples-c/wsjs.c include/wsclient.h lib | $(BUILD)
 	$(CC) $(WARN) $(CFLAGS) -Iinclude $$(pkg-config --cflags duktape) $< -o $@ \
-	  -L$(LIBDIR) -lwsclient -Wl,-rpath,$(abspath $(LIBDIR)) $$(pkg-config --libs duktape) -lm
+	  -L$(RELEASE) -lwsclient -Wl,-rpath,$(abspath $(RELEASE)) $$(pkg-config --libs duktape) -lm
 
 $(BUILD)/%: examples-c/%.c include/wsclient.h lib | $(BUILD)
-	$(CC) $(WARN) $(CFLAGS) -Iinclude $< -o $@ -L$(LIBDIR) -lwsclient -Wl,-rpath,$(abspath $(LIBDIR))
+	$(CC) $(WARN) $(CFLAGS) -Iinclude $< -o $@ -L$(RELEASE) -lwsclient -Wl,-rpath,$(abspath $(RELEASE))
 
 deps:
 	@missing=""; \
@@ -66,11 +72,69 @@ $(VENV)/.installed: tests/peers/requirements.txt
 	$(PEER_PYTHON) -m pip install -q -r tests/peers/requirements.txt
 	touch $@
 
+# Installing (ELF systems: Linux and the BSDs): the shared library as libwsclient.so.VERSION
+# with the soname link libwsclient.so.MAJOR and the development link libwsclient.so, the static
+# library, the header and a pkg-config file. DESTDIR is prepended to every path (for packagers);
+# the paths written into wsclient.pc are without it.
+PREFIX ?= /usr/local
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+INSTALL ?= install
+OBJCOPY ?= objcopy
+# The installed libraries lose the debug info (15 of the shared library's 18 MB even with line
+# tables only: inlining records and std's own debug info come along) but keep their symbol
+# tables, so backtraces still name functions; `make install STRIP_DEBUG=` keeps it, for a
+# packager who splits it into a debug package. The LLVM bitcode that rustc leaves in the static
+# library is always removed: a C linker ignores it.
+STRIP_DEBUG ?= --strip-debug
+
+# The system libraries a static link needs, as rustc reports them for our static library
+# (--print native-static-libs). It prints them only when it compiles, so they are asked of a
+# build of its own (a debug build in target/native-libs, once; cargo replays the note after):
+# asking the release build would make it rebuild whenever it is built without the flag.
+$(RELEASE)/native-static-libs: Cargo.toml Cargo.lock build.rs
+	@mkdir -p $(RELEASE)
+	log=$@.$$$$.log; \
+	$(CARGO) rustc --lib --crate-type staticlib --target-dir target/native-libs -- --print native-static-libs \
+	  2>$$log || { cat $$log; rm -f $$log; exit 1; }; \
+	libs=$$(sed -n 's/^note: native-static-libs: //p' $$log | tail -n 1); \
+	if test -z "$$libs"; then cat $$log; rm -f $$log; echo "rustc reported no native-static-libs"; exit 1; fi; \
+	rm -f $$log; echo "$$libs" > $@.$$$$ && mv $@.$$$$ $@
+
+# wsclient.pc names the paths under PREFIX relative to ${prefix}, as pkg-config files do.
+install: lib $(RELEASE)/native-static-libs
+	$(INSTALL) -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(PKGCONFIGDIR)
+	$(OBJCOPY) $(STRIP_DEBUG) $(RELEASE)/libwsclient.so $(DESTDIR)$(LIBDIR)/libwsclient.so.$(VERSION)
+	chmod 755 $(DESTDIR)$(LIBDIR)/libwsclient.so.$(VERSION)
+	ln -sf libwsclient.so.$(VERSION) $(DESTDIR)$(LIBDIR)/libwsclient.so.$(MAJOR)
+	ln -sf libwsclient.so.$(MAJOR) $(DESTDIR)$(LIBDIR)/libwsclient.so
+	$(OBJCOPY) $(STRIP_DEBUG) --remove-section=.llvmbc --remove-section=.llvmcmd \
+	  $(RELEASE)/libwsclient.a $(DESTDIR)$(LIBDIR)/libwsclient.a
+	chmod 644 $(DESTDIR)$(LIBDIR)/libwsclient.a
+	$(INSTALL) -m 644 include/wsclient.h $(DESTDIR)$(INCLUDEDIR)/wsclient.h
+	sed -e 's|@PREFIX@|$(PREFIX)|' \
+	  -e 's|@LIBDIR@|$(patsubst $(PREFIX)/%,$${prefix}/%,$(LIBDIR))|' \
+	  -e 's|@INCLUDEDIR@|$(patsubst $(PREFIX)/%,$${prefix}/%,$(INCLUDEDIR))|' \
+	  -e 's|@VERSION@|$(VERSION)|' \
+	  -e "s|@LIBS_PRIVATE@|$$(cat $(RELEASE)/native-static-libs)|" \
+	  wsclient.pc.in > $(DESTDIR)$(PKGCONFIGDIR)/wsclient.pc
+	chmod 644 $(DESTDIR)$(PKGCONFIGDIR)/wsclient.pc
+
+uninstall:
+	rm -f $(DESTDIR)$(LIBDIR)/libwsclient.so.$(VERSION) $(DESTDIR)$(LIBDIR)/libwsclient.so.$(MAJOR) \
+	  $(DESTDIR)$(LIBDIR)/libwsclient.so $(DESTDIR)$(LIBDIR)/libwsclient.a \
+	  $(DESTDIR)$(INCLUDEDIR)/wsclient.h $(DESTDIR)$(PKGCONFIGDIR)/wsclient.pc
+
 # Every test: Rust unit and integration tests (the C functions against local servers, ws and
-# wss), the header check, the C examples under valgrind (run by tests/c_examples.rs), and a
+# wss), the header check, the C examples under valgrind (run by tests/c_examples.rs), the
+# install test (tests/install.rs), then the unit tests, the C API's semantics and the epoll
+# hosts again with the wake-up descriptor as a pipe (the macOS and BSD path, `pipe-wake`), and a
 # short run of each fuzz target where the nightly toolchain exists.
 test: deps all peers lint
 	$(CARGO) test -- --test-threads=4
+	$(CARGO) test --features pipe-wake --lib --test semantics -- --test-threads=4
+	$(CARGO) test --features pipe-wake --test hostile_round2 -- epoll --test-threads=4
 	$(MAKE) fuzz-smoke
 
 # Fuzzing (cargo-fuzz, libFuzzer, nightly): the frame reader cut at random points, the upgrade
@@ -118,6 +182,7 @@ asan: deps all peers
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features pipe-wake -- -D warnings
 
 # Runs the C echo example over wss against the bundled local server, with a throwaway CA.
 demo: deps all

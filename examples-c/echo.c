@@ -81,6 +81,13 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s URI [CA_PEM]\n", argv[0]);
         return 2;
     }
+    /* The library the loader found must be the ABI this program was compiled against: the same
+     * major version, and not older than the header (the ABI only grows). */
+    uint32_t loaded = ws_version_number();
+    if (loaded >> 16 != WSCLIENT_VERSION_NUMBER >> 16 || loaded < WSCLIENT_VERSION_NUMBER) {
+        fprintf(stderr, "libwsclient %s does not match wsclient.h %s\n", ws_version(), WSCLIENT_VERSION);
+        return 1;
+    }
     struct session s = {0, 0, 0};
     ws_client *client = ws_client_new();
     ws_options *options = ws_options_new();

@@ -355,9 +355,10 @@ static duk_ret_t js_close(duk_context *ctx) {
     if (duk_is_undefined(ctx, 1)) {
         status = ws_close(conn, code, NULL);
     } else {
+        /* By length: a reason holding "\u0000" is sent whole (ws_close would stop at the NUL). */
         size_t len;
         char *reason = to_utf8(ctx, 1, &len);
-        status = ws_close(conn, code, reason);
+        status = ws_close_with_reason(conn, code, reason, len);
         free(reason);
     }
     if (status != WS_STATUS_OK && status != WS_STATUS_ALREADY_CLOSING && status != WS_STATUS_CLOSING)

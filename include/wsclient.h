@@ -32,9 +32,19 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+/*
+ * The version of this header. ws_version() and ws_version_number() tell the version of the
+ * library loaded at run time: a program works with a library of the same major version that is
+ * not older than this header (the ABI only grows), e.g.
+ *   uint32_t v = ws_version_number();
+ *   if (v >> 16 != WSCLIENT_VERSION_NUMBER >> 16 || v < WSCLIENT_VERSION_NUMBER) refuse();
+ */
 #define WSCLIENT_VERSION_MAJOR 0
 #define WSCLIENT_VERSION_MINOR 1
 #define WSCLIENT_VERSION_PATCH 0
+/* (MAJOR << 16) | (MINOR << 8) | PATCH */
+#define WSCLIENT_VERSION_NUMBER 0x000100
+#define WSCLIENT_VERSION "0.1.0"
 
 
 /**
@@ -214,7 +224,9 @@ typedef struct ws_client ws_client;
 typedef struct ws_options ws_options;
 
 /**
- * The C type of a connection handle. 0 is never a valid handle.
+ * The C type of a connection handle. 0 is never a valid handle, and a value is never reused.
+ * Every handle is below 2^53, so a binding may keep it in a JavaScript number (a double)
+ * exactly; it needs more than 32 bits.
  */
 typedef uint64_t ws_conn;
 
@@ -262,6 +274,14 @@ extern "C" {
  * The library's version, e.g. "0.1.0". Static; any thread, also inside callbacks.
  */
 const char *ws_version(void);
+
+/**
+ * The library's version as one number, (MAJOR << 16) | (MINOR << 8) | PATCH (0x000100 for
+ * 0.1.0), to compare with the header's WSCLIENT_VERSION_NUMBER: a program runs with any library
+ * of the same major version that is not older than the header it was compiled against (the
+ * ABI only grows). Any thread, also inside callbacks.
+ */
+uint32_t ws_version_number(void);
 
 /**
  * A static, NUL-terminated description of a status number ("unknown status" for numbers that
@@ -458,7 +478,8 @@ ws_status ws_send_binary(ws_conn conn, const void *data, size_t len);
 
 /**
  * Starts the close handshake after the messages already queued: `code` 0 means 1000, else
- * 1000 or 3000..4999; `reason` (NULL for none) is UTF-8 of at most 123 bytes. The close (or
+ * 1000 or 3000..4999; `reason` (NULL for none) is UTF-8 of at most 123 bytes, NUL-terminated
+ * (ws_close_with_reason() takes a length instead, for a reason that holds U+0000). The close (or
  * error) callback follows; the close timeout bounds all of it, the queued messages included
  * (WS_STATUS_CLOSE_TIMEOUT if the peer does not take them and answer in time). While
  * connecting, it aborts the connection and the close callback follows with code 1006. If the
@@ -471,6 +492,17 @@ ws_status ws_send_binary(ws_conn conn, const void *data, size_t len);
  * `reason` is NULL or a NUL-terminated string.
  */
 ws_status ws_close(ws_conn conn, uint16_t code, const char *reason);
+
+/**
+ * As ws_close(), with a reason of `reason_len` bytes instead of a NUL-terminated one (as
+ * ws_send() and the close callback take text), so that a reason may hold U+0000: UTF-8 of at
+ * most 123 bytes; `reason` may be NULL when `reason_len` is 0. Checked exactly as ws_close()
+ * checks its arguments. Any thread, also inside callbacks.
+ *
+ * # Safety
+ * `reason` points to `reason_len` readable bytes (it may be NULL when `reason_len` is 0).
+ */
+ws_status ws_close_with_reason(ws_conn conn, uint16_t code, const char *reason, size_t reason_len);
 
 /**
  * Turns flow control on or off (off by default). On: after each message callback, no further

@@ -72,6 +72,19 @@ fn null_and_non_utf8_arguments() {
         assert_eq!(ws_close(conn, 1000, long.as_ptr()), WsStatus::InvalidArgument);
         // A C string: NUL-terminated (AddressSanitizer caught strlen reading past `bad`).
         assert_eq!(ws_close(conn, 1000, c"caf\xe9".as_ptr()), WsStatus::InvalidUtf8);
+        // ws_close_with_reason checks exactly what ws_close checks, the reason by its length.
+        let r = |reason: &[u8]| reason.as_ptr().cast::<c_char>();
+        assert_eq!(ws_close_with_reason(conn, 999, null(), 0), WsStatus::InvalidArgument);
+        assert_eq!(ws_close_with_reason(conn, 1005, null(), 0), WsStatus::InvalidArgument);
+        assert_eq!(ws_close_with_reason(conn, 5000, null(), 0), WsStatus::InvalidArgument);
+        assert!(last_error().contains("close code 5000"), "{}", last_error());
+        let long = "x".repeat(124);
+        assert_eq!(ws_close_with_reason(conn, 1000, r(long.as_bytes()), 124), WsStatus::InvalidArgument);
+        assert!(last_error().contains("123 bytes"), "{}", last_error());
+        assert_eq!(ws_close_with_reason(conn, 1000, null(), 1), WsStatus::NullArgument);
+        assert_eq!(ws_close_with_reason(conn, 1000, r(b"caf\xe9"), 4), WsStatus::InvalidUtf8);
+        assert_eq!(ws_close_with_reason(conn, 1000, r("é".as_bytes()), 1), WsStatus::InvalidUtf8, "cut mid-character");
+        assert!(last_error().contains("UTF-8"), "{}", last_error());
         let mut small = [0i8; 1];
         let mut len = 99;
         assert_eq!(ws_protocol(conn, small.as_mut_ptr(), small.len(), &mut len), WsStatus::Ok);
@@ -89,7 +102,7 @@ fn gone_and_invented_handles_answer_gone() {
     watch(conn, &rec);
     client.run_until_final(&rec, conn);
     // Invented handles that no live connection can have (the table is shared by parallel tests):
-    // generation 0 is never issued, and no slot is reused 2^31 times in a test run.
+    // generation 0 is never issued, nor any at or above 2^21 (handles stay below 2^53).
     for handle in [conn, 0, 1, u64::MAX, (conn & 0xffff_ffff) | (0x8000_0000 << 32), conn ^ (1 << 62)] {
         unsafe {
             assert_eq!(send_text(handle, "x"), WsStatus::Gone, "{handle:#x}");
@@ -99,6 +112,7 @@ fn gone_and_invented_handles_answer_gone() {
             let invalid_utf8 = [0xffu8, 0xfe];
             assert_eq!(ws_send(handle, invalid_utf8.as_ptr().cast(), 2), WsStatus::Gone);
             assert_eq!(ws_close(handle, 1001, null()), WsStatus::Gone);
+            assert_eq!(ws_close_with_reason(handle, 1000, b"x".as_ptr().cast(), 1), WsStatus::Gone);
             let mut buf = [0 as c_char; 1];
             assert_eq!(ws_protocol(handle, buf.as_mut_ptr(), 1, null_mut()), WsStatus::Gone);
             assert_eq!(ws_set_flow_control(handle, true), WsStatus::Gone);
@@ -286,6 +300,7 @@ fn a_panic_inside_any_export_returns_its_default_and_is_reported() {
     let calls: Vec<(&str, Returned, Call)> = unsafe {
         vec![
             ("ws_version", Null(true), Box::new(|| p(ws_version()))),
+            ("ws_version_number", Int(0), Box::new(|| Int(ws_version_number().into()))),
             ("ws_status_str", Null(true), Box::new(|| p(ws_status_str(0)))),
             ("ws_last_error", Null(true), Box::new(|| p(ws_last_error()))),
             (
@@ -324,6 +339,11 @@ fn a_panic_inside_any_export_returns_its_default_and_is_reported() {
                 Box::new(|| Status(ws_send_binary(conn, text.as_ptr().cast(), 1))),
             ),
             ("ws_close", Status(WsStatus::Panic), Box::new(|| Status(ws_close(conn, 1000, null())))),
+            (
+                "ws_close_with_reason",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_close_with_reason(conn, 1000, null(), 0))),
+            ),
             ("ws_set_flow_control", Status(WsStatus::Panic), Box::new(|| Status(ws_set_flow_control(conn, true)))),
             ("ws_message_complete", Status(WsStatus::Panic), Box::new(|| Status(ws_message_complete(conn)))),
             ("ws_buffered_amount", Status(WsStatus::Panic), Box::new(|| Status(ws_buffered_amount(conn, out_size)))),

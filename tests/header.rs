@@ -33,8 +33,19 @@ fn header_version_macros_match_cargo_toml() {
         let line = format!("#define WSCLIENT_VERSION_{name} {value}\n");
         assert!(header.contains(&line), "header lacks {line:?}: update after_includes in cbindgen.toml");
     }
+    let version = env!("CARGO_PKG_VERSION");
+    let line = format!("#define WSCLIENT_VERSION \"{version}\"\n");
+    assert!(header.contains(&line), "header lacks {line:?}: update after_includes in cbindgen.toml");
+    let part = |s: &str| s.parse::<u32>().unwrap();
+    let number = (part(env!("CARGO_PKG_VERSION_MAJOR")) << 16)
+        | (part(env!("CARGO_PKG_VERSION_MINOR")) << 8)
+        | part(env!("CARGO_PKG_VERSION_PATCH"));
+    let line = format!("#define WSCLIENT_VERSION_NUMBER {number:#08x}\n");
+    assert!(header.contains(&line), "header lacks {line:?}: update after_includes in cbindgen.toml");
+
     let runtime = unsafe { std::ffi::CStr::from_ptr(wsclient::ffi::client::ws_version()) };
-    assert_eq!(runtime.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
+    assert_eq!(runtime.to_str().unwrap(), version);
+    assert_eq!(wsclient::ffi::client::ws_version_number(), number);
 }
 
 /// Every public item of the header carries a doc comment.

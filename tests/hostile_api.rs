@@ -75,7 +75,7 @@ fn handle_call(rng: &mut Rng, conn: WsConn, user: *mut c_void) -> WsStatus {
     let cstring = std::ffi::CString::new(data.iter().map(|b| b.max(&1)).copied().collect::<Vec<u8>>()).unwrap();
     let ptr_or_null = |rng: &mut Rng, p: *const c_char| if rng.below(5) == 0 { null() } else { p };
     unsafe {
-        match rng.below(12) {
+        match rng.below(13) {
             0 => ws_send(conn, ptr_or_null(rng, data.as_ptr().cast()), data.len()),
             1 => ws_send_binary(conn, ptr_or_null(rng, data.as_ptr().cast()).cast(), data.len()),
             2 => ws_close(conn, rng.below(6000) as u16, ptr_or_null(rng, cstring.as_ptr())),
@@ -94,6 +94,12 @@ fn handle_call(rng: &mut Rng, conn: WsConn, user: *mut c_void) -> WsStatus {
                 let mut len = 0usize;
                 let size = rng.below(9) as usize;
                 ws_protocol(conn, if rng.below(4) == 0 { null_mut() } else { buf.as_mut_ptr() }, size, &mut len)
+            }
+            11 => {
+                // The reason is `data` when the length fits in it, else NULL (a NULL with a length).
+                let len = if rng.below(5) == 0 { rng.below(200) as usize } else { rng.below(65) as usize };
+                let reason = if len > data.len() { null() } else { data.as_ptr().cast() };
+                ws_close_with_reason(conn, rng.below(6000) as u16, reason, len)
             }
             _ => ws_send(conn, cstring.as_ptr(), cstring.as_bytes().len()),
         }

@@ -213,6 +213,13 @@ fn unicode_round_trip_with_an_independent_server() {
 }
 
 #[test]
+fn a_close_reason_holding_nul_is_sent_whole() {
+    let server = TestServer::start();
+    expect("close_reason", &server, "", &["close 4001 \"a\\u0000b \u{1f600}\" same 6"]);
+    server.log.wait_for(|l| l == "close 4001 a\0b \u{1f600}");
+}
+
+#[test]
 fn one_mib_messages() {
     let server = TestServer::start();
     expect("big", &server, "", &["text 1048576 true", "binary 1048576 true true", "closed"]);

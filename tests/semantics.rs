@@ -136,6 +136,26 @@ fn client_close_sends_code_and_reason_over(tls: bool) {
     server.log.wait_for(|l| l == "close 4321 client done");
 }
 
+/// ws_close_with_reason takes the reason by length, so a reason holding U+0000 reaches the
+/// server whole (ws_close would cut it at the NUL) and comes back whole in the close callback.
+#[test]
+fn close_with_reason_sends_a_reason_holding_nul_whole() {
+    let server = TestServer::start();
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&server.url("/echo"));
+    watch(conn, &rec);
+    client.run_until("open", || !rec.of(conn).is_empty());
+    let reason = "a\0b é";
+    let status = unsafe { ws_close_with_reason(conn, 4001, reason.as_ptr().cast(), reason.len()) };
+    assert_eq!(status, WsStatus::Ok);
+    let again = unsafe { ws_close_with_reason(conn, 4001, reason.as_ptr().cast(), reason.len()) };
+    assert_eq!(again, WsStatus::AlreadyClosing, "as ws_close: a second close is a no-op with a status");
+    client.run_until_final(&rec, conn);
+    assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 4001, reason.into())));
+    server.log.wait_for(|l| l == "close 4001 a\0b é");
+}
+
 /// Scenario 3: A TCP drop without a close frame is an error, after the message sent before it.
 #[test]
 fn tcp_drop_is_an_error_after_the_messages() {

@@ -21,6 +21,34 @@ pub extern "C" fn ws_version() -> *const c_char {
     ffi_boundary!(std::ptr::null(), { concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast() })
 }
 
+/// The library's version as one number, (MAJOR << 16) | (MINOR << 8) | PATCH (0x000100 for
+/// 0.1.0), to compare with the header's WSCLIENT_VERSION_NUMBER: a program runs with any library
+/// of the same major version that is not older than the header it was compiled against (the
+/// ABI only grows). Any thread, also inside callbacks.
+#[no_mangle]
+pub extern "C" fn ws_version_number() -> u32 {
+    ffi_boundary!(0, { VERSION_NUMBER })
+}
+
+const VERSION_NUMBER: u32 = (decimal(env!("CARGO_PKG_VERSION_MAJOR")) << 16)
+    | (decimal(env!("CARGO_PKG_VERSION_MINOR")) << 8)
+    | decimal(env!("CARGO_PKG_VERSION_PATCH"));
+
+// Minor and patch get 8 bits each in the number.
+const _: () = assert!(decimal(env!("CARGO_PKG_VERSION_MINOR")) < 256 && decimal(env!("CARGO_PKG_VERSION_PATCH")) < 256);
+
+/// A version component (decimal digits) at compile time.
+const fn decimal(digits: &str) -> u32 {
+    let digits = digits.as_bytes();
+    let mut value = 0;
+    let mut i = 0;
+    while i < digits.len() {
+        value = value * 10 + (digits[i] - b'0') as u32;
+        i += 1;
+    }
+    value
+}
+
 /// A static, NUL-terminated description of a status number ("unknown status" for numbers that
 /// are not a ws_status). Any thread, also inside callbacks.
 #[no_mangle]

@@ -8,6 +8,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 
 use super::{byte_slice, c_str, live, null, write_out};
+use crate::conn::Conn;
 use crate::error::{Error, WsStatus};
 use crate::host::callbacks::{UserPtr, WsCloseCallback, WsErrorCallback, WsMessageCallback, WsOpenCallback};
 use crate::host::handles::WsConn;
@@ -112,7 +113,8 @@ pub unsafe extern "C" fn ws_send_binary(conn: WsConn, data: *const c_void, len: 
 }
 
 /// Starts the close handshake after the messages already queued: `code` 0 means 1000, else
-/// 1000 or 3000..4999; `reason` (NULL for none) is UTF-8 of at most 123 bytes. The close (or
+/// 1000 or 3000..4999; `reason` (NULL for none) is UTF-8 of at most 123 bytes, NUL-terminated
+/// (ws_close_with_reason() takes a length instead, for a reason that holds U+0000). The close (or
 /// error) callback follows; the close timeout bounds all of it, the queued messages included
 /// (WS_STATUS_CLOSE_TIMEOUT if the peer does not take them and answer in time). While
 /// connecting, it aborts the connection and the close callback follows with code 1006. If the
@@ -127,17 +129,45 @@ pub unsafe extern "C" fn ws_send_binary(conn: WsConn, data: *const c_void, len: 
 pub unsafe extern "C" fn ws_close(conn: WsConn, code: u16, reason: *const c_char) -> WsStatus {
     ffi_status!({
         let conn = live(conn)?;
-        let code = if code == 0 { 1000 } else { code };
-        if !(code == 1000 || (3000..=4999).contains(&code)) {
-            return Err(Error::new(WsStatus::InvalidArgument, format!("close code {code} is not 1000 or 3000..4999")));
-        }
         let reason = if reason.is_null() { "" } else { c_str(reason, "reason")? };
-        if reason.len() > 123 {
-            return Err(Error::new(WsStatus::InvalidArgument, "close reason is longer than 123 bytes"));
-        }
-        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-        conn.close(frame)
+        close(&conn, code, reason)
     })
+}
+
+/// As ws_close(), with a reason of `reason_len` bytes instead of a NUL-terminated one (as
+/// ws_send() and the close callback take text), so that a reason may hold U+0000: UTF-8 of at
+/// most 123 bytes; `reason` may be NULL when `reason_len` is 0. Checked exactly as ws_close()
+/// checks its arguments. Any thread, also inside callbacks.
+///
+/// # Safety
+/// `reason` points to `reason_len` readable bytes (it may be NULL when `reason_len` is 0).
+#[no_mangle]
+pub unsafe extern "C" fn ws_close_with_reason(
+    conn: WsConn,
+    code: u16,
+    reason: *const c_char,
+    reason_len: usize,
+) -> WsStatus {
+    ffi_status!({
+        let bytes = byte_slice(reason.cast(), reason_len, "reason")?;
+        let conn = live(conn)?;
+        let reason = std::str::from_utf8(bytes)
+            .map_err(|e| Error::new(WsStatus::InvalidUtf8, format!("reason is not valid UTF-8 ({e})")))?;
+        close(&conn, code, reason)
+    })
+}
+
+/// What ws_close and ws_close_with_reason share once the reason is UTF-8: the code and length
+/// checks, then the close.
+fn close(conn: &Conn, code: u16, reason: &str) -> Result<(), Error> {
+    let code = if code == 0 { 1000 } else { code };
+    if !(code == 1000 || (3000..=4999).contains(&code)) {
+        return Err(Error::new(WsStatus::InvalidArgument, format!("close code {code} is not 1000 or 3000..4999")));
+    }
+    if reason.len() > 123 {
+        return Err(Error::new(WsStatus::InvalidArgument, "close reason is longer than 123 bytes"));
+    }
+    conn.close(CloseFrame { code: CloseCode::from(code), reason: reason.into() })
 }
 
 /// Turns flow control on or off (off by default). On: after each message callback, no further

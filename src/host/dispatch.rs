@@ -1,46 +1,23 @@
 //! The hand-over from the library's I/O threads to the host's thread.
 //!
-//! Connections with deliverable events sit in a ready list. An eventfd is readable whenever that
-//! list is not empty (and at most once spuriously after a dispatch emptied it), so a host's
-//! poll/epoll loop (level-triggered or edge-triggered) never misses a wake-up. `dispatch` runs callbacks on the calling thread and nowhere else.
+//! Connections with deliverable events sit in a ready list. The wake-up descriptor (an eventfd,
+//! or a pipe: see `wakeup`) is readable whenever that list is not empty (and at most once
+//! spuriously after a dispatch emptied it), so a host's poll/epoll loop (level-triggered or
+//! edge-triggered) never misses a wake-up. `dispatch` runs callbacks on the calling thread and nowhere else.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
+use super::wakeup::Wakeup;
 use crate::conn::{Conn, Event};
 use crate::error::{Error, WsStatus};
 use crate::sync::lock;
-
-/// An eventfd used as a level-triggered "callbacks are pending" flag.
-struct Wakeup(OwnedFd);
-
-impl Wakeup {
-    fn new() -> io::Result<Wakeup> {
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Wakeup(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    fn set(&self) {
-        let one: u64 = 1;
-        // Can only fail with EAGAIN when the counter is near u64::MAX: it is readable then anyway.
-        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-
-    fn clear(&self) {
-        let mut value: u64 = 0;
-        // EAGAIN means it was not set: fine.
-        unsafe { libc::read(self.0.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
-    }
-}
 
 thread_local! {
     /// How many dispatch batches are running on this thread (a callback may dispatch another
@@ -205,7 +182,7 @@ impl Hub {
     }
 
     pub fn fd(&self) -> RawFd {
-        self.wakeup.0.as_raw_fd()
+        self.wakeup.fd()
     }
 
     /// Puts a connection with deliverable events on the ready list.

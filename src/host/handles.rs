@@ -2,16 +2,23 @@
 //!
 //! A handle is `(generation << 32) | (slot index + 1)`. A slot's generation changes each time
 //! it is freed, so a stale handle never finds a newer connection that reuses the slot; a slot
-//! whose generation would wrap is retired for good (16 bytes, after 2^32 connections through
-//! it), so a handle value is never reused. The table is global rather than per client so that
+//! whose generation would pass `MAX_GENERATION` is retired for good (16 bytes, after 2^21 - 1
+//! connections through it), so a handle value is never reused. Generations stop at 21 bits so
+//! that every handle is below 2^53 and a binding can keep it in a JavaScript number (a double)
+//! exactly. The table is global rather than per client so that
 //! a call with a gone handle is answered safely even after its client has been freed.
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::conn::Conn;
 
-/// The C type of a connection handle. 0 is never a valid handle.
+/// The C type of a connection handle. 0 is never a valid handle, and a value is never reused.
+/// Every handle is below 2^53, so a binding may keep it in a JavaScript number (a double)
+/// exactly; it needs more than 32 bits.
 pub type WsConn = u64;
+
+/// The last generation a slot gets: handles then stay below 2^53 (see the module's comment).
+const MAX_GENERATION: u32 = (1 << 21) - 1;
 
 struct Slot {
     generation: u32,
@@ -62,8 +69,8 @@ impl Table {
         }
         let conn = slot.conn.take();
         // Once every handle value this slot can make has been used, it is retired (not freed).
-        if let Some(next) = slot.generation.checked_add(1) {
-            slot.generation = next;
+        if slot.generation < MAX_GENERATION {
+            slot.generation += 1;
             self.free.push(index as u32);
         }
         conn
@@ -132,19 +139,23 @@ mod tests {
     }
 
     #[test]
-    fn a_slot_is_retired_before_its_generation_wraps() {
+    fn a_slot_is_retired_after_its_last_generation_and_handles_stay_below_2_pow_53() {
         let hub = Arc::new(Hub::new().unwrap());
         let mut table = Table::new();
-        // A free slot that 2^32 - 2 connections have gone through already.
-        table.slots.push(Slot { generation: u32::MAX, conn: None });
-        table.free.push(0);
+        // A free slot that 2^21 - 2 connections have gone through already, at the highest index
+        // a handle can name.
+        table.slots.resize_with(2, || Slot { generation: 1, conn: None });
+        table.slots[1].generation = MAX_GENERATION;
+        table.free.push(1);
         let last = table.insert(conn(&hub)).id;
-        assert_eq!(last, (u64::from(u32::MAX) << 32) | 1);
+        assert_eq!(last, (u64::from(MAX_GENERATION) << 32) | 2);
+        assert!(last < 1 << 53, "the largest handle fits a double's 53-bit mantissa");
+        assert_eq!(((u64::from(MAX_GENERATION) << 32) | u64::from(u32::MAX)), (1 << 53) - 1);
         assert!(table.remove(last).is_some());
         let next = table.insert(conn(&hub)).id;
-        assert_eq!(next, (1 << 32) | 2, "the retired slot is not reused: a new one is made");
+        assert_eq!(next, (1 << 32) | 3, "the retired slot is not reused: a new one is made");
         assert!(table.lookup(last).is_none());
         assert!(table.remove(last).is_none());
-        assert_eq!(table.slots[0].generation, u32::MAX, "retired, not wrapped to a generation already used");
+        assert_eq!(table.slots[1].generation, MAX_GENERATION, "retired, not wrapped to a generation already used");
     }
 }

@@ -3,9 +3,11 @@
 //! - `dispatch`: the ready list, the wake-up descriptor and dispatch itself;
 //! - `callbacks`: the C callback types and the one place that calls them;
 //! - `handles`: the table behind `ws_conn` handles;
-//! - `invoke`: when a registration made on another thread is in force.
+//! - `invoke`: when a registration made on another thread is in force;
+//! - `wakeup`: the descriptor behind ws_client_fd() (an eventfd, or a pipe).
 
 pub mod callbacks;
 pub(crate) mod dispatch;
 pub(crate) mod handles;
 pub(crate) mod invoke;
+pub(crate) mod wakeup;

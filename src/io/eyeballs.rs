@@ -37,6 +37,7 @@ pub(crate) async fn connect(host: &str, port: u16, zone: u32) -> Result<TcpStrea
         Ok(stream) => {
             // Small messages go out at once; batching is done above the socket.
             let _ = stream.set_nodelay(true);
+            crate::wire::no_sigpipe(&stream);
             Ok(stream)
         }
         Err((addr, e)) if e.kind() == io::ErrorKind::ConnectionRefused => {

@@ -226,14 +226,45 @@ fn send_vectored(tcp: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         // iovec), which outlive the call.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
-        let sent = unsafe { libc::sendmsg(tcp.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        msg.msg_iovlen = bufs.len().min(MAX_IOV) as _;
+        let sent = unsafe { libc::sendmsg(tcp.as_raw_fd(), &msg, SEND_FLAGS) };
         if sent < 0 {
             Err(io::Error::last_os_error())
         } else {
             Ok(sent as usize)
         }
     })
+}
+
+/// How many slices one sendmsg takes: IOV_MAX, 1024 on Linux, macOS and the BSDs.
+const MAX_IOV: usize = 1024;
+
+/// MSG_NOSIGNAL keeps a write to a reset connection from raising SIGPIPE on Linux and the BSDs.
+/// macOS has no such flag for send: `no_sigpipe` sets SO_NOSIGPIPE on the socket instead.
+#[cfg(not(target_vendor = "apple"))]
+const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
+#[cfg(target_vendor = "apple")]
+const SEND_FLAGS: libc::c_int = 0;
+
+/// On macOS, sets SO_NOSIGPIPE on a new socket (every write to it then fails with EPIPE rather
+/// than raise SIGPIPE, whichever thread writes); elsewhere MSG_NOSIGNAL does that per write.
+pub(crate) fn no_sigpipe(tcp: &TcpStream) {
+    #[cfg(target_vendor = "apple")]
+    {
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt on the socket `tcp` owns, with an int option.
+        unsafe {
+            libc::setsockopt(
+                tcp.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NOSIGPIPE,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
+    #[cfg(not(target_vendor = "apple"))]
+    let _ = tcp;
 }
 
 /// The socket as std's Write, without waiting (for rustls's write_tls).

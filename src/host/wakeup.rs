@@ -1,0 +1,139 @@
+//! The wake-up descriptor behind ws_client_fd(): a level-triggered "callbacks are pending" flag
+//! that the host polls. An eventfd on Linux; a pipe elsewhere (macOS and the BSDs have no
+//! eventfd), and on Linux too with the `pipe-wake` feature, so that the tests exercise that path.
+//!
+//! `set` may be called from any thread, `clear` by the dispatching one; a `set` racing with a
+//! `clear` leaves the descriptor readable (at worst one spurious wake-up), never unreadable with
+//! callbacks pending.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+#[cfg(all(target_os = "linux", not(feature = "pipe-wake")))]
+pub(crate) struct Wakeup(OwnedFd);
+
+#[cfg(all(target_os = "linux", not(feature = "pipe-wake")))]
+impl Wakeup {
+    pub(crate) fn new() -> io::Result<Wakeup> {
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Wakeup(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    pub(crate) fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    pub(crate) fn set(&self) {
+        let one: u64 = 1;
+        // Can only fail with EAGAIN when the counter is near u64::MAX: it is readable then anyway.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    pub(crate) fn clear(&self) {
+        let mut value: u64 = 0;
+        // One read resets the counter; EAGAIN means it was not set: fine.
+        unsafe { libc::read(self.0.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+    }
+}
+
+/// The read end (what the host polls) and the write end of a non-blocking pipe.
+#[cfg(any(not(target_os = "linux"), feature = "pipe-wake"))]
+pub(crate) struct Wakeup {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+#[cfg(any(not(target_os = "linux"), feature = "pipe-wake"))]
+impl Wakeup {
+    pub(crate) fn new() -> io::Result<Wakeup> {
+        let mut fds = [0; 2];
+        // pipe() and then fcntl, not pipe2(): macOS has no pipe2. The descriptors could leak into
+        // a child forked in between; the library forks nothing, and a host that forks and execs
+        // concurrently with ws_client_new() gets at most these two descriptors in the child.
+        if unsafe { libc::pipe(fds.as_mut_ptr()) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        for fd in [&read, &write] {
+            let fd = fd.as_raw_fd();
+            unsafe {
+                let flags = libc::fcntl(fd, libc::F_GETFL);
+                if flags < 0
+                    || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0
+                    || libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+        }
+        Ok(Wakeup { read, write })
+    }
+
+    pub(crate) fn fd(&self) -> RawFd {
+        self.read.as_raw_fd()
+    }
+
+    pub(crate) fn set(&self) {
+        // EAGAIN means the pipe is full: it is readable then anyway.
+        unsafe { libc::write(self.write.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+    }
+
+    pub(crate) fn clear(&self) {
+        // Drains every byte (a set per empty-to-pending change of the ready list, so few), until
+        // EAGAIN: the pipe is then not readable until the next set.
+        let mut buf = [0u8; 64];
+        while unsafe { libc::read(self.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn readable(wakeup: &Wakeup) -> bool {
+        let mut pfd = libc::pollfd { fd: wakeup.fd(), events: libc::POLLIN, revents: 0 };
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    }
+
+    fn is_pipe(wakeup: &Wakeup) -> bool {
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::fstat(wakeup.fd(), &mut stat) }, 0);
+        stat.st_mode & libc::S_IFMT == libc::S_IFIFO
+    }
+
+    #[test]
+    fn readable_from_set_until_clear() {
+        let wakeup = Wakeup::new().unwrap();
+        assert_eq!(is_pipe(&wakeup), cfg!(any(not(target_os = "linux"), feature = "pipe-wake")), "the kind built");
+        assert!(!readable(&wakeup));
+        wakeup.set();
+        assert!(readable(&wakeup));
+        wakeup.set();
+        wakeup.clear();
+        assert!(!readable(&wakeup), "one clear takes every set");
+        wakeup.clear();
+        assert!(!readable(&wakeup), "a clear with nothing set is harmless");
+    }
+
+    #[test]
+    fn sets_from_other_threads_are_never_lost() {
+        let wakeup = std::sync::Arc::new(Wakeup::new().unwrap());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let wakeup = wakeup.clone();
+                std::thread::spawn(move || (0..10_000).for_each(|_| wakeup.set()))
+            })
+            .collect();
+        for _ in 0..1000 {
+            wakeup.clear();
+        }
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        // Far more sets than a pipe holds (a full pipe refuses the byte: readable anyway).
+        assert!(readable(&wakeup), "the last set is seen");
+        wakeup.clear();
+        assert!(!readable(&wakeup));
+    }
+}
