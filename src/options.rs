@@ -7,6 +7,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use tungstenite::http::{HeaderName, HeaderValue};
 
+use crate::deflate::DeflateConfig;
 use crate::error::{Error, WsStatus};
 
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,6 +46,8 @@ pub struct Options {
     pub receive_queue_limit: usize,
     /// Bytes accepted by send and not yet written beyond which send refuses.
     pub send_queue_limit: usize,
+    /// permessage-deflate: offered unless disabled.
+    pub deflate: DeflateConfig,
 }
 
 impl Default for Options {
@@ -61,6 +64,7 @@ impl Default for Options {
             read_buffer_size: DEFAULT_READ_BUFFER_SIZE,
             receive_queue_limit: DEFAULT_RECEIVE_QUEUE_LIMIT,
             send_queue_limit: DEFAULT_SEND_QUEUE_LIMIT,
+            deflate: DeflateConfig::default(),
         }
     }
 }
@@ -110,6 +114,29 @@ impl Options {
             return Err(invalid("the maximum message size must be at least 1 byte".into()));
         }
         self.max_message_size = bytes;
+        Ok(())
+    }
+
+    /// Window sizes (bits) for permessage-deflate: ours 9..=15, the server's 8..=15.
+    pub fn set_deflate_window_bits(&mut self, client: u32, server: u32) -> Result<(), Error> {
+        if !(9..=15).contains(&client) {
+            return Err(invalid(format!("the client's deflate window bits must be 9 to 15, not {client}")));
+        }
+        if !(8..=15).contains(&server) {
+            return Err(invalid(format!("the server's deflate window bits must be 8 to 15, not {server}")));
+        }
+        (self.deflate.client_max_window_bits, self.deflate.server_max_window_bits) = (client as u8, server as u8);
+        Ok(())
+    }
+
+    pub fn set_deflate_level(&mut self, level: u32) -> Result<(), Error> {
+        if !(1..=9).contains(&level) {
+            return Err(invalid(format!(
+                "the deflate level must be 1 (fastest) to 9 (smallest), not {level}; ws_options_set_deflate(options, \
+                 false) turns compression off"
+            )));
+        }
+        self.deflate.level = level as u8;
         Ok(())
     }
 

@@ -70,7 +70,7 @@ pub fn fuzz_frames(data: &[u8]) {
     /// What a stream produced: its items, then how it ended.
     type Outcome = (Vec<Seen>, Option<String>);
     let read = |chunks: &mut dyn Iterator<Item = usize>| -> Outcome {
-        let mut reader = FrameReader::new(Vec::new(), read_size, max_message);
+        let mut reader = FrameReader::new(Vec::new(), read_size, max_message, None);
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
         let mut items = Vec::new();
         let mut offset = 0;

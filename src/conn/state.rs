@@ -70,6 +70,9 @@ pub(super) struct State {
     /// Frames of sends made by callbacks, written together when their dispatch batch ends
     /// (one system call for a batch of replies); nothing else goes out before them.
     pub(super) corked: Frames,
+    /// permessage-deflate: messages of this size or more are compressed, on the I/O thread, so
+    /// they never take the host's thread's path (usize::MAX: none is).
+    pub(super) compress_from: usize,
 }
 
 impl State {
@@ -95,13 +98,19 @@ impl State {
             wire: None,
             task_writing: false,
             corked: Frames::default(),
+            compress_from: usize::MAX,
         }
     }
 
     /// The socket, if a send of `len` bytes may be written on the calling thread right now:
     /// small, and nothing queued or being written before it, so that order is kept.
     pub(super) fn writable_now(&self, len: usize) -> Option<&Arc<Wire>> {
-        if len > WRITE_ON_HOST_THREAD_MAX || self.task_writing || !self.outbox.is_empty() || !self.corked.is_empty() {
+        if len > WRITE_ON_HOST_THREAD_MAX
+            || len >= self.compress_from
+            || self.task_writing
+            || !self.outbox.is_empty()
+            || !self.corked.is_empty()
+        {
             return None;
         }
         self.wire.as_ref()

@@ -14,9 +14,10 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::handshake::{self, Upgraded};
+use super::resolve;
 use super::session;
 use super::tls::{self, TlsConfigs};
-use super::{handshake, resolve};
 use crate::conn::{Conn, Control, Event};
 use crate::error::{Error, WsStatus};
 use crate::options::Options;
@@ -82,10 +83,10 @@ type SessionFuture = Pin<Box<dyn Future<Output = Option<Event>> + Send>>;
 fn session(
     conn: &Arc<Conn>,
     (wire, read): (Wire, OwnedReadHalf),
-    leftover: Vec<u8>,
+    upgraded: Upgraded,
     options: &Arc<Options>,
 ) -> SessionFuture {
-    Box::pin(session::serve(conn.clone(), wire, read, leftover, options.clone()))
+    Box::pin(session::serve(conn.clone(), wire, read, upgraded.leftover, options.clone(), upgraded.deflate))
 }
 
 async fn connect(
@@ -97,8 +98,8 @@ async fn connect(
     let mut tcp = connect_tcp(&target.host, target.port).await?;
     if !target.tls {
         let upgraded = handshake::upgrade(&mut tcp, target, options).await?;
-        conn.set_protocol(upgraded.protocol);
-        return Ok(session(conn, Wire::plain(tcp), upgraded.leftover, options));
+        conn.set_protocol(upgraded.protocol.clone());
+        return Ok(session(conn, Wire::plain(tcp), upgraded, options));
     }
     let tls_config = tls.get(&options.extra_ca)?;
     let name = ServerName::try_from(target.host.clone())
@@ -108,10 +109,10 @@ async fn connect(
         .await
         .map_err(|e| Error::new(WsStatus::Tls, tls::describe_handshake_error(&e, &target.host)))?;
     let upgraded = handshake::upgrade(&mut stream, target, options).await?;
-    conn.set_protocol(upgraded.protocol);
+    conn.set_protocol(upgraded.protocol.clone());
     // From here on the session is shared with the host's thread (see `wire`).
     let (tcp, session_state) = stream.into_inner();
-    Ok(session(conn, Wire::tls(tcp, session_state), upgraded.leftover, options))
+    Ok(session(conn, Wire::tls(tcp, session_state), upgraded, options))
 }
 
 async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, Error> {
