@@ -57,6 +57,8 @@ pub(super) struct State {
     /// `Conn::drained`).
     pub(super) wake_when_drained: bool,
     pub(super) protocol: Option<String>,
+    /// The extensions in force, as ws_extensions tells them.
+    pub(super) extensions: Option<String>,
     /// Sends and the close request for the I/O task: under the connection's lock, and nothing
     /// is allocated until something is sent.
     pub(super) outbox: Outbox,
@@ -93,6 +95,7 @@ impl State {
             gate_closed: false,
             wake_when_drained: false,
             protocol: None,
+            extensions: None,
             outbox: Outbox::default(),
             task_ended: false,
             wire: None,

@@ -119,8 +119,11 @@ impl Conn {
         Control::Proceed
     }
 
-    pub(crate) fn set_protocol(&self, protocol: Option<String>) {
-        self.lock().protocol = protocol;
+    /// What the upgrade agreed on: the subprotocol and the extensions (see ws_extensions).
+    pub(crate) fn set_agreed(&self, protocol: Option<String>, extensions: Option<String>) {
+        let mut st = self.lock();
+        st.protocol = protocol;
+        st.extensions = extensions;
     }
 
     /// The connection is open on `wire`: from now on, small sends may be written by the

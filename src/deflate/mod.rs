@@ -61,3 +61,22 @@ pub(crate) struct Agreed {
     pub level: u8,
     pub threshold: usize,
 }
+
+impl Agreed {
+    /// The parameters in force, as ws_extensions tells them.
+    pub(crate) fn describe(&self) -> String {
+        let mut out = format!(
+            "{}; client_max_window_bits={}; server_max_window_bits={}",
+            negotiate::NAME,
+            self.client_window_bits,
+            self.server_window_bits
+        );
+        if self.client_no_context_takeover {
+            out.push_str("; client_no_context_takeover");
+        }
+        if self.server_no_context_takeover {
+            out.push_str("; server_no_context_takeover");
+        }
+        out
+    }
+}

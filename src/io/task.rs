@@ -19,6 +19,7 @@ use super::resolve;
 use super::session;
 use super::tls::{self, TlsConfigs};
 use crate::conn::{Conn, Control, Event};
+use crate::deflate::Agreed;
 use crate::error::{Error, WsStatus};
 use crate::options::Options;
 use crate::uri::Target;
@@ -98,7 +99,7 @@ async fn connect(
     let mut tcp = connect_tcp(&target.host, target.port).await?;
     if !target.tls {
         let upgraded = handshake::upgrade(&mut tcp, target, options).await?;
-        conn.set_protocol(upgraded.protocol.clone());
+        conn.set_agreed(upgraded.protocol.clone(), upgraded.deflate.as_ref().map(Agreed::describe));
         return Ok(session(conn, Wire::plain(tcp), upgraded, options));
     }
     let tls_config = tls.get(&options.extra_ca)?;
@@ -109,7 +110,7 @@ async fn connect(
         .await
         .map_err(|e| Error::new(WsStatus::Tls, tls::describe_handshake_error(&e, &target.host)))?;
     let upgraded = handshake::upgrade(&mut stream, target, options).await?;
-    conn.set_protocol(upgraded.protocol.clone());
+    conn.set_agreed(upgraded.protocol.clone(), upgraded.deflate.as_ref().map(Agreed::describe));
     // From here on the session is shared with the host's thread (see `wire`).
     let (tcp, session_state) = stream.into_inner();
     Ok(session(conn, Wire::tls(tcp, session_state), upgraded, options))
