@@ -79,7 +79,7 @@ test: deps all peers lint
 NIGHTLY ?= +nightly
 FUZZ_SECONDS ?= 600
 FUZZ_SMOKE_SECONDS ?= 20
-FUZZ_TARGETS := frames upgrade_response uri
+FUZZ_TARGETS := frames upgrade_response uri deflate
 
 fuzz-tools:
 	@$(CARGO) $(NIGHTLY) --version >/dev/null 2>&1 || { echo "make fuzz needs the nightly toolchain: rustup toolchain install nightly"; exit 1; }

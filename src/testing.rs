@@ -304,3 +304,80 @@ pub fn defaults() -> Defaults {
 pub fn partial_writes(conn: crate::WsConn) -> Option<usize> {
     crate::host::handles::lookup(conn).map(|c| c.partial_writes())
 }
+
+/// permessage-deflate on arbitrary bytes: the answer parser and the frame reader inflating.
+///
+/// Byte 0: bit 7 set: the rest (as text, lossily) is a server's Sec-WebSocket-Extensions value,
+/// checked against the default offer (bits 0-2 of byte 0 vary the offer); the answer must be
+/// refused or give parameters in range that do not exceed the offer. Bit 7 clear: the rest is a
+/// stream of server frames read with permessage-deflate agreed (bit 0: server context takeover
+/// off, bits 1-3: server window 8 + n (clamped to 15)); every message is at most the maximum
+/// message size (4 KiB) once inflated, whatever it was compressed from, and nothing panics.
+pub fn fuzz_deflate(data: &[u8]) {
+    let [mode, rest @ ..] = data else {
+        return;
+    };
+    if mode & 0x80 != 0 {
+        fuzz_extension_answer(*mode, rest);
+    } else {
+        fuzz_inflating_frames(*mode, rest);
+    }
+}
+
+fn fuzz_extension_answer(mode: u8, answer: &[u8]) {
+    use crate::deflate::{accept, DeflateConfig};
+    let config = DeflateConfig {
+        client_max_window_bits: if mode & 1 != 0 { 10 } else { 15 },
+        server_max_window_bits: if mode & 2 != 0 { 9 } else { 15 },
+        server_no_context_takeover: mode & 4 != 0,
+        ..DeflateConfig::default()
+    };
+    let text = String::from_utf8_lossy(answer);
+    let elements: Vec<&str> = text.split(',').map(str::trim).filter(|e| !e.is_empty()).collect();
+    if let Ok(Some(agreed)) = accept(&elements, &config) {
+        assert!((8..=config.client_max_window_bits).contains(&agreed.client_window_bits), "{agreed:?}");
+        assert!((8..=config.server_max_window_bits).contains(&agreed.server_window_bits), "{agreed:?}");
+        assert!(agreed.server_no_context_takeover || !config.server_no_context_takeover, "{agreed:?}");
+        assert_eq!(elements.len(), 1, "two extensions accepted");
+    }
+}
+
+fn fuzz_inflating_frames(mode: u8, stream: &[u8]) {
+    use crate::deflate::{Agreed, Inflater};
+    use crate::io::reader::{FrameReader, Item};
+    use std::task::{Context, Poll};
+
+    const MAX: usize = 4096;
+    let agreed = Agreed {
+        client_window_bits: 15,
+        server_window_bits: (8 + ((mode >> 1) & 7)).min(15),
+        client_no_context_takeover: false,
+        server_no_context_takeover: mode & 1 != 0,
+        level: 6,
+        threshold: 0,
+    };
+    let mut reader = FrameReader::new(Vec::new(), 256, MAX, Some(Inflater::new(&agreed)));
+    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+    for mut chunk in stream.chunks(97) {
+        while !chunk.is_empty() {
+            match reader.poll_read_from(&mut chunk, &mut cx) {
+                Poll::Ready(Ok(n)) => assert!(n > 0, "a read from a non-empty slice"),
+                other => panic!("a slice reads at once: {other:?}"),
+            }
+            loop {
+                match reader.next_item() {
+                    Ok(Some(Item::Message { .. })) => assert!(reader.payload().len() <= MAX),
+                    Ok(Some(Item::OwnedMessage { text, data })) => {
+                        assert!(data.len() <= MAX + usize::from(text), "{} bytes handed over", data.len());
+                        if text {
+                            assert!(std::str::from_utf8(&data[..data.len() - 1]).is_ok(), "invalid UTF-8 handed over");
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+}

@@ -80,3 +80,19 @@ impl Agreed {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The fuzz target's seeds (fuzz/corpus/deflate, written by fuzz/seeds.py) run as a unit
+    /// test too, so its invariants are checked where no nightly toolchain is.
+    #[test]
+    fn the_fuzz_seeds_hold_the_invariants() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/deflate");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            crate::testing::fuzz_deflate(&std::fs::read(entry.unwrap().path()).unwrap());
+            seen += 1;
+        }
+        assert!(seen >= 10, "{seen} seeds");
+    }
+}

@@ -209,8 +209,15 @@ pub unsafe extern "C" fn ws_protocol(conn: WsConn, buf: *mut c_char, buf_len: us
 /// `buf` is NULL or points to `buf_len` writable bytes; `len_out` is NULL or points to a writable
 /// size_t.
 #[no_mangle]
-pub unsafe extern "C" fn ws_extensions(conn: WsConn, buf: *mut c_char, buf_len: usize, len_out: *mut usize) -> WsStatus {
-    ffi_status!({ copy_string_out(&live(conn)?.extensions().unwrap_or_default(), "extension list", buf, buf_len, len_out) })
+pub unsafe extern "C" fn ws_extensions(
+    conn: WsConn,
+    buf: *mut c_char,
+    buf_len: usize,
+    len_out: *mut usize,
+) -> WsStatus {
+    ffi_status!({
+        copy_string_out(&live(conn)?.extensions().unwrap_or_default(), "extension list", buf, buf_len, len_out)
+    })
 }
 
 /// Copies `value` and a NUL into `buf`, its length to `*len_out` (if not NULL); too small a
