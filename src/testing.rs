@@ -275,6 +275,13 @@ pub struct Defaults {
     pub read_buffer_size: usize,
     pub receive_queue_limit: usize,
     pub send_queue_limit: usize,
+    pub deflate: bool,
+    pub deflate_client_window_bits: u8,
+    pub deflate_server_window_bits: u8,
+    pub deflate_level: u8,
+    pub deflate_threshold: usize,
+    pub deflate_client_no_context_takeover: bool,
+    pub deflate_server_no_context_takeover: bool,
 }
 
 /// The library's actual defaults (those of `Options::default()`, which plain `ws_connect` and
@@ -293,6 +300,13 @@ pub fn defaults() -> Defaults {
         read_buffer_size: o.read_buffer_size,
         receive_queue_limit: o.receive_queue_limit,
         send_queue_limit: o.send_queue_limit,
+        deflate: o.deflate.enabled,
+        deflate_client_window_bits: o.deflate.client_max_window_bits,
+        deflate_server_window_bits: o.deflate.server_max_window_bits,
+        deflate_level: o.deflate.level,
+        deflate_threshold: o.deflate.threshold,
+        deflate_client_no_context_takeover: o.deflate.client_no_context_takeover,
+        deflate_server_no_context_takeover: o.deflate.server_no_context_takeover,
     }
 }
 
