@@ -409,17 +409,16 @@ impl Session {
         self.count(Counted::message(payload.len()));
         let deflater = self.deflater.as_mut().expect("messages are handed out to compress only with a deflater");
         let mut compressed = Vec::new();
+        let (mut body, rsv1) = if deflater.compress(&payload, &mut compressed) {
+            (compressed, frame::RSV1)
+        } else {
+            // Not worth it (it would not shrink): the message as it is.
+            (payload.to_vec(), 0)
+        };
         let key = frame::masking_key();
         let mut header = Vec::with_capacity(frame::MAX_HEADER);
-        let body = if deflater.compress(&payload, &mut compressed) {
-            frame::put_header(&mut header, opcode, compressed.len(), key);
-            header[0] |= frame::RSV1;
-            compressed
-        } else {
-            frame::put_header(&mut header, opcode, payload.len(), key);
-            payload.to_vec()
-        };
-        let mut body = body;
+        frame::put_header(&mut header, opcode, body.len(), key);
+        header[0] |= rsv1;
         frame::apply_mask(&mut body, key);
         self.queued.push_back(Bytes::from(header));
         if !body.is_empty() {
