@@ -107,8 +107,9 @@ pub(crate) struct FrameReader {
     fragments: Option<Fragments>,
     read_size: usize,
     max_message: usize,
-    /// permessage-deflate, if negotiated: RSV1 marks compressed messages.
-    inflater: Option<Inflater>,
+    /// permessage-deflate, if negotiated: RSV1 marks compressed messages. Boxed: every
+    /// connection's reader holds the field, few connections compress.
+    inflater: Option<Box<Inflater>>,
 }
 
 struct Header {
@@ -137,7 +138,7 @@ impl FrameReader {
             fragments: None,
             read_size,
             max_message,
-            inflater,
+            inflater: inflater.map(Box::new),
         }
     }
 
@@ -439,7 +440,12 @@ impl Fragments {
 
 /// Inflates a compressed message (all its frames' payloads), within the maximum message size,
 /// checked while inflating. Text gets room for its NUL.
-fn inflate(inflater: &mut Option<Inflater>, compressed: &[u8], max: usize, text: bool) -> Result<Vec<u8>, ReadError> {
+fn inflate(
+    inflater: &mut Option<Box<Inflater>>,
+    compressed: &[u8],
+    max: usize,
+    text: bool,
+) -> Result<Vec<u8>, ReadError> {
     let inflater = inflater.as_mut().expect("RSV1 is refused without an inflater");
     inflater.inflate(compressed, max, usize::from(text)).map_err(|e| match e {
         InflateError::TooBig { max } => ReadError::InflatedTooBig { max },
