@@ -20,7 +20,7 @@ DEB_PACKAGES := valgrind pkg-config duktape-dev tinyproxy microsocks openssl
 VENV := .venv
 PEER_PYTHON := $(VENV)/bin/python
 
-.PHONY: all lib examples deps peers test lint demo bench header clean fuzz fuzz-smoke fuzz-tools asan install uninstall
+.PHONY: all lib examples deps peers test lint demo bench bench-memory header clean fuzz fuzz-smoke fuzz-tools asan install uninstall
 
 # The shared benchmark harness: beside this repository (as in CI), else set SHARED=DIR.
 SHARED ?= $(abspath ../shared)
@@ -145,7 +145,7 @@ test: deps all peers lint
 NIGHTLY ?= +nightly
 FUZZ_SECONDS ?= 600
 FUZZ_SMOKE_SECONDS ?= 20
-FUZZ_TARGETS := frames upgrade_response uri
+FUZZ_TARGETS := frames upgrade_response uri deflate
 
 fuzz-tools:
 	@$(CARGO) $(NIGHTLY) --version >/dev/null 2>&1 || { echo "make fuzz needs the nightly toolchain: rustup toolchain install nightly"; exit 1; }
@@ -192,6 +192,11 @@ demo: deps all
 # others, prints the tables and keeps them in BENCHMARKS.md. RUNS=.. ONLY=W1,W2 pass through.
 bench: all
 	examples-c/bench.sh $(SHARED)/bench $(abspath $(BUILD)/bench)
+
+# permessage-deflate's memory benchmark: peak RSS of 2000 connections with one message echoed
+# on each, compression on and off, side by side (COUNT=.., BYTES="256 1024 4096" pass through).
+bench-memory: all peers
+	examples-c/bench-memory.sh $(abspath $(BUILD)/many)
 
 # Rewrites include/wsclient.h from the sources (the header test fails while it is stale).
 header:

@@ -4,7 +4,11 @@
  * this thread, the next message sent from inside the callback.
  *
  *   bench --url ws://127.0.0.1:18701 --mode pingpong|pipeline|flood|conns|reconnect --size S --count N
- *         [--window W] [--conns C] [--ca CA.pem]
+ *         [--window W] [--conns C] [--ca CA.pem] [--payload FILE] [--deflate]
+ *
+ * --payload FILE (pipeline): message k is line k mod L of FILE, sent as text (--size is ignored).
+ * --deflate: offer permessage-deflate and fail unless the server accepts it; without it
+ * compression is turned off (the library offers it by default), as the other clients do.
  *
  * Prints one JSON line {"client","mode","size","count","wall_s","msgs_per_s","mb_per_s",
  * "peak_rss_kib","host_thread_cpu_s"}; exit 2 for an unsupported mode, 1 on failure.
@@ -31,14 +35,19 @@
 enum mode { PINGPONG, PIPELINE, FLOOD, CONNS, RECONNECT };
 
 static struct {
-    const char *url, *ca;
+    const char *url, *ca, *payload_file;
+    int deflate;
     enum mode mode;
     const char *mode_name;
     long size, count, window, conns;
-} args = {"ws://127.0.0.1:18701", NULL, PINGPONG, "pingpong", 64, 1000, 1, 1};
+} args = {"ws://127.0.0.1:18701", NULL, NULL, 0, PINGPONG, "pingpong", 64, 1000, 1, 1};
 
 static struct {
     char *payload;
+    /* --payload: the lines of the file (each NUL-terminated in place) and their lengths. */
+    char **lines;
+    size_t *line_lens;
+    long nlines;
     ws_conn *conns;
     long sent, received, echoed, closed, failed;
     double rx_bytes;
@@ -72,9 +81,20 @@ static void next_connection(void) {
 }
 
 static void parse(int argc, char **argv) {
-    for (int i = 1; i + 1 < argc; i += 2) {
-        const char *k = argv[i], *v = argv[i + 1];
+    for (int i = 1; i < argc; i += 2) {
+        const char *k = argv[i];
+        if (!strcmp(k, "--deflate")) {
+            args.deflate = 1;
+            i--;
+            continue;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "%s needs a value\n", k);
+            exit(2);
+        }
+        const char *v = argv[i + 1];
         if (!strcmp(k, "--url")) args.url = v;
+        else if (!strcmp(k, "--payload")) args.payload_file = v;
         else if (!strcmp(k, "--mode")) args.mode_name = v;
         else if (!strcmp(k, "--size")) args.size = atol(v);
         else if (!strcmp(k, "--count")) args.count = atol(v);
@@ -123,9 +143,41 @@ static long peak_rss_kib(void) {
     return kib;
 }
 
+/* Reads FILE's non-empty lines (before the clock starts). */
+static int load_payload(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *text = malloc((size_t)size + 1);
+    if (!text || fread(text, 1, (size_t)size, f) != (size_t)size) return -1;
+    fclose(f);
+    text[size] = 0;
+    run.lines = calloc((size_t)size + 1, sizeof *run.lines);
+    run.line_lens = calloc((size_t)size + 1, sizeof *run.line_lens);
+    if (!run.lines || !run.line_lens) return -1;
+    for (char *line = text, *end; line < text + size; line = end + 1) {
+        end = strchr(line, '\n');
+        if (!end) end = text + size;
+        *end = 0;
+        if (end > line) {
+            run.lines[run.nlines] = line;
+            run.line_lens[run.nlines++] = (size_t)(end - line);
+        }
+    }
+    return run.nlines > 0 ? 0 : -1;
+}
+
 static void send_one(ws_conn conn) {
-    ws_status s = args.mode == PIPELINE ? ws_send_binary(conn, run.payload, (size_t)args.size)
-                                        : ws_send(conn, run.payload, (size_t)args.size);
+    ws_status s;
+    if (run.nlines) {
+        long k = run.sent % run.nlines;
+        s = ws_send(conn, run.lines[k], run.line_lens[k]);
+    } else {
+        s = args.mode == PIPELINE ? ws_send_binary(conn, run.payload, (size_t)args.size)
+                                  : ws_send(conn, run.payload, (size_t)args.size);
+    }
     if (s != WS_STATUS_OK) {
         fprintf(stderr, "send: %s\n", ws_last_error());
         run.failed++;
@@ -135,6 +187,16 @@ static void send_one(ws_conn conn) {
 
 static void on_open(ws_conn conn, void *user) {
     (void)user;
+    if (args.deflate) {
+        char extensions[256];
+        if (ws_extensions(conn, extensions, sizeof extensions, NULL) != WS_STATUS_OK
+            || strncmp(extensions, "permessage-deflate", 18) != 0) {
+            fprintf(stderr, "the server did not accept permessage-deflate\n");
+            run.failed++;
+            ws_close(conn, 1000, NULL);
+            return;
+        }
+    }
     if (args.mode == RECONNECT) ws_close(conn, 1000, NULL);
     if (args.mode == PINGPONG || args.mode == CONNS) send_one(conn);
     if (args.mode == PIPELINE)
@@ -190,6 +252,10 @@ int main(int argc, char **argv) {
     run.conns = calloc((size_t)nconns, sizeof *run.conns);
     if (!run.payload || !run.conns) return 1;
     memset(run.payload, 'x', (size_t)args.size);
+    if (args.payload_file && load_payload(args.payload_file) != 0) {
+        fprintf(stderr, "cannot read payload lines from %s\n", args.payload_file);
+        return 1;
+    }
 
     ws_client *client = run.client = ws_client_new();
     ws_options *options = run.options = ws_options_new();
@@ -198,6 +264,12 @@ int main(int argc, char **argv) {
     const char *read_buffer = getenv("WSB_READ_BUFFER");
     if (read_buffer && ws_options_set_read_buffer_size(options, (size_t)atol(read_buffer)) != WS_STATUS_OK) {
         fprintf(stderr, "WSB_READ_BUFFER: %s\n", ws_last_error());
+        return 1;
+    }
+    if (ws_options_set_deflate(options, args.deflate) != WS_STATUS_OK) return 1;
+    if (args.deflate && getenv("WSB_DEFLATE_LEVEL")
+        && ws_options_set_deflate_level(options, (uint32_t)atol(getenv("WSB_DEFLATE_LEVEL"))) != WS_STATUS_OK) {
+        fprintf(stderr, "WSB_DEFLATE_LEVEL: %s\n", ws_last_error());
         return 1;
     }
     if (args.ca && ws_options_add_ca_file(options, args.ca) != WS_STATUS_OK) {

@@ -22,7 +22,7 @@ EXTRA_CLIENTS="wsclient|ws|$client" "$harness/run.sh" | tee "$report"
   echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(uname -sr)."
   echo "Client CPU per message is the figure to compare (user+sys of the client process, pinned to"
   echo "one core, the server on the other); ratios are against tokio-tungstenite in the same run."
-  echo "'wsclient' is examples-c/bench.c on the library's defaults."
+  echo "'wsclient' is examples-c/bench.c on the library's defaults, compression off except in W7 (--deflate), as for the other clients."
   echo
   cat "$report"
   echo

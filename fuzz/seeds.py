@@ -161,13 +161,33 @@ URIS = [
 ]
 
 
+# deflate: byte 0 with bit 7 set, then a Sec-WebSocket-Extensions answer; bit 7 clear, then server
+# frames read with permessage-deflate agreed (wsclient::testing::fuzz_deflate).
+HELLO = bytes([0xF2, 0x48, 0xCD, 0xC9, 0xC9, 0x07, 0x00])  # "Hello", RFC 7692 7.2.3.1
+ZEROS = bytes.fromhex("ecc13101000000c2a0f54f6d0a3fa00000000080b701")  # 5000 zeros, over the 4 KiB limit
+DEFLATE = {
+    "answer-plain": b"\x80permessage-deflate",
+    "answer-all": b"\x87permessage-deflate; server_no_context_takeover; client_no_context_takeover; "
+    b"server_max_window_bits=9; client_max_window_bits=10",
+    "answer-duplicate": b"\x80permessage-deflate; server_max_window_bits=10; server_max_window_bits=10",
+    "answer-two": b"\x80permessage-deflate, x-other",
+    "hello": b"\x0e" + frame(0xC1, HELLO),
+    "hello-fragmented-ping": b"\x0e" + frame(0x41, HELLO[:3]) + frame(0x89, b"p") + frame(0x80, HELLO[3:]),
+    "hello-twice-no-takeover": b"\x01" + frame(0xC1, HELLO) + frame(0xC1, HELLO),
+    "zeros-over-limit": b"\x0e" + frame(0xC2, ZEROS),
+    "empty": b"\x0e" + frame(0xC2, b"\x00") + frame(0xC1, b""),
+    "corrupt": b"\x0e" + frame(0xC1, b"\xff\xff\xff"),
+    "rsv1-control": b"\x0e" + frame(0xC9, b""),
+}
+
+
 def write(target, name, data):
     with open(os.path.join(ROOT, target, "seed-" + name), "wb") as f:
         f.write(data)
 
 
 if __name__ == "__main__":
-    for target in ("frames", "upgrade_response", "uri"):
+    for target in ("frames", "upgrade_response", "uri", "deflate"):
         shutil.rmtree(os.path.join(ROOT, target), ignore_errors=True)
         os.makedirs(os.path.join(ROOT, target))
     for name, data in FRAMES.items():
@@ -176,3 +196,5 @@ if __name__ == "__main__":
         write("upgrade_response", name, data)
     for i, uri in enumerate(URIS):
         write("uri", f"{i:02}", uri.encode())
+    for name, data in DEFLATE.items():
+        write("deflate", name, data)

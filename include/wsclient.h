@@ -546,6 +546,21 @@ ws_status ws_buffered_amount(ws_conn conn, size_t *bytes_out);
 ws_status ws_protocol(ws_conn conn, char *buf, size_t buf_len, size_t *len_out);
 
 /**
+ * Copies the extensions in force on the connection (NUL-terminated; "" if none, or not open
+ * yet) into `buf` of `buf_len` bytes and its length (without the NUL) to `*len_out`
+ * (optional), as ws_protocol() does. With compression negotiated it reads
+ * "permessage-deflate; client_max_window_bits=N; server_max_window_bits=M", then
+ * "; client_no_context_takeover" and "; server_no_context_takeover" where they apply: the
+ * parameters in force, whether the server named them or they are the defaults. Any thread,
+ * also inside callbacks.
+ *
+ * # Safety
+ * `buf` is NULL or points to `buf_len` writable bytes; `len_out` is NULL or points to a writable
+ * size_t.
+ */
+ws_status ws_extensions(ws_conn conn, char *buf, size_t buf_len, size_t *len_out);
+
+/**
  * New options holding the defaults (those of plain ws_connect). NULL only if out of memory.
  * Any thread, also inside callbacks.
  */
@@ -720,6 +735,70 @@ ws_status ws_options_set_receive_queue_limit(ws_options *options, size_t bytes);
  * `options` is NULL or a pointer from ws_options_new() that was not freed.
  */
 ws_status ws_options_set_send_queue_limit(ws_options *options, size_t bytes);
+
+/**
+ * permessage-deflate (RFC 7692): compression of messages, offered by default (enabled = true).
+ * With it off the upgrade request offers no extension. Whether a connection compresses is
+ * the server's choice: one that declines gets a plain connection. Compression and
+ * decompression run on the library's I/O thread, never on the caller's.
+ * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed.
+ */
+ws_status ws_options_set_deflate(ws_options *options, bool enabled);
+
+/**
+ * permessage-deflate window sizes, as powers of two: `client_bits` (9..15, default 15) is the
+ * largest window this client compresses with, offered as client_max_window_bits (the server
+ * may lower it); `server_bits` (8..15, default 15) is the largest the server may use, requested
+ * as server_max_window_bits below 15. The window received with context takeover is kept per
+ * connection between messages (up to 2^server_bits bytes), so a smaller server window bounds
+ * the memory of idle connections. Out of range: WS_STATUS_INVALID_ARGUMENT.
+ * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed.
+ */
+ws_status ws_options_set_deflate_window_bits(ws_options *options,
+                                             uint32_t client_bits,
+                                             uint32_t server_bits);
+
+/**
+ * permessage-deflate compression level, 1 (fastest) to 9 (smallest), default 6 (zlib's
+ * default). Out of range: WS_STATUS_INVALID_ARGUMENT.
+ * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed.
+ */
+ws_status ws_options_set_deflate_level(ws_options *options, uint32_t level);
+
+/**
+ * permessage-deflate context takeover: `client_no_takeover` offers client_no_context_takeover
+ * (each message we send is compressed on its own: larger on the wire, and no sent bytes kept
+ * between messages); `server_no_takeover` requests server_no_context_takeover (the server
+ * compresses each message on its own; nothing received is kept between messages). Both
+ * default to false (context kept both ways, as browsers and most clients do).
+ * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed.
+ */
+ws_status ws_options_set_deflate_no_context_takeover(ws_options *options,
+                                                     bool client_no_takeover,
+                                                     bool server_no_takeover);
+
+/**
+ * With permessage-deflate negotiated, messages shorter than `bytes` go out uncompressed
+ * (default 32; 0 compresses every message). Messages that would not shrink go out
+ * uncompressed whatever their size.
+ * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed.
+ */
+ws_status ws_options_set_deflate_threshold(ws_options *options, size_t bytes);
 
 /**
  * ws_connect() with options (NULL options means the defaults); the options are copied. Any

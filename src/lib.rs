@@ -17,6 +17,7 @@
 
 pub(crate) mod client;
 pub(crate) mod conn;
+pub(crate) mod deflate;
 pub mod error;
 pub mod ffi;
 pub mod host;

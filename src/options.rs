@@ -10,6 +10,7 @@ use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tungstenite::http::{HeaderName, HeaderValue};
 
+use crate::deflate::DeflateConfig;
 use crate::error::{Error, WsStatus};
 use crate::io::proxy::ProxySetting;
 
@@ -83,6 +84,8 @@ pub struct Options {
     pub proxy: ProxySetting,
     /// Redirects of the upgrade request to follow (0: none, the default).
     pub max_redirects: u32,
+    /// permessage-deflate: offered unless disabled.
+    pub deflate: DeflateConfig,
 }
 
 impl Default for Options {
@@ -101,6 +104,7 @@ impl Default for Options {
             send_queue_limit: DEFAULT_SEND_QUEUE_LIMIT,
             proxy: ProxySetting::Environment,
             max_redirects: 0,
+            deflate: DeflateConfig::default(),
         }
     }
 }
@@ -189,6 +193,29 @@ impl Options {
             return Err(invalid("the maximum message size must be at least 1 byte".into()));
         }
         self.max_message_size = bytes;
+        Ok(())
+    }
+
+    /// Window sizes (bits) for permessage-deflate: ours 9..=15, the server's 8..=15.
+    pub fn set_deflate_window_bits(&mut self, client: u32, server: u32) -> Result<(), Error> {
+        if !(9..=15).contains(&client) {
+            return Err(invalid(format!("the client's deflate window bits must be 9 to 15, not {client}")));
+        }
+        if !(8..=15).contains(&server) {
+            return Err(invalid(format!("the server's deflate window bits must be 8 to 15, not {server}")));
+        }
+        (self.deflate.client_max_window_bits, self.deflate.server_max_window_bits) = (client as u8, server as u8);
+        Ok(())
+    }
+
+    pub fn set_deflate_level(&mut self, level: u32) -> Result<(), Error> {
+        if !(1..=9).contains(&level) {
+            return Err(invalid(format!(
+                "the deflate level must be 1 (fastest) to 9 (smallest), not {level}; ws_options_set_deflate(options, \
+                 false) turns compression off"
+            )));
+        }
+        self.deflate.level = level as u8;
         Ok(())
     }
 

@@ -70,7 +70,7 @@ pub fn fuzz_frames(data: &[u8]) {
     /// What a stream produced: its items, then how it ended.
     type Outcome = (Vec<Seen>, Option<String>);
     let read = |chunks: &mut dyn Iterator<Item = usize>| -> Outcome {
-        let mut reader = FrameReader::new(Vec::new(), read_size, max_message);
+        let mut reader = FrameReader::new(Vec::new(), read_size, max_message, None);
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
         let mut items = Vec::new();
         let mut offset = 0;
@@ -280,6 +280,13 @@ pub struct Defaults {
     /// Whether the proxy comes from the environment (else the options name one, or none).
     pub proxy_from_environment: bool,
     pub max_redirects: u32,
+    pub deflate: bool,
+    pub deflate_client_window_bits: u8,
+    pub deflate_server_window_bits: u8,
+    pub deflate_level: u8,
+    pub deflate_threshold: usize,
+    pub deflate_client_no_context_takeover: bool,
+    pub deflate_server_no_context_takeover: bool,
 }
 
 /// The library's actual defaults (those of `Options::default()`, which plain `ws_connect` and
@@ -301,6 +308,13 @@ pub fn defaults() -> Defaults {
         send_queue_limit: o.send_queue_limit,
         proxy_from_environment: o.proxy == crate::io::proxy::ProxySetting::Environment,
         max_redirects: o.max_redirects,
+        deflate: o.deflate.enabled,
+        deflate_client_window_bits: o.deflate.client_max_window_bits,
+        deflate_server_window_bits: o.deflate.server_max_window_bits,
+        deflate_level: o.deflate.level,
+        deflate_threshold: o.deflate.threshold,
+        deflate_client_no_context_takeover: o.deflate.client_no_context_takeover,
+        deflate_server_no_context_takeover: o.deflate.server_no_context_takeover,
     }
 }
 
@@ -311,4 +325,81 @@ pub fn defaults() -> Defaults {
 /// gone: the case the write-order tests must reach.
 pub fn partial_writes(conn: crate::WsConn) -> Option<usize> {
     crate::host::handles::lookup(conn).map(|c| c.partial_writes())
+}
+
+/// permessage-deflate on arbitrary bytes: the answer parser and the frame reader inflating.
+///
+/// Byte 0: bit 7 set: the rest (as text, lossily) is a server's Sec-WebSocket-Extensions value,
+/// checked against the default offer (bits 0-2 of byte 0 vary the offer); the answer must be
+/// refused or give parameters in range that do not exceed the offer. Bit 7 clear: the rest is a
+/// stream of server frames read with permessage-deflate agreed (bit 0: server context takeover
+/// off, bits 1-3: server window 8 + n (clamped to 15)); every message is at most the maximum
+/// message size (4 KiB) once inflated, whatever it was compressed from, and nothing panics.
+pub fn fuzz_deflate(data: &[u8]) {
+    let [mode, rest @ ..] = data else {
+        return;
+    };
+    if mode & 0x80 != 0 {
+        fuzz_extension_answer(*mode, rest);
+    } else {
+        fuzz_inflating_frames(*mode, rest);
+    }
+}
+
+fn fuzz_extension_answer(mode: u8, answer: &[u8]) {
+    use crate::deflate::{accept, DeflateConfig};
+    let config = DeflateConfig {
+        client_max_window_bits: if mode & 1 != 0 { 10 } else { 15 },
+        server_max_window_bits: if mode & 2 != 0 { 9 } else { 15 },
+        server_no_context_takeover: mode & 4 != 0,
+        ..DeflateConfig::default()
+    };
+    let text = String::from_utf8_lossy(answer);
+    let elements: Vec<&str> = text.split(',').map(str::trim).filter(|e| !e.is_empty()).collect();
+    if let Ok(Some(agreed)) = accept(&elements, &config) {
+        assert!((8..=config.client_max_window_bits).contains(&agreed.client_window_bits), "{agreed:?}");
+        assert!((8..=config.server_max_window_bits).contains(&agreed.server_window_bits), "{agreed:?}");
+        assert!(agreed.server_no_context_takeover || !config.server_no_context_takeover, "{agreed:?}");
+        assert_eq!(elements.len(), 1, "two extensions accepted");
+    }
+}
+
+fn fuzz_inflating_frames(mode: u8, stream: &[u8]) {
+    use crate::deflate::{Agreed, Inflater};
+    use crate::io::reader::{FrameReader, Item};
+    use std::task::{Context, Poll};
+
+    const MAX: usize = 4096;
+    let agreed = Agreed {
+        client_window_bits: 15,
+        server_window_bits: (8 + ((mode >> 1) & 7)).min(15),
+        client_no_context_takeover: false,
+        server_no_context_takeover: mode & 1 != 0,
+        level: 6,
+        threshold: 0,
+    };
+    let mut reader = FrameReader::new(Vec::new(), 256, MAX, Some(Inflater::new(&agreed)));
+    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+    for mut chunk in stream.chunks(97) {
+        while !chunk.is_empty() {
+            match reader.poll_read_from(&mut chunk, &mut cx) {
+                Poll::Ready(Ok(n)) => assert!(n > 0, "a read from a non-empty slice"),
+                other => panic!("a slice reads at once: {other:?}"),
+            }
+            loop {
+                match reader.next_item() {
+                    Ok(Some(Item::Message { .. })) => assert!(reader.payload().len() <= MAX),
+                    Ok(Some(Item::OwnedMessage { text, data })) => {
+                        assert!(data.len() <= MAX + usize::from(text), "{} bytes handed over", data.len());
+                        if text {
+                            assert!(std::str::from_utf8(&data[..data.len() - 1]).is_ok(), "invalid UTF-8 handed over");
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+        }
+    }
 }

@@ -293,7 +293,7 @@ fn a_panic_inside_any_export_returns_its_default_and_is_reported() {
     let spare_client = ws_client_new();
     let (mut out_conn, mut out_size): (WsConn, usize) = (0, 0);
     let mut buf = [0 as std::os::raw::c_char; 64];
-    let (out_conn, out_size, buf) = (&mut out_conn as *mut WsConn, &mut out_size as *mut usize, &mut buf);
+    let (out_conn, out_size, buf) = (&mut out_conn as *mut WsConn, &mut out_size as *mut usize, buf.as_mut_ptr());
     let p = |ptr: *const std::os::raw::c_char| Null(ptr.is_null());
 
     type Call<'a> = Box<dyn FnMut() -> Returned + 'a>;
@@ -347,11 +347,8 @@ fn a_panic_inside_any_export_returns_its_default_and_is_reported() {
             ("ws_set_flow_control", Status(WsStatus::Panic), Box::new(|| Status(ws_set_flow_control(conn, true)))),
             ("ws_message_complete", Status(WsStatus::Panic), Box::new(|| Status(ws_message_complete(conn)))),
             ("ws_buffered_amount", Status(WsStatus::Panic), Box::new(|| Status(ws_buffered_amount(conn, out_size)))),
-            (
-                "ws_protocol",
-                Status(WsStatus::Panic),
-                Box::new(|| Status(ws_protocol(conn, buf.as_mut_ptr(), 64, out_size))),
-            ),
+            ("ws_protocol", Status(WsStatus::Panic), Box::new(|| Status(ws_protocol(conn, buf, 64, out_size)))),
+            ("ws_extensions", Status(WsStatus::Panic), Box::new(|| Status(ws_extensions(conn, buf, 64, out_size)))),
             (
                 "ws_options_new",
                 Null(true),
@@ -434,6 +431,31 @@ fn a_panic_inside_any_export_returns_its_default_and_is_reported() {
                 "ws_options_set_send_queue_limit",
                 Status(WsStatus::Panic),
                 Box::new(|| Status(ws_options_set_send_queue_limit(options.0, 1000))),
+            ),
+            (
+                "ws_options_set_deflate",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_set_deflate(options.0, true))),
+            ),
+            (
+                "ws_options_set_deflate_window_bits",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_set_deflate_window_bits(options.0, 15, 15))),
+            ),
+            (
+                "ws_options_set_deflate_level",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_set_deflate_level(options.0, 6))),
+            ),
+            (
+                "ws_options_set_deflate_no_context_takeover",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_set_deflate_no_context_takeover(options.0, false, false))),
+            ),
+            (
+                "ws_options_set_deflate_threshold",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_set_deflate_threshold(options.0, 32))),
             ),
         ]
     };

@@ -45,7 +45,7 @@ fn quantities(cell: &str) -> Vec<u128> {
         }
         let unit = part[digits_end..].split_whitespace().next().unwrap_or("");
         let scale: u128 = match unit {
-            "ms" | "B" => 1,
+            "" | "ms" | "B" => 1,
             "s" => 1000,
             "KiB" => 1 << 10,
             "MiB" => 1 << 20,
@@ -72,6 +72,25 @@ fn the_option_table_states_the_actual_defaults() {
         ("ws_options_set_read_buffer_size", vec![d.read_buffer_size as u128]),
         ("ws_options_set_receive_queue_limit", vec![d.receive_queue_limit as u128]),
         ("ws_options_set_send_queue_limit", vec![d.send_queue_limit as u128]),
+        (
+            "ws_options_set_deflate_window_bits",
+            vec![d.deflate_client_window_bits.into(), d.deflate_server_window_bits.into()],
+        ),
+        ("ws_options_set_deflate_level", vec![d.deflate_level.into()]),
+        ("ws_options_set_deflate_threshold", vec![d.deflate_threshold as u128]),
+    ]
+    .into();
+    let on_off = |on: bool| if on { "on" } else { "off" };
+    let switches: BTreeMap<&str, String> = [
+        ("ws_options_set_deflate", on_off(d.deflate).to_owned()),
+        (
+            "ws_options_set_deflate_no_context_takeover",
+            format!(
+                "{}, {}",
+                on_off(d.deflate_client_no_context_takeover),
+                on_off(d.deflate_server_no_context_takeover)
+            ),
+        ),
     ]
     .into();
     let lists: BTreeMap<&str, (&str, usize)> = [
@@ -98,6 +117,8 @@ fn the_option_table_states_the_actual_defaults() {
         seen.insert(name.to_owned());
         if let Some(expected) = numeric.get(name) {
             assert_eq!(&quantities(default), expected, "README says {name} defaults to {default:?}");
+        } else if let Some(expected) = switches.get(name) {
+            assert_eq!(default, expected, "README says {name} defaults to {default:?}");
         } else if let Some((text, count)) = lists.get(name) {
             assert_eq!(default, text, "{name}");
             assert_eq!(*count, 0, "{name}: the default is {default:?}");
@@ -114,7 +135,7 @@ fn the_option_table_states_the_actual_defaults() {
             assert!(seen.contains(&function), "README's option table lacks {function}");
         }
     }
-    assert_eq!(seen.len(), numeric.len() + lists.len() + behaviours.len());
+    assert_eq!(seen.len(), numeric.len() + switches.len() + lists.len() + behaviours.len());
 }
 
 #[test]

@@ -122,6 +122,10 @@ impl Conn {
         self.lock().protocol.clone()
     }
 
+    pub(crate) fn extensions(&self) -> Option<String> {
+        self.lock().extensions.clone()
+    }
+
     /// Runs the callbacks of the events that are deliverable now, at most `budget` (as many as
     /// were pending when ws_dispatch was called: events arriving meanwhile wait for the next
     /// one, so a fast peer cannot keep one dispatch call busy forever). Returns how many

@@ -128,6 +128,9 @@ impl Command {
 pub(crate) struct Taken {
     commands: VecDeque<Command>,
     payloads: BytesMut,
+    /// permessage-deflate: messages of this size or more are handed out unmasked, to be
+    /// compressed (None: no message is).
+    compress_from: Option<usize>,
 }
 
 /// One request taken from the outbox.
@@ -136,6 +139,11 @@ pub(crate) enum Outgoing {
     Message {
         opcode: Opcode,
         key: [u8; 4],
+        payload: Bytes,
+    },
+    /// A message to compress (permessage-deflate), then frame: its payload is not masked.
+    Compress {
+        opcode: Opcode,
         payload: Bytes,
     },
     /// The rest of a frame of a `len`-byte message, to write before anything else.
@@ -166,6 +174,11 @@ impl Taken {
         self.commands.is_empty()
     }
 
+    /// Messages of `len` bytes or more are to be compressed (permessage-deflate).
+    pub(crate) fn compress_from(&mut self, len: usize) {
+        self.compress_from = Some(len);
+    }
+
     /// Whether the next request is the rest of a frame the host's thread began writing (which
     /// must go out before anything else).
     pub(crate) fn next_is_rest(&self) -> bool {
@@ -185,8 +198,11 @@ impl Taken {
     }
 
     fn message(&mut self, opcode: Opcode, len: usize) -> Outgoing {
-        let key = masking_key();
         let mut payload = self.payloads.split_to(len);
+        if self.compress_from.is_some_and(|from| len >= from) {
+            return Outgoing::Compress { opcode, payload: payload.freeze() };
+        }
+        let key = masking_key();
         apply_mask(&mut payload, key);
         Outgoing::Message { opcode, key, payload: payload.freeze() }
     }
@@ -206,6 +222,7 @@ mod tests {
                     apply_mask(&mut plain, key);
                     format!("{opcode:?} {}", String::from_utf8_lossy(&plain))
                 }
+                Outgoing::Compress { opcode, payload } => format!("compress {opcode:?} {}", payload.len()),
                 Outgoing::Rest { bytes, counted } => format!("rest {} {}", counted.bytes, bytes.len()),
                 Outgoing::Flush { counted } => format!("flush {}", counted.bytes),
                 Outgoing::Close(f) => format!("close {}", u16::from(f.code)),
@@ -230,6 +247,21 @@ mod tests {
         assert!(outbox.is_empty());
         outbox.push_text("again");
         assert_eq!(drain(&mut outbox), ["Text again"]);
+    }
+
+    #[test]
+    fn messages_to_compress_come_out_unmasked() {
+        let mut outbox = Outbox::default();
+        outbox.push_text("tiny");
+        outbox.push_binary(b"large enough");
+        let mut taken = Taken::default();
+        taken.compress_from(5);
+        taken.refill_from(&mut outbox);
+        assert!(matches!(taken.pop(), Some(Outgoing::Message { opcode: Opcode::Text, .. })));
+        match taken.pop() {
+            Some(Outgoing::Compress { opcode: Opcode::Binary, payload }) => assert_eq!(&payload[..], b"large enough"),
+            _ => panic!("not to compress"),
+        }
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!   written together: a batch of replies is one system call. While sends are held, every send
 //!   joins them (or, too large, flushes them first), and a close flushes them first.
 //! - Everything else, and the unwritten rest of what the caller's thread began, goes to the
-//!   I/O task, which writes it before anything of its own.
+//!   I/O task, which writes it before anything of its own. That includes every message that
+//!   permessage-deflate compresses: compression runs on the I/O thread, not the host's.
 //!
 //! Every message is counted (bufferedAmount, the send queue limit) from the moment the call
 //! accepts it until its last byte is handed to the socket.
@@ -146,7 +147,8 @@ impl Conn {
         let len = payload.len();
         let holding = !st.corked.is_empty();
         let may_start = !holding && st.writable_now(len).is_some();
-        let fits = len <= WRITE_ON_HOST_THREAD_MAX && st.corked.bytes.len() + len <= CORK_MAX;
+        // A message to compress goes to the I/O thread (after what is held).
+        let fits = len <= WRITE_ON_HOST_THREAD_MAX && len < st.compress_from && st.corked.bytes.len() + len <= CORK_MAX;
         if !(fits && (holding || may_start)) {
             return false;
         }

@@ -57,6 +57,8 @@ pub(super) struct State {
     /// `Conn::drained`).
     pub(super) wake_when_drained: bool,
     pub(super) protocol: Option<String>,
+    /// The extensions in force, as ws_extensions tells them.
+    pub(super) extensions: Option<String>,
     /// Sends and the close request for the I/O task: under the connection's lock, and nothing
     /// is allocated until something is sent.
     pub(super) outbox: Outbox,
@@ -70,6 +72,9 @@ pub(super) struct State {
     /// Frames of sends made by callbacks, written together when their dispatch batch ends
     /// (one system call for a batch of replies); nothing else goes out before them.
     pub(super) corked: Frames,
+    /// permessage-deflate: messages of this size or more are compressed, on the I/O thread, so
+    /// they never take the host's thread's path (usize::MAX: none is).
+    pub(super) compress_from: usize,
 }
 
 impl State {
@@ -90,18 +95,25 @@ impl State {
             gate_closed: false,
             wake_when_drained: false,
             protocol: None,
+            extensions: None,
             outbox: Outbox::default(),
             task_ended: false,
             wire: None,
             task_writing: false,
             corked: Frames::default(),
+            compress_from: usize::MAX,
         }
     }
 
     /// The socket, if a send of `len` bytes may be written on the calling thread right now:
     /// small, and nothing queued or being written before it, so that order is kept.
     pub(super) fn writable_now(&self, len: usize) -> Option<&Arc<Wire>> {
-        if len > WRITE_ON_HOST_THREAD_MAX || self.task_writing || !self.outbox.is_empty() || !self.corked.is_empty() {
+        if len > WRITE_ON_HOST_THREAD_MAX
+            || len >= self.compress_from
+            || self.task_writing
+            || !self.outbox.is_empty()
+            || !self.corked.is_empty()
+        {
             return None;
         }
         self.wire.as_ref()

@@ -119,14 +119,21 @@ impl Conn {
         Control::Proceed
     }
 
-    pub(crate) fn set_protocol(&self, protocol: Option<String>) {
-        self.lock().protocol = protocol;
+    /// What the upgrade agreed on: the subprotocol and the extensions (see ws_extensions).
+    pub(crate) fn set_agreed(&self, protocol: Option<String>, extensions: Option<String>) {
+        let mut st = self.lock();
+        st.protocol = protocol;
+        st.extensions = extensions;
     }
 
     /// The connection is open on `wire`: from now on, small sends may be written by the
     /// threads that make them (see `State::writable_now`).
-    pub(crate) fn attach_wire(&self, wire: Arc<Wire>) {
-        self.lock().wire = Some(wire);
+    /// `compress_from`: messages of this size or more are compressed (permessage-deflate),
+    /// so the I/O task frames them (usize::MAX: none is).
+    pub(crate) fn attach_wire(&self, wire: Arc<Wire>, compress_from: usize) {
+        let mut st = self.lock();
+        st.wire = Some(wire);
+        st.compress_from = compress_from;
     }
 
     /// Our close frame is going out: nothing may follow it, so sends go to the task (which

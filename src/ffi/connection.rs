@@ -224,19 +224,51 @@ pub unsafe extern "C" fn ws_buffered_amount(conn: WsConn, bytes_out: *mut usize)
 /// size_t.
 #[no_mangle]
 pub unsafe extern "C" fn ws_protocol(conn: WsConn, buf: *mut c_char, buf_len: usize, len_out: *mut usize) -> WsStatus {
+    ffi_status!({ copy_string_out(&live(conn)?.protocol().unwrap_or_default(), "protocol", buf, buf_len, len_out) })
+}
+
+/// Copies the extensions in force on the connection (NUL-terminated; "" if none, or not open
+/// yet) into `buf` of `buf_len` bytes and its length (without the NUL) to `*len_out`
+/// (optional), as ws_protocol() does. With compression negotiated it reads
+/// "permessage-deflate; client_max_window_bits=N; server_max_window_bits=M", then
+/// "; client_no_context_takeover" and "; server_no_context_takeover" where they apply: the
+/// parameters in force, whether the server named them or they are the defaults. Any thread,
+/// also inside callbacks.
+///
+/// # Safety
+/// `buf` is NULL or points to `buf_len` writable bytes; `len_out` is NULL or points to a writable
+/// size_t.
+#[no_mangle]
+pub unsafe extern "C" fn ws_extensions(
+    conn: WsConn,
+    buf: *mut c_char,
+    buf_len: usize,
+    len_out: *mut usize,
+) -> WsStatus {
     ffi_status!({
-        let protocol = live(conn)?.protocol().unwrap_or_default();
-        let needed = protocol.len() + 1;
-        if buf.is_null() || buf_len < needed {
-            write_out(len_out, needed);
-            return Err(Error::new(
-                WsStatus::BufferTooSmall,
-                format!("the protocol needs a buffer of {needed} bytes (its length plus the NUL)"),
-            ));
-        }
-        write_out(len_out, protocol.len());
-        std::ptr::copy_nonoverlapping(protocol.as_ptr(), buf.cast(), protocol.len());
-        *buf.add(protocol.len()) = 0;
-        Ok(())
+        copy_string_out(&live(conn)?.extensions().unwrap_or_default(), "extension list", buf, buf_len, len_out)
     })
+}
+
+/// Copies `value` and a NUL into `buf`, its length to `*len_out` (if not NULL); too small a
+/// buffer: WS_STATUS_BUFFER_TOO_SMALL, with the size needed in `*len_out`.
+unsafe fn copy_string_out(
+    value: &str,
+    what: &str,
+    buf: *mut c_char,
+    buf_len: usize,
+    len_out: *mut usize,
+) -> Result<(), Error> {
+    let needed = value.len() + 1;
+    if buf.is_null() || buf_len < needed {
+        write_out(len_out, needed);
+        return Err(Error::new(
+            WsStatus::BufferTooSmall,
+            format!("the {what} needs a buffer of {needed} bytes (its length plus the NUL)"),
+        ));
+    }
+    write_out(len_out, value.len());
+    std::ptr::copy_nonoverlapping(value.as_ptr(), buf.cast(), value.len());
+    *buf.add(value.len()) = 0;
+    Ok(())
 }

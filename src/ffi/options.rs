@@ -285,6 +285,90 @@ pub unsafe extern "C" fn ws_options_set_send_queue_limit(options: *mut WsOptions
     })
 }
 
+/// permessage-deflate (RFC 7692): compression of messages, offered by default (enabled = true).
+/// With it off the upgrade request offers no extension. Whether a connection compresses is
+/// the server's choice: one that declines gets a plain connection. Compression and
+/// decompression run on the library's I/O thread, never on the caller's.
+/// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_set_deflate(options: *mut WsOptions, enabled: bool) -> WsStatus {
+    ffi_status!({
+        options_mut(options)?.deflate.enabled = enabled;
+        Ok(())
+    })
+}
+
+/// permessage-deflate window sizes, as powers of two: `client_bits` (9..15, default 15) is the
+/// largest window this client compresses with, offered as client_max_window_bits (the server
+/// may lower it); `server_bits` (8..15, default 15) is the largest the server may use, requested
+/// as server_max_window_bits below 15. The window received with context takeover is kept per
+/// connection between messages (up to 2^server_bits bytes), so a smaller server window bounds
+/// the memory of idle connections. Out of range: WS_STATUS_INVALID_ARGUMENT.
+/// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_set_deflate_window_bits(
+    options: *mut WsOptions,
+    client_bits: u32,
+    server_bits: u32,
+) -> WsStatus {
+    ffi_status!({ options_mut(options)?.set_deflate_window_bits(client_bits, server_bits) })
+}
+
+/// permessage-deflate compression level, 1 (fastest) to 9 (smallest), default 6 (zlib's
+/// default). Out of range: WS_STATUS_INVALID_ARGUMENT.
+/// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_set_deflate_level(options: *mut WsOptions, level: u32) -> WsStatus {
+    ffi_status!({ options_mut(options)?.set_deflate_level(level) })
+}
+
+/// permessage-deflate context takeover: `client_no_takeover` offers client_no_context_takeover
+/// (each message we send is compressed on its own: larger on the wire, and no sent bytes kept
+/// between messages); `server_no_takeover` requests server_no_context_takeover (the server
+/// compresses each message on its own; nothing received is kept between messages). Both
+/// default to false (context kept both ways, as browsers and most clients do).
+/// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_set_deflate_no_context_takeover(
+    options: *mut WsOptions,
+    client_no_takeover: bool,
+    server_no_takeover: bool,
+) -> WsStatus {
+    ffi_status!({
+        let deflate = &mut options_mut(options)?.deflate;
+        (deflate.client_no_context_takeover, deflate.server_no_context_takeover) =
+            (client_no_takeover, server_no_takeover);
+        Ok(())
+    })
+}
+
+/// With permessage-deflate negotiated, messages shorter than `bytes` go out uncompressed
+/// (default 32; 0 compresses every message). Messages that would not shrink go out
+/// uncompressed whatever their size.
+/// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_set_deflate_threshold(options: *mut WsOptions, bytes: usize) -> WsStatus {
+    ffi_status!({
+        options_mut(options)?.deflate.threshold = bytes;
+        Ok(())
+    })
+}
+
 /// ws_connect() with options (NULL options means the defaults); the options are copied. Any
 /// thread, also inside callbacks.
 ///

@@ -14,13 +14,15 @@
 //! - `Upgrade` must be `websocket` alone, `Connection` must contain `Upgrade` (any case);
 //! - `Sec-WebSocket-Accept` must appear once, with the value derived from our key;
 //! - every extension in `Sec-WebSocket-Extensions` (on any number of lines, RFC 6455 erratum
-//!   3433) must have been offered, and none is offered yet;
+//!   3433) must have been offered: only permessage-deflate is, and its parameters are checked
+//!   by `crate::deflate` (RFC 7692 7);
 //! - `Sec-WebSocket-Protocol` may appear once, naming one subprotocol that was offered.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tungstenite::handshake::client::generate_key;
 use tungstenite::handshake::derive_accept_key;
 
+use crate::deflate::{self, Agreed};
 use crate::error::{Error, WsStatus};
 use crate::options::Options;
 use crate::uri::Target;
@@ -40,6 +42,8 @@ pub struct Upgraded {
     pub protocol: Option<String>,
     /// Bytes the server sent after its response head (the first frames, already read).
     pub leftover: Vec<u8>,
+    /// permessage-deflate, if the server accepted it.
+    pub(crate) deflate: Option<Agreed>,
 }
 
 /// The server's answer: the upgrade, or a redirect (301, 302, 307 or 308 with a Location).
@@ -88,6 +92,9 @@ fn request(target: &Target, options: &Options, key: &str) -> Vec<u8> {
     );
     if !options.subprotocols.is_empty() {
         head.push_str(&format!("Sec-WebSocket-Protocol: {}\r\n", options.subprotocols.join(", ")));
+    }
+    if let Some(offer) = deflate::offer(&options.deflate) {
+        head.push_str(&format!("Sec-WebSocket-Extensions: {offer}\r\n"));
     }
     let mut bytes = head.into_bytes();
     for (name, value) in &options.headers {
@@ -204,22 +211,11 @@ fn elements<'b>(values: &[&'b str]) -> Vec<&'b str> {
     out
 }
 
-/// Extensions offered in the request: none yet.
-const OFFERED_EXTENSIONS: [&str; 0] = [];
-
-/// Checks the extensions the server chose: each must have been offered (RFC 6455 4.1), and
-/// nothing is offered yet, so any extension named fails the handshake, naming it. When an
-/// extension is offered (permessage-deflate), it is accepted here with its parameters checked
-/// against the offer, and what was agreed is returned for the session.
-fn check_extensions(chosen: &[&str], _options: &Options) -> Result<(), Error> {
-    for extension in chosen {
-        let name = extension.split(';').next().unwrap_or_default().trim_matches(is_ows);
-        let named = if name.is_empty() { extension } else { name };
-        if !OFFERED_EXTENSIONS.iter().any(|offered| offered.eq_ignore_ascii_case(name)) {
-            return Err(rejected(format!("the server chose extension {}, which was not offered", shown(named))));
-        }
-    }
-    Ok(())
+/// Checks the extensions the server chose: each must have been offered (RFC 6455 4.1), which
+/// only permessage-deflate is (unless turned off), with parameters that answer the offer (RFC
+/// 7692 7). Returns what was agreed.
+fn check_extensions(chosen: &[&str], options: &Options) -> Result<Option<Agreed>, Error> {
+    deflate::accept(chosen, &options.deflate).map_err(rejected)
 }
 
 /// The subprotocol the server chose: at most one line, naming one subprotocol that was offered
@@ -326,9 +322,9 @@ pub(crate) fn parse_answer(buf: &[u8], key: &str, options: &Options) -> Result<O
             return Err(rejected(format!("Sec-WebSocket-Accept appears {} times; it must appear once", several.len())))
         }
     }
-    check_extensions(&elements(&lines(headers, "Sec-WebSocket-Extensions")?), options)?;
+    let deflate = check_extensions(&elements(&lines(headers, "Sec-WebSocket-Extensions")?), options)?;
     let protocol = chosen_protocol(&lines(headers, "Sec-WebSocket-Protocol")?, options)?;
-    Ok(Some(Answer::Upgraded(Upgraded { protocol, leftover: buf[head_len..].to_vec() })))
+    Ok(Some(Answer::Upgraded(Upgraded { protocol, leftover: buf[head_len..].to_vec(), deflate })))
 }
 
 #[cfg(test)]
@@ -427,6 +423,7 @@ mod tests {
         assert!(head.starts_with("GET /chat?room=1 HTTP/1.1\r\nHost: example.com:8080\r\n"), "{head}");
         assert!(head.contains("Sec-WebSocket-Key: KEY\r\n"));
         assert!(head.contains("Sec-WebSocket-Protocol: chat\r\n"));
+        assert!(head.contains("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"));
         assert!(head.ends_with("authorization: Bearer x\r\n\r\n"), "{head}");
     }
 
@@ -605,11 +602,18 @@ mod tests {
 
     #[test]
     fn an_extension_that_was_not_offered_fails_on_any_line() {
-        // Nothing is offered yet: any extension named fails, on whichever line it comes, and
-        // the error names it.
+        // Only permessage-deflate is offered: any other extension named fails, on whichever
+        // line it comes, and the error names it.
+        let off = Options {
+            deflate: crate::deflate::DeflateConfig { enabled: false, ..Default::default() },
+            ..Default::default()
+        };
+        let message = refused_with(&good_with(&["Sec-WebSocket-Extensions: permessage-deflate"]), &off);
+        assert!(message.contains("\"permessage-deflate\", which was not offered"), "{message}");
+        assert!(opens(&good_with(&["Sec-WebSocket-Extensions: permessage-deflate"])).deflate.is_some());
+        assert!(opens(&good_with(&[])).deflate.is_none(), "declined: a plain connection");
         for (lines, named) in [
-            (&["Sec-WebSocket-Extensions: permessage-deflate"][..], "permessage-deflate"),
-            (&["Sec-WebSocket-Extensions: ", "Sec-WebSocket-Extensions: x-evil; a=1"], "x-evil"),
+            (&["Sec-WebSocket-Extensions: ", "Sec-WebSocket-Extensions: x-evil; a=1"][..], "x-evil"),
             (
                 &["Sec-WebSocket-Extensions:", "Sec-WebSocket-Extensions: ,", "sec-websocket-extensions: x-third"],
                 "x-third",

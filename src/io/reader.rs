@@ -17,6 +17,8 @@ use std::cell::Cell;
 
 use bytes::Bytes;
 
+use crate::deflate::{InflateError, Inflater};
+
 /// A data frame at least this large that is not complete in the buffer is read into an
 /// allocation of its own (smaller ones wait in the buffer for the rest of their bytes).
 const OWN_ALLOCATION_FROM: usize = 16 << 10;
@@ -61,6 +63,10 @@ pub(crate) enum ReadError {
     TooBig { size: u64, max: usize },
     /// 1009: the memory for a message of `size` bytes could not be allocated.
     OutOfMemory { size: u64 },
+    /// 1009: a compressed message inflates to more than `max` bytes.
+    InflatedTooBig { max: usize },
+    /// 1007: a compressed message is not valid deflate data (zlib's reason).
+    Corrupt(String),
 }
 
 /// A control frame found behind data the host has not taken yet (see
@@ -75,6 +81,7 @@ pub(crate) enum Buffered {
 struct LargeFrame {
     opcode: u8,
     fin: bool,
+    compressed: bool,
     len: usize,
     data: Vec<u8>,
 }
@@ -82,6 +89,8 @@ struct LargeFrame {
 /// A fragmented message being put together.
 struct Fragments {
     text: bool,
+    /// permessage-deflate: `data` holds the compressed bytes, inflated at the last fragment.
+    compressed: bool,
     data: Vec<u8>,
     /// Text: how much of `data` is known to be valid UTF-8 (the rest is the start of a
     /// character that the next fragment completes).
@@ -98,10 +107,14 @@ pub(crate) struct FrameReader {
     fragments: Option<Fragments>,
     read_size: usize,
     max_message: usize,
+    /// permessage-deflate, if negotiated: RSV1 marks compressed messages. Boxed: every
+    /// connection's reader holds the field, few connections compress.
+    inflater: Option<Box<Inflater>>,
 }
 
 struct Header {
     fin: bool,
+    rsv1: bool,
     opcode: u8,
     header_len: usize,
     len: u64,
@@ -116,7 +129,7 @@ const PONG: u8 = 0xA;
 
 impl FrameReader {
     /// `leftover`: bytes that arrived with the handshake response.
-    pub fn new(leftover: Vec<u8>, read_size: usize, max_message: usize) -> FrameReader {
+    pub fn new(leftover: Vec<u8>, read_size: usize, max_message: usize, inflater: Option<Inflater>) -> FrameReader {
         FrameReader {
             buf: leftover,
             start: 0,
@@ -125,6 +138,7 @@ impl FrameReader {
             fragments: None,
             read_size,
             max_message,
+            inflater: inflater.map(Box::new),
         }
     }
 
@@ -141,8 +155,8 @@ impl FrameReader {
                 grow_for_arrival(&mut large.data, large.len, self.read_size)?;
                 return Ok(None);
             }
-            let LargeFrame { opcode, fin, data, .. } = self.large.take().expect("checked above");
-            if let Some(item) = self.data_frame(opcode, fin, Payload::Owned(data))? {
+            let LargeFrame { opcode, fin, compressed, data, .. } = self.large.take().expect("checked above");
+            if let Some(item) = self.data_frame(opcode, fin, compressed, Payload::Owned(data))? {
                 return Ok(Some(item));
             }
         }
@@ -169,7 +183,7 @@ impl FrameReader {
                 }
                 PONG => Some(Item::Pong),
                 CLOSE => Some(parse_close(&self.buf[payload])?),
-                opcode => self.data_frame(opcode, header.fin, Payload::InBuffer(payload))?,
+                opcode => self.data_frame(opcode, header.fin, header.rsv1, Payload::InBuffer(payload))?,
             };
             if item.is_some() {
                 return Ok(item);
@@ -214,7 +228,7 @@ impl FrameReader {
             }
             match header.opcode {
                 CONTINUATION | TEXT | BINARY => at = end,
-                PING | PONG if header.fin && header.len <= 125 => {
+                PING | PONG if header.fin && !header.rsv1 && header.len <= 125 => {
                     let found = match header.opcode {
                         PING => Buffered::Ping(Bytes::copy_from_slice(&self.buf[body..end])),
                         _ => Buffered::Pong,
@@ -283,6 +297,17 @@ impl FrameReader {
     }
 
     fn check_frame(&self, header: &Header) -> Result<(), ReadError> {
+        if header.rsv1 {
+            // RFC 7692 6: RSV1 marks the first frame of a compressed message, and only that.
+            if self.inflater.is_none() {
+                return Err(ReadError::Protocol("RSV1 set in a frame header, and no extension was negotiated"));
+            }
+            match header.opcode {
+                CLOSE | PING | PONG => return Err(ReadError::Protocol("RSV1 set on a control frame")),
+                CONTINUATION => return Err(ReadError::Protocol("RSV1 set on a continuation frame")),
+                _ => {}
+            }
+        }
         match header.opcode {
             CLOSE | PING | PONG => {
                 if !header.fin {
@@ -321,16 +346,30 @@ impl FrameReader {
         try_grow(&mut data, len, arrived.len().saturating_mul(2).max(self.read_size))?;
         data.extend_from_slice(arrived);
         self.buf.truncate(self.start);
-        self.large = Some(LargeFrame { opcode: header.opcode, fin: header.fin, len, data });
+        self.large = Some(LargeFrame { opcode: header.opcode, fin: header.fin, compressed: header.rsv1, len, data });
         Ok(())
     }
 
     /// A complete data frame: a message, or a fragment of one (None).
-    fn data_frame(&mut self, opcode: u8, fin: bool, payload: Payload) -> Result<Option<Item>, ReadError> {
+    fn data_frame(
+        &mut self,
+        opcode: u8,
+        fin: bool,
+        compressed: bool,
+        payload: Payload,
+    ) -> Result<Option<Item>, ReadError> {
         let text = match opcode {
             CONTINUATION => self.fragments.as_ref().is_some_and(|f| f.text),
             opcode => opcode == TEXT,
         };
+        if compressed && opcode != CONTINUATION && fin {
+            let bytes = match &payload {
+                Payload::InBuffer(range) => &self.buf[range.clone()],
+                Payload::Owned(data) => &data[..],
+            };
+            let data = inflate(&mut self.inflater, bytes, self.max_message, text)?;
+            return finish_owned(text, data).map(Some);
+        }
         if opcode != CONTINUATION && fin {
             // A whole message in one frame: the usual case.
             return match payload {
@@ -344,7 +383,8 @@ impl FrameReader {
                 Payload::Owned(data) => finish_owned(text, data).map(Some),
             };
         }
-        let fragments = self.fragments.get_or_insert_with(|| Fragments { text, data: Vec::new(), valid_up_to: 0 });
+        let fragments =
+            self.fragments.get_or_insert_with(|| Fragments { text, compressed, data: Vec::new(), valid_up_to: 0 });
         let bytes = match &payload {
             Payload::InBuffer(range) => &self.buf[range.clone()],
             Payload::Owned(data) => &data[..],
@@ -363,14 +403,18 @@ impl FrameReader {
                 fragments.data.extend_from_slice(bytes);
             }
         }
-        if fragments.text {
+        if fragments.text && !fragments.compressed {
             // Invalid UTF-8 fails the message at the fragment that holds it, not at its end.
             fragments.check_utf8(fin)?;
         }
         if !fin {
             return Ok(None);
         }
-        let Fragments { text, data, .. } = self.fragments.take().expect("inserted above");
+        let Fragments { text, compressed, data, .. } = self.fragments.take().expect("inserted above");
+        if compressed {
+            let data = inflate(&mut self.inflater, &data, self.max_message, text)?;
+            return finish_owned(text, data).map(Some);
+        }
         Ok(Some(Item::OwnedMessage { text, data: with_nul_if_text(text, data)? }))
     }
 }
@@ -392,6 +436,22 @@ impl Fragments {
         }
         Ok(())
     }
+}
+
+/// Inflates a compressed message (all its frames' payloads), within the maximum message size,
+/// checked while inflating. Text gets room for its NUL.
+fn inflate(
+    inflater: &mut Option<Box<Inflater>>,
+    compressed: &[u8],
+    max: usize,
+    text: bool,
+) -> Result<Vec<u8>, ReadError> {
+    let inflater = inflater.as_mut().expect("RSV1 is refused without an inflater");
+    inflater.inflate(compressed, max, usize::from(text)).map_err(|e| match e {
+        InflateError::TooBig { max } => ReadError::InflatedTooBig { max },
+        InflateError::OutOfMemory { size } => ReadError::OutOfMemory { size: size as u64 },
+        InflateError::Corrupt(why) => ReadError::Corrupt(why),
+    })
 }
 
 fn finish_owned(text: bool, data: Vec<u8>) -> Result<Item, ReadError> {
@@ -433,8 +493,8 @@ fn parse_header(bytes: &[u8]) -> Result<Option<Header>, ReadError> {
     let [first, second, ..] = *bytes else {
         return Ok(None);
     };
-    if first & 0x70 != 0 {
-        // No extension was negotiated, so no reserved bit may be set.
+    if first & 0x30 != 0 {
+        // No extension we offer uses RSV2 or RSV3 (RSV1 is checked with the frame's context).
         return Err(ReadError::Protocol("reserved bits set in a frame header"));
     }
     if second & 0x80 != 0 {
@@ -454,7 +514,7 @@ fn parse_header(bytes: &[u8]) -> Result<Option<Header>, ReadError> {
     if len >> 63 != 0 {
         return Err(ReadError::Protocol("frame length with the most significant bit set"));
     }
-    Ok(Some(Header { fin: first & 0x80 != 0, opcode: first & 0x0F, header_len, len }))
+    Ok(Some(Header { fin: first & 0x80 != 0, rsv1: first & 0x40 != 0, opcode: first & 0x0F, header_len, len }))
 }
 
 fn parse_close(payload: &[u8]) -> Result<Item, ReadError> {
@@ -512,7 +572,11 @@ mod tests {
 
     /// Feeds `bytes` to a reader `step` bytes at a time and collects what it produces.
     fn read_all(bytes: &[u8], step: usize) -> Result<Vec<(Item, Vec<u8>)>, ReadError> {
-        let mut reader = FrameReader::new(Vec::new(), 4096, 1 << 20);
+        read_all_with(bytes, step, None)
+    }
+
+    fn read_all_with(bytes: &[u8], step: usize, inflater: Option<Inflater>) -> Result<Vec<(Item, Vec<u8>)>, ReadError> {
+        let mut reader = FrameReader::new(Vec::new(), 4096, 1 << 20, inflater);
         let mut items = Vec::new();
         let mut cx = Context::from_waker(std::task::Waker::noop());
         for mut source in bytes.chunks(step) {
@@ -532,6 +596,60 @@ mod tests {
             }
         }
         Ok(items)
+    }
+
+    fn inflater() -> Option<Inflater> {
+        let agreed = crate::deflate::Agreed {
+            client_window_bits: 15,
+            server_window_bits: 15,
+            client_no_context_takeover: false,
+            server_no_context_takeover: false,
+            level: 6,
+            threshold: 0,
+        };
+        Some(Inflater::new(&agreed))
+    }
+
+    /// "Hello" compressed, without its tail (RFC 7692 7.2.3.1).
+    const HELLO: [u8; 7] = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+
+    #[test]
+    fn compressed_messages_whole_or_fragmented_with_control_frames_between() {
+        let mut wire = frame(0xC1, &HELLO);
+        // RFC 7692 7.2.3.1's fragmented example, a ping between the fragments.
+        wire.extend(frame(0x41, &HELLO[..3]));
+        wire.extend(frame(0x89, b"p"));
+        wire.extend(frame(0x80, &HELLO[3..]));
+        wire.extend(frame(0xC2, &[0x00])); // an empty compressed message
+        wire.extend(frame(0x81, b"plain")); // uncompressed, between compressed ones
+        for step in [1, 3, wire.len()] {
+            let items = read_all_with(&wire, step, inflater()).unwrap();
+            let expected = vec![
+                (Item::OwnedMessage { text: true, data: b"Hello\0".to_vec() }, vec![]),
+                (Item::Ping, b"p".to_vec()),
+                (Item::OwnedMessage { text: true, data: b"Hello\0".to_vec() }, vec![]),
+                (Item::OwnedMessage { text: false, data: vec![] }, vec![]),
+                (Item::Message { text: true }, b"plain".to_vec()),
+            ];
+            assert_eq!(items, expected, "step {step}");
+        }
+    }
+
+    #[test]
+    fn rsv1_is_refused_where_rfc_7692_forbids_it() {
+        for (wire, expected) in [
+            (frame(0xC9, b""), "RSV1 set on a control frame"),
+            (frame(0xC8, &[3, 232]), "RSV1 set on a control frame"),
+            ([frame(0x41, &HELLO[..3]), frame(0xC0, &HELLO[3..])].concat(), "RSV1 set on a continuation frame"),
+            ([frame(0x01, b"a"), frame(0xC0, b"b")].concat(), "RSV1 set on a continuation frame"),
+        ] {
+            assert_eq!(read_all_with(&wire, wire.len(), inflater()).unwrap_err(), ReadError::Protocol(expected));
+        }
+        let corrupt = read_all_with(&frame(0xC1, &[0xff, 0xff, 0xff]), 100, inflater()).unwrap_err();
+        assert!(matches!(corrupt, ReadError::Corrupt(_)), "{corrupt:?}");
+        // Inflates to invalid UTF-8 (0xff).
+        let bad_text = read_all_with(&frame(0xC1, &[0xfb, 0x0f, 0x00]), 100, inflater()).unwrap_err();
+        assert_eq!(bad_text, ReadError::InvalidUtf8);
     }
 
     #[test]
@@ -564,7 +682,9 @@ mod tests {
     fn protocol_violations_are_refused() {
         let cases: Vec<(Vec<u8>, ReadError)> = vec![
             (frame(0x83, b"x"), ReadError::Protocol("reserved opcode")),
-            (frame(0xC1, b"x"), ReadError::Protocol("reserved bits set in a frame header")),
+            (frame(0xC1, b"x"), ReadError::Protocol("RSV1 set in a frame header, and no extension was negotiated")),
+            (frame(0xA1, b"x"), ReadError::Protocol("reserved bits set in a frame header")),
+            (frame(0x91, b"x"), ReadError::Protocol("reserved bits set in a frame header")),
             (vec![0x81, 0x81, 1, 2, 3, 4, b'x'], ReadError::Protocol("masked frame from the server")),
             (frame(0x09, b"x"), ReadError::Protocol("fragmented control frame")),
             (frame(0x89, &[0; 126]), ReadError::Protocol("control frame longer than 125 bytes")),
@@ -597,7 +717,7 @@ mod tests {
     /// so 31 one-byte fragments asked for 2 GiB (with no maximum message size).
     #[test]
     fn many_small_fragments_grow_the_message_as_much_as_their_bytes() {
-        let mut reader = FrameReader::new(Vec::new(), 4096, usize::MAX);
+        let mut reader = FrameReader::new(Vec::new(), 4096, usize::MAX, None);
         let mut wire = frame(0x02, &[0; 20_000]);
         for _ in 0..40 {
             wire.extend(frame(0x00, b"x"));
@@ -676,13 +796,13 @@ mod tests {
 
     #[test]
     fn an_idle_reader_holds_no_buffer() {
-        let mut reader = FrameReader::new(frame(0x82, b"abc"), 65536, 1 << 20);
+        let mut reader = FrameReader::new(frame(0x82, b"abc"), 65536, 1 << 20, None);
         assert_eq!(reader.next_item().unwrap(), Some(Item::Message { text: false }));
         assert_eq!(reader.next_item().unwrap(), None);
         reader.release_if_drained();
         assert_eq!(reader.buf.capacity(), 0);
         // Half a frame is kept.
-        let mut reader = FrameReader::new(frame(0x82, b"abc")[..3].to_vec(), 65536, 1 << 20);
+        let mut reader = FrameReader::new(frame(0x82, b"abc")[..3].to_vec(), 65536, 1 << 20, None);
         assert_eq!(reader.next_item().unwrap(), None);
         reader.release_if_drained();
         assert_eq!(reader.buf.len(), 3);

@@ -14,14 +14,15 @@ use rustls_pki_types::ServerName;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio_rustls::TlsConnector;
 
-use super::handshake::{Answer, Redirect};
+use super::eyeballs;
+use super::handshake::{self, Answer, Redirect, Upgraded};
 use super::proxy::choice::ProxyEnvironment;
 use super::proxy::{self, Proxy};
 use super::redirect;
 use super::session;
 use super::tls::{self, TlsConfigs};
-use super::{eyeballs, handshake};
 use crate::conn::{Conn, Control, Event};
+use crate::deflate::Agreed;
 use crate::error::{Error, WsStatus};
 use crate::options::Options;
 use crate::uri::Target;
@@ -95,10 +96,10 @@ type SessionFuture = Pin<Box<dyn Future<Output = Option<Event>> + Send>>;
 fn session(
     conn: &Arc<Conn>,
     (wire, read): (Wire, OwnedReadHalf),
-    leftover: Vec<u8>,
+    upgraded: Upgraded,
     options: &Arc<Options>,
 ) -> SessionFuture {
-    Box::pin(session::serve(conn.clone(), wire, read, leftover, options.clone()))
+    Box::pin(session::serve(conn.clone(), wire, read, upgraded.leftover, options.clone(), upgraded.deflate))
 }
 
 /// Connects, following redirects as far as the options allow.
@@ -177,8 +178,8 @@ async fn reach(
             Answer::Upgraded(upgraded) => upgraded,
             Answer::Redirect(redirect) => return Ok(Reached::Redirect(redirect)),
         };
-        conn.set_protocol(upgraded.protocol);
-        return Ok(Reached::Open(session(conn, Wire::plain(tcp), upgraded.leftover, options)));
+        conn.set_agreed(upgraded.protocol.clone(), upgraded.deflate.as_ref().map(Agreed::describe));
+        return Ok(Reached::Open(session(conn, Wire::plain(tcp), upgraded, options)));
     }
     let tls_config = tls.get(&options.tls).await?;
     let name = ServerName::try_from(target.host.clone())
@@ -191,10 +192,10 @@ async fn reach(
         Answer::Upgraded(upgraded) => upgraded,
         Answer::Redirect(redirect) => return Ok(Reached::Redirect(redirect)),
     };
-    conn.set_protocol(upgraded.protocol);
+    conn.set_agreed(upgraded.protocol.clone(), upgraded.deflate.as_ref().map(Agreed::describe));
     // From here on the session is shared with the host's thread (see `wire`).
     let (tcp, session_state) = stream.into_inner();
-    Ok(Reached::Open(session(conn, Wire::tls(tcp, session_state), upgraded.leftover, options)))
+    Ok(Reached::Open(session(conn, Wire::tls(tcp, session_state), upgraded, options)))
 }
 
 #[cfg(test)]

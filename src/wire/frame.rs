@@ -10,6 +10,9 @@ pub(crate) enum Opcode {
     Pong = 0xA,
 }
 
+/// RSV1 in a frame's first byte: the message is compressed (permessage-deflate, RFC 7692 6).
+pub(crate) const RSV1: u8 = 0x40;
+
 /// The longest header: 2 bytes, an 8-byte length, the 4-byte masking key.
 pub(crate) const MAX_HEADER: usize = 14;
 

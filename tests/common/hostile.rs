@@ -38,6 +38,8 @@ pub const PING: u8 = 0x9;
 pub const PONG: u8 = 0xA;
 /// The FIN bit of a frame's first byte.
 pub const FIN: u8 = 0x80;
+/// RSV1: the message is compressed (permessage-deflate).
+pub const RSV1: u8 = 0x40;
 
 // ---- frames ----------------------------------------------------------------------------------
 
@@ -76,6 +78,8 @@ pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame {
     pub fin: bool,
+    /// RSV1: a compressed message (permessage-deflate).
+    pub rsv1: bool,
     pub opcode: u8,
     pub payload: Vec<u8>,
 }
@@ -113,7 +117,7 @@ pub fn read_frame_from(stream: &mut impl Read) -> io::Result<Frame> {
     for (i, b) in payload.iter_mut().enumerate() {
         *b ^= mask[i % 4];
     }
-    Ok(Frame { fin: head[0] & 0x80 != 0, opcode: head[0] & 0x0f, payload })
+    Ok(Frame { fin: head[0] & 0x80 != 0, rsv1: head[0] & 0x40 != 0, opcode: head[0] & 0x0f, payload })
 }
 
 /// Reads the client's upgrade request head (up to the empty line).
@@ -215,6 +219,14 @@ impl Peer {
     pub fn upgrade(&mut self) {
         let request = self.read_request();
         self.send(response_to(&request, "").as_bytes());
+    }
+
+    /// Reads the request and answers with a valid 101 that chooses `extensions` (the value of
+    /// Sec-WebSocket-Extensions); returns the request.
+    pub fn upgrade_with_extensions(&mut self, extensions: &str) -> String {
+        let request = self.read_request();
+        self.send(response_to(&request, &format!("Sec-WebSocket-Extensions: {extensions}\r\n")).as_bytes());
+        request
     }
 
     /// Writes all of `bytes` (panics if the client is gone).

@@ -18,7 +18,13 @@ pub struct Peer {
 impl Peer {
     /// Python's websockets.
     pub fn start_python() -> Peer {
-        Self::start_python_script("py_server.py", &[])
+        Self::start_python_in("")
+    }
+
+    /// Python's websockets in a mode of py_server.py: "" (no compression), "deflate" (its
+    /// permessage-deflate defaults) or "deflate-open" (permessage-deflate, no limits of its own).
+    pub fn start_python_in(mode: &str) -> Peer {
+        Self::start_python_script("py_server.py", &[OsStr::new(mode)])
     }
 
     /// Python's websockets over Python's ssl (tests/peers/py_tls_server.py), requiring a client
@@ -36,10 +42,15 @@ impl Peer {
 
     /// Node's ws.
     pub fn start_node() -> Peer {
+        Self::start_node_in("")
+    }
+
+    /// Node's ws in a mode of node_server.js: "" (no compression) or "deflate".
+    pub fn start_node_in(mode: &str) -> Peer {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let module = root.join("tests/peers/node_modules/ws");
         assert!(module.exists(), "{} is missing: run `make test`, which installs the test peers", module.display());
-        Self::spawn(Command::new("node").arg(root.join("tests/peers/node_server.js")))
+        Self::spawn(Command::new("node").arg(root.join("tests/peers/node_server.js")).arg(mode))
     }
 
     fn spawn(command: &mut Command) -> Peer {
@@ -61,6 +72,28 @@ impl Peer {
 
     pub fn url(&self) -> String {
         format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    /// The lines the peer printed so far that start with `prefix`, without it.
+    pub fn lines_starting(&self, prefix: &str) -> Vec<String> {
+        let lines = self.lines.0.lock().unwrap();
+        lines.iter().filter_map(|l| l.strip_prefix(prefix)).map(str::to_owned).collect()
+    }
+
+    /// Waits (bounded) until the peer printed `count` lines starting with `prefix`; returns them
+    /// without it.
+    pub fn wait_for_prefixed(&self, prefix: &str, count: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut lines = self.lines.0.lock().unwrap();
+        loop {
+            let found: Vec<String> = lines.iter().filter_map(|l| l.strip_prefix(prefix)).map(str::to_owned).collect();
+            if found.len() >= count {
+                return found;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "the peer printed {} lines {prefix:?}, not {count}: {:?}", found.len(), *lines);
+            lines = self.lines.1.wait_timeout(lines, left).unwrap().0;
+        }
     }
 
     /// Waits (bounded) for a line the peer printed.

@@ -1,7 +1,10 @@
 """An independent WebSocket peer for the tests: Python's `websockets` (asyncio) on 127.0.0.1.
 
 Prints "port=N" once listening, then one line per close frame it receives ("close CODE REASON"),
-and serves until stdin closes. Paths:
+and serves until stdin closes. With the argument "deflate" it offers permessage-deflate with
+websockets' defaults (windows of 12 bits, memLevel 5); with "deflate-open" with no limits of its
+own (it accepts what the client asks for); either way it prints "extensions VALUE" per connection.
+Paths:
   /echo?close_after=N     echo text as text and binary as binary; close with 1000 after N messages
   /push?n=N               send "msg 0".."msg N-1", then close with 1000 "done"
   /close?code=C&reason=R  close at once with code C and reason R
@@ -15,6 +18,9 @@ from urllib.parse import parse_qs, urlparse
 
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+
+MODE = sys.argv[1] if len(sys.argv) > 1 else ""
 
 
 def report(ws):
@@ -35,6 +41,8 @@ async def echo(ws, close_after):
 
 async def handler(ws):
     url = urlparse(ws.request.path)
+    if MODE:
+        print(f"extensions {ws.response.headers.get('Sec-WebSocket-Extensions', '')}", flush=True)
     query = {k: v[0] for k, v in parse_qs(url.query).items()}
     try:
         if url.path == "/push":
@@ -61,7 +69,13 @@ async def handler(ws):
 
 
 async def main():
-    async with serve(handler, "127.0.0.1", 0, max_size=None, compression=None) as server:
+    if MODE == "deflate":
+        settings = {"compression": "deflate"}
+    elif MODE == "deflate-open":
+        settings = {"compression": None, "extensions": [ServerPerMessageDeflateFactory()]}
+    else:
+        settings = {"compression": None}
+    async with serve(handler, "127.0.0.1", 0, max_size=None, **settings) as server:
         port = server.sockets[0].getsockname()[1]
         print(f"port={port}", flush=True)
         loop = asyncio.get_running_loop()
