@@ -569,3 +569,142 @@ fn a_hundred_thousand_tiny_compressed_fragments() {
     assert_eq!(events[2], Ev::Text(c, b"after many empty fragments, the message".to_vec()));
     assert!(io < Duration::from_secs(3), "the I/O thread used {io:?} ({elapsed:?} in all)");
 }
+
+// ---- what the client sends ---------------------------------------------------------------------
+
+/// Inflates one of the client's messages (its frames' payloads joined) with the server's
+/// continuing decompressor.
+fn inflate_client(d: &mut Decompress, payload: &[u8]) -> Vec<u8> {
+    let mut input = payload.to_vec();
+    input.extend_from_slice(&TAIL);
+    let mut out = Vec::with_capacity(payload.len() * 8 + 1024);
+    let start = d.total_in();
+    loop {
+        let at = (d.total_in() - start) as usize;
+        d.decompress_vec(&input[at..], &mut out, FlushDecompress::Sync).unwrap();
+        if (d.total_in() - start) as usize == input.len() && out.len() < out.capacity() {
+            return out;
+        }
+        out.reserve(out.len().max(1024));
+    }
+}
+
+/// Reads the client's messages until its close frame: (compressed?, inflated payload).
+fn client_messages(peer: &mut Peer) -> Vec<(bool, Vec<u8>)> {
+    let mut d = Decompress::new(false);
+    let mut messages = Vec::new();
+    let mut partial: Option<(bool, Vec<u8>)> = None;
+    loop {
+        let f = peer.read_frame().unwrap();
+        match f.opcode {
+            CLOSE => {
+                peer.send(&close_frame(1000, ""));
+                return messages;
+            }
+            PING | PONG => continue,
+            _ => {}
+        }
+        let (rsv1, mut data) = partial.take().unwrap_or((f.rsv1, Vec::new()));
+        assert!(f.opcode == CONTINUATION || data.is_empty(), "a new message inside another");
+        assert!(!(f.opcode == CONTINUATION && f.rsv1), "RSV1 on a continuation from the client");
+        data.extend_from_slice(&f.payload);
+        if !f.fin {
+            partial = Some((rsv1, data));
+            continue;
+        }
+        let payload = if rsv1 { inflate_client(&mut d, &data) } else { data };
+        messages.push((rsv1, payload));
+    }
+}
+
+/// A message of `size` bytes that names its sender and number (compressible, except `noise`).
+fn tagged(thread: usize, seq: usize, size: usize) -> Vec<u8> {
+    let mut m = format!("<{thread}:{seq}>").into_bytes();
+    while m.len() < size {
+        m.extend_from_slice(format!(" t{thread} s{seq} filler").as_bytes());
+    }
+    m.truncate(size);
+    m
+}
+
+const SIZES: [usize; 9] = [12, 31, 32, 33, 100, 1000, 5000, 70_000, 40];
+
+/// Two threads send 200 messages each, of sizes around the 32-byte threshold up to 70 KB,
+/// while the host thread dispatches. README: "Messages under 32 bytes ... go out
+/// uncompressed"; what arrives inflates back to exactly what each thread sent, in each
+/// thread's order, with the context carried from message to message.
+#[test]
+fn messages_sent_from_two_threads_inflate_back_in_order() {
+    let (url, server) = serve(|mut peer| {
+        peer.upgrade_with_extensions(PMD);
+        client_messages(&mut peer)
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&url);
+    watch(conn, &rec);
+    wait_open(&client, &rec, conn);
+    let senders: Vec<_> = (0..2)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for seq in 0..200 {
+                    let m = tagged(t, seq, SIZES[seq % SIZES.len()]);
+                    let status = if seq % 2 == 0 {
+                        send_binary(conn, &m)
+                    } else {
+                        send_text(conn, std::str::from_utf8(&m).unwrap())
+                    };
+                    assert_eq!(status, WsStatus::Ok);
+                }
+            })
+        })
+        .collect();
+    pump(&client, Duration::from_millis(200), || false);
+    for s in senders {
+        s.join().unwrap();
+    }
+    assert_eq!(close(conn, 1000, ""), WsStatus::Ok);
+    client.run_until_final(&rec, conn);
+    let messages = server.join().unwrap();
+    assert_eq!(messages.len(), 400);
+    let mut next = [0usize; 2];
+    for (rsv1, m) in &messages {
+        let t = usize::from(m[1] - b'0');
+        let want = tagged(t, next[t], SIZES[next[t] % SIZES.len()]);
+        assert!(
+            *m == want,
+            "thread {t}: message {} differs: {:?}",
+            next[t],
+            String::from_utf8_lossy(&m[..m.len().min(40)])
+        );
+        assert_eq!(*rsv1, m.len() >= 32, "{} bytes sent {}", m.len(), if *rsv1 { "compressed" } else { "plain" });
+        next[t] += 1;
+    }
+    assert_eq!(next, [200, 200]);
+}
+
+/// README: "messages that would not shrink go out uncompressed"; the bytes arrive unchanged,
+/// and the next compressed message still inflates with the context that skipped them.
+#[test]
+fn a_message_that_would_not_shrink_goes_out_plain_and_the_context_stays_right() {
+    let (url, server) = serve(|mut peer| {
+        peer.upgrade_with_extensions(PMD);
+        client_messages(&mut peer)
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&url);
+    watch(conn, &rec);
+    wait_open(&client, &rec, conn);
+    let sent = [json(1), noise(5, 5000), json(1), noise(6, 40), json(2)];
+    for m in &sent {
+        assert_eq!(send_binary(conn, m), WsStatus::Ok);
+    }
+    assert_eq!(close(conn, 1000, ""), WsStatus::Ok);
+    client.run_until_final(&rec, conn);
+    let messages = server.join().unwrap();
+    let flags: Vec<bool> = messages.iter().map(|m| m.0).collect();
+    assert_eq!(flags, [true, false, true, false, true]);
+    let payloads: Vec<Vec<u8>> = messages.into_iter().map(|m| m.1).collect();
+    assert_eq!(payloads, sent);
+}
