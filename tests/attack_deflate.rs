@@ -708,3 +708,118 @@ fn a_message_that_would_not_shrink_goes_out_plain_and_the_context_stays_right() 
     let payloads: Vec<Vec<u8>> = messages.into_iter().map(|m| m.1).collect();
     assert_eq!(payloads, sent);
 }
+
+// ---- what is in force --------------------------------------------------------------------------
+
+fn extensions_of(conn: WsConn) -> String {
+    let mut buf = [0 as std::os::raw::c_char; 256];
+    let mut len = 0usize;
+    set(unsafe { ws_extensions(conn, buf.as_mut_ptr(), buf.len(), &mut len) });
+    let bytes: Vec<u8> = buf[..len].iter().map(|&c| c as u8).collect();
+    String::from_utf8(bytes).unwrap()
+}
+
+/// The header's ws_extensions: "permessage-deflate; client_max_window_bits=N;
+/// server_max_window_bits=M", then the no-context-takeover flags that apply; a buffer too
+/// small gets WS_STATUS_BUFFER_TOO_SMALL and the size it needs. And what the client sends
+/// inflates with the window the server allowed it (a 9-bit decompressor on the server).
+#[test]
+fn ws_extensions_tells_what_is_in_force_and_the_client_keeps_to_it() {
+    for (answer, in_force, server_window) in [
+        (PMD, "permessage-deflate; client_max_window_bits=15; server_max_window_bits=15", 15u8),
+        (
+            "permessage-deflate; client_max_window_bits",
+            "permessage-deflate; client_max_window_bits=15; server_max_window_bits=15",
+            15,
+        ),
+        (
+            "permessage-deflate; client_max_window_bits=9; server_max_window_bits=12; client_no_context_takeover; \
+             server_no_context_takeover",
+            "permessage-deflate; client_max_window_bits=9; server_max_window_bits=12; client_no_context_takeover; \
+             server_no_context_takeover",
+            9,
+        ),
+        (
+            "permessage-deflate; server_no_context_takeover; client_max_window_bits=9",
+            "permessage-deflate; client_max_window_bits=9; server_max_window_bits=15; server_no_context_takeover",
+            9,
+        ),
+        (
+            "permessage-deflate; client_max_window_bits=8",
+            "permessage-deflate; client_max_window_bits=8; server_max_window_bits=15",
+            8,
+        ),
+    ] {
+        let (url, server) = serve(move |mut peer| {
+            peer.upgrade_with_extensions(answer);
+            let mut d = Decompress::new_with_window_bits(false, server_window.max(9));
+            let mut seen = Vec::new();
+            loop {
+                let f = peer.read_frame().unwrap();
+                if f.opcode == CLOSE {
+                    peer.send(&close_frame(1000, ""));
+                    return seen;
+                }
+                let mut input = f.payload.clone();
+                if f.rsv1 {
+                    input.extend_from_slice(&TAIL);
+                    let mut out = Vec::with_capacity(1 << 16);
+                    let r = d.decompress_vec(&input, &mut out, FlushDecompress::Sync);
+                    seen.push((true, r.map(|_| out).map_err(|e| e.to_string())));
+                } else {
+                    seen.push((false, Ok(input)));
+                }
+            }
+        });
+        let client = Client::new();
+        let rec = Recorder::default();
+        let conn = client.connect(&url);
+        watch(conn, &rec);
+        wait_open(&client, &rec, conn);
+        assert_eq!(extensions_of(conn), in_force, "answer {answer}");
+        let mut small = [0 as std::os::raw::c_char; 10];
+        let mut need = 0usize;
+        assert_eq!(
+            unsafe { ws_extensions(conn, small.as_mut_ptr(), small.len(), &mut need) },
+            WsStatus::BufferTooSmall
+        );
+        assert_eq!(need, in_force.len() + 1);
+        let m = json(4);
+        for _ in 0..3 {
+            assert_eq!(send_binary(conn, &m), WsStatus::Ok);
+        }
+        assert_eq!(close(conn, 1000, ""), WsStatus::Ok);
+        client.run_until_final(&rec, conn);
+        let seen = server.join().unwrap();
+        assert_eq!(seen.len(), 3);
+        for (compressed, inflated) in seen {
+            assert_eq!(compressed, server_window >= 9, "{answer}: with client_max_window_bits=8 we send plain");
+            assert_eq!(inflated.as_deref(), Ok(&m[..]), "{answer}: inflated with a {server_window}-bit window");
+        }
+    }
+}
+
+/// RSV2 or RSV3 on a compressed message, and RSV1 on the continuation of a compressed message
+/// after a ping between the fragments: close 1002.
+#[test]
+fn other_reserved_bits_on_compressed_frames_fail_with_1002() {
+    let compressed = deflate_alone(&json(2));
+    for (frames, why) in [
+        (frame(FIN | RSV1 | 0x20 | TEXT, &compressed), "RSV2"),
+        (frame(FIN | RSV1 | 0x10 | BINARY, &compressed), "RSV3"),
+        (
+            [
+                frame(RSV1 | TEXT, &compressed[..5]),
+                frame(FIN | PING, b"p"),
+                frame(FIN | RSV1 | CONTINUATION, &compressed[5..]),
+            ]
+            .concat(),
+            "RSV1 on a continuation after a ping",
+        ),
+    ] {
+        let (events, code) = outcome(PMD, no_keepalive(), frames);
+        assert!(matches!(events.last(), Some(Ev::Error(_, WsStatus::Protocol, _))), "{why}: {events:?}");
+        assert_eq!(events.len(), 2, "{why}: nothing delivered: {events:?}");
+        assert_eq!(code, Some(1002), "{why}");
+    }
+}
