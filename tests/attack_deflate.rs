@@ -85,10 +85,6 @@ fn outcome(extensions: &'static str, options: Options, frames: Vec<u8>) -> (Vec<
     (rec.of(conn), server.join().unwrap())
 }
 
-fn pmd_options() -> Options {
-    no_keepalive()
-}
-
 // ---- memory while the host holds messages ----------------------------------------------------
 
 static COUNTED: AtomicUsize = AtomicUsize::new(0);
