@@ -828,7 +828,10 @@ fn other_reserved_bits_on_compressed_frames_fail_with_1002() {
 /// As above with 8 MiB messages (8 KiB on the wire each). README: memory for received data
 /// "stays below that limit plus one message ... plus the read buffer", and the limit "counts
 /// what each waiting message really costs ... the memory that holds it": 1 MiB + 8 MiB +
-/// 64 KiB = 9.06 MiB. (The same message sent uncompressed grows the heap by 8.1 MiB.)
+/// 64 KiB = 9.06 MiB. (The same message sent uncompressed grows the heap by 8.1 MiB; a
+/// single compressed one, alone, by 16.1 MiB: the inflated message's allocation is about twice
+/// its length, as inflating doubles the buffer and the result is not shrunk; peak RSS grows by
+/// about 4 MiB more than for the plain message.)
 #[test]
 fn large_inflated_messages_are_bounded_by_the_queue_limit_plus_one_message() {
     if !in_child("large_inflated_messages_are_bounded_by_the_queue_limit_plus_one_message", &[]) {
@@ -867,4 +870,47 @@ fn padding_of_empty_blocks_is_bounded_by_the_limit_in_compressed_bytes() {
             assert_eq!(code, Some(1009));
         }
     }
+}
+
+/// Flow control on, and 60 compressed messages that each refer back to the one before (context
+/// takeover), some in fragments: completed one by one from the host, every message inflates
+/// right and in order.
+#[test]
+fn flow_control_with_context_takeover_delivers_every_message_right() {
+    let messages: Vec<Vec<u8>> = (0..60).map(|i| tagged(i % 3, i, 200 + 37 * i)).collect();
+    let mut c = Compress::new(Compression::default(), false);
+    let mut wire = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let payload = deflate_msg(&mut c, m);
+        if i % 4 == 3 && payload.len() > 4 {
+            wire.extend(frame(RSV1 | BINARY, &payload[..3]));
+            wire.extend(frame(FIN | PING, b"x"));
+            wire.extend(frame(FIN | CONTINUATION, &payload[3..]));
+        } else {
+            wire.extend(frame(FIN | RSV1 | BINARY, &payload));
+        }
+    }
+    let (url, server) = serve(move |mut peer| {
+        peer.upgrade_with_extensions(PMD);
+        peer.send(&wire);
+        let _ = peer.read_timeout(Duration::from_secs(10)).read_until_close();
+        peer.send(&close_frame(1000, ""));
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect(&url);
+    watch(conn, &rec);
+    set(ws_set_flow_control(conn, true));
+    wait_open(&client, &rec, conn);
+    for i in 0..messages.len() {
+        client.run_until("the next message", || rec.of(conn).len() > i + 1);
+        assert_eq!(rec.of(conn).len(), i + 2, "one message at a time");
+        set(ws_message_complete(conn));
+    }
+    let got: Vec<Ev> = rec.of(conn)[1..].to_vec();
+    let want: Vec<Ev> = messages.iter().map(|m| Ev::Binary(conn, m.clone())).collect();
+    assert!(got == want, "a message differs");
+    assert_eq!(close(conn, 1000, ""), WsStatus::Ok);
+    client.run_until_final(&rec, conn);
+    server.join().unwrap();
 }
