@@ -165,7 +165,14 @@ impl Inflater {
                 }
             }
             let mut out = Vec::new();
-            let result = inflate_sync(d, compressed, max, spare, &mut out).map(|ended| (out, ended));
+            let result = inflate_sync(d, compressed, max, spare, &mut out).map(|ended| {
+                // The output grew by doubling: a message waiting for the host must not hold
+                // twice its size (the receive queue counts what it holds).
+                if out.capacity() - out.len() > spare + out.len() / 16 {
+                    out.shrink_to(out.len() + spare);
+                }
+                (out, ended)
+            });
             // A stream that ended (a final block) starts again with the next message.
             let keep = context.is_some() && matches!(result, Ok((_, false)));
             (result, keep)
@@ -210,6 +217,12 @@ fn inflate_sync(
                 return Err(InflateError::TooBig { max });
             }
             if status == Status::StreamEnd {
+                // After a final block nothing of the message may follow (the tail may: it is
+                // not the sender's); ignoring it would deliver a cut message as whole.
+                let left = input.len() - (d.total_in() - start) as usize;
+                if std::ptr::eq(input, compressed) && left > 0 {
+                    return Err(InflateError::Corrupt(format!("{left} bytes follow the end of the deflate stream")));
+                }
                 return Ok(true);
             }
             let done = (d.total_in() - start) as usize == input.len();
