@@ -835,7 +835,6 @@ fn other_reserved_bits_on_compressed_frames_fail_with_1002() {
 /// its length, as inflating doubles the buffer and the result is not shrunk; peak RSS grows by
 /// about 4 MiB more than for the plain message.)
 #[test]
-#[ignore = "known bug (issue 11): an 8 MiB inflated message waiting for the host grows the heap by 16 MiB; shrinking the inflate buffer did not change it, the second copy is elsewhere"]
 fn large_inflated_messages_are_bounded_by_the_queue_limit_plus_one_message() {
     if !in_child("large_inflated_messages_are_bounded_by_the_queue_limit_plus_one_message", &[]) {
         return;

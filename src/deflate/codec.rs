@@ -204,8 +204,13 @@ fn inflate_sync(
                 if out.len() >= cap {
                     return Err(InflateError::TooBig { max });
                 }
-                // Doubling, from about what a JSON message inflates to, never past the cap.
-                let want = out.len().max(compressed.len().saturating_mul(4)).max(1024);
+                // Doubling, from about what a JSON message inflates to, never past the cap. Once
+                // all the input is in (or only the tail is), what the inflater may still hold is
+                // at most a window: a small step then, or a message that fills its buffer exactly
+                // would double it for nothing (an 8 MiB message peaked at 16 MiB).
+                let finishing = consumed == input.len() || std::ptr::eq(input, &TAIL[..]);
+                let want =
+                    if finishing { 32 << 10 } else { out.len().max(compressed.len().saturating_mul(4)).max(1024) };
                 let additional = want.min(cap - out.len()) + if out.len() + want >= cap { spare } else { 0 };
                 out.try_reserve_exact(additional).map_err(|_| InflateError::OutOfMemory { size: out.len() + want })?;
             }
