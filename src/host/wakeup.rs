@@ -44,6 +44,10 @@ impl Wakeup {
 pub(crate) struct Wakeup {
     read: OwnedFd,
     write: OwnedFd,
+    /// Whether a set is pending: a set writes a byte only when none is, so the pipe holds a byte
+    /// or two, never fills, and no set is refused (a refused write raced with a clear was lost:
+    /// with a one-page pipe, as Linux gives once a user has many, that happened in a test).
+    pending: std::sync::atomic::AtomicBool,
 }
 
 #[cfg(any(not(target_os = "linux"), feature = "pipe-wake"))]
@@ -69,7 +73,7 @@ impl Wakeup {
                 }
             }
         }
-        Ok(Wakeup { read, write })
+        Ok(Wakeup { read, write, pending: std::sync::atomic::AtomicBool::new(false) })
     }
 
     pub(crate) fn fd(&self) -> RawFd {
@@ -77,15 +81,27 @@ impl Wakeup {
     }
 
     pub(crate) fn set(&self) {
-        // EAGAIN means the pipe is full: it is readable then anyway.
-        unsafe { libc::write(self.write.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        if !self.pending.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.write_byte();
+        }
     }
 
     pub(crate) fn clear(&self) {
-        // Drains every byte (a set per empty-to-pending change of the ready list, so few), until
-        // EAGAIN: the pipe is then not readable until the next set.
+        self.pending.store(false, std::sync::atomic::Ordering::Release);
+        // Drains every byte (one or two), until EAGAIN.
         let mut buf = [0u8; 64];
         while unsafe { libc::read(self.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+        // A set between the store and the drain had its byte drained with the others: put one
+        // back, so that what was set after the clear began stays readable.
+        if self.pending.load(std::sync::atomic::Ordering::Acquire) {
+            self.write_byte();
+        }
+    }
+
+    fn write_byte(&self) {
+        // SAFETY: a valid descriptor and a one-byte buffer. It cannot be refused: the pipe
+        // holds at most two bytes.
+        unsafe { libc::write(self.write.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
     }
 }
 
@@ -120,19 +136,26 @@ mod tests {
 
     #[test]
     fn sets_from_other_threads_are_never_lost() {
+        // Sets race with clears; then, once the clears are done, each thread sets once more:
+        // those sets must be seen (a clear that comes after a set takes it: that is not a loss).
         let wakeup = std::sync::Arc::new(Wakeup::new().unwrap());
+        let clears_done = std::sync::Arc::new(std::sync::Barrier::new(5));
         let threads: Vec<_> = (0..4)
             .map(|_| {
-                let wakeup = wakeup.clone();
-                std::thread::spawn(move || (0..10_000).for_each(|_| wakeup.set()))
+                let (wakeup, clears_done) = (wakeup.clone(), clears_done.clone());
+                std::thread::spawn(move || {
+                    (0..10_000).for_each(|_| wakeup.set());
+                    clears_done.wait();
+                    wakeup.set();
+                })
             })
             .collect();
         for _ in 0..1000 {
             wakeup.clear();
         }
+        clears_done.wait();
         threads.into_iter().for_each(|t| t.join().unwrap());
-        // Far more sets than a pipe holds (a full pipe refuses the byte: readable anyway).
-        assert!(readable(&wakeup), "the last set is seen");
+        assert!(readable(&wakeup), "the sets after the last clear are seen");
         wakeup.clear();
         assert!(!readable(&wakeup));
     }
