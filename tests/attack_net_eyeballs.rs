@@ -19,21 +19,13 @@ mod test_resolver {
     use std::ffi::{CStr, CString};
     use std::os::raw::{c_char, c_int};
     use std::ptr::null_mut;
-    use std::sync::{Mutex, OnceLock};
+    use std::sync::Mutex;
 
     pub static ANSWERS: Mutex<Vec<(String, Vec<String>)>> = Mutex::new(Vec::new());
     /// Every name looked up, as the library asked for it.
     pub static ASKED: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-    type GetAddrInfo =
-        unsafe extern "C" fn(*const c_char, *const c_char, *const libc::addrinfo, *mut *mut libc::addrinfo) -> c_int;
-
-    fn real() -> GetAddrInfo {
-        static REAL: OnceLock<usize> = OnceLock::new();
-        let address = *REAL.get_or_init(|| unsafe { libc::dlsym(libc::RTLD_NEXT, c"getaddrinfo".as_ptr()) as usize });
-        assert_ne!(address, 0, "the C library's getaddrinfo");
-        unsafe { std::mem::transmute::<usize, GetAddrInfo>(address) }
-    }
+    use super::common::system_getaddrinfo as real;
 
     #[no_mangle]
     pub unsafe extern "C" fn getaddrinfo(

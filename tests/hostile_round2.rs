@@ -2253,7 +2253,7 @@ mod hanging_resolver {
     use std::ffi::CStr;
     use std::os::raw::{c_char, c_int};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Condvar, Mutex, OnceLock};
+    use std::sync::{Condvar, Mutex};
     use std::time::Duration;
 
     /// Look-ups of hanging names that have started.
@@ -2267,15 +2267,7 @@ mod hanging_resolver {
         CHANGED.notify_all();
     }
 
-    type GetAddrInfo =
-        unsafe extern "C" fn(*const c_char, *const c_char, *const libc::addrinfo, *mut *mut libc::addrinfo) -> c_int;
-
-    fn real() -> GetAddrInfo {
-        static REAL: OnceLock<usize> = OnceLock::new();
-        let address = *REAL.get_or_init(|| unsafe { libc::dlsym(libc::RTLD_NEXT, c"getaddrinfo".as_ptr()) as usize });
-        assert_ne!(address, 0, "the C library's getaddrinfo");
-        unsafe { std::mem::transmute::<usize, GetAddrInfo>(address) }
-    }
+    use super::common::system_getaddrinfo as real;
 
     #[no_mangle]
     pub unsafe extern "C" fn getaddrinfo(

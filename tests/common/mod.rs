@@ -350,3 +350,19 @@ pub fn no_keepalive() -> Options {
     set(unsafe { ws_options_set_keepalive(options.0, 0, 1000) });
     options
 }
+
+/// The C library's getaddrinfo, for a test binary that defines its own (a test-only resolver)
+/// and passes the names it does not answer on.
+pub type GetAddrInfo = unsafe extern "C" fn(
+    *const std::os::raw::c_char,
+    *const std::os::raw::c_char,
+    *const libc::addrinfo,
+    *mut *mut libc::addrinfo,
+) -> std::os::raw::c_int;
+
+pub fn system_getaddrinfo() -> GetAddrInfo {
+    static REAL: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let address = *REAL.get_or_init(|| unsafe { libc::dlsym(libc::RTLD_NEXT, c"getaddrinfo".as_ptr()) as usize });
+    assert_ne!(address, 0, "the C library's getaddrinfo");
+    unsafe { std::mem::transmute::<usize, GetAddrInfo>(address) }
+}
