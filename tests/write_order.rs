@@ -25,13 +25,20 @@ struct Plan {
     sizes: &'static [usize],
     /// The peer pings all along (the I/O task then writes answers among the sends).
     pings: bool,
+    /// The sender goes on past `per_sender` until a send was written in part on its own
+    /// thread (see `send_until_partial`).
+    until_partial: bool,
 }
 
 /// Four threads at once, sizes on both sides of 16 KiB: the I/O task writes most.
-const MIXED: Plan = Plan { senders: 4, per_sender: 250, sizes: &SIZES, pings: true };
+const MIXED: Plan = Plan { senders: 4, per_sender: 250, sizes: &SIZES, pings: true, until_partial: false };
 /// One thread, sizes the caller's thread writes itself: the socket fills up under its own
 /// writes, which it then takes only in part (the I/O task writes the rest).
-const SMALL_FROM_ONE_THREAD: Plan = Plan { senders: 1, per_sender: 1500, sizes: &SMALL_SIZES, pings: false };
+const SMALL_FROM_ONE_THREAD: Plan =
+    Plan { senders: 1, per_sender: 1500, sizes: &SMALL_SIZES, pings: false, until_partial: true };
+
+/// How many messages the sender of `until_partial` may send before the test gives up.
+const PARTIAL_CAP: u32 = 60_000;
 /// Around the size up to which the caller's thread writes a message itself (16 KiB).
 const SIZES: [usize; 8] = [0, 1, 9, 125, 5000, 16384, 16385, 40000];
 
@@ -141,8 +148,9 @@ unsafe extern "C" fn answer(conn: WsConn, data: *const u8, len: usize, _: WsMess
 }
 
 /// Sends from SENDERS threads at once while the dispatching thread answers the peer's
-/// questions, then closes; returns when the connection has ended.
-fn converse(client: &Client, url: &str, options: Option<&Options>, plan: Plan) {
+/// questions, then closes; returns when the connection has ended, with how many messages
+/// each sender sent.
+fn converse(client: &Client, url: &str, options: Option<&Options>, plan: Plan) -> Vec<u32> {
     let rec = Recorder::default();
     let conn = match options {
         Some(o) => client.connect_with(url, o.0),
@@ -157,41 +165,80 @@ fn converse(client: &Client, url: &str, options: Option<&Options>, plan: Plan) {
     let senders: Vec<_> = (0..plan.senders)
         .map(|sender| {
             std::thread::spawn(move || {
+                if plan.until_partial {
+                    return send_until_partial(conn, plan, sender);
+                }
                 for seq in 0..plan.per_sender {
                     let m = message(plan, sender, seq);
                     assert_eq!(send_binary(conn, &m), WsStatus::Ok, "sender {sender}, message {seq}");
                 }
+                plan.per_sender
             })
         })
         .collect();
     let waiter = {
         let done = done.clone();
         std::thread::spawn(move || {
-            for s in senders {
-                s.join().unwrap();
-            }
+            let sent: Vec<u32> = senders.into_iter().map(|s| s.join().unwrap()).collect();
             done.store(true, Ordering::SeqCst);
+            sent
         })
     };
     client.run_until("every sender done", || done.load(Ordering::SeqCst));
-    if plan.senders == 1 {
-        // One thread sending small messages fills the socket under its own writes.
+    if plan.until_partial {
         let partial = wsclient::testing::partial_writes(conn).unwrap();
         assert!(partial > 0, "no send was written in part on the caller's thread: the test missed its case");
     }
     // The peer asks its next question when it reads an answer: all 20 come while it reads.
     client.run_until("every question answered", || answered.load(Ordering::SeqCst) == 20);
-    waiter.join().unwrap();
+    let sent = waiter.join().unwrap();
     assert_eq!(unsafe { ws_close(conn, 1000, std::ptr::null()) }, WsStatus::Ok);
     client.run_until_final(&rec, conn);
     assert_eq!(rec.of(conn).last(), Some(&Ev::Close(conn, 1000, String::new())));
+    sent
 }
 
-fn check(seen: &Seen, plan: Plan) {
+/// Sends `plan.per_sender` messages, and on until one was written in part on this thread.
+/// Whether a write is partial depends on where the socket's buffer fills (Linux takes a
+/// whole small write into the packet it extends, or nothing when it needs a new packet and
+/// the buffer is full), and once a send is queued every later one queues behind it while the
+/// peer reads slowly. So, until the case happened, each time a send was queued the sender
+/// waits for the I/O task to empty the queue: the next sends are written here again until
+/// the socket fills anew, another chance of a partial write.
+fn send_until_partial(conn: WsConn, plan: Plan, sender: usize) -> u32 {
+    let partial = || wsclient::testing::partial_writes(conn).unwrap();
+    let mut seq = 0;
+    while seq < plan.per_sender || partial() == 0 {
+        assert!(seq < PARTIAL_CAP, "no send was written in part on the caller's thread in {seq} sends");
+        assert_eq!(send_binary(conn, &message(plan, sender, seq)), WsStatus::Ok, "message {seq}");
+        seq += 1;
+        if partial() == 0 && buffered(conn) > 0 {
+            wait_until_sent(conn);
+        }
+    }
+    seq
+}
+
+fn buffered(conn: WsConn) -> usize {
+    let mut bytes = 0;
+    assert_eq!(unsafe { ws_buffered_amount(conn, &mut bytes) }, WsStatus::Ok);
+    bytes
+}
+
+/// Waits until the send queue is empty (polled: the library has no event for it).
+fn wait_until_sent(conn: WsConn) {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while buffered(conn) > 0 {
+        assert!(std::time::Instant::now() < deadline, "the send queue did not empty");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn check(seen: &Seen, plan: Plan, sent: &[u32]) {
     assert!(seen.after_close.is_empty(), "{:?}", seen.after_close);
     assert_eq!(seen.close, Some(1000));
     for (sender, seqs) in seen.sequences.iter().enumerate() {
-        let expected: Vec<u32> = if sender < plan.senders { (0..plan.per_sender).collect() } else { Vec::new() };
+        let expected: Vec<u32> = (0..sent.get(sender).copied().unwrap_or(0)).collect();
         assert!(
             *seqs == expected,
             "sender {sender}: {} messages, first out of order at {:?}",
@@ -229,8 +276,8 @@ fn over_ws(plan: Plan) {
         peer(p.stream, plan)
     });
     let client = Client::new();
-    converse(&client, &url, None, plan);
-    check(&peer_thread.join().unwrap(), plan);
+    let sent = converse(&client, &url, None, plan);
+    check(&peer_thread.join().unwrap(), plan, &sent);
 }
 
 /// The TLS peer: the same conversation inside a TLS session of a CA made for the test.
@@ -271,8 +318,8 @@ fn over_wss(plan: Plan) {
     let options = Options::new();
     assert_eq!(unsafe { ws_options_add_ca_file(options.0, cstr(ca.to_str().unwrap()).as_ptr()) }, WsStatus::Ok);
     let client = Client::new();
-    converse(&client, &url, Some(&options), plan);
-    check(&peer_thread.join().unwrap(), plan);
+    let sent = converse(&client, &url, Some(&options), plan);
+    check(&peer_thread.join().unwrap(), plan, &sent);
     let _ = std::fs::remove_dir_all(dir);
 }
 
