@@ -4,7 +4,8 @@
 //! last bytes of the messages compressed so far, at most one window, and none where context
 //! takeover is off. The states that do the work come from `pool`.
 
-use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
+use flate2::{Compress, FlushCompress};
+use zlib_rs::{Inflate, InflateFlush, Status};
 
 use super::{pool, Agreed};
 
@@ -141,14 +142,22 @@ pub(crate) enum InflateError {
 /// Inflates the messages of one connection.
 pub(crate) struct Inflater {
     owner: u64,
+    /// The server's window, 9..=15 (zlib's compressor makes an 8-bit window 9 bits, so
+    /// zlib-based servers that agreed to 8 use 512 bytes; every zlib inflater reads them so).
+    /// Below 15 the decompressor is rebuilt from the context for every message: a live one
+    /// keeps 32 KiB of history whatever the window, and would accept from a server that refers
+    /// further back than it agreed to what a rebuilt one refuses (1007), depending on what
+    /// other connections did in between. A rebuild costs about 1 µs.
+    window_bits: u8,
     /// None without context takeover.
     context: Option<Context>,
 }
 
 impl Inflater {
     pub(crate) fn new(agreed: &Agreed) -> Inflater {
-        let context = (!agreed.server_no_context_takeover).then(|| Context::new(agreed.server_window_bits));
-        Inflater { owner: pool::new_owner(), context }
+        let window_bits = agreed.server_window_bits.clamp(9, 15);
+        let context = (!agreed.server_no_context_takeover).then(|| Context::new(window_bits));
+        Inflater { owner: pool::new_owner(), window_bits, context }
     }
 
     /// Inflates one message (its payload as received, without the tail) into a new buffer of at
@@ -156,16 +165,17 @@ impl Inflater {
     /// checked while inflating: memory never grows past it.
     pub(crate) fn inflate(&mut self, compressed: &[u8], max: usize, spare: usize) -> Result<Vec<u8>, InflateError> {
         let context = &mut self.context;
+        let reuse = self.window_bits == 15;
         let result = pool::with_decompressor(self.owner, |d, live| {
             if !live {
                 if let Some(context) = context.as_ref().filter(|c| !c.bytes.is_empty()) {
                     if let Err(e) = d.set_dictionary(&context.bytes) {
-                        return (Err(InflateError::Corrupt(e.to_string())), false);
+                        return (Err(InflateError::Corrupt(e.as_str().to_string())), false);
                     }
                 }
             }
             let mut out = Vec::new();
-            let result = inflate_sync(d, compressed, max, spare, &mut out).map(|ended| {
+            let result = inflate_message(d, compressed, max, spare, &mut out).map(|ended| {
                 // The output grew by doubling: a message waiting for the host must not hold
                 // twice its size (the receive queue counts what it holds).
                 if out.capacity() - out.len() > spare + out.len() / 16 {
@@ -174,7 +184,7 @@ impl Inflater {
                 (out, ended)
             });
             // A stream that ended (a final block) starts again with the next message.
-            let keep = context.is_some() && matches!(result, Ok((_, false)));
+            let keep = reuse && context.is_some() && matches!(result, Ok((_, false)));
             (result, keep)
         });
         let (out, _) = result?;
@@ -187,60 +197,131 @@ impl Inflater {
 
 /// Inflates `compressed` then the tail into `out`. Ok(true) if the deflate stream ended (a
 /// block marked final) within the message.
-fn inflate_sync(
-    d: &mut Decompress,
+///
+/// The data must end where the tail completes an empty stored block; data that stops inside a
+/// block would make the tail's bytes, then the next message's, content of that block: wrong
+/// data delivered silently. flate2 hides zlib's `data_type`, which tells where inflating
+/// stopped, so this inflates block by block (zlib's Z_BLOCK) with zlib-rs itself: after the
+/// message's own bytes and whatever output they still owe, the tail must be taken whole, with
+/// no output, stopping at a block boundary before a byte placed after it.
+fn inflate_message(
+    d: &mut Inflate,
     compressed: &[u8],
     max: usize,
     spare: usize,
     out: &mut Vec<u8>,
 ) -> Result<bool, InflateError> {
-    // One byte more than allowed: inflating that byte is how a message over the limit shows.
-    let cap = max.saturating_add(1);
-    for input in [compressed, &TAIL[..]] {
-        let start = d.total_in();
+    let mut output = Output { out, max, spare, compressed_len: compressed.len(), input_left: compressed.len() };
+    let mut consumed = 0;
+    while consumed < compressed.len() {
+        output.input_left = compressed.len() - consumed;
+        let (taken, _, ended) = output.inflate_some(d, &compressed[consumed..])?;
+        consumed += taken;
+        if ended {
+            // After a final block nothing of the message may follow (the tail may: it is
+            // not the sender's); ignoring it would deliver a cut message as whole.
+            let left = compressed.len() - consumed;
+            if left > 0 {
+                return Err(InflateError::Corrupt(format!("{left} bytes follow the end of the deflate stream")));
+            }
+            return Ok(true);
+        }
+    }
+    // What the message's bytes still owe (the output filled up before all of it was written).
+    output.input_left = 0;
+    if output.drain(d)? {
+        return Ok(true);
+    }
+    let (taken, produced, ended) = output.inflate_some(d, &TAIL_AND_SENTINEL)?;
+    if ended || taken != TAIL.len() || produced != 0 {
+        return Err(InflateError::Corrupt("the deflate data ends inside a block".into()));
+    }
+    // The stored block ended; if it was marked final, the stream ends here.
+    output.drain(d)
+}
+
+/// zlib's reason for refusing the data. zlib-rs replaces the reason for an error found while
+/// inflating fast ("invalid distance too far back", for one) by the one for calling again
+/// after an error, which would mislead: that call was not ours.
+fn reason(message: Option<&'static str>, error: zlib_rs::InflateError) -> String {
+    match message {
+        Some("repeated call with bad state") | None => format!("invalid deflate data ({})", error.as_str()),
+        Some(message) => message.to_string(),
+    }
+}
+
+/// The tail as the receiver appends it, and one byte more: at a block boundary, inflating block
+/// by block stops before that byte.
+const TAIL_AND_SENTINEL: [u8; 5] = [0x00, 0x00, 0xff, 0xff, 0x00];
+
+/// The buffer a message inflates into, grown as it fills and never past the limit.
+struct Output<'a> {
+    out: &'a mut Vec<u8>,
+    max: usize,
+    spare: usize,
+    compressed_len: usize,
+    /// The message's bytes not yet given to the inflater.
+    input_left: usize,
+}
+
+impl Output<'_> {
+    /// Inflates from `input` up to the next block boundary, the end of the input or of the room
+    /// there is (growing it first if it is full). Returns the bytes consumed, the bytes written
+    /// and whether the deflate stream ended.
+    fn inflate_some(&mut self, d: &mut Inflate, input: &[u8]) -> Result<(usize, usize, bool), InflateError> {
+        if self.out.len() == self.out.capacity() {
+            self.grow()?;
+        }
+        let len = self.out.len();
+        // Inflating into initialised memory keeps this free of unsafe code; the bytes zeroed
+        // are the ones about to be written.
+        self.out.resize(self.out.capacity(), 0);
+        let (in_before, out_before) = (d.total_in(), d.total_out());
+        let status = d.decompress(input, &mut self.out[len..], InflateFlush::Block);
+        let (taken, produced) = ((d.total_in() - in_before) as usize, (d.total_out() - out_before) as usize);
+        self.out.truncate(len + produced);
+        let status = status.map_err(|e| InflateError::Corrupt(reason(d.error_message(), e)))?;
+        if self.out.len() > self.max {
+            return Err(InflateError::TooBig { max: self.max });
+        }
+        let room_left = self.out.len() < self.out.capacity();
+        if status != Status::StreamEnd && taken == 0 && produced == 0 && room_left && !input.is_empty() {
+            return Err(InflateError::Corrupt("the compressed data does not progress".into()));
+        }
+        Ok((taken, produced, status == Status::StreamEnd))
+    }
+
+    /// Writes what the inflater holds without more input, until it has room left over. Returns
+    /// whether the deflate stream ended.
+    fn drain(&mut self, d: &mut Inflate) -> Result<bool, InflateError> {
         loop {
-            let consumed = (d.total_in() - start) as usize;
-            if out.len() == out.capacity() {
-                if out.len() >= cap {
-                    return Err(InflateError::TooBig { max });
-                }
-                // Doubling, from about what a JSON message inflates to, never past the cap. Once
-                // all the input is in (or only the tail is), what the inflater may still hold is
-                // at most a window: a small step then, or a message that fills its buffer exactly
-                // would double it for nothing (an 8 MiB message peaked at 16 MiB).
-                let finishing = consumed == input.len() || std::ptr::eq(input, &TAIL[..]);
-                let want =
-                    if finishing { 32 << 10 } else { out.len().max(compressed.len().saturating_mul(4)).max(1024) };
-                let additional = want.min(cap - out.len()) + if out.len() + want >= cap { spare } else { 0 };
-                out.try_reserve_exact(additional).map_err(|_| InflateError::OutOfMemory { size: out.len() + want })?;
-            }
-            let before = out.len();
-            let status = d
-                .decompress_vec(&input[consumed..], out, FlushDecompress::Sync)
-                .map_err(|e| InflateError::Corrupt(e.to_string()))?;
-            if out.len() > max {
-                return Err(InflateError::TooBig { max });
-            }
-            if status == Status::StreamEnd {
-                // After a final block nothing of the message may follow (the tail may: it is
-                // not the sender's); ignoring it would deliver a cut message as whole.
-                let left = input.len() - (d.total_in() - start) as usize;
-                if std::ptr::eq(input, compressed) && left > 0 {
-                    return Err(InflateError::Corrupt(format!("{left} bytes follow the end of the deflate stream")));
-                }
+            let (_, produced, ended) = self.inflate_some(d, &[])?;
+            if ended {
                 return Ok(true);
             }
-            let done = (d.total_in() - start) as usize == input.len();
-            if done && out.len() < out.capacity() {
-                break;
-            }
-            if !done && out.len() == before && (d.total_in() - start) as usize == consumed && out.len() < out.capacity()
-            {
-                return Err(InflateError::Corrupt("the compressed data does not progress".into()));
+            if produced == 0 && self.out.len() < self.out.capacity() {
+                return Ok(false);
             }
         }
     }
-    Ok(false)
+
+    /// Makes room: doubling, from about what a JSON message inflates to, never past the limit
+    /// (one byte more than allowed: inflating that byte is how a message over it shows), nor
+    /// past what the input left can still make: deflate makes at most 1,032 bytes of a byte, and
+    /// what the inflater holds back is less than 32 KiB. Without that bound a message that
+    /// fills its buffer just before its last few bytes would double it for nothing (an 8 MiB
+    /// message peaked at 16 MiB).
+    fn grow(&mut self) -> Result<(), InflateError> {
+        let cap = self.max.saturating_add(1);
+        let len = self.out.len();
+        if len >= cap {
+            return Err(InflateError::TooBig { max: self.max });
+        }
+        let doubling = len.max(self.compressed_len.saturating_mul(4)).max(1024);
+        let want = doubling.min(self.input_left.saturating_mul(1032).saturating_add(32 << 10));
+        let additional = want.min(cap - len) + if len + want >= cap { self.spare } else { 0 };
+        self.out.try_reserve_exact(additional).map_err(|_| InflateError::OutOfMemory { size: len + want })
+    }
 }
 
 #[cfg(test)]
@@ -340,8 +421,8 @@ mod tests {
     #[test]
     fn an_empty_message() {
         let mut i = Inflater::new(&agreed());
+        assert_eq!(i.inflate(&[0x00], 10, 1).unwrap(), b"", "what zlib makes of an empty message");
         assert_eq!(i.inflate(&[0x00], 10, 1).unwrap(), b"");
-        assert_eq!(i.inflate(&[], 10, 1).unwrap(), b"", "an empty payload (RFC 7692 7.2.3.6)");
         let mut d = Deflater::new(&agreed());
         let mut out = Vec::new();
         assert!(!d.compress(b"", &mut out), "nothing to gain");
@@ -351,6 +432,63 @@ mod tests {
     fn window_8_goes_uncompressed() {
         let mut d = Deflater::new(&Agreed { client_window_bits: 8, ..agreed() });
         assert!(!d.compress(&json(1), &mut Vec::new()));
+    }
+
+    /// With the tail appended, the data must end where an empty stored block does: anything
+    /// else would make the tail (and the next message) content of an unfinished block.
+    #[test]
+    fn data_that_ends_inside_a_block_is_an_error() {
+        let mut whole = Vec::new();
+        assert!(Deflater::new(&agreed()).compress(&json(1), &mut whole));
+        let cut: [&[u8]; 4] = [&[], &TAIL, &whole[..whole.len() - 1], &whole[..whole.len() / 2]];
+        for data in cut {
+            let e = Inflater::new(&agreed()).inflate(data, 1 << 20, 0).unwrap_err();
+            assert!(matches!(e, InflateError::Corrupt(_)), "{data:02x?}: {e:?}");
+        }
+        // A stored block the tail leaves unfinished (its length says 5, 3 bytes came).
+        let e = Inflater::new(&agreed()).inflate(&[0x00, 0x05, 0x00, 0xfa, 0xff, 1, 2, 3], 100, 0).unwrap_err();
+        assert!(matches!(e, InflateError::Corrupt(_)), "{e:?}");
+        assert_eq!(Inflater::new(&agreed()).inflate(&whole, 1 << 20, 0).unwrap(), json(1));
+    }
+
+    /// A message may end the deflate stream with a final block (RFC 7692 7.2.3.4); the next one
+    /// starts a new stream.
+    #[test]
+    fn a_final_block_ends_the_stream_and_the_next_message_starts_anew() {
+        let mut i = Inflater::new(&agreed());
+        // "Hello" in a final fixed block, then an empty final stored block whose tail was removed.
+        let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+        let mut data = Vec::with_capacity(64);
+        c.compress_vec(b"Hello", &mut data, FlushCompress::Finish).unwrap();
+        assert_eq!(i.inflate(&data, 100, 0).unwrap(), b"Hello");
+        assert_eq!(i.inflate(&[0x01], 100, 0).unwrap(), b"", "an empty final stored block");
+        for _ in 0..3 {
+            let mut out = Vec::new();
+            assert!(Deflater::new(&agreed()).compress(&json(2), &mut out));
+            assert_eq!(i.inflate(&out, 1 << 20, 0).unwrap(), json(2));
+        }
+    }
+
+    /// Messages that inflate to exactly the buffer's size at some step, then end: the boundary
+    /// is found with the buffer full; and exactly at the limit, or one byte over it.
+    #[test]
+    fn messages_that_fill_the_buffer_exactly() {
+        let mut i = Inflater::new(&agreed());
+        let mut d = Deflater::new(&agreed());
+        for len in [1000, 1023, 1024, 1025, 4096, 32768, 32769, 100_000] {
+            let m: Vec<u8> = (0..len).map(|k| (k % 251) as u8 ^ (k / 7) as u8).collect();
+            let mut out = Vec::new();
+            assert!(d.compress(&m, &mut out));
+            assert_eq!(i.inflate(&out, 1 << 20, 0).unwrap(), m, "{len} bytes");
+            let alone = || {
+                let mut out = Vec::new();
+                assert!(Deflater::new(&agreed()).compress(&m, &mut out));
+                out
+            };
+            assert_eq!(Inflater::new(&agreed()).inflate(&alone(), len, 1).unwrap(), m, "{len} bytes at the limit");
+            let over = Inflater::new(&agreed()).inflate(&alone(), len - 1, 1);
+            assert_eq!(over, Err(InflateError::TooBig { max: len - 1 }), "{len} bytes");
+        }
     }
 
     #[test]

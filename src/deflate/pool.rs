@@ -12,7 +12,8 @@
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use flate2::{Compress, Compression, Decompress};
+use flate2::{Compress, Compression};
+use zlib_rs::Inflate;
 
 /// Compressors kept per I/O thread (each about 256 KiB at window 15 once used).
 const COMPRESSORS: usize = 2;
@@ -35,7 +36,7 @@ struct Slot<T> {
 #[derive(Default)]
 struct Pool {
     compressors: Vec<Slot<Compress>>,
-    decompressor: Option<Slot<Decompress>>,
+    decompressor: Option<Slot<Inflate>>,
     clock: u64,
 }
 
@@ -89,12 +90,13 @@ pub(super) fn with_compressor<R>(
     })
 }
 
-/// Runs `f` with the thread's decompressor (window 15: it inflates any smaller window too) and
-/// whether it is live for `owner` (else it was just reset), as `with_compressor` does.
-pub(super) fn with_decompressor<R>(owner: u64, f: impl FnOnce(&mut Decompress, bool) -> (R, bool)) -> R {
+/// Runs `f` with the thread's decompressor and whether it is live for `owner` (else it was
+/// just reset), as `with_compressor` does. zlib-rs keeps 32 KiB of history whatever window it
+/// is given, so one state serves every window (see `Inflater` for smaller ones).
+pub(super) fn with_decompressor<R>(owner: u64, f: impl FnOnce(&mut Inflate, bool) -> (R, bool)) -> R {
     POOL.with_borrow_mut(|pool| {
         let slot = pool.decompressor.get_or_insert_with(|| Slot {
-            state: Decompress::new_with_window_bits(false, 15),
+            state: Inflate::new(false, 15),
             made_for: (15, 0),
             owner: 0,
             last_used: 0,
