@@ -977,6 +977,16 @@ fn converse_host(client: &Client, conn: WsConn, rec: &Recorder, plan: Plan) -> (
                     let m = tagged(sender, seq, plan.sizes[(seq as usize + sender) % plan.sizes.len()]);
                     assert_eq!(send_binary(conn, &m), WsStatus::Ok, "sender {sender}, message {seq}");
                     seq += 1;
+                    // Once a send is queued, every later one queues behind it while the peer
+                    // reads slowly (and a callback's send made while this thread writes is
+                    // queued too): until the case happened, let the queue empty, so that this
+                    // thread writes again until the socket fills anew.
+                    if plan.until_partial_writes
+                        && wsclient::testing::partial_writes(conn).unwrap_or(0) < 3
+                        && common::buffered(conn) > 0
+                    {
+                        wait_until_sent(conn);
+                    }
                 }
                 done.fetch_add(1, Ordering::SeqCst);
                 seq

@@ -85,9 +85,16 @@ impl Outbox {
         self.commands.push_back(Command::Rest(Box::new((Bytes::copy_from_slice(rest), counted))));
     }
 
-    /// Messages waiting, encrypted, in the TLS session, counted for `counted` until written.
-    pub(crate) fn push_flush(&mut self, counted: Counted) {
-        self.commands.push_back(Command::Flush(Box::new(counted)));
+    /// As `push_rest`, before everything queued: the rest of frames a host's thread began
+    /// writing, while other sends were queued behind it.
+    pub(crate) fn push_rest_first(&mut self, rest: &[u8], counted: Counted) {
+        self.commands.push_front(Command::Rest(Box::new((Bytes::copy_from_slice(rest), counted))));
+    }
+
+    /// Messages waiting, encrypted, in the TLS session, counted for `counted` until written;
+    /// before everything queued (as `push_rest_first`).
+    pub(crate) fn push_flush_first(&mut self, counted: Counted) {
+        self.commands.push_front(Command::Flush(Box::new(counted)));
     }
 
     fn push_payload(&mut self, payload: &[u8]) {
@@ -237,16 +244,27 @@ mod tests {
         outbox.push_text("héllo");
         outbox.push_binary(b"");
         outbox.push_binary(b"\x01\x02");
-        outbox.push_flush(Counted::message(3));
         outbox.push_text("");
         outbox.push_close(CloseFrame { code: 1000.into(), reason: "".into() });
         assert_eq!(
             drain(&mut outbox),
-            ["rest 10 4", "Text héllo", "Binary ", "Binary \u{1}\u{2}", "flush 3", "Text ", "close 1000"]
+            ["rest 10 4", "Text héllo", "Binary ", "Binary \u{1}\u{2}", "Text ", "close 1000"]
         );
         assert!(outbox.is_empty());
         outbox.push_text("again");
         assert_eq!(drain(&mut outbox), ["Text again"]);
+    }
+
+    /// What a host's thread began writing while sends were queued behind it goes first.
+    #[test]
+    fn the_rest_of_a_write_goes_before_what_was_queued_meanwhile() {
+        let mut outbox = Outbox::default();
+        outbox.push_text("queued meanwhile");
+        outbox.push_rest_first(b"rest", Counted::message(7));
+        assert_eq!(drain(&mut outbox), ["rest 7 4", "Text queued meanwhile"]);
+        outbox.push_binary(b"x");
+        outbox.push_flush_first(Counted::message(3));
+        assert_eq!(drain(&mut outbox), ["flush 3", "Binary x"]);
     }
 
     #[test]

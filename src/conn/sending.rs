@@ -112,10 +112,12 @@ impl Conn {
             st = self.uncork_locked(st);
         }
         if let Some(wire) = st.writable_now(len).cloned() {
+            st.host_writing = true;
+            drop(st);
             FRAMES.with_borrow_mut(|frames| {
                 frames.clear();
                 frames.push(opcode, payload);
-                drop(self.write_now(st, &wire, frames));
+                drop(self.write_claimed(&wire, frames));
             });
             return Ok(());
         }
@@ -173,8 +175,12 @@ impl Conn {
             // Nothing will be sent any more (and the counts were reset when the task ended).
         } else {
             match st.wire.clone() {
-                // Still our socket to write (no task write began since, no close frame).
-                Some(wire) if !st.task_writing && st.outbox.is_empty() => st = self.write_now(st, &wire, &corked),
+                // Still our socket to write (no other write began since, no close frame).
+                Some(wire) if !st.task_writing && !st.host_writing && st.outbox.is_empty() => {
+                    st.host_writing = true;
+                    drop(st);
+                    st = self.write_claimed(&wire, &corked);
+                }
                 // The task writes first (its answers to pings, the rest of a frame): they follow,
                 // or, after our close frame, are dropped where they wait.
                 _ => {
@@ -188,9 +194,12 @@ impl Conn {
         st
     }
 
-    /// Writes `frames` now, on this thread; what the socket does not take goes to the I/O
-    /// task, first. Uncounts what was written.
-    fn write_now<'a>(&'a self, st: MutexGuard<'a, State>, wire: &Wire, frames: &Frames) -> MutexGuard<'a, State> {
+    /// Writes `frames` now, on this thread, which has claimed the socket (`host_writing`, set
+    /// under the lock that is not held now: the write system call runs without it, so the I/O
+    /// task can hand over what it reads and other threads can queue sends meanwhile, instead
+    /// of waiting on the lock). What the socket does not take goes to the I/O task, before
+    /// anything queued meanwhile. Uncounts what was written; returns the lock.
+    fn write_claimed(&self, wire: &Wire, frames: &Frames) -> MutexGuard<'_, State> {
         let all = frames.counted();
         let (taken, written) = match wire.write_now(&[IoSlice::new(&frames.bytes)]) {
             Ok(result) => result,
@@ -198,27 +207,39 @@ impl Conn {
             // frames wait for it like any other.
             Err(_) => (0, Written::Part(0)),
         };
+        let mut st = self.lock();
+        st.host_writing = false;
+        let task_waits = std::mem::take(&mut st.task_waits_for_host);
+        if st.task_ended {
+            // Nothing will be sent any more, and the counts were reset when the task ended.
+            return st;
+        }
         match written {
-            Written::All => {
-                self.sent(all);
-                return st;
-            }
+            Written::All => self.sent(all),
             // TLS: all of it is in the session, which the task will flush.
             Written::Unflushed => {
                 self.partial_writes.fetch_add(1, Ordering::Relaxed);
-                return self.hand_to_task_locked(st, |outbox| outbox.push_flush(all));
+                st.outbox.push_flush_first(all);
             }
-            Written::Part(_) => {}
+            Written::Part(_) => {
+                // Part of it is on the wire already: the rest must follow, whatever the send
+                // queue holds now (it was counted when accepted), and goes out first.
+                if taken > 0 {
+                    self.partial_writes.fetch_add(1, Ordering::Relaxed);
+                }
+                let done = frames.carried_by(taken);
+                self.sent(done);
+                let rest = Counted { bytes: all.bytes - done.bytes, messages: all.messages - done.messages };
+                st.outbox.push_rest_first(&frames.bytes[taken..], rest);
+            }
         }
-        // Part of it is on the wire already: the rest must follow, whatever the send queue
-        // holds now (it was counted when accepted), and goes out first.
-        if taken > 0 {
-            self.partial_writes.fetch_add(1, Ordering::Relaxed);
+        // The task may have been told of sends queued meanwhile and found the socket taken.
+        if task_waits || !st.outbox.is_empty() {
+            if let Some(w) = st.task_waker.take() {
+                dispatch::wake_task(w);
+            }
         }
-        let done = frames.carried_by(taken);
-        self.sent(done);
-        let rest = Counted { bytes: all.bytes - done.bytes, messages: all.messages - done.messages };
-        self.hand_to_task_locked(st, |outbox| outbox.push_rest(&frames.bytes[taken..], rest))
+        st
     }
 
     /// Queues a message (counted already) for the I/O task.

@@ -69,6 +69,12 @@ pub(super) struct State {
     /// The I/O task has taken requests (or has its own frames) it has not written yet: nobody
     /// else may write until it is done.
     pub(super) task_writing: bool,
+    /// A host's thread is writing a send on the socket, without the lock (see
+    /// `Conn::write_now`): nobody else may write until it is done.
+    pub(super) host_writing: bool,
+    /// The task has something to write and waits for `host_writing` to end (the host's thread
+    /// wakes it then).
+    pub(super) task_waits_for_host: bool,
     /// Frames of sends made by callbacks, written together when their dispatch batch ends
     /// (one system call for a batch of replies); nothing else goes out before them.
     pub(super) corked: Frames,
@@ -100,6 +106,8 @@ impl State {
             task_ended: false,
             wire: None,
             task_writing: false,
+            host_writing: false,
+            task_waits_for_host: false,
             corked: Frames::default(),
             compress_from: usize::MAX,
         }
@@ -111,6 +119,7 @@ impl State {
         if len > WRITE_ON_HOST_THREAD_MAX
             || len >= self.compress_from
             || self.task_writing
+            || self.host_writing
             || !self.outbox.is_empty()
             || !self.corked.is_empty()
         {

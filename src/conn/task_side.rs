@@ -144,11 +144,20 @@ impl Conn {
 
     /// Takes everything queued for the task, and (if there was anything, or `to_write` says
     /// the task has frames of its own) makes the task the one writer until `release_writing`.
-    /// One lock for all of it.
-    pub(crate) fn take_requests(&self, into: &mut Taken, to_write: bool) {
+    /// One lock for all of it. Returns false, taking nothing, while a host's thread is writing
+    /// (it wakes the task with `waker` when it is done, if there is anything to write).
+    pub(crate) fn take_requests(&self, into: &mut Taken, to_write: bool, waker: &Waker) -> bool {
         let mut st = self.lock();
+        if st.host_writing {
+            if to_write || !st.outbox.is_empty() {
+                st.task_waits_for_host = true;
+                store_waker(&mut st.task_waker, waker);
+            }
+            return false;
+        }
         into.refill_from(&mut st.outbox);
         st.task_writing |= to_write || !into.is_empty();
+        true
     }
 
     /// The task has written everything: other threads may write again, unless something was
@@ -195,9 +204,10 @@ fn gate_locked(st: &mut State, waker: &Waker, wants_requests: bool) -> Permit {
     }
     // Kept even when open, so that freeing the client wakes a task waiting on its socket.
     store_waker(&mut st.task_waker, waker);
-    if wants_requests && !st.outbox.is_empty() {
+    if wants_requests && !st.outbox.is_empty() && !st.host_writing {
         // Queued since the task last looked, while it had no waker here: look again. (Not
-        // while the task is blocked writing: it could not take them, and would spin.)
+        // while the task is blocked writing, nor while a host's thread writes: it could not
+        // take them, and would spin; the host's thread wakes it when done.)
         waker.wake_by_ref();
     }
     st.gate_closed = !st.reading_allowed();

@@ -265,7 +265,7 @@ fn requests_reach_the_task_in_order_and_wake_it_once() {
     f.conn.close(frame()).unwrap();
     assert_eq!(f.wakes(), woken + 1, "only the first request wakes the task");
     let mut taken = Taken::default();
-    f.conn.take_requests(&mut taken, false);
+    assert!(f.conn.take_requests(&mut taken, false, &f.waker));
     let mut order = Vec::new();
     while let Some(request) = taken.pop() {
         order.push(match request {
@@ -289,6 +289,32 @@ fn a_task_blocked_writing_is_not_woken_by_what_it_cannot_take() {
     // Able to take requests: it looks again.
     f.conn.deliver_then_gate(&mut none, Some((&f.waker, true)));
     assert_eq!(f.wakes(), woken + 1);
+}
+
+/// While a host's thread writes a send without the lock, the task takes nothing and writes
+/// nothing of its own (bytes would interleave), does not wake itself for what was queued
+/// meanwhile (it would spin), and asks to be woken when the host's thread is done.
+#[test]
+fn while_a_hosts_thread_writes_the_task_waits_without_spinning() {
+    let f = Fixture::new(1 << 20, 1 << 20);
+    f.conn.lock().host_writing = true;
+    f.conn.send_text("queued behind the host's write").unwrap();
+    let woken = f.wakes();
+    let mut taken = Taken::default();
+    assert!(!f.conn.take_requests(&mut taken, true, &f.waker), "a pong of its own must wait too");
+    assert!(taken.is_empty());
+    let mut none = VecDeque::new();
+    f.conn.deliver_then_gate(&mut none, Some((&f.waker, true)));
+    assert_eq!(f.wakes(), woken, "not woken while it could not take them");
+    {
+        let st = f.conn.lock();
+        assert!(st.task_waits_for_host && !st.task_writing && st.task_waker.is_some());
+    }
+    // The host's thread is done (as `write_claimed` ends): the task takes the send.
+    f.conn.lock().host_writing = false;
+    assert!(f.conn.take_requests(&mut taken, false, &f.waker));
+    assert!(!taken.is_empty());
+    assert!(f.conn.lock().task_writing);
 }
 
 #[test]

@@ -316,8 +316,11 @@ impl Session {
             // Once our close frame is out, what the host sends is dropped where it waits: the
             // outbox, emptied when the session ends.
             if self.taken.is_empty() && !self.close_sent {
-                // Also makes the task the writer, if it takes anything or has frames of its own.
-                self.conn.take_requests(&mut self.taken, own_frames);
+                // Also makes the task the writer, if it takes anything or has frames of its own;
+                // unless a host's thread is writing: it wakes the task when it is done.
+                if !self.conn.take_requests(&mut self.taken, own_frames, cx.waker()) {
+                    return Ok(progress);
+                }
                 self.writing |= own_frames || !self.taken.is_empty();
             }
             if !self.frame_next()? {

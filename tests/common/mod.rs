@@ -218,6 +218,22 @@ pub fn send_text(conn: WsConn, text: &str) -> WsStatus {
     unsafe { ws_send(conn, text.as_ptr().cast(), text.len()) }
 }
 
+/// What waits to be sent on `conn` (ws_buffered_amount).
+pub fn buffered(conn: WsConn) -> usize {
+    let mut bytes = 0;
+    assert_eq!(unsafe { ws_buffered_amount(conn, &mut bytes) }, WsStatus::Ok);
+    bytes
+}
+
+/// Waits until nothing waits to be sent on `conn` (polled: the library has no event for it).
+pub fn wait_until_sent(conn: WsConn) {
+    let deadline = Instant::now() + DEADLINE;
+    while buffered(conn) > 0 {
+        assert!(Instant::now() < deadline, "the send queue did not empty");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 pub fn send_binary(conn: WsConn, data: &[u8]) -> WsStatus {
     unsafe { ws_send_binary(conn, data.as_ptr().cast(), data.len()) }
 }
