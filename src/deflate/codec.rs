@@ -218,11 +218,15 @@ fn inflate_message(
         let (taken, _, ended) = output.inflate_some(d, &compressed[consumed..])?;
         consumed += taken;
         if ended {
-            // After a final block nothing of the message may follow (the tail may: it is
-            // not the sender's); ignoring it would deliver a cut message as whole.
-            let left = compressed.len() - consumed;
-            if left > 0 {
-                return Err(InflateError::Corrupt(format!("{left} bytes follow the end of the deflate stream")));
+            // After a final block nothing of the message may follow but the header of the
+            // empty stored block the tail completes (RFC 7692 7.2.1 and the example of 7.2.3.4:
+            // a final block, then 0x00); ignoring more would deliver a cut message as whole.
+            let left = &compressed[consumed..];
+            if !matches!(left, [] | [0x00 | 0x01]) {
+                return Err(InflateError::Corrupt(format!(
+                    "{} bytes follow the end of the deflate stream",
+                    left.len()
+                )));
             }
             return Ok(true);
         }
@@ -232,12 +236,26 @@ fn inflate_message(
     if output.drain(d)? {
         return Ok(true);
     }
+    let inside_a_block = || InflateError::Corrupt("the deflate data ends inside a block".into());
     let (taken, produced, ended) = output.inflate_some(d, &TAIL_AND_SENTINEL)?;
     if ended || taken != TAIL.len() || produced != 0 {
-        return Err(InflateError::Corrupt("the deflate data ends inside a block".into()));
+        return Err(inside_a_block());
     }
     // The stored block ended; if it was marked final, the stream ends here.
-    output.drain(d)
+    if output.drain(d)? {
+        return Ok(true);
+    }
+    // The tail was taken whole up to a block boundary, but it may have completed something
+    // else (a block header, then an end of block) and left bits over: a stored block's
+    // lengths leave none. Bits left over are ones (the tail ends with 0xff), so another empty
+    // stored block read after them is read as a final block, or as another type: only with no
+    // bit left over is it taken whole, silently, as the block it is.
+    // (Inflating block by block, a final block shows as the end only at the next call.)
+    let (taken, produced, ended) = output.inflate_some(d, &EMPTY_STORED_BLOCK)?;
+    if ended || taken != EMPTY_STORED_BLOCK.len() || produced != 0 || output.drain(d)? {
+        return Err(inside_a_block());
+    }
+    Ok(false)
 }
 
 /// zlib's reason for refusing the data. zlib-rs replaces the reason for an error found while
@@ -253,6 +271,9 @@ fn reason(message: Option<&'static str>, error: zlib_rs::InflateError) -> String
 /// The tail as the receiver appends it, and one byte more: at a block boundary, inflating block
 /// by block stops before that byte.
 const TAIL_AND_SENTINEL: [u8; 5] = [0x00, 0x00, 0xff, 0xff, 0x00];
+
+/// An empty stored block, not final: what a sync flush writes (and nothing to the output).
+const EMPTY_STORED_BLOCK: [u8; 5] = [0x00, 0x00, 0x00, 0xff, 0xff];
 
 /// The buffer a message inflates into, grown as it fills and never past the limit.
 struct Output<'a> {
@@ -462,6 +483,10 @@ mod tests {
         c.compress_vec(b"Hello", &mut data, FlushCompress::Finish).unwrap();
         assert_eq!(i.inflate(&data, 100, 0).unwrap(), b"Hello");
         assert_eq!(i.inflate(&[0x01], 100, 0).unwrap(), b"", "an empty final stored block");
+        let rfc_7692_7_2_3_4 = [0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00];
+        assert_eq!(i.inflate(&rfc_7692_7_2_3_4, 100, 0).unwrap(), b"Hello", "a final block, then 0x00");
+        let more = [0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00, 0x00];
+        assert!(matches!(i.inflate(&more, 100, 0), Err(InflateError::Corrupt(_))), "more after the final block");
         for _ in 0..3 {
             let mut out = Vec::new();
             assert!(Deflater::new(&agreed()).compress(&json(2), &mut out));
