@@ -211,7 +211,16 @@ fn inflate_message(
     spare: usize,
     out: &mut Vec<u8>,
 ) -> Result<bool, InflateError> {
-    let mut output = Output { out, max, spare, compressed_len: compressed.len(), input_left: compressed.len() };
+    out.clear();
+    let mut output =
+        Output { out, filled: 0, max, spare, compressed_len: compressed.len(), input_left: compressed.len() };
+    let result = inflate_into(d, compressed, &mut output);
+    let filled = output.filled;
+    out.truncate(filled);
+    result
+}
+
+fn inflate_into(d: &mut Inflate, compressed: &[u8], output: &mut Output<'_>) -> Result<bool, InflateError> {
     let mut consumed = 0;
     while consumed < compressed.len() {
         output.input_left = compressed.len() - consumed;
@@ -277,7 +286,10 @@ const EMPTY_STORED_BLOCK: [u8; 5] = [0x00, 0x00, 0x00, 0xff, 0xff];
 
 /// The buffer a message inflates into, grown as it fills and never past the limit.
 struct Output<'a> {
+    /// Zeroed up to its capacity as it grows (inflating into initialised memory keeps this free
+    /// of unsafe code, and each byte is zeroed once); `filled` bytes of it are the message.
     out: &'a mut Vec<u8>,
+    filled: usize,
     max: usize,
     spare: usize,
     compressed_len: usize,
@@ -290,22 +302,18 @@ impl Output<'_> {
     /// there is (growing it first if it is full). Returns the bytes consumed, the bytes written
     /// and whether the deflate stream ended.
     fn inflate_some(&mut self, d: &mut Inflate, input: &[u8]) -> Result<(usize, usize, bool), InflateError> {
-        if self.out.len() == self.out.capacity() {
+        if self.filled == self.out.len() {
             self.grow()?;
         }
-        let len = self.out.len();
-        // Inflating into initialised memory keeps this free of unsafe code; the bytes zeroed
-        // are the ones about to be written.
-        self.out.resize(self.out.capacity(), 0);
         let (in_before, out_before) = (d.total_in(), d.total_out());
-        let status = d.decompress(input, &mut self.out[len..], InflateFlush::Block);
+        let status = d.decompress(input, &mut self.out[self.filled..], InflateFlush::Block);
         let (taken, produced) = ((d.total_in() - in_before) as usize, (d.total_out() - out_before) as usize);
-        self.out.truncate(len + produced);
+        self.filled += produced;
         let status = status.map_err(|e| InflateError::Corrupt(reason(d.error_message(), e)))?;
-        if self.out.len() > self.max {
+        if self.filled > self.max {
             return Err(InflateError::TooBig { max: self.max });
         }
-        let room_left = self.out.len() < self.out.capacity();
+        let room_left = self.filled < self.out.len();
         if status != Status::StreamEnd && taken == 0 && produced == 0 && room_left && !input.is_empty() {
             return Err(InflateError::Corrupt("the compressed data does not progress".into()));
         }
@@ -320,7 +328,7 @@ impl Output<'_> {
             if ended {
                 return Ok(true);
             }
-            if produced == 0 && self.out.len() < self.out.capacity() {
+            if produced == 0 && self.filled < self.out.len() {
                 return Ok(false);
             }
         }
@@ -334,14 +342,16 @@ impl Output<'_> {
     /// message peaked at 16 MiB).
     fn grow(&mut self) -> Result<(), InflateError> {
         let cap = self.max.saturating_add(1);
-        let len = self.out.len();
+        let len = self.filled;
         if len >= cap {
             return Err(InflateError::TooBig { max: self.max });
         }
         let doubling = len.max(self.compressed_len.saturating_mul(4)).max(1024);
         let want = doubling.min(self.input_left.saturating_mul(1032).saturating_add(32 << 10));
         let additional = want.min(cap - len) + if len + want >= cap { self.spare } else { 0 };
-        self.out.try_reserve_exact(additional).map_err(|_| InflateError::OutOfMemory { size: len + want })
+        self.out.try_reserve_exact(additional).map_err(|_| InflateError::OutOfMemory { size: len + want })?;
+        self.out.resize(self.out.capacity(), 0);
+        Ok(())
     }
 }
 
