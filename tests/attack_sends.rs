@@ -240,7 +240,6 @@ fn release(stall: &Arc<Stall>) {
 /// sent; what the host sent goes out before the close frame. The library must wait for the
 /// host's thread to finish its write and then send its close frame.
 #[test]
-#[ignore = "finding: a protocol error while a host's thread writes ends with a bare FIN, no close frame 1002"]
 fn a_protocol_error_while_a_host_thread_writes_still_sends_close_1002() {
     let Some(stall) = stall_of("a_protocol_error_while_a_host_thread_writes_still_sends_close_1002", pattern(1, 8000))
     else {

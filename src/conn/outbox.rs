@@ -25,8 +25,8 @@ enum Command {
     /// Boxed: rare, and it would make every command (and `SEND_OVERHEAD`) larger.
     Close(Box<CloseFrame>),
     /// Frames the host's thread framed (and began writing, perhaps): their unwritten bytes,
-    /// and what they are counted for until written.
-    Rest(Box<(Bytes, Counted)>),
+    /// what they are counted for until written, and whether part of them is on the wire.
+    Rest(Box<(Bytes, Counted, bool)>),
     /// Messages that the host's thread handed to the TLS session, which could not write all of
     /// it yet, and what they are counted for.
     Flush(Box<Counted>),
@@ -82,13 +82,13 @@ impl Outbox {
     /// Framed bytes (the rest of frames partly written, or frames held back), counted for
     /// `counted` until written.
     pub(crate) fn push_rest(&mut self, rest: &[u8], counted: Counted) {
-        self.commands.push_back(Command::Rest(Box::new((Bytes::copy_from_slice(rest), counted))));
+        self.commands.push_back(Command::Rest(Box::new((Bytes::copy_from_slice(rest), counted, false))));
     }
 
     /// As `push_rest`, before everything queued: the rest of frames a host's thread began
-    /// writing, while other sends were queued behind it.
-    pub(crate) fn push_rest_first(&mut self, rest: &[u8], counted: Counted) {
-        self.commands.push_front(Command::Rest(Box::new((Bytes::copy_from_slice(rest), counted))));
+    /// writing (`begun`: part of them is on the wire), while other sends were queued behind it.
+    pub(crate) fn push_rest_first(&mut self, rest: &[u8], counted: Counted, begun: bool) {
+        self.commands.push_front(Command::Rest(Box::new((Bytes::copy_from_slice(rest), counted, begun))));
     }
 
     /// Messages waiting, encrypted, in the TLS session, counted for `counted` until written;
@@ -153,10 +153,12 @@ pub(crate) enum Outgoing {
         opcode: Opcode,
         payload: Bytes,
     },
-    /// The rest of a frame of a `len`-byte message, to write before anything else.
+    /// The rest of a frame of a `len`-byte message, to write before anything else. `begun`:
+    /// part of it is on the wire already, so the rest must follow whatever happens.
     Rest {
         bytes: Bytes,
         counted: Counted,
+        begun: bool,
     },
     /// Messages waiting in the TLS session: flushing it sends them.
     Flush {
@@ -199,7 +201,7 @@ impl Taken {
             Command::Text(len) => self.message(Opcode::Text, len),
             Command::Binary(len) => self.message(Opcode::Binary, len),
             Command::Close(frame) => Outgoing::Close(*frame),
-            Command::Rest(rest) => Outgoing::Rest { bytes: rest.0, counted: rest.1 },
+            Command::Rest(rest) => Outgoing::Rest { bytes: rest.0, counted: rest.1, begun: rest.2 },
             Command::Flush(counted) => Outgoing::Flush { counted: *counted },
         })
     }
@@ -230,7 +232,7 @@ mod tests {
                     format!("{opcode:?} {}", String::from_utf8_lossy(&plain))
                 }
                 Outgoing::Compress { opcode, payload } => format!("compress {opcode:?} {}", payload.len()),
-                Outgoing::Rest { bytes, counted } => format!("rest {} {}", counted.bytes, bytes.len()),
+                Outgoing::Rest { bytes, counted, .. } => format!("rest {} {}", counted.bytes, bytes.len()),
                 Outgoing::Flush { counted } => format!("flush {}", counted.bytes),
                 Outgoing::Close(f) => format!("close {}", u16::from(f.code)),
             })
@@ -260,7 +262,7 @@ mod tests {
     fn the_rest_of_a_write_goes_before_what_was_queued_meanwhile() {
         let mut outbox = Outbox::default();
         outbox.push_text("queued meanwhile");
-        outbox.push_rest_first(b"rest", Counted::message(7));
+        outbox.push_rest_first(b"rest", Counted::message(7), true);
         assert_eq!(drain(&mut outbox), ["rest 7 4", "Text queued meanwhile"]);
         outbox.push_binary(b"x");
         outbox.push_flush_first(Counted::message(3));

@@ -230,7 +230,7 @@ impl Conn {
                 let done = frames.carried_by(taken);
                 self.sent(done);
                 let rest = Counted { bytes: all.bytes - done.bytes, messages: all.messages - done.messages };
-                st.outbox.push_rest_first(&frames.bytes[taken..], rest);
+                st.outbox.push_rest_first(&frames.bytes[taken..], rest, taken > 0);
             }
         }
         // The task may have been told of sends queued meanwhile and found the socket taken.

@@ -149,6 +149,9 @@ struct Session {
     /// The peer broke the protocol: how the session ends once the host has dispatched the
     /// messages read before the violation and its replies are written.
     failing: Option<End>,
+    /// A host's thread is writing a send: the task writes nothing until it is done (and wakes
+    /// the task).
+    waiting_for_host: bool,
     close_deadline: Option<Instant>,
     last_heard: Instant,
     ping_sent: Option<Instant>,
@@ -184,6 +187,7 @@ impl Session {
             peer_close: None,
             peer_eof: false,
             failing: None,
+            waiting_for_host: false,
             close_deadline: None,
             last_heard: now,
             ping_sent: None,
@@ -219,7 +223,8 @@ impl Session {
         loop {
             match self.write_round(cx) {
                 Err(_) => return Poll::Ready(Ok(())),
-                Ok(_) if self.write_blocked => return Poll::Pending,
+                // (A host's thread writing wakes the task when it is done.)
+                Ok(_) if self.write_blocked || self.waiting_for_host => return Poll::Pending,
                 Ok(true) => continue,
                 Ok(false) => break,
             }
@@ -318,7 +323,8 @@ impl Session {
             if self.taken.is_empty() && !self.close_sent {
                 // Also makes the task the writer, if it takes anything or has frames of its own;
                 // unless a host's thread is writing: it wakes the task when it is done.
-                if !self.conn.take_requests(&mut self.taken, own_frames, cx.waker()) {
+                self.waiting_for_host = !self.conn.take_requests(&mut self.taken, own_frames, cx.waker());
+                if self.waiting_for_host {
                     return Ok(progress);
                 }
                 self.writing |= own_frames || !self.taken.is_empty();
@@ -385,9 +391,13 @@ impl Session {
                 // Sent after the close started: no longer allowed on the wire.
                 self.conn.sent(Counted::message(payload.len()));
             }
-            // Frames the host's thread held back, whole (the rest of a frame it began writing
-            // always goes before our close frame): after it, dropped.
-            Outgoing::Rest { counted, .. } | Outgoing::Flush { counted } if after_close => self.conn.sent(counted),
+            // Frames the host's thread held back, whole: after the close began, dropped. The
+            // rest of a frame it began writing goes out even after the peer's close frame (the
+            // stream would be broken otherwise); it always precedes our own close frame.
+            Outgoing::Rest { counted, begun: false, .. } | Outgoing::Flush { counted } if after_close => {
+                self.conn.sent(counted)
+            }
+            Outgoing::Rest { counted, begun: true, .. } if self.close_sent => self.conn.sent(counted),
             Outgoing::Message { opcode, key, payload } => {
                 let mut header = Vec::with_capacity(frame::MAX_HEADER);
                 frame::put_header(&mut header, opcode, payload.len(), key);
@@ -398,7 +408,7 @@ impl Session {
                 }
             }
             Outgoing::Compress { opcode, payload } => self.queue_compressed(opcode, payload),
-            Outgoing::Rest { bytes, counted } => {
+            Outgoing::Rest { bytes, counted, .. } => {
                 self.count(counted);
                 self.queued.push_back(bytes);
             }
@@ -663,6 +673,10 @@ impl Session {
         }
         // What the host queued before it was drained goes out, then our close frame.
         let wrote = self.write_round(cx)?;
+        if self.waiting_for_host {
+            // A host's thread is writing a send: it goes out whole, before our close frame.
+            return Ok(progress || wrote);
+        }
         if !self.writing || self.close_frame_out() {
             return Err(self.failing.take().expect("checked by the caller"));
         }
