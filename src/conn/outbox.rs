@@ -30,6 +30,9 @@ enum Command {
     /// Messages that the host's thread handed to the TLS session, which could not write all of
     /// it yet, and what they are counted for.
     Flush(Box<Counted>),
+    /// A large message in an allocation of its own, copied before the connection's lock was
+    /// taken (see `Conn::send`).
+    Owned(Box<(Opcode, Vec<u8>)>),
 }
 
 /// What queued messages count for in bufferedAmount and the send queue limit until written:
@@ -65,14 +68,25 @@ impl Outbox {
     /// step by step.
     const MIN_PAYLOADS: usize = 512;
 
+    #[cfg(test)]
     pub(crate) fn push_text(&mut self, text: &str) {
-        self.push_payload(text.as_bytes());
+        self.push_text_bytes(text.as_bytes());
+    }
+
+    /// A text message's bytes (UTF-8, checked by the caller).
+    pub(crate) fn push_text_bytes(&mut self, text: &[u8]) {
+        self.push_payload(text);
         self.commands.push_back(Command::Text(text.len()));
     }
 
     pub(crate) fn push_binary(&mut self, data: &[u8]) {
         self.push_payload(data);
         self.commands.push_back(Command::Binary(data.len()));
+    }
+
+    /// A message whose payload was copied into `data` already (no copy here).
+    pub(crate) fn push_owned(&mut self, opcode: Opcode, data: Vec<u8>) {
+        self.commands.push_back(Command::Owned(Box::new((opcode, data))));
     }
 
     pub(crate) fn push_close(&mut self, frame: CloseFrame) {
@@ -125,6 +139,7 @@ impl Command {
             Command::Text(len) | Command::Binary(len) => Counted::message(*len),
             Command::Flush(counted) => **counted,
             Command::Rest(rest) => rest.1,
+            Command::Owned(owned) => Counted::message(owned.1.len()),
             Command::Close(_) => Counted::default(),
         }
     }
@@ -203,11 +218,22 @@ impl Taken {
             Command::Close(frame) => Outgoing::Close(*frame),
             Command::Rest(rest) => Outgoing::Rest { bytes: rest.0, counted: rest.1, begun: rest.2 },
             Command::Flush(counted) => Outgoing::Flush { counted: *counted },
+            Command::Owned(owned) => {
+                let (opcode, data) = *owned;
+                // (Vec -> Bytes -> BytesMut keeps the allocation: no copy.)
+                self.outgoing(opcode, BytesMut::from(Bytes::from(data)))
+            }
         })
     }
 
     fn message(&mut self, opcode: Opcode, len: usize) -> Outgoing {
-        let mut payload = self.payloads.split_to(len);
+        let payload = self.payloads.split_to(len);
+        self.outgoing(opcode, payload)
+    }
+
+    /// A message to frame: masked in place, or to compress first.
+    fn outgoing(&self, opcode: Opcode, mut payload: BytesMut) -> Outgoing {
+        let len = payload.len();
         if self.compress_from.is_some_and(|from| len >= from) {
             return Outgoing::Compress { opcode, payload: payload.freeze() };
         }
@@ -255,6 +281,18 @@ mod tests {
         assert!(outbox.is_empty());
         outbox.push_text("again");
         assert_eq!(drain(&mut outbox), ["Text again"]);
+    }
+
+    /// A large message copied before the lock: sent as any other, counted the same.
+    #[test]
+    fn owned_payloads_come_out_in_order_and_masked() {
+        let mut outbox = Outbox::default();
+        outbox.push_binary(b"a");
+        outbox.push_owned(Opcode::Text, b"owned".to_vec());
+        outbox.push_binary(b"b");
+        assert_eq!(drain(&mut outbox), ["Binary a", "Text owned", "Binary b"]);
+        outbox.push_owned(Opcode::Binary, vec![7; 10]);
+        assert_eq!(outbox.discard(), Counted::message(10));
     }
 
     /// What a host's thread began writing while sends were queued behind it goes first.

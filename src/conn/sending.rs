@@ -86,16 +86,25 @@ thread_local! {
 impl Conn {
     /// Sends `text`; it goes out after the handshake, in order with the other sends.
     pub(crate) fn send_text(self: &Arc<Self>, text: &str) -> Result<(), Error> {
-        self.send(Opcode::Text, text.as_bytes(), |outbox| outbox.push_text(text))
+        self.send(Opcode::Text, text.as_bytes())
     }
 
     /// Sends `data`, as `send_text` does.
     pub(crate) fn send_binary(self: &Arc<Self>, data: &[u8]) -> Result<(), Error> {
-        self.send(Opcode::Binary, data, |outbox| outbox.push_binary(data))
+        self.send(Opcode::Binary, data)
     }
 
-    fn send(self: &Arc<Self>, opcode: Opcode, payload: &[u8], push: impl FnOnce(&mut Outbox)) -> Result<(), Error> {
+    fn send(self: &Arc<Self>, opcode: Opcode, payload: &[u8]) -> Result<(), Error> {
         let len = payload.len();
+        // A message too large for this thread to write goes to the I/O task: its copy is made
+        // before the lock is taken, so that a slow copy (a large message, a buffer paged out)
+        // holds up neither the I/O task nor ws_client_free. (A refused send pays a copy.)
+        let owned = (len > WRITE_ON_HOST_THREAD_MAX).then(|| payload.to_vec());
+        let push = |outbox: &mut Outbox| match (owned, opcode) {
+            (Some(data), _) => outbox.push_owned(opcode, data),
+            (None, Opcode::Text) => outbox.push_text_bytes(payload),
+            (None, _) => outbox.push_binary(payload),
+        };
         let mut st = self.lock();
         if matches!(st.phase, Phase::Closing | Phase::Finished) {
             return Err(Error::new(WsStatus::Closing, "the connection is closing: nothing more can be sent"));
