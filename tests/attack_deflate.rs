@@ -11,34 +11,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::deflate::*;
 use common::hostile::*;
 use common::*;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
-
-const TAIL: [u8; 4] = [0, 0, 0xff, 0xff];
-const PMD: &str = "permessage-deflate";
-
-/// One message's payload from a continuing stream: sync-flushed, the tail removed.
-fn deflate_msg(c: &mut Compress, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + 1024);
-    let start = c.total_in();
-    loop {
-        let at = (c.total_in() - start) as usize;
-        c.compress_vec(&data[at..], &mut out, FlushCompress::Sync).unwrap();
-        if (c.total_in() - start) as usize == data.len() && out.len() < out.capacity() {
-            break;
-        }
-        out.reserve(out.len().max(1024));
-    }
-    assert!(out.ends_with(&TAIL));
-    out.truncate(out.len() - 4);
-    out
-}
-
-/// A whole message compressed on its own (a fresh raw deflate stream, no context).
-fn deflate_alone(data: &[u8]) -> Vec<u8> {
-    deflate_msg(&mut Compress::new(Compression::best(), false), data)
-}
 
 /// A complete raw deflate stream ending with a BFINAL=1 block.
 fn deflate_final(data: &[u8]) -> Vec<u8> {
@@ -47,19 +23,6 @@ fn deflate_final(data: &[u8]) -> Vec<u8> {
     c.compress_vec(data, &mut out, FlushCompress::Finish).unwrap();
     assert_eq!(c.total_in() as usize, data.len());
     out
-}
-
-/// Bytes that do not compress (a xorshift stream).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Connects to a raw server that negotiates `extensions` and then sends `frames`; returns the

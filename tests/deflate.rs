@@ -8,12 +8,11 @@ mod common;
 use std::io::Write;
 use std::time::Duration;
 
+use common::deflate::TAIL;
 use common::hostile::*;
 use common::peers::Peer;
 use common::*;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
-
-const TAIL: [u8; 4] = [0, 0, 0xff, 0xff];
 
 /// A JSON-like text of about `len` bytes that repeats itself the way app messages do.
 fn json_like(seed: usize, len: usize) -> String {

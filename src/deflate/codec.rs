@@ -360,14 +360,7 @@ mod tests {
     use super::*;
 
     fn agreed() -> Agreed {
-        Agreed {
-            client_window_bits: 15,
-            server_window_bits: 15,
-            client_no_context_takeover: false,
-            server_no_context_takeover: false,
-            level: 6,
-            threshold: 0,
-        }
+        Agreed::for_tests()
     }
 
     /// Our compressor's output, read back by an inflater configured the other way round.

@@ -63,6 +63,20 @@ pub(crate) struct Agreed {
 }
 
 impl Agreed {
+    /// Windows of 15 bits and context kept both ways, level 6, every message compressed: what
+    /// the unit tests start from.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Agreed {
+        Agreed {
+            client_window_bits: 15,
+            server_window_bits: 15,
+            client_no_context_takeover: false,
+            server_no_context_takeover: false,
+            level: 6,
+            threshold: 0,
+        }
+    }
+
     /// The parameters in force, as ws_extensions tells them.
     pub(crate) fn describe(&self) -> String {
         let mut out = format!(

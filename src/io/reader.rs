@@ -640,15 +640,7 @@ mod tests {
     }
 
     fn inflater() -> Option<Inflater> {
-        let agreed = crate::deflate::Agreed {
-            client_window_bits: 15,
-            server_window_bits: 15,
-            client_no_context_takeover: false,
-            server_no_context_takeover: false,
-            level: 6,
-            threshold: 0,
-        };
-        Some(Inflater::new(&agreed))
+        Some(Inflater::new(&crate::deflate::Agreed::for_tests()))
     }
 
     /// "Hello" compressed, without its tail (RFC 7692 7.2.3.1).

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod deflate;
 pub mod hostile;
 pub mod peers;
 pub mod proxies;
