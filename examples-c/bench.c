@@ -1,7 +1,8 @@
 /*
  * bench: the wsclient client for the shared benchmark harness (../shared/bench), used the way a
- * host uses the library: its own poll() loop on the library's fd, ws_dispatch(), callbacks on
- * this thread, the next message sent from inside the callback.
+ * host uses the library: its own event loop on the library's fd, ws_dispatch(), callbacks on
+ * this thread, the next message sent from inside the callback. The loop waits with epoll on Linux
+ * (the descriptor registered once, as libuv and other event loops do) and with poll() elsewhere.
  *
  *   bench --url ws://127.0.0.1:18701 --mode pingpong|pipeline|flood|conns|reconnect --size S --count N
  *         [--window W] [--conns C] [--ca CA.pem] [--payload FILE] [--deflate]
@@ -23,7 +24,11 @@
  * library's I/O thread included) per connection.
  */
 #define _POSIX_C_SOURCE 200809L
+#ifdef __linux__
+#include <sys/epoll.h>
+#else
 #include <poll.h>
+#endif
 #include <stdio.h>
 #include <sys/resource.h>
 #include <stdlib.h>
@@ -240,6 +245,23 @@ static void on_error(ws_conn conn, ws_status kind, const char *message, void *us
     next_connection();
 }
 
+/* Waits until fd is readable: true, or false after timeout_ms or on an error. */
+static bool wait_readable(int fd, int timeout_ms) {
+#ifdef __linux__
+    static int epoll_fd = -1;
+    if (epoll_fd < 0) {
+        struct epoll_event event = {.events = EPOLLIN};
+        epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+        if (epoll_fd < 0 || epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &event) != 0) return false;
+    }
+    struct epoll_event event;
+    return epoll_wait(epoll_fd, &event, 1, timeout_ms) > 0;
+#else
+    struct pollfd pfd = {.fd = fd, .events = POLLIN};
+    return poll(&pfd, 1, timeout_ms) > 0;
+#endif
+}
+
 int main(int argc, char **argv) {
     parse(argc, argv);
     char url[512];
@@ -280,9 +302,8 @@ int main(int argc, char **argv) {
     for (long i = 0; i < nconns; i++)
         if (!start(&run.conns[i])) return 1;
 
-    struct pollfd pfd = {.fd = ws_client_fd(client), .events = POLLIN};
     while (run.closed < ends) {
-        if (poll(&pfd, 1, 60000) <= 0) {
+        if (!wait_readable(ws_client_fd(client), 60000)) {
             fprintf(stderr, "no event within 60 s\n");
             return 1;
         }
