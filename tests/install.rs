@@ -168,6 +168,29 @@ fn installed_library_builds_and_runs_echo_with_pkg_config_alone() {
     assert!(stdout.contains("close 4000 \"echo done\"") && stdout.ends_with("ok\n"), "{stdout}");
 }
 
+/// The README's "Size and debug info" figures (MB of 10^6 bytes) are within 10% of the real sizes:
+/// the build tree's libraries (`make install` builds them) and the installed, stripped copies.
+fn readme_sizes_are_true(installed_so: &Path, installed_a: &Path) {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let text = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    // The n-th number in the words that follow `prefix`.
+    let after = |prefix: &str, n: usize| -> f64 {
+        let start = text.find(prefix).unwrap_or_else(|| panic!("README no longer says {prefix:?}")) + prefix.len();
+        text[start..].split(' ').filter_map(|word| word.trim_matches(['(', ')']).parse().ok()).nth(n).unwrap()
+    };
+    let mb = |path: &Path| std::fs::metadata(path).unwrap().len() as f64 / 1e6;
+    let release = root().join("target/release");
+    for (what, stated, path) in [
+        ("the built shared library", after("shared library is still", 0), release.join("libwsclient.so")),
+        ("the built static library", after("and the static one", 0), release.join("libwsclient.a")),
+        ("the installed shared library", after("stripped of both", 0), installed_so.to_owned()),
+        ("the installed static library", after("stripped of both", 1), installed_a.to_owned()),
+    ] {
+        let real = mb(&path);
+        assert!((real - stated).abs() <= stated * 0.1, "README: {what} is {stated} MB, really {real:.1} MB");
+    }
+}
+
 /// What a packager runs: DESTDIR staging with a distribution's PREFIX and LIBDIR. The .pc file
 /// names the final paths (without DESTDIR), relative to its prefix; uninstall removes everything.
 #[test]
@@ -210,6 +233,7 @@ fn staged_install_is_a_tree_a_packager_accepts_and_uninstall_removes_it() {
     let sections =
         check("readelf -S", Command::new("readelf").arg("-S").arg(lib.join("libwsclient.so")).output().unwrap());
     assert!(!sections.contains(".debug_info"), "the installed shared library keeps its debug info");
+    readme_sizes_are_true(&lib.join(format!("libwsclient.so.{VERSION}")), &lib.join("libwsclient.a"));
 
     let pc = std::fs::read_to_string(lib.join("pkgconfig/wsclient.pc")).unwrap();
     let field = |name: &str| {
