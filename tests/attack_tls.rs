@@ -545,10 +545,10 @@ fn a_ca_file_with_10000_certificates_is_taken_and_connects() {
 }
 
 #[test]
-fn an_expired_ca_and_a_non_ca_certificate_in_a_ca_file() {
-    // No promise in the README or the header about these: what happens is printed, and each
-    // attempt must still end in exactly one final event.
-    let dir = TempDir::new("attack-odd-cas");
+fn an_expired_ca_in_a_ca_file() {
+    // No promise in the README or the header: what happens is printed (rustls does not check a
+    // trust anchor's validity; OpenSSL does), and the attempt ends in exactly one final event.
+    let dir = TempDir::new("attack-expired-ca");
     let expired = Authority::expired("attack expired CA");
     let server = IdServer::start(server_config(&expired.server(&["localhost"], "server"), &[]));
     let client = Client::new();
@@ -560,28 +560,45 @@ fn an_expired_ca_and_a_non_ca_certificate_in_a_ca_file() {
         last_error()
     };
     eprintln!("an expired CA: set {status:?}; a server it issued: {outcome}");
+}
 
-    // A leaf (no CA basic constraint) put in a CA file, and a "server certificate" it signed.
-    let leaf_key = KeyPair::generate().unwrap();
+#[test]
+#[ignore = "finding: a server certificate that is not a CA (cA=FALSE, for leaf.example), put in a CA file (pinning it), is trusted to issue certificates: a certificate for localhost signed by its key is accepted; expected the file or the chain refused (openssl verify: invalid CA certificate)"]
+fn a_non_ca_certificate_in_a_ca_file_does_not_issue_certificates() {
+    let dir = TempDir::new("attack-non-ca");
+    // The server certificate of leaf.example, self-signed, as a host pins it in its CA file.
+    let pinned_key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(vec!["leaf.example".to_string()]).unwrap();
-    params.distinguished_name.push(DnType::CommonName, "attack non-CA leaf");
+    params.distinguished_name.push(DnType::CommonName, "attack pinned leaf.example");
     params.is_ca = IsCa::ExplicitNoCa;
-    let leaf_cert = params.self_signed(&leaf_key).unwrap();
-    let not_a_ca = Authority {
-        pem: leaf_cert.pem(),
-        der: leaf_cert.der().clone(),
-        key_pem: leaf_key.serialize_pem(),
-        issuer: Issuer::new(params, leaf_key),
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let pinned_cert = params.self_signed(&pinned_key).unwrap();
+    let pinned = Authority {
+        pem: pinned_cert.pem(),
+        der: pinned_cert.der().clone(),
+        key_pem: pinned_key.serialize_pem(),
+        issuer: Issuer::new(params, pinned_key),
     };
-    let server = IdServer::start(server_config(&not_a_ca.server(&["localhost"], "server"), &[]));
-    let leaf_pem = dir.write("leaf.pem", &not_a_ca.pem);
-    let status = add_ca(&Options::new(), &leaf_pem);
+    // Whoever holds leaf.example's key mints a certificate for another name.
+    let minted = pinned.server(&["localhost"], "minted");
+    let pinned_pem = dir.write("pinned.pem", &pinned.pem);
+    let minted_pem = dir.write("minted.pem", &minted.chain_pem);
+    let openssl_verdict = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile", pinned_pem.to_str().unwrap(), minted_pem.to_str().unwrap()])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+        .unwrap_or_default();
+    let server = IdServer::start(server_config(&minted, &[]));
+    let client = Client::new();
+    let status = add_ca(&Options::new(), &pinned_pem);
     let outcome = if status == WsStatus::Ok {
-        format!("{:?}", ask(&client, &server.url("localhost"), Some(&options(&[&leaf_pem], None))))
+        ask(&client, &server.url("localhost"), Some(&options(&[&pinned_pem], None)))
     } else {
-        last_error()
+        Err(Ev::Error(0, status, last_error()))
     };
-    eprintln!("a non-CA certificate as a CA: set {status:?}; a server certificate it signed: {outcome}");
+    eprintln!("set {status:?}; localhost minted by the pinned key: {outcome:?}; openssl verify: {openssl_verdict}");
+    assert!(outcome.is_err(), "a certificate issued by a non-CA certificate was trusted: {outcome:?}");
 }
 
 // ---- 3. one TLS configuration per distinct set of CAs and client certificate ---------------------
@@ -1275,4 +1292,49 @@ fn refusals_of_the_client_certificate_over_tls13_are_named_every_time() {
     eprintln!("{counts:#?}");
     assert_eq!(counts.len(), 2, "{counts:#?}");
     assert!(counts.keys().all(|k| k.starts_with("Tls, ") && k.contains("(alert: ")), "{counts:#?}");
+}
+
+#[test]
+fn client_keys_the_tls_library_cannot_sign_with_are_refused_when_set() {
+    // (An RSA 8192 key is refused the same way; left out: making one takes some 20 s here.)
+    let dir = TempDir::new("attack-key-kinds");
+    let options = Options::new();
+    let mut wrong = Vec::new();
+    for (name, args) in [
+        ("P-521", &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-521"][..]),
+        ("secp256k1", &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:secp256k1"][..]),
+        ("RSA 1024", &["-newkey", "rsa:1024"][..]),
+        ("Ed448", &["-newkey", "ed448"][..]),
+    ] {
+        let key = dir.0.join(format!("{}-key.pem", name.replace(' ', "")));
+        let cert = dir.0.join(format!("{}.pem", name.replace(' ', "")));
+        let mut all = vec!["req", "-x509", "-nodes", "-subj", "/CN=ident-k", "-keyout", key.to_str().unwrap()];
+        all.extend_from_slice(&["-out", cert.to_str().unwrap()]);
+        all.extend_from_slice(args);
+        openssl(&all);
+        let status = set_cert(&options, &cert, &key);
+        let message = last_error();
+        eprintln!("{name}: {status:?} {message}");
+        if status != WsStatus::CertificateFile || !message.contains(key.to_str().unwrap()) {
+            wrong.push(format!("{name}: {status:?} {message}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+#[test]
+fn p384_and_ed25519_client_certificates_are_presented() {
+    let dir = TempDir::new("attack-key-algs");
+    let server_ca = Authority::new("attack server CA");
+    let client_ca = Authority::new("attack client CA");
+    let server = IdServer::start(server_config(&server_ca.server(&["localhost"], "server"), &[&client_ca]));
+    let ca = dir.write("server-ca.pem", &server_ca.pem);
+    let client = Client::new();
+    for (name, alg) in [("ident-p384", &rcgen::PKCS_ECDSA_P384_SHA384), ("ident-ed25519", &rcgen::PKCS_ED25519)] {
+        let leaf = client_ca.sign(Vec::new(), name, false, KeyPair::generate_for(alg).unwrap());
+        let files =
+            (dir.write(&format!("{name}.pem"), &leaf.chain_pem), dir.write(&format!("{name}-key.pem"), &leaf.key_pem));
+        let answer = ask(&client, &server.url("localhost"), Some(&options(&[&ca], Some((&files.0, &files.1)))));
+        assert!(matches!(&answer, Ok(a) if a.starts_with(&format!("{name} "))), "{name}: {answer:?}");
+    }
 }
