@@ -563,13 +563,14 @@ fn an_expired_ca_in_a_ca_file() {
 }
 
 #[test]
-#[ignore = "finding: a server certificate that is not a CA (cA=FALSE, for leaf.example), put in a CA file (pinning it), is trusted to issue certificates: a certificate for localhost signed by its key is accepted; expected the file or the chain refused (openssl verify: invalid CA certificate)"]
+// Found by this file: rustls took the pinned certificate as an issuer (the minted localhost was
+// accepted). Now a certificate that is not a CA is trusted as itself only, as OpenSSL does.
 fn a_non_ca_certificate_in_a_ca_file_does_not_issue_certificates() {
     let dir = TempDir::new("attack-non-ca");
     // The server certificate of leaf.example, self-signed, as a host pins it in its CA file.
     let pinned_key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec!["leaf.example".to_string()]).unwrap();
-    params.distinguished_name.push(DnType::CommonName, "attack pinned leaf.example");
+    let mut params = CertificateParams::new(vec!["leaf.attack.test".to_string()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "attack pinned leaf.attack.test");
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -599,6 +600,15 @@ fn a_non_ca_certificate_in_a_ca_file_does_not_issue_certificates() {
     };
     eprintln!("set {status:?}; localhost minted by the pinned key: {outcome:?}; openssl verify: {openssl_verdict}");
     assert!(outcome.is_err(), "a certificate issued by a non-CA certificate was trusted: {outcome:?}");
+    // Pinning itself still works: the server presenting the pinned certificate, for its name.
+    let itself = Leaf { chain_pem: pinned.pem.clone(), key_pem: pinned.key_pem.clone() };
+    let server = IdServer::start(server_config(&itself, &[]));
+    let trusting_pinned = options(&[&pinned_pem], None);
+    let answer = ask(&client, &server.url("leaf.attack.test"), Some(&trusting_pinned));
+    assert!(answer.is_ok(), "the pinned certificate itself was refused: {answer:?}");
+    // ... and for its name only.
+    let elsewhere = ask(&client, &server.url("other.attack.test"), Some(&trusting_pinned));
+    assert!(elsewhere.is_err(), "the pinned certificate was accepted for another name: {elsewhere:?}");
 }
 
 // ---- 3. one TLS configuration per distinct set of CAs and client certificate ---------------------

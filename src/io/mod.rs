@@ -13,6 +13,7 @@
 
 pub(crate) mod eyeballs;
 pub(crate) mod handshake;
+pub(crate) mod pinned;
 pub(crate) mod proxy;
 pub(crate) mod reader;
 pub(crate) mod redirect;

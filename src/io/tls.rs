@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use rustls::sign::SingleCertAndKey;
 use rustls::{AlertDescription, CertificateError, ClientConfig, RootCertStore};
 
+use super::pinned;
 use crate::error::{Error, WsStatus};
 use crate::options::TlsSettings;
 use crate::sync::lock;
@@ -49,21 +50,28 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn build(system: &Arc<RootCertStore>, settings: &TlsSettings) -> Result<Arc<ClientConfig>, Error> {
-    let roots = if settings.extra_ca.is_empty() {
+    let unusable =
+        |e: rustls::Error| Error::new(WsStatus::CertificateFile, format!("CA certificate cannot be used: {e}"));
+    // Extra certificates that are CAs join the roots; the others are trusted as themselves only.
+    let (cas, pinned): (Vec<_>, Vec<_>) = settings.extra_ca.iter().cloned().partition(pinned::can_issue);
+    let roots = if cas.is_empty() {
         system.clone()
     } else {
         let mut roots = RootCertStore::clone(system);
-        for cert in settings.extra_ca.iter() {
-            roots
-                .add(cert.clone())
-                .map_err(|e| Error::new(WsStatus::CertificateFile, format!("CA certificate cannot be used: {e}")))?;
+        for cert in cas {
+            roots.add(cert).map_err(unusable)?;
         }
         Arc::new(roots)
     };
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::new(WsStatus::Tls, format!("TLS: {e}")))?
-        .with_root_certificates(roots);
+        .map_err(|e| Error::new(WsStatus::Tls, format!("TLS: {e}")))?;
+    let builder = if pinned.is_empty() {
+        builder.with_root_certificates(roots)
+    } else {
+        let verifier = pinned::PinnedOrCa::new(roots, pinned, provider()).map_err(unusable)?;
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier))
+    };
     let config = match &settings.client_cert {
         None => builder.with_no_client_auth(),
         Some(cert) => builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(cert.key.clone()))),
