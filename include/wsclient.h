@@ -577,7 +577,9 @@ void ws_options_free(ws_options *options);
 
 /**
  * Also trusts the CA certificates of a PEM file (read now), in addition to the system's trust
- * store. WS_STATUS_CERTIFICATE_FILE if it cannot be read or holds no certificate.
+ * store. WS_STATUS_CERTIFICATE_FILE if it cannot be read, is not a regular file or is larger
+ * than 16 MiB, or holds no certificate. A certificate in it that is not a CA (a server's own
+ * certificate, to pin it) is trusted as itself only: its key vouches for no other certificate.
  * Any thread, also inside callbacks; one thread at a time per options object.
  *
  * # Safety
@@ -591,8 +593,9 @@ ws_status ws_options_add_ca_file(ws_options *options, const char *pem_path);
  * PEM file with the client's certificate first, then any intermediate CA certificates;
  * `key_pem_path` is a PEM file with its private key: PKCS#8 ("PRIVATE KEY"), PKCS#1
  * ("RSA PRIVATE KEY") or SEC1 ("EC PRIVATE KEY"), not encrypted. Both are read and checked now,
- * once: WS_STATUS_CERTIFICATE_FILE if a file cannot be read, holds no certificate or no key,
- * or the key does not match the certificate (ws_last_error() says which). Setting it again
+ * once: WS_STATUS_CERTIFICATE_FILE if a file cannot be read, is not a regular file or is
+ * larger than 16 MiB, holds no certificate or no key, or the key does not match the
+ * certificate (ws_last_error() says which). Setting it again
  * replaces it. A server that refuses the certificate fails the connection with WS_STATUS_TLS,
  * naming the server's alert ("unknown CA", "certificate required", ...).
  * Any thread, also inside callbacks; one thread at a time per options object.

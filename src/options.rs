@@ -1,6 +1,7 @@
 //! Connection options: everything `ws_connect_with_options` can change, with defaults chosen for
 //! hosts that keep many mostly idle connections.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,16 +110,47 @@ impl Default for Options {
     }
 }
 
+/// The largest PEM file read: the biggest CA bundles are a few hundred KiB.
+pub(crate) const MAX_PEM_FILE: u64 = 16 << 20;
+
+/// A PEM file's bytes. Only regular files of at most MAX_PEM_FILE bytes are read, so that a path
+/// naming a FIFO (open would block), /dev/zero or a huge file never blocks the caller's thread or
+/// exhausts memory; `what` names the file in errors.
+pub(crate) fn read_pem_file(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let error =
+        |message: String| Error::new(WsStatus::CertificateFile, format!("{what} {}: {message}", path.display()));
+    // Non-blocking, so that opening a FIFO without a writer returns at once (then refused below).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| error(e.to_string()))?;
+    let metadata = file.metadata().map_err(|e| error(e.to_string()))?;
+    if !metadata.is_file() {
+        return Err(error("not a regular file".into()));
+    }
+    let mut bytes = Vec::new();
+    // Bounded even if the file grows while it is read.
+    file.take(MAX_PEM_FILE + 1).read_to_end(&mut bytes).map_err(|e| error(e.to_string()))?;
+    if bytes.len() as u64 > MAX_PEM_FILE {
+        return Err(error(format!("larger than {} MiB", MAX_PEM_FILE >> 20)));
+    }
+    Ok(bytes)
+}
+
 fn invalid(message: String) -> Error {
     Error::new(WsStatus::InvalidArgument, message)
 }
 
 impl Options {
     /// Trusts the certificates of a PEM file in addition to the system's trust store.
-    pub fn add_ca_file(&mut self, path: &str) -> Result<(), Error> {
-        let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
-            .map_err(|e| Error::new(WsStatus::CertificateFile, format!("CA file {path}: {e}")))?
-            .collect();
+    pub fn add_ca_file(&mut self, path: &Path) -> Result<(), Error> {
+        let path_shown = path.display();
+        let pem = read_pem_file(path, "CA file")?;
+        let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+        let path = path_shown;
         let certs = certs.map_err(|e| Error::new(WsStatus::CertificateFile, format!("CA file {path}: {e}")))?;
         if certs.is_empty() {
             return Err(Error::new(WsStatus::CertificateFile, format!("CA file {path}: no certificate in it")));
@@ -135,16 +167,17 @@ impl Options {
 
     /// Presents this certificate chain (PEM, the client's certificate first) with its private key
     /// (PEM: PKCS#8, PKCS#1 or SEC1) to servers that ask for one. Both are read and checked now.
-    pub fn set_client_certificate(&mut self, chain_path: &str, key_path: &str) -> Result<(), Error> {
+    pub fn set_client_certificate(&mut self, chain_path: &Path, key_path: &Path) -> Result<(), Error> {
         let file_error = |message: String| Error::new(WsStatus::CertificateFile, message);
-        let chain: Result<Vec<_>, _> = CertificateDer::pem_file_iter(chain_path)
-            .map_err(|e| file_error(format!("client certificate file {chain_path}: {e}")))?
-            .collect();
+        let chain_pem = read_pem_file(chain_path, "client certificate file")?;
+        let key_pem = read_pem_file(key_path, "key file")?;
+        let (chain_path, key_path) = (chain_path.display(), key_path.display());
+        let chain: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&chain_pem).collect();
         let chain = chain.map_err(|e| file_error(format!("client certificate file {chain_path}: {e}")))?;
         if chain.is_empty() {
             return Err(file_error(format!("client certificate file {chain_path}: no certificate in it")));
         }
-        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| match e {
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
             pem::Error::NoItemsFound => {
                 file_error(format!("key file {key_path}: no private key in it (PKCS#8, PKCS#1 or SEC1 PEM)"))
             }
@@ -225,5 +258,30 @@ impl Options {
         }
         self.read_buffer_size = bytes;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README says 16 MiB; a file of exactly that size is read, one byte more is refused,
+    /// and so are files that are not regular.
+    #[test]
+    fn pem_files_are_regular_files_of_at_most_16_mib() {
+        assert_eq!(MAX_PEM_FILE, 16 * 1024 * 1024);
+        let path = std::env::temp_dir().join(format!("wsclient-pem-limit-{}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(MAX_PEM_FILE).unwrap();
+        assert_eq!(read_pem_file(&path, "test file").unwrap().len() as u64, MAX_PEM_FILE);
+        file.set_len(MAX_PEM_FILE + 1).unwrap();
+        let refused = read_pem_file(&path, "test file").unwrap_err();
+        assert!(refused.message.contains("larger than 16 MiB"), "{}", refused.message);
+        std::fs::remove_file(&path).unwrap();
+        for not_regular in ["/dev/zero", "/tmp"] {
+            let refused = read_pem_file(Path::new(not_regular), "test file").unwrap_err();
+            assert_eq!(refused.status, WsStatus::CertificateFile);
+            assert!(refused.message.contains("not a regular file"), "{not_regular}: {}", refused.message);
+        }
     }
 }

@@ -69,6 +69,15 @@ unsafe fn c_str<'a>(ptr: *const c_char, what: &str) -> Result<&'a str, Error> {
         .map_err(|e| Error::new(WsStatus::InvalidUtf8, format!("{what} is not valid UTF-8 ({e})")))
 }
 
+/// A NUL-terminated file path: its bytes as they are (paths need not be UTF-8).
+unsafe fn c_path<'a>(ptr: *const c_char, what: &str) -> Result<&'a std::path::Path, Error> {
+    if ptr.is_null() {
+        return Err(null(what));
+    }
+    use std::os::unix::ffi::OsStrExt;
+    Ok(std::path::Path::new(std::ffi::OsStr::from_bytes(CStr::from_ptr(ptr).to_bytes())))
+}
+
 /// A (pointer, length) argument; NULL is allowed only with length 0.
 unsafe fn byte_slice<'a>(ptr: *const u8, len: usize, what: &str) -> Result<&'a [u8], Error> {
     if ptr.is_null() {

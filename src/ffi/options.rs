@@ -4,7 +4,7 @@ use std::os::raw::c_char;
 use std::time::Duration;
 
 use super::client::{connect, WsClient};
-use super::{c_str, null};
+use super::{c_path, c_str, null};
 use crate::error::{Error, WsStatus};
 use crate::host::handles::WsConn;
 use crate::io::proxy;
@@ -52,7 +52,9 @@ pub unsafe extern "C" fn ws_options_free(options: *mut WsOptions) {
 }
 
 /// Also trusts the CA certificates of a PEM file (read now), in addition to the system's trust
-/// store. WS_STATUS_CERTIFICATE_FILE if it cannot be read or holds no certificate.
+/// store. WS_STATUS_CERTIFICATE_FILE if it cannot be read, is not a regular file or is larger
+/// than 16 MiB, or holds no certificate. A certificate in it that is not a CA (a server's own
+/// certificate, to pin it) is trusted as itself only: its key vouches for no other certificate.
 /// Any thread, also inside callbacks; one thread at a time per options object.
 ///
 /// # Safety
@@ -62,7 +64,7 @@ pub unsafe extern "C" fn ws_options_free(options: *mut WsOptions) {
 pub unsafe extern "C" fn ws_options_add_ca_file(options: *mut WsOptions, pem_path: *const c_char) -> WsStatus {
     ffi_status!({
         let options = options_mut(options)?;
-        options.add_ca_file(c_str(pem_path, "pem_path")?)
+        options.add_ca_file(c_path(pem_path, "pem_path")?)
     })
 }
 
@@ -70,8 +72,9 @@ pub unsafe extern "C" fn ws_options_add_ca_file(options: *mut WsOptions, pem_pat
 /// PEM file with the client's certificate first, then any intermediate CA certificates;
 /// `key_pem_path` is a PEM file with its private key: PKCS#8 ("PRIVATE KEY"), PKCS#1
 /// ("RSA PRIVATE KEY") or SEC1 ("EC PRIVATE KEY"), not encrypted. Both are read and checked now,
-/// once: WS_STATUS_CERTIFICATE_FILE if a file cannot be read, holds no certificate or no key,
-/// or the key does not match the certificate (ws_last_error() says which). Setting it again
+/// once: WS_STATUS_CERTIFICATE_FILE if a file cannot be read, is not a regular file or is
+/// larger than 16 MiB, holds no certificate or no key, or the key does not match the
+/// certificate (ws_last_error() says which). Setting it again
 /// replaces it. A server that refuses the certificate fails the connection with WS_STATUS_TLS,
 /// naming the server's alert ("unknown CA", "certificate required", ...).
 /// Any thread, also inside callbacks; one thread at a time per options object.
@@ -87,7 +90,7 @@ pub unsafe extern "C" fn ws_options_set_client_certificate(
 ) -> WsStatus {
     ffi_status!({
         let options = options_mut(options)?;
-        options.set_client_certificate(c_str(chain_pem_path, "chain_pem_path")?, c_str(key_pem_path, "key_pem_path")?)
+        options.set_client_certificate(c_path(chain_pem_path, "chain_pem_path")?, c_path(key_pem_path, "key_pem_path")?)
     })
 }
 

@@ -107,13 +107,21 @@ fn request(target: &Target, options: &Options, key: &str) -> Vec<u8> {
     bytes
 }
 
-fn io_lost(e: std::io::Error, host: &str) -> Error {
+/// `certificate_presented`: over TLS, with a client certificate.
+fn io_lost(e: std::io::Error, host: &str, certificate_presented: bool) -> Error {
     // In TLS 1.3 the client's side of the handshake is over before the server has checked the
     // client's certificate: a server that refuses it says so here, with an alert.
     if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
         return Error::new(WsStatus::Tls, super::tls::describe_handshake_error(&e, host));
     }
-    Error::new(WsStatus::ConnectionLost, format!("connection lost during the WebSocket handshake: {e}"))
+    // A server that resets the connection as it refuses the certificate (a rustls server does,
+    // for a chain too large for it) leaves no alert to read: say what it may have been.
+    let hint = if certificate_presented && e.kind() == std::io::ErrorKind::ConnectionReset {
+        " (the server may have refused the client certificate)"
+    } else {
+        ""
+    };
+    Error::new(WsStatus::ConnectionLost, format!("connection lost during the WebSocket handshake: {e}{hint}"))
 }
 
 /// Sends the upgrade request and checks the server's answer.
@@ -123,7 +131,7 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     options: &Options,
 ) -> Result<Answer, Error> {
     let key = generate_key();
-    let io_lost = |e| io_lost(e, &target.host);
+    let io_lost = |e| io_lost(e, &target.host, target.tls && options.tls.client_cert.is_some());
     stream.write_all(&request(target, options, &key)).await.map_err(io_lost)?;
     stream.flush().await.map_err(io_lost)?;
     let mut buf = Vec::new();

@@ -8,10 +8,13 @@ use std::sync::{Arc, Mutex};
 
 use rustls::sign::SingleCertAndKey;
 use rustls::{AlertDescription, CertificateError, ClientConfig, RootCertStore};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 
 use super::pinned;
 use crate::error::{Error, WsStatus};
 use crate::options::TlsSettings;
+use crate::options::MAX_PEM_FILE;
 use crate::sync::lock;
 
 /// Distinct configurations a client keeps. A host rarely has more than a few (one per set of
@@ -19,30 +22,58 @@ use crate::sync::lock;
 /// its session cache with it.
 const MAX_CONFIGS: usize = 8;
 
-/// The system's roots, read by a thread of its own (see `TlsConfigs::system`).
+/// The system's roots, read by a thread of its own (see `TlsConfigs::system_roots`).
 fn load_system_roots() -> RootCertStore {
     let mut roots = RootCertStore::empty();
     // Unreadable or unparsable system certificates are skipped, as OpenSSL does; with no root at
     // all every handshake fails with "certificate not trusted", which says what is wrong.
-    let found = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(found.certs);
+    roots.add_parsable_certificates(system_certificates());
     roots
 }
 
-/// Reads the system store on a short-lived thread: it is blocking file I/O (hundreds of files
-/// with SSL_CERT_DIR), which on the I/O thread would stall every other connection of the
-/// client. A thread of its own rather than tokio's blocking pool, so that ws_client_free never
-/// waits for it: a late answer goes to a receiver that is gone.
-async fn load_system_roots_off_thread() -> Result<Arc<RootCertStore>, Error> {
-    let (answer, answered) = tokio::sync::oneshot::channel();
+/// What rustls-native-certs finds, except that SSL_CERT_FILE is read here with a bound:
+/// rustls-native-certs reads it whole, so SSL_CERT_FILE=/dev/zero (or a huge file) grew the
+/// process until an allocation failed and aborted it. Past MAX_PEM_FILE it counts as unreadable.
+fn system_certificates() -> Vec<CertificateDer<'static>> {
+    let Some(file) = std::env::var_os("SSL_CERT_FILE") else {
+        return rustls_native_certs::load_native_certs().certs;
+    };
+    let mut certs: Vec<_> = read_bounded(std::path::Path::new(&file))
+        .map(|pem| CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok).collect())
+        .unwrap_or_default();
+    for dir in std::env::split_paths(&std::env::var_os("SSL_CERT_DIR").unwrap_or_default()) {
+        if !dir.as_os_str().is_empty() {
+            certs.extend(rustls_native_certs::load_certs_from_paths(None, Some(&dir)).certs);
+        }
+    }
+    certs
+}
+
+/// A file's first MAX_PEM_FILE bytes, or None if it cannot be read or is longer. It may block
+/// (a FIFO, a slow network file system): it runs on the trust store's own thread.
+fn read_bounded(path: &std::path::Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path).ok()?.take(MAX_PEM_FILE + 1).read_to_end(&mut bytes).ok()?;
+    (bytes.len() as u64 <= MAX_PEM_FILE).then_some(bytes)
+}
+
+/// The system's roots as they will be once read: None until then.
+type SystemRoots = tokio::sync::watch::Receiver<Option<Arc<RootCertStore>>>;
+
+/// Starts reading the system store on a short-lived thread: it is blocking file I/O (hundreds
+/// of files with SSL_CERT_DIR), which on the I/O thread would stall every other connection of
+/// the client. A thread of its own rather than tokio's blocking pool, so that ws_client_free
+/// never waits for it: a late answer goes to receivers that are gone.
+fn start_reading_system_roots() -> Result<SystemRoots, Error> {
+    let (answer, answered) = tokio::sync::watch::channel(None);
     std::thread::Builder::new()
         .name("wsclient-roots".into())
         .spawn(move || {
-            let _ = answer.send(load_system_roots());
+            let _ = answer.send(Some(Arc::new(load_system_roots())));
         })
         .map_err(|e| Error::new(WsStatus::Tls, format!("TLS: cannot start a thread to read the trust store: {e}")))?;
-    let roots = answered.await.map_err(|_| Error::new(WsStatus::Tls, "TLS: reading the system trust store failed"))?;
-    Ok(Arc::new(roots))
+    Ok(answered)
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -85,8 +116,10 @@ fn build(system: &Arc<RootCertStore>, settings: &TlsSettings) -> Result<Arc<Clie
 #[derive(Default)]
 pub(crate) struct TlsConfigs {
     /// Read once per client, on its first wss connection, so SSL_CERT_FILE and SSL_CERT_DIR are
-    /// honoured as they are at that moment. The connections that need it meanwhile wait here.
-    system: tokio::sync::OnceCell<Arc<RootCertStore>>,
+    /// honoured as they are at that moment. The connections that need it meanwhile wait for the
+    /// same reading, also those started after others gave up waiting (a connect timeout): a
+    /// store that never answers costs one thread per client, not one per connect.
+    system: Mutex<Option<SystemRoots>>,
     /// The least recently used first.
     built: Mutex<Vec<(TlsSettings, Arc<ClientConfig>)>>,
 }
@@ -97,9 +130,29 @@ impl TlsConfigs {
         if let Some(config) = self.cached(settings, None) {
             return Ok(config);
         }
-        let system = self.system.get_or_try_init(load_system_roots_off_thread).await?;
-        let config = build(system, settings)?;
+        let system = self.system_roots().await?;
+        let config = build(&system, settings)?;
         Ok(self.cached(settings, Some(config)).expect("just inserted"))
+    }
+
+    /// The system's roots, once read (the first caller starts the reading).
+    async fn system_roots(&self) -> Result<Arc<RootCertStore>, Error> {
+        let mut roots = {
+            let mut system = lock(&self.system);
+            match &*system {
+                Some(roots) => roots.clone(),
+                None => system.insert(start_reading_system_roots()?).clone(),
+            }
+        };
+        let read = roots.wait_for(Option::is_some).await.map(|roots| roots.clone());
+        match read {
+            Ok(Some(roots)) => Ok(roots),
+            _ => {
+                // The reading thread ended without an answer (it panicked): the next connect tries again.
+                *lock(&self.system) = None;
+                Err(Error::new(WsStatus::Tls, "TLS: reading the system trust store failed"))
+            }
+        }
     }
 
     /// The cached configuration for `settings`, marked as the most recently used; `new` is
