@@ -613,6 +613,25 @@ fn a_non_ca_certificate_in_a_ca_file_does_not_issue_certificates() {
     assert!(elsewhere.is_err(), "the pinned certificate was accepted for another name: {elsewhere:?}");
 }
 
+#[test]
+fn a_ca_issued_server_certificate_also_in_the_ca_file_is_still_trusted_through_its_ca() {
+    // A leaf issued by a CA, both in the CA file (a bundle that holds the server's certificate
+    // too): the leaf is not a CA, so it is trusted as itself only, but as itself it is not
+    // self-signed, and the chain through its CA must still be accepted.
+    let dir = TempDir::new("attack-leaf-and-ca");
+    let ca = Authority::new("attack leaf's CA");
+    let leaf = ca.server(&["localhost"], "server");
+    let bundle = dir.write("bundle.pem", &leaf.chain_pem);
+    let server = IdServer::start(server_config(&leaf, &[]));
+    let client = Client::new();
+    assert_eq!(add_ca(&Options::new(), &bundle), WsStatus::Ok, "{}", last_error());
+    let answer = ask(&client, &server.url("localhost"), Some(&options(&[&bundle], None)));
+    assert!(answer.is_ok(), "{answer:?}");
+    // ... and for its names only.
+    let elsewhere = ask(&client, &server.url("127.0.0.1"), Some(&options(&[&bundle], None)));
+    assert!(elsewhere.is_err(), "{elsewhere:?}");
+}
+
 // ---- 3. one TLS configuration per distinct set of CAs and client certificate ---------------------
 
 /// Two identities, alternating through one client, against a server speaking `versions`.

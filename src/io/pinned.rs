@@ -78,14 +78,21 @@ impl ServerCertVerifier for PinnedOrCa {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Some((_, alone)) = self.pinned.iter().find(|(cert, _)| cert.as_ref() == end_entity.as_ref()) {
-            // The pinned certificate itself, nothing else in the chain counts.
-            return alone.verify_server_cert(end_entity, &[], server_name, ocsp_response, now);
-        }
-        match &self.cas {
+        let by_cas = || match &self.cas {
             Some(cas) => cas.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now),
             None => Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)),
+        };
+        let Some((_, alone)) = self.pinned.iter().find(|(cert, _)| cert.as_ref() == end_entity.as_ref()) else {
+            return by_cas();
+        };
+        // The pinned certificate itself, nothing else in the chain counts.
+        let as_itself = alone.verify_server_cert(end_entity, &[], server_name, ocsp_response, now);
+        if as_itself.is_ok() {
+            return as_itself;
         }
+        // Not valid as itself (one a CA issued, not self-signed): valid as any other, or the
+        // reason it is not valid as itself.
+        by_cas().or(as_itself)
     }
 
     fn verify_tls12_signature(
