@@ -117,7 +117,6 @@ pub(crate) const MAX_PEM_FILE: u64 = 16 << 20;
 /// naming a FIFO (open would block), /dev/zero or a huge file never blocks the caller's thread or
 /// exhausts memory; `what` names the file in errors.
 pub(crate) fn read_pem_file(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
-    use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let error =
         |message: String| Error::new(WsStatus::CertificateFile, format!("{what} {}: {message}", path.display()));
@@ -131,13 +130,18 @@ pub(crate) fn read_pem_file(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
     if !metadata.is_file() {
         return Err(error("not a regular file".into()));
     }
+    read_at_most_max_pem_file(file)
+        .map_err(|e| error(e.to_string()))?
+        .ok_or_else(|| error(format!("larger than {} MiB", MAX_PEM_FILE >> 20)))
+}
+
+/// A file's bytes, or None if it holds more than MAX_PEM_FILE (bounded even if the file grows
+/// while it is read, or never ends, as /dev/zero).
+pub(crate) fn read_at_most_max_pem_file(file: std::fs::File) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
     let mut bytes = Vec::new();
-    // Bounded even if the file grows while it is read.
-    file.take(MAX_PEM_FILE + 1).read_to_end(&mut bytes).map_err(|e| error(e.to_string()))?;
-    if bytes.len() as u64 > MAX_PEM_FILE {
-        return Err(error(format!("larger than {} MiB", MAX_PEM_FILE >> 20)));
-    }
-    Ok(bytes)
+    file.take(MAX_PEM_FILE + 1).read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= MAX_PEM_FILE).then_some(bytes))
 }
 
 fn invalid(message: String) -> Error {
@@ -147,10 +151,9 @@ fn invalid(message: String) -> Error {
 impl Options {
     /// Trusts the certificates of a PEM file in addition to the system's trust store.
     pub fn add_ca_file(&mut self, path: &Path) -> Result<(), Error> {
-        let path_shown = path.display();
         let pem = read_pem_file(path, "CA file")?;
         let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
-        let path = path_shown;
+        let path = path.display();
         let certs = certs.map_err(|e| Error::new(WsStatus::CertificateFile, format!("CA file {path}: {e}")))?;
         if certs.is_empty() {
             return Err(Error::new(WsStatus::CertificateFile, format!("CA file {path}: no certificate in it")));

@@ -13,8 +13,8 @@ use rustls_pki_types::CertificateDer;
 
 use super::pinned;
 use crate::error::{Error, WsStatus};
+use crate::options::read_at_most_max_pem_file;
 use crate::options::TlsSettings;
-use crate::options::MAX_PEM_FILE;
 use crate::sync::lock;
 
 /// Distinct configurations a client keeps. A host rarely has more than a few (one per set of
@@ -49,13 +49,11 @@ fn system_certificates() -> Vec<CertificateDer<'static>> {
     certs
 }
 
-/// A file's first MAX_PEM_FILE bytes, or None if it cannot be read or is longer. It may block
-/// (a FIFO, a slow network file system): it runs on the trust store's own thread.
+/// A file's bytes, or None if it cannot be read or holds more than MAX_PEM_FILE. Unlike the
+/// options' files it may block (a FIFO, a slow network file system): it runs on the trust
+/// store's own thread.
 fn read_bounded(path: &std::path::Path) -> Option<Vec<u8>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path).ok()?.take(MAX_PEM_FILE + 1).read_to_end(&mut bytes).ok()?;
-    (bytes.len() as u64 <= MAX_PEM_FILE).then_some(bytes)
+    read_at_most_max_pem_file(std::fs::File::open(path).ok()?).ok()?
 }
 
 /// The system's roots as they will be once read: None until then.
