@@ -2,7 +2,10 @@
  * bench: the wsclient client for the shared benchmark harness (../shared/bench), used the way a
  * host uses the library: its own event loop on the library's fd, ws_dispatch(), callbacks on
  * this thread, the next message sent from inside the callback. The loop waits with epoll on Linux
- * (the descriptor registered once, as libuv and other event loops do) and with poll() elsewhere.
+ * (the descriptor registered once, edge-triggered, and the library told so with
+ * ws_client_set_fd_edge_triggered, which spares a system call per wake-up; WSB_LEVEL_TRIGGERED=1
+ * registers it level-triggered instead, as libuv does, to measure the difference) and with
+ * poll() elsewhere.
  *
  *   bench --url ws://127.0.0.1:18701 --mode pingpong|pipeline|flood|conns|reconnect --size S --count N
  *         [--window W] [--conns C] [--ca CA.pem] [--payload FILE] [--deflate]
@@ -245,12 +248,21 @@ static void on_error(ws_conn conn, ws_status kind, const char *message, void *us
     next_connection();
 }
 
-/* Waits until fd is readable: true, or false after timeout_ms or on an error. */
+#ifdef __linux__
+/* Whether the loop waits level-triggered (WSB_LEVEL_TRIGGERED=1) rather than edge-triggered. */
+static bool level_triggered(void) {
+    const char *level = getenv("WSB_LEVEL_TRIGGERED");
+    return level && !strcmp(level, "1");
+}
+#endif
+
+/* Waits until fd is readable (edge-triggered on Linux unless level_triggered()): true, or false
+ * after timeout_ms or on an error. */
 static bool wait_readable(int fd, int timeout_ms) {
 #ifdef __linux__
     static int epoll_fd = -1;
     if (epoll_fd < 0) {
-        struct epoll_event event = {.events = EPOLLIN};
+        struct epoll_event event = {.events = level_triggered() ? EPOLLIN : EPOLLIN | EPOLLET};
         epoll_fd = epoll_create1(EPOLL_CLOEXEC);
         if (epoll_fd < 0 || epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &event) != 0) return false;
     }
@@ -283,6 +295,9 @@ int main(int argc, char **argv) {
     ws_options *options = run.options = ws_options_new();
     run.url = url;
     if (!client || !options) return 1;
+#ifdef __linux__
+    if (ws_client_set_fd_edge_triggered(client, !level_triggered()) != WS_STATUS_OK) return 1;
+#endif
     const char *read_buffer = getenv("WSB_READ_BUFFER");
     if (read_buffer && ws_options_set_read_buffer_size(options, (size_t)atol(read_buffer)) != WS_STATUS_OK) {
         fprintf(stderr, "WSB_READ_BUFFER: %s\n", ws_last_error());

@@ -54,6 +54,8 @@ fn null_and_non_utf8_arguments() {
         assert_eq!(ws_run(null_mut(), 0), WsStatus::NullArgument);
         assert_eq!(ws_client_fd(null()), -1);
         assert_eq!(ws_client_connection_count(null()), 0);
+        assert_eq!(ws_client_set_fd_edge_triggered(null_mut(), true), WsStatus::NullArgument);
+        assert!(last_error().contains("client"), "{}", last_error());
         assert_eq!(ws_client_free(null_mut()), WsStatus::Ok);
 
         assert_eq!(ws_send(conn, null(), 3), WsStatus::NullArgument);
@@ -316,6 +318,11 @@ fn a_panic_inside_any_export_returns_its_default_and_is_reported() {
             ("ws_client_free", Status(WsStatus::Panic), Box::new(|| Status(ws_client_free(spare_client)))),
             ("ws_client_fd", Int(-1), Box::new(|| Int(ws_client_fd(c).into()))),
             ("ws_client_connection_count", Int(0), Box::new(|| Int(ws_client_connection_count(c) as i64))),
+            (
+                "ws_client_set_fd_edge_triggered",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_client_set_fd_edge_triggered(c, false))),
+            ),
             ("ws_dispatch", Status(WsStatus::Panic), Box::new(|| Status(ws_dispatch(c, null_mut(), null_mut())))),
             ("ws_run", Status(WsStatus::Panic), Box::new(|| Status(ws_run(c, 0)))),
             ("ws_connect", Status(WsStatus::Panic), Box::new(|| Status(ws_connect(c, uri.as_ptr(), out_conn)))),

@@ -962,9 +962,10 @@ unsafe extern "C" fn tally_error(_: WsConn, kind: WsStatus, message: *const std:
 /// A host's epoll loop (level- or edge-triggered, one ws_dispatch per wake-up, whatever
 /// more_pending says) over six connections whose peers push 10,000 messages each, while
 /// another thread completes connection 0's messages (flow control on) at random times and a
-/// third sends on connection 1. Returns (wake-ups, spurious wake-ups, stalls: the loop waited
-/// 2 s while callbacks were pending).
-fn epoll_host_under_traffic(edge: bool) -> (u64, u64, Vec<String>) {
+/// third sends on connection 1. `declared`: the loop told the library it is edge-triggered
+/// (ws_client_set_fd_edge_triggered), so dispatches do not reset the descriptor. Returns
+/// (wake-ups, spurious wake-ups, stalls: the loop waited 2 s while callbacks were pending).
+fn epoll_host_under_traffic(edge: bool, declared: bool) -> (u64, u64, Vec<String>) {
     const CONNS: usize = 6;
     const MESSAGES: usize = 10_000;
     let mut peers = Vec::new();
@@ -1023,6 +1024,9 @@ fn epoll_host_under_traffic(edge: bool) -> (u64, u64, Vec<String>) {
             }
         }
     });
+    if declared {
+        assert_eq!(unsafe { ws_client_set_fd_edge_triggered(client.0, true) }, WsStatus::Ok);
+    }
     let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     assert!(epfd >= 0);
     let mut event = libc::epoll_event { events: (libc::EPOLLIN | if edge { libc::EPOLLET } else { 0 }) as u32, u64: 1 };
@@ -1034,8 +1038,9 @@ fn epoll_host_under_traffic(edge: bool) -> (u64, u64, Vec<String>) {
         let mut out = libc::epoll_event { events: 0, u64: 0 };
         let n = unsafe { libc::epoll_wait(epfd, &mut out, 1, 2000) };
         if n == 0 {
-            // Nothing woke the loop for 2 s: were callbacks pending all along?
-            let readable = readable(client.fd(), Duration::ZERO);
+            // Nothing woke the loop for 2 s: were callbacks pending all along? (Once declared
+            // edge-triggered, the descriptor stays readable: only the dispatch can tell.)
+            let readable = !declared && readable(client.fd(), Duration::ZERO);
             let (ran, _) = client.dispatch();
             if readable || ran > 0 {
                 stalls.push(format!(
@@ -1075,16 +1080,84 @@ fn epoll_host_under_traffic(edge: bool) -> (u64, u64, Vec<String>) {
 /// It can show a spurious wake-up ...; it never misses one."
 #[test]
 fn an_edge_triggered_epoll_loop_never_misses_a_wake_up_under_heavy_traffic() {
-    let (wakeups, spurious, stalls) = epoll_host_under_traffic(true);
+    let (wakeups, spurious, stalls) = epoll_host_under_traffic(true, false);
     eprintln!("edge-triggered: {wakeups} wake-ups, {spurious} spurious, stalls {stalls:?}");
     assert!(stalls.is_empty(), "{stalls:?}");
 }
 
 #[test]
 fn a_level_triggered_epoll_loop_never_misses_a_wake_up_under_heavy_traffic() {
-    let (wakeups, spurious, stalls) = epoll_host_under_traffic(false);
+    let (wakeups, spurious, stalls) = epoll_host_under_traffic(false, false);
     eprintln!("level-triggered: {wakeups} wake-ups, {spurious} spurious, stalls {stalls:?}");
     assert!(stalls.is_empty(), "{stalls:?}");
+}
+
+/// Header (ws_client_set_fd_edge_triggered): "your loop is woken once each time callbacks
+/// become pending after a dispatch took them all": the same traffic, the loop declared
+/// edge-triggered, so that no dispatch resets the descriptor.
+#[test]
+fn a_declared_edge_triggered_epoll_loop_never_misses_a_wake_up_under_heavy_traffic() {
+    let (wakeups, spurious, stalls) = epoll_host_under_traffic(true, true);
+    eprintln!("declared edge-triggered: {wakeups} wake-ups, {spurious} spurious, stalls {stalls:?}");
+    assert!(stalls.is_empty(), "{stalls:?}");
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) }, 0);
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Header (ws_client_set_fd_edge_triggered): "ws_dispatch() leaves the descriptor as it is,
+/// which saves the system call that would reset it" (on Linux; a pipe is reset anyway), and
+/// "ws_run() is unaffected (it resets the descriptor)": a ws_run over an idle connection after
+/// such dispatches waits instead of spinning on the still readable descriptor.
+#[test]
+fn declared_edge_triggered_dispatches_leave_the_descriptor_and_ws_run_still_waits() {
+    let (url, peer) = serve(|mut p| {
+        p.upgrade();
+        for i in 0..3 {
+            let _ = p.stream.write_all(&frame(FIN | TEXT, format!("m{i}").as_bytes()));
+        }
+        // Idle until the client closes.
+        let _ = p.read_timeout(Duration::from_secs(30)).read_until_close();
+    });
+    let client = Client::new();
+    let rec = Recorder::default();
+    let conn = client.connect_with(&url, no_keepalive().0);
+    watch(conn, &rec);
+    assert_eq!(unsafe { ws_client_set_fd_edge_triggered(client.0, true) }, WsStatus::Ok);
+    let mut received = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while received < 3 && Instant::now() < deadline {
+        if client.wait_readable(Duration::from_millis(100)) {
+            client.dispatch();
+        }
+        received = rec.texts(conn).len();
+    }
+    assert_eq!(received, 3, "{:?}", rec.events());
+    // Nothing is pending now: a dispatch runs nothing...
+    assert_eq!(client.dispatch().0, 0);
+    // ...and leaves the descriptor readable (it was not read), unless it is a pipe, which is
+    // always reset.
+    let pipe = cfg!(any(not(target_os = "linux"), feature = "pipe-wake"));
+    assert_eq!(readable(client.fd(), Duration::ZERO), !pipe, "readable after the dispatch (pipe: {pipe})");
+    // ws_run resets it and waits: over 300 ms of an idle connection its thread is almost idle.
+    let cpu0 = thread_cpu();
+    let started = Instant::now();
+    assert_eq!(unsafe { ws_run(client.0, 300) }, WsStatus::Timeout);
+    let (waited, cpu) = (started.elapsed(), thread_cpu() - cpu0);
+    assert!(waited >= Duration::from_millis(290), "ws_run returned after {waited:?}");
+    assert!(cpu < Duration::from_millis(60), "ws_run used {cpu:?} of CPU in {waited:?} (a busy loop?)");
+    assert!(!readable(client.fd(), Duration::ZERO), "ws_run left the descriptor readable");
+    // Declared back to level-triggered: the next dispatch resets the descriptor again.
+    assert_eq!(unsafe { ws_client_set_fd_edge_triggered(client.0, false) }, WsStatus::Ok);
+    assert_eq!(close(conn, 1000, ""), WsStatus::Ok);
+    assert!(pump(&client, Duration::from_secs(10), || rec.finals(conn) > 0), "{:?}", rec.events());
+    assert!(!readable(client.fd(), Duration::ZERO), "level-triggered again: reset by the dispatch");
+    drop(client);
+    peer.join().unwrap();
 }
 
 // ---- 1 (continued). reconnecting from the close callback, freeing with callbacks pending -------

@@ -113,8 +113,10 @@ pub unsafe extern "C" fn ws_client_free(client: *mut WsClient) -> WsStatus {
 /// The file descriptor that is readable while callbacks are pending: add it to your poll,
 /// epoll or select set (for reading) and call ws_dispatch() when it is readable. It stays
 /// readable until a dispatch has taken every pending event, so level- and edge-triggered
-/// loops both work; a wake-up may be spurious (the dispatch then runs nothing). Never read,
-/// write or close it. -1 if client is NULL. Any thread, also inside callbacks.
+/// loops both work; a wake-up may be spurious (the dispatch then runs nothing). A loop that
+/// watches it edge-triggered saves a system call per wake-up by saying so with
+/// ws_client_set_fd_edge_triggered(). Never read, write or close it. -1 if client is NULL.
+/// Any thread, also inside callbacks.
 ///
 /// # Safety
 /// `client` is NULL or a pointer from ws_client_new() that was not freed.
@@ -125,6 +127,29 @@ pub unsafe extern "C" fn ws_client_fd(client: *const WsClient) -> c_int {
             Some(c) => c.inner.hub().fd(),
             None => -1,
         }
+    })
+}
+
+/// Tells the library how your loop watches ws_client_fd(). false (the default): level-triggered
+/// (poll, select, epoll without EPOLLET, libuv, libevent, ...); each ws_dispatch() then resets
+/// the descriptor. true: edge-triggered (epoll with EPOLLET; kqueue with EV_CLEAR): your loop
+/// is woken once each time callbacks become pending after a dispatch took them all, and
+/// ws_dispatch() leaves the descriptor as it is, which saves the system call that would reset
+/// it, one per wake-up (on Linux; on systems where the descriptor is a pipe it is reset
+/// anyway, which edge-triggered loops need there). With true, the descriptor stays readable
+/// for a level-triggered wait: such a loop would wake at once, again and again, so say true
+/// only if every wait on it is edge-triggered. ws_run() is unaffected (it resets the
+/// descriptor, whichever was said). Returns WS_STATUS_NULL_ARGUMENT if client is NULL. Any
+/// thread, also inside callbacks; in force from the next dispatch.
+///
+/// # Safety
+/// `client` is NULL or a pointer from ws_client_new() that was not freed.
+#[no_mangle]
+pub unsafe extern "C" fn ws_client_set_fd_edge_triggered(client: *mut WsClient, edge_triggered: bool) -> WsStatus {
+    ffi_status!({
+        let client = client.as_ref().ok_or_else(|| null("client"))?;
+        client.inner.hub().set_edge_triggered(edge_triggered);
+        Ok(())
     })
 }
 

@@ -3,7 +3,9 @@
 //! Connections with deliverable events sit in a ready list. The wake-up descriptor (an eventfd,
 //! or a pipe: see `wakeup`) is readable whenever that list is not empty (and at most once
 //! spuriously after a dispatch emptied it), so a host's poll/epoll loop (level-triggered or
-//! edge-triggered) never misses a wake-up. `dispatch` runs callbacks on the calling thread and nowhere else.
+//! edge-triggered) never misses a wake-up. A host that says its loop is edge-triggered spares
+//! the dispatch the clearing of the descriptor (see `Hub::dispatch`). `dispatch` runs
+//! callbacks on the calling thread and nowhere else.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -140,6 +142,9 @@ pub struct Hub {
     /// thread touches it).
     scratch: Mutex<DispatchScratch>,
     wakeup: Wakeup,
+    /// The host watches the descriptor edge-triggered (ws_client_set_fd_edge_triggered): its
+    /// dispatches leave the descriptor as it is (see `dispatch`).
+    edge_triggered: AtomicBool,
     dispatching: AtomicBool,
     /// Connections not gone yet.
     live: AtomicUsize,
@@ -174,6 +179,7 @@ impl Hub {
             ready: Mutex::new(VecDeque::new()),
             scratch: Mutex::new(DispatchScratch::default()),
             wakeup: Wakeup::new()?,
+            edge_triggered: AtomicBool::new(false),
             dispatching: AtomicBool::new(false),
             live: AtomicUsize::new(0),
             tasks: Mutex::new(0),
@@ -201,20 +207,34 @@ impl Hub {
         }
     }
 
-    /// Runs the callbacks pending now on the calling thread. Returns how many ran and whether
-    /// more are pending (events that arrived meanwhile, or beyond one round's budget).
-    pub fn dispatch(&self) -> Result<(u32, bool), Error> {
-        let _guard = self.enter_dispatch()?;
-        Ok(self.dispatch_entered())
+    /// Tells how the host's loop watches the descriptor: edge-triggered or level-triggered.
+    pub fn set_edge_triggered(&self, edge_triggered: bool) {
+        self.edge_triggered.store(edge_triggered, Ordering::Relaxed);
     }
 
-    /// `dispatch`, by a caller that holds the dispatch guard.
-    fn dispatch_entered(&self) -> (u32, bool) {
+    /// Runs the callbacks pending now on the calling thread. Returns how many ran and whether
+    /// more are pending (events that arrived meanwhile, or beyond one round's budget).
+    ///
+    /// For a host whose loop is edge-triggered, the descriptor is not cleared: every time the
+    /// ready list goes from empty to not empty, `schedule` sets it, which is a new edge whether
+    /// it was cleared or not, so the host's loop is woken for whatever arrives after this
+    /// dispatch took the list; clearing would only cost a system call per wake-up.
+    pub fn dispatch(&self) -> Result<(u32, bool), Error> {
+        let _guard = self.enter_dispatch()?;
+        let clear = Wakeup::EDGE_LOOPS_NEED_CLEAR || !self.edge_triggered.load(Ordering::Relaxed);
+        Ok(self.dispatch_entered(clear))
+    }
+
+    /// `dispatch`, by a caller that holds the dispatch guard; `clear`: whether to clear the
+    /// descriptor (always, unless the host's loop is edge-triggered).
+    fn dispatch_entered(&self, clear: bool) -> (u32, bool) {
         let mut scratch = lock(&self.scratch);
         let DispatchScratch { connections, budgets, events } = &mut *scratch;
         {
             let mut ready = lock(&self.ready);
-            self.wakeup.clear();
+            if clear {
+                self.wakeup.clear();
+            }
             std::mem::swap(&mut *ready, connections);
         }
         // What is pending now is what this dispatch runs, whatever arrives while it runs.
@@ -261,7 +281,8 @@ impl Hub {
         let _guard = self.enter_dispatch()?;
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
-            let (_, more) = self.dispatch_entered();
+            // ws_run waits with a level-triggered poll: it always clears.
+            let (_, more) = self.dispatch_entered(true);
             if self.live_connections() == 0 {
                 return Ok(());
             }

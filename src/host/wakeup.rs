@@ -26,10 +26,21 @@ impl Wakeup {
         self.0.as_raw_fd()
     }
 
+    /// Whether a host whose loop is edge-triggered needs `clear` after a dispatch: not with an
+    /// eventfd, where every `set` is a new edge however high the counter already is (mio's
+    /// waker relies on the same: it never reads its eventfd).
+    pub(crate) const EDGE_LOOPS_NEED_CLEAR: bool = false;
+
     pub(crate) fn set(&self) {
         let one: u64 = 1;
-        // Can only fail with EAGAIN when the counter is near u64::MAX: it is readable then anyway.
-        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        // Fails only with EAGAIN, when the counter would pass u64::MAX - 1 (2^64 sets never
+        // cleared by an edge-triggered host): it is readable then, but a write is what makes an
+        // edge, so reset the counter and write again.
+        let fd = self.0.as_raw_fd();
+        if unsafe { libc::write(fd, (&one as *const u64).cast(), 8) } < 0 {
+            self.clear();
+            unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+        }
     }
 
     pub(crate) fn clear(&self) {
@@ -75,6 +86,10 @@ impl Wakeup {
         }
         Ok(Wakeup { read, write, pending: std::sync::atomic::AtomicBool::new(false) })
     }
+
+    /// A set writes a byte only when none is pending (see `pending`): without clears, no set
+    /// would ever write again, so edge-triggered hosts need them as much as the others.
+    pub(crate) const EDGE_LOOPS_NEED_CLEAR: bool = true;
 
     pub(crate) fn fd(&self) -> RawFd {
         self.read.as_raw_fd()
@@ -158,5 +173,44 @@ mod tests {
         assert!(readable(&wakeup), "the sets after the last clear are seen");
         wakeup.clear();
         assert!(!readable(&wakeup));
+    }
+
+    /// Every set is a new edge for an edge-triggered epoll: for an eventfd, cleared or not (a
+    /// host that declared its loop edge-triggered never has it cleared), also the set that
+    /// finds the counter full; for a pipe, once cleared, as every dispatch does.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn every_set_is_an_edge_even_uncleared_and_with_the_counter_full() {
+        let wakeup = Wakeup::new().unwrap();
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(epfd >= 0);
+        let mut event = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: 7 };
+        assert_eq!(unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, wakeup.fd(), &mut event) }, 0);
+        let edge = || {
+            let mut out = libc::epoll_event { events: 0, u64: 0 };
+            unsafe { libc::epoll_wait(epfd, &mut out, 1, 0) == 1 }
+        };
+        assert!(!edge());
+        for _ in 0..3 {
+            wakeup.set();
+            assert!(edge(), "a set is an edge");
+            assert!(!edge(), "and only one");
+            if Wakeup::EDGE_LOOPS_NEED_CLEAR {
+                // What every dispatch does with a pipe.
+                wakeup.clear();
+            }
+        }
+        if !Wakeup::EDGE_LOOPS_NEED_CLEAR {
+            // The eventfd's counter at its maximum, u64::MAX - 1: the next write is refused.
+            let near_full: u64 = u64::MAX - 1 - 3;
+            assert_eq!(unsafe { libc::write(wakeup.fd(), (&near_full as *const u64).cast(), 8) }, 8);
+            assert!(edge());
+            wakeup.set();
+            assert!(edge(), "the set that found the counter full is an edge all the same");
+            let mut value: u64 = 0;
+            assert_eq!(unsafe { libc::read(wakeup.fd(), (&mut value as *mut u64).cast(), 8) }, 8);
+            assert_eq!(value, 1, "the counter was reset, then set");
+        }
+        unsafe { libc::close(epfd) };
     }
 }
