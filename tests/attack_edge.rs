@@ -1150,3 +1150,111 @@ fn what_each_dispatch_does_to_the_descriptor_follows_the_declaration_in_force_wh
     drop(client);
     peer.join().unwrap();
 }
+
+// ---- 9. many connections, small rounds: many empty-to-pending transitions at once ----------------
+
+/// 120 connections on one declared client, each asking for 40 rounds of 3 messages (the next
+/// round asked for by the callback of the last message of the previous one), so that
+/// connections become pending one by one, concurrently, while dispatches take the ready list:
+/// the EPOLLET loop, one dispatch per wake-up, misses no wake-up; no declared dispatch resets
+/// the eventfd; ws_client_set_fd_edge_triggered(NULL) is refused.
+#[test]
+fn many_connections_becoming_pending_one_by_one_miss_no_wake_up() {
+    const CONNS: usize = 120;
+    const ROUNDS: u64 = 40;
+    const PER_ROUND: u64 = 3;
+    assert_eq!(unsafe { ws_client_set_fd_edge_triggered(std::ptr::null_mut(), true) }, WsStatus::NullArgument);
+    let server = Server::start(77);
+    let tallies: Vec<Arc<Tally>> =
+        (0..CONNS).map(|_| Arc::new(Tally::with(rounds_hook(ROUNDS, PER_ROUND, "close 0")))).collect();
+    let client = Client::new();
+    declare(client.0, true);
+    let options = no_keepalive();
+    for t in &tallies {
+        let c = client.connect_with(&server.url, options.0);
+        watch_tally(c, t);
+        command(c, &format!("burst {PER_ROUND}"));
+    }
+    let stats = et_loop(&[client.0], true, Duration::from_secs(25), || tallies.iter().all(|t| t.ended()), |_| {});
+    assert_no_stalls(&stats);
+    assert_all_delivered(&tallies, ROUNDS * PER_ROUND, "close 1000");
+    drop(client);
+    drop(server);
+}
+
+// ---- 10. a peer flooding pings while another connection's messages wait ---------------------------
+
+unsafe extern "C" fn stamp_message(_: WsConn, _: *const u8, _: usize, _: WsMessageKind, user: *mut c_void) {
+    (*(user as *const Mutex<Vec<Instant>>)).lock().unwrap().push(Instant::now());
+}
+
+/// Not the declaration itself but what the declared loop relies on: that the library's I/O
+/// thread hands messages over and wakes the host while a peer misbehaves. Connection X's peer
+/// sends one message, then floods pings (125-byte payloads) for 3 s without ever reading;
+/// connection Y's peer sends a message every 10 ms. The declared EPOLLET loop must get X's
+/// message and Y's messages as they come: no gap of 1 s.
+#[test]
+fn a_ping_flood_on_one_connection_does_not_hold_back_the_others_wake_ups() {
+    let (x_url, x_peer) = serve(|mut p| {
+        p.upgrade();
+        let _ = p.read_frame();
+        let mut wire = frame(FIN | TEXT, b"000000 before the flood");
+        let pings: Vec<u8> = (0..2000).flat_map(|_| frame(FIN | PING, &[7u8; 125])).collect();
+        let start = Instant::now();
+        let _ = p.stream.write_all(&wire);
+        wire.clear();
+        while start.elapsed() < Duration::from_secs(3) {
+            if p.stream.write_all(&pings).is_err() {
+                return;
+            }
+        }
+        let _ = p.stream.write_all(&close_frame(1000, ""));
+        let _ = p.read_to_end();
+    });
+    let (y_url, y_peer) = serve(|mut p| {
+        p.upgrade();
+        let _ = p.read_frame();
+        let start = Instant::now();
+        let mut i = 0;
+        while start.elapsed() < Duration::from_secs(4) {
+            if p.stream.write_all(&frame(FIN | TEXT, format!("{i:06} tick").as_bytes())).is_err() {
+                return;
+            }
+            i += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = p.stream.write_all(&close_frame(1000, ""));
+        let _ = p.read_until_close();
+    });
+    let client = Client::new();
+    declare(client.0, true);
+    let options = no_keepalive();
+    let (x_times, y_times) = (Mutex::new(Vec::<Instant>::new()), Mutex::new(Vec::<Instant>::new()));
+    let (xt, yt) = (Tally::default(), Tally::default());
+    let x = client.connect_with(&x_url, options.0);
+    let y = client.connect_with(&y_url, options.0);
+    watch_tally(x, &xt);
+    watch_tally(y, &yt);
+    set(ws_on_message(x, Some(stamp_message), user(&x_times)));
+    set(ws_on_message(y, Some(stamp_message), user(&y_times)));
+    let started = Instant::now();
+    command(x, "go");
+    command(y, "go");
+    let stats = et_loop(&[client.0], true, Duration::from_secs(25), || xt.ended() && yt.ended(), |_| {});
+    let x_first = x_times.lock().unwrap().first().map(|t| t.duration_since(started));
+    let y_times = y_times.lock().unwrap().clone();
+    let gaps: Vec<Duration> = y_times.windows(2).map(|w| w[1] - w[0]).collect();
+    let max_gap = gaps.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "X's message after {x_first:?}; Y: {} messages, largest gap {max_gap:?}; finals {:?} {:?}",
+        y_times.len(),
+        xt.finals(),
+        yt.finals()
+    );
+    assert_no_stalls(&stats);
+    assert!(x_first.is_some_and(|t| t < Duration::from_secs(1)), "X's message came after {x_first:?}");
+    assert!(max_gap < Duration::from_secs(1), "Y's messages stopped for {max_gap:?} during X's ping flood");
+    drop(client);
+    x_peer.join().unwrap();
+    y_peer.join().unwrap();
+}
