@@ -129,12 +129,14 @@ uninstall:
 # Every test: Rust unit and integration tests (the C functions against local servers, ws and
 # wss), the header check, the C examples under valgrind (run by tests/c_examples.rs), the
 # install test (tests/install.rs), then the unit tests, the C API's semantics and the epoll
-# hosts again with the wake-up descriptor as a pipe (the macOS and BSD path, `pipe-wake`), and a
+# hosts (level- and edge-triggered, declared or not) again with the wake-up descriptor as a pipe
+# (the macOS and BSD path, `pipe-wake`), and a
 # short run of each fuzz target where the nightly toolchain exists.
 test: deps all peers lint
 	$(CARGO) test -- --test-threads=4
 	$(CARGO) test --features pipe-wake --lib --test semantics -- --test-threads=4
-	$(CARGO) test --features pipe-wake --test hostile_round2 -- epoll --test-threads=4
+	$(CARGO) test --features pipe-wake --test hostile_round2 -- epoll declared --test-threads=4
+	$(CARGO) test --features pipe-wake --test attack_edge -- --test-threads=2
 	$(MAKE) fuzz-smoke
 
 # Fuzzing (cargo-fuzz, libFuzzer, nightly): the frame reader cut at random points, the upgrade
