@@ -255,8 +255,12 @@ impl Session {
                 Err(end) => return Poll::Ready(end),
             }
         }
-        // Plenty done: let the other connections on this thread run, then come back.
-        cx.waker().wake_by_ref();
+        // Plenty done: let the other connections on this thread run, then come back. Through
+        // tokio's yield_now, which wakes the task only after the runtime has polled for I/O: a
+        // plain self-wake put it back in the run queue at once, and the runtime looks for I/O
+        // only every 61 task polls, so a connection flooded with frames starved the others of
+        // their readiness (370 ms gaps in a 10 ms tick on another connection).
+        let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
         Poll::Pending
     }
 
@@ -543,8 +547,14 @@ impl Session {
             return Ok(false);
         }
         let (mut messages, mut cost, mut progress) = (0, 0, false);
+        // Every frame counts against one read's bound, control frames too: a peer that floods
+        // pings while it does not read our pongs (they are coalesced then, and cost no
+        // allowance) would otherwise keep this loop, and the I/O thread's other connections
+        // with it, going for as long as it keeps the socket full.
+        let mut frames = 0;
         while messages < allowance.messages
             && cost < allowance.cost
+            && frames < MAX_BATCH
             && self.batch.len() + self.arena.pending() < MAX_BATCH
         {
             let item = match self.reader.next_item() {
@@ -571,6 +581,7 @@ impl Session {
                 }
             };
             progress = true;
+            frames += 1;
             match item {
                 Item::Message { text } => {
                     messages += 1;
