@@ -542,10 +542,10 @@ fn declared_loop_is_woken_by_each_message_complete_from_another_thread() {
     const N: u64 = 1200;
     let peers: Vec<_> = (0..CONNS).map(|k| commanded_peer(k as u64 + 11)).collect();
     let (tx, rx) = mpsc::channel::<WsConn>();
-    let tx = Mutex::new(tx);
-    let tx: &'static Mutex<mpsc::Sender<WsConn>> = Box::leak(Box::new(tx));
+    let tx = Arc::new(Mutex::new(tx));
     let tallies: Vec<Arc<Tally>> = (0..CONNS)
         .map(|_| {
+            let tx = tx.clone();
             Arc::new(Tally::with(move |_, conn, index| {
                 tx.lock().unwrap().send(conn).unwrap();
                 if index + 1 == N {
@@ -613,9 +613,10 @@ fn toggling_the_declaration_from_another_thread_and_from_callbacks_misses_no_wak
     let client_addr = client.0 as usize;
     let peers: Vec<_> = (0..CONNS).map(|k| commanded_peer(k as u64 + 21)).collect();
     let next_round = rounds_hook(ROUNDS, PER_ROUND, "close 0");
-    let next_round: &'static (dyn Fn(&Tally, WsConn, u64) + Send + Sync) = Box::leak(Box::new(next_round));
+    let next_round: Arc<dyn Fn(&Tally, WsConn, u64) + Send + Sync> = Arc::new(next_round);
     let tallies: Vec<Arc<Tally>> = (0..CONNS)
         .map(|_| {
+            let next_round = next_round.clone();
             Arc::new(Tally::with(move |t, conn, index| {
                 if index % 97 == 0 {
                     declare(client_addr as *mut WsClient, (index / 97) % 2 == 0);
