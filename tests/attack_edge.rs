@@ -613,7 +613,7 @@ fn toggling_the_declaration_from_another_thread_and_from_callbacks_misses_no_wak
     let client_addr = client.0 as usize;
     let peers: Vec<_> = (0..CONNS).map(|k| commanded_peer(k as u64 + 21)).collect();
     let next_round = rounds_hook(ROUNDS, PER_ROUND, "close 0");
-    let next_round: Arc<dyn Fn(&Tally, WsConn, u64) + Send + Sync> = Arc::new(next_round);
+    let next_round = Arc::new(next_round);
     let tallies: Vec<Arc<Tally>> = (0..CONNS)
         .map(|_| {
             let next_round = next_round.clone();
