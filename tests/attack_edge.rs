@@ -35,21 +35,6 @@ const PIPE: bool = cfg!(feature = "pipe-wake");
 /// How long the loop waits before it checks whether it missed a wake-up.
 const STALL: Duration = Duration::from_secs(2);
 
-fn user<T>(value: &T) -> *mut c_void {
-    value as *const T as *mut c_void
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 /// CPU time of the calling thread.
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

@@ -22,10 +22,6 @@ use common::*;
 
 // ---- host-side helpers ------------------------------------------------------------------------
 
-fn user<T>(value: &T) -> *mut c_void {
-    value as *const T as *mut c_void
-}
-
 /// Busy for `d` (a host doing work in a callback; not a wait for an event).
 fn busy(d: Duration) {
     let start = Instant::now();
@@ -752,18 +748,6 @@ unsafe extern "C" fn complete_elsewhere(
     on_message(conn, data, len, kind, user_of(&this.rec));
     if let Some(signal) = this.signal.lock().unwrap().as_ref() {
         let _ = signal.send(());
-    }
-}
-
-/// A tiny random number generator (xorshift), seeded per test.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
     }
 }
 

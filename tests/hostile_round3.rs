@@ -70,10 +70,6 @@ fn no_keepalive() -> Options {
     options
 }
 
-fn user<T>(value: &T) -> *mut c_void {
-    value as *const T as *mut c_void
-}
-
 fn buffered(conn: WsConn) -> (WsStatus, usize) {
     let mut n = usize::MAX;
     let status = unsafe { ws_buffered_amount(conn, &mut n) };

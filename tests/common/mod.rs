@@ -383,3 +383,20 @@ pub fn system_getaddrinfo() -> GetAddrInfo {
     assert_ne!(address, 0, "the C library's getaddrinfo");
     unsafe { std::mem::transmute::<usize, GetAddrInfo>(address) }
 }
+
+/// A callback's `user` pointer to `value`.
+pub fn user<T>(value: &T) -> *mut c_void {
+    value as *const T as *mut c_void
+}
+
+/// A tiny random number generator (xorshift), seeded per test.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
