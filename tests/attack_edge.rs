@@ -276,6 +276,31 @@ fn commanded(stream: TcpStream, seed: u64) -> u64 {
 }
 
 /// One commanded peer on a port of its own.
+/// Connects one connection to each commanded peer (keepalive off), each watched by its tally,
+/// under flow control if asked, and sends each peer its first command.
+fn connect_commanded(
+    client: &Client,
+    peers: &[(String, JoinHandle<u64>)],
+    tallies: &[Arc<Tally>],
+    flow_control: bool,
+    first: &str,
+) -> Vec<WsConn> {
+    let options = no_keepalive();
+    peers
+        .iter()
+        .zip(tallies)
+        .map(|((url, _), t)| {
+            let c = client.connect_with(url, options.0);
+            watch_tally(c, t);
+            if flow_control {
+                set(ws_set_flow_control(c, true));
+            }
+            command(c, first);
+            c
+        })
+        .collect()
+}
+
 fn commanded_peer(seed: u64) -> (String, JoinHandle<u64>) {
     serve(move |p| commanded(p.stream, seed))
 }
@@ -462,17 +487,7 @@ fn declared_loop_one_dispatch_per_wakeup_bursts_beyond_the_batch_on_many_connect
         (0..CONNS).map(|_| Arc::new(Tally::with(rounds_hook(ROUNDS, PER_ROUND, "close 0")))).collect();
     let client = Client::new();
     declare(client.0, true);
-    let options = no_keepalive();
-    let conns: Vec<WsConn> = peers
-        .iter()
-        .zip(&tallies)
-        .map(|((url, _), t)| {
-            let c = client.connect_with(url, options.0);
-            watch_tally(c, t);
-            command(c, &format!("burst {PER_ROUND}"));
-            c
-        })
-        .collect();
+    let conns = connect_commanded(&client, &peers, &tallies, false, &format!("burst {PER_ROUND}"));
     set(ws_set_flow_control(conns[0], true));
     set(ws_set_flow_control(conns[1], true));
     let stop = Arc::new(AtomicBool::new(false));
@@ -541,18 +556,7 @@ fn declared_loop_is_woken_by_each_message_complete_from_another_thread() {
         .collect();
     let client = Client::new();
     declare(client.0, true);
-    let options = no_keepalive();
-    let conns: Vec<WsConn> = peers
-        .iter()
-        .zip(&tallies)
-        .map(|((url, _), t)| {
-            let c = client.connect_with(url, options.0);
-            watch_tally(c, t);
-            set(ws_set_flow_control(c, true));
-            command(c, &format!("burst {N}"));
-            c
-        })
-        .collect();
+    let conns = connect_commanded(&client, &peers, &tallies, true, &format!("burst {N}"));
     let completer = std::thread::spawn(move || {
         let mut rng = Rng(7);
         let mut refused = Vec::new();
@@ -661,17 +665,7 @@ fn ws_run_alternating_with_a_declared_loop_misses_nothing_and_waits_when_idle() 
         (0..CONNS).map(|_| Arc::new(Tally::with(rounds_hook(ROUNDS, PER_ROUND, "")))).collect();
     let client = Client::new();
     declare(client.0, true);
-    let options = no_keepalive();
-    let conns: Vec<WsConn> = peers
-        .iter()
-        .zip(&tallies)
-        .map(|((url, _), t)| {
-            let c = client.connect_with(url, options.0);
-            watch_tally(c, t);
-            command(c, &format!("burst {PER_ROUND}"));
-            c
-        })
-        .collect();
+    let conns = connect_commanded(&client, &peers, &tallies, false, &format!("burst {PER_ROUND}"));
     let mut runs = Vec::new();
     let stats = et_loop(
         &[client.0],
@@ -869,17 +863,7 @@ fn several_declared_clients_each_on_its_own_thread_miss_no_wake_up() {
                     (0..CONNS).map(|_| Arc::new(Tally::with(rounds_hook(ROUNDS, PER_ROUND, "close 0")))).collect();
                 let client = Client::new();
                 declare(client.0, true);
-                let options = no_keepalive();
-                let conns: Vec<WsConn> = peers
-                    .iter()
-                    .zip(&tallies)
-                    .map(|((url, _), t)| {
-                        let c = client.connect_with(url, options.0);
-                        watch_tally(c, t);
-                        command(c, &format!("trickle {PER_ROUND}"));
-                        c
-                    })
-                    .collect();
+                let conns = connect_commanded(&client, &peers, &tallies, false, &format!("trickle {PER_ROUND}"));
                 conns_tx.send(conns).unwrap();
                 let stats =
                     et_loop(&[client.0], true, Duration::from_secs(25), || tallies.iter().all(|t| t.ended()), |_| {});
