@@ -154,6 +154,27 @@ int main(int argc, char **argv) {
                 if (++i < count) send_one();
             }
         }
+    } else if (!strcmp(mode, "nested")) {
+        /* The host's loop (outer) watches the library's descriptor, an epoll instance (inner)
+           holding the socket and the wake-up eventfd; a dispatch harvests the inner one. */
+        int inner = epoll_create1(0), outer = epoll_create1(0);
+        efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLET};
+        epoll_ctl(inner, EPOLL_CTL_ADD, sock, &ev);
+        epoll_ctl(inner, EPOLL_CTL_ADD, efd, &ev);
+        epoll_ctl(outer, EPOLL_CTL_ADD, inner, &ev);
+        long have = 0;
+        send_one();
+        for (long i = 0; i < count;) {
+            epoll_wait(outer, &ev, 1, tmo);
+            struct epoll_event got_ev[8];
+            epoll_wait(inner, got_ev, 8, 0);
+            have += recv_some();
+            while (have >= 66) {
+                have -= 66;
+                if (++i < count) send_one();
+            }
+        }
     } else if (!strcmp(mode, "eventfd") || !strcmp(mode, "eventfd-et")) {
         int et = !strcmp(mode, "eventfd-et");
         efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

@@ -20,7 +20,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::{Instant, Sleep};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
@@ -32,7 +31,7 @@ use crate::error::{Error, WsStatus};
 use crate::host::dispatch;
 use crate::options::Options;
 use crate::wire::frame::{self, Opcode};
-use crate::wire::{Receiving, Wire, Written};
+use crate::wire::{Receiving, Watch, Wire, Written};
 
 /// Pieces of frames handed to one write (one sendmsg for plain TCP), and their bytes at most.
 const SLICES_PER_WRITE: usize = 64;
@@ -60,20 +59,20 @@ const READ_AHEAD_ROUNDS: usize = 16;
 pub(crate) async fn serve(
     conn: Arc<Conn>,
     wire: Wire,
-    read: OwnedReadHalf,
+    watch: Watch,
     leftover: Vec<u8>,
     options: Arc<Options>,
     deflate: Option<Agreed>,
 ) -> Option<Event> {
     // Made by a plain function and run as a temporary: a local Session held here would take
     // its size a second time in every connection's future (measured: 1632 -> 2568 bytes).
-    start(conn, wire, read, leftover, options, deflate).run().await
+    start(conn, wire, watch, leftover, options, deflate).run().await
 }
 
 fn start(
     conn: Arc<Conn>,
     wire: Wire,
-    read: OwnedReadHalf,
+    watch: Watch,
     leftover: Vec<u8>,
     options: Arc<Options>,
     deflate: Option<Agreed>,
@@ -83,7 +82,7 @@ fn start(
     conn.attach_wire(wire.clone(), deflater.as_ref().map_or(usize::MAX, Deflater::compress_from));
     let inflater = deflate.as_ref().map(Inflater::new);
     let reader = FrameReader::new(leftover, options.read_buffer_size, options.max_message_size, inflater);
-    let mut session = Session::new(conn, wire, read, reader, options);
+    let mut session = Session::new(conn, wire, watch, reader, options);
     if let Some(deflater) = deflater {
         session.taken.compress_from(deflater.compress_from());
         session.deflater = Some(Box::new(deflater));
@@ -116,10 +115,11 @@ impl End {
 }
 
 struct Session {
+    /// The socket's registration with the I/O thread's reactor. First: dropped (deregistered)
+    /// before the wire, which may close the socket.
+    watch: Watch,
     conn: Arc<Conn>,
     wire: Arc<Wire>,
-    /// The reading side of the socket (only this task reads).
-    read: OwnedReadHalf,
     /// The bytes the peer had acknowledged when the keepalive ping went out.
     acked_at_ping: u64,
     reader: FrameReader,
@@ -165,13 +165,13 @@ struct Session {
 }
 
 impl Session {
-    fn new(conn: Arc<Conn>, wire: Arc<Wire>, read: OwnedReadHalf, reader: FrameReader, options: Arc<Options>) -> Self {
+    fn new(conn: Arc<Conn>, wire: Arc<Wire>, watch: Watch, reader: FrameReader, options: Arc<Options>) -> Self {
         let now = Instant::now();
         let first_check = now + options.keepalive_interval.unwrap_or(Duration::from_secs(3600));
         Session {
+            watch,
             conn,
             wire,
-            read,
             acked_at_ping: 0,
             reader,
             taken: Taken::default(),
@@ -229,7 +229,7 @@ impl Session {
                 Ok(false) => break,
             }
         }
-        self.wire.poll_shut_down(cx)
+        self.wire.poll_shut_down(&self.watch, cx)
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
@@ -510,7 +510,7 @@ impl Session {
             return Ok(true);
         }
         self.write_blocked = true;
-        match self.wire.poll_writable(cx) {
+        match self.watch.poll_writable(cx) {
             Poll::Ready(result) => result.map(|()| true),
             Poll::Pending => Ok(false),
         }
@@ -561,7 +561,7 @@ impl Session {
                 Ok(Some(item)) => item,
                 Ok(None) if self.peer_eof => return Err(self.stream_ended()),
                 Ok(None) => {
-                    match self.reader.poll_read_from(&mut Receiving { wire: &self.wire, read: &mut self.read }, cx) {
+                    match self.reader.poll_read_from(&mut Receiving { wire: &self.wire, watch: Some(&self.watch) }, cx) {
                         Poll::Ready(Ok(0)) => return Err(self.stream_ended()),
                         Poll::Ready(Ok(_)) => {
                             progress = true;
@@ -636,7 +636,7 @@ impl Session {
                     }
                 }
             }
-            match self.reader.poll_read_ahead(&mut Receiving { wire: &self.wire, read: &mut self.read }, cx) {
+            match self.reader.poll_read_ahead(&mut Receiving { wire: &self.wire, watch: Some(&self.watch) }, cx) {
                 // No room: the rest waits until the host has taken what is held.
                 None | Some(Poll::Pending) => break,
                 Some(Poll::Ready(Ok(0))) => {
