@@ -16,6 +16,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
+use super::reading::{Readers, HOST_SILENT};
 use super::wakeup::Wakeup;
 use crate::conn::{Conn, Event};
 use crate::error::{Error, WsStatus};
@@ -28,6 +29,12 @@ thread_local! {
     static DEFERRED: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
     /// Connections whose sends made by callbacks are held until the batch ends.
     static CORKED: RefCell<Vec<Arc<Conn>>> = const { RefCell::new(Vec::new()) };
+}
+
+thread_local! {
+    /// The hub whose dispatch is reading sockets on this thread (see `host::reading`): the
+    /// connections it schedules meanwhile need no wake-up, the dispatch takes them next.
+    static READING_FOR_HUB: Cell<u64> = const { Cell::new(0) };
 }
 
 thread_local! {
@@ -151,6 +158,15 @@ pub struct Hub {
     /// I/O tasks still running, and a condition signalled when one ends (for ws_client_free).
     tasks: Mutex<usize>,
     task_ended: Condvar,
+    /// Connections whose reading the host's thread has (see `host::reading`).
+    readers: Readers,
+    /// Sockets to read again at the next dispatch (one dispatch did not take all they had).
+    read_again: Mutex<Vec<u64>>,
+    /// Dispatches so far, and whether the watchdog found the host silent since the last one.
+    dispatches: AtomicU64,
+    host_silent: AtomicBool,
+    /// The watchdog task runs (see `watchdog`).
+    watchdog: AtomicBool,
 }
 
 /// The queues one dispatch works with: the connections taken from the ready list (swapped
@@ -161,6 +177,8 @@ struct DispatchScratch {
     /// How many events each of them had pending when the dispatch began.
     budgets: Vec<usize>,
     events: VecDeque<Event>,
+    /// The sockets to read in this dispatch, by connection id.
+    sockets: Vec<u64>,
 }
 
 /// Clears the dispatching flag when a dispatch ends, even by a panic.
@@ -184,6 +202,11 @@ impl Hub {
             live: AtomicUsize::new(0),
             tasks: Mutex::new(0),
             task_ended: Condvar::new(),
+            readers: Readers::default(),
+            read_again: Mutex::new(Vec::new()),
+            dispatches: AtomicU64::new(0),
+            host_silent: AtomicBool::new(false),
+            watchdog: AtomicBool::new(false),
         })
     }
 
@@ -202,7 +225,7 @@ impl Hub {
         // Signalled after the lock is released: a host woken at once must not find it taken.
         // A dispatch that runs in between takes the connection and the signal is then spurious
         // (one dispatch with nothing to do), never lost.
-        if was_empty && !HostWakes::defer(self) {
+        if was_empty && READING_FOR_HUB.get() != self.id && !HostWakes::defer(self) {
             self.wakeup.set();
         }
     }
@@ -229,8 +252,21 @@ impl Hub {
     /// descriptor (always, unless the host's loop is edge-triggered).
     fn dispatch_entered(&self, clear: bool) -> (u32, bool) {
         let mut scratch = lock(&self.scratch);
-        let DispatchScratch { connections, budgets, events } = &mut *scratch;
-        {
+        let DispatchScratch { connections, budgets, events, sockets } = &mut *scratch;
+        self.dispatches.fetch_add(1, Ordering::Relaxed);
+        if self.host_silent.load(Ordering::Relaxed) {
+            self.host_silent.store(false, Ordering::Relaxed);
+        }
+        let mut read_again = false;
+        if Wakeup::HOST_READS {
+            // The harvest makes the descriptor unreadable and says which sockets have data;
+            // what they hold is queued before the ready list is taken, so that it is
+            // dispatched now. Whatever is scheduled after the harvest sets the descriptor.
+            sockets.append(&mut lock(&self.read_again));
+            self.wakeup.harvest(sockets);
+            read_again = self.read_sockets(sockets);
+            std::mem::swap(&mut *lock(&self.ready), connections);
+        } else {
             let mut ready = lock(&self.ready);
             if clear {
                 self.wakeup.clear();
@@ -242,7 +278,59 @@ impl Hub {
         budgets.extend(connections.iter().map(|conn| conn.pending_events()));
         let ran =
             connections.drain(..).zip(budgets.drain(..)).map(|(conn, budget)| conn.dispatch(events, budget)).sum();
-        (ran, !lock(&self.ready).is_empty())
+        (ran, read_again || !lock(&self.ready).is_empty())
+    }
+
+    /// Reads the sockets of `ids` (emptied) on this thread, for the connections whose reading
+    /// the host's thread has. Returns whether some must be read again at the next dispatch;
+    /// the descriptor is set for it then.
+    fn read_sockets(&self, ids: &mut Vec<u64>) -> bool {
+        if ids.is_empty() {
+            return false;
+        }
+        READING_FOR_HUB.set(self.id);
+        let mut again = Vec::new();
+        for id in ids.drain(..) {
+            if let Some(conn) = self.readers.get(id) {
+                if conn.read_on_host() && !again.contains(&id) {
+                    again.push(id);
+                }
+            }
+        }
+        READING_FOR_HUB.set(0);
+        if again.is_empty() {
+            return false;
+        }
+        *lock(&self.read_again) = again;
+        self.wakeup.set();
+        true
+    }
+
+    /// A connection's reading goes to the host's thread (see `host::reading`); the watchdog
+    /// starts if it is not running.
+    pub(crate) fn add_reader(self: &Arc<Self>, conn: &Arc<Conn>) {
+        self.readers.add(conn);
+        if !self.watchdog.swap(true, Ordering::AcqRel) {
+            tokio::spawn(watchdog(Arc::downgrade(self)));
+        }
+    }
+
+    pub(crate) fn forget_reader(&self, id: u64) {
+        self.readers.remove(id);
+    }
+
+    pub(crate) fn watch_socket(&self, fd: RawFd, id: u64) -> io::Result<()> {
+        self.wakeup.watch(fd, id)
+    }
+
+    pub(crate) fn unwatch_socket(&self, fd: RawFd) {
+        self.wakeup.unwatch(fd);
+    }
+
+    /// Whether I/O tasks may hand their reading to the host's thread: this build can, and the
+    /// host has dispatched since the watchdog last found it silent.
+    pub(crate) fn host_reads(&self) -> bool {
+        Wakeup::HOST_READS && !self.host_silent.load(Ordering::Relaxed)
     }
 
     fn enter_dispatch(&self) -> Result<DispatchGuard<'_>, Error> {
@@ -331,9 +419,38 @@ impl Hub {
 
     /// Drops every scheduled connection (breaks the hub -> conn -> hub reference cycle).
     pub fn clear(&self) {
+        self.readers.clear();
         let drained: Vec<_> = lock(&self.ready).drain(..).collect();
         drop(drained);
         *lock(&self.scratch) = DispatchScratch::default();
         self.wakeup.clear();
+    }
+}
+
+/// Watches a hub whose connections' reading the host's thread has: when the host has not
+/// dispatched for `HOST_SILENT`, the I/O tasks take their reading back, so that a host busy
+/// elsewhere leaves no ping unanswered and no keepalive misjudged. Ends when no connection's
+/// reading is with the host (the next hand-over starts it again) or the hub is gone.
+async fn watchdog(hub: std::sync::Weak<Hub>) {
+    let mut seen = u64::MAX;
+    loop {
+        tokio::time::sleep(HOST_SILENT).await;
+        let Some(hub) = hub.upgrade() else { return };
+        if hub.readers.is_empty() {
+            hub.watchdog.store(false, Ordering::Release);
+            // A hand-over between the check and the store found the watchdog running.
+            if hub.readers.is_empty() || hub.watchdog.swap(true, Ordering::AcqRel) {
+                return;
+            }
+        }
+        let dispatches = hub.dispatches.load(Ordering::Relaxed);
+        if dispatches != seen {
+            seen = dispatches;
+            continue;
+        }
+        hub.host_silent.store(true, Ordering::Relaxed);
+        for conn in hub.readers.all() {
+            conn.return_reading();
+        }
     }
 }

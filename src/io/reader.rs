@@ -73,6 +73,18 @@ pub(crate) enum ReadError {
     Corrupt(String),
 }
 
+/// What the host's thread finds next in the buffer (see `FrameReader::next_on_host`).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum OnHost {
+    /// A whole small data frame, taken out of the buffer.
+    Message { text: bool },
+    /// The start of one, or nothing: more bytes must be read.
+    NeedBytes,
+    /// Something the I/O task reads (a control frame, a fragment, a large frame, bytes that
+    /// break the protocol): left in the buffer.
+    Other,
+}
+
 /// A control frame found behind data the host has not taken yet (see
 /// `FrameReader::next_buffered_control`).
 #[derive(Debug, PartialEq, Eq)]
@@ -271,6 +283,57 @@ impl FrameReader {
         self.make_room();
         let room = (self.read_size - waiting).min(self.buf.capacity() - self.buf.len());
         Some(stream.poll_read_into(cx, &mut self.buf, room))
+    }
+
+    /// Whether nothing is held between frames: no unparsed byte, no large frame or fragmented
+    /// message under way, no compression. Only then may another thread take the reading over
+    /// (see `crate::host::reading`).
+    pub fn between_frames(&self) -> bool {
+        self.start == self.buf.len() && self.large.is_none() && self.fragments.is_none() && self.inflater.is_none()
+    }
+
+    /// The next item, for the host's thread (`crate::host::reading`): a whole unfragmented
+    /// data frame of at most `max_len` bytes, complete in the buffer, taken out as
+    /// `Item::Message` (its payload is `payload()`); anything else is left where it is, for
+    /// the I/O task to read as it always does (whatever is wrong with it, it reports).
+    pub fn next_on_host(&mut self, max_len: usize) -> OnHost {
+        if self.large.is_some() || self.fragments.is_some() || self.inflater.is_some() {
+            return OnHost::Other;
+        }
+        let header = match parse_header(&self.buf[self.start..]) {
+            Ok(Some(header)) => header,
+            Ok(None) => return OnHost::NeedBytes,
+            Err(_) => return OnHost::Other,
+        };
+        let simple = header.fin && !header.rsv1 && matches!(header.opcode, TEXT | BINARY);
+        if !simple || header.len > max_len as u64 || self.check_frame(&header).is_err() {
+            return OnHost::Other;
+        }
+        let body = self.start + header.header_len;
+        let payload = body..body + header.len as usize;
+        if payload.end > self.buf.len() {
+            return OnHost::NeedBytes;
+        }
+        let text = header.opcode == TEXT;
+        if text && std::str::from_utf8(&self.buf[payload.clone()]).is_err() {
+            return OnHost::Other;
+        }
+        self.start = payload.end;
+        self.last_payload = payload;
+        OnHost::Message { text }
+    }
+
+    /// Reads more bytes into the buffer, for the host's thread: at most what fits in one read
+    /// buffer (`make_room` keeps one there).
+    pub fn poll_read_on_host<S: Source + ?Sized>(
+        &mut self,
+        stream: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        debug_assert!(self.large.is_none());
+        self.make_room();
+        let room = self.buf.capacity() - self.buf.len();
+        stream.poll_read_into(cx, &mut self.buf, room)
     }
 
     /// Lets go of the buffer if nothing in it waits to be parsed (an idle connection holds none).

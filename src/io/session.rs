@@ -162,6 +162,11 @@ struct Session {
     arena: PayloadArena,
     /// permessage-deflate, if agreed: compresses what we send.
     deflater: Option<Box<Deflater>>,
+    /// The host's thread reads the socket (see `crate::host::reading`); `reader` is a
+    /// placeholder meanwhile.
+    handed: bool,
+    /// A read on the host's thread failed: reported once what was read before it is parsed.
+    read_failed: Option<io::Error>,
 }
 
 impl Session {
@@ -195,11 +200,20 @@ impl Session {
             batch: VecDeque::new(),
             arena: PayloadArena::default(),
             deflater: None,
+            handed: false,
+            read_failed: None,
         }
     }
 
     async fn run(mut self) -> Option<Event> {
         let end = poll_fn(|cx| self.poll(cx)).await;
+        // The socket leaves the host's descriptor before the connection ends.
+        if self.handed {
+            if let Some(reading) = self.conn.take_reading_back(true, std::task::Waker::noop()) {
+                self.reader = reading.reader;
+            }
+            self.handed = false;
+        }
         let (close_with, wait) = match end.event {
             None => {
                 let away = CloseFrame { code: CloseCode::Away, reason: "client shutting down".into() };
@@ -243,8 +257,71 @@ impl Session {
             // Idle connections keep no block and no read buffer of their own.
             self.arena.release();
             self.reader.release_if_drained();
+            self.offer_reading(cx);
         }
         outcome
+    }
+
+    /// Hands the reading of the socket to the host's thread, if nothing stands in the way:
+    /// the task holds nothing unparsed and nothing for the host, no close is under way, no
+    /// keepalive ping waits for its answer, no compression, and the host is dispatching.
+    fn offer_reading(&mut self, cx: &mut Context<'_>) {
+        let idle = self.reader.between_frames()
+            && self.batch.is_empty()
+            && self.arena.pending() == 0
+            && self.pongs.is_empty()
+            && self.peer_close.is_none()
+            && !self.peer_eof
+            && self.read_failed.is_none()
+            && self.failing.is_none()
+            && !self.close_sent
+            && self.close_deadline.is_none()
+            && self.ping_sent.is_none();
+        if self.handed || !idle || !self.watch.reads() || !self.conn.hub.host_reads() {
+            return;
+        }
+        if !self.conn.may_hand_reading_over() {
+            return;
+        }
+        // Readability stops waking the I/O thread first; the socket then joins the host's
+        // descriptor, which reports at once whatever arrived in between.
+        if self.watch.set_reads(false).is_err() {
+            // Unwatched: the next read fails and ends the connection.
+            cx.waker().wake_by_ref();
+            return;
+        }
+        let placeholder = FrameReader::new(Vec::new(), 0, 0, None);
+        let reader = std::mem::replace(&mut self.reader, placeholder);
+        match self.conn.hand_reading_to_host(reader, self.wire.clone(), cx.waker()) {
+            Ok(()) => self.handed = true,
+            Err(reader) => {
+                self.reader = reader;
+                if self.watch.set_reads(true).is_err() {
+                    cx.waker().wake_by_ref();
+                }
+            }
+        }
+    }
+
+    /// Takes the reading back from the host's thread if it gave it back, or (`now`) anyway.
+    /// Returns whether it did.
+    fn reading_back(&mut self, now: bool, cx: &mut Context<'_>) -> Result<bool, End> {
+        let Some(reading) = self.conn.take_reading_back(now, cx.waker()) else {
+            return Ok(false);
+        };
+        let reading = *reading;
+        self.handed = false;
+        self.reader = reading.reader;
+        if reading.heard {
+            self.heard();
+        }
+        match reading.ended {
+            Some(Ok(())) => self.peer_eof = true,
+            Some(Err(e)) => self.read_failed = Some(e),
+            None => {}
+        }
+        self.watch.set_reads(true).map_err(|e| self.io_failure(e))?;
+        Ok(true)
     }
 
     fn poll_rounds(&mut self, cx: &mut Context<'_>) -> Poll<End> {
@@ -287,6 +364,12 @@ impl Session {
         }
         match permit.gate {
             Gate::Shutdown => return Err(End { event: None, close_with: None }),
+            // The host's thread reads: the task takes the reading back when the host gives
+            // it back, and for a close or its timer (keepalive, close deadline).
+            _ if self.handed => {
+                let now = permit.close_requested || self.close_deadline.is_some() || self.timer.is_elapsed();
+                progress |= self.reading_back(now, cx)?;
+            }
             Gate::Open(allowance) => progress |= self.read(cx, allowance)?,
             Gate::Closed => {
                 // The host is behind, not the peer: silence while we do not read proves nothing.
@@ -560,6 +643,10 @@ impl Session {
             let item = match self.reader.next_item() {
                 Ok(Some(item)) => item,
                 Ok(None) if self.peer_eof => return Err(self.stream_ended()),
+                Ok(None) if self.read_failed.is_some() => {
+                    let failure = self.read_failed.take().expect("checked by the guard");
+                    return Err(self.io_failure(failure));
+                }
                 Ok(None) => {
                     match self.reader.poll_read_from(&mut Receiving { wire: &self.wire, watch: Some(&self.watch) }, cx) {
                         Poll::Ready(Ok(0)) => return Err(self.stream_ended()),
@@ -622,7 +709,7 @@ impl Session {
     /// most one read buffer and answers the pings found there, so that a peer's heartbeat is
     /// answered while a message waits for the host. Data frames stay where they are.
     fn read_ahead(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
-        if self.peer_close.is_some() || self.peer_eof {
+        if self.peer_close.is_some() || self.peer_eof || self.read_failed.is_some() {
             return Ok(false);
         }
         let mut progress = false;

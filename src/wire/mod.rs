@@ -78,11 +78,6 @@ impl Wire {
         self.tcp.as_raw_fd()
     }
 
-    /// Whether it is a TLS connection.
-    pub(crate) fn is_tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
     fn session(&self) -> Option<MutexGuard<'_, ClientConnection>> {
         // A panic in rustls leaves the session to the connection's end; never poison it.
         self.tls.as_deref().map(crate::sync::lock)

@@ -1,0 +1,254 @@
+//! Reading on the host's thread: a request/reply round trip without a switch between threads.
+//!
+//! When the I/O task of an open connection has nothing in hand (no unparsed byte, no message
+//! held by the host, no close under way, no compression) and the host has dispatched lately,
+//! it hands the reading of the socket to the host's thread: the socket joins the epoll
+//! instance behind `ws_client_fd()` and the task stops watching it for reading (`Watch`).
+//! Data arriving then wakes the host's loop and nothing else; `ws_dispatch` reads it and
+//! parses the whole small data frames (at most 16 KiB, unfragmented, uncompressed) into the
+//! connection's queue, as the task would have, before running the callbacks. That is one
+//! thread woken per round trip instead of two, and two system calls fewer.
+//!
+//! Anything else gives the reading back to the task, with the bytes read and left unparsed:
+//! a control frame (pings are answered by the task), a fragment, a larger frame, bytes that
+//! break the protocol, the end of the stream or an error, a full receive queue or flow
+//! control, TLS records that need an answer. The task also takes it back by itself: for
+//! `ws_close`, for its keepalive timer, when the client is freed, and, through the hub's
+//! watchdog, when the host has not dispatched for `HOST_SILENT` (a host busy elsewhere must
+//! not leave a server's pings unanswered).
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use crate::conn::{Conn, Event, PayloadArena};
+use crate::io::reader::{FrameReader, OnHost};
+use crate::wire::{Receiving, Wire};
+
+/// The largest frame the host's thread reads; larger ones are read by the I/O task, where they
+/// do not cost the host's thread (as with sends, `WRITE_ON_HOST_THREAD_MAX`).
+pub(crate) const READ_ON_HOST_MAX: usize = 16 << 10;
+/// Socket reads of one connection in one dispatch: more waits for the next dispatch, so that
+/// one busy connection does not hold up the others' callbacks.
+const READS_PER_DISPATCH: usize = 4;
+/// Messages read in one dispatch, at most (as an I/O task's batch).
+const MESSAGES_PER_DISPATCH: usize = 1024;
+/// How long the host may go without dispatching before the I/O task takes every connection's
+/// reading back (checked by the hub's watchdog, every `HOST_SILENT`): a ping waiting for a
+/// host busy elsewhere is answered within twice this.
+pub(crate) const HOST_SILENT: Duration = Duration::from_millis(100);
+
+/// The reading side of a connection, while the host's thread has it.
+pub(crate) struct Reading {
+    pub(crate) reader: FrameReader,
+    wire: Arc<Wire>,
+    arena: PayloadArena,
+    batch: VecDeque<Event>,
+    /// The task takes it back: it stopped being read on the host's thread.
+    pub(crate) returned: bool,
+    /// Something was read since the hand-over (the keepalive hears the peer).
+    pub(crate) heard: bool,
+    /// The host's read found the end of the stream (Ok) or failed (Err); the task reports it
+    /// once the bytes before it are parsed.
+    pub(crate) ended: Option<io::Result<()>>,
+    /// The I/O task, woken when the reading comes back.
+    task: Waker,
+}
+
+/// What one dispatch's read left.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// The socket had no more.
+    Drained,
+    /// The socket may have more: read again at the next dispatch.
+    Again,
+    /// Give the reading back to the task.
+    GiveBack,
+}
+
+/// The slot in each connection where its reading waits while the host's thread has it.
+#[derive(Default)]
+pub(crate) struct ReadingSlot(Mutex<Option<Box<Reading>>>);
+
+impl ReadingSlot {
+    fn lock(&self) -> MutexGuard<'_, Option<Box<Reading>>> {
+        crate::sync::lock(&self.0)
+    }
+}
+
+impl Conn {
+    /// The I/O task hands its reading to the host's thread; the socket joins the hub's
+    /// descriptor. Returns the reader back if the descriptor refused the socket.
+    pub(crate) fn hand_reading_to_host(
+        self: &Arc<Self>,
+        reader: FrameReader,
+        wire: Arc<Wire>,
+        task: &Waker,
+    ) -> Result<(), FrameReader> {
+        let fd = wire.socket();
+        let reading = Box::new(Reading {
+            reader,
+            wire,
+            arena: PayloadArena::default(),
+            batch: VecDeque::new(),
+            returned: false,
+            heard: false,
+            ended: None,
+            task: task.clone(),
+        });
+        let mut slot = self.reading.lock();
+        debug_assert!(slot.is_none());
+        self.hub.add_reader(self);
+        if self.hub.watch_socket(fd, self.id).is_err() {
+            self.hub.forget_reader(self.id);
+            return Err(reading.reader);
+        }
+        *slot = Some(reading);
+        Ok(())
+    }
+
+    /// The I/O task: takes its reading back if the host gave it back, or (`now`) in any case.
+    /// Otherwise None, and `task` is woken when the host gives it back.
+    pub(crate) fn take_reading_back(&self, now: bool, task: &Waker) -> Option<Box<Reading>> {
+        let mut slot = self.reading.lock();
+        let reading = slot.as_mut()?;
+        if !reading.returned {
+            if !now {
+                if !reading.task.will_wake(task) {
+                    reading.task = task.clone();
+                }
+                return None;
+            }
+            self.stop_host_reading(reading);
+        }
+        slot.take()
+    }
+
+    /// The hub's watchdog: the host has not dispatched for a while; the task takes the
+    /// reading back (woken now).
+    pub(crate) fn return_reading(&self) {
+        let mut slot = self.reading.lock();
+        if let Some(reading) = slot.as_mut().filter(|r| !r.returned) {
+            self.stop_host_reading(reading);
+            reading.task.wake_by_ref();
+        }
+    }
+
+    /// Takes the socket out of the hub's descriptor; the reading is the task's again.
+    fn stop_host_reading(&self, reading: &mut Reading) {
+        reading.returned = true;
+        self.hub.unwatch_socket(reading.wire.socket());
+        self.hub.forget_reader(self.id);
+    }
+
+    /// ws_dispatch, for a connection whose socket the harvest found ready: reads it and
+    /// queues the messages for this dispatch. Returns whether to read again at the next
+    /// dispatch (the socket may have more than one dispatch takes).
+    pub(crate) fn read_on_host(self: &Arc<Self>) -> bool {
+        let mut slot = self.reading.lock();
+        let Some(reading) = slot.as_mut().filter(|r| !r.returned) else {
+            // Given back meanwhile: the task reads it.
+            return false;
+        };
+        match reading.read(self) {
+            Outcome::Drained => false,
+            Outcome::Again => true,
+            Outcome::GiveBack => {
+                self.stop_host_reading(reading);
+                crate::host::dispatch::wake_task(reading.task.clone());
+                false
+            }
+        }
+    }
+}
+
+impl Reading {
+    fn read(&mut self, conn: &Arc<Conn>) -> Outcome {
+        let Some(mut allowance) = conn.host_allowance() else {
+            return Outcome::GiveBack;
+        };
+        allowance.messages = allowance.messages.min(MESSAGES_PER_DISPATCH);
+        let mut cx = Context::from_waker(Waker::noop());
+        let (mut messages, mut cost, mut reads) = (0, 0, 0);
+        let outcome = loop {
+            if messages >= allowance.messages || cost >= allowance.cost {
+                // The rest waits for the next dispatch (or the task, if the gate stays closed).
+                break Outcome::Again;
+            }
+            match self.reader.next_on_host(READ_ON_HOST_MAX) {
+                OnHost::Message { text } => {
+                    let payload = self.reader.payload();
+                    // Copied out of the read buffer (text with the NUL the C API promises).
+                    let parts: &[&[u8]] = if text { &[payload, b"\0"] } else { &[payload] };
+                    cost += self.arena.push(parts, text, &mut self.batch);
+                    messages += 1;
+                    continue;
+                }
+                OnHost::Other => break Outcome::GiveBack,
+                OnHost::NeedBytes if reads == READS_PER_DISPATCH => break Outcome::Again,
+                OnHost::NeedBytes => {}
+            }
+            reads += 1;
+            let mut from = Receiving { wire: &self.wire, watch: None };
+            match self.reader.poll_read_on_host(&mut from, &mut cx) {
+                Poll::Ready(Ok(0)) => {
+                    self.ended = Some(Ok(()));
+                    break Outcome::GiveBack;
+                }
+                Poll::Ready(Ok(_)) => self.heard = true,
+                Poll::Ready(Err(e)) => {
+                    self.ended = Some(Err(e));
+                    break Outcome::GiveBack;
+                }
+                Poll::Pending => break Outcome::Drained,
+            }
+        };
+        self.arena.drain_into(&mut self.batch);
+        if !self.batch.is_empty() {
+            conn.deliver_then_gate(&mut self.batch, None);
+        }
+        if outcome == Outcome::Drained {
+            // Nothing waits: an idle connection holds no buffer and no block.
+            self.reader.release_if_drained();
+            self.arena.release();
+        }
+        // TLS: reading may have produced records to send (an alert, a key update's answer):
+        // the task writes them.
+        if self.wire.session_wants_write() {
+            return Outcome::GiveBack;
+        }
+        outcome
+    }
+}
+
+/// The connections of a hub whose reading the host's thread has, by connection id.
+#[derive(Default)]
+pub(crate) struct Readers(Mutex<std::collections::HashMap<u64, Weak<Conn>>>);
+
+impl Readers {
+    pub(crate) fn add(&self, conn: &Arc<Conn>) {
+        crate::sync::lock(&self.0).insert(conn.id, Arc::downgrade(conn));
+    }
+
+    pub(crate) fn remove(&self, id: u64) {
+        crate::sync::lock(&self.0).remove(&id);
+    }
+
+    pub(crate) fn get(&self, id: u64) -> Option<Arc<Conn>> {
+        crate::sync::lock(&self.0).get(&id).and_then(Weak::upgrade)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        crate::sync::lock(&self.0).is_empty()
+    }
+
+    pub(crate) fn all(&self) -> Vec<Arc<Conn>> {
+        crate::sync::lock(&self.0).values().filter_map(Weak::upgrade).collect()
+    }
+
+    pub(crate) fn clear(&self) {
+        crate::sync::lock(&self.0).clear();
+    }
+}
