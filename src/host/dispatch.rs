@@ -1,11 +1,12 @@
 //! The hand-over from the library's I/O threads to the host's thread.
 //!
-//! Connections with deliverable events sit in a ready list. The wake-up descriptor (an eventfd,
-//! or a pipe: see `wakeup`) is readable whenever that list is not empty (and at most once
-//! spuriously after a dispatch emptied it), so a host's poll/epoll loop (level-triggered or
-//! edge-triggered) never misses a wake-up. A host that says its loop is edge-triggered spares
-//! the dispatch the clearing of the descriptor (see `Hub::dispatch`). `dispatch` runs
-//! callbacks on the calling thread and nowhere else.
+//! Connections with deliverable events sit in a ready list. The wake-up descriptor (an epoll
+//! instance, or a pipe: see `wakeup`) is readable whenever that list is not empty (and at most
+//! once spuriously after a dispatch emptied it), so a host's poll/epoll loop (level-triggered
+//! or edge-triggered) never misses a wake-up. On Linux it also holds the sockets whose reading
+//! the host's thread has (`host::reading`): their data wakes the host, and the dispatch reads
+//! them before it takes the ready list. `dispatch` runs callbacks on the calling thread and
+//! nowhere else.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -149,9 +150,6 @@ pub struct Hub {
     /// thread touches it).
     scratch: Mutex<DispatchScratch>,
     wakeup: Wakeup,
-    /// The host watches the descriptor edge-triggered (ws_client_set_fd_edge_triggered): its
-    /// dispatches leave the descriptor as it is (see `dispatch`).
-    edge_triggered: AtomicBool,
     dispatching: AtomicBool,
     /// Connections not gone yet.
     live: AtomicUsize,
@@ -197,7 +195,6 @@ impl Hub {
             ready: Mutex::new(VecDeque::new()),
             scratch: Mutex::new(DispatchScratch::default()),
             wakeup: Wakeup::new()?,
-            edge_triggered: AtomicBool::new(false),
             dispatching: AtomicBool::new(false),
             live: AtomicUsize::new(0),
             tasks: Mutex::new(0),
@@ -230,27 +227,16 @@ impl Hub {
         }
     }
 
-    /// Tells how the host's loop watches the descriptor: edge-triggered or level-triggered.
-    pub fn set_edge_triggered(&self, edge_triggered: bool) {
-        self.edge_triggered.store(edge_triggered, Ordering::Relaxed);
-    }
-
-    /// Runs the callbacks pending now on the calling thread. Returns how many ran and whether
+    /// Runs the callbacks pending now on the calling thread, after reading the sockets whose
+    /// reading the host's thread has (see `host::reading`). Returns how many ran and whether
     /// more are pending (events that arrived meanwhile, or beyond one round's budget).
-    ///
-    /// For a host whose loop is edge-triggered, the descriptor is not cleared: every time the
-    /// ready list goes from empty to not empty, `schedule` sets it, which is a new edge whether
-    /// it was cleared or not, so the host's loop is woken for whatever arrives after this
-    /// dispatch took the list; clearing would only cost a system call per wake-up.
     pub fn dispatch(&self) -> Result<(u32, bool), Error> {
         let _guard = self.enter_dispatch()?;
-        let clear = Wakeup::EDGE_LOOPS_NEED_CLEAR || !self.edge_triggered.load(Ordering::Relaxed);
-        Ok(self.dispatch_entered(clear))
+        Ok(self.dispatch_entered())
     }
 
-    /// `dispatch`, by a caller that holds the dispatch guard; `clear`: whether to clear the
-    /// descriptor (always, unless the host's loop is edge-triggered).
-    fn dispatch_entered(&self, clear: bool) -> (u32, bool) {
+    /// `dispatch`, by a caller that holds the dispatch guard.
+    fn dispatch_entered(&self) -> (u32, bool) {
         let mut scratch = lock(&self.scratch);
         let DispatchScratch { connections, budgets, events, sockets } = &mut *scratch;
         self.dispatches.fetch_add(1, Ordering::Relaxed);
@@ -268,9 +254,7 @@ impl Hub {
             std::mem::swap(&mut *lock(&self.ready), connections);
         } else {
             let mut ready = lock(&self.ready);
-            if clear {
-                self.wakeup.clear();
-            }
+            self.wakeup.clear();
             std::mem::swap(&mut *ready, connections);
         }
         // What is pending now is what this dispatch runs, whatever arrives while it runs.
@@ -369,8 +353,7 @@ impl Hub {
         let _guard = self.enter_dispatch()?;
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
-            // ws_run waits with a level-triggered poll: it always clears.
-            let (_, more) = self.dispatch_entered(true);
+            let (_, more) = self.dispatch_entered();
             if self.live_connections() == 0 {
                 return Ok(());
             }

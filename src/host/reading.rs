@@ -171,6 +171,7 @@ impl Reading {
         };
         allowance.messages = allowance.messages.min(MESSAGES_PER_DISPATCH);
         let mut cx = Context::from_waker(Waker::noop());
+        let wanted_write = self.wire.session_wants_write();
         let (mut messages, mut cost, mut reads) = (0, 0, 0);
         let outcome = loop {
             if messages >= allowance.messages || cost >= allowance.cost {
@@ -216,7 +217,7 @@ impl Reading {
         }
         // TLS: reading may have produced records to send (an alert, a key update's answer):
         // the task writes them.
-        if self.wire.session_wants_write() {
+        if !wanted_write && self.wire.session_wants_write() {
             return Outcome::GiveBack;
         }
         outcome

@@ -64,10 +64,6 @@ impl Wakeup {
         self.epoll.as_raw_fd()
     }
 
-    /// Every dispatch harvests the epoll instance, whatever the host's loop: an edge-triggered
-    /// item stays on its ready list until harvested, and would hide the next edge.
-    pub(crate) const EDGE_LOOPS_NEED_CLEAR: bool = true;
-
     pub(crate) fn set(&self) {
         let one: u64 = 1;
         // Fails only with EAGAIN, when the counter would pass u64::MAX - 1 (2^64 sets, never
@@ -153,10 +149,6 @@ impl Wakeup {
         }
         Ok(Wakeup { read, write, pending: std::sync::atomic::AtomicBool::new(false) })
     }
-
-    /// A set writes a byte only when none is pending (see `pending`): without clears, no set
-    /// would ever write again, so edge-triggered hosts need them as much as the others.
-    pub(crate) const EDGE_LOOPS_NEED_CLEAR: bool = true;
 
     /// A pipe cannot hold sockets: the I/O thread reads them all.
     pub(crate) const HOST_READS: bool = false;
@@ -255,12 +247,12 @@ mod tests {
         assert!(!readable(&wakeup));
     }
 
-    /// Every set is a new edge for an edge-triggered epoll: for an eventfd, cleared or not (a
-    /// host that declared its loop edge-triggered never has it cleared), also the set that
-    /// finds the counter full; for a pipe, once cleared, as every dispatch does.
+    /// Every set after a harvest (every dispatch harvests) is a new edge for a host's
+    /// edge-triggered epoll, also the set that finds the eventfd's counter full (it is never
+    /// read: 2^64 sets would fill it).
     #[cfg(target_os = "linux")]
     #[test]
-    fn every_set_is_an_edge_even_uncleared_and_with_the_counter_full() {
+    fn every_set_after_a_harvest_is_an_edge_even_with_the_counter_full() {
         let wakeup = Wakeup::new().unwrap();
         let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         assert!(epfd >= 0);
@@ -275,22 +267,51 @@ mod tests {
             wakeup.set();
             assert!(edge(), "a set is an edge");
             assert!(!edge(), "and only one");
-            if Wakeup::EDGE_LOOPS_NEED_CLEAR {
-                // What every dispatch does with a pipe.
-                wakeup.clear();
-            }
+            wakeup.clear();
+            assert!(!readable(&wakeup), "a harvest leaves it unreadable");
         }
-        if !Wakeup::EDGE_LOOPS_NEED_CLEAR {
+        #[cfg(not(feature = "pipe-wake"))]
+        {
             // The eventfd's counter at its maximum, u64::MAX - 1: the next write is refused.
             let near_full: u64 = u64::MAX - 1 - 3;
-            assert_eq!(unsafe { libc::write(wakeup.fd(), (&near_full as *const u64).cast(), 8) }, 8);
+            let fd = wakeup.event.as_raw_fd();
+            assert_eq!(unsafe { libc::write(fd, (&near_full as *const u64).cast(), 8) }, 8);
             assert!(edge());
+            wakeup.clear();
             wakeup.set();
             assert!(edge(), "the set that found the counter full is an edge all the same");
             let mut value: u64 = 0;
-            assert_eq!(unsafe { libc::read(wakeup.fd(), (&mut value as *mut u64).cast(), 8) }, 8);
+            assert_eq!(unsafe { libc::read(fd, (&mut value as *mut u64).cast(), 8) }, 8);
             assert_eq!(value, 1, "the counter was reset, then set");
         }
         unsafe { libc::close(epfd) };
+    }
+
+    /// A watched socket's data makes the descriptor readable and is harvested with its token;
+    /// more data after the harvest is a new wake-up; an unwatched socket wakes nothing.
+    #[cfg(all(target_os = "linux", not(feature = "pipe-wake")))]
+    #[test]
+    fn a_watched_socket_wakes_the_descriptor_and_is_harvested_with_its_token() {
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+        let wakeup = Wakeup::new().unwrap();
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        wakeup.watch(ours.as_raw_fd(), 42).unwrap();
+        assert!(!readable(&wakeup));
+        theirs.write_all(b"x").unwrap();
+        assert!(readable(&wakeup), "data on a watched socket");
+        let mut ready = Vec::new();
+        wakeup.harvest(&mut ready);
+        assert_eq!(ready, vec![42]);
+        assert!(!readable(&wakeup), "harvested (the byte is still unread)");
+        theirs.write_all(b"y").unwrap();
+        assert!(readable(&wakeup), "more data is a new wake-up");
+        ready.clear();
+        wakeup.set();
+        wakeup.harvest(&mut ready);
+        assert_eq!(ready, vec![42], "the eventfd is not reported as a socket");
+        wakeup.unwatch(ours.as_raw_fd());
+        theirs.write_all(b"z").unwrap();
+        assert!(!readable(&wakeup), "an unwatched socket wakes nothing");
     }
 }

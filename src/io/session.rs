@@ -264,9 +264,11 @@ impl Session {
 
     /// Hands the reading of the socket to the host's thread, if nothing stands in the way:
     /// the task holds nothing unparsed and nothing for the host, no close is under way, no
-    /// keepalive ping waits for its answer, no compression, and the host is dispatching.
+    /// keepalive ping waits for its answer, the socket takes what the task writes, no
+    /// compression, and the host is dispatching.
     fn offer_reading(&mut self, cx: &mut Context<'_>) {
         let idle = self.reader.between_frames()
+            && self.wire.nothing_received_held()
             && self.batch.is_empty()
             && self.arena.pending() == 0
             && self.pongs.is_empty()
@@ -276,7 +278,8 @@ impl Session {
             && self.failing.is_none()
             && !self.close_sent
             && self.close_deadline.is_none()
-            && self.ping_sent.is_none();
+            && self.ping_sent.is_none()
+            && !self.write_blocked;
         if self.handed || !idle || !self.watch.reads() || !self.conn.hub.host_reads() {
             return;
         }
@@ -365,9 +368,15 @@ impl Session {
         match permit.gate {
             Gate::Shutdown => return Err(End { event: None, close_with: None }),
             // The host's thread reads: the task takes the reading back when the host gives
-            // it back, and for a close or its timer (keepalive, close deadline).
+            // it back, and for a close, for its timer (keepalive, close deadline), and when
+            // the socket stops taking what it writes: a connection that sends faster than the
+            // peer reads is not in request/reply, and the pings that arrive meanwhile are read
+            // and answered (or coalesced) at once, as ever, while the writes wait.
             _ if self.handed => {
-                let now = permit.close_requested || self.close_deadline.is_some() || self.timer.is_elapsed();
+                let now = permit.close_requested
+                    || self.close_deadline.is_some()
+                    || self.timer.is_elapsed()
+                    || self.write_blocked;
                 progress |= self.reading_back(now, cx)?;
             }
             Gate::Open(allowance) => progress |= self.read(cx, allowance)?,

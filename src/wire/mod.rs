@@ -83,6 +83,12 @@ impl Wire {
         self.tls.as_deref().map(crate::sync::lock)
     }
 
+    /// Whether everything received has been handed out of the TLS session (always, for plain
+    /// TCP): only then does the socket's readiness tell whether there is more to read.
+    pub(crate) fn nothing_received_held(&self) -> bool {
+        self.session().is_none_or(|tls| tls.wants_read())
+    }
+
     /// TLS: whether the session has bytes to write that reading produced (an alert, a key
     /// update's answer): whoever read must see that they are written.
     pub(crate) fn session_wants_write(&self) -> bool {
