@@ -1,0 +1,1142 @@
+//! Attacks on the promises that reading small frames on the host's thread, inside ws_dispatch,
+//! could break (the planned change: while a connection is open and the host dispatches, whole
+//! unfragmented uncompressed data frames of up to 16 KiB are read and parsed there, and the
+//! connection goes back to the I/O thread for control frames, fragments, larger or compressed
+//! frames, protocol errors, EOF and resets, a full receive queue or flow control, ws_close,
+//! keepalive, and a host that has stopped dispatching for about 100 ms while data waits).
+//!
+//! Every test passes on the code as it is (the I/O thread reads everything) and asserts a
+//! documented bound or outcome (README "Threading contract", "Flow control and memory bounds",
+//! "Security", the options table; include/wsclient.h):
+//! - every message arrives once, whole, in order, with its kind; every ping gets exactly its pong,
+//!   in order, while the server reads; callbacks run only on the dispatching thread;
+//! - a host loop (epoll on ws_client_fd, level-triggered, or edge-triggered and declared so) is
+//!   never left 1.5 s without a wake-up while callbacks are pending;
+//! - pings are answered while the host is behind (stalled between dispatches, stuck in a
+//!   callback, holding a message, or with its receive queue full), within 1 s;
+//! - keepalive: no timeout while the peer answers or data flows; a timeout within interval +
+//!   timeout (+ 1 s) of the last thing received, never earlier;
+//! - each ending (close, FIN, reset, each protocol violation, a message over the maximum) right
+//!   behind a burst: every message before it, then exactly one final callback with the right
+//!   status or code, and (protocol errors) the host's replies before the close frame;
+//! - ws_close and sends from other threads, flow control completed from another thread: every
+//!   message the peer sent before its close frame delivered, every accepted send delivered
+//!   before the close frame;
+//! - ws_dispatch runs only the callbacks pending when it is called;
+//! - ws_client_free is refused while another thread dispatches, and returns promptly otherwise;
+//! - idle connections (50 of them, and ones holding a message with data unread behind it) cost
+//!   no CPU.
+//!
+//! The peers are raw, scripted servers (plain TCP or rustls) that read the client's frames while
+//! they write, so that neither side can block the other; streams are made from seeded `Rng`s and
+//! written in chunks of 1 byte to 100 KiB, some split across writes with short pauses. Tests
+//! synchronise on events; the only sleeps are a host that is blocked on purpose, and pauses that
+//! shape traffic.
+
+mod common;
+
+use std::ffi::c_void;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::{JoinHandle, ThreadId};
+use std::time::{Duration, Instant};
+
+use common::deflate::{deflate_msg, PMD};
+use common::hostile::*;
+use common::*;
+use flate2::{Compress, Compression};
+
+/// How long a host loop may go without a wake-up while callbacks are pending.
+const STALL: Duration = Duration::from_millis(1500);
+/// The longest any one test's host loop may run (a safety net; the tests take seconds).
+const LOOP_LIMIT: Duration = Duration::from_secs(40);
+/// How long a ping may wait for its answer while the host is behind.
+const PONG_BOUND: Duration = Duration::from_secs(1);
+
+// ---- randomness ------------------------------------------------------------------------------
+
+/// A number in lo..=hi.
+fn between(rng: &mut Rng, lo: usize, hi: usize) -> usize {
+    lo + rng.below((hi - lo + 1) as u64) as usize
+}
+
+fn random_bytes(rng: &mut Rng, n: usize) -> Vec<u8> {
+    (0..n).map(|_| rng.below(256) as u8).collect()
+}
+
+/// Valid UTF-8 of exactly `len` bytes, starting with `tag` where it fits: ASCII with 2-, 3- and
+/// 4-byte characters and U+0000 mixed in.
+fn text_of(rng: &mut Rng, len: usize, tag: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    if tag.len() <= len {
+        out.extend_from_slice(tag.as_bytes());
+    }
+    while out.len() < len {
+        let piece: &[u8] = match rng.below(12) {
+            0 => "é".as_bytes(),
+            1 => "€".as_bytes(),
+            2 => "😀".as_bytes(),
+            3 => b"\0",
+            _ => b"abcdefghijklmnopqrstuvwxyz ".as_slice(),
+        };
+        if piece.len() > 4 {
+            out.push(piece[rng.below(piece.len() as u64) as usize]);
+        } else if out.len() + piece.len() <= len {
+            out.extend_from_slice(piece);
+        } else {
+            out.push(b'.');
+        }
+    }
+    out
+}
+
+/// A message as the host received it (or as the test expects it).
+#[derive(Clone, PartialEq, Eq)]
+struct Msg {
+    text: bool,
+    data: Vec<u8>,
+}
+
+impl Msg {
+    fn text(data: &[u8]) -> Msg {
+        Msg { text: true, data: data.to_vec() }
+    }
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let head = &self.data[..self.data.len().min(24)];
+        let kind = if self.text { "text" } else { "binary" };
+        write!(f, "{kind} of {} bytes {:?}", self.data.len(), String::from_utf8_lossy(head))
+    }
+}
+
+/// Asserts that the host got exactly `expected`, naming the first difference (not the megabytes).
+fn assert_messages(got: &[Msg], expected: &[Msg], what: &str) {
+    if got == expected {
+        return;
+    }
+    let first = got.iter().zip(expected).position(|(g, e)| g != e).unwrap_or(got.len().min(expected.len()));
+    panic!(
+        "{what}: the host got {} messages, {} were sent; the first difference is at message {first}: got {:?}, \
+         expected {:?} (the one before: {:?})",
+        got.len(),
+        expected.len(),
+        got.get(first),
+        expected.get(first),
+        first.checked_sub(1).and_then(|i| expected.get(i)),
+    );
+}
+
+// ---- streams a server sends ------------------------------------------------------------------
+
+/// Frames as a server sends them, with the messages and pings they hold.
+#[derive(Default)]
+struct Stream {
+    wire: Vec<u8>,
+    messages: Vec<Msg>,
+    pings: Vec<Vec<u8>>,
+}
+
+impl Stream {
+    fn ping(&mut self, rng: &mut Rng) {
+        let mut payload = format!("ping {} ", self.pings.len()).into_bytes();
+        let filler = rng.below((126 - payload.len()) as u64) as usize;
+        payload.extend(random_bytes(rng, filler));
+        self.wire.extend(frame(FIN | PING, &payload));
+        self.pings.push(payload);
+    }
+
+    fn unsolicited_pong(&mut self, rng: &mut Rng) {
+        let len = rng.below(126) as usize;
+        self.wire.extend(frame(FIN | PONG, &random_bytes(rng, len)));
+    }
+
+    /// `msg` as one frame, or in `fragments` frames cut at random bytes (inside UTF-8
+    /// characters too) with pings and unsolicited pongs between them; compressed
+    /// (permessage-deflate, RSV1 on the first frame) when `deflate` is given and the dice say so.
+    fn message(&mut self, rng: &mut Rng, msg: Msg, deflate: Option<&mut Compress>, fragments: usize) {
+        let (body, rsv) = match deflate {
+            // (Not an empty one: a sync flush right after another makes no bytes at all.)
+            Some(c) if !msg.data.is_empty() && rng.below(10) < 4 => (deflate_msg(c, &msg.data), RSV1),
+            _ => (msg.data.clone(), 0),
+        };
+        let opcode = if msg.text { TEXT } else { BINARY };
+        if fragments <= 1 {
+            self.wire.extend(frame(FIN | rsv | opcode, &body));
+        } else {
+            let mut cuts: Vec<usize> = (0..fragments - 1).map(|_| rng.below(body.len() as u64 + 1) as usize).collect();
+            cuts.sort_unstable();
+            cuts.push(body.len());
+            let mut from = 0;
+            for (i, &to) in cuts.iter().enumerate() {
+                let first = if i == 0 { opcode | rsv } else { CONTINUATION };
+                let fin = if i == cuts.len() - 1 { FIN } else { 0 };
+                self.wire.extend(frame(fin | first, &body[from..to]));
+                from = to;
+                if fin == 0 {
+                    match rng.below(10) {
+                        0..=4 => self.ping(rng),
+                        5 => self.unsolicited_pong(rng),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        self.messages.push(msg);
+    }
+}
+
+/// A message of `len` bytes numbered `i`: text (valid UTF-8) or binary.
+fn numbered(rng: &mut Rng, i: usize, len: usize, text: bool) -> Msg {
+    if text {
+        return Msg { text, data: text_of(rng, len, &format!("#{i}:")) };
+    }
+    let mut data = random_bytes(rng, len);
+    let tag = (i as u32).to_le_bytes();
+    let n = len.min(4);
+    data[..n].copy_from_slice(&tag[..n]);
+    Msg { text, data }
+}
+
+/// A long randomized stream: small text and binary messages, messages just under and over
+/// 16 KiB, larger ones, fragmented ones (pings between fragments), pings with payloads,
+/// unsolicited pongs, empty messages; it ends with a ping, whose answer shows the client read it
+/// all. With `deflate`, some messages are compressed.
+fn mixed_stream(rng: &mut Rng, items: usize, mut deflate: Option<&mut Compress>) -> Stream {
+    let mut s = Stream::default();
+    for i in 0..items {
+        let text = rng.below(2) == 0;
+        match rng.below(100) {
+            0..=34 => {
+                let len = rng.below(200) as usize;
+                let m = numbered(rng, i, len, true);
+                s.message(rng, m, deflate.as_deref_mut(), 1);
+            }
+            35..=54 => {
+                let len = rng.below(2000) as usize;
+                let m = numbered(rng, i, len, false);
+                s.message(rng, m, deflate.as_deref_mut(), 1);
+            }
+            55..=61 => {
+                let len = between(rng, 2000, 16383);
+                let m = numbered(rng, i, len, text);
+                s.message(rng, m, deflate.as_deref_mut(), 1);
+            }
+            62..=71 => {
+                // Around the 16 KiB line: 16,380 to 16,388 bytes.
+                let len = between(rng, (16 << 10) - 4, (16 << 10) + 4);
+                let m = numbered(rng, i, len, text);
+                s.message(rng, m, deflate.as_deref_mut(), 1);
+            }
+            72..=74 => {
+                let len = between(rng, (16 << 10) + 5, 160 << 10);
+                let m = numbered(rng, i, len, text);
+                s.message(rng, m, deflate.as_deref_mut(), 1);
+            }
+            75..=82 => {
+                let len = if rng.below(2) == 0 { rng.below(3000) as usize } else { rng.below(40_000) as usize };
+                let m = numbered(rng, i, len, text);
+                let fragments = between(rng, 2, 6);
+                s.message(rng, m, deflate.as_deref_mut(), fragments);
+            }
+            83..=90 => s.ping(rng),
+            91..=95 => s.unsolicited_pong(rng),
+            _ => {
+                let m = Msg { text, data: Vec::new() };
+                s.message(rng, m, deflate.as_deref_mut(), 1);
+            }
+        }
+    }
+    s.ping(rng);
+    s
+}
+
+/// A stream of mostly small whole messages (the frames the change would read on the host's
+/// thread), with pings, unsolicited pongs, a few small fragmented messages and a few around
+/// 16 KiB between them; it ends with a ping.
+fn small_stream(rng: &mut Rng, items: usize) -> Stream {
+    let mut s = Stream::default();
+    for i in 0..items {
+        let text = rng.below(3) != 0;
+        match rng.below(100) {
+            0..=79 => {
+                let len = rng.below(300) as usize;
+                let m = numbered(rng, i, len, text);
+                s.message(rng, m, None, 1);
+            }
+            80..=87 => s.ping(rng),
+            88..=91 => s.unsolicited_pong(rng),
+            92..=95 => {
+                let len = rng.below(600) as usize;
+                let m = numbered(rng, i, len, text);
+                let fragments = between(rng, 2, 3);
+                s.message(rng, m, None, fragments);
+            }
+            _ => {
+                let len = between(rng, (16 << 10) - 2, (16 << 10) + 2);
+                let m = numbered(rng, i, len, text);
+                s.message(rng, m, None, 1);
+            }
+        }
+    }
+    s.ping(rng);
+    s
+}
+
+/// `n` small messages tagged "{tag}{i}:" (0 to `max` bytes of filler after the tag), text and
+/// binary, as frames in one buffer.
+fn small_messages(rng: &mut Rng, tag: &str, n: usize, max: usize) -> (Vec<u8>, Vec<Msg>) {
+    let mut wire = Vec::new();
+    let mut messages = Vec::new();
+    for i in 0..n {
+        let text = rng.below(3) != 0;
+        let filler = rng.below(max as u64 + 1) as usize;
+        let mut data = format!("{tag}{i}:").into_bytes();
+        if text {
+            data.extend(text_of(rng, filler, ""));
+        } else {
+            data.extend(random_bytes(rng, filler));
+        }
+        wire.extend(frame(FIN | if text { TEXT } else { BINARY }, &data));
+        messages.push(Msg { text, data });
+    }
+    (wire, messages)
+}
+
+/// A frame masked as only a client may send it (a server that does is broken).
+fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = header(first, payload.len() as u64);
+    bytes[1] |= 0x80;
+    let key = [0x12, 0x34, 0x56, 0x78];
+    bytes.extend_from_slice(&key);
+    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    bytes
+}
+
+/// The size of the next chunk a peer writes: 1 byte to 100 KiB.
+fn chunk_size(rng: &mut Rng) -> usize {
+    match rng.below(10) {
+        0..=2 => between(rng, 1, 16),
+        3..=5 => between(rng, 17, 2000),
+        6..=8 => between(rng, 2001, 32 << 10),
+        _ => between(rng, 32 << 10, 100 << 10),
+    }
+}
+
+// ---- the raw peer ----------------------------------------------------------------------------
+
+/// One frame the client sent (unmasked), parsed from the start of `buf`: the frame and the
+/// bytes it took; None if it has not all arrived.
+fn parse_client_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, String> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    if buf[1] & 0x80 == 0 {
+        return Err(format!("an unmasked frame from the client: {:02x?}", &buf[..buf.len().min(8)]));
+    }
+    let (len, at) = match buf[1] & 0x7f {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize, 10),
+        126 | 127 => return Ok(None),
+        n => (n as usize, 2),
+    };
+    if buf.len() < at + 4 + len {
+        return Ok(None);
+    }
+    let mask = &buf[at..at + 4];
+    let payload = buf[at + 4..at + 4 + len].iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
+    let frame = Frame { fin: buf[0] & 0x80 != 0, rsv1: buf[0] & 0x40 != 0, opcode: buf[0] & 0x0f, payload };
+    Ok(Some((frame, at + 4 + len)))
+}
+
+/// A server's side of one connection, plain or TLS, non-blocking underneath: it writes what the
+/// test says and reads (and parses) what the client sends whenever it waits or its writes are
+/// blocked, so that neither side can block the other.
+struct Raw {
+    sock: TcpStream,
+    tls: Option<Box<rustls::ServerConnection>>,
+    inbuf: Vec<u8>,
+    /// The client's frames, with when each was parsed.
+    frames: Vec<(Instant, Frame)>,
+    /// How the client's side ended: None while it has not; Some(None) at EOF (or TLS
+    /// close_notify), Some(Some(kind)) on an error.
+    ended: Option<Option<io::ErrorKind>>,
+    /// When `ended` was first seen.
+    ended_at: Option<Instant>,
+    /// What was wrong with what the client sent.
+    bad: Vec<String>,
+    /// Answer the client's pings (keepalive).
+    answer_pings: bool,
+    to_answer: Vec<Vec<u8>>,
+}
+
+impl Raw {
+    fn plain(mut peer: Peer, deflate: bool) -> Raw {
+        if deflate {
+            peer.upgrade_with_extensions(PMD);
+        } else {
+            peer.upgrade();
+        }
+        Raw::over(peer.stream, None)
+    }
+
+    fn tls(identity: &TlsIdentity, peer: Peer) -> Raw {
+        let mut tls = identity.accept(peer);
+        let request = read_request_from(&mut tls).expect("the upgrade request over TLS");
+        tls.write_all(response_to(&request, "").as_bytes()).unwrap();
+        tls.flush().unwrap();
+        let rustls::StreamOwned { conn, sock } = tls;
+        Raw::over(sock, Some(Box::new(conn)))
+    }
+
+    fn over(sock: TcpStream, tls: Option<Box<rustls::ServerConnection>>) -> Raw {
+        sock.set_nonblocking(true).unwrap();
+        Raw {
+            sock,
+            tls,
+            inbuf: Vec::new(),
+            frames: Vec::new(),
+            ended: None,
+            ended_at: None,
+            bad: Vec::new(),
+            answer_pings: false,
+            to_answer: Vec::new(),
+        }
+    }
+
+    fn end(&mut self, how: Option<io::ErrorKind>) {
+        if self.ended.is_none() {
+            self.ended = Some(how);
+            self.ended_at = Some(Instant::now());
+        }
+    }
+
+    /// Waits (at most `timeout`) until the socket is readable (or writable, with `write`).
+    fn wait_io(&self, write: bool, timeout: Duration) {
+        // Once the client's side ended the socket stays readable: wait for writability only.
+        let read = if self.ended.is_none() { libc::POLLIN } else { 0 };
+        let events = read | if write { libc::POLLOUT } else { 0 };
+        if events == 0 {
+            std::thread::sleep(timeout);
+            return;
+        }
+        let mut pfd = libc::pollfd { fd: self.sock.as_raw_fd(), events, revents: 0 };
+        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().max(1) as i32) };
+    }
+
+    /// Reads what the client has sent so far, without blocking, and parses it.
+    fn read_available(&mut self) {
+        let mut buf = [0u8; 16 << 10];
+        while self.ended.is_none() {
+            match self.tls.as_mut() {
+                None => match self.sock.read(&mut buf) {
+                    Ok(0) => self.end(None),
+                    Ok(n) => self.inbuf.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => self.end(Some(e.kind())),
+                },
+                Some(tls) => {
+                    let mut drained = false;
+                    let mut ended = None;
+                    match tls.read_tls(&mut self.sock) {
+                        Ok(0) => ended = Some(None),
+                        Ok(_) => {
+                            if let Err(e) = tls.process_new_packets() {
+                                self.bad.push(format!("TLS from the client: {e}"));
+                                ended = Some(Some(io::ErrorKind::InvalidData));
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => drained = true,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => ended = Some(Some(e.kind())),
+                    }
+                    loop {
+                        match tls.reader().read(&mut buf) {
+                            // close_notify.
+                            Ok(0) => {
+                                ended.get_or_insert(None);
+                                break;
+                            }
+                            Ok(n) => self.inbuf.extend_from_slice(&buf[..n]),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Some(how) = ended {
+                        self.end(how);
+                    }
+                    if drained {
+                        break;
+                    }
+                }
+            }
+        }
+        self.parse();
+    }
+
+    fn parse(&mut self) {
+        let mut at = 0;
+        loop {
+            match parse_client_frame(&self.inbuf[at..]) {
+                Ok(Some((frame, used))) => {
+                    at += used;
+                    if frame.opcode == PING && self.answer_pings {
+                        self.to_answer.push(frame.payload.clone());
+                    }
+                    self.frames.push((Instant::now(), frame));
+                }
+                Ok(None) => break,
+                Err(why) => {
+                    self.bad.push(why);
+                    at = self.inbuf.len();
+                    break;
+                }
+            }
+        }
+        self.inbuf.drain(..at);
+    }
+
+    /// Reads what there is, and answers the client's pings if told to.
+    fn pump(&mut self) {
+        self.read_available();
+        for payload in std::mem::take(&mut self.to_answer) {
+            let _ = self.send(&frame(FIN | PONG, &payload));
+        }
+    }
+
+    /// Writes all of `bytes`, reading what the client sends while the socket is full.
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let deadline = Instant::now() + PEER_TIMEOUT;
+        let mut at = 0;
+        loop {
+            let blocked = match self.tls.as_mut() {
+                None => {
+                    if at == bytes.len() {
+                        return Ok(());
+                    }
+                    match self.sock.write(&bytes[at..]) {
+                        Ok(n) => {
+                            at += n;
+                            false
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Some(tls) => {
+                    if at < bytes.len() && !tls.wants_write() {
+                        at += tls.writer().write(&bytes[at..])?;
+                    }
+                    if !tls.wants_write() {
+                        if at == bytes.len() {
+                            return Ok(());
+                        }
+                        false
+                    } else {
+                        match tls.write_tls(&mut self.sock) {
+                            Ok(_) => false,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            };
+            if blocked {
+                if Instant::now() > deadline {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                self.wait_io(true, Duration::from_millis(50));
+                self.read_available();
+            }
+        }
+    }
+
+    /// Writes `wire` in chunks of 1 byte to 100 KiB, pausing briefly after some (reading
+    /// meanwhile): frames split across writes, some with a pause in the middle.
+    fn send_chunked(&mut self, wire: &[u8], rng: &mut Rng) -> io::Result<()> {
+        self.send_chunked_up_to(wire, rng, usize::MAX)
+    }
+
+    /// `send_chunked` with chunks of at most `max` bytes.
+    fn send_chunked_up_to(&mut self, wire: &[u8], rng: &mut Rng, max: usize) -> io::Result<()> {
+        let mut at = 0;
+        while at < wire.len() {
+            let end = (at + chunk_size(rng).min(max)).min(wire.len());
+            self.send(&wire[at..end])?;
+            at = end;
+            if rng.below(4) == 0 {
+                self.idle(Duration::from_millis(1 + rng.below(3)));
+            } else {
+                self.pump();
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads (and answers pings if told to) until `pred` holds, at most `limit`; false if it did
+    /// not, or if the client's side ended first.
+    fn wait(&mut self, limit: Duration, mut pred: impl FnMut(&Raw) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.pump();
+            if pred(self) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.ended.is_some() {
+                return false;
+            }
+            self.wait_io(false, left.min(Duration::from_millis(100)));
+        }
+    }
+
+    /// A pause that shapes traffic (reading meanwhile).
+    fn idle(&mut self, d: Duration) {
+        let deadline = Instant::now() + d;
+        self.wait(d, |_| false);
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !left.is_zero() {
+            std::thread::sleep(left);
+        }
+    }
+
+    fn close_notify(&mut self) -> io::Result<()> {
+        self.tls.as_mut().expect("a TLS peer").send_close_notify();
+        self.send(&[])
+    }
+
+    fn of(&self, opcode: u8) -> impl Iterator<Item = &(Instant, Frame)> + '_ {
+        self.frames.iter().filter(move |(_, f)| f.opcode == opcode)
+    }
+
+    fn pongs(&self) -> Vec<Vec<u8>> {
+        self.of(PONG).map(|(_, f)| f.payload.clone()).collect()
+    }
+
+    fn pong_count(&self) -> usize {
+        self.of(PONG).count()
+    }
+
+    /// The text messages the client sent before its close frame.
+    fn texts(&self) -> Vec<String> {
+        self.frames
+            .iter()
+            .take_while(|(_, f)| f.opcode != CLOSE)
+            .filter(|(_, f)| f.opcode == TEXT)
+            .map(|(_, f)| String::from_utf8_lossy(&f.payload).into_owned())
+            .collect()
+    }
+
+    fn close(&self) -> Option<&Frame> {
+        self.of(CLOSE).map(|(_, f)| f).next()
+    }
+
+    /// Frames the client sent after its close frame (nothing may follow it).
+    fn after_close(&self) -> usize {
+        self.frames.iter().skip_while(|(_, f)| f.opcode != CLOSE).count().saturating_sub(1)
+    }
+
+    fn client_ended_or_closed(&self) -> bool {
+        self.ended.is_some() || self.close().is_some()
+    }
+}
+
+// ---- the host --------------------------------------------------------------------------------
+
+const FLOW_OFF: u8 = 0;
+/// Flow control on, each message completed in its callback (unless the hook says to hold it).
+const FLOW_INLINE: u8 = 1;
+/// Flow control on, messages completed by another thread (see `Host::complete_held`).
+const FLOW_EXTERNAL: u8 = 2;
+
+/// Runs inside a message callback after the message was recorded: (connection, message, its
+/// index). Returns whether to complete it (with FLOW_INLINE).
+type Hook = Box<dyn FnMut(WsConn, &Msg, usize) -> bool + Send>;
+
+/// What one connection's callbacks saw.
+#[derive(Default)]
+struct Host {
+    msgs: Mutex<Vec<Msg>>,
+    finals: Mutex<Vec<Ev>>,
+    final_at: Mutex<Option<Instant>>,
+    opens: AtomicUsize,
+    /// The dispatching thread: callbacks anywhere else are counted in `elsewhere`.
+    thread: Mutex<Option<ThreadId>>,
+    elsewhere: AtomicUsize,
+    after_final: AtomicUsize,
+    /// Answer each message with a send ("r{index}") from its callback.
+    reply: AtomicBool,
+    refused_sends: Mutex<Vec<WsStatus>>,
+    /// Work done in each message callback (a slow host).
+    work: Mutex<Duration>,
+    flow: AtomicU8,
+    /// A message was delivered and not completed yet (FLOW_EXTERNAL).
+    held: AtomicBool,
+    flow_violations: AtomicUsize,
+    wrong: Mutex<Vec<String>>,
+    hook: Mutex<Option<Hook>>,
+}
+
+impl Host {
+    fn with_hook(hook: impl FnMut(WsConn, &Msg, usize) -> bool + Send + 'static) -> Host {
+        let host = Host::default();
+        *host.hook.lock().unwrap() = Some(Box::new(hook));
+        host
+    }
+
+    fn watch(&self, conn: WsConn) {
+        let user = user(self);
+        set(ws_on_open(conn, Some(h_open), user));
+        set(ws_on_message(conn, Some(h_message), user));
+        set(ws_on_close(conn, Some(h_close), user));
+        set(ws_on_error(conn, Some(h_error), user));
+    }
+
+    /// The calling thread is the host's: callbacks must run here.
+    fn here(&self) {
+        *self.thread.lock().unwrap() = Some(std::thread::current().id());
+    }
+
+    fn enter(&self) {
+        if let Some(thread) = *self.thread.lock().unwrap() {
+            if thread != std::thread::current().id() {
+                self.elsewhere.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        if !self.finals.lock().unwrap().is_empty() {
+            self.after_final.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn messages(&self) -> Vec<Msg> {
+        self.msgs.lock().unwrap().clone()
+    }
+
+    fn count(&self) -> usize {
+        self.msgs.lock().unwrap().len()
+    }
+
+    fn finals(&self) -> Vec<Ev> {
+        self.finals.lock().unwrap().clone()
+    }
+
+    fn ended(&self) -> bool {
+        !self.finals.lock().unwrap().is_empty()
+    }
+
+    /// With FLOW_EXTERNAL: completes the message waiting for it, if one does.
+    fn complete_held(&self, conn: WsConn) -> WsStatus {
+        if self.held.swap(false, Ordering::SeqCst) {
+            ws_message_complete(conn)
+        } else {
+            WsStatus::Ok
+        }
+    }
+
+    /// Asserts what every test asserts of a connection's callbacks: all on the host's thread,
+    /// nothing after the final one, exactly one final callback, flow control respected.
+    fn assert_clean(&self, what: &str) {
+        assert_eq!(self.elsewhere.load(Ordering::SeqCst), 0, "{what}: callbacks ran off the dispatching thread");
+        assert_eq!(self.after_final.load(Ordering::SeqCst), 0, "{what}: callbacks ran after the final one");
+        assert_eq!(self.finals().len(), 1, "{what}: final callbacks {:?}", self.finals());
+        assert_eq!(self.opens.load(Ordering::SeqCst), 1, "{what}: open callbacks");
+        assert_eq!(
+            self.flow_violations.load(Ordering::SeqCst),
+            0,
+            "{what}: a message callback started before the previous message was completed"
+        );
+        let wrong = self.wrong.lock().unwrap().clone();
+        assert!(wrong.is_empty(), "{what}: {wrong:?}");
+    }
+}
+
+unsafe fn host_of<'a>(user: *mut c_void) -> &'a Host {
+    &*(user as *const Host)
+}
+
+unsafe extern "C" fn h_open(_: WsConn, user: *mut c_void) {
+    let host = host_of(user);
+    host.enter();
+    host.opens.fetch_add(1, Ordering::SeqCst);
+}
+
+unsafe extern "C" fn h_message(conn: WsConn, data: *const u8, len: usize, kind: WsMessageKind, user: *mut c_void) {
+    let host = host_of(user);
+    host.enter();
+    let flow = host.flow.load(Ordering::SeqCst);
+    if flow == FLOW_EXTERNAL && host.held.swap(true, Ordering::SeqCst) {
+        host.flow_violations.fetch_add(1, Ordering::SeqCst);
+    }
+    let text = kind == WsMessageKind::Text;
+    if text && *data.add(len) != 0 {
+        host.wrong.lock().unwrap().push("a text message without its NUL".into());
+    }
+    let msg = Msg { text, data: std::slice::from_raw_parts(data, len).to_vec() };
+    let index = {
+        let mut msgs = host.msgs.lock().unwrap();
+        msgs.push(msg.clone());
+        msgs.len() - 1
+    };
+    if host.reply.load(Ordering::SeqCst) {
+        let status = send_text(conn, &format!("r{index}"));
+        if status != WsStatus::Ok {
+            host.refused_sends.lock().unwrap().push(status);
+        }
+    }
+    let work = *host.work.lock().unwrap();
+    if !work.is_zero() {
+        let start = Instant::now();
+        while start.elapsed() < work {
+            std::hint::spin_loop();
+        }
+    }
+    let complete = match host.hook.lock().unwrap().as_mut() {
+        Some(hook) => hook(conn, &msg, index),
+        None => true,
+    };
+    if flow == FLOW_INLINE && complete {
+        ws_message_complete(conn);
+    }
+}
+
+unsafe extern "C" fn h_close(
+    conn: WsConn,
+    code: u16,
+    reason: *const std::os::raw::c_char,
+    len: usize,
+    user: *mut c_void,
+) {
+    let host = host_of(user);
+    host.enter();
+    let reason = String::from_utf8_lossy(std::slice::from_raw_parts(reason.cast::<u8>(), len)).into_owned();
+    *host.final_at.lock().unwrap() = Some(Instant::now());
+    host.finals.lock().unwrap().push(Ev::Close(conn, code, reason));
+}
+
+unsafe extern "C" fn h_error(conn: WsConn, kind: WsStatus, message: *const std::os::raw::c_char, user: *mut c_void) {
+    let host = host_of(user);
+    host.enter();
+    let message = std::ffi::CStr::from_ptr(message).to_string_lossy().into_owned();
+    *host.final_at.lock().unwrap() = Some(Instant::now());
+    host.finals.lock().unwrap().push(Ev::Error(conn, kind, message));
+}
+
+fn final_status(host: &Host) -> Option<WsStatus> {
+    match host.finals().first() {
+        Some(Ev::Error(_, status, _)) => Some(*status),
+        _ => None,
+    }
+}
+
+/// An epoll instance with one descriptor in it.
+struct Epoll(i32);
+
+impl Epoll {
+    fn new(fd: i32, edge: bool) -> Epoll {
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(epfd >= 0);
+        let events = libc::EPOLLIN | if edge { libc::EPOLLET } else { 0 };
+        let mut event = libc::epoll_event { events: events as u32, u64: 1 };
+        assert_eq!(unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut event) }, 0);
+        Epoll(epfd)
+    }
+
+    fn wait(&self, timeout: Duration) -> bool {
+        let mut out = libc::epoll_event { events: 0, u64: 0 };
+        let n = unsafe { libc::epoll_wait(self.0, &mut out, 1, timeout.as_millis() as i32) };
+        assert!(n >= 0, "epoll_wait: {}", io::Error::last_os_error());
+        n > 0
+    }
+}
+
+impl Drop for Epoll {
+    fn drop(&mut self) {
+        unsafe { libc::close(self.0) };
+    }
+}
+
+#[derive(Debug, Default)]
+struct LoopStats {
+    wakeups: u64,
+    /// The loop waited STALL for a wake-up while callbacks were pending.
+    stalls: Vec<String>,
+    longest_dispatch: Duration,
+}
+
+/// A host's event loop: epoll on ws_client_fd (level-triggered, or edge-triggered and declared
+/// so with ws_client_set_fd_edge_triggered), one ws_dispatch per wake-up whatever more_pending
+/// says, `after` after each, until `done` (at most LOOP_LIMIT). A wait of STALL without a wake-up
+/// is followed by a dispatch: if that runs callbacks, the loop missed a wake-up.
+fn host_loop(client: &Client, edge: bool, mut done: impl FnMut() -> bool, mut after: impl FnMut()) -> LoopStats {
+    if edge {
+        set(unsafe { ws_client_set_fd_edge_triggered(client.0, true) });
+    }
+    let epoll = Epoll::new(client.fd(), edge);
+    let mut stats = LoopStats::default();
+    let deadline = Instant::now() + LOOP_LIMIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "the host loop ran out of time ({LOOP_LIMIT:?}): {stats:?}");
+        // A wake-up that came right at the timeout is a late one, not a missed one.
+        let woken = epoll.wait(STALL) || epoll.wait(Duration::ZERO);
+        let start = Instant::now();
+        let (ran, more) = client.dispatch();
+        stats.longest_dispatch = stats.longest_dispatch.max(start.elapsed());
+        if woken {
+            stats.wakeups += 1;
+        } else if ran > 0 {
+            stats.stalls.push(format!(
+                "after {} wake-ups: {STALL:?} without a wake-up while {ran} callbacks were pending (more: {more})",
+                stats.wakeups
+            ));
+        }
+        after();
+    }
+    if edge {
+        set(unsafe { ws_client_set_fd_edge_triggered(client.0, false) });
+    }
+    stats
+}
+
+fn assert_no_stalls(stats: &LoopStats, what: &str) {
+    eprintln!("{what}: host loop {stats:?}");
+    assert!(stats.stalls.is_empty(), "{what}: the host loop missed wake-ups: {:?}", stats.stalls);
+}
+
+/// Options with keepalive off (and, for wss, the test CA trusted).
+fn options(identity: Option<&TlsIdentity>) -> Options {
+    let options = no_keepalive();
+    if let Some(identity) = identity {
+        let ca = cstr(identity.ca_pem.to_str().unwrap());
+        set(unsafe { ws_options_add_ca_file(options.0, ca.as_ptr()) });
+    }
+    options
+}
+
+/// The "r0", "r1", ... replies of a host that answers each of `n` messages.
+fn replies(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("r{i}")).collect()
+}
+
+// ---- 1. order and integrity across the switches ----------------------------------------------
+
+/// How a stream's server ends the connection once every ping was answered.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum StreamEnd {
+    /// A close frame (1000, "stream done"); the close handshake completes.
+    Close,
+    /// TLS close_notify without a close frame: the stream ends without a handshake.
+    CloseNotify,
+    /// A TCP reset.
+    Reset,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct StreamCase {
+    seed: u64,
+    items: usize,
+    /// The host's loop is edge-triggered and declared so.
+    edge: bool,
+    /// The host answers each message with a send from its callback (request/reply).
+    reply: bool,
+    tls: bool,
+    deflate: bool,
+    read_buffer: Option<usize>,
+    end: StreamEnd,
+    /// Mostly small messages (`small_stream`), written in chunks of at most 2 KiB.
+    small: bool,
+}
+
+impl StreamCase {
+    fn new(seed: u64) -> StreamCase {
+        StreamCase {
+            seed,
+            items: 700,
+            edge: false,
+            reply: false,
+            tls: false,
+            deflate: false,
+            read_buffer: None,
+            end: StreamEnd::Close,
+            small: false,
+        }
+    }
+}
+
+struct StreamReport {
+    pongs: Vec<Vec<u8>>,
+    texts: Vec<String>,
+    close: Option<Frame>,
+    after_close: usize,
+    bad: Vec<String>,
+    all_answered: bool,
+}
+
+/// A raw server sends a long randomized stream (see `mixed_stream`) in chunks of 1 byte to
+/// 100 KiB; the host loop records. Every message arrives once, whole, in order, with its kind;
+/// every ping gets exactly its pong, in order; (request/reply) every reply arrives, in order;
+/// exactly one final callback, the right one for the ending; no missed wake-up.
+fn stream_case(case: StreamCase) {
+    let what = format!("{case:?}");
+    let mut rng = Rng(case.seed);
+    let mut compressor = Compress::new(Compression::default(), false);
+    let stream = if case.small {
+        small_stream(&mut rng, case.items)
+    } else {
+        mixed_stream(&mut rng, case.items, case.deflate.then_some(&mut compressor))
+    };
+    let (expected, pings) = (stream.messages, stream.pings);
+    let wire = stream.wire;
+    let (n, ping_count) = (expected.len(), pings.len());
+    eprintln!("{what}: {} bytes, {n} messages, {ping_count} pings", wire.len());
+    let identity = case.tls.then(|| Arc::new(TlsIdentity::new()));
+    let listener = Listener::bind();
+    let url = if case.tls { format!("wss://127.0.0.1:{}/", listener.port) } else { listener.url() };
+    let server_identity = identity.clone();
+    let peer = std::thread::spawn(move || {
+        let p = listener.accept();
+        let mut raw = match &server_identity {
+            Some(identity) => Raw::tls(identity, p),
+            None => Raw::plain(p, case.deflate),
+        };
+        let mut rng = Rng(case.seed ^ 0x5eed);
+        let max = if case.small { 2 << 10 } else { usize::MAX };
+        raw.send_chunked_up_to(&wire, &mut rng, max).expect("the peer's writes");
+        let all_answered = raw
+            .wait(Duration::from_secs(20), |r| r.pong_count() >= ping_count && (!case.reply || r.texts().len() >= n));
+        let report = |raw: &Raw| StreamReport {
+            pongs: raw.pongs(),
+            texts: raw.texts(),
+            close: raw.close().cloned(),
+            after_close: raw.after_close(),
+            bad: raw.bad.clone(),
+            all_answered,
+        };
+        match case.end {
+            StreamEnd::Close => {
+                raw.send(&close_frame(1000, "stream done")).unwrap();
+                raw.wait(Duration::from_secs(10), |r| r.close().is_some());
+                raw.wait(Duration::from_secs(5), |r| r.ended.is_some());
+                report(&raw)
+            }
+            StreamEnd::CloseNotify => {
+                raw.close_notify().unwrap();
+                raw.wait(Duration::from_secs(5), |r| r.ended.is_some());
+                report(&raw)
+            }
+            StreamEnd::Reset => {
+                let report = report(&raw);
+                reset(raw.sock);
+                report
+            }
+        }
+    });
+    let host = Host::default();
+    host.reply.store(case.reply, Ordering::SeqCst);
+    let client = Client::new();
+    let options = options(identity.as_deref());
+    if let Some(bytes) = case.read_buffer {
+        set(unsafe { ws_options_set_read_buffer_size(options.0, bytes) });
+    }
+    let conn = client.connect_with(&url, options.0);
+    host.watch(conn);
+    host.here();
+    let stats = host_loop(&client, case.edge, || host.ended(), || {});
+    let report = peer.join().unwrap();
+    assert_no_stalls(&stats, &what);
+    assert_messages(&host.messages(), &expected, &what);
+    assert!(report.bad.is_empty(), "{what}: what the client sent: {:?}", report.bad);
+    assert!(report.all_answered, "{what}: the peer waited 20 s for the answers");
+    assert_eq!(report.pongs.len(), ping_count, "{what}: pongs for {ping_count} pings");
+    assert!(report.pongs == pings, "{what}: the pongs do not answer the pings one by one, in order");
+    if case.reply {
+        assert_eq!(report.texts, replies(n), "{what}: the host's replies");
+        assert!(host.refused_sends.lock().unwrap().is_empty(), "{what}: {:?}", host.refused_sends.lock().unwrap());
+    } else {
+        assert!(report.texts.is_empty(), "{what}: the client sent messages of its own: {:?}", report.texts);
+    }
+    let expected_final = match case.end {
+        StreamEnd::Close => Ev::Close(conn, 1000, "stream done".into()),
+        StreamEnd::CloseNotify | StreamEnd::Reset => Ev::Error(conn, WsStatus::ConnectionLost, String::new()),
+    };
+    match (&expected_final, host.finals().first()) {
+        (Ev::Error(_, want, _), Some(Ev::Error(_, got, _))) => assert_eq!(got, want, "{what}: {:?}", host.finals()),
+        (want, got) => assert_eq!(got, Some(want), "{what}"),
+    }
+    if case.end == StreamEnd::Close {
+        assert_eq!(report.close.as_ref().and_then(Frame::close_code), Some(1000), "{what}: the client's close frame");
+        assert_eq!(report.after_close, 0, "{what}: frames after the client's close frame");
+    }
+    host.assert_clean(&what);
+}
+
+/// README "Threading contract" and "Security" (frames): a level-triggered epoll host.
+#[test]
+fn a_mixed_stream_arrives_whole_and_in_order_with_every_ping_answered_level_triggered() {
+    stream_case(StreamCase::new(0x1001));
+}
+
+/// The same with the host's loop edge-triggered and declared so (ws_client_set_fd_edge_triggered):
+/// one dispatch per wake-up must never leave callbacks pending without a new wake-up.
+#[test]
+fn a_mixed_stream_arrives_whole_and_in_order_with_every_ping_answered_edge_triggered() {
+    stream_case(StreamCase { edge: true, ..StreamCase::new(0x1002) });
+}
+
+/// Request/reply: the host answers every message with a send from its callback (the small-send
+/// path on the host's thread) while the server pings between and inside messages: every reply
+/// arrives, in order, and every pong.
+#[test]
+fn a_mixed_stream_with_a_reply_to_every_message_loses_no_reply_and_no_pong() {
+    stream_case(StreamCase { reply: true, ..StreamCase::new(0x1003) });
+    stream_case(StreamCase { reply: true, edge: true, items: 300, ..StreamCase::new(0x1004) });
+}
+
+/// Mostly small whole frames, trickled in chunks of at most 2 KiB with pauses: the host's loop
+/// and the peer take turns all the time, edge-triggered and level-triggered, with and without
+/// replies.
+#[test]
+fn a_trickled_stream_of_small_messages_arrives_whole_and_in_order_with_every_ping_answered() {
+    stream_case(StreamCase { small: true, items: 2000, ..StreamCase::new(0x1007) });
+    stream_case(StreamCase { small: true, items: 2000, edge: true, reply: true, ..StreamCase::new(0x1008) });
+}
+
+/// A 300-byte read buffer (ws_options_set_read_buffer_size): small frames larger than one read
+/// must still come whole.
+#[test]
+fn a_mixed_stream_with_a_300_byte_read_buffer_arrives_whole_and_in_order() {
+    stream_case(StreamCase { read_buffer: Some(300), items: 400, ..StreamCase::new(0x1005) });
+}
+
+/// permessage-deflate negotiated: compressed messages (which stay on the I/O thread) between
+/// uncompressed small ones (which the change would read on the host's thread), some fragmented:
+/// the order must hold across the two.
+#[test]
+fn a_mixed_stream_with_compressed_and_plain_messages_keeps_its_order() {
+    stream_case(StreamCase { deflate: true, reply: true, ..StreamCase::new(0x1006) });
+}
+
+// ---- 6. the same over wss ----------------------------------------------------------------------
+
+#[test]
+fn wss_a_mixed_stream_arrives_whole_and_in_order_with_every_ping_answered() {
+    stream_case(StreamCase { tls: true, reply: true, items: 500, ..StreamCase::new(0x6001) });
+}
+
+/// A TLS close_notify without a close frame, once every ping was answered: every message, then
+/// one error callback (WS_STATUS_CONNECTION_LOST: closed without a close handshake).
+#[test]
+fn wss_close_notify_after_a_mixed_stream_delivers_everything_then_one_error() {
+    stream_case(StreamCase { tls: true, items: 400, end: StreamEnd::CloseNotify, ..StreamCase::new(0x6002) });
+}
+
+/// A TCP reset under TLS, once every ping was answered: every message, then one error callback.
+#[test]
+fn wss_a_reset_after_a_mixed_stream_delivers_everything_then_one_error() {
+    stream_case(StreamCase { tls: true, edge: true, items: 400, end: StreamEnd::Reset, ..StreamCase::new(0x6003) });
+}
