@@ -1140,3 +1140,405 @@ fn wss_close_notify_after_a_mixed_stream_delivers_everything_then_one_error() {
 fn wss_a_reset_after_a_mixed_stream_delivers_everything_then_one_error() {
     stream_case(StreamCase { tls: true, edge: true, items: 400, end: StreamEnd::Reset, ..StreamCase::new(0x6003) });
 }
+
+// ---- 2. a host that stops dispatching --------------------------------------------------------
+
+/// How the host falls behind for STALL_FOR.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Stall {
+    /// Its thread is blocked between two dispatches.
+    BetweenDispatches,
+    /// Its thread is blocked inside a message callback (in the middle of a dispatch).
+    InCallback,
+    /// It keeps dispatching, but holds a message (flow control on, not completed).
+    FlowHeld,
+}
+
+const STALL_FOR: Duration = Duration::from_millis(2500);
+
+struct StallReport {
+    expected: Vec<Msg>,
+    pings: Vec<Vec<u8>>,
+    pongs: Vec<Vec<u8>>,
+    /// How long each ping sent while the host was behind waited for its answer (None: none
+    /// came within 1.5 s).
+    latencies: Vec<Option<Duration>>,
+    close: Option<u16>,
+    bad: Vec<String>,
+}
+
+/// README "Flow control and memory bounds": "the library still reads ahead ... and answers the
+/// pings it finds there, so a server's heartbeat is answered while a message waits for the
+/// host", and the options table: "Pings from the server are always answered". Messages flow;
+/// the host falls behind for 2.5 s (see `Stall`) right when a message "stall" arrives; the peer
+/// sends a burst of small messages, then a ping every 100 ms with a few messages behind it (all
+/// of it well within one read buffer): each ping must be answered within 1 s while the host is
+/// behind. Once it resumes, the host gets every message, in order, then the close.
+fn stall_case(stall: Stall, queue_limit: Option<usize>, seed: u64) {
+    let what = format!("{stall:?}, receive queue limit {queue_limit:?}");
+    let (stalling_tx, stalling_rx) = mpsc::channel::<Instant>();
+    let (url, peer) = serve(move |p| {
+        let mut raw = Raw::plain(p, false);
+        let mut rng = Rng(seed);
+        let mut expected = Vec::new();
+        let (wire, msgs) = small_messages(&mut rng, "a", 100, 200);
+        raw.send_chunked(&wire, &mut rng).unwrap();
+        expected.extend(msgs);
+        raw.send(&frame(FIN | TEXT, b"stall")).unwrap();
+        expected.push(Msg::text(b"stall"));
+        let deadline = Instant::now() + PEER_TIMEOUT;
+        let since = loop {
+            if let Ok(at) = stalling_rx.try_recv() {
+                break at;
+            }
+            assert!(Instant::now() < deadline, "the host never stalled");
+            raw.idle(Duration::from_millis(2));
+        };
+        // A burst right behind the stall (with a small receive queue limit, it fills the queue).
+        let (burst, msgs) = small_messages(&mut rng, "b", 150, 60);
+        raw.send(&burst).unwrap();
+        expected.extend(msgs);
+        let (mut pings, mut latencies) = (Vec::new(), Vec::new());
+        while since.elapsed() + Duration::from_millis(400) < STALL_FOR {
+            let k = pings.len();
+            let payload = format!("ping {k} while the host is behind").into_bytes();
+            raw.send(&frame(FIN | PING, &payload)).unwrap();
+            let sent = Instant::now();
+            pings.push(payload);
+            let (wire, msgs) = small_messages(&mut rng, &format!("p{k}-"), 5, 60);
+            raw.send(&wire).unwrap();
+            expected.extend(msgs);
+            let answered = raw.wait(Duration::from_millis(1500), |r| r.pong_count() > k);
+            latencies.push(answered.then(|| raw.of(PONG).nth(k).unwrap().0 - sent));
+            raw.idle(Duration::from_millis(100));
+        }
+        // After the stall: more messages, a last ping, the close.
+        let (wire, msgs) = small_messages(&mut rng, "c", 100, 200);
+        raw.send_chunked(&wire, &mut rng).unwrap();
+        expected.extend(msgs);
+        pings.push(b"last".to_vec());
+        raw.send(&frame(FIN | PING, b"last")).unwrap();
+        raw.wait(Duration::from_secs(10), |r| r.pong_count() >= pings.len());
+        raw.send(&close_frame(1000, "stalled")).unwrap();
+        raw.wait(Duration::from_secs(10), |r| r.close().is_some());
+        StallReport {
+            expected,
+            pings,
+            pongs: raw.pongs(),
+            latencies,
+            close: raw.close().and_then(Frame::close_code),
+            bad: raw.bad.clone(),
+        }
+    });
+    let stall_now = Arc::new(AtomicBool::new(false));
+    let held_since: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let (hook_stall, hook_held, hook_tx) = (stall_now.clone(), held_since.clone(), stalling_tx.clone());
+    let host = Host::with_hook(move |_, msg, _| {
+        if msg.data != b"stall" {
+            return true;
+        }
+        match stall {
+            Stall::InCallback => {
+                hook_tx.send(Instant::now()).unwrap();
+                // A host blocked in its callback (on purpose, not a wait for an event).
+                std::thread::sleep(STALL_FOR);
+                true
+            }
+            Stall::BetweenDispatches => {
+                hook_stall.store(true, Ordering::SeqCst);
+                true
+            }
+            Stall::FlowHeld => {
+                *hook_held.lock().unwrap() = Some(Instant::now());
+                hook_tx.send(Instant::now()).unwrap();
+                false
+            }
+        }
+    });
+    let client = Client::new();
+    let options = options(None);
+    if let Some(limit) = queue_limit {
+        set(unsafe { ws_options_set_receive_queue_limit(options.0, limit) });
+    }
+    let conn = client.connect_with(&url, options.0);
+    host.watch(conn);
+    if stall == Stall::FlowHeld {
+        host.flow.store(FLOW_INLINE, Ordering::SeqCst);
+        set(ws_set_flow_control(conn, true));
+    }
+    host.here();
+    let stats = host_loop(
+        &client,
+        false,
+        || host.ended(),
+        || {
+            if stall_now.swap(false, Ordering::SeqCst) {
+                stalling_tx.send(Instant::now()).unwrap();
+                // A host blocked elsewhere (on purpose, not a wait for an event).
+                std::thread::sleep(STALL_FOR);
+            }
+            let mut held = held_since.lock().unwrap();
+            if held.is_some_and(|at| at.elapsed() >= STALL_FOR) {
+                *held = None;
+                set(ws_message_complete(conn));
+            }
+        },
+    );
+    let report = peer.join().unwrap();
+    eprintln!(
+        "{what}: {} pings while the host was behind, answered after {:?}",
+        report.latencies.len(),
+        report.latencies
+    );
+    assert_no_stalls(&stats, &what);
+    assert!(report.bad.is_empty(), "{what}: {:?}", report.bad);
+    assert!(report.latencies.len() >= 5, "{what}: only {} pings went out during the stall", report.latencies.len());
+    assert!(
+        report.latencies.iter().all(|l| l.is_some_and(|l| l < PONG_BOUND)),
+        "{what}: pings sent while the host was behind were not all answered within {PONG_BOUND:?}: {:?}",
+        report.latencies
+    );
+    assert!(report.pongs == report.pings, "{what}: pongs {:?} for pings {:?}", report.pongs.len(), report.pings.len());
+    assert_messages(&host.messages(), &report.expected, &what);
+    assert_eq!(host.finals(), vec![Ev::Close(conn, 1000, "stalled".into())], "{what}");
+    assert_eq!(report.close, Some(1000), "{what}: the client's close frame");
+    host.assert_clean(&what);
+}
+
+#[test]
+fn pings_are_answered_within_1_s_while_the_host_is_blocked_between_dispatches() {
+    stall_case(Stall::BetweenDispatches, None, 0x2001);
+}
+
+/// The host's thread is stuck inside a message callback, in the middle of a dispatch (where the
+/// change would have it own the socket).
+#[test]
+fn pings_are_answered_within_1_s_while_the_host_is_stuck_in_a_callback() {
+    stall_case(Stall::InCallback, None, 0x2002);
+}
+
+/// The same with a receive queue limit of 1 byte: the burst behind the stall fills the queue at
+/// once, and the pings behind it are found by reading ahead.
+#[test]
+fn pings_behind_a_full_receive_queue_are_answered_within_1_s_while_the_host_is_stuck() {
+    stall_case(Stall::InCallback, Some(1), 0x2003);
+}
+
+/// Flow control on, one message held (not completed) for 2.5 s while the host keeps dispatching.
+#[test]
+fn pings_behind_a_message_held_by_flow_control_are_answered_within_1_s() {
+    stall_case(Stall::FlowHeld, None, 0x2004);
+}
+
+// ---- 3. keepalive while the host is idle or stalled -----------------------------------------
+
+fn keepalive(interval_ms: u32, timeout_ms: u32) -> Options {
+    let options = Options::new();
+    set(unsafe { ws_options_set_keepalive(options.0, interval_ms, timeout_ms) });
+    options
+}
+
+/// Options table: keepalive "ping after interval of silence, fail after timeout more". A peer
+/// that answers pings: messages flow, the host blocks for 2 s (between dispatches, while the peer
+/// is silent but for its answers), then more messages flow. Keepalive 200 + 300 ms: it must not
+/// end the connection.
+#[test]
+fn keepalive_does_not_end_a_connection_whose_peer_answers_while_the_host_is_blocked() {
+    let (url, peer) = serve(move |p| {
+        let mut raw = Raw::plain(p, false);
+        raw.answer_pings = true;
+        let mut rng = Rng(0x3001);
+        let mut expected = Vec::new();
+        let (wire, msgs) = small_messages(&mut rng, "a", 50, 100);
+        raw.send_chunked(&wire, &mut rng).unwrap();
+        expected.extend(msgs);
+        raw.send(&frame(FIN | TEXT, b"stall")).unwrap();
+        expected.push(Msg::text(b"stall"));
+        // Silent (answering pings) until the host says it is back.
+        let back = raw.wait(Duration::from_secs(15), |r| r.texts().iter().any(|t| t == "resumed"));
+        let pings = raw.of(PING).count();
+        let (wire, msgs) = small_messages(&mut rng, "c", 50, 100);
+        let _ = raw.send_chunked(&wire, &mut rng);
+        expected.extend(msgs);
+        let _ = raw.send(&close_frame(1000, "kept"));
+        raw.wait(Duration::from_secs(10), |r| r.close().is_some());
+        (expected, back, pings)
+    });
+    let stall_now = Arc::new(AtomicBool::new(false));
+    let hook_stall = stall_now.clone();
+    let host = Host::with_hook(move |_, msg, _| {
+        if msg.data == b"stall" {
+            hook_stall.store(true, Ordering::SeqCst);
+        }
+        true
+    });
+    let client = Client::new();
+    let options = keepalive(200, 300);
+    let conn = client.connect_with(&url, options.0);
+    host.watch(conn);
+    host.here();
+    let stats = host_loop(
+        &client,
+        false,
+        || host.ended(),
+        || {
+            if stall_now.swap(false, Ordering::SeqCst) {
+                // A host blocked elsewhere (on purpose, not a wait for an event).
+                std::thread::sleep(Duration::from_secs(2));
+                send_text(conn, "resumed");
+            }
+        },
+    );
+    let (expected, back, pings) = peer.join().unwrap();
+    eprintln!(
+        "keepalive 200+300 ms, host blocked 2 s: the client sent {pings} pings meanwhile; finals {:?}",
+        host.finals()
+    );
+    assert_no_stalls(&stats, "keepalive, host blocked");
+    assert!(back, "the peer never heard that the host was back: {:?}", host.finals());
+    assert_messages(&host.messages(), &expected, "keepalive, host blocked");
+    assert_eq!(host.finals(), vec![Ev::Close(conn, 1000, "kept".into())]);
+    host.assert_clean("keepalive, host blocked");
+}
+
+/// Options table and header of ws_options_set_keepalive: "after interval_ms without receiving
+/// anything, send a ping; if nothing arrives within timeout_ms after it, end with
+/// WS_STATUS_KEEPALIVE_TIMEOUT". Small messages arrive every 10 ms for 1 s (each one must count
+/// as something received, whichever thread reads it), then the peer falls silent and answers
+/// nothing: the error comes no earlier than interval + timeout after the last message was
+/// written, and no later than interval + timeout + 1 s; every message before it.
+#[test]
+fn keepalive_timeout_comes_interval_plus_timeout_after_the_last_small_message() {
+    const INTERVAL: u32 = 300;
+    const TIMEOUT: u32 = 300;
+    let (last_tx, last_rx) = mpsc::channel::<Instant>();
+    let (url, peer) = serve(move |p| {
+        let mut raw = Raw::plain(p, false);
+        let mut rng = Rng(0x3002);
+        let (_, msgs) = small_messages(&mut rng, "k", 100, 100);
+        let mut last = Instant::now();
+        for m in &msgs {
+            raw.send(&frame(FIN | if m.text { TEXT } else { BINARY }, &m.data)).unwrap();
+            last = Instant::now();
+            raw.idle(Duration::from_millis(10));
+        }
+        last_tx.send(last).unwrap();
+        raw.wait(Duration::from_secs(10), |r| r.ended.is_some());
+        (msgs, raw.of(PING).count())
+    });
+    let host = Host::default();
+    let client = Client::new();
+    let options = keepalive(INTERVAL, TIMEOUT);
+    let conn = client.connect_with(&url, options.0);
+    host.watch(conn);
+    host.here();
+    let stats = host_loop(&client, false, || host.ended(), || {});
+    let (expected, pings) = peer.join().unwrap();
+    let last = last_rx.recv().unwrap();
+    let after = host.final_at.lock().unwrap().unwrap() - last;
+    eprintln!("keepalive {INTERVAL}+{TIMEOUT} ms: the error came {after:?} after the last message; {pings} pings");
+    assert_no_stalls(&stats, "keepalive timeout");
+    assert_messages(&host.messages(), &expected, "keepalive timeout");
+    assert_eq!(final_status(&host), Some(WsStatus::KeepaliveTimeout), "{:?}", host.finals());
+    let least = Duration::from_millis(u64::from(INTERVAL + TIMEOUT) - 20);
+    let most = Duration::from_millis(u64::from(INTERVAL + TIMEOUT) + 1000);
+    assert!(
+        after >= least && after <= most,
+        "the keepalive timeout came {after:?} after the last message (allowed {least:?} to {most:?})"
+    );
+    assert!(pings >= 1, "the client ended the connection without a keepalive ping");
+    host.assert_clean("keepalive timeout");
+}
+
+/// Small messages every 20 ms for 2.5 s, from a peer that never answers a ping, to a host that
+/// replies to each: with keepalive 300 + 300 ms the connection must not end (what arrives
+/// counts, whichever thread reads it).
+#[test]
+fn keepalive_does_not_end_a_connection_while_small_messages_keep_arriving() {
+    let (url, peer) = serve(move |p| {
+        let mut raw = Raw::plain(p, false);
+        let mut rng = Rng(0x3003);
+        let start = Instant::now();
+        let mut expected = Vec::new();
+        while start.elapsed() < Duration::from_millis(2500) {
+            let (wire, msgs) = small_messages(&mut rng, &format!("t{}-", expected.len()), 1, 80);
+            raw.send(&wire).unwrap();
+            expected.extend(msgs);
+            raw.idle(Duration::from_millis(20));
+        }
+        let _ = raw.send(&close_frame(1000, "flowed"));
+        raw.wait(Duration::from_secs(10), |r| r.close().is_some());
+        (expected, raw.of(PING).count(), raw.texts().len())
+    });
+    let host = Host::default();
+    host.reply.store(true, Ordering::SeqCst);
+    let client = Client::new();
+    let options = keepalive(300, 300);
+    let conn = client.connect_with(&url, options.0);
+    host.watch(conn);
+    host.here();
+    let stats = host_loop(&client, false, || host.ended(), || {});
+    let (expected, pings, replies_seen) = peer.join().unwrap();
+    eprintln!("{} messages every 20 ms: {pings} keepalive pings, {replies_seen} replies", expected.len());
+    assert_no_stalls(&stats, "keepalive while messages flow");
+    assert_messages(&host.messages(), &expected, "keepalive while messages flow");
+    assert_eq!(host.finals(), vec![Ev::Close(conn, 1000, "flowed".into())]);
+    assert_eq!(replies_seen, expected.len(), "the host's replies");
+    host.assert_clean("keepalive while messages flow");
+}
+
+/// A silent peer (it answers nothing) and a host blocked for 1.5 s right after the last
+/// message: whatever happened while it was blocked, once it dispatches again the keepalive
+/// timeout must come within interval + timeout + 1 s, after every message.
+#[test]
+fn keepalive_timeout_reaches_a_host_that_was_blocked_within_interval_plus_timeout_of_its_return() {
+    const INTERVAL: u32 = 200;
+    const TIMEOUT: u32 = 300;
+    let (url, peer) = serve(move |p| {
+        let mut raw = Raw::plain(p, false);
+        let mut rng = Rng(0x3004);
+        let (mut wire, mut msgs) = small_messages(&mut rng, "s", 80, 100);
+        wire.extend(frame(FIN | TEXT, b"stall"));
+        msgs.push(Msg::text(b"stall"));
+        raw.send_chunked(&wire, &mut rng).unwrap();
+        raw.wait(Duration::from_secs(15), |r| r.ended.is_some());
+        msgs
+    });
+    let stall_now = Arc::new(AtomicBool::new(false));
+    let hook_stall = stall_now.clone();
+    let host = Host::with_hook(move |_, msg, _| {
+        if msg.data == b"stall" {
+            hook_stall.store(true, Ordering::SeqCst);
+        }
+        true
+    });
+    let client = Client::new();
+    let options = keepalive(INTERVAL, TIMEOUT);
+    let conn = client.connect_with(&url, options.0);
+    host.watch(conn);
+    host.here();
+    let mut back = None;
+    let stats = host_loop(
+        &client,
+        false,
+        || host.ended(),
+        || {
+            if stall_now.swap(false, Ordering::SeqCst) {
+                // A host blocked elsewhere (on purpose, not a wait for an event).
+                std::thread::sleep(Duration::from_millis(1500));
+                back = Some(Instant::now());
+            }
+        },
+    );
+    let expected = peer.join().unwrap();
+    let back = back.expect("the host stalled");
+    let final_at = host.final_at.lock().unwrap().unwrap();
+    let after = final_at.saturating_duration_since(back);
+    eprintln!("silent peer, host blocked 1.5 s: the error came {after:?} after the host was back");
+    assert_no_stalls(&stats, "keepalive after a blocked host");
+    assert_messages(&host.messages(), &expected, "keepalive after a blocked host");
+    assert_eq!(final_status(&host), Some(WsStatus::KeepaliveTimeout), "{:?}", host.finals());
+    let most = Duration::from_millis(u64::from(INTERVAL + TIMEOUT) + 1000);
+    assert!(after <= most, "the keepalive timeout came {after:?} after the host was back (allowed {most:?})");
+    host.assert_clean("keepalive after a blocked host");
+}
