@@ -1542,3 +1542,239 @@ fn keepalive_timeout_reaches_a_host_that_was_blocked_within_interval_plus_timeou
     assert!(after <= most, "the keepalive timeout came {after:?} after the host was back (allowed {most:?})");
     host.assert_clean("keepalive after a blocked host");
 }
+
+// ---- 4. endings in every phase ----------------------------------------------------------------
+
+/// What ends a connection right behind a burst of small messages.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Ending {
+    /// A close frame (4001, "bye ending"); the peer waits for the client's.
+    CloseFrame,
+    /// A close frame, then at once the end of the peer's side of the stream.
+    CloseThenFin,
+    /// The end of the stream, no close frame.
+    Fin,
+    /// A reset, once the client has read everything.
+    Reset,
+    /// Opcode 3 (reserved).
+    ReservedOpcode,
+    /// A masked frame from the server.
+    MaskedFrame,
+    /// A small text frame that is not UTF-8.
+    InvalidUtf8,
+    /// RSV1 without permessage-deflate.
+    Rsv1WithoutDeflate,
+    /// A continuation frame with no message begun.
+    OrphanContinuation,
+    /// A whole text frame in the middle of a fragmented message.
+    DataFrameInsideAFragmentedMessage,
+    /// A ping without FIN.
+    FragmentedPing,
+    /// A ping of 126 bytes.
+    OversizedPing,
+    /// A small (5,000-byte) frame over a maximum message size of 4,096 bytes.
+    OverTheMaximumSize,
+}
+
+impl Ending {
+    fn wire(self) -> Vec<u8> {
+        match self {
+            Ending::CloseFrame | Ending::CloseThenFin => close_frame(4001, "bye ending"),
+            Ending::Fin | Ending::Reset => Vec::new(),
+            Ending::ReservedOpcode => frame(FIN | 0x3, b"reserved"),
+            Ending::MaskedFrame => masked_frame(FIN | TEXT, b"masked"),
+            Ending::InvalidUtf8 => frame(FIN | TEXT, b"valid until \xff here"),
+            Ending::Rsv1WithoutDeflate => frame(FIN | RSV1 | TEXT, b"rsv1"),
+            Ending::OrphanContinuation => frame(FIN | CONTINUATION, b"orphan"),
+            Ending::DataFrameInsideAFragmentedMessage => {
+                [frame(TEXT, b"begun "), frame(FIN | TEXT, b"interloper")].concat()
+            }
+            Ending::FragmentedPing => frame(PING, b"no fin"),
+            Ending::OversizedPing => frame(FIN | PING, &[1u8; 126]),
+            Ending::OverTheMaximumSize => frame(FIN | BINARY, &[7u8; 5000]),
+        }
+    }
+
+    /// The final callback's status (None: the close callback) and, for violations, the code
+    /// of the close frame the client must send.
+    fn outcome(self) -> (Option<WsStatus>, Option<u16>) {
+        match self {
+            Ending::CloseFrame | Ending::CloseThenFin => (None, None),
+            Ending::Fin | Ending::Reset => (Some(WsStatus::ConnectionLost), None),
+            Ending::InvalidUtf8 => (Some(WsStatus::Protocol), Some(1007)),
+            Ending::OverTheMaximumSize => (Some(WsStatus::MessageTooBig), Some(1009)),
+            _ => (Some(WsStatus::Protocol), Some(1002)),
+        }
+    }
+}
+
+/// How the host keeps up.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Pace {
+    /// It dispatches at every wake-up.
+    Fast,
+    /// 300 µs of work per message and 10 ms between dispatches.
+    Slow,
+    /// It does not dispatch at all until the peer has sent everything (and 300 ms more).
+    Late,
+}
+
+/// README "Security": "Messages read before the violation are delivered first, and what the
+/// host sends in reply goes out before the close frame"; "Each of these ends in one error
+/// callback"; Threading contract: "Every message the peer sent before its close frame is
+/// delivered before the close callback", "exactly one final callback". 300 small messages, then
+/// the ending, written in random chunks; the host replies to each message. Every message
+/// arrives; then exactly one final callback, the right one; for a violation, the client's close
+/// frame carries its code and every reply precedes it; otherwise the replies that went out are
+/// in order.
+fn ending_case(ending: Ending, pace: Pace, seed: u64) {
+    let what = format!("{ending:?} behind 300 small messages, host {pace:?}");
+    let mut rng = Rng(seed);
+    let (mut wire, expected) = small_messages(&mut rng, "e", 300, 300);
+    wire.extend(ending.wire());
+    let (sent_tx, sent_rx) = mpsc::channel::<()>();
+    let (url, peer) = serve(move |p| {
+        let socket = p.client_socket();
+        let mut raw = Raw::plain(p, false);
+        let mut rng = Rng(seed ^ 0xe);
+        // (A client that refuses a frame from its header may have closed before the rest.)
+        let written = raw.send_chunked_up_to(&wire, &mut rng, 4 << 10);
+        assert!(written.is_ok() || ending.outcome().1.is_some(), "{ending:?}: the peer's writes: {written:?}");
+        match ending {
+            Ending::CloseThenFin | Ending::Fin => raw.sock.shutdown(Shutdown::Write).unwrap(),
+            Ending::Reset => {
+                assert!(socket.wait_read_everything(), "{ending:?}: the client never read the burst");
+                raw.read_available();
+                let texts = raw.texts();
+                sent_tx.send(()).unwrap();
+                reset(raw.sock);
+                return (texts, None, 0);
+            }
+            _ => {}
+        }
+        sent_tx.send(()).unwrap();
+        raw.wait(Duration::from_secs(15), Raw::client_ended_or_closed);
+        (raw.texts(), raw.close().and_then(Frame::close_code), raw.after_close())
+    });
+    let host = Host::default();
+    host.reply.store(true, Ordering::SeqCst);
+    if pace == Pace::Slow {
+        *host.work.lock().unwrap() = Duration::from_micros(300);
+    }
+    let client = Client::new();
+    let options = options(None);
+    if ending == Ending::OverTheMaximumSize {
+        set(unsafe { ws_options_set_max_message_size(options.0, 4096) });
+    }
+    let conn = client.connect_with(&url, options.0);
+    host.watch(conn);
+    host.here();
+    if pace == Pace::Late {
+        sent_rx.recv_timeout(PEER_TIMEOUT).unwrap();
+        // A host busy elsewhere (on purpose, not a wait for an event).
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let stats = host_loop(
+        &client,
+        false,
+        || host.ended(),
+        || {
+            if pace == Pace::Slow {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        },
+    );
+    let (texts, close_code, after_close) = peer.join().unwrap();
+    eprintln!("{what}: finals {:?}; the peer got {} replies, close {close_code:?}", host.finals(), texts.len());
+    assert_no_stalls(&stats, &what);
+    assert_messages(&host.messages(), &expected, &what);
+    let (status, code) = ending.outcome();
+    match status {
+        None => assert_eq!(host.finals(), vec![Ev::Close(conn, 4001, "bye ending".into())], "{what}"),
+        Some(status) => assert_eq!(final_status(&host), Some(status), "{what}: {:?}", host.finals()),
+    }
+    let all = replies(expected.len());
+    if let Some(code) = code {
+        assert_eq!(close_code, Some(code), "{what}: the client's close frame");
+        assert_eq!(texts, all, "{what}: the host's replies before the close frame");
+        assert!(host.refused_sends.lock().unwrap().is_empty(), "{what}: {:?}", host.refused_sends.lock().unwrap());
+    } else {
+        assert!(all.starts_with(&texts), "{what}: the replies that went out are not in order: {texts:?}");
+    }
+    assert_eq!(after_close, 0, "{what}: frames after the client's close frame");
+    host.assert_clean(&what);
+}
+
+fn every_pace(ending: Ending, seed: u64) {
+    ending_case(ending, Pace::Fast, seed);
+    ending_case(ending, Pace::Slow, seed + 1);
+    ending_case(ending, Pace::Late, seed + 2);
+}
+
+#[test]
+fn a_close_frame_behind_a_burst_delivers_the_burst_then_the_close() {
+    every_pace(Ending::CloseFrame, 0x4010);
+}
+
+#[test]
+fn a_close_frame_then_fin_behind_a_burst_delivers_the_burst_then_the_close() {
+    every_pace(Ending::CloseThenFin, 0x4020);
+}
+
+#[test]
+fn a_fin_behind_a_burst_delivers_the_burst_then_one_connection_lost() {
+    every_pace(Ending::Fin, 0x4030);
+}
+
+#[test]
+fn a_reset_behind_a_burst_the_client_read_delivers_the_burst_then_one_connection_lost() {
+    every_pace(Ending::Reset, 0x4040);
+}
+
+#[test]
+fn a_reserved_opcode_behind_a_burst_delivers_the_burst_and_the_replies_then_1002() {
+    every_pace(Ending::ReservedOpcode, 0x4050);
+}
+
+#[test]
+fn a_masked_frame_behind_a_burst_delivers_the_burst_and_the_replies_then_1002() {
+    every_pace(Ending::MaskedFrame, 0x4060);
+}
+
+#[test]
+fn invalid_utf8_in_a_small_text_frame_behind_a_burst_delivers_the_burst_and_the_replies_then_1007() {
+    every_pace(Ending::InvalidUtf8, 0x4070);
+}
+
+#[test]
+fn rsv1_without_deflate_behind_a_burst_delivers_the_burst_and_the_replies_then_1002() {
+    every_pace(Ending::Rsv1WithoutDeflate, 0x4080);
+}
+
+#[test]
+fn an_orphan_continuation_behind_a_burst_delivers_the_burst_and_the_replies_then_1002() {
+    every_pace(Ending::OrphanContinuation, 0x4090);
+}
+
+/// A small whole text frame while a fragmented message is under way is not a message: the
+/// connection fails (1002) and neither the fragment nor the interloper is delivered.
+#[test]
+fn a_whole_frame_inside_a_fragmented_message_behind_a_burst_is_refused_with_1002() {
+    every_pace(Ending::DataFrameInsideAFragmentedMessage, 0x40a0);
+}
+
+#[test]
+fn a_fragmented_ping_behind_a_burst_delivers_the_burst_and_the_replies_then_1002() {
+    every_pace(Ending::FragmentedPing, 0x40b0);
+}
+
+#[test]
+fn an_oversized_ping_behind_a_burst_delivers_the_burst_and_the_replies_then_1002() {
+    every_pace(Ending::OversizedPing, 0x40c0);
+}
+
+/// The maximum message size applies to small frames too: 5,000 bytes over a 4,096-byte maximum.
+#[test]
+fn a_small_frame_over_the_maximum_size_behind_a_burst_is_refused_with_1009() {
+    every_pace(Ending::OverTheMaximumSize, 0x40d0);
+}
