@@ -1778,3 +1778,320 @@ fn an_oversized_ping_behind_a_burst_delivers_the_burst_and_the_replies_then_1002
 fn a_small_frame_over_the_maximum_size_behind_a_burst_is_refused_with_1009() {
     every_pace(Ending::OverTheMaximumSize, 0x40d0);
 }
+
+// ---- 5. ws_close, sends and completions from other threads during a small-message stream ------
+
+/// Where ws_close comes from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Closer {
+    /// The thread that also sends, while the host dispatches.
+    OtherThread,
+    /// A message callback, on the host's thread.
+    Callback,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct CloseCase {
+    seed: u64,
+    closer: Closer,
+    /// Flow control on, messages completed by another thread at random times.
+    flow: bool,
+    queue_limit: Option<usize>,
+}
+
+/// README "Threading contract": "Every message the peer sent before its close frame is
+/// delivered before the close callback"; header of ws_send: "Messages go out in the order of the
+/// calls that sent them, whatever the threads", "WS_STATUS_CLOSING after ws_close"; of ws_close:
+/// "Starts the close handshake after the messages already queued". A peer streams small messages
+/// (and pings) until it reads the client's close frame, then answers it; another thread sends
+/// "s0", "s1", ... and, once the host has had a random number of messages, closes (or a
+/// callback does). Every message the peer sent arrives, in order, once; every send that returned
+/// OK arrives before the close frame, in order; sends after ws_close return CLOSING; the close
+/// callback carries the peer's code; flow control is never overrun.
+fn close_case(case: CloseCase) {
+    let what = format!("{case:?}");
+    // How many messages the host has had: the peer stays at most 400 ahead, so that what waits
+    // when the close begins is delivered well within the close timeout (which bounds it all).
+    let delivered = Arc::new(AtomicUsize::new(0));
+    let peer_delivered = delivered.clone();
+    let (url, peer) = serve(move |p| {
+        let mut raw = Raw::plain(p, false);
+        let mut rng = Rng(case.seed);
+        let mut expected = Vec::new();
+        let mut pings = 0;
+        let start = Instant::now();
+        while raw.close().is_none() && raw.ended.is_none() && start.elapsed() < Duration::from_secs(20) {
+            let batch = between(&mut rng, 1, 20);
+            let (wire, msgs) = small_messages(&mut rng, &format!("c{}-", expected.len()), batch, 100);
+            if raw.send(&wire).is_err() {
+                break;
+            }
+            expected.extend(msgs);
+            if rng.below(8) == 0 {
+                raw.send(&frame(FIN | PING, format!("{pings}").as_bytes())).unwrap();
+                pings += 1;
+            }
+            if rng.below(4) == 0 {
+                raw.idle(Duration::from_millis(1));
+            } else {
+                raw.pump();
+            }
+            while expected.len() > peer_delivered.load(Ordering::SeqCst) + 400 && raw.close().is_none() {
+                raw.idle(Duration::from_millis(1));
+            }
+        }
+        eprintln!(
+            "{case:?}: the peer saw the client's close frame after {:?}, having sent {} messages",
+            start.elapsed(),
+            expected.len()
+        );
+        let _ = raw.send(&close_frame(1000, "ack"));
+        raw.wait(Duration::from_secs(10), |r| r.ended.is_some());
+        let close = raw.close().map(|f| (f.close_code(), String::from_utf8_lossy(&f.payload[2..]).into_owned()));
+        (expected, raw.texts(), close, raw.after_close(), raw.bad.clone())
+    });
+    let mut rng = Rng(case.seed ^ 0xc105e);
+    let close_after = between(&mut rng, 200, 3000);
+    let t0 = Instant::now();
+    let host = Arc::new(Host::with_hook(move |conn, _, index| {
+        delivered.store(index + 1, Ordering::SeqCst);
+        if case.closer == Closer::Callback && index == close_after {
+            eprintln!("{case:?}: ws_close in the callback of message {index} after {:?}", t0.elapsed());
+            assert_eq!(close(conn, 1000, "enough"), WsStatus::Ok);
+        }
+        true
+    }));
+    let client = Client::new();
+    let options = options(None);
+    set(unsafe { ws_options_set_close_timeout_ms(options.0, 5000) });
+    if let Some(limit) = case.queue_limit {
+        set(unsafe { ws_options_set_receive_queue_limit(options.0, limit) });
+    }
+    let conn = client.connect_with(&url, options.0);
+    host.watch(conn);
+    if case.flow {
+        host.flow.store(FLOW_EXTERNAL, Ordering::SeqCst);
+        set(ws_set_flow_control(conn, true));
+    }
+    host.here();
+    let completer = case.flow.then(|| {
+        let host = host.clone();
+        std::thread::spawn(move || {
+            let mut rng = Rng(case.seed ^ 0xc0);
+            while !host.ended() {
+                std::thread::sleep(Duration::from_micros(rng.below(300)));
+                if host.complete_held(conn) == WsStatus::Gone {
+                    break;
+                }
+            }
+        })
+    });
+    let sender_host = host.clone();
+    let sender = std::thread::spawn(move || {
+        let mut rng = Rng(case.seed ^ 0x5e);
+        let mut sent = 0;
+        let mut closed = None;
+        while !sender_host.ended() {
+            std::thread::sleep(Duration::from_micros(rng.below(400)));
+            if closed.is_none() && case.closer == Closer::OtherThread && sender_host.count() >= close_after {
+                closed = Some(close(conn, 1000, "enough"));
+                break;
+            }
+            match send_text(conn, &format!("s{sent}")) {
+                WsStatus::Ok => sent += 1,
+                _ => break,
+            }
+        }
+        // After ws_close, sends are refused (until the connection is gone).
+        let after: Vec<WsStatus> = (0..3).map(|_| send_text(conn, "too late")).collect();
+        (sent, closed, after)
+    });
+    let stats = host_loop(&client, false, || host.ended(), || {});
+    let (sent, closed, after) = sender.join().unwrap();
+    if let Some(completer) = completer {
+        completer.join().unwrap();
+    }
+    let (expected, texts, close_frame, after_close, bad) = peer.join().unwrap();
+    eprintln!(
+        "{what}: the peer sent {} messages, the host got {}; {sent} sends, close {closed:?}, then {after:?}; the \
+         client's close frame {close_frame:?}",
+        expected.len(),
+        host.count()
+    );
+    eprintln!("{what}: finals {:?} after {:?}", host.finals(), t0.elapsed());
+    assert_no_stalls(&stats, &what);
+    assert!(bad.is_empty(), "{what}: {bad:?}");
+    assert_messages(&host.messages(), &expected, &what);
+    assert_eq!(host.finals(), vec![Ev::Close(conn, 1000, "ack".into())], "{what}");
+    assert_eq!(close_frame, Some((Some(1000), "enough".to_string())), "{what}: the client's close frame");
+    assert_eq!(after_close, 0, "{what}: frames after the client's close frame");
+    let sends: Vec<String> = (0..sent).map(|i| format!("s{i}")).collect();
+    assert_eq!(texts, sends, "{what}: the sends that returned OK, before the close frame");
+    if case.closer == Closer::OtherThread {
+        assert_eq!(closed, Some(WsStatus::Ok), "{what}: ws_close");
+        assert!(
+            after.iter().all(|s| matches!(s, WsStatus::Closing | WsStatus::Gone)),
+            "{what}: sends after ws_close: {after:?}"
+        );
+    }
+    host.assert_clean(&what);
+}
+
+#[test]
+fn ws_close_from_another_thread_during_a_small_message_stream_loses_nothing() {
+    close_case(CloseCase { seed: 0x5001, closer: Closer::OtherThread, flow: false, queue_limit: None });
+}
+
+/// Flow control on, messages completed from a third thread at random times, a 4 KiB receive
+/// queue limit.
+#[test]
+fn ws_close_from_another_thread_under_flow_control_and_a_small_receive_queue_loses_nothing() {
+    close_case(CloseCase { seed: 0x5002, closer: Closer::OtherThread, flow: true, queue_limit: Some(4 << 10) });
+}
+
+/// ws_close from inside a message callback (the host's thread, mid-dispatch) while sends come
+/// from another thread.
+#[test]
+fn ws_close_from_a_callback_during_a_small_message_stream_loses_nothing() {
+    close_case(CloseCase { seed: 0x5003, closer: Closer::Callback, flow: false, queue_limit: None });
+    close_case(CloseCase { seed: 0x5004, closer: Closer::Callback, flow: true, queue_limit: Some(1) });
+}
+
+// ---- dispatch runs what was pending when it was called ------------------------------------------
+
+/// README "Threading contract": "ws_dispatch() runs the callbacks pending when it is called (not
+/// those arriving meanwhile)". One message is pending; inside its callback the peer sends 50
+/// more (and the callback lets them arrive): that dispatch must run one callback, and the 50
+/// come with later dispatches, in order.
+#[test]
+fn messages_that_arrive_during_a_callback_wait_for_the_next_dispatch() {
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (sent_tx, sent_rx) = mpsc::channel::<()>();
+    let (url, peer) = serve(move |p| {
+        let mut raw = Raw::plain(p, false);
+        let mut rng = Rng(0x7001);
+        let mut expected = vec![Msg::text(b"first")];
+        // Once the host has dispatched the open.
+        go_rx.recv_timeout(PEER_TIMEOUT).unwrap();
+        raw.send(&frame(FIN | TEXT, b"first")).unwrap();
+        go_rx.recv_timeout(PEER_TIMEOUT).unwrap();
+        let (wire, msgs) = small_messages(&mut rng, "m", 50, 100);
+        raw.send(&wire).unwrap();
+        expected.extend(msgs);
+        sent_tx.send(()).unwrap();
+        go_rx.recv_timeout(PEER_TIMEOUT).unwrap();
+        raw.send(&close_frame(1000, "")).unwrap();
+        raw.wait(Duration::from_secs(10), |r| r.close().is_some());
+        expected
+    });
+    let hook_go = go_tx.clone();
+    let host = Host::with_hook(move |_, msg, _| {
+        if msg.data == b"first" {
+            hook_go.send(()).unwrap();
+            sent_rx.recv_timeout(PEER_TIMEOUT).unwrap();
+            // Time for the 50 to cross loopback (shaping, not synchronisation: whether they
+            // arrived or not, they may not run in this dispatch).
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        true
+    });
+    let client = Client::new();
+    let options = options(None);
+    let conn = client.connect_with(&url, options.0);
+    host.watch(conn);
+    host.here();
+    assert!(pump(&client, DEADLINE, || host.opens.load(Ordering::SeqCst) == 1));
+    go_tx.send(()).unwrap();
+    let mut ran_with_first = None;
+    let deadline = Instant::now() + DEADLINE;
+    while ran_with_first.is_none() {
+        assert!(Instant::now() < deadline, "the first message never came");
+        if client.wait_readable(Duration::from_millis(100)) {
+            let (ran, _) = client.dispatch();
+            if host.count() > 0 {
+                ran_with_first = Some((ran, host.count()));
+            }
+        }
+    }
+    assert!(pump(&client, DEADLINE, || host.count() == 51));
+    go_tx.send(()).unwrap();
+    client.run_until("the close", || host.ended());
+    let expected = peer.join().unwrap();
+    eprintln!("the dispatch that ran the first message: {ran_with_first:?} (callbacks, messages)");
+    assert_eq!(ran_with_first, Some((1, 1)), "a dispatch ran messages that arrived during it");
+    assert_messages(&host.messages(), &expected, "messages after a dispatch");
+    host.assert_clean("messages after a dispatch");
+}
+
+/// The same under a flood, without any timing: the peer counts each message before it writes
+/// it, and the host reads that count right before each ws_dispatch; no dispatch may run a
+/// message whose number was not below it (it was written after the call began). Callbacks work
+/// now and then, so that much arrives during dispatches. Every message arrives, in order.
+#[test]
+fn a_dispatch_never_runs_a_message_written_after_it_was_called() {
+    let handed = Arc::new(AtomicU64::new(0));
+    let peer_handed = handed.clone();
+    let (url, peer) = serve(move |p| {
+        let mut raw = Raw::plain(p, false);
+        let mut rng = Rng(0x7002);
+        let start = Instant::now();
+        let mut n = 0;
+        while start.elapsed() < Duration::from_millis(1500) {
+            let batch = between(&mut rng, 1, 60);
+            let wire: Vec<u8> = (n..n + batch).flat_map(|i| frame(FIN | TEXT, format!("f{i}").as_bytes())).collect();
+            peer_handed.fetch_add(batch as u64, Ordering::SeqCst);
+            raw.send(&wire).unwrap();
+            n += batch;
+            if rng.below(3) == 0 {
+                raw.idle(Duration::from_millis(rng.below(3)));
+            }
+        }
+        raw.send(&close_frame(1000, "flooded")).unwrap();
+        raw.wait(Duration::from_secs(10), |r| r.close().is_some());
+        n
+    });
+    let work = Arc::new(AtomicU64::new(1));
+    let host = Host::with_hook(move |_, _, index| {
+        if index % 97 == 0 {
+            // A callback that works a while (not a wait for an event).
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_millis(2) {
+                std::hint::spin_loop();
+            }
+        }
+        work.fetch_add(1, Ordering::Relaxed);
+        true
+    });
+    let client = Client::new();
+    let options = options(None);
+    let conn = client.connect_with(&url, options.0);
+    host.watch(conn);
+    host.here();
+    let mut violations = Vec::new();
+    let mut dispatches = 0;
+    let deadline = Instant::now() + LOOP_LIMIT;
+    while !host.ended() {
+        assert!(Instant::now() < deadline, "the flood never ended");
+        if !client.wait_readable(Duration::from_millis(100)) {
+            continue;
+        }
+        let bound = handed.load(Ordering::SeqCst);
+        let before = host.count();
+        client.dispatch();
+        dispatches += 1;
+        let msgs = host.messages();
+        for m in &msgs[before..] {
+            let index: u64 = std::str::from_utf8(&m.data[1..]).unwrap().parse().unwrap();
+            if index >= bound && violations.len() < 10 {
+                violations.push(format!("message {index} ran in a dispatch called when {bound} had been written"));
+            }
+        }
+    }
+    let n = peer.join().unwrap();
+    eprintln!("{n} messages in {dispatches} dispatches");
+    assert!(violations.is_empty(), "{violations:?}");
+    let expected: Vec<Msg> = (0..n).map(|i| Msg::text(format!("f{i}").as_bytes())).collect();
+    assert_messages(&host.messages(), &expected, "flood");
+    assert_eq!(host.finals(), vec![Ev::Close(conn, 1000, "flooded".into())]);
+    host.assert_clean("flood");
+}
