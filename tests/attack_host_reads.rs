@@ -372,6 +372,8 @@ struct Raw {
     /// Answer the client's pings (keepalive).
     answer_pings: bool,
     to_answer: Vec<Vec<u8>>,
+    /// How long one `send` may stay blocked.
+    send_limit: Duration,
 }
 
 impl Raw {
@@ -405,6 +407,7 @@ impl Raw {
             bad: Vec::new(),
             answer_pings: false,
             to_answer: Vec::new(),
+            send_limit: PEER_TIMEOUT,
         }
     }
 
@@ -510,7 +513,7 @@ impl Raw {
 
     /// Writes all of `bytes`, reading what the client sends while the socket is full.
     fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let deadline = Instant::now() + PEER_TIMEOUT;
+        let deadline = Instant::now() + self.send_limit;
         let mut at = 0;
         loop {
             let blocked = match self.tls.as_mut() {
@@ -649,7 +652,6 @@ impl Raw {
 
 // ---- the host --------------------------------------------------------------------------------
 
-const FLOW_OFF: u8 = 0;
 /// Flow control on, each message completed in its callback (unless the hook says to hold it).
 const FLOW_INLINE: u8 = 1;
 /// Flow control on, messages completed by another thread (see `Host::complete_held`).
@@ -2094,4 +2096,382 @@ fn a_dispatch_never_runs_a_message_written_after_it_was_called() {
     assert_messages(&host.messages(), &expected, "flood");
     assert_eq!(host.finals(), vec![Ev::Close(conn, 1000, "flooded".into())]);
     host.assert_clean("flood");
+}
+
+// ---- 7. many connections ------------------------------------------------------------------------
+
+/// What the test tells a peer of the many-connections test.
+#[derive(Debug)]
+enum Cmd {
+    /// Send "hold" (the host holds it under flow control), then 200 KiB behind it.
+    Hold,
+    /// Close.
+    Finish,
+}
+
+/// Connection k's stream: 100 to 400 small messages "{k}:{i}:...", a ping now and then, a last
+/// ping.
+fn many_stream(k: usize) -> Stream {
+    let mut rng = Rng(0x7700 + k as u64);
+    let mut s = Stream::default();
+    for i in 0..between(&mut rng, 100, 400) {
+        if rng.below(25) == 0 {
+            s.ping(&mut rng);
+        }
+        let text = rng.below(2) == 0;
+        let filler = rng.below(300) as usize;
+        let mut data = format!("{k}:{i}:").into_bytes();
+        data.extend(if text { text_of(&mut rng, filler, "") } else { random_bytes(&mut rng, filler) });
+        s.message(&mut rng, Msg { text, data }, None, 1);
+    }
+    s.ping(&mut rng);
+    s
+}
+
+/// The tail a held connection's peer sends: "hold", then 100 binary messages of 2 KiB.
+fn held_tail() -> (Vec<u8>, Vec<Msg>) {
+    let mut msgs = vec![Msg::text(b"hold")];
+    msgs.extend((0..100u8).map(|i| Msg { text: false, data: vec![i; 2048] }));
+    let wire = msgs.iter().flat_map(|m| frame(FIN | if m.text { TEXT } else { BINARY }, &m.data)).collect();
+    (wire, msgs)
+}
+
+const MANY: usize = 50;
+/// Connections 0..HELD run under flow control, and later hold a message with 200 KiB behind it.
+const HELD: usize = 5;
+
+/// 50 connections on one client, each with its own raw peer streaming small messages at its
+/// own rate (chunks of up to 2 KiB, pauses of up to 15 ms; every seventh peer pauses 400 ms
+/// midway), while the host's thread blocks for 100 ms now and then: every message arrives, in
+/// order, on its connection, and every ping is answered. Then, with all of them idle, and again
+/// with five of them holding a message (flow control) with 200 KiB unread behind it, the
+/// library uses no CPU to speak of while the host waits on the descriptor and dispatches when it
+/// is readable (`assert_idle`: at most 10% of a 1.5 s window for the I/O threads, 20% for the
+/// process). Then the held messages are completed, everything behind them arrives, and each
+/// connection closes with one close callback. Runs in a process of its own (CPU is measured).
+#[test]
+fn fifty_connections_at_different_rates_lose_nothing_and_cost_no_cpu_when_idle() {
+    const NAME: &str = "fifty_connections_at_different_rates_lose_nothing_and_cost_no_cpu_when_idle";
+    if common::skip_under_asan(NAME, "it bounds CPU, which AddressSanitizer multiplies: checked in the normal build")
+        || !in_child(NAME, &[])
+    {
+        return;
+    }
+    let (streamed_tx, streamed_rx) = mpsc::channel::<usize>();
+    let (held_tx, held_rx) = mpsc::channel::<(usize, Option<u64>)>();
+    let mut commands = Vec::new();
+    let mut peers = Vec::new();
+    let mut urls = Vec::new();
+    for k in 0..MANY {
+        let (cmd_tx, cmd_rx) = mpsc::channel::<Cmd>();
+        commands.push(cmd_tx);
+        let (streamed_tx, held_tx) = (streamed_tx.clone(), held_tx.clone());
+        let (url, peer) = serve(move |p| {
+            let socket = p.client_socket();
+            let mut raw = Raw::plain(p, false);
+            let stream = many_stream(k);
+            let mut rng = Rng(0x9900 + k as u64);
+            let (max_chunk, max_pause) = (500 * (k % 4 + 1), (k % 5) as u64 * 3 + 1);
+            let mut at = 0;
+            let mut paused = k % 7 != 3;
+            while at < stream.wire.len() {
+                let end = (at + between(&mut rng, 1, max_chunk)).min(stream.wire.len());
+                raw.send(&stream.wire[at..end]).unwrap();
+                at = end;
+                raw.idle(Duration::from_millis(rng.below(max_pause)));
+                if !paused && at > stream.wire.len() / 2 {
+                    paused = true;
+                    raw.idle(Duration::from_millis(400));
+                }
+            }
+            let answered = raw.wait(Duration::from_secs(20), |r| r.pong_count() >= stream.pings.len());
+            streamed_tx.send(k).unwrap();
+            // Until told to finish (or after a minute).
+            while let Ok(Cmd::Hold) = cmd_rx.recv_timeout(Duration::from_secs(60)) {
+                raw.send(&held_tail().0).unwrap();
+                held_tx.send((k, socket.state().map(|s| s.rx_queue))).unwrap();
+            }
+            raw.send(&close_frame(1000, "fin")).unwrap();
+            raw.wait(Duration::from_secs(10), |r| r.close().is_some());
+            (answered && raw.pongs() == stream.pings, raw.bad.clone())
+        });
+        urls.push(url);
+        peers.push(peer);
+    }
+    let hosts: Vec<Host> = (0..MANY)
+        .map(|k| if k < HELD { Host::with_hook(|_, msg, _| msg.data != b"hold") } else { Host::default() })
+        .collect();
+    let client = Client::new();
+    let options = options(None);
+    let conns: Vec<WsConn> = urls
+        .iter()
+        .zip(&hosts)
+        .enumerate()
+        .map(|(k, (url, host))| {
+            let conn = client.connect_with(url, options.0);
+            host.watch(conn);
+            host.here();
+            if k < HELD {
+                host.flow.store(FLOW_INLINE, Ordering::SeqCst);
+                set(ws_set_flow_control(conn, true));
+            }
+            conn
+        })
+        .collect();
+    let expected: Vec<Vec<Msg>> = (0..MANY).map(|k| many_stream(k).messages).collect();
+    let mut streamed = 0;
+    let mut rng = Rng(0x5a11);
+    let stats = host_loop(
+        &client,
+        false,
+        || {
+            streamed += streamed_rx.try_iter().count();
+            streamed == MANY && hosts.iter().zip(&expected).all(|(h, e)| h.count() >= e.len())
+        },
+        || {
+            if rng.below(40) == 0 {
+                // A host blocked elsewhere for a moment (on purpose).
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        },
+    );
+    assert_no_stalls(&stats, "50 connections");
+    for (k, host) in hosts.iter().enumerate() {
+        assert_messages(&host.messages(), &expected[k], &format!("connection {k} of {MANY}"));
+    }
+    let idle = cpu_over_idle_window(Some(&client));
+    for command in &commands[..HELD] {
+        command.send(Cmd::Hold).unwrap();
+    }
+    let held: Vec<(usize, Option<u64>)> = (0..HELD).map(|_| held_rx.recv_timeout(PEER_TIMEOUT).unwrap()).collect();
+    assert!(pump(&client, DEADLINE, || hosts[..HELD]
+        .iter()
+        .all(|h| h.messages().last().is_some_and(|m| m.data == b"hold"))));
+    eprintln!("held connections: (k, bytes the client had not read right after the tail went out) {held:?}");
+    let holding = cpu_over_idle_window(Some(&client));
+    for &conn in &conns[..HELD] {
+        set(ws_message_complete(conn));
+    }
+    let tail = held_tail().1;
+    assert!(pump(&client, DEADLINE, || hosts[..HELD]
+        .iter()
+        .zip(&expected)
+        .all(|(h, e)| h.count() >= e.len() + tail.len())));
+    for (k, host) in hosts[..HELD].iter().enumerate() {
+        let all: Vec<Msg> = expected[k].iter().chain(&tail).cloned().collect();
+        assert_messages(&host.messages(), &all, &format!("held connection {k}"));
+    }
+    for command in &commands {
+        command.send(Cmd::Finish).unwrap();
+    }
+    assert!(pump(&client, DEADLINE, || hosts.iter().all(Host::ended)), "not every connection closed");
+    for (k, (host, peer)) in hosts.iter().zip(peers).enumerate() {
+        let (answered, bad) = peer.join().unwrap();
+        assert!(answered, "connection {k}: its pings were not all answered, one by one, in order");
+        assert!(bad.is_empty(), "connection {k}: {bad:?}");
+        assert_eq!(host.finals(), vec![Ev::Close(conns[k], 1000, "fin".into())], "connection {k}");
+        host.assert_clean(&format!("connection {k}"));
+    }
+    assert_idle(&[
+        ("50 idle connections", idle),
+        ("50 idle connections, 5 holding a message with 200 KiB unread behind it", holding),
+    ]);
+}
+
+// ---- 8. ws_client_free while messages stream in ----------------------------------------------------
+
+/// A peer that streams small messages "{k}:{i}:..." as fast as the client takes them until the
+/// client's side ends (at most 20 s); returns how many it sent, when it saw the end, and the
+/// code of the client's close frame if one came.
+/// What a flooding peer saw: messages sent, when the client's side ended, its close code.
+type FloodEnd = (usize, Option<Instant>, Option<u16>);
+
+fn flooding_peer(k: usize) -> (String, JoinHandle<FloodEnd>) {
+    serve(move |p| {
+        let mut raw = Raw::plain(p, false);
+        raw.send_limit = Duration::from_secs(5);
+        let mut rng = Rng(0xf100d + k as u64);
+        let mut n = 0;
+        let start = Instant::now();
+        while raw.ended.is_none() && start.elapsed() < Duration::from_secs(20) {
+            let (wire, _) = small_messages(&mut rng, &format!("{k}:{n}+"), 20, 80);
+            if raw.send(&wire).is_err() {
+                break;
+            }
+            n += 20;
+            if rng.below(8) == 0 {
+                raw.idle(Duration::from_millis(1));
+            } else {
+                raw.pump();
+            }
+        }
+        if raw.ended.is_none() {
+            raw.wait(Duration::from_secs(5), |r| r.ended.is_some());
+        }
+        (n, raw.ended_at, raw.close().and_then(Frame::close_code))
+    })
+}
+
+/// The batches a flooding peer's messages came in are whole and in order: "{k}:{b}+{i}:" with b
+/// the batch's first number and i 0..20.
+fn assert_flood_in_order(host: &Host, k: usize) {
+    for (n, m) in host.messages().iter().enumerate() {
+        let want = format!("{k}:{}+{}:", n / 20 * 20, n % 20);
+        assert!(m.data.starts_with(want.as_bytes()), "connection {k}: message {n} is {m:?}, expected {want}...");
+    }
+}
+
+/// A client pointer that may cross to another thread (the test keeps it valid meanwhile).
+struct ClientPtr(*mut WsClient);
+
+unsafe impl Send for ClientPtr {}
+
+impl ClientPtr {
+    fn get(&self) -> *mut WsClient {
+        self.0
+    }
+}
+
+/// Header of ws_client_free: "Returns WS_STATUS_DISPATCH_IN_PROGRESS and frees nothing if called
+/// while a dispatch or ws_run of this client runs (... on another thread)", the same for
+/// ws_dispatch and ws_run (README); and otherwise "returns within 250 ms", every handle GONE
+/// from any thread. Four peers flood small messages; in the middle of a dispatch (inside a
+/// callback) another thread tries ws_client_free, ws_dispatch and ws_run: each is refused at
+/// once (within 250 ms); the connections go on, every message in order. Then the host frees the
+/// client between two dispatches while the floods go on: it returns within 750 ms (250 ms
+/// documented; the margin is for a loaded machine), every handle answers GONE, and every peer
+/// sees its connection end within 2 s.
+#[test]
+fn ws_client_free_is_refused_during_a_dispatch_and_prompt_after_it_while_messages_stream() {
+    const CONNS: usize = 4;
+    let (urls, peers): (Vec<String>, Vec<_>) = (0..CONNS).map(flooding_peer).unzip();
+    let client = Client::new();
+    let (try_tx, try_rx) = mpsc::channel::<()>();
+    let (result_tx, result_rx) = mpsc::channel();
+    let pointer = ClientPtr(client.0);
+    let other = std::thread::spawn(move || {
+        if try_rx.recv_timeout(PEER_TIMEOUT).is_err() {
+            return;
+        }
+        let start = Instant::now();
+        let free = unsafe { ws_client_free(pointer.get()) };
+        let dispatch = unsafe { ws_dispatch(pointer.get(), std::ptr::null_mut(), std::ptr::null_mut()) };
+        let run = unsafe { ws_run(pointer.get(), 10) };
+        result_tx.send((free, dispatch, run, start.elapsed())).unwrap();
+    });
+    type Refusals = (WsStatus, WsStatus, WsStatus, Duration);
+    let refused: Arc<Mutex<Option<Refusals>>> = Arc::default();
+    let hook_refused = refused.clone();
+    let mut hosts = vec![Host::with_hook(move |_, _, index| {
+        if index == 300 {
+            try_tx.send(()).unwrap();
+            *hook_refused.lock().unwrap() = Some(result_rx.recv_timeout(PEER_TIMEOUT).unwrap());
+        }
+        true
+    })];
+    hosts.extend((1..CONNS).map(|_| Host::default()));
+    let options = options(None);
+    let conns: Vec<WsConn> = urls
+        .iter()
+        .zip(&hosts)
+        .map(|(url, host)| {
+            let conn = client.connect_with(url, options.0);
+            host.watch(conn);
+            host.here();
+            conn
+        })
+        .collect();
+    let stats = host_loop(
+        &client,
+        false,
+        || hosts.iter().all(|h| h.count() >= 1000) && refused.lock().unwrap().is_some(),
+        || {},
+    );
+    other.join().unwrap();
+    let start = Instant::now();
+    let freed = unsafe { ws_client_free(client.0) };
+    let took = start.elapsed();
+    let freed_at = start;
+    std::mem::forget(client);
+    let gone = std::thread::spawn(move || {
+        conns.iter().map(|&c| (send_text(c, "x"), ws_message_complete(c), close(c, 1000, ""))).collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    let ends: Vec<_> = peers.into_iter().map(|p| p.join().unwrap()).collect();
+    let refused = refused.lock().unwrap().unwrap();
+    eprintln!(
+        "from another thread during a dispatch: {refused:?}; ws_client_free then took {took:?}; the peers: (sent, ended \
+         after, close code) {:?}",
+        ends.iter().map(|(n, at, code)| (n, at.map(|at| at.saturating_duration_since(freed_at)), code)).collect::<Vec<_>>()
+    );
+    assert_no_stalls(&stats, "free");
+    assert_eq!(
+        (refused.0, refused.1, refused.2),
+        (WsStatus::DispatchInProgress, WsStatus::DispatchInProgress, WsStatus::DispatchInProgress),
+        "ws_client_free, ws_dispatch and ws_run from another thread during a dispatch"
+    );
+    assert!(refused.3 < Duration::from_millis(250), "the refusals took {:?}", refused.3);
+    assert_eq!(freed, WsStatus::Ok);
+    assert!(took < Duration::from_millis(750), "ws_client_free took {took:?}");
+    assert!(gone.iter().all(|g| *g == (WsStatus::Gone, WsStatus::Gone, WsStatus::Gone)), "after the free: {gone:?}");
+    for (k, (host, (_, ended_at, _))) in hosts.iter().zip(&ends).enumerate() {
+        assert_flood_in_order(host, k);
+        assert!(host.finals().is_empty(), "connection {k}: a final callback after ws_client_free: {:?}", host.finals());
+        let after = ended_at.map(|at| at.saturating_duration_since(freed_at));
+        assert!(
+            after.is_some_and(|a| a < Duration::from_secs(2)),
+            "connection {k}: its peer saw the end after {after:?}"
+        );
+    }
+}
+
+/// Freed right after a random number of dispatches (the host's thread has just been
+/// dispatching, and reading, mid-stream), four times over: ws_client_free returns within 750 ms
+/// (250 ms documented), no callback runs after it, and every peer sees its connection end within
+/// 2 s; what was delivered before is whole and in order.
+#[test]
+fn ws_client_free_right_after_dispatches_mid_stream_is_prompt_and_ends_every_connection() {
+    let mut rng = Rng(0xf4ee);
+    for round in 0..4 {
+        let (urls, peers): (Vec<String>, Vec<_>) = (0..3).map(|k| flooding_peer(10 * round + k)).unzip();
+        let hosts: Vec<Host> = (0..3).map(|_| Host::default()).collect();
+        let client = Client::new();
+        let options = options(None);
+        for (url, host) in urls.iter().zip(&hosts) {
+            let conn = client.connect_with(url, options.0);
+            host.watch(conn);
+            host.here();
+        }
+        let dispatches = between(&mut rng, 5, 150);
+        let mut done = 0;
+        let deadline = Instant::now() + DEADLINE;
+        while done < dispatches || hosts.iter().any(|h| h.count() == 0) {
+            assert!(Instant::now() < deadline, "round {round}: the floods never came");
+            if client.wait_readable(Duration::from_millis(100)) {
+                client.dispatch();
+                done += 1;
+            }
+        }
+        let counts: Vec<usize> = hosts.iter().map(Host::count).collect();
+        let start = Instant::now();
+        let freed = unsafe { ws_client_free(client.0) };
+        let took = start.elapsed();
+        let freed_at = start;
+        std::mem::forget(client);
+        let ends: Vec<_> = peers.into_iter().map(|p| p.join().unwrap()).collect();
+        eprintln!("round {round}: freed after {done} dispatches ({counts:?} messages) in {took:?}");
+        assert_eq!(freed, WsStatus::Ok);
+        assert!(took < Duration::from_millis(750), "round {round}: ws_client_free took {took:?}");
+        for (k, (host, (_, ended_at, _))) in hosts.iter().zip(&ends).enumerate() {
+            assert_flood_in_order(host, 10 * round + k);
+            assert_eq!(host.count(), counts[k], "round {round}, connection {k}: callbacks after ws_client_free");
+            assert!(host.finals().is_empty(), "round {round}, connection {k}: {:?}", host.finals());
+            let after = ended_at.map(|at| at.saturating_duration_since(freed_at));
+            assert!(
+                after.is_some_and(|a| a < Duration::from_secs(2)),
+                "round {round}, connection {k}: its peer saw the end after {after:?}"
+            );
+        }
+    }
 }
