@@ -925,6 +925,59 @@ fn replies(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("r{i}")).collect()
 }
 
+/// Two threads take turns dispatching `client` (one at a time, handing over after 1 to 30
+/// wake-ups), each telling `host` it is the host's thread before each dispatch, until the
+/// connection has ended. A wait of STALL without a wake-up while callbacks were pending counts
+/// as a stall.
+fn two_threads_in_turn(client: &Client, host: &Host, seed: u64) -> LoopStats {
+    let pointer = ClientPtr(client.0);
+    let fd = client.fd();
+    let turn = Mutex::new(0usize);
+    let turned = std::sync::Condvar::new();
+    let stats = Mutex::new(LoopStats::default());
+    std::thread::scope(|scope| {
+        for me in 0..2usize {
+            let (pointer, turn, turned, stats) = (&pointer, &turn, &turned, &stats);
+            scope.spawn(move || {
+                let mut rng = Rng(seed ^ (me as u64 + 1));
+                let deadline = Instant::now() + LOOP_LIMIT;
+                loop {
+                    let mut whose = turn.lock().unwrap();
+                    while *whose != me && !host.ended() {
+                        whose = turned.wait_timeout(whose, Duration::from_millis(100)).unwrap().0;
+                    }
+                    drop(whose);
+                    if host.ended() {
+                        turned.notify_all();
+                        return;
+                    }
+                    for _ in 0..between(&mut rng, 1, 30) {
+                        assert!(Instant::now() < deadline, "two threads in turn ran out of time");
+                        let woken = readable(fd, STALL);
+                        host.here();
+                        let (mut ran, mut more) = (0u32, false);
+                        set(unsafe { ws_dispatch(pointer.get(), &mut ran, &mut more) });
+                        let mut stats = stats.lock().unwrap();
+                        if woken {
+                            stats.wakeups += 1;
+                        } else if ran > 0 {
+                            stats
+                                .stalls
+                                .push(format!("{STALL:?} without a wake-up while {ran} callbacks were pending"));
+                        }
+                        if host.ended() {
+                            break;
+                        }
+                    }
+                    *turn.lock().unwrap() = 1 - me;
+                    turned.notify_all();
+                }
+            });
+        }
+    });
+    stats.into_inner().unwrap()
+}
+
 // ---- 1. order and integrity across the switches ----------------------------------------------
 
 /// How a stream's server ends the connection once every ping was answered.
@@ -952,6 +1005,19 @@ struct StreamCase {
     end: StreamEnd,
     /// Mostly small messages (`small_stream`), written in chunks of at most 2 KiB.
     small: bool,
+    /// How the host dispatches.
+    driver: Driver,
+}
+
+/// How a stream test's host dispatches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Driver {
+    /// Its own epoll loop (`host_loop`).
+    Loop,
+    /// ws_run, until the connection is gone.
+    Run,
+    /// Two threads that take turns, each dispatching for a random number of wake-ups.
+    TwoThreads,
 }
 
 impl StreamCase {
@@ -966,6 +1032,7 @@ impl StreamCase {
             read_buffer: None,
             end: StreamEnd::Close,
             small: false,
+            driver: Driver::Loop,
         }
     }
 }
@@ -1048,7 +1115,15 @@ fn stream_case(case: StreamCase) {
     let conn = client.connect_with(&url, options.0);
     host.watch(conn);
     host.here();
-    let stats = host_loop(&client, case.edge, || host.ended(), || {});
+    let stats = match case.driver {
+        Driver::Loop => host_loop(&client, case.edge, || host.ended(), || {}),
+        Driver::Run => {
+            let status = unsafe { ws_run(client.0, LOOP_LIMIT.as_millis() as i32) };
+            assert_eq!(status, WsStatus::Ok, "{what}: ws_run");
+            LoopStats::default()
+        }
+        Driver::TwoThreads => two_threads_in_turn(&client, &host, case.seed),
+    };
     let report = peer.join().unwrap();
     assert_no_stalls(&stats, &what);
     assert_messages(&host.messages(), &expected, &what);
@@ -1106,6 +1181,29 @@ fn a_mixed_stream_with_a_reply_to_every_message_loses_no_reply_and_no_pong() {
 fn a_trickled_stream_of_small_messages_arrives_whole_and_in_order_with_every_ping_answered() {
     stream_case(StreamCase { small: true, items: 2000, ..StreamCase::new(0x1007) });
     stream_case(StreamCase { small: true, items: 2000, edge: true, reply: true, ..StreamCase::new(0x1008) });
+}
+
+/// README: "ws_run(client, timeout_ms) is a ready-made loop": it must deliver the same stream
+/// whole and in order, every ping answered, and return once the connection is gone.
+#[test]
+fn a_mixed_stream_under_ws_run_arrives_whole_and_in_order_with_every_ping_answered() {
+    stream_case(StreamCase { driver: Driver::Run, reply: true, ..StreamCase::new(0x1009) });
+    stream_case(StreamCase { driver: Driver::Run, small: true, items: 1500, ..StreamCase::new(0x100a) });
+}
+
+/// Header of ws_dispatch: callbacks run "on the calling thread, which is by definition the
+/// host's thread". Two threads take turns dispatching (never at once) during a trickled stream
+/// of small messages: each callback runs on the thread dispatching at the time, and the stream
+/// arrives whole and in order.
+#[test]
+fn a_trickled_stream_dispatched_by_two_threads_in_turn_runs_every_callback_on_the_dispatching_one() {
+    stream_case(StreamCase {
+        driver: Driver::TwoThreads,
+        small: true,
+        items: 2000,
+        reply: true,
+        ..StreamCase::new(0x100b)
+    });
 }
 
 /// A 300-byte read buffer (ws_options_set_read_buffer_size): small frames larger than one read
@@ -1558,6 +1656,8 @@ enum Ending {
     Fin,
     /// A reset, once the client has read everything.
     Reset,
+    /// A TLS close_notify (wss only), no close frame.
+    CloseNotify,
     /// Opcode 3 (reserved).
     ReservedOpcode,
     /// A masked frame from the server.
@@ -1582,7 +1682,7 @@ impl Ending {
     fn wire(self) -> Vec<u8> {
         match self {
             Ending::CloseFrame | Ending::CloseThenFin => close_frame(4001, "bye ending"),
-            Ending::Fin | Ending::Reset => Vec::new(),
+            Ending::Fin | Ending::Reset | Ending::CloseNotify => Vec::new(),
             Ending::ReservedOpcode => frame(FIN | 0x3, b"reserved"),
             Ending::MaskedFrame => masked_frame(FIN | TEXT, b"masked"),
             Ending::InvalidUtf8 => frame(FIN | TEXT, b"valid until \xff here"),
@@ -1602,7 +1702,7 @@ impl Ending {
     fn outcome(self) -> (Option<WsStatus>, Option<u16>) {
         match self {
             Ending::CloseFrame | Ending::CloseThenFin => (None, None),
-            Ending::Fin | Ending::Reset => (Some(WsStatus::ConnectionLost), None),
+            Ending::Fin | Ending::Reset | Ending::CloseNotify => (Some(WsStatus::ConnectionLost), None),
             Ending::InvalidUtf8 => (Some(WsStatus::Protocol), Some(1007)),
             Ending::OverTheMaximumSize => (Some(WsStatus::MessageTooBig), Some(1009)),
             _ => (Some(WsStatus::Protocol), Some(1002)),
@@ -1629,21 +1729,30 @@ enum Pace {
 /// arrives; then exactly one final callback, the right one; for a violation, the client's close
 /// frame carries its code and every reply precedes it; otherwise the replies that went out are
 /// in order.
-fn ending_case(ending: Ending, pace: Pace, seed: u64) {
-    let what = format!("{ending:?} behind 300 small messages, host {pace:?}");
+fn ending_case(ending: Ending, pace: Pace, seed: u64, tls: bool) {
+    let what = format!("{ending:?} behind 300 small messages, host {pace:?}{}", if tls { ", wss" } else { "" });
     let mut rng = Rng(seed);
     let (mut wire, expected) = small_messages(&mut rng, "e", 300, 300);
     wire.extend(ending.wire());
     let (sent_tx, sent_rx) = mpsc::channel::<()>();
-    let (url, peer) = serve(move |p| {
+    let identity = tls.then(|| Arc::new(TlsIdentity::new()));
+    let server_identity = identity.clone();
+    let listener = Listener::bind();
+    let url = if tls { format!("wss://127.0.0.1:{}/", listener.port) } else { listener.url() };
+    let peer = std::thread::spawn(move || {
+        let p = listener.accept();
         let socket = p.client_socket();
-        let mut raw = Raw::plain(p, false);
+        let mut raw = match &server_identity {
+            Some(identity) => Raw::tls(identity, p),
+            None => Raw::plain(p, false),
+        };
         let mut rng = Rng(seed ^ 0xe);
         // (A client that refuses a frame from its header may have closed before the rest.)
         let written = raw.send_chunked_up_to(&wire, &mut rng, 4 << 10);
         assert!(written.is_ok() || ending.outcome().1.is_some(), "{ending:?}: the peer's writes: {written:?}");
         match ending {
             Ending::CloseThenFin | Ending::Fin => raw.sock.shutdown(Shutdown::Write).unwrap(),
+            Ending::CloseNotify => raw.close_notify().unwrap(),
             Ending::Reset => {
                 assert!(socket.wait_read_everything(), "{ending:?}: the client never read the burst");
                 raw.read_available();
@@ -1664,7 +1773,7 @@ fn ending_case(ending: Ending, pace: Pace, seed: u64) {
         *host.work.lock().unwrap() = Duration::from_micros(300);
     }
     let client = Client::new();
-    let options = options(None);
+    let options = options(identity.as_deref());
     if ending == Ending::OverTheMaximumSize {
         set(unsafe { ws_options_set_max_message_size(options.0, 4096) });
     }
@@ -1708,9 +1817,13 @@ fn ending_case(ending: Ending, pace: Pace, seed: u64) {
 }
 
 fn every_pace(ending: Ending, seed: u64) {
-    ending_case(ending, Pace::Fast, seed);
-    ending_case(ending, Pace::Slow, seed + 1);
-    ending_case(ending, Pace::Late, seed + 2);
+    every_pace_over(ending, seed, false);
+}
+
+fn every_pace_over(ending: Ending, seed: u64, tls: bool) {
+    ending_case(ending, Pace::Fast, seed, tls);
+    ending_case(ending, Pace::Slow, seed + 1, tls);
+    ending_case(ending, Pace::Late, seed + 2, tls);
 }
 
 #[test]
@@ -2325,6 +2438,9 @@ fn assert_flood_in_order(host: &Host, k: usize) {
 struct ClientPtr(*mut WsClient);
 
 unsafe impl Send for ClientPtr {}
+// (Shared by threads that take turns: never two calls of the client's at once but those
+// its contract allows.)
+unsafe impl Sync for ClientPtr {}
 
 impl ClientPtr {
     fn get(&self) -> *mut WsClient {
@@ -2474,4 +2590,24 @@ fn ws_client_free_right_after_dispatches_mid_stream_is_prompt_and_ends_every_con
             );
         }
     }
+}
+
+// ---- 6 (continued). endings over wss ------------------------------------------------------------
+
+/// A TLS close_notify right behind a burst of small messages (no close frame): the burst, then
+/// one WS_STATUS_CONNECTION_LOST, with a fast, a slow and a late host.
+#[test]
+fn wss_close_notify_right_behind_a_burst_delivers_the_burst_then_one_connection_lost() {
+    every_pace_over(Ending::CloseNotify, 0x6010, true);
+}
+
+/// Over wss: a close frame, a reset once the client read everything, invalid UTF-8 and a
+/// reserved opcode right behind a burst: the burst, the replies (before the close frame, for a
+/// violation), one final callback.
+#[test]
+fn wss_endings_behind_a_burst_deliver_the_burst_then_one_final_callback() {
+    every_pace_over(Ending::CloseFrame, 0x6020, true);
+    every_pace_over(Ending::Reset, 0x6030, true);
+    every_pace_over(Ending::InvalidUtf8, 0x6040, true);
+    every_pace_over(Ending::ReservedOpcode, 0x6050, true);
 }
