@@ -287,6 +287,7 @@ pub struct Defaults {
     pub deflate_threshold: usize,
     pub deflate_client_no_context_takeover: bool,
     pub deflate_server_no_context_takeover: bool,
+    pub read_on_dispatch: bool,
 }
 
 /// The library's actual defaults (those of `Options::default()`, which plain `ws_connect` and
@@ -309,6 +310,7 @@ pub fn defaults() -> Defaults {
         proxy_from_environment: o.proxy == crate::io::proxy::ProxySetting::Environment,
         max_redirects: o.max_redirects,
         deflate: o.deflate.enabled,
+        read_on_dispatch: o.read_on_dispatch,
         deflate_client_window_bits: o.deflate.client_max_window_bits,
         deflate_server_window_bits: o.deflate.server_max_window_bits,
         deflate_level: o.deflate.level,

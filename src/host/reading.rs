@@ -17,13 +17,14 @@
 //! watchdog, when the host has not dispatched for `HOST_SILENT` (a host busy elsewhere must
 //! not leave a server's pings unanswered).
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use crate::conn::{Conn, Event, PayloadArena};
+use crate::conn::{Allowance, Conn, Event, PayloadArena};
 use crate::io::reader::{FrameReader, OnHost};
 use crate::wire::{Receiving, Wire};
 
@@ -40,12 +41,17 @@ const MESSAGES_PER_DISPATCH: usize = 1024;
 /// host busy elsewhere is answered within twice this.
 pub(crate) const HOST_SILENT: Duration = Duration::from_millis(100);
 
+thread_local! {
+    /// Where a dispatching thread copies the messages it reads, and the batch it hands over,
+    /// one connection at a time: kept by the thread rather than by every connection.
+    static ARENA: Cell<PayloadArena> = Cell::new(PayloadArena::default());
+    static BATCH: Cell<VecDeque<Event>> = const { Cell::new(VecDeque::new()) };
+}
+
 /// The reading side of a connection, while the host's thread has it.
 pub(crate) struct Reading {
     pub(crate) reader: FrameReader,
     wire: Arc<Wire>,
-    arena: PayloadArena,
-    batch: VecDeque<Event>,
     /// The task takes it back: it stopped being read on the host's thread.
     pub(crate) returned: bool,
     /// Something was read since the hand-over (the keepalive hears the peer).
@@ -88,16 +94,8 @@ impl Conn {
         task: &Waker,
     ) -> Result<(), FrameReader> {
         let fd = wire.socket();
-        let reading = Box::new(Reading {
-            reader,
-            wire,
-            arena: PayloadArena::default(),
-            batch: VecDeque::new(),
-            returned: false,
-            heard: false,
-            ended: None,
-            task: task.clone(),
-        });
+        let reading =
+            Box::new(Reading { reader, wire, returned: false, heard: false, ended: None, task: task.clone() });
         let mut slot = self.reading.lock();
         debug_assert!(slot.is_none());
         self.hub.add_reader(self);
@@ -166,9 +164,26 @@ impl Conn {
 
 impl Reading {
     fn read(&mut self, conn: &Arc<Conn>) -> Outcome {
-        let Some(mut allowance) = conn.host_allowance() else {
+        let Some(allowance) = conn.host_allowance() else {
             return Outcome::GiveBack;
         };
+        let (mut arena, mut batch) = (ARENA.take(), BATCH.take());
+        let outcome = self.read_into(conn, allowance, &mut arena, &mut batch);
+        // Nothing of this connection stays in the thread's arena: the next one starts a block
+        // of its own (what a block costs is charged to the connection whose messages it holds).
+        arena.release();
+        ARENA.set(arena);
+        BATCH.set(batch);
+        outcome
+    }
+
+    fn read_into(
+        &mut self,
+        conn: &Arc<Conn>,
+        mut allowance: Allowance,
+        arena: &mut PayloadArena,
+        batch: &mut VecDeque<Event>,
+    ) -> Outcome {
         allowance.messages = allowance.messages.min(MESSAGES_PER_DISPATCH);
         let mut cx = Context::from_waker(Waker::noop());
         let wanted_write = self.wire.session_wants_write();
@@ -183,7 +198,7 @@ impl Reading {
                     let payload = self.reader.payload();
                     // Copied out of the read buffer (text with the NUL the C API promises).
                     let parts: &[&[u8]] = if text { &[payload, b"\0"] } else { &[payload] };
-                    cost += self.arena.push(parts, text, &mut self.batch);
+                    cost += arena.push(parts, text, batch);
                     messages += 1;
                     continue;
                 }
@@ -206,14 +221,13 @@ impl Reading {
                 Poll::Pending => break Outcome::Drained,
             }
         };
-        self.arena.drain_into(&mut self.batch);
-        if !self.batch.is_empty() {
-            conn.deliver_then_gate(&mut self.batch, None);
+        arena.drain_into(batch);
+        if !batch.is_empty() {
+            conn.deliver_then_gate(batch, None);
         }
         if outcome == Outcome::Drained {
-            // Nothing waits: an idle connection holds no buffer and no block.
+            // Nothing waits: an idle connection holds no buffer.
             self.reader.release_if_drained();
-            self.arena.release();
         }
         // TLS: reading may have produced records to send (an alert, a key update's answer):
         // the task writes them.

@@ -119,8 +119,10 @@ pub(crate) struct FrameReader {
     start: usize,
     /// The payload of the last `Message` or `Ping` item, in `buf`.
     last_payload: Range<usize>,
-    large: Option<LargeFrame>,
-    fragments: Option<Fragments>,
+    /// Boxed, as `fragments`: rare, and every connection's reader holds the fields (twice,
+    /// while the host's thread reads: see `crate::host::reading`).
+    large: Option<Box<LargeFrame>>,
+    fragments: Option<Box<Fragments>>,
     read_size: usize,
     max_message: usize,
     /// permessage-deflate, if negotiated: RSV1 marks compressed messages. Boxed: every
@@ -179,7 +181,7 @@ impl FrameReader {
                 grow_for_arrival(&mut large.data, large.len, self.read_size)?;
                 return Ok(None);
             }
-            let LargeFrame { opcode, fin, compressed, data, .. } = self.large.take().expect("checked above");
+            let LargeFrame { opcode, fin, compressed, data, .. } = *self.large.take().expect("checked above");
             if let Some(item) = self.data_frame(opcode, fin, compressed, Payload::Owned(data))? {
                 return Ok(Some(item));
             }
@@ -423,7 +425,8 @@ impl FrameReader {
         try_grow(&mut data, len, arrived.len().saturating_mul(2).max(self.read_size))?;
         data.extend_from_slice(arrived);
         self.buf.truncate(self.start);
-        self.large = Some(LargeFrame { opcode: header.opcode, fin: header.fin, compressed: header.rsv1, len, data });
+        self.large =
+            Some(Box::new(LargeFrame { opcode: header.opcode, fin: header.fin, compressed: header.rsv1, len, data }));
         Ok(())
     }
 
@@ -460,8 +463,9 @@ impl FrameReader {
                 Payload::Owned(data) => finish_owned(text, data).map(Some),
             };
         }
-        let fragments =
-            self.fragments.get_or_insert_with(|| Fragments { text, compressed, data: Vec::new(), valid_up_to: 0 });
+        let fragments = self
+            .fragments
+            .get_or_insert_with(|| Box::new(Fragments { text, compressed, data: Vec::new(), valid_up_to: 0 }));
         let bytes = match &payload {
             Payload::InBuffer(range) => &self.buf[range.clone()],
             Payload::Owned(data) => &data[..],
@@ -487,7 +491,7 @@ impl FrameReader {
         if !fin {
             return Ok(None);
         }
-        let Fragments { text, compressed, data, .. } = self.fragments.take().expect("inserted above");
+        let Fragments { text, compressed, data, .. } = *self.fragments.take().expect("inserted above");
         if compressed {
             let data = inflate(&mut self.inflater, &data, self.max_message, text)?;
             return finish_owned(text, data).map(Some);

@@ -280,7 +280,8 @@ impl Session {
             && self.close_deadline.is_none()
             && self.ping_sent.is_none()
             && !self.write_blocked;
-        if self.handed || !idle || !self.watch.reads() || !self.conn.hub.host_reads() {
+        if self.handed || !idle || !self.options.read_on_dispatch || !self.watch.reads() || !self.conn.hub.host_reads()
+        {
             return;
         }
         if !self.conn.may_hand_reading_over() {
@@ -657,7 +658,8 @@ impl Session {
                     return Err(self.io_failure(failure));
                 }
                 Ok(None) => {
-                    match self.reader.poll_read_from(&mut Receiving { wire: &self.wire, watch: Some(&self.watch) }, cx) {
+                    match self.reader.poll_read_from(&mut Receiving { wire: &self.wire, watch: Some(&self.watch) }, cx)
+                    {
                         Poll::Ready(Ok(0)) => return Err(self.stream_ended()),
                         Poll::Ready(Ok(_)) => {
                             progress = true;
