@@ -167,6 +167,9 @@ struct Session {
     handed: bool,
     /// A read on the host's thread failed: reported once what was read before it is parsed.
     read_failed: Option<io::Error>,
+    /// Messages the task read since the connection opened or since it last took its reading
+    /// back (see `offer_reading`).
+    messages_read: u32,
 }
 
 impl Session {
@@ -202,6 +205,7 @@ impl Session {
             deflater: None,
             handed: false,
             read_failed: None,
+            messages_read: 0,
         }
     }
 
@@ -265,7 +269,11 @@ impl Session {
     /// Hands the reading of the socket to the host's thread, if nothing stands in the way:
     /// the task holds nothing unparsed and nothing for the host, no close is under way, no
     /// keepalive ping waits for its answer, the socket takes what the task writes, no
-    /// compression, and the host is dispatching.
+    /// compression, and the host is dispatching. Only once the connection has received a
+    /// second message, since it opened or since the task last took its reading back: a
+    /// connection that receives one message and idles (thousands of them, each waiting for one
+    /// answer) is not worth the hand-over (a few system calls, and a little memory while the
+    /// host has it).
     fn offer_reading(&mut self, cx: &mut Context<'_>) {
         let idle = self.reader.between_frames()
             && self.wire.nothing_received_held()
@@ -279,7 +287,8 @@ impl Session {
             && !self.close_sent
             && self.close_deadline.is_none()
             && self.ping_sent.is_none()
-            && !self.write_blocked;
+            && !self.write_blocked
+            && self.messages_read >= 2;
         if self.handed || !idle || !self.options.read_on_dispatch || !self.watch.reads() || !self.conn.hub.host_reads()
         {
             return;
@@ -315,6 +324,7 @@ impl Session {
         };
         let reading = *reading;
         self.handed = false;
+        self.messages_read = 0;
         self.reader = reading.reader;
         if reading.heard {
             self.heard();
@@ -683,6 +693,7 @@ impl Session {
             match item {
                 Item::Message { text } => {
                     messages += 1;
+                    self.messages_read = self.messages_read.saturating_add(1);
                     let payload = self.reader.payload();
                     // Copied out of the read buffer (text with the NUL the C API promises).
                     let parts: &[&[u8]] = if text { &[payload, b"\0"] } else { &[payload] };
@@ -690,6 +701,7 @@ impl Session {
                 }
                 Item::OwnedMessage { text, data } => {
                     messages += 1;
+                    self.messages_read = self.messages_read.saturating_add(1);
                     // Handed over as it is, after the messages appended before it.
                     self.arena.drain_into(&mut self.batch);
                     let payload = Payload::owned(data, text);
