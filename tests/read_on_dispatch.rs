@@ -79,7 +79,7 @@ fn round_trips(read_on_dispatch: bool) -> u64 {
     watch(conn, &rec);
     wait_open(&client, &rec, conn);
     let pingpong = PingPong { replies: AtomicUsize::new(0) };
-    set(unsafe { ws_on_message(conn, Some(next_request), user(&pingpong)) });
+    set(ws_on_message(conn, Some(next_request), user(&pingpong)));
     let before = io_thread_switches();
     assert_eq!(send_text(conn, "request"), WsStatus::Ok);
     let done = || pingpong.replies.load(Ordering::SeqCst) >= ROUND_TRIPS;

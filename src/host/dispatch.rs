@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
-use super::reading::{Readers, HOST_SILENT};
+use super::reading::{ReadTools, Readers, HOST_SILENT};
 use super::wakeup::Wakeup;
 use crate::conn::{Conn, Event};
 use crate::error::{Error, WsStatus};
@@ -177,6 +177,8 @@ struct DispatchScratch {
     events: VecDeque<Event>,
     /// The sockets to read in this dispatch, by connection id.
     sockets: Vec<u64>,
+    /// What reading them takes (see `host::reading`).
+    tools: ReadTools,
 }
 
 /// Clears the dispatching flag when a dispatch ends, even by a panic.
@@ -238,7 +240,7 @@ impl Hub {
     /// `dispatch`, by a caller that holds the dispatch guard.
     fn dispatch_entered(&self) -> (u32, bool) {
         let mut scratch = lock(&self.scratch);
-        let DispatchScratch { connections, budgets, events, sockets } = &mut *scratch;
+        let DispatchScratch { connections, budgets, events, sockets, tools } = &mut *scratch;
         self.dispatches.fetch_add(1, Ordering::Relaxed);
         if self.host_silent.load(Ordering::Relaxed) {
             self.host_silent.store(false, Ordering::Relaxed);
@@ -250,7 +252,7 @@ impl Hub {
             // dispatched now. Whatever is scheduled after the harvest sets the descriptor.
             sockets.append(&mut lock(&self.read_again));
             self.wakeup.harvest(sockets);
-            read_again = self.read_sockets(sockets);
+            read_again = tools.with_spare(|tools| self.read_sockets(sockets, tools));
             std::mem::swap(&mut *lock(&self.ready), connections);
         } else {
             let mut ready = lock(&self.ready);
@@ -268,7 +270,7 @@ impl Hub {
     /// Reads the sockets of `ids` (emptied) on this thread, for the connections whose reading
     /// the host's thread has. Returns whether some must be read again at the next dispatch;
     /// the descriptor is set for it then.
-    fn read_sockets(&self, ids: &mut Vec<u64>) -> bool {
+    fn read_sockets(&self, ids: &mut Vec<u64>, tools: &mut ReadTools) -> bool {
         if ids.is_empty() {
             return false;
         }
@@ -276,7 +278,7 @@ impl Hub {
         let mut again = Vec::new();
         for id in ids.drain(..) {
             if let Some(conn) = self.readers.get(id) {
-                if conn.read_on_host() && !again.contains(&id) {
+                if conn.read_on_host(tools) && !again.contains(&id) {
                     again.push(id);
                 }
             }

@@ -17,7 +17,6 @@
 //! watchdog, when the host has not dispatched for `HOST_SILENT` (a host busy elsewhere must
 //! not leave a server's pings unanswered).
 
-use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -41,11 +40,27 @@ const MESSAGES_PER_DISPATCH: usize = 1024;
 /// host busy elsewhere is answered within twice this.
 pub(crate) const HOST_SILENT: Duration = Duration::from_millis(100);
 
-thread_local! {
-    /// Where a dispatching thread copies the messages it reads, and the batch it hands over,
-    /// one connection at a time: kept by the thread rather than by every connection.
-    static ARENA: Cell<PayloadArena> = Cell::new(PayloadArena::default());
-    static BATCH: Cell<VecDeque<Event>> = const { Cell::new(VecDeque::new()) };
+/// What a dispatch reads with, one connection at a time: kept by the client (in its dispatch's
+/// scratch) rather than by every connection, and freed with the client, not left with the
+/// thread.
+#[derive(Default)]
+pub(crate) struct ReadTools {
+    /// Where the messages read are copied (released after each connection: a block holds
+    /// one connection's messages, and is charged to it).
+    arena: PayloadArena,
+    batch: VecDeque<Event>,
+    /// The read buffer no connection holds (see `FrameReader::swap_spare`).
+    spare: Vec<u8>,
+}
+
+impl ReadTools {
+    /// Lends the spare buffer to this thread's readers for as long as `read` runs.
+    pub(crate) fn with_spare<R>(&mut self, read: impl FnOnce(&mut ReadTools) -> R) -> R {
+        let thread_spare = FrameReader::swap_spare(std::mem::take(&mut self.spare));
+        let result = read(self);
+        self.spare = FrameReader::swap_spare(thread_spare);
+        result
+    }
 }
 
 /// The reading side of a connection, while the host's thread has it.
@@ -144,13 +159,13 @@ impl Conn {
     /// ws_dispatch, for a connection whose socket the harvest found ready: reads it and
     /// queues the messages for this dispatch. Returns whether to read again at the next
     /// dispatch (the socket may have more than one dispatch takes).
-    pub(crate) fn read_on_host(self: &Arc<Self>) -> bool {
+    pub(crate) fn read_on_host(self: &Arc<Self>, tools: &mut ReadTools) -> bool {
         let mut slot = self.reading.lock();
         let Some(reading) = slot.as_mut().filter(|r| !r.returned) else {
             // Given back meanwhile: the task reads it.
             return false;
         };
-        match reading.read(self) {
+        match reading.read(self, tools) {
             Outcome::Drained => false,
             Outcome::Again => true,
             Outcome::GiveBack => {
@@ -163,17 +178,14 @@ impl Conn {
 }
 
 impl Reading {
-    fn read(&mut self, conn: &Arc<Conn>) -> Outcome {
+    fn read(&mut self, conn: &Arc<Conn>, tools: &mut ReadTools) -> Outcome {
         let Some(allowance) = conn.host_allowance() else {
             return Outcome::GiveBack;
         };
-        let (mut arena, mut batch) = (ARENA.take(), BATCH.take());
-        let outcome = self.read_into(conn, allowance, &mut arena, &mut batch);
-        // Nothing of this connection stays in the thread's arena: the next one starts a block
-        // of its own (what a block costs is charged to the connection whose messages it holds).
-        arena.release();
-        ARENA.set(arena);
-        BATCH.set(batch);
+        let outcome = self.read_into(conn, allowance, &mut tools.arena, &mut tools.batch);
+        // Nothing of this connection stays in the arena: the next one starts a block of its
+        // own (what a block costs is charged to the connection whose messages it holds).
+        tools.arena.release();
         outcome
     }
 
@@ -185,7 +197,8 @@ impl Reading {
         batch: &mut VecDeque<Event>,
     ) -> Outcome {
         allowance.messages = allowance.messages.min(MESSAGES_PER_DISPATCH);
-        let mut cx = Context::from_waker(Waker::noop());
+        // Nothing waits on this context: the host's loop is woken by the descriptor.
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
         let wanted_write = self.wire.session_wants_write();
         let (mut messages, mut cost, mut reads) = (0, 0, 0);
         let outcome = loop {

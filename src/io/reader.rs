@@ -338,6 +338,13 @@ impl FrameReader {
         stream.poll_read_into(cx, &mut self.buf, room)
     }
 
+    /// Puts `spare` in this thread's place for a spare buffer, and returns what was there: the
+    /// host's thread keeps its spare with the client it reads for (see `host::reading`), so
+    /// that freeing the client frees it.
+    pub fn swap_spare(spare: Vec<u8>) -> Vec<u8> {
+        SPARE_BUFFER.replace(spare)
+    }
+
     /// Lets go of the buffer if nothing in it waits to be parsed (an idle connection holds none).
     pub fn release_if_drained(&mut self) {
         if self.start == self.buf.len() && self.large.is_none() && self.buf.capacity() > 0 {
@@ -874,6 +881,115 @@ mod tests {
             for _ in 0..3 {
                 let step = rng.below(3000) as usize + 1;
                 assert!(read_all(&wire, step).unwrap() == whole, "round {round}, cut every {step} bytes");
+            }
+        }
+    }
+
+    /// What a stream reads as, whoever reads it: messages as (text, payload), the other items as
+    /// they are.
+    fn normalized(items: Vec<(Item, Vec<u8>)>) -> Vec<(Item, Vec<u8>)> {
+        items
+            .into_iter()
+            .map(|(item, payload)| match item {
+                Item::OwnedMessage { text, mut data } => {
+                    if text {
+                        assert_eq!(data.pop(), Some(0), "text ends with a NUL");
+                    }
+                    (Item::Message { text }, data)
+                }
+                other => (other, payload),
+            })
+            .collect()
+    }
+
+    /// Feeds `bytes` `step` at a time to a reader that the host's thread and the I/O task take
+    /// turns at, as `crate::host::reading` does: the host takes it over only between frames,
+    /// reads what `next_on_host` takes and gives it back at the first thing it does not take.
+    fn read_taking_turns(bytes: &[u8], step: usize, rng: &mut Rng) -> Result<Vec<(Item, Vec<u8>)>, ReadError> {
+        let mut reader = FrameReader::new(Vec::new(), 4096, 1 << 20, None);
+        let (mut items, mut source, mut host) = (Vec::new(), bytes, false);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        loop {
+            if !host && reader.between_frames() && rng.below(2) == 0 {
+                host = true;
+            }
+            if host {
+                match reader.next_on_host(16 << 10) {
+                    OnHost::Message { text } => {
+                        items.push((Item::Message { text }, reader.payload().to_vec()));
+                        continue;
+                    }
+                    OnHost::Other => {
+                        host = false;
+                        continue;
+                    }
+                    OnHost::NeedBytes => {}
+                }
+            } else if let Some(item) = reader.next_item()? {
+                let payload = match &item {
+                    Item::Message { .. } | Item::Ping => reader.payload().to_vec(),
+                    _ => Vec::new(),
+                };
+                items.push((item, payload));
+                continue;
+            }
+            if source.is_empty() {
+                return Ok(items);
+            }
+            let mut chunk = &source[..step.min(source.len())];
+            let before = chunk.len();
+            let read = if host {
+                reader.poll_read_on_host(&mut chunk, &mut cx)
+            } else {
+                reader.poll_read_from(&mut chunk, &mut cx)
+            };
+            assert!(matches!(read, Poll::Ready(Ok(_))), "a slice reads at once: {read:?}");
+            source = &source[before - chunk.len()..];
+        }
+    }
+
+    /// The host's thread and the I/O task taking turns read every stream as the task alone
+    /// does, valid or not: the same messages, control frames and refusal, in the same order.
+    #[test]
+    fn streams_read_the_same_when_the_host_and_the_task_take_turns() {
+        let mut rng = Rng(0x5EED_0003);
+        for round in 0..400 {
+            let mut wire = Vec::new();
+            for _ in 0..rng.below(16) + 1 {
+                let len = match rng.below(4) {
+                    0 => rng.below(126),
+                    1 => (16 << 10) - 2 + rng.below(5),
+                    2 => rng.below(40_000),
+                    _ => 0,
+                } as usize;
+                let payload: Vec<u8> = (0..len).map(|_| rng.below(256) as u8).collect();
+                match rng.below(6) {
+                    0 | 1 => wire.extend(frame(0x82, &payload)),
+                    2 => wire.extend(frame(0x89, &payload[..len.min(125)])),
+                    3 => wire.extend(frame(0x81, "x€y".repeat(len / 5 + 1).as_bytes())),
+                    4 => {
+                        let cut = len / 2;
+                        wire.extend(frame(0x02, &payload[..cut]));
+                        wire.extend(frame(0x8A, b"pong"));
+                        wire.extend(frame(0x80, &payload[cut..]));
+                    }
+                    // Bytes that break the protocol (a reserved opcode, invalid UTF-8, RSV1).
+                    _ => wire.extend(frame([0x83, 0x81, 0xC2][rng.below(3) as usize], &[0xFF, 0xFE])),
+                }
+            }
+            let alone = read_all(&wire, wire.len()).map(normalized);
+            for _ in 0..3 {
+                let step = rng.below(5000) as usize + 1;
+                let turns = read_taking_turns(&wire, step, &mut rng).map(normalized);
+                match (&alone, &turns) {
+                    (Ok(a), Ok(t)) => assert!(a == t, "round {round}, cut every {step} bytes"),
+                    (Err(a), Err(t)) => assert_eq!(a, t, "round {round}, cut every {step} bytes"),
+                    _ => panic!(
+                        "round {round}, cut every {step}: alone {:?}, taking turns {:?}",
+                        alone.is_ok(),
+                        turns.is_ok()
+                    ),
+                }
             }
         }
     }

@@ -213,7 +213,7 @@ impl Session {
         let end = poll_fn(|cx| self.poll(cx)).await;
         // The socket leaves the host's descriptor before the connection ends.
         if self.handed {
-            if let Some(reading) = self.conn.take_reading_back(true, std::task::Waker::noop()) {
+            if let Some(reading) = self.conn.take_reading_back(true, futures_util::task::noop_waker_ref()) {
                 self.reader = reading.reader;
             }
             self.handed = false;

@@ -86,7 +86,7 @@ impl Wire {
     /// Whether everything received has been handed out of the TLS session (always, for plain
     /// TCP): only then does the socket's readiness tell whether there is more to read.
     pub(crate) fn nothing_received_held(&self) -> bool {
-        self.session().is_none_or(|tls| tls.wants_read())
+        self.session().map_or(true, |tls| tls.wants_read())
     }
 
     /// TLS: whether the session has bytes to write that reading produced (an alert, a key
