@@ -38,6 +38,23 @@ thread_local! {
     static READING_FOR_HUB: Cell<u64> = const { Cell::new(0) };
 }
 
+/// Marks this thread as reading sockets for a hub (see `READING_FOR_HUB`) until dropped, also
+/// by a panic: a mark left behind would keep that hub's wake-ups from this thread.
+struct ReadingFor(());
+
+impl ReadingFor {
+    fn hub(id: u64) -> ReadingFor {
+        READING_FOR_HUB.set(id);
+        ReadingFor(())
+    }
+}
+
+impl Drop for ReadingFor {
+    fn drop(&mut self) {
+        READING_FOR_HUB.set(0);
+    }
+}
+
 thread_local! {
     /// On an I/O thread inside a connection task's poll: host wake-ups are held back (see
     /// `HostWakes`), and these are the hubs to wake when the poll ends.
@@ -274,7 +291,7 @@ impl Hub {
         if ids.is_empty() {
             return false;
         }
-        READING_FOR_HUB.set(self.id);
+        let _reading = ReadingFor::hub(self.id);
         let mut again = Vec::new();
         for id in ids.drain(..) {
             if let Some(conn) = self.readers.get(id) {
@@ -283,7 +300,6 @@ impl Hub {
                 }
             }
         }
-        READING_FOR_HUB.set(0);
         if again.is_empty() {
             return false;
         }
