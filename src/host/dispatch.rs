@@ -308,6 +308,13 @@ impl Hub {
         true
     }
 
+    /// What a dispatch's harvest finds (the connections whose sockets have data), for tests.
+    #[cfg(test)]
+    pub(crate) fn dispatch_harvest_for_tests(self: Arc<Self>, sockets: &mut Vec<u64>) {
+        sockets.clear();
+        self.wakeup.harvest(sockets);
+    }
+
     /// A connection's reading goes to the host's thread (see `host::reading`); the watchdog
     /// starts if it is not running.
     pub(crate) fn add_reader(self: &Arc<Self>, conn: &Arc<Conn>) {

@@ -280,3 +280,133 @@ impl Readers {
         crate::sync::lock(&self.0).clear();
     }
 }
+
+/// The hand-over, phase by event, on a real socket: the host's reads, each way the reading goes
+/// back to the task, and what wakes the task.
+#[cfg(all(test, target_os = "linux", not(feature = "pipe-wake")))]
+mod tests {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    use super::*;
+    use crate::host::dispatch::Hub;
+    use crate::io::reader::Item;
+
+    #[derive(Default)]
+    struct CountingWaker(AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn readable(fd: std::os::fd::RawFd) -> bool {
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    }
+
+    fn text(payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x81, payload.len() as u8];
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// Waits (bounded) until the hub's descriptor is readable: the peer's bytes arrived.
+    fn until_readable(hub: &Hub) {
+        let mut pfd = libc::pollfd { fd: hub.fd(), events: libc::POLLIN, revents: 0 };
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1, "the peer's bytes never woke the descriptor");
+    }
+
+    #[test]
+    fn the_reading_goes_to_the_host_and_back_phase_by_event() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _context = runtime.enter();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let (wire, _watch) = Wire::plain(tokio::net::TcpStream::from_std(ours).unwrap()).unwrap();
+        let wire = Arc::new(wire);
+        let hub = Arc::new(Hub::new().unwrap());
+        let conn = Arc::new(Conn::new(7, hub.clone(), 1 << 20, 1 << 20));
+        let task = Arc::new(CountingWaker::default());
+        let waker = Waker::from(task.clone());
+        let woken = || task.0.load(Ordering::SeqCst);
+        let mut tools = ReadTools::default();
+        let new_reader = || FrameReader::new(Vec::new(), 4096, 1 << 20, None);
+        let mut harvested = Vec::new();
+
+        // Handed over: nothing arrived, nothing to read.
+        assert!(conn.hand_reading_to_host(new_reader(), wire.clone(), &waker).is_ok());
+        assert!(!readable(hub.fd()));
+        // A small message: it wakes the descriptor, the host reads it into the queue, the
+        // task is not woken and the reading stays with the host.
+        peer.write_all(&text(b"one")).unwrap();
+        until_readable(&hub);
+        hub.clone().dispatch_harvest_for_tests(&mut harvested);
+        assert_eq!(harvested, [7]);
+        assert!(!conn.read_on_host(&mut tools), "drained");
+        assert_eq!(conn.pending_events(), 1);
+        assert_eq!(woken(), 0);
+        assert!(conn.take_reading_back(false, &waker).is_none(), "still the host's");
+
+        // A ping: given back unread, the task woken, the socket out of the descriptor.
+        peer.write_all(&[0x89, 1, b'p']).unwrap();
+        until_readable(&hub);
+        hub.clone().dispatch_harvest_for_tests(&mut harvested);
+        assert!(!conn.read_on_host(&mut tools));
+        assert_eq!(woken(), 1);
+        peer.write_all(&text(b"two")).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!readable(hub.fd()), "a socket given back no longer wakes the host");
+        let mut back = conn.take_reading_back(false, &waker).expect("given back");
+        assert!(back.returned && back.heard && back.ended.is_none());
+        assert_eq!(back.reader.next_item(), Ok(Some(Item::Ping)), "the ping waits for the task");
+        assert!(!conn.read_on_host(&mut tools), "nothing to read once taken back");
+
+        // Handed over again (the task read "two"), then taken back by the watchdog: the task
+        // is woken and takes it.
+        let mut reader = back.reader;
+        let mut buf = vec![0; 64];
+        let n = crate::wire::recv(wire.socket(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], &text(b"two")[..]);
+        reader.release_if_drained();
+        assert!(conn.hand_reading_to_host(reader, wire.clone(), &waker).is_ok());
+        conn.return_reading();
+        assert_eq!(woken(), 2);
+        let back = conn.take_reading_back(false, &waker).expect("taken back by the watchdog");
+        assert!(!back.heard);
+
+        // Handed over, then taken back by the task itself (ws_close, its timer): no wake-up.
+        assert!(conn.hand_reading_to_host(back.reader, wire.clone(), &waker).is_ok());
+        let back = conn.take_reading_back(true, &waker).expect("taken back now");
+        assert_eq!(woken(), 2);
+
+        // Flow control: the host reads nothing and gives the reading back.
+        assert!(conn.hand_reading_to_host(back.reader, wire.clone(), &waker).is_ok());
+        conn.set_flow_control(true);
+        peer.write_all(&text(b"three")).unwrap();
+        until_readable(&hub);
+        hub.clone().dispatch_harvest_for_tests(&mut harvested);
+        assert!(!conn.read_on_host(&mut tools));
+        assert_eq!(woken(), 3);
+        let mut back = conn.take_reading_back(false, &waker).expect("given back for flow control");
+        assert_eq!(back.reader.next_item(), Ok(None), "nothing read");
+        conn.set_flow_control(false);
+
+        // The end of the stream: given back with it.
+        let n = crate::wire::recv(wire.socket(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], &text(b"three")[..]);
+        assert!(conn.hand_reading_to_host(back.reader, wire.clone(), &waker).is_ok());
+        drop(peer);
+        until_readable(&hub);
+        hub.clone().dispatch_harvest_for_tests(&mut harvested);
+        assert!(!conn.read_on_host(&mut tools));
+        let back = conn.take_reading_back(false, &waker).expect("given back at the end");
+        assert!(matches!(back.ended, Some(Ok(()))));
+        assert_eq!(woken(), 4);
+    }
+}
