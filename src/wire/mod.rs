@@ -7,10 +7,13 @@
 //! only one side writes at a time, and never ahead of what is queued.
 //!
 //! For wss the TLS session sits behind its own mutex, taken briefly by whichever side encrypts
-//! (a write) or decrypts (the I/O task's reads): a record is a few microseconds of work, so
-//! neither side waits on the other's progress, only, rarely, on a record being processed.
+//! (a write) or decrypts (a read, by the I/O task or by the dispatching thread: see
+//! `crate::host::reading`): a record is a few microseconds of work, so neither side waits on
+//! the other's progress, only, rarely, on a record being processed.
 //!
-//! - `frame`: the frames we send (header, masking key, masked payload).
+//! - `frame`: the frames we send (header, masking key, masked payload);
+//! - `watch`: the I/O task's registration of the socket with its reactor, for reading and
+//!   writing, or for writing alone while the dispatching thread reads.
 
 pub(crate) mod frame;
 mod watch;
