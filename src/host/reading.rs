@@ -201,6 +201,7 @@ impl Reading {
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
         let wanted_write = self.wire.session_wants_write();
         let (mut messages, mut cost, mut reads) = (0, 0, 0);
+        let mut from = Receiving::host(&self.wire);
         let outcome = loop {
             if messages >= allowance.messages || cost >= allowance.cost {
                 // The rest waits for the next dispatch (or the task, if the gate stays closed).
@@ -216,11 +217,12 @@ impl Reading {
                     continue;
                 }
                 OnHost::Other => break Outcome::GiveBack,
+                // A short read emptied the socket: its next bytes are a new wake-up.
+                OnHost::NeedBytes if from.drained() => break Outcome::Drained,
                 OnHost::NeedBytes if reads == READS_PER_DISPATCH => break Outcome::Again,
                 OnHost::NeedBytes => {}
             }
             reads += 1;
-            let mut from = Receiving { wire: &self.wire, watch: None };
             match self.reader.poll_read_on_host(&mut from, &mut cx) {
                 Poll::Ready(Ok(0)) => {
                     self.ended = Some(Ok(()));

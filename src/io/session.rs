@@ -667,18 +667,15 @@ impl Session {
                     let failure = self.read_failed.take().expect("checked by the guard");
                     return Err(self.io_failure(failure));
                 }
-                Ok(None) => {
-                    match self.reader.poll_read_from(&mut Receiving { wire: &self.wire, watch: Some(&self.watch) }, cx)
-                    {
-                        Poll::Ready(Ok(0)) => return Err(self.stream_ended()),
-                        Poll::Ready(Ok(_)) => {
-                            progress = true;
-                            continue;
-                        }
-                        Poll::Ready(Err(e)) => return Err(self.io_failure(e)),
-                        Poll::Pending => break,
+                Ok(None) => match self.reader.poll_read_from(&mut Receiving::task(&self.wire, &self.watch), cx) {
+                    Poll::Ready(Ok(0)) => return Err(self.stream_ended()),
+                    Poll::Ready(Ok(_)) => {
+                        progress = true;
+                        continue;
                     }
-                }
+                    Poll::Ready(Err(e)) => return Err(self.io_failure(e)),
+                    Poll::Pending => break,
+                },
                 Err(refused) => {
                     // What was read before the violation goes to the host first, and its
                     // replies go out before our close frame, as with a client that reads one
@@ -746,7 +743,7 @@ impl Session {
                     }
                 }
             }
-            match self.reader.poll_read_ahead(&mut Receiving { wire: &self.wire, watch: Some(&self.watch) }, cx) {
+            match self.reader.poll_read_ahead(&mut Receiving::task(&self.wire, &self.watch), cx) {
                 // No room: the rest waits until the host has taken what is held.
                 None | Some(Poll::Pending) => break,
                 Some(Poll::Ready(Ok(0))) => {

@@ -38,12 +38,15 @@ pub(crate) struct Wire {
     tls: Option<Box<Mutex<ClientConnection>>>,
 }
 
-/// The reading side, for the thread that reads now: the I/O task through its `Watch` (which
-/// knows that a short read drained the socket and spares the read that would say so), or the
-/// host's thread during a dispatch (`watch` None: Pending when the socket has nothing).
+/// The reading side, for the thread that reads now: the I/O task through its `Watch`, or the
+/// host's thread during a dispatch (no watch: Pending when the socket has nothing). Both know
+/// that a short read drained the socket and spare the read that would only say so: the watch
+/// clears its readiness, and the host's reads end there (the socket's next data is a new edge
+/// in the descriptor the host's loop waits on).
 pub(crate) struct Receiving<'a> {
-    pub(crate) wire: &'a Wire,
-    pub(crate) watch: Option<&'a Watch>,
+    wire: &'a Wire,
+    watch: Option<&'a Watch>,
+    drained: std::cell::Cell<bool>,
 }
 
 /// What a write left behind.
@@ -146,16 +149,39 @@ impl Wire {
     }
 }
 
-impl Receiving<'_> {
+impl<'a> Receiving<'a> {
+    /// The I/O task's reading side.
+    pub(crate) fn task(wire: &'a Wire, watch: &'a Watch) -> Receiving<'a> {
+        Receiving { wire, watch: Some(watch), drained: Default::default() }
+    }
+
+    /// The dispatching thread's reading side, for one dispatch.
+    pub(crate) fn host(wire: &'a Wire) -> Receiving<'a> {
+        Receiving { wire, watch: None, drained: Default::default() }
+    }
+
+    /// The dispatching thread's: whether a short read emptied the socket, and nothing it
+    /// brought waits in the TLS session.
+    pub(crate) fn drained(&self) -> bool {
+        self.drained.get() && self.wire.nothing_received_held()
+    }
+
     /// Reads at most `buf.len()` bytes of the socket.
     fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        match self.watch {
-            Some(watch) => watch.poll_read(cx, buf),
-            None => match recv(self.wire.socket(), buf) {
+        let Some(watch) = self.watch else {
+            if self.drained.get() {
+                return Poll::Pending;
+            }
+            return match recv(self.wire.socket(), buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+                Ok(n) => {
+                    self.drained.set(n > 0 && n < buf.len());
+                    Poll::Ready(Ok(n))
+                }
                 other => Poll::Ready(other),
-            },
-        }
+            };
+        };
+        watch.poll_read(cx, buf)
     }
 }
 
