@@ -85,14 +85,33 @@ fn watch_host(conn: WsConn, host: &Host) {
     assert_eq!(ws_on_message(conn, Some(host_message), user), WsStatus::Ok);
 }
 
+/// The messages a connection received, the warm-up messages left out.
 fn payloads(rec: &Recorder, conn: WsConn) -> Vec<Vec<u8>> {
     rec.of(conn)
         .into_iter()
         .filter_map(|e| match e {
-            Ev::Text(_, b) | Ev::Binary(_, b) => Some(b),
+            Ev::Text(_, b) | Ev::Binary(_, b) if !b.starts_with(WARM_UP) => Some(b),
             _ => None,
         })
         .collect()
+}
+
+/// What warm-up messages start with.
+const WARM_UP: &[u8] = b"warm-up";
+
+/// The I/O task hands its reading to the host's thread from a connection's second message on
+/// (README): a peer that wants the socket handed over right away sends two warm-up messages
+/// first (`payloads` leaves them out); `replies`: the host answers each, read them here.
+fn warm_up<S: std::io::Read + std::io::Write>(stream: &mut S, replies: bool, flush: impl Fn(&mut S)) {
+    for i in 0..2 {
+        let mut body = WARM_UP.to_vec();
+        body.push(b'0' + i);
+        stream.write_all(&frame(FIN | BINARY, &body)).unwrap();
+        flush(stream);
+        if replies {
+            read_frame_from(stream).expect("the answer to a warm-up message");
+        }
+    }
 }
 
 fn final_event(rec: &Recorder, conn: WsConn) -> Option<Ev> {
@@ -151,6 +170,7 @@ fn handed_connections_leave_no_descriptor_behind_whatever_ends_them() {
         let (tx, rx) = mpsc::channel::<()>();
         let (url, server) = serve(move |mut peer| {
             peer.upgrade();
+            warm_up(&mut peer.stream, true, |_| {});
             peer.send(&text_frame(&format!("m{i}")));
             let reply = peer.read_frame().expect("the reply");
             assert_eq!(reply.payload, format!("rm{i}").into_bytes());
@@ -513,6 +533,7 @@ fn a_host_that_stops_dispatching_after_the_open_leaves_no_ping_unanswered_and_co
     let (pongs_tx, pongs_rx) = mpsc::channel::<Vec<Duration>>();
     let (url, server) = serve(move |mut peer| {
         peer.upgrade();
+        warm_up(&mut peer.stream, false, |_| {});
         wait_go.recv().unwrap();
         let mut delays = Vec::new();
         for i in 0..3u8 {
@@ -537,7 +558,7 @@ fn a_host_that_stops_dispatching_after_the_open_leaves_no_ping_unanswered_and_co
     let options = options_with(|_| {});
     let conn = client.connect_with(&url, options.0);
     watch_host(conn, &host);
-    wait_handed(&client, 1, "after the open");
+    wait_handed(&client, 1, "after the warm-up");
     go.send(()).unwrap();
     // The host is busy elsewhere from here on.
     let delays = pongs_rx.recv_timeout(Duration::from_secs(10)).expect("the pongs");
@@ -640,6 +661,7 @@ fn wss_key_updates_from_the_server_while_the_host_reads_lose_nothing() {
         let request = read_request_from(&mut tls).unwrap();
         tls.write_all(response_to(&request, "").as_bytes()).unwrap();
         flush_tls(&mut tls).unwrap();
+        warm_up(&mut tls, true, |tls| flush_tls(tls).unwrap());
         handed_rx.recv().unwrap();
         for i in 0..60 {
             if i % 5 == 2 {
@@ -663,7 +685,7 @@ fn wss_key_updates_from_the_server_while_the_host_reads_lose_nothing() {
     let host = Host { reply: AtomicBool::new(true), ..Default::default() };
     let conn = client.connect_with(&url, options.0);
     watch_host(conn, &host);
-    wait_handed(&client, 1, "wss after the open");
+    wait_handed(&client, 1, "wss after the warm-up");
     handed_tx.send(()).unwrap();
     client.run_until_final(&host.rec, conn);
     assert_eq!(payloads(&host.rec, conn).len(), 60);
@@ -1066,6 +1088,7 @@ fn twelve_idle_clients_with_handed_connections_cost_no_cpu() {
         let (tx, rx) = mpsc::channel::<()>();
         let (url, server) = serve(move |mut peer| {
             peer.upgrade();
+            warm_up(&mut peer.stream, false, |_| {});
             rx.recv().unwrap();
             peer.send(&text_frame(&format!("late{k}")));
             peer.send(&close_frame(1000, ""));
