@@ -309,7 +309,7 @@ impl Hub {
     }
 
     /// What a dispatch's harvest finds (the connections whose sockets have data), for tests.
-    #[cfg(test)]
+    #[cfg(all(test, target_os = "linux", not(feature = "pipe-wake")))]
     pub(crate) fn dispatch_harvest_for_tests(self: Arc<Self>, sockets: &mut Vec<u64>) {
         sockets.clear();
         self.wakeup.harvest(sockets);
