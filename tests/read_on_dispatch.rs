@@ -33,16 +33,18 @@ fn io_thread_switches() -> u64 {
     switches
 }
 
-/// An echo peer: every text frame comes back, unmasked; ends with the client's close.
-fn echo_peer() -> (String, std::thread::JoinHandle<usize>) {
-    serve(|mut p| {
+/// A peer that answers every text frame with a reply of `reply_len` bytes; ends with the
+/// client's close.
+fn replying_peer(reply_len: usize) -> (String, std::thread::JoinHandle<usize>) {
+    serve(move |mut p| {
         p.upgrade();
+        let reply = frame(FIN | TEXT, &vec![b'r'; reply_len]);
         let mut echoed = 0;
         loop {
             let Ok(f) = p.read_frame() else { return echoed };
             match f.opcode {
                 TEXT => {
-                    p.send(&frame(FIN | TEXT, &f.payload));
+                    p.send(&reply);
                     echoed += 1;
                 }
                 CLOSE => {
@@ -67,10 +69,11 @@ unsafe extern "C" fn next_request(conn: WsConn, _: *const u8, _: usize, _: WsMes
     }
 }
 
-/// ROUND_TRIPS request/reply round trips driven by a host loop (poll on the descriptor, then
-/// ws_dispatch); returns the I/O thread's voluntary context switches during them.
-fn round_trips(read_on_dispatch: bool) -> u64 {
-    let (url, peer) = echo_peer();
+/// ROUND_TRIPS request/reply round trips (replies of `reply_len` bytes) driven by a host loop
+/// (poll on the descriptor, then ws_dispatch); returns the I/O thread's voluntary context
+/// switches during them.
+fn round_trips(read_on_dispatch: bool, reply_len: usize) -> u64 {
+    let (url, peer) = replying_peer(reply_len);
     let client = Client::new();
     let options = no_keepalive();
     set(unsafe { ws_options_set_read_on_dispatch(options.0, read_on_dispatch) });
@@ -150,17 +153,26 @@ fn ping_while_the_host_is_away() -> Duration {
 
 #[test]
 fn a_round_trip_wakes_only_the_host_and_a_host_away_leaves_no_ping_unanswered() {
-    let on = round_trips(true);
-    let off = round_trips(false);
-    eprintln!("I/O thread's voluntary switches over {ROUND_TRIPS} round trips: read on dispatch {on}, off {off}");
+    let on = round_trips(true, 64);
+    let off = round_trips(false, 64);
+    // Replies of 16 KiB are still read on the dispatching thread; one byte more, by the I/O
+    // thread (the requests are small either way: the host's thread writes them).
+    let largest = round_trips(true, 16 << 10);
+    let larger = round_trips(true, (16 << 10) + 1);
+    eprintln!(
+        "I/O thread's voluntary switches over {ROUND_TRIPS} round trips: read on dispatch {on}, off {off}; replies \
+         of 16 KiB {largest}, of 16 KiB + 1 {larger}"
+    );
     // With the option off, the I/O thread wakes for (nearly) every reply: the count can fail
     // the check below (it does not sleep when the next reply is there before it would).
-    assert!(off >= ROUND_TRIPS as u64 / 2, "the I/O thread slept only {off} times over {ROUND_TRIPS} round trips");
+    assert!(off >= ROUND_TRIPS as u64 / 4, "the I/O thread slept only {off} times over {ROUND_TRIPS} round trips");
     // On, it wakes only for its watchdog's ticks (100 ms) and the hand-over.
     if cfg!(all(target_os = "linux", not(feature = "pipe-wake"))) {
         assert!(on < ROUND_TRIPS as u64 / 10, "the I/O thread woke {on} times over {ROUND_TRIPS} round trips");
+        assert!(largest < ROUND_TRIPS as u64 / 10, "16 KiB replies: the I/O thread woke {largest} times");
+        assert!(larger >= ROUND_TRIPS as u64 / 4, "16 KiB + 1 replies: the I/O thread slept only {larger} times");
     } else {
-        assert!(on >= ROUND_TRIPS as u64 / 2, "no reading on dispatch where the descriptor is a pipe: {on}");
+        assert!(on >= ROUND_TRIPS as u64 / 4, "no reading on dispatch where the descriptor is a pipe: {on}");
     }
     let pong = ping_while_the_host_is_away();
     eprintln!("pong after {pong:?} while the host was away");
