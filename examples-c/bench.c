@@ -2,10 +2,10 @@
  * bench: the wsclient client for the shared benchmark harness (../shared/bench), used the way a
  * host uses the library: its own event loop on the library's fd, ws_dispatch(), callbacks on
  * this thread, the next message sent from inside the callback. The loop waits with epoll on Linux
- * (the descriptor registered once, edge-triggered, and the library told so with
- * ws_client_set_fd_edge_triggered, which spares a system call per wake-up; WSB_LEVEL_TRIGGERED=1
- * registers it level-triggered instead, as libuv does, to measure the difference) and with
- * poll() elsewhere.
+ * (the descriptor registered once, edge-triggered; WSB_LEVEL_TRIGGERED=1 registers it
+ * level-triggered instead, as libuv does) and with poll() elsewhere. WSB_NO_READ_ON_DISPATCH=1
+ * turns ws_options_set_read_on_dispatch off (the I/O thread then reads everything), to measure
+ * what reading on the dispatching thread saves.
  *
  *   bench --url ws://127.0.0.1:18701 --mode pingpong|pipeline|flood|conns|reconnect --size S --count N
  *         [--window W] [--conns C] [--ca CA.pem] [--payload FILE] [--deflate]
@@ -295,9 +295,10 @@ int main(int argc, char **argv) {
     ws_options *options = run.options = ws_options_new();
     run.url = url;
     if (!client || !options) return 1;
-#ifdef __linux__
-    if (ws_client_set_fd_edge_triggered(client, !level_triggered()) != WS_STATUS_OK) return 1;
-#endif
+    const char *no_read_on_dispatch = getenv("WSB_NO_READ_ON_DISPATCH");
+    if (no_read_on_dispatch && !strcmp(no_read_on_dispatch, "1") &&
+        ws_options_set_read_on_dispatch(options, false) != WS_STATUS_OK)
+        return 1;
     const char *read_buffer = getenv("WSB_READ_BUFFER");
     if (read_buffer && ws_options_set_read_buffer_size(options, (size_t)atol(read_buffer)) != WS_STATUS_OK) {
         fprintf(stderr, "WSB_READ_BUFFER: %s\n", ws_last_error());

@@ -324,10 +324,10 @@ ws_status ws_client_free(ws_client *client);
  * The file descriptor that is readable while callbacks are pending: add it to your poll,
  * epoll or select set (for reading) and call ws_dispatch() when it is readable. It stays
  * readable until a dispatch has taken every pending event, so level- and edge-triggered
- * loops both work; a wake-up may be spurious (the dispatch then runs nothing). A loop that
- * watches it edge-triggered saves a system call per wake-up by saying so with
- * ws_client_set_fd_edge_triggered(). Never read, write or close it. -1 if client is NULL.
- * Any thread, also inside callbacks.
+ * loops both work; a wake-up may be spurious (the dispatch then runs nothing). On Linux it is
+ * an epoll instance, which also holds the sockets whose small messages ws_dispatch() reads
+ * itself (see ws_dispatch), so that their data wakes your loop directly; elsewhere a pipe.
+ * Never read, write or close it. -1 if client is NULL. Any thread, also inside callbacks.
  *
  * # Safety
  * `client` is NULL or a pointer from ws_client_new() that was not freed.
@@ -335,17 +335,13 @@ ws_status ws_client_free(ws_client *client);
 int ws_client_fd(const ws_client *client);
 
 /**
- * Tells the library how your loop watches ws_client_fd(). false (the default): level-triggered
- * (poll, select, epoll without EPOLLET, libuv, libevent, ...); each ws_dispatch() then resets
- * the descriptor. true: edge-triggered (epoll with EPOLLET; kqueue with EV_CLEAR): your loop
- * is woken once each time callbacks become pending after a dispatch took them all, and
- * ws_dispatch() leaves the descriptor as it is, which saves the system call that would reset
- * it, one per wake-up (on Linux; on systems where the descriptor is a pipe it is reset
- * anyway, which edge-triggered loops need there). With true, the descriptor stays readable
- * for a level-triggered wait: such a loop would wake at once, again and again, so say true
- * only if every wait on it is edge-triggered. ws_run() is unaffected (it resets the
- * descriptor, whichever was said). Returns WS_STATUS_NULL_ARGUMENT if client is NULL. Any
- * thread, also inside callbacks; in force from the next dispatch.
+ * Tells the library whether your loop watches ws_client_fd() edge-triggered (epoll with
+ * EPOLLET, kqueue with EV_CLEAR) or level-triggered (the default). Kept for compatibility: it
+ * changes nothing any more. Every ws_dispatch() leaves the descriptor unreadable when it has
+ * taken every pending event, whatever the loop (on Linux it must take the ready sockets out of
+ * the descriptor anyway, which costs the one system call this declaration used to save), and
+ * both kinds of loop are woken for everything that arrives afterwards. Returns
+ * WS_STATUS_NULL_ARGUMENT if client is NULL. Any thread, also inside callbacks.
  *
  * # Safety
  * `client` is NULL or a pointer from ws_client_new() that was not freed.
@@ -365,6 +361,13 @@ size_t ws_client_connection_count(const ws_client *client);
  * Runs the callbacks that are pending now, on the calling thread, which is by definition the
  * host's thread: no callback ever runs anywhere else. Events that arrive during the call wait
  * for the next one, so a busy peer cannot keep it running forever.
+ *
+ * On Linux it first reads, without waiting, the sockets of open connections whose data woke
+ * the descriptor, and parses the small whole messages there (up to 16 KiB, unfragmented,
+ * uncompressed; a few reads per connection at most), so that a request/reply round trip does
+ * not wake the library's I/O thread; their callbacks run in the same call. Everything else
+ * (control frames, larger or fragmented or compressed messages, closes, errors, and every
+ * connection while this function is not called for 100 ms) is read by the I/O thread.
  *
  * `callbacks_run` (optional) receives how many callbacks ran; `more_pending` (optional)
  * whether more are pending already (then call it again, or wait for the fd).
@@ -758,6 +761,21 @@ ws_status ws_options_set_receive_queue_limit(ws_options *options, size_t bytes);
  * `options` is NULL or a pointer from ws_options_new() that was not freed.
  */
 ws_status ws_options_set_send_queue_limit(ws_options *options, size_t bytes);
+
+/**
+ * Whether ws_dispatch() may read this connection's small messages itself (default true; Linux
+ * only, elsewhere the I/O thread always reads). With true, while the host dispatches, data
+ * arriving on an open connection wakes the host's loop directly and ws_dispatch() reads and
+ * parses whole messages of up to 16 KiB (unfragmented, uncompressed) before their callbacks:
+ * a request/reply round trip then wakes one thread instead of two. With false, the library's
+ * I/O thread reads every byte, and the host's thread runs callbacks only (for hosts whose
+ * dispatching thread must spend nothing but the callbacks' time).
+ * Any thread, also inside callbacks; one thread at a time per options object.
+ *
+ * # Safety
+ * `options` is NULL or a pointer from ws_options_new() that was not freed.
+ */
+ws_status ws_options_set_read_on_dispatch(ws_options *options, bool enabled);
 
 /**
  * permessage-deflate (RFC 7692): compression of messages, offered by default (enabled = true).

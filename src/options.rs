@@ -87,6 +87,8 @@ pub struct Options {
     pub max_redirects: u32,
     /// permessage-deflate: offered unless disabled.
     pub deflate: DeflateConfig,
+    /// ws_dispatch may read small messages on the host's thread (see `host::reading`).
+    pub read_on_dispatch: bool,
 }
 
 impl Default for Options {
@@ -106,6 +108,7 @@ impl Default for Options {
             proxy: ProxySetting::Environment,
             max_redirects: 0,
             deflate: DeflateConfig::default(),
+            read_on_dispatch: true,
         }
     }
 }

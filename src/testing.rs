@@ -38,10 +38,12 @@ impl Rng {
 /// many cut bytes follow (0 to 7); each cut byte gives the length of one chunk (the list is
 /// cycled); the rest is the stream. Checks: no panic; the items (and the error that ends the
 /// stream, if any) are the same whether the stream arrives whole, in the chunks the input
-/// describes, or one byte at a time; no message is longer than the maximum; text is UTF-8;
-/// control payloads are at most 125 bytes.
+/// describes, or one byte at a time, and whether the I/O task reads it alone or the host's
+/// thread takes turns with it (as `crate::host::reading` does: taking over between frames,
+/// reading the small whole messages, giving back at anything else); no message is longer than
+/// the maximum; text is UTF-8; control payloads are at most 125 bytes.
 pub fn fuzz_frames(data: &[u8]) {
-    use crate::io::reader::{FrameReader, Item};
+    use crate::io::reader::{FrameReader, Item, OnHost};
     use std::task::{Context, Poll};
 
     let [max_byte, read_byte, cuts_byte, rest @ ..] = data else {
@@ -69,21 +71,42 @@ pub fn fuzz_frames(data: &[u8]) {
     }
     /// What a stream produced: its items, then how it ended.
     type Outcome = (Vec<Seen>, Option<String>);
-    let read = |chunks: &mut dyn Iterator<Item = usize>| -> Outcome {
+    // `turns`: the host's thread takes the reader over between frames, every other time it can.
+    let read = |chunks: &mut dyn Iterator<Item = usize>, turns: bool| -> Outcome {
         let mut reader = FrameReader::new(Vec::new(), read_size, max_message, None);
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
         let mut items = Vec::new();
         let mut offset = 0;
+        let (mut host, mut chances) = (false, 0u32);
         while offset < stream.len() {
             let end = (offset + chunks.next().unwrap_or(1).max(1)).min(stream.len());
             let mut source = &stream[offset..end];
             offset = end;
             while !source.is_empty() {
-                match reader.poll_read_from(&mut source, &mut cx) {
+                let read = if host {
+                    reader.poll_read_on_host(&mut source, &mut cx)
+                } else {
+                    reader.poll_read_from(&mut source, &mut cx)
+                };
+                match read {
                     Poll::Ready(Ok(n)) => assert!(n > 0, "a read from a non-empty slice"),
                     other => panic!("a slice reads at once: {other:?}"),
                 }
                 loop {
+                    if turns && !host && reader.between_frames() {
+                        chances += 1;
+                        host = chances % 2 == 0;
+                    }
+                    if host {
+                        match reader.next_on_host(16 << 10) {
+                            OnHost::Message { text } => {
+                                items.push(Seen::Message { text, data: reader.payload().to_vec() });
+                                continue;
+                            }
+                            OnHost::NeedBytes => break,
+                            OnHost::Other => host = false,
+                        }
+                    }
                     let seen = match reader.next_item() {
                         Ok(Some(Item::Message { text })) => Seen::Message { text, data: reader.payload().to_vec() },
                         Ok(Some(Item::OwnedMessage { text, mut data })) => {
@@ -106,13 +129,18 @@ pub fn fuzz_frames(data: &[u8]) {
         (items, None)
     };
 
-    let whole = read(&mut std::iter::once(stream.len()));
-    let cut = if cuts.is_empty() {
-        read(&mut std::iter::repeat(1))
-    } else {
-        read(&mut cuts.iter().map(|b| chunk_len(*b)).cycle())
+    let whole = read(&mut std::iter::once(stream.len()), false);
+    let chunked = |turns| {
+        if cuts.is_empty() {
+            read(&mut std::iter::repeat(1), turns)
+        } else {
+            read(&mut cuts.iter().map(|b| chunk_len(*b)).cycle(), turns)
+        }
     };
+    let cut = chunked(false);
     assert!(whole == cut, "the stream read differently when cut: whole {whole:?}, cut {cut:?}");
+    let turns = chunked(true);
+    assert!(whole == turns, "the stream read differently taking turns: whole {whole:?}, taking turns {turns:?}");
     for item in &whole.0 {
         match item {
             Seen::Message { text, data } => {
@@ -287,6 +315,7 @@ pub struct Defaults {
     pub deflate_threshold: usize,
     pub deflate_client_no_context_takeover: bool,
     pub deflate_server_no_context_takeover: bool,
+    pub read_on_dispatch: bool,
 }
 
 /// The library's actual defaults (those of `Options::default()`, which plain `ws_connect` and
@@ -309,6 +338,7 @@ pub fn defaults() -> Defaults {
         proxy_from_environment: o.proxy == crate::io::proxy::ProxySetting::Environment,
         max_redirects: o.max_redirects,
         deflate: o.deflate.enabled,
+        read_on_dispatch: o.read_on_dispatch,
         deflate_client_window_bits: o.deflate.client_max_window_bits,
         deflate_server_window_bits: o.deflate.server_max_window_bits,
         deflate_level: o.deflate.level,

@@ -199,6 +199,7 @@ fn option_values_are_checked() {
     let options = Options::new();
     unsafe {
         assert_eq!(ws_options_set_connect_timeout_ms(null_mut(), 5), WsStatus::NullArgument);
+        assert_eq!(ws_options_set_read_on_dispatch(null_mut(), false), WsStatus::NullArgument);
         assert_eq!(ws_options_set_connect_timeout_ms(options.0, 0), WsStatus::InvalidArgument);
         assert_eq!(ws_options_set_close_timeout_ms(options.0, 0), WsStatus::InvalidArgument);
         assert_eq!(ws_options_set_keepalive(options.0, 10, 0), WsStatus::InvalidArgument);
@@ -423,6 +424,11 @@ fn a_panic_inside_any_export_returns_its_default_and_is_reported() {
                 "ws_options_set_max_message_size",
                 Status(WsStatus::Panic),
                 Box::new(|| Status(ws_options_set_max_message_size(options.0, 1000))),
+            ),
+            (
+                "ws_options_set_read_on_dispatch",
+                Status(WsStatus::Panic),
+                Box::new(|| Status(ws_options_set_read_on_dispatch(options.0, false))),
             ),
             (
                 "ws_options_set_read_buffer_size",

@@ -83,6 +83,7 @@ fn the_option_table_states_the_actual_defaults() {
     let on_off = |on: bool| if on { "on" } else { "off" };
     let switches: BTreeMap<&str, String> = [
         ("ws_options_set_deflate", on_off(d.deflate).to_owned()),
+        ("ws_options_set_read_on_dispatch", on_off(d.read_on_dispatch).to_owned()),
         (
             "ws_options_set_deflate_no_context_takeover",
             format!(

@@ -1,16 +1,20 @@
 /*
- * round-trip-shapes: the skeletons of four client architectures for one WebSocket request/reply
+ * round-trip-shapes: the skeletons of five client architectures for one WebSocket request/reply
  * round trip (the shared harness's W1: 64 B of text echoed), with no library around them, to
  * measure what the architecture alone costs on a machine: the figures behind #10's choices (see
  * BENCHMARKS.md, "Round trip shapes"). Linux only.
  *
  *   cc -O2 -o /tmp/shapes docs/measurements/round-trip-shapes.c -lpthread
  *   taskset -c 0 ../shared/bench/target/release/wsbench-server --port 18801 &
- *   for i in $(seq 25); do for m in single eventfd eventfd-et futex; do
+ *   for i in $(seq 25); do for m in single nested eventfd eventfd-et futex; do
  *     taskset -c 1 /tmp/shapes $m 18801 10000; done; done
  *
  * MODE: single      one thread: epoll_wait on the socket, recv, send (libwebsockets' shape, and
  *                   what reading on the host's thread would be)
+ *       nested      one thread, the host's: epoll_wait on its loop's epoll, which holds an epoll
+ *                   instance holding the socket and an eventfd; a harvest of that instance
+ *                   (epoll_wait, no waiting), recv, send (wsclient's shape with
+ *                   ws_options_set_read_on_dispatch, the default on Linux)
  *       eventfd     an I/O thread: epoll_wait, recv, eventfd write; the host thread: epoll_wait on
  *                   the eventfd (level-triggered), read it, send (wsclient's shape with a
  *                   level-triggered host loop)
@@ -130,7 +134,7 @@ static void *io_thread_futex(void *arg) {
 
 int main(int argc, char **argv) {
     if (argc != 4) {
-        fprintf(stderr, "usage: round-trip-shapes single|eventfd|eventfd-et|futex PORT COUNT\n");
+        fprintf(stderr, "usage: round-trip-shapes single|nested|eventfd|eventfd-et|futex PORT COUNT\n");
         return 2;
     }
     const char *mode = argv[1];
@@ -148,6 +152,27 @@ int main(int argc, char **argv) {
         send_one();
         for (long i = 0; i < count;) {
             epoll_wait(ep, &ev, 1, tmo);
+            have += recv_some();
+            while (have >= 66) {
+                have -= 66;
+                if (++i < count) send_one();
+            }
+        }
+    } else if (!strcmp(mode, "nested")) {
+        /* The host's loop (outer) watches the library's descriptor, an epoll instance (inner)
+           holding the socket and the wake-up eventfd; a dispatch harvests the inner one. */
+        int inner = epoll_create1(0), outer = epoll_create1(0);
+        efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLET};
+        epoll_ctl(inner, EPOLL_CTL_ADD, sock, &ev);
+        epoll_ctl(inner, EPOLL_CTL_ADD, efd, &ev);
+        epoll_ctl(outer, EPOLL_CTL_ADD, inner, &ev);
+        long have = 0;
+        send_one();
+        for (long i = 0; i < count;) {
+            epoll_wait(outer, &ev, 1, tmo);
+            struct epoll_event got_ev[8];
+            epoll_wait(inner, got_ev, 8, 0);
             have += recv_some();
             while (have >= 66) {
                 have -= 66;

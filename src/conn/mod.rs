@@ -53,6 +53,8 @@ pub(crate) struct Conn {
     /// for it, so that a registration is in force for every callback after it returned.
     invoke: InvokeLock,
     send_queue_limit: usize,
+    /// The reading side, while the host's thread reads the socket (see `host::reading`).
+    pub(crate) reading: crate::host::reading::ReadingSlot,
 }
 
 impl Conn {
@@ -68,6 +70,7 @@ impl Conn {
             partial_writes: AtomicUsize::new(0),
             invoke: InvokeLock::default(),
             send_queue_limit,
+            reading: Default::default(),
         }
     }
 

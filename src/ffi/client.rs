@@ -113,10 +113,10 @@ pub unsafe extern "C" fn ws_client_free(client: *mut WsClient) -> WsStatus {
 /// The file descriptor that is readable while callbacks are pending: add it to your poll,
 /// epoll or select set (for reading) and call ws_dispatch() when it is readable. It stays
 /// readable until a dispatch has taken every pending event, so level- and edge-triggered
-/// loops both work; a wake-up may be spurious (the dispatch then runs nothing). A loop that
-/// watches it edge-triggered saves a system call per wake-up by saying so with
-/// ws_client_set_fd_edge_triggered(). Never read, write or close it. -1 if client is NULL.
-/// Any thread, also inside callbacks.
+/// loops both work; a wake-up may be spurious (the dispatch then runs nothing). On Linux it is
+/// an epoll instance, which also holds the sockets whose small messages ws_dispatch() reads
+/// itself (see ws_dispatch), so that their data wakes your loop directly; elsewhere a pipe.
+/// Never read, write or close it. -1 if client is NULL. Any thread, also inside callbacks.
 ///
 /// # Safety
 /// `client` is NULL or a pointer from ws_client_new() that was not freed.
@@ -130,25 +130,21 @@ pub unsafe extern "C" fn ws_client_fd(client: *const WsClient) -> c_int {
     })
 }
 
-/// Tells the library how your loop watches ws_client_fd(). false (the default): level-triggered
-/// (poll, select, epoll without EPOLLET, libuv, libevent, ...); each ws_dispatch() then resets
-/// the descriptor. true: edge-triggered (epoll with EPOLLET; kqueue with EV_CLEAR): your loop
-/// is woken once each time callbacks become pending after a dispatch took them all, and
-/// ws_dispatch() leaves the descriptor as it is, which saves the system call that would reset
-/// it, one per wake-up (on Linux; on systems where the descriptor is a pipe it is reset
-/// anyway, which edge-triggered loops need there). With true, the descriptor stays readable
-/// for a level-triggered wait: such a loop would wake at once, again and again, so say true
-/// only if every wait on it is edge-triggered. ws_run() is unaffected (it resets the
-/// descriptor, whichever was said). Returns WS_STATUS_NULL_ARGUMENT if client is NULL. Any
-/// thread, also inside callbacks; in force from the next dispatch.
+/// Tells the library whether your loop watches ws_client_fd() edge-triggered (epoll with
+/// EPOLLET, kqueue with EV_CLEAR) or level-triggered (the default). Kept for compatibility: it
+/// changes nothing any more. Every ws_dispatch() leaves the descriptor unreadable when it has
+/// taken every pending event, whatever the loop (on Linux it must take the ready sockets out of
+/// the descriptor anyway, which costs the one system call this declaration used to save), and
+/// both kinds of loop are woken for everything that arrives afterwards. Returns
+/// WS_STATUS_NULL_ARGUMENT if client is NULL. Any thread, also inside callbacks.
 ///
 /// # Safety
 /// `client` is NULL or a pointer from ws_client_new() that was not freed.
 #[no_mangle]
 pub unsafe extern "C" fn ws_client_set_fd_edge_triggered(client: *mut WsClient, edge_triggered: bool) -> WsStatus {
     ffi_status!({
-        let client = client.as_ref().ok_or_else(|| null("client"))?;
-        client.inner.hub().set_edge_triggered(edge_triggered);
+        client.as_ref().ok_or_else(|| null("client"))?;
+        let _ = edge_triggered;
         Ok(())
     })
 }
@@ -166,6 +162,13 @@ pub unsafe extern "C" fn ws_client_connection_count(client: *const WsClient) -> 
 /// Runs the callbacks that are pending now, on the calling thread, which is by definition the
 /// host's thread: no callback ever runs anywhere else. Events that arrive during the call wait
 /// for the next one, so a busy peer cannot keep it running forever.
+///
+/// On Linux it first reads, without waiting, the sockets of open connections whose data woke
+/// the descriptor, and parses the small whole messages there (up to 16 KiB, unfragmented,
+/// uncompressed; a few reads per connection at most), so that a request/reply round trip does
+/// not wake the library's I/O thread; their callbacks run in the same call. Everything else
+/// (control frames, larger or fragmented or compressed messages, closes, errors, and every
+/// connection while this function is not called for 100 ms) is read by the I/O thread.
 ///
 /// `callbacks_run` (optional) receives how many callbacks ran; `more_pending` (optional)
 /// whether more are pending already (then call it again, or wait for the fd).

@@ -288,6 +288,25 @@ pub unsafe extern "C" fn ws_options_set_send_queue_limit(options: *mut WsOptions
     })
 }
 
+/// Whether ws_dispatch() may read this connection's small messages itself (default true; Linux
+/// only, elsewhere the I/O thread always reads). With true, while the host dispatches, data
+/// arriving on an open connection wakes the host's loop directly and ws_dispatch() reads and
+/// parses whole messages of up to 16 KiB (unfragmented, uncompressed) before their callbacks:
+/// a request/reply round trip then wakes one thread instead of two. With false, the library's
+/// I/O thread reads every byte, and the host's thread runs callbacks only (for hosts whose
+/// dispatching thread must spend nothing but the callbacks' time).
+/// Any thread, also inside callbacks; one thread at a time per options object.
+///
+/// # Safety
+/// `options` is NULL or a pointer from ws_options_new() that was not freed.
+#[no_mangle]
+pub unsafe extern "C" fn ws_options_set_read_on_dispatch(options: *mut WsOptions, enabled: bool) -> WsStatus {
+    ffi_status!({
+        options_mut(options)?.read_on_dispatch = enabled;
+        Ok(())
+    })
+}
+
 /// permessage-deflate (RFC 7692): compression of messages, offered by default (enabled = true).
 /// With it off the upgrade request offers no extension. Whether a connection compresses is
 /// the server's choice: one that declines gets a plain connection. Compression and

@@ -1,11 +1,12 @@
 //! The hand-over from the library's I/O threads to the host's thread.
 //!
-//! Connections with deliverable events sit in a ready list. The wake-up descriptor (an eventfd,
-//! or a pipe: see `wakeup`) is readable whenever that list is not empty (and at most once
-//! spuriously after a dispatch emptied it), so a host's poll/epoll loop (level-triggered or
-//! edge-triggered) never misses a wake-up. A host that says its loop is edge-triggered spares
-//! the dispatch the clearing of the descriptor (see `Hub::dispatch`). `dispatch` runs
-//! callbacks on the calling thread and nowhere else.
+//! Connections with deliverable events sit in a ready list. The wake-up descriptor (an epoll
+//! instance, or a pipe: see `wakeup`) is readable whenever that list is not empty (and at most
+//! once spuriously after a dispatch emptied it), so a host's poll/epoll loop (level-triggered
+//! or edge-triggered) never misses a wake-up. On Linux it also holds the sockets whose reading
+//! the host's thread has (`host::reading`): their data wakes the host, and the dispatch reads
+//! them before it takes the ready list. `dispatch` runs callbacks on the calling thread and
+//! nowhere else.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -16,6 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
+use super::reading::{ReadTools, Readers, HOST_SILENT};
 use super::wakeup::Wakeup;
 use crate::conn::{Conn, Event};
 use crate::error::{Error, WsStatus};
@@ -28,6 +30,29 @@ thread_local! {
     static DEFERRED: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
     /// Connections whose sends made by callbacks are held until the batch ends.
     static CORKED: RefCell<Vec<Arc<Conn>>> = const { RefCell::new(Vec::new()) };
+}
+
+thread_local! {
+    /// The hub whose dispatch is reading sockets on this thread (see `host::reading`): the
+    /// connections it schedules meanwhile need no wake-up, the dispatch takes them next.
+    static READING_FOR_HUB: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Marks this thread as reading sockets for a hub (see `READING_FOR_HUB`) until dropped, also
+/// by a panic: a mark left behind would keep that hub's wake-ups from this thread.
+struct ReadingFor(());
+
+impl ReadingFor {
+    fn hub(id: u64) -> ReadingFor {
+        READING_FOR_HUB.set(id);
+        ReadingFor(())
+    }
+}
+
+impl Drop for ReadingFor {
+    fn drop(&mut self) {
+        READING_FOR_HUB.set(0);
+    }
 }
 
 thread_local! {
@@ -142,15 +167,21 @@ pub struct Hub {
     /// thread touches it).
     scratch: Mutex<DispatchScratch>,
     wakeup: Wakeup,
-    /// The host watches the descriptor edge-triggered (ws_client_set_fd_edge_triggered): its
-    /// dispatches leave the descriptor as it is (see `dispatch`).
-    edge_triggered: AtomicBool,
     dispatching: AtomicBool,
     /// Connections not gone yet.
     live: AtomicUsize,
     /// I/O tasks still running, and a condition signalled when one ends (for ws_client_free).
     tasks: Mutex<usize>,
     task_ended: Condvar,
+    /// Connections whose reading the host's thread has (see `host::reading`).
+    readers: Readers,
+    /// Sockets to read again at the next dispatch (one dispatch did not take all they had).
+    read_again: Mutex<Vec<u64>>,
+    /// Dispatches so far, and whether the watchdog found the host silent since the last one.
+    dispatches: AtomicU64,
+    host_silent: AtomicBool,
+    /// The watchdog task runs (see `watchdog`).
+    watchdog: AtomicBool,
 }
 
 /// The queues one dispatch works with: the connections taken from the ready list (swapped
@@ -161,6 +192,10 @@ struct DispatchScratch {
     /// How many events each of them had pending when the dispatch began.
     budgets: Vec<usize>,
     events: VecDeque<Event>,
+    /// The sockets to read in this dispatch, by connection id.
+    sockets: Vec<u64>,
+    /// What reading them takes (see `host::reading`).
+    tools: ReadTools,
 }
 
 /// Clears the dispatching flag when a dispatch ends, even by a panic.
@@ -179,11 +214,15 @@ impl Hub {
             ready: Mutex::new(VecDeque::new()),
             scratch: Mutex::new(DispatchScratch::default()),
             wakeup: Wakeup::new()?,
-            edge_triggered: AtomicBool::new(false),
             dispatching: AtomicBool::new(false),
             live: AtomicUsize::new(0),
             tasks: Mutex::new(0),
             task_ended: Condvar::new(),
+            readers: Readers::default(),
+            read_again: Mutex::new(Vec::new()),
+            dispatches: AtomicU64::new(0),
+            host_silent: AtomicBool::new(false),
+            watchdog: AtomicBool::new(false),
         })
     }
 
@@ -202,39 +241,39 @@ impl Hub {
         // Signalled after the lock is released: a host woken at once must not find it taken.
         // A dispatch that runs in between takes the connection and the signal is then spurious
         // (one dispatch with nothing to do), never lost.
-        if was_empty && !HostWakes::defer(self) {
+        if was_empty && READING_FOR_HUB.get() != self.id && !HostWakes::defer(self) {
             self.wakeup.set();
         }
     }
 
-    /// Tells how the host's loop watches the descriptor: edge-triggered or level-triggered.
-    pub fn set_edge_triggered(&self, edge_triggered: bool) {
-        self.edge_triggered.store(edge_triggered, Ordering::Relaxed);
-    }
-
-    /// Runs the callbacks pending now on the calling thread. Returns how many ran and whether
+    /// Runs the callbacks pending now on the calling thread, after reading the sockets whose
+    /// reading the host's thread has (see `host::reading`). Returns how many ran and whether
     /// more are pending (events that arrived meanwhile, or beyond one round's budget).
-    ///
-    /// For a host whose loop is edge-triggered, the descriptor is not cleared: every time the
-    /// ready list goes from empty to not empty, `schedule` sets it, which is a new edge whether
-    /// it was cleared or not, so the host's loop is woken for whatever arrives after this
-    /// dispatch took the list; clearing would only cost a system call per wake-up.
     pub fn dispatch(&self) -> Result<(u32, bool), Error> {
         let _guard = self.enter_dispatch()?;
-        let clear = Wakeup::EDGE_LOOPS_NEED_CLEAR || !self.edge_triggered.load(Ordering::Relaxed);
-        Ok(self.dispatch_entered(clear))
+        Ok(self.dispatch_entered())
     }
 
-    /// `dispatch`, by a caller that holds the dispatch guard; `clear`: whether to clear the
-    /// descriptor (always, unless the host's loop is edge-triggered).
-    fn dispatch_entered(&self, clear: bool) -> (u32, bool) {
+    /// `dispatch`, by a caller that holds the dispatch guard.
+    fn dispatch_entered(&self) -> (u32, bool) {
         let mut scratch = lock(&self.scratch);
-        let DispatchScratch { connections, budgets, events } = &mut *scratch;
-        {
+        let DispatchScratch { connections, budgets, events, sockets, tools } = &mut *scratch;
+        self.dispatches.fetch_add(1, Ordering::Relaxed);
+        if self.host_silent.load(Ordering::Relaxed) {
+            self.host_silent.store(false, Ordering::Relaxed);
+        }
+        let mut read_again = false;
+        if Wakeup::HOST_READS {
+            // The harvest makes the descriptor unreadable and says which sockets have data;
+            // what they hold is queued before the ready list is taken, so that it is
+            // dispatched now. Whatever is scheduled after the harvest sets the descriptor.
+            sockets.append(&mut lock(&self.read_again));
+            self.wakeup.harvest(sockets);
+            read_again = tools.with_spare(|tools| self.read_sockets(sockets, tools));
+            std::mem::swap(&mut *lock(&self.ready), connections);
+        } else {
             let mut ready = lock(&self.ready);
-            if clear {
-                self.wakeup.clear();
-            }
+            self.wakeup.clear();
             std::mem::swap(&mut *ready, connections);
         }
         // What is pending now is what this dispatch runs, whatever arrives while it runs.
@@ -242,7 +281,65 @@ impl Hub {
         budgets.extend(connections.iter().map(|conn| conn.pending_events()));
         let ran =
             connections.drain(..).zip(budgets.drain(..)).map(|(conn, budget)| conn.dispatch(events, budget)).sum();
-        (ran, !lock(&self.ready).is_empty())
+        (ran, read_again || !lock(&self.ready).is_empty())
+    }
+
+    /// Reads the sockets of `ids` (emptied) on this thread, for the connections whose reading
+    /// the host's thread has. Returns whether some must be read again at the next dispatch;
+    /// the descriptor is set for it then.
+    fn read_sockets(&self, ids: &mut Vec<u64>, tools: &mut ReadTools) -> bool {
+        if ids.is_empty() {
+            return false;
+        }
+        let _reading = ReadingFor::hub(self.id);
+        let mut again = Vec::new();
+        for id in ids.drain(..) {
+            if let Some(conn) = self.readers.get(id) {
+                if conn.read_on_host(tools) && !again.contains(&id) {
+                    again.push(id);
+                }
+            }
+        }
+        if again.is_empty() {
+            return false;
+        }
+        *lock(&self.read_again) = again;
+        self.wakeup.set();
+        true
+    }
+
+    /// What a dispatch's harvest finds (the connections whose sockets have data), for tests.
+    #[cfg(all(test, target_os = "linux", not(feature = "pipe-wake")))]
+    pub(crate) fn dispatch_harvest_for_tests(self: Arc<Self>, sockets: &mut Vec<u64>) {
+        sockets.clear();
+        self.wakeup.harvest(sockets);
+    }
+
+    /// A connection's reading goes to the host's thread (see `host::reading`); the watchdog
+    /// starts if it is not running.
+    pub(crate) fn add_reader(self: &Arc<Self>, conn: &Arc<Conn>) {
+        self.readers.add(conn);
+        if !self.watchdog.swap(true, Ordering::AcqRel) {
+            tokio::spawn(watchdog(Arc::downgrade(self)));
+        }
+    }
+
+    pub(crate) fn forget_reader(&self, id: u64) {
+        self.readers.remove(id);
+    }
+
+    pub(crate) fn watch_socket(&self, fd: RawFd, id: u64) -> io::Result<()> {
+        self.wakeup.watch(fd, id)
+    }
+
+    pub(crate) fn unwatch_socket(&self, fd: RawFd) {
+        self.wakeup.unwatch(fd);
+    }
+
+    /// Whether I/O tasks may hand their reading to the host's thread: this build can, and the
+    /// host has dispatched since the watchdog last found it silent.
+    pub(crate) fn host_reads(&self) -> bool {
+        Wakeup::HOST_READS && !self.host_silent.load(Ordering::Relaxed)
     }
 
     fn enter_dispatch(&self) -> Result<DispatchGuard<'_>, Error> {
@@ -281,8 +378,7 @@ impl Hub {
         let _guard = self.enter_dispatch()?;
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
-            // ws_run waits with a level-triggered poll: it always clears.
-            let (_, more) = self.dispatch_entered(true);
+            let (_, more) = self.dispatch_entered();
             if self.live_connections() == 0 {
                 return Ok(());
             }
@@ -331,9 +427,38 @@ impl Hub {
 
     /// Drops every scheduled connection (breaks the hub -> conn -> hub reference cycle).
     pub fn clear(&self) {
+        self.readers.clear();
         let drained: Vec<_> = lock(&self.ready).drain(..).collect();
         drop(drained);
         *lock(&self.scratch) = DispatchScratch::default();
         self.wakeup.clear();
+    }
+}
+
+/// Watches a hub whose connections' reading the host's thread has: when the host has not
+/// dispatched for `HOST_SILENT`, the I/O tasks take their reading back, so that a host busy
+/// elsewhere leaves no ping unanswered and no keepalive misjudged. Ends when no connection's
+/// reading is with the host (the next hand-over starts it again) or the hub is gone.
+async fn watchdog(hub: std::sync::Weak<Hub>) {
+    let mut seen = u64::MAX;
+    loop {
+        tokio::time::sleep(HOST_SILENT).await;
+        let Some(hub) = hub.upgrade() else { return };
+        if hub.readers.is_empty() {
+            hub.watchdog.store(false, Ordering::Release);
+            // A hand-over between the check and the store found the watchdog running.
+            if hub.readers.is_empty() || hub.watchdog.swap(true, Ordering::AcqRel) {
+                return;
+            }
+        }
+        let dispatches = hub.dispatches.load(Ordering::Relaxed);
+        if dispatches != seen {
+            seen = dispatches;
+            continue;
+        }
+        hub.host_silent.store(true, Ordering::Relaxed);
+        for conn in hub.readers.all() {
+            conn.return_reading();
+        }
     }
 }

@@ -9,44 +9,105 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+/// On Linux: an epoll instance (what the host polls) holding an eventfd (set when callbacks
+/// are pending) and the sockets of the connections whose reading the host's thread has taken
+/// over (see `crate::host::reading`): data arriving on them wakes the host's loop directly.
+/// Every dispatch harvests it (`harvest`), which also makes it unreadable again.
 #[cfg(all(target_os = "linux", not(feature = "pipe-wake")))]
-pub(crate) struct Wakeup(OwnedFd);
+pub(crate) struct Wakeup {
+    epoll: OwnedFd,
+    event: OwnedFd,
+}
+
+/// The token of the eventfd in the epoll instance; sockets use their connection's id, never this.
+#[cfg(all(target_os = "linux", not(feature = "pipe-wake")))]
+const EVENT_TOKEN: u64 = u64::MAX;
+
+/// How many ready descriptors one harvest takes; the rest stay ready for the next dispatch.
+#[cfg(all(target_os = "linux", not(feature = "pipe-wake")))]
+const HARVEST_MAX: usize = 256;
 
 #[cfg(all(target_os = "linux", not(feature = "pipe-wake")))]
 impl Wakeup {
+    /// Whether the host's thread may read sockets (this build can put them in the descriptor).
+    pub(crate) const HOST_READS: bool = true;
+
     pub(crate) fn new() -> io::Result<Wakeup> {
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
+        let owned = |fd: i32| {
+            if fd < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+            }
+        };
+        let event = owned(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+        let epoll = owned(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        let wakeup = Wakeup { epoll, event };
+        // Edge-triggered: each set is an edge, and the eventfd is never read (see `set`).
+        wakeup.ctl(libc::EPOLL_CTL_ADD, wakeup.event.as_raw_fd(), EVENT_TOKEN)?;
+        Ok(wakeup)
+    }
+
+    fn ctl(&self, op: i32, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut event =
+            libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32, u64: token };
+        // SAFETY: a valid epoll instance and event.
+        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut event) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Wakeup(unsafe { OwnedFd::from_raw_fd(fd) }))
+        Ok(())
     }
 
     pub(crate) fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.epoll.as_raw_fd()
     }
-
-    /// Whether a host whose loop is edge-triggered needs `clear` after a dispatch: not with an
-    /// eventfd, where every `set` is a new edge however high the counter already is (mio's
-    /// waker relies on the same: it never reads its eventfd).
-    pub(crate) const EDGE_LOOPS_NEED_CLEAR: bool = false;
 
     pub(crate) fn set(&self) {
         let one: u64 = 1;
-        // Fails only with EAGAIN, when the counter would pass u64::MAX - 1 (2^64 sets never
-        // cleared by an edge-triggered host): it is readable then, but a write is what makes an
-        // edge, so reset the counter and write again.
-        let fd = self.0.as_raw_fd();
+        // Fails only with EAGAIN, when the counter would pass u64::MAX - 1 (2^64 sets, never
+        // read): reset the counter and write again, which is the edge.
+        let fd = self.event.as_raw_fd();
         if unsafe { libc::write(fd, (&one as *const u64).cast(), 8) } < 0 {
-            self.clear();
+            let mut value: u64 = 0;
+            unsafe { libc::read(fd, (&mut value as *mut u64).cast(), 8) };
             unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
         }
     }
 
+    /// Makes the descriptor unreadable until the next set or socket data.
     pub(crate) fn clear(&self) {
-        let mut value: u64 = 0;
-        // One read resets the counter; EAGAIN means it was not set: fine.
-        unsafe { libc::read(self.0.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+        self.harvest(&mut Vec::new());
+    }
+
+    /// Takes what is ready: the tokens of sockets with data go to `sockets`.
+    pub(crate) fn harvest(&self, sockets: &mut Vec<u64>) {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; HARVEST_MAX];
+        // SAFETY: `events` has room for HARVEST_MAX events; no waiting.
+        let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), HARVEST_MAX as i32, 0) };
+        for event in &events[..n.max(0) as usize] {
+            let token = event.u64;
+            if token != EVENT_TOKEN {
+                sockets.push(token);
+            }
+        }
+        if n == HARVEST_MAX as i32 {
+            // More may be ready: the next dispatch takes them (the host is told more is pending).
+            self.set();
+        }
+    }
+
+    /// Puts a socket in the descriptor: its data (or its end) wakes the host's loop, with
+    /// `token` in the harvest. Already readable, it is harvested at the next dispatch.
+    pub(crate) fn watch(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        debug_assert_ne!(token, EVENT_TOKEN);
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token)
+    }
+
+    /// Takes a socket out of the descriptor.
+    pub(crate) fn unwatch(&self, fd: RawFd) {
+        let mut event = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: a valid epoll instance; a socket not in it is refused harmlessly.
+        unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, &mut event) };
     }
 }
 
@@ -87,9 +148,18 @@ impl Wakeup {
         Ok(Wakeup { read, write, pending: std::sync::atomic::AtomicBool::new(false) })
     }
 
-    /// A set writes a byte only when none is pending (see `pending`): without clears, no set
-    /// would ever write again, so edge-triggered hosts need them as much as the others.
-    pub(crate) const EDGE_LOOPS_NEED_CLEAR: bool = true;
+    /// A pipe cannot hold sockets: the I/O thread reads them all.
+    pub(crate) const HOST_READS: bool = false;
+
+    pub(crate) fn harvest(&self, _sockets: &mut Vec<u64>) {
+        self.clear();
+    }
+
+    pub(crate) fn watch(&self, _fd: RawFd, _token: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    pub(crate) fn unwatch(&self, _fd: RawFd) {}
 
     pub(crate) fn fd(&self) -> RawFd {
         self.read.as_raw_fd()
@@ -175,12 +245,12 @@ mod tests {
         assert!(!readable(&wakeup));
     }
 
-    /// Every set is a new edge for an edge-triggered epoll: for an eventfd, cleared or not (a
-    /// host that declared its loop edge-triggered never has it cleared), also the set that
-    /// finds the counter full; for a pipe, once cleared, as every dispatch does.
+    /// Every set after a harvest (every dispatch harvests) is a new edge for a host's
+    /// edge-triggered epoll, also the set that finds the eventfd's counter full (it is never
+    /// read: 2^64 sets would fill it).
     #[cfg(target_os = "linux")]
     #[test]
-    fn every_set_is_an_edge_even_uncleared_and_with_the_counter_full() {
+    fn every_set_after_a_harvest_is_an_edge_even_with_the_counter_full() {
         let wakeup = Wakeup::new().unwrap();
         let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         assert!(epfd >= 0);
@@ -195,22 +265,51 @@ mod tests {
             wakeup.set();
             assert!(edge(), "a set is an edge");
             assert!(!edge(), "and only one");
-            if Wakeup::EDGE_LOOPS_NEED_CLEAR {
-                // What every dispatch does with a pipe.
-                wakeup.clear();
-            }
+            wakeup.clear();
+            assert!(!readable(&wakeup), "a harvest leaves it unreadable");
         }
-        if !Wakeup::EDGE_LOOPS_NEED_CLEAR {
+        #[cfg(not(feature = "pipe-wake"))]
+        {
             // The eventfd's counter at its maximum, u64::MAX - 1: the next write is refused.
             let near_full: u64 = u64::MAX - 1 - 3;
-            assert_eq!(unsafe { libc::write(wakeup.fd(), (&near_full as *const u64).cast(), 8) }, 8);
+            let fd = wakeup.event.as_raw_fd();
+            assert_eq!(unsafe { libc::write(fd, (&near_full as *const u64).cast(), 8) }, 8);
             assert!(edge());
+            wakeup.clear();
             wakeup.set();
             assert!(edge(), "the set that found the counter full is an edge all the same");
             let mut value: u64 = 0;
-            assert_eq!(unsafe { libc::read(wakeup.fd(), (&mut value as *mut u64).cast(), 8) }, 8);
+            assert_eq!(unsafe { libc::read(fd, (&mut value as *mut u64).cast(), 8) }, 8);
             assert_eq!(value, 1, "the counter was reset, then set");
         }
         unsafe { libc::close(epfd) };
+    }
+
+    /// A watched socket's data makes the descriptor readable and is harvested with its token;
+    /// more data after the harvest is a new wake-up; an unwatched socket wakes nothing.
+    #[cfg(all(target_os = "linux", not(feature = "pipe-wake")))]
+    #[test]
+    fn a_watched_socket_wakes_the_descriptor_and_is_harvested_with_its_token() {
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+        let wakeup = Wakeup::new().unwrap();
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        wakeup.watch(ours.as_raw_fd(), 42).unwrap();
+        assert!(!readable(&wakeup));
+        theirs.write_all(b"x").unwrap();
+        assert!(readable(&wakeup), "data on a watched socket");
+        let mut ready = Vec::new();
+        wakeup.harvest(&mut ready);
+        assert_eq!(ready, vec![42]);
+        assert!(!readable(&wakeup), "harvested (the byte is still unread)");
+        theirs.write_all(b"y").unwrap();
+        assert!(readable(&wakeup), "more data is a new wake-up");
+        ready.clear();
+        wakeup.set();
+        wakeup.harvest(&mut ready);
+        assert_eq!(ready, vec![42], "the eventfd is not reported as a socket");
+        wakeup.unwatch(ours.as_raw_fd());
+        theirs.write_all(b"z").unwrap();
+        assert!(!readable(&wakeup), "an unwatched socket wakes nothing");
     }
 }

@@ -2,8 +2,10 @@
 //! the resolver threads of `resolve`).
 //!
 //! - `task`: one connection's task from connect to its final event;
-//! - `session`: the poll loop of an open connection (it writes through `crate::wire`);
-//! - `reader`: the frames the peer sends, parsed straight from the socket;
+//! - `session`: the poll loop of an open connection (it writes through `crate::wire`, and
+//!   hands its reading to the dispatching thread when it has nothing in hand: see
+//!   `crate::host::reading`);
+//! - `reader`: the frames the peer sends, parsed straight from the socket (by either side);
 //! - `handshake`: the HTTP upgrade;
 //! - `resolve`: host names, on resolver threads shared by all clients;
 //! - `eyeballs`: TCP connections to the addresses of a name, raced (Happy Eyeballs);

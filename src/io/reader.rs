@@ -73,6 +73,18 @@ pub(crate) enum ReadError {
     Corrupt(String),
 }
 
+/// What the host's thread finds next in the buffer (see `FrameReader::next_on_host`).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum OnHost {
+    /// A whole small data frame, taken out of the buffer.
+    Message { text: bool },
+    /// The start of one, or nothing: more bytes must be read.
+    NeedBytes,
+    /// Something the I/O task reads (a control frame, a fragment, a large frame, bytes that
+    /// break the protocol): left in the buffer.
+    Other,
+}
+
 /// A control frame found behind data the host has not taken yet (see
 /// `FrameReader::next_buffered_control`).
 #[derive(Debug, PartialEq, Eq)]
@@ -107,8 +119,10 @@ pub(crate) struct FrameReader {
     start: usize,
     /// The payload of the last `Message` or `Ping` item, in `buf`.
     last_payload: Range<usize>,
-    large: Option<LargeFrame>,
-    fragments: Option<Fragments>,
+    /// Boxed, as `fragments`: rare, and every connection's reader holds the fields (twice,
+    /// while the host's thread reads: see `crate::host::reading`).
+    large: Option<Box<LargeFrame>>,
+    fragments: Option<Box<Fragments>>,
     read_size: usize,
     max_message: usize,
     /// permessage-deflate, if negotiated: RSV1 marks compressed messages. Boxed: every
@@ -167,7 +181,7 @@ impl FrameReader {
                 grow_for_arrival(&mut large.data, large.len, self.read_size)?;
                 return Ok(None);
             }
-            let LargeFrame { opcode, fin, compressed, data, .. } = self.large.take().expect("checked above");
+            let LargeFrame { opcode, fin, compressed, data, .. } = *self.large.take().expect("checked above");
             if let Some(item) = self.data_frame(opcode, fin, compressed, Payload::Owned(data))? {
                 return Ok(Some(item));
             }
@@ -273,6 +287,64 @@ impl FrameReader {
         Some(stream.poll_read_into(cx, &mut self.buf, room))
     }
 
+    /// Whether nothing is held between frames: no unparsed byte, no large frame or fragmented
+    /// message under way, no compression. Only then may another thread take the reading over
+    /// (see `crate::host::reading`).
+    pub fn between_frames(&self) -> bool {
+        self.start == self.buf.len() && self.large.is_none() && self.fragments.is_none() && self.inflater.is_none()
+    }
+
+    /// The next item, for the host's thread (`crate::host::reading`): a whole unfragmented
+    /// data frame of at most `max_len` bytes, complete in the buffer, taken out as
+    /// `Item::Message` (its payload is `payload()`); anything else is left where it is, for
+    /// the I/O task to read as it always does (whatever is wrong with it, it reports).
+    pub fn next_on_host(&mut self, max_len: usize) -> OnHost {
+        if self.large.is_some() || self.fragments.is_some() || self.inflater.is_some() {
+            return OnHost::Other;
+        }
+        let header = match parse_header(&self.buf[self.start..]) {
+            Ok(Some(header)) => header,
+            Ok(None) => return OnHost::NeedBytes,
+            Err(_) => return OnHost::Other,
+        };
+        let simple = header.fin && !header.rsv1 && matches!(header.opcode, TEXT | BINARY);
+        if !simple || header.len > max_len as u64 || self.check_frame(&header).is_err() {
+            return OnHost::Other;
+        }
+        let body = self.start + header.header_len;
+        let payload = body..body + header.len as usize;
+        if payload.end > self.buf.len() {
+            return OnHost::NeedBytes;
+        }
+        let text = header.opcode == TEXT;
+        if text && std::str::from_utf8(&self.buf[payload.clone()]).is_err() {
+            return OnHost::Other;
+        }
+        self.start = payload.end;
+        self.last_payload = payload;
+        OnHost::Message { text }
+    }
+
+    /// Reads more bytes into the buffer, for the host's thread: at most what fits in one read
+    /// buffer (`make_room` keeps one there).
+    pub fn poll_read_on_host<S: Source + ?Sized>(
+        &mut self,
+        stream: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        debug_assert!(self.large.is_none());
+        self.make_room();
+        let room = self.buf.capacity() - self.buf.len();
+        stream.poll_read_into(cx, &mut self.buf, room)
+    }
+
+    /// Puts `spare` in this thread's place for a spare buffer, and returns what was there: the
+    /// host's thread keeps its spare with the client it reads for (see `host::reading`), so
+    /// that freeing the client frees it.
+    pub fn swap_spare(spare: Vec<u8>) -> Vec<u8> {
+        SPARE_BUFFER.replace(spare)
+    }
+
     /// Lets go of the buffer if nothing in it waits to be parsed (an idle connection holds none).
     pub fn release_if_drained(&mut self) {
         if self.start == self.buf.len() && self.large.is_none() && self.buf.capacity() > 0 {
@@ -360,7 +432,8 @@ impl FrameReader {
         try_grow(&mut data, len, arrived.len().saturating_mul(2).max(self.read_size))?;
         data.extend_from_slice(arrived);
         self.buf.truncate(self.start);
-        self.large = Some(LargeFrame { opcode: header.opcode, fin: header.fin, compressed: header.rsv1, len, data });
+        self.large =
+            Some(Box::new(LargeFrame { opcode: header.opcode, fin: header.fin, compressed: header.rsv1, len, data }));
         Ok(())
     }
 
@@ -397,8 +470,9 @@ impl FrameReader {
                 Payload::Owned(data) => finish_owned(text, data).map(Some),
             };
         }
-        let fragments =
-            self.fragments.get_or_insert_with(|| Fragments { text, compressed, data: Vec::new(), valid_up_to: 0 });
+        let fragments = self
+            .fragments
+            .get_or_insert_with(|| Box::new(Fragments { text, compressed, data: Vec::new(), valid_up_to: 0 }));
         let bytes = match &payload {
             Payload::InBuffer(range) => &self.buf[range.clone()],
             Payload::Owned(data) => &data[..],
@@ -424,7 +498,7 @@ impl FrameReader {
         if !fin {
             return Ok(None);
         }
-        let Fragments { text, compressed, data, .. } = self.fragments.take().expect("inserted above");
+        let Fragments { text, compressed, data, .. } = *self.fragments.take().expect("inserted above");
         if compressed {
             let data = inflate(&mut self.inflater, &data, self.max_message, text)?;
             return finish_owned(text, data).map(Some);
@@ -807,6 +881,115 @@ mod tests {
             for _ in 0..3 {
                 let step = rng.below(3000) as usize + 1;
                 assert!(read_all(&wire, step).unwrap() == whole, "round {round}, cut every {step} bytes");
+            }
+        }
+    }
+
+    /// What a stream reads as, whoever reads it: messages as (text, payload), the other items as
+    /// they are.
+    fn normalized(items: Vec<(Item, Vec<u8>)>) -> Vec<(Item, Vec<u8>)> {
+        items
+            .into_iter()
+            .map(|(item, payload)| match item {
+                Item::OwnedMessage { text, mut data } => {
+                    if text {
+                        assert_eq!(data.pop(), Some(0), "text ends with a NUL");
+                    }
+                    (Item::Message { text }, data)
+                }
+                other => (other, payload),
+            })
+            .collect()
+    }
+
+    /// Feeds `bytes` `step` at a time to a reader that the host's thread and the I/O task take
+    /// turns at, as `crate::host::reading` does: the host takes it over only between frames,
+    /// reads what `next_on_host` takes and gives it back at the first thing it does not take.
+    fn read_taking_turns(bytes: &[u8], step: usize, rng: &mut Rng) -> Result<Vec<(Item, Vec<u8>)>, ReadError> {
+        let mut reader = FrameReader::new(Vec::new(), 4096, 1 << 20, None);
+        let (mut items, mut source, mut host) = (Vec::new(), bytes, false);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        loop {
+            if !host && reader.between_frames() && rng.below(2) == 0 {
+                host = true;
+            }
+            if host {
+                match reader.next_on_host(16 << 10) {
+                    OnHost::Message { text } => {
+                        items.push((Item::Message { text }, reader.payload().to_vec()));
+                        continue;
+                    }
+                    OnHost::Other => {
+                        host = false;
+                        continue;
+                    }
+                    OnHost::NeedBytes => {}
+                }
+            } else if let Some(item) = reader.next_item()? {
+                let payload = match &item {
+                    Item::Message { .. } | Item::Ping => reader.payload().to_vec(),
+                    _ => Vec::new(),
+                };
+                items.push((item, payload));
+                continue;
+            }
+            if source.is_empty() {
+                return Ok(items);
+            }
+            let mut chunk = &source[..step.min(source.len())];
+            let before = chunk.len();
+            let read = if host {
+                reader.poll_read_on_host(&mut chunk, &mut cx)
+            } else {
+                reader.poll_read_from(&mut chunk, &mut cx)
+            };
+            assert!(matches!(read, Poll::Ready(Ok(_))), "a slice reads at once: {read:?}");
+            source = &source[before - chunk.len()..];
+        }
+    }
+
+    /// The host's thread and the I/O task taking turns read every stream as the task alone
+    /// does, valid or not: the same messages, control frames and refusal, in the same order.
+    #[test]
+    fn streams_read_the_same_when_the_host_and_the_task_take_turns() {
+        let mut rng = Rng(0x5EED_0003);
+        for round in 0..400 {
+            let mut wire = Vec::new();
+            for _ in 0..rng.below(16) + 1 {
+                let len = match rng.below(4) {
+                    0 => rng.below(126),
+                    1 => (16 << 10) - 2 + rng.below(5),
+                    2 => rng.below(40_000),
+                    _ => 0,
+                } as usize;
+                let payload: Vec<u8> = (0..len).map(|_| rng.below(256) as u8).collect();
+                match rng.below(6) {
+                    0 | 1 => wire.extend(frame(0x82, &payload)),
+                    2 => wire.extend(frame(0x89, &payload[..len.min(125)])),
+                    3 => wire.extend(frame(0x81, "x€y".repeat(len / 5 + 1).as_bytes())),
+                    4 => {
+                        let cut = len / 2;
+                        wire.extend(frame(0x02, &payload[..cut]));
+                        wire.extend(frame(0x8A, b"pong"));
+                        wire.extend(frame(0x80, &payload[cut..]));
+                    }
+                    // Bytes that break the protocol (a reserved opcode, invalid UTF-8, RSV1).
+                    _ => wire.extend(frame([0x83, 0x81, 0xC2][rng.below(3) as usize], &[0xFF, 0xFE])),
+                }
+            }
+            let alone = read_all(&wire, wire.len()).map(normalized);
+            for _ in 0..3 {
+                let step = rng.below(5000) as usize + 1;
+                let turns = read_taking_turns(&wire, step, &mut rng).map(normalized);
+                match (&alone, &turns) {
+                    (Ok(a), Ok(t)) => assert!(a == t, "round {round}, cut every {step} bytes"),
+                    (Err(a), Err(t)) => assert_eq!(a, t, "round {round}, cut every {step} bytes"),
+                    _ => panic!(
+                        "round {round}, cut every {step}: alone {:?}, taking turns {:?}",
+                        alone.is_ok(),
+                        turns.is_ok()
+                    ),
+                }
             }
         }
     }

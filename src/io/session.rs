@@ -20,7 +20,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::{Instant, Sleep};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
@@ -32,7 +31,7 @@ use crate::error::{Error, WsStatus};
 use crate::host::dispatch;
 use crate::options::Options;
 use crate::wire::frame::{self, Opcode};
-use crate::wire::{Receiving, Wire, Written};
+use crate::wire::{Receiving, Watch, Wire, Written};
 
 /// Pieces of frames handed to one write (one sendmsg for plain TCP), and their bytes at most.
 const SLICES_PER_WRITE: usize = 64;
@@ -60,20 +59,20 @@ const READ_AHEAD_ROUNDS: usize = 16;
 pub(crate) async fn serve(
     conn: Arc<Conn>,
     wire: Wire,
-    read: OwnedReadHalf,
+    watch: Watch,
     leftover: Vec<u8>,
     options: Arc<Options>,
     deflate: Option<Agreed>,
 ) -> Option<Event> {
     // Made by a plain function and run as a temporary: a local Session held here would take
     // its size a second time in every connection's future (measured: 1632 -> 2568 bytes).
-    start(conn, wire, read, leftover, options, deflate).run().await
+    start(conn, wire, watch, leftover, options, deflate).run().await
 }
 
 fn start(
     conn: Arc<Conn>,
     wire: Wire,
-    read: OwnedReadHalf,
+    watch: Watch,
     leftover: Vec<u8>,
     options: Arc<Options>,
     deflate: Option<Agreed>,
@@ -83,7 +82,7 @@ fn start(
     conn.attach_wire(wire.clone(), deflater.as_ref().map_or(usize::MAX, Deflater::compress_from));
     let inflater = deflate.as_ref().map(Inflater::new);
     let reader = FrameReader::new(leftover, options.read_buffer_size, options.max_message_size, inflater);
-    let mut session = Session::new(conn, wire, read, reader, options);
+    let mut session = Session::new(conn, wire, watch, reader, options);
     if let Some(deflater) = deflater {
         session.taken.compress_from(deflater.compress_from());
         session.deflater = Some(Box::new(deflater));
@@ -116,10 +115,11 @@ impl End {
 }
 
 struct Session {
+    /// The socket's registration with the I/O thread's reactor. First: dropped (deregistered)
+    /// before the wire, which may close the socket.
+    watch: Watch,
     conn: Arc<Conn>,
     wire: Arc<Wire>,
-    /// The reading side of the socket (only this task reads).
-    read: OwnedReadHalf,
     /// The bytes the peer had acknowledged when the keepalive ping went out.
     acked_at_ping: u64,
     reader: FrameReader,
@@ -162,16 +162,24 @@ struct Session {
     arena: PayloadArena,
     /// permessage-deflate, if agreed: compresses what we send.
     deflater: Option<Box<Deflater>>,
+    /// The host's thread reads the socket (see `crate::host::reading`); `reader` is a
+    /// placeholder meanwhile.
+    handed: bool,
+    /// A read on the host's thread failed: reported once what was read before it is parsed.
+    read_failed: Option<io::Error>,
+    /// Messages the task read since the connection opened or since it last took its reading
+    /// back (see `offer_reading`).
+    messages_read: u32,
 }
 
 impl Session {
-    fn new(conn: Arc<Conn>, wire: Arc<Wire>, read: OwnedReadHalf, reader: FrameReader, options: Arc<Options>) -> Self {
+    fn new(conn: Arc<Conn>, wire: Arc<Wire>, watch: Watch, reader: FrameReader, options: Arc<Options>) -> Self {
         let now = Instant::now();
         let first_check = now + options.keepalive_interval.unwrap_or(Duration::from_secs(3600));
         Session {
+            watch,
             conn,
             wire,
-            read,
             acked_at_ping: 0,
             reader,
             taken: Taken::default(),
@@ -195,11 +203,21 @@ impl Session {
             batch: VecDeque::new(),
             arena: PayloadArena::default(),
             deflater: None,
+            handed: false,
+            read_failed: None,
+            messages_read: 0,
         }
     }
 
     async fn run(mut self) -> Option<Event> {
         let end = poll_fn(|cx| self.poll(cx)).await;
+        // The socket leaves the host's descriptor before the connection ends.
+        if self.handed {
+            if let Some(reading) = self.conn.take_reading_back(true, futures_util::task::noop_waker_ref()) {
+                self.reader = reading.reader;
+            }
+            self.handed = false;
+        }
         let (close_with, wait) = match end.event {
             None => {
                 let away = CloseFrame { code: CloseCode::Away, reason: "client shutting down".into() };
@@ -229,7 +247,7 @@ impl Session {
                 Ok(false) => break,
             }
         }
-        self.wire.poll_shut_down(cx)
+        self.wire.poll_shut_down(&self.watch, cx)
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
@@ -243,8 +261,81 @@ impl Session {
             // Idle connections keep no block and no read buffer of their own.
             self.arena.release();
             self.reader.release_if_drained();
+            self.offer_reading(cx);
         }
         outcome
+    }
+
+    /// Hands the reading of the socket to the host's thread, if nothing stands in the way:
+    /// the task holds nothing unparsed and nothing for the host, no close is under way, no
+    /// keepalive ping waits for its answer, the socket takes what the task writes, no
+    /// compression, and the host is dispatching. Only once the connection has received a
+    /// second message, since it opened or since the task last took its reading back: a
+    /// connection that receives one message and idles (thousands of them, each waiting for one
+    /// answer) is not worth the hand-over (a few system calls, and a little memory while the
+    /// host has it).
+    fn offer_reading(&mut self, cx: &mut Context<'_>) {
+        let idle = self.reader.between_frames()
+            && self.wire.nothing_received_held()
+            && self.batch.is_empty()
+            && self.arena.pending() == 0
+            && self.pongs.is_empty()
+            && self.peer_close.is_none()
+            && !self.peer_eof
+            && self.read_failed.is_none()
+            && self.failing.is_none()
+            && !self.close_sent
+            && self.close_deadline.is_none()
+            && self.ping_sent.is_none()
+            && !self.write_blocked
+            && self.messages_read >= 2;
+        if self.handed || !idle || !self.options.read_on_dispatch || !self.watch.reads() || !self.conn.hub.host_reads()
+        {
+            return;
+        }
+        if !self.conn.may_hand_reading_over() {
+            return;
+        }
+        // Readability stops waking the I/O thread first; the socket then joins the host's
+        // descriptor, which reports at once whatever arrived in between.
+        if self.watch.set_reads(false).is_err() {
+            // Unwatched: the next read fails and ends the connection.
+            cx.waker().wake_by_ref();
+            return;
+        }
+        let placeholder = FrameReader::new(Vec::new(), 0, 0, None);
+        let reader = std::mem::replace(&mut self.reader, placeholder);
+        match self.conn.hand_reading_to_host(reader, self.wire.clone(), cx.waker()) {
+            Ok(()) => self.handed = true,
+            Err(reader) => {
+                self.reader = reader;
+                if self.watch.set_reads(true).is_err() {
+                    cx.waker().wake_by_ref();
+                }
+            }
+        }
+    }
+
+    /// Takes the reading back from the host's thread if it gave it back, or (`now`) anyway.
+    /// Returns whether it did.
+    fn reading_back(&mut self, now: bool, cx: &mut Context<'_>) -> Result<bool, End> {
+        let Some(reading) = self.conn.take_reading_back(now, cx.waker()) else {
+            return Ok(false);
+        };
+        let reading = *reading;
+        self.handed = false;
+        self.messages_read = 0;
+        self.reader = reading.reader;
+        if reading.heard {
+            self.heard();
+        }
+        match reading.ended {
+            Some(Ok(())) => self.peer_eof = true,
+            Some(Err(e)) => self.read_failed = Some(e),
+            None => {}
+        }
+        self.watch.set_reads(true).map_err(|e| self.io_failure(e))?;
+        Ok(true)
     }
 
     fn poll_rounds(&mut self, cx: &mut Context<'_>) -> Poll<End> {
@@ -287,6 +378,18 @@ impl Session {
         }
         match permit.gate {
             Gate::Shutdown => return Err(End { event: None, close_with: None }),
+            // The host's thread reads: the task takes the reading back when the host gives
+            // it back, and for a close, for its timer (keepalive, close deadline), and when
+            // the socket stops taking what it writes: a connection that sends faster than the
+            // peer reads is not in request/reply, and the pings that arrive meanwhile are read
+            // and answered (or coalesced) at once, as ever, while the writes wait.
+            _ if self.handed => {
+                let now = permit.close_requested
+                    || self.close_deadline.is_some()
+                    || self.timer.is_elapsed()
+                    || self.write_blocked;
+                progress |= self.reading_back(now, cx)?;
+            }
             Gate::Open(allowance) => progress |= self.read(cx, allowance)?,
             Gate::Closed => {
                 // The host is behind, not the peer: silence while we do not read proves nothing.
@@ -510,7 +613,7 @@ impl Session {
             return Ok(true);
         }
         self.write_blocked = true;
-        match self.wire.poll_writable(cx) {
+        match self.watch.poll_writable(cx) {
             Poll::Ready(result) => result.map(|()| true),
             Poll::Pending => Ok(false),
         }
@@ -560,17 +663,19 @@ impl Session {
             let item = match self.reader.next_item() {
                 Ok(Some(item)) => item,
                 Ok(None) if self.peer_eof => return Err(self.stream_ended()),
-                Ok(None) => {
-                    match self.reader.poll_read_from(&mut Receiving { wire: &self.wire, read: &mut self.read }, cx) {
-                        Poll::Ready(Ok(0)) => return Err(self.stream_ended()),
-                        Poll::Ready(Ok(_)) => {
-                            progress = true;
-                            continue;
-                        }
-                        Poll::Ready(Err(e)) => return Err(self.io_failure(e)),
-                        Poll::Pending => break,
-                    }
+                Ok(None) if self.read_failed.is_some() => {
+                    let failure = self.read_failed.take().expect("checked by the guard");
+                    return Err(self.io_failure(failure));
                 }
+                Ok(None) => match self.reader.poll_read_from(&mut Receiving::task(&self.wire, &self.watch), cx) {
+                    Poll::Ready(Ok(0)) => return Err(self.stream_ended()),
+                    Poll::Ready(Ok(_)) => {
+                        progress = true;
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Err(self.io_failure(e)),
+                    Poll::Pending => break,
+                },
                 Err(refused) => {
                     // What was read before the violation goes to the host first, and its
                     // replies go out before our close frame, as with a client that reads one
@@ -585,6 +690,7 @@ impl Session {
             match item {
                 Item::Message { text } => {
                     messages += 1;
+                    self.messages_read = self.messages_read.saturating_add(1);
                     let payload = self.reader.payload();
                     // Copied out of the read buffer (text with the NUL the C API promises).
                     let parts: &[&[u8]] = if text { &[payload, b"\0"] } else { &[payload] };
@@ -592,6 +698,7 @@ impl Session {
                 }
                 Item::OwnedMessage { text, data } => {
                     messages += 1;
+                    self.messages_read = self.messages_read.saturating_add(1);
                     // Handed over as it is, after the messages appended before it.
                     self.arena.drain_into(&mut self.batch);
                     let payload = Payload::owned(data, text);
@@ -622,7 +729,7 @@ impl Session {
     /// most one read buffer and answers the pings found there, so that a peer's heartbeat is
     /// answered while a message waits for the host. Data frames stay where they are.
     fn read_ahead(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
-        if self.peer_close.is_some() || self.peer_eof {
+        if self.peer_close.is_some() || self.peer_eof || self.read_failed.is_some() {
             return Ok(false);
         }
         let mut progress = false;
@@ -636,7 +743,7 @@ impl Session {
                     }
                 }
             }
-            match self.reader.poll_read_ahead(&mut Receiving { wire: &self.wire, read: &mut self.read }, cx) {
+            match self.reader.poll_read_ahead(&mut Receiving::task(&self.wire, &self.watch), cx) {
                 // No room: the rest waits until the host has taken what is held.
                 None | Some(Poll::Pending) => break,
                 Some(Poll::Ready(Ok(0))) => {

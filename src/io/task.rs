@@ -11,7 +11,6 @@ use std::task::Poll;
 
 use futures_util::FutureExt;
 use rustls_pki_types::ServerName;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio_rustls::TlsConnector;
 
 use super::eyeballs;
@@ -26,7 +25,7 @@ use crate::deflate::Agreed;
 use crate::error::{Error, WsStatus};
 use crate::options::Options;
 use crate::uri::Target;
-use crate::wire::Wire;
+use crate::wire::{Watch, Wire};
 
 /// Everything a connection task needs.
 pub struct Launch {
@@ -95,11 +94,14 @@ type SessionFuture = Pin<Box<dyn Future<Output = Option<Event>> + Send>>;
 
 fn session(
     conn: &Arc<Conn>,
-    (wire, read): (Wire, OwnedReadHalf),
+    wire: std::io::Result<(Wire, Watch)>,
     upgraded: Upgraded,
     options: &Arc<Options>,
-) -> SessionFuture {
-    Box::pin(session::serve(conn.clone(), wire, read, upgraded.leftover, options.clone(), upgraded.deflate))
+) -> Result<SessionFuture, Error> {
+    let (wire, watch) = wire.map_err(|e| {
+        Error::new(WsStatus::ConnectionLost, format!("connection lost: the socket could not be watched: {e}"))
+    })?;
+    Ok(Box::pin(session::serve(conn.clone(), wire, watch, upgraded.leftover, options.clone(), upgraded.deflate)))
 }
 
 /// Connects, following redirects as far as the options allow.
@@ -179,7 +181,7 @@ async fn reach(
             Answer::Redirect(redirect) => return Ok(Reached::Redirect(redirect)),
         };
         conn.set_agreed(upgraded.protocol.clone(), upgraded.deflate.as_ref().map(Agreed::describe));
-        return Ok(Reached::Open(session(conn, Wire::plain(tcp), upgraded, options)));
+        return Ok(Reached::Open(session(conn, Wire::plain(tcp), upgraded, options)?));
     }
     let tls_config = tls.get(&options.tls).await?;
     let name = ServerName::try_from(target.host.clone())
@@ -195,7 +197,7 @@ async fn reach(
     conn.set_agreed(upgraded.protocol.clone(), upgraded.deflate.as_ref().map(Agreed::describe));
     // From here on the session is shared with the host's thread (see `wire`).
     let (tcp, session_state) = stream.into_inner();
-    Ok(Reached::Open(session(conn, Wire::tls(tcp, session_state), upgraded, options)))
+    Ok(Reached::Open(session(conn, Wire::tls(tcp, session_state), upgraded, options)?))
 }
 
 #[cfg(test)]

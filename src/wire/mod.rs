@@ -7,39 +7,46 @@
 //! only one side writes at a time, and never ahead of what is queued.
 //!
 //! For wss the TLS session sits behind its own mutex, taken briefly by whichever side encrypts
-//! (a write) or decrypts (the I/O task's reads): a record is a few microseconds of work, so
-//! neither side waits on the other's progress, only, rarely, on a record being processed.
+//! (a write) or decrypts (a read, by the I/O task or by the dispatching thread: see
+//! `crate::host::reading`): a record is a few microseconds of work, so neither side waits on
+//! the other's progress, only, rarely, on a record being processed.
 //!
-//! - `frame`: the frames we send (header, masking key, masked payload).
+//! - `frame`: the frames we send (header, masking key, masked payload);
+//! - `watch`: the I/O task's registration of the socket with its reactor, for reading and
+//!   writing, or for writing alone while the dispatching thread reads.
 
 pub(crate) mod frame;
+mod watch;
 
 use std::io::{self, IoSlice, Read, Write};
-use std::os::fd::AsRawFd;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 
-use std::pin::Pin;
-
 use rustls::ClientConnection;
-use tokio::io::{AsyncRead, ReadBuf};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 
 use crate::io::reader::Source;
+pub(crate) use watch::Watch;
 
-/// The writing side, shared by both threads (and, for TLS, the session both sides use).
+/// The socket of an open connection, shared by both threads (and, for TLS, the session both
+/// sides use). It holds no registration with the I/O thread's reactor: the I/O task holds that
+/// (`Watch`), so that it alone decides whether arriving data wakes the I/O thread.
 pub(crate) struct Wire {
-    write: OwnedWriteHalf,
+    tcp: TcpStream,
     /// Boxed: a session is over a kilobyte, which a plain connection should not carry.
     tls: Option<Box<Mutex<ClientConnection>>>,
 }
 
-/// The reading side: the I/O task's alone. (Read through tokio's own poll_read, which knows
-/// that a short read drained the socket and spares the read that would say so.)
+/// The reading side, for the thread that reads now: the I/O task through its `Watch`, or the
+/// host's thread during a dispatch (no watch: Pending when the socket has nothing). Both know
+/// that a short read drained the socket and spare the read that would only say so: the watch
+/// clears its readiness, and the host's reads end there (the socket's next data is a new edge
+/// in the descriptor the host's loop waits on).
 pub(crate) struct Receiving<'a> {
-    pub(crate) wire: &'a Wire,
-    pub(crate) read: &'a mut OwnedReadHalf,
+    wire: &'a Wire,
+    watch: Option<&'a Watch>,
+    drained: std::cell::Cell<bool>,
 }
 
 /// What a write left behind.
@@ -54,30 +61,44 @@ pub(crate) enum Written {
 }
 
 impl Wire {
-    /// The wire of a plain TCP connection, and its reading side.
-    pub(crate) fn plain(tcp: TcpStream) -> (Wire, OwnedReadHalf) {
-        let (read, write) = tcp.into_split();
-        (Wire { write, tls: None }, read)
+    /// The wire of a plain TCP connection, and the I/O task's registration of it.
+    pub(crate) fn plain(tcp: tokio::net::TcpStream) -> io::Result<(Wire, Watch)> {
+        Wire::new(tcp, None)
     }
 
-    /// The wire of a TLS connection, and its reading side.
-    pub(crate) fn tls(tcp: TcpStream, session: ClientConnection) -> (Wire, OwnedReadHalf) {
-        let (read, write) = tcp.into_split();
-        (Wire { write, tls: Some(Box::new(Mutex::new(session))) }, read)
+    /// The wire of a TLS connection, and the I/O task's registration of it.
+    pub(crate) fn tls(tcp: tokio::net::TcpStream, session: ClientConnection) -> io::Result<(Wire, Watch)> {
+        Wire::new(tcp, Some(Box::new(Mutex::new(session))))
     }
 
-    fn tcp(&self) -> &TcpStream {
-        self.write.as_ref()
+    fn new(tcp: tokio::net::TcpStream, tls: Option<Box<Mutex<ClientConnection>>>) -> io::Result<(Wire, Watch)> {
+        // Out of tokio's TcpStream (which registers for reading, always) into a registration
+        // the task controls. The socket stays non-blocking.
+        let tcp = tcp.into_std()?;
+        let watch = Watch::new(tcp.as_raw_fd())?;
+        Ok((Wire { tcp, tls }, watch))
     }
 
     /// The socket's descriptor (to ask the kernel about it).
-    pub(crate) fn socket(&self) -> std::os::fd::RawFd {
-        self.tcp().as_raw_fd()
+    pub(crate) fn socket(&self) -> RawFd {
+        self.tcp.as_raw_fd()
     }
 
     fn session(&self) -> Option<MutexGuard<'_, ClientConnection>> {
         // A panic in rustls leaves the session to the connection's end; never poison it.
         self.tls.as_deref().map(crate::sync::lock)
+    }
+
+    /// Whether everything received has been handed out of the TLS session (always, for plain
+    /// TCP): only then does the socket's readiness tell whether there is more to read.
+    pub(crate) fn nothing_received_held(&self) -> bool {
+        self.session().map_or(true, |tls| tls.wants_read())
+    }
+
+    /// TLS: whether the session has bytes to write that reading produced (an alert, a key
+    /// update's answer): whoever read must see that they are written.
+    pub(crate) fn session_wants_write(&self) -> bool {
+        self.session().is_some_and(|tls| tls.wants_write())
     }
 
     // ---- writing: either thread, one at a time (the connection's lock decides who) --------
@@ -89,14 +110,14 @@ impl Wire {
     pub(crate) fn write_now(&self, chunks: &[IoSlice<'_>]) -> io::Result<(usize, Written)> {
         let total: usize = chunks.iter().map(|c| c.len()).sum();
         let Some(mut tls) = self.session() else {
-            let written = match send_vectored(self.tcp(), chunks) {
+            let written = match send_vectored(&self.tcp, chunks) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 other => other?,
             };
             return Ok((written, if written == total { Written::All } else { Written::Part(written) }));
         };
         let taken = tls.writer().write_vectored(chunks)?;
-        let state = flush_session(&mut tls, self.tcp())?;
+        let state = flush_session(&mut tls, &self.tcp)?;
         let written = if taken < total { Written::Part(taken) } else { state };
         Ok((taken, written))
     }
@@ -106,30 +127,61 @@ impl Wire {
     pub(crate) fn flush_now(&self) -> io::Result<bool> {
         match self.session() {
             None => Ok(true),
-            Some(mut tls) => Ok(flush_session(&mut tls, self.tcp())? == Written::All),
+            Some(mut tls) => Ok(flush_session(&mut tls, &self.tcp)? == Written::All),
         }
-    }
-
-    /// The I/O task: ready when the socket may take more (after a write that it did not take).
-    pub(crate) fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.tcp().poll_write_ready(cx)
     }
 
     /// Starts the end of our side of the stream: the TLS close_notify, then (once it is out)
     /// the TCP FIN. Ready when both are done.
-    pub(crate) fn poll_shut_down(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    pub(crate) fn poll_shut_down(&self, watch: &Watch, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while let Some(mut tls) = self.session() {
             // Sent once, however often this is polled.
             tls.send_close_notify();
-            if flush_session(&mut tls, self.tcp())? == Written::All {
+            if flush_session(&mut tls, &self.tcp)? == Written::All {
                 break;
             }
             drop(tls);
-            ready!(self.tcp().poll_write_ready(cx))?;
+            ready!(watch.poll_writable(cx))?;
         }
         // SAFETY: shutdown(2) on the socket this wire owns.
         unsafe { libc::shutdown(self.socket(), libc::SHUT_WR) };
         Poll::Ready(Ok(()))
+    }
+}
+
+impl<'a> Receiving<'a> {
+    /// The I/O task's reading side.
+    pub(crate) fn task(wire: &'a Wire, watch: &'a Watch) -> Receiving<'a> {
+        Receiving { wire, watch: Some(watch), drained: Default::default() }
+    }
+
+    /// The dispatching thread's reading side, for one dispatch.
+    pub(crate) fn host(wire: &'a Wire) -> Receiving<'a> {
+        Receiving { wire, watch: None, drained: Default::default() }
+    }
+
+    /// The dispatching thread's: whether a short read emptied the socket, and nothing it
+    /// brought waits in the TLS session.
+    pub(crate) fn drained(&self) -> bool {
+        self.drained.get() && self.wire.nothing_received_held()
+    }
+
+    /// Reads at most `buf.len()` bytes of the socket.
+    fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let Some(watch) = self.watch else {
+            if self.drained.get() {
+                return Poll::Pending;
+            }
+            return match recv(self.wire.socket(), buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+                Ok(n) => {
+                    self.drained.set(n > 0 && n < buf.len());
+                    Poll::Ready(Ok(n))
+                }
+                other => Poll::Ready(other),
+            };
+        };
+        watch.poll_read(cx, buf)
     }
 }
 
@@ -138,10 +190,18 @@ impl Source for Receiving<'_> {
     /// `buf`, which has at least that much. Ready(Ok(0)) is the end of the stream.
     fn poll_read_into(&mut self, cx: &mut Context<'_>, buf: &mut Vec<u8>, max: usize) -> Poll<io::Result<usize>> {
         let Some(mut tls) = self.wire.session() else {
-            return poll_read_tcp(self.read, cx, buf, max);
+            let len = buf.len();
+            let spare = &mut buf.spare_capacity_mut()[..max];
+            // SAFETY: recv only writes into the buffer, and only the bytes it reports are
+            // taken as initialised.
+            let spare = unsafe { &mut *(spare as *mut [std::mem::MaybeUninit<u8>] as *mut [u8]) };
+            let n = ready!(self.poll_recv(cx, spare))?;
+            // SAFETY: the socket initialised the first `n` bytes of the spare capacity.
+            unsafe { buf.set_len(len + n) };
+            return Poll::Ready(Ok(n));
         };
         loop {
-            let state = tls.process_new_packets().map_err(|e| tls_failed(&mut tls, self.wire.tcp(), e))?;
+            let state = tls.process_new_packets().map_err(|e| tls_failed(&mut tls, &self.wire.tcp, e))?;
             let available = state.plaintext_bytes_to_read().min(max);
             if available > 0 {
                 let start = buf.len();
@@ -152,7 +212,7 @@ impl Source for Receiving<'_> {
             if state.peer_has_closed() {
                 return Poll::Ready(Ok(0));
             }
-            match tls.read_tls(&mut PollRead { read: self.read, cx }) {
+            match tls.read_tls(&mut PollRead { from: self, cx }) {
                 // The end of the stream, with or without close_notify: what was complete has
                 // been read, and an unfinished frame shows as one.
                 Ok(0) => return Poll::Ready(Ok(0)),
@@ -164,36 +224,33 @@ impl Source for Receiving<'_> {
     }
 }
 
-/// Reads at most `max` bytes from `read` into the spare capacity of `buf` (which has it).
-fn poll_read_tcp(
-    read: &mut OwnedReadHalf,
-    cx: &mut Context<'_>,
-    buf: &mut Vec<u8>,
-    max: usize,
-) -> Poll<io::Result<usize>> {
-    let len = buf.len();
-    let mut read_buf = ReadBuf::uninit(&mut buf.spare_capacity_mut()[..max]);
-    ready!(Pin::new(read).poll_read(cx, &mut read_buf))?;
-    let n = read_buf.filled().len();
-    // SAFETY: the socket initialised the first `n` bytes of the spare capacity.
-    unsafe { buf.set_len(len + n) };
-    Poll::Ready(Ok(n))
-}
-
 /// The reading side as std's Read, for rustls's read_tls: Pending becomes WouldBlock (with the
-/// task's waker registered).
-struct PollRead<'a, 'b> {
-    read: &'a mut OwnedReadHalf,
+/// task's waker registered, when the task reads).
+struct PollRead<'a, 'b, 'c> {
+    from: &'a Receiving<'c>,
     cx: &'a mut Context<'b>,
 }
 
-impl Read for PollRead<'_, '_> {
+impl Read for PollRead<'_, '_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut read_buf = ReadBuf::new(buf);
-        match Pin::new(&mut *self.read).poll_read(self.cx, &mut read_buf) {
-            Poll::Ready(Ok(())) => Ok(read_buf.filled().len()),
-            Poll::Ready(Err(e)) => Err(e),
+        match self.from.poll_recv(self.cx, buf) {
+            Poll::Ready(result) => result,
             Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+/// One non-blocking recv.
+pub(crate) fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }
@@ -218,22 +275,25 @@ fn tls_failed(tls: &mut ClientConnection, tcp: &TcpStream, error: rustls::Error)
 
 /// Writes `bufs` to the socket without waiting, and without SIGPIPE: a peer that reset the
 /// connection must end it with an error, not kill a host that keeps SIGPIPE's default (the
-/// host's threads write too, and a library must not change the process's signals). Through
-/// tokio's `try_io`, so that a full socket clears its readiness as tokio's own writes do.
+/// host's threads write too, and a library must not change the process's signals). The I/O
+/// task, which waits for the socket to become writable, clears its readiness itself after a
+/// write that the socket did not take whole (see `Watch`).
 fn send_vectored(tcp: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-    tcp.try_io(tokio::io::Interest::WRITABLE, || {
-        // SAFETY: msghdr is plain data; it points at `bufs` (IoSlice is ABI-compatible with
-        // iovec), which outlive the call.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = bufs.len().min(MAX_IOV) as _;
+    // SAFETY: msghdr is plain data; it points at `bufs` (IoSlice is ABI-compatible with
+    // iovec), which outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len().min(MAX_IOV) as _;
+    loop {
         let sent = unsafe { libc::sendmsg(tcp.as_raw_fd(), &msg, SEND_FLAGS) };
-        if sent < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(sent as usize)
+        if sent >= 0 {
+            return Ok(sent as usize);
         }
-    })
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 /// How many slices one sendmsg takes: IOV_MAX, 1024 on Linux, macOS and the BSDs.
@@ -248,7 +308,7 @@ const SEND_FLAGS: libc::c_int = 0;
 
 /// On macOS, sets SO_NOSIGPIPE on a new socket (every write to it then fails with EPIPE rather
 /// than raise SIGPIPE, whichever thread writes); elsewhere MSG_NOSIGNAL does that per write.
-pub(crate) fn no_sigpipe(tcp: &TcpStream) {
+pub(crate) fn no_sigpipe(tcp: &tokio::net::TcpStream) {
     #[cfg(target_vendor = "apple")]
     {
         let on: libc::c_int = 1;
