@@ -105,13 +105,6 @@ impl Conn {
         Some(Allowance { messages: usize::MAX, cost: st.receive_queue_limit - st.inbox_cost })
     }
 
-    /// Whether the task may hand its reading to the host's thread: as `host_allowance`, and
-    /// nothing waits for dispatch (the host is not behind).
-    pub(crate) fn may_hand_reading_over(&self) -> bool {
-        let st = self.lock();
-        !st.shutdown && !st.close_requested && !st.flow_control && st.reading_allowed()
-    }
-
     /// Whether the host has dispatched every message delivered so far (and completed it, under
     /// flow control). If not, `waker` is woken once it has.
     pub(crate) fn drained(&self, waker: &Waker) -> bool {

@@ -299,7 +299,8 @@ impl Session {
         {
             return;
         }
-        if !self.conn.may_hand_reading_over() {
+        // The host's thread could read now (its own check at every read).
+        if self.conn.host_allowance().is_none() {
             return;
         }
         // Readability stops waking the I/O thread first; the socket then joins the host's
