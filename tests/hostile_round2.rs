@@ -320,6 +320,14 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// How many times the kernel has preempted the calling thread (its involuntary context
+/// switches).
+fn involuntary_switches_of_this_thread() -> i64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) }, 0);
+    usage.ru_nivcsw
+}
+
 /// What a message callback counts: how many callbacks started.
 #[derive(Default)]
 struct Started {
@@ -339,7 +347,12 @@ unsafe extern "C" fn count_start_then_work(_: WsConn, _: *const u8, _: usize, _:
 /// it waited. Waiting for the whole dispatch batch (hundreds of callbacks) is not what the
 /// header says. The host's machine is busy meanwhile (two threads of other work spin, on a
 /// machine of two cores), as hosts' machines are: a registering thread that is woken late must
-/// still not be overtaken by callback after callback.
+/// still not be overtaken by callback after callback. A registration during which the kernel
+/// preempted the registering thread itself (an involuntary switch of that thread) is not
+/// judged: callbacks that ran while it was off the CPU before it announced itself, or after it
+/// was done, say nothing of the library (seen: 23 callbacks in CI, 78 in one run of six of the
+/// whole binary here, both counted before this rule). A thread woken late from its wait is not preempted (it slept voluntarily), so that
+/// case is still judged.
 #[test]
 fn a_registration_from_another_thread_waits_for_the_running_callback_not_for_a_batch() {
     const MESSAGES: usize = 20_000;
@@ -379,7 +392,9 @@ fn a_registration_from_another_thread_waits_for_the_running_callback_not_for_a_b
         while started.count.load(Ordering::SeqCst) < 200 {
             std::thread::yield_now();
         }
-        for _ in 0..20 {
+        let mut preempted = 0;
+        while waits.len() < 20 && preempted < 200 {
+            let switches = involuntary_switches_of_this_thread();
             let before = started.count.load(Ordering::SeqCst);
             let at = Instant::now();
             let status = ws_on_message(conn, Some(count_start_then_work), user(&*started));
@@ -388,7 +403,11 @@ fn a_registration_from_another_thread_waits_for_the_running_callback_not_for_a_b
             if status != WsStatus::Ok {
                 break;
             }
-            waits.push((during, took));
+            if involuntary_switches_of_this_thread() == switches {
+                waits.push((during, took));
+            } else {
+                preempted += 1;
+            }
             // Until a few more callbacks ran.
             let next = started.count.load(Ordering::SeqCst) + 20;
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -396,17 +415,18 @@ fn a_registration_from_another_thread_waits_for_the_running_callback_not_for_a_b
                 std::thread::yield_now();
             }
         }
-        waits
+        (waits, preempted)
     });
     client.run_until_final(&rec, conn);
-    let waits = registrar.join().unwrap();
+    let (waits, preempted) = registrar.join().unwrap();
     busy_machine.store(false, Ordering::Relaxed);
     spinners.into_iter().for_each(|s| s.join().unwrap());
     peer.join().unwrap();
     let worst = waits.iter().max_by_key(|(n, _)| *n).copied();
     eprintln!(
-        "{} registrations from another thread during a flood of {MESSAGES} messages (50 µs each): \
-         callbacks started while each waited, and how long it waited: {waits:?}",
+        "{} registrations from another thread during a flood of {MESSAGES} messages (50 µs each), \
+         {preempted} more not judged (the registering thread was preempted): callbacks started \
+         while each waited, and how long it waited: {waits:?}",
         waits.len()
     );
     assert!(waits.len() >= 10, "too few registrations ran during the flood: {waits:?}");
