@@ -767,7 +767,9 @@ ws_status ws_options_set_send_queue_limit(ws_options *options, size_t bytes);
  * only, elsewhere the I/O thread always reads). With true, while the host dispatches, data
  * arriving on an open connection wakes the host's loop directly and ws_dispatch() reads and
  * parses whole messages of up to 16 KiB (unfragmented, uncompressed) before their callbacks:
- * a request/reply round trip then wakes one thread instead of two. With false, the library's
+ * a request/reply round trip then wakes one thread instead of two. This starts from the
+ * connection's second message, and only while the last message it read was small (see the
+ * README's Threading contract for what goes back to the I/O thread). With false, the library's
  * I/O thread reads every byte, and the host's thread runs callbacks only (for hosts whose
  * dispatching thread must spend nothing but the callbacks' time).
  * Any thread, also inside callbacks; one thread at a time per options object.
