@@ -70,37 +70,6 @@ fn dispatch_raw(client: *mut WsClient) -> (u32, bool) {
     (ran, more)
 }
 
-// ---- an epoll instance, edge-triggered ----------------------------------------------------------
-
-struct Epoll(i32);
-
-impl Epoll {
-    fn new() -> Epoll {
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        assert!(fd >= 0);
-        Epoll(fd)
-    }
-
-    fn add_edge_triggered(&self, fd: i32, token: u64) {
-        let mut event = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: token };
-        assert_eq!(unsafe { libc::epoll_ctl(self.0, libc::EPOLL_CTL_ADD, fd, &mut event) }, 0);
-    }
-
-    /// The tokens of the descriptors that woke the loop within `timeout`.
-    fn wait(&self, timeout: Duration) -> Vec<u64> {
-        let mut out = [libc::epoll_event { events: 0, u64: 0 }; 8];
-        let n = unsafe { libc::epoll_wait(self.0, out.as_mut_ptr(), 8, timeout.as_millis() as i32) };
-        assert!(n >= 0, "epoll_wait: {}", std::io::Error::last_os_error());
-        out[..n as usize].iter().map(|e| e.u64).collect()
-    }
-}
-
-impl Drop for Epoll {
-    fn drop(&mut self) {
-        unsafe { libc::close(self.0) };
-    }
-}
-
 // ---- the host's loop ---------------------------------------------------------------------------
 
 #[derive(Default, Debug)]
@@ -127,7 +96,7 @@ fn et_loop(
 ) -> Vec<Stats> {
     let epoll = Epoll::new();
     for (k, client) in clients.iter().enumerate() {
-        epoll.add_edge_triggered(unsafe { ws_client_fd(*client) }, k as u64);
+        epoll.add(unsafe { ws_client_fd(*client) }, k as u64, true);
     }
     let mut stats: Vec<Stats> = clients.iter().map(|_| Stats::default()).collect();
     let mut counters: Vec<Option<u64>> = clients.iter().map(|c| eventfd_count(unsafe { ws_client_fd(*c) })).collect();
@@ -1046,7 +1015,7 @@ fn every_dispatch_leaves_the_descriptor_unreadable_when_nothing_is_pending_whate
     declare(client.0, true);
     let fd = client.fd();
     let epoll = Epoll::new();
-    epoll.add_edge_triggered(fd, 0);
+    epoll.add(fd, 0, true);
     // The open and 100 messages, dispatched as they come.
     command(conn, "trickle 100");
     while rec.got() < 100 {

@@ -836,33 +836,6 @@ fn final_status(host: &Host) -> Option<WsStatus> {
     }
 }
 
-/// An epoll instance with one descriptor in it.
-struct Epoll(i32);
-
-impl Epoll {
-    fn new(fd: i32, edge: bool) -> Epoll {
-        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        assert!(epfd >= 0);
-        let events = libc::EPOLLIN | if edge { libc::EPOLLET } else { 0 };
-        let mut event = libc::epoll_event { events: events as u32, u64: 1 };
-        assert_eq!(unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut event) }, 0);
-        Epoll(epfd)
-    }
-
-    fn wait(&self, timeout: Duration) -> bool {
-        let mut out = libc::epoll_event { events: 0, u64: 0 };
-        let n = unsafe { libc::epoll_wait(self.0, &mut out, 1, timeout.as_millis() as i32) };
-        assert!(n >= 0, "epoll_wait: {}", io::Error::last_os_error());
-        n > 0
-    }
-}
-
-impl Drop for Epoll {
-    fn drop(&mut self) {
-        unsafe { libc::close(self.0) };
-    }
-}
-
 #[derive(Debug, Default)]
 struct LoopStats {
     wakeups: u64,
@@ -879,13 +852,14 @@ fn host_loop(client: &Client, edge: bool, mut done: impl FnMut() -> bool, mut af
     if edge {
         set(unsafe { ws_client_set_fd_edge_triggered(client.0, true) });
     }
-    let epoll = Epoll::new(client.fd(), edge);
+    let epoll = Epoll::new();
+    epoll.add(client.fd(), 1, edge);
     let mut stats = LoopStats::default();
     let deadline = Instant::now() + LOOP_LIMIT;
     while !done() {
         assert!(Instant::now() < deadline, "the host loop ran out of time ({LOOP_LIMIT:?}): {stats:?}");
         // A wake-up that came right at the timeout is a late one, not a missed one.
-        let woken = epoll.wait(STALL) || epoll.wait(Duration::ZERO);
+        let woken = epoll.woken(STALL) || epoll.woken(Duration::ZERO);
         let start = Instant::now();
         let (ran, more) = client.dispatch();
         stats.longest_dispatch = stats.longest_dispatch.max(start.elapsed());

@@ -329,19 +329,17 @@ enum Wait {
 struct Waiter {
     wait: Wait,
     fd: i32,
-    epfd: i32,
+    epoll: Option<Epoll>,
 }
 
 impl Waiter {
     fn new(wait: Wait, fd: i32) -> Waiter {
-        let mut epfd = -1;
-        if let Wait::EpollLevel | Wait::EpollEdge = wait {
-            epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-            let et = if matches!(wait, Wait::EpollEdge) { libc::EPOLLET } else { 0 };
-            let mut ev = libc::epoll_event { events: (libc::EPOLLIN | et) as u32, u64: 1 };
-            assert_eq!(unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) }, 0);
-        }
-        Waiter { wait, fd, epfd }
+        let epoll = matches!(wait, Wait::EpollLevel | Wait::EpollEdge).then(|| {
+            let epoll = Epoll::new();
+            epoll.add(fd, 1, matches!(wait, Wait::EpollEdge));
+            epoll
+        });
+        Waiter { wait, fd, epoll }
     }
 
     /// Waits at most `timeout`; whether the fd was reported readable.
@@ -349,10 +347,7 @@ impl Waiter {
         let ms = timeout.as_millis() as i32;
         unsafe {
             match self.wait {
-                Wait::EpollLevel | Wait::EpollEdge => {
-                    let mut ev = libc::epoll_event { events: 0, u64: 0 };
-                    libc::epoll_wait(self.epfd, &mut ev, 1, ms) == 1
-                }
+                Wait::EpollLevel | Wait::EpollEdge => self.epoll.as_ref().is_some_and(|e| e.woken(timeout)),
                 Wait::Poll => readable(self.fd, timeout),
                 Wait::Select => {
                     let mut set: libc::fd_set = std::mem::zeroed();
@@ -362,14 +357,6 @@ impl Waiter {
                     libc::select(self.fd + 1, &mut set, std::ptr::null_mut(), std::ptr::null_mut(), &mut tv) == 1
                 }
             }
-        }
-    }
-}
-
-impl Drop for Waiter {
-    fn drop(&mut self) {
-        if self.epfd >= 0 {
-            unsafe { libc::close(self.epfd) };
         }
     }
 }

@@ -1035,17 +1035,13 @@ fn epoll_host_under_traffic(edge: bool, declared: bool) -> (u64, u64, Vec<String
     if declared {
         assert_eq!(unsafe { ws_client_set_fd_edge_triggered(client.0, true) }, WsStatus::Ok);
     }
-    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    assert!(epfd >= 0);
-    let mut event = libc::epoll_event { events: (libc::EPOLLIN | if edge { libc::EPOLLET } else { 0 }) as u32, u64: 1 };
-    assert_eq!(unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, client.fd(), &mut event) }, 0);
+    let epoll = Epoll::new();
+    epoll.add(client.fd(), 1, edge);
     let (mut wakeups, mut spurious) = (0u64, 0u64);
     let mut stalls = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(90);
     while !tallies.iter().all(|t| t.finals.load(Ordering::SeqCst) > 0) && Instant::now() < deadline {
-        let mut out = libc::epoll_event { events: 0, u64: 0 };
-        let n = unsafe { libc::epoll_wait(epfd, &mut out, 1, 2000) };
-        if n == 0 {
+        if !epoll.woken(Duration::from_secs(2)) {
             // Nothing woke the loop for 2 s: were callbacks pending all along? (Once declared
             // edge-triggered, the descriptor stays readable: only the dispatch can tell.)
             let readable = !declared && readable(client.fd(), Duration::ZERO);
@@ -1067,7 +1063,7 @@ fn epoll_host_under_traffic(edge: bool, declared: bool) -> (u64, u64, Vec<String
     done.store(true, Ordering::Relaxed);
     completer.join().unwrap();
     sender.join().unwrap();
-    unsafe { libc::close(epfd) };
+    drop(epoll);
     for (k, tally) in tallies.iter().enumerate() {
         let (got, wrong) = (tally.next.load(Ordering::SeqCst), tally.wrong.lock().unwrap().clone());
         assert!(

@@ -671,6 +671,47 @@ pub fn readable(fd: i32, timeout: Duration) -> bool {
     unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) > 0 }
 }
 
+/// An epoll instance, as a host's event loop has one; closed when dropped.
+pub struct Epoll(i32);
+
+impl Epoll {
+    pub fn new() -> Epoll {
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(fd >= 0, "epoll_create1: {}", io::Error::last_os_error());
+        Epoll(fd)
+    }
+
+    /// Watches `fd` for reading, edge-triggered (EPOLLET) or level-triggered, under `token`.
+    pub fn add(&self, fd: i32, token: u64, edge: bool) {
+        let events = libc::EPOLLIN | if edge { libc::EPOLLET } else { 0 };
+        let mut event = libc::epoll_event { events: events as u32, u64: token };
+        assert_eq!(unsafe { libc::epoll_ctl(self.0, libc::EPOLL_CTL_ADD, fd, &mut event) }, 0);
+    }
+
+    /// The tokens of the descriptors that woke the loop within `timeout` (at most 8).
+    pub fn wait(&self, timeout: Duration) -> Vec<u64> {
+        let mut out = [libc::epoll_event { events: 0, u64: 0 }; 8];
+        let n = unsafe { libc::epoll_wait(self.0, out.as_mut_ptr(), 8, timeout.as_millis() as i32) };
+        assert!(n >= 0, "epoll_wait: {}", io::Error::last_os_error());
+        out[..n as usize].iter().map(|e| e.u64).collect()
+    }
+
+    /// Whether a descriptor woke the loop within `timeout`.
+    pub fn woken(&self, timeout: Duration) -> bool {
+        !self.wait(timeout).is_empty()
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.0
+    }
+}
+
+impl Drop for Epoll {
+    fn drop(&mut self) {
+        unsafe { libc::close(self.0) };
+    }
+}
+
 /// A listening socket on 127.0.0.1 whose accept queue is full: a connect to it sends SYNs
 /// that the kernel drops, so it stays in progress (SYN_SENT) for as long as the client waits.
 /// Returns the address and what must stay alive meanwhile.
