@@ -988,3 +988,122 @@ fn endings_racing_the_hand_over_deliver_everything_then_one_final_callback() {
         }
     }
 }
+
+// ---- 6. two clients, one host loop, streams paced in microseconds --------------------------------
+
+/// A server that, once the client's socket is with the host's thread, streams `n` small
+/// messages (1 to 200 bytes, text and binary), each after a pause of 0 to 60 µs (spun, so
+/// that data keeps arriving while the host's reads return short), with a ping every 97
+/// messages; its own reader counts the pongs. Returns (pings sent, pongs seen).
+fn paced_server(n: usize, seed: u64, go: mpsc::Receiver<()>) -> (String, std::thread::JoinHandle<(usize, usize)>) {
+    serve(move |mut peer| {
+        peer.upgrade();
+        warm_up(&mut peer.stream, false, |_| {});
+        go.recv().unwrap();
+        let mut reader = peer.stream.try_clone().unwrap();
+        let pongs = std::thread::spawn(move || {
+            let mut pongs = 0;
+            while let Ok(f) = read_frame_from(&mut reader) {
+                match f.opcode {
+                    PONG => pongs += 1,
+                    CLOSE => break,
+                    _ => {}
+                }
+            }
+            pongs
+        });
+        let mut rng = Rng(seed);
+        let mut pings = 0;
+        for i in 0..n {
+            peer.send(&paced_message(i));
+            if i % 97 == 96 {
+                peer.send(&frame(FIN | PING, format!("p{i}").as_bytes()));
+                pings += 1;
+            }
+            let spin = Instant::now();
+            let pause = Duration::from_micros(rng.below(60));
+            while spin.elapsed() < pause {
+                std::hint::spin_loop();
+            }
+        }
+        peer.send(&close_frame(1000, "paced"));
+        let pongs = pongs.join().unwrap();
+        (pings, pongs)
+    })
+}
+
+fn paced_message(i: usize) -> Vec<u8> {
+    let (text, body) = paced(i);
+    frame(FIN | if text { TEXT } else { BINARY }, &body)
+}
+
+/// Message `i` of a paced stream: (text, bytes).
+fn paced(i: usize) -> (bool, Vec<u8>) {
+    (i % 2 == 0, numbered(i, 1 + (i * 37) % 200))
+}
+
+/// Two clients in one process, their descriptors in one edge-triggered epoll set of the host,
+/// each with a server streaming small messages paced in microseconds (data arriving as the
+/// host's short reads return), pings among them: every message arrives once and in order,
+/// every ping is answered, and the loop never waits STALL without a wake-up while messages are
+/// owed.
+#[test]
+fn two_clients_in_one_edge_triggered_loop_with_microsecond_paced_streams_lose_nothing() {
+    let n = 3000;
+    let (go1, rx1) = mpsc::channel();
+    let (go2, rx2) = mpsc::channel();
+    let (url1, server1) = paced_server(n, 21, rx1);
+    let (url2, server2) = paced_server(n, 22, rx2);
+    let clients = [Client::new(), Client::new()];
+    let hosts = [Host::default(), Host::default()];
+    let options = options_with(|_| {});
+    let conns = [clients[0].connect_with(&url1, options.0), clients[1].connect_with(&url2, options.0)];
+    for k in 0..2 {
+        watch_host(conns[k], &hosts[k]);
+    }
+    for client in &clients {
+        wait_handed(client, 1, "paced");
+    }
+    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    for (k, client) in clients.iter().enumerate() {
+        let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: k as u64 };
+        assert_eq!(unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, client.fd(), &mut ev) }, 0);
+    }
+    go1.send(()).unwrap();
+    go2.send(()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut more = [true, true];
+    let done = |hosts: &[Host; 2]| (0..2).all(|k| hosts[k].rec.finals(conns[k]) == 1);
+    while !done(&hosts) {
+        assert!(Instant::now() < deadline, "the streams did not end within a minute");
+        if !more[0] && !more[1] {
+            let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 2];
+            let got = unsafe { libc::epoll_wait(epfd, evs.as_mut_ptr(), 2, STALL.as_millis() as i32) };
+            if got <= 0 {
+                assert!(done(&hosts), "no wake-up for {STALL:?} while messages were owed");
+                break;
+            }
+            for ev in &evs[..got as usize] {
+                more[ev.u64 as usize] = true;
+            }
+        }
+        for k in 0..2 {
+            if more[k] {
+                more[k] = clients[k].dispatch().1;
+            }
+        }
+    }
+    unsafe { libc::close(epfd) };
+    for k in 0..2 {
+        let got = payloads(&hosts[k].rec, conns[k]);
+        assert_eq!(got.len(), n, "client {k}: messages");
+        for (i, m) in got.iter().enumerate() {
+            assert!(*m == paced(i), "client {k}: message {i} differs");
+        }
+        assert_eq!(final_event(&hosts[k].rec, conns[k]), Some(Ev::Close(conns[k], 1000, "paced".into())));
+    }
+    for (k, server) in [server1, server2].into_iter().enumerate() {
+        let (pings, pongs) = server.join().unwrap();
+        assert_eq!(pongs, pings, "server {k}: pongs");
+    }
+}
