@@ -760,6 +760,21 @@ fn send_urgent(stream: &TcpStream, bytes: &[u8]) {
     assert_eq!(n, bytes.len() as isize, "send MSG_OOB: {}", std::io::Error::last_os_error());
 }
 
+/// Holds back (or lets go) what is written to `stream` until a full segment (TCP_CORK).
+fn cork(stream: &TcpStream, on: bool) {
+    let value: libc::c_int = on.into();
+    let status = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(status, 0, "TCP_CORK: {}", std::io::Error::last_os_error());
+}
+
 /// A server sends a message followed by one urgent byte (MSG_OOB: out of the stream, so the
 /// WebSocket stream stays intact), then a second message, both before the client reads. A
 /// recv stops at the urgent mark: the first read is short although the second message waits
@@ -774,8 +789,11 @@ fn urgent_case(on: bool) -> (Option<Duration>, Option<Duration>) {
         go_rx.recv().unwrap();
         let mut first = frame(FIN | TEXT, b"first");
         first.push(b'!');
+        // Corked: one segment holds both messages, the urgent byte between them.
+        cork(&peer.stream, true);
         send_urgent(&peer.stream, &first);
         peer.send(&frame(FIN | TEXT, b"second"));
+        cork(&peer.stream, false);
         sent_tx.send(peer.client_socket()).unwrap();
         let _ = peer.read_until_close();
     });
@@ -796,7 +814,8 @@ fn urgent_case(on: bool) -> (Option<Duration>, Option<Duration>) {
     // Both messages (and the urgent byte) reached the client's socket before anyone read.
     // (Whether the kernel counts the urgent byte or not.)
     let all = (7 + 8) as u64;
-    let arrived = socket.wait_until(|s| s.is_some_and(|s| s.rx_queue >= all));
+    // (Without reading on dispatch, the I/O thread reads at once: nothing to wait for.)
+    let arrived = !on || socket.wait_until(|s| s.is_some_and(|s| s.rx_queue >= all));
     let start = Instant::now();
     let mut times = [None, None];
     pump(&client, Duration::from_secs(2), || {
@@ -1106,4 +1125,205 @@ fn two_clients_in_one_edge_triggered_loop_with_microsecond_paced_streams_lose_no
         let (pings, pongs) = server.join().unwrap();
         assert_eq!(pongs, pings, "server {k}: pongs");
     }
+}
+
+// ---- 7. the end of the stream right behind the last message ------------------------------------
+
+/// The kernel's TCP_CLOSE_WAIT: the peer's FIN has arrived.
+const TCP_CLOSE_WAIT: u8 = 8;
+
+/// A server sends a last small message and ends its side of the stream (a FIN, no close frame;
+/// for wss no close_notify either), both reaching the client's socket before the host reads
+/// (the socket is with the host's thread). A recv returns the message's bytes and stops at the
+/// FIN: a short read, with the end of the stream still to be read and no new edge to come.
+/// Returns how long after the host started dispatching the message and the final callback
+/// came (None: not within 2 s), and the final event.
+fn fin_behind_data_case(on: bool, tls: bool) -> (Option<Duration>, Option<Duration>, Option<Ev>) {
+    let (sent_tx, sent_rx) = mpsc::channel::<ClientSocket>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let listener = Listener::bind();
+    let (ca_pem, config) = tls_server(&[&rustls::version::TLS13]);
+    let url = format!("{}://127.0.0.1:{}/", if tls { "wss" } else { "ws" }, listener.port);
+    let server = std::thread::spawn(move || {
+        let peer = listener.accept();
+        let socket = peer.client_socket();
+        let last = frame(FIN | TEXT, b"last");
+        if tls {
+            let mut tls = rustls::StreamOwned::new(rustls::ServerConnection::new(config).unwrap(), peer.stream);
+            let request = read_request_from(&mut tls).unwrap();
+            tls.write_all(response_to(&request, "").as_bytes()).unwrap();
+            flush_tls(&mut tls).unwrap();
+            warm_up(&mut tls, false, |tls| flush_tls(tls).unwrap());
+            go_rx.recv().unwrap();
+            tls.write_all(&last).unwrap();
+            flush_tls(&mut tls).unwrap();
+            tls.sock.shutdown(std::net::Shutdown::Write).unwrap();
+            sent_tx.send(socket).unwrap();
+            let mut rest = Vec::new();
+            let _ = tls.sock.read_to_end(&mut rest);
+        } else {
+            let mut peer = peer;
+            peer.upgrade();
+            warm_up(&mut peer.stream, false, |_| {});
+            go_rx.recv().unwrap();
+            peer.send(&last);
+            peer.stream.shutdown(std::net::Shutdown::Write).unwrap();
+            sent_tx.send(socket).unwrap();
+            let _ = peer.read_to_end();
+        }
+    });
+    let client = Client::new();
+    let options = options_with(|o| {
+        set(unsafe { ws_options_set_read_on_dispatch(o, on) });
+        set(unsafe { ws_options_set_keepalive(o, 0, 1000) });
+        let ca = cstr(ca_pem.to_str().unwrap());
+        set(unsafe { ws_options_add_ca_file(o, ca.as_ptr()) });
+    });
+    let rec = Recorder::default();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    assert!(pump(&client, DEADLINE, || rec.of(conn).len() == 3), "the warm-up");
+    if on {
+        wait_handed(&client, 1, "fin");
+    }
+    go_tx.send(()).unwrap();
+    let socket = sent_rx.recv().unwrap();
+    // The message and the FIN are in the client's socket before anyone reads
+    // (without reading on dispatch the I/O thread reads at once: nothing to wait for.)
+    let arrived = !on || socket.wait_until(|s| s.is_some_and(|s| s.state == TCP_CLOSE_WAIT && s.rx_queue > 0));
+    let start = Instant::now();
+    let mut times = [None, None];
+    pump(&client, Duration::from_secs(2), || {
+        if times[0].is_none() && rec.texts(conn).iter().any(|t| t == "last") {
+            times[0] = Some(start.elapsed());
+        }
+        if times[1].is_none() && rec.finals(conn) > 0 {
+            times[1] = Some(start.elapsed());
+        }
+        times.iter().all(Option::is_some)
+    });
+    let _ = final_within(&client, &rec, conn, Duration::from_secs(5));
+    server.join().unwrap();
+    let _ = std::fs::remove_file(&ca_pem);
+    assert!(arrived, "the message and the FIN never both reached the client's socket");
+    let what = format!("{} read_on_dispatch {on}", if tls { "wss" } else { "ws" });
+    eprintln!("{what}: message after {:?}, final after {:?}: {:?}", times[0], times[1], final_event(&rec, conn));
+    (times[0], times[1], final_event(&rec, conn))
+}
+
+fn assert_prompt_end(on: bool, tls: bool) {
+    let (message, end, event) = fin_behind_data_case(on, tls);
+    let what = format!("{} read_on_dispatch {on}", if tls { "wss" } else { "ws" });
+    assert!(message.is_some(), "{what}: the last message never came");
+    assert!(matches!(event, Some(Ev::Error(_, WsStatus::ConnectionLost, _))), "{what}: {event:?}");
+    let end = end.unwrap();
+    // The watchdog takes the reading back after 100 ms at the earliest: an end that waited for
+    // it was not woken by the descriptor.
+    assert!(
+        end < Duration::from_millis(90),
+        "{what}: the end of the stream, in the socket with the last message, reached the host {end:?} after it \
+         started dispatching (the short read that took the message left the FIN unread, and no wake-up came for it)"
+    );
+}
+
+/// FAILS: with reading on dispatch (the default), a FIN right behind a server's last message
+/// (both in the socket when the host's thread reads) reaches the host only when the watchdog
+/// takes the reading back, ~100-200 ms later: the read that took the message was short, so
+/// the host's thread assumed the socket drained and never read the end of the stream, and no
+/// new edge comes for it (README: the descriptor "never misses" a wake-up).
+#[test]
+fn a_fin_right_behind_the_last_message_ends_the_connection_at_once() {
+    assert_prompt_end(true, false);
+}
+
+/// FAILS: as above over wss (the FIN without close_notify).
+#[test]
+fn wss_a_fin_right_behind_the_last_message_ends_the_connection_at_once() {
+    assert_prompt_end(true, true);
+}
+
+/// The control: with reading on dispatch off, the same end is prompt, ws and wss.
+#[test]
+fn a_fin_right_behind_the_last_message_ends_the_connection_at_once_without_reading_on_dispatch() {
+    assert_prompt_end(false, false);
+    assert_prompt_end(false, true);
+}
+
+/// The same end behind a last message, on one connection of a client whose other connection
+/// is busy (its server sends a small message every 2 ms, so the host dispatches all the time
+/// and the watchdog never finds it silent). Returns how long the quiet connection's final
+/// callback took after the host started dispatching (None: not within 3 s), and that event.
+fn fin_beside_a_busy_connection(on: bool) -> (Option<Duration>, Option<Ev>) {
+    let (sent_tx, sent_rx) = mpsc::channel::<ClientSocket>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (quiet_url, quiet_server) = serve(move |mut peer| {
+        peer.upgrade();
+        warm_up(&mut peer.stream, false, |_| {});
+        go_rx.recv().unwrap();
+        peer.send(&frame(FIN | TEXT, b"last"));
+        peer.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        sent_tx.send(peer.client_socket()).unwrap();
+        let _ = peer.read_to_end();
+    });
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let (busy_url, busy_server) = serve(move |mut peer| {
+        peer.upgrade();
+        let mut i = 0;
+        while stop_rx.try_recv().is_err() {
+            peer.send(&frame(FIN | TEXT, format!("busy{i}").as_bytes()));
+            i += 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        peer.send(&close_frame(1000, "busy"));
+        let _ = peer.read_until_close();
+    });
+    let client = Client::new();
+    let options = read_on_dispatch(on);
+    let (quiet_rec, busy_rec) = (Recorder::default(), Recorder::default());
+    let quiet = client.connect_with(&quiet_url, options.0);
+    let busy = client.connect_with(&busy_url, options.0);
+    watch(quiet, &quiet_rec);
+    watch(busy, &busy_rec);
+    assert!(pump(&client, DEADLINE, || quiet_rec.of(quiet).len() == 3), "the warm-up");
+    if on {
+        wait_handed(&client, 2, "both connections");
+    }
+    go_tx.send(()).unwrap();
+    let socket = sent_rx.recv().unwrap();
+    // (Without reading on dispatch the I/O thread reads at once: nothing to wait for.)
+    let arrived = !on || socket.wait_until(|s| s.is_some_and(|s| s.state == TCP_CLOSE_WAIT && s.rx_queue > 0));
+    let start = Instant::now();
+    let took = final_within(&client, &quiet_rec, quiet, Duration::from_secs(3)).map(|_| start.elapsed());
+    let event = final_event(&quiet_rec, quiet);
+    stop_tx.send(()).unwrap();
+    assert!(final_within(&client, &busy_rec, busy, DEADLINE).is_some(), "the busy connection's end");
+    // The quiet connection's end, however late (the keepalive's ping finds it at the latest).
+    let _ = final_within(&client, &quiet_rec, quiet, Duration::from_secs(70));
+    quiet_server.join().unwrap();
+    busy_server.join().unwrap();
+    assert!(arrived, "the message and the FIN never both reached the client's socket");
+    eprintln!("read_on_dispatch {on}: the quiet connection ended after {took:?}: {event:?}");
+    eprintln!("  its events: {:?}", quiet_rec.of(quiet));
+    (took, event)
+}
+
+/// FAILS: with reading on dispatch (the default), a connection whose server sends its last
+/// message and a FIN never ends (not within 3 s; only the keepalive ping, 30 s later by
+/// default, takes the reading back) while another connection of the same client keeps the
+/// host dispatching: the short read that took the message left the FIN unread, no edge comes
+/// for it, and the watchdog never fires for a host that dispatches. README: each connection
+/// gets exactly one final callback; the descriptor never misses a wake-up.
+#[test]
+fn a_fin_behind_the_last_message_ends_the_connection_while_another_keeps_the_host_busy() {
+    let (took, event) = fin_beside_a_busy_connection(true);
+    assert!(took.is_some(), "the quiet connection's end never reached the host within 3 s");
+    assert!(matches!(event, Some(Ev::Error(_, WsStatus::ConnectionLost, _))), "{event:?}");
+}
+
+/// The control: without reading on dispatch the same end is prompt.
+#[test]
+fn a_fin_behind_the_last_message_beside_a_busy_connection_without_reading_on_dispatch() {
+    let (took, event) = fin_beside_a_busy_connection(false);
+    assert!(matches!(event, Some(Ev::Error(_, WsStatus::ConnectionLost, _))), "{event:?}");
+    assert!(took.is_some_and(|t| t < Duration::from_millis(500)), "{took:?}");
 }
