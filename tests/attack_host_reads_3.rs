@@ -1405,3 +1405,75 @@ fn a_reset_behind_the_last_message_ends_the_connection_while_another_keeps_the_h
     assert!(took.is_some(), "the quiet connection's end never reached the host within 3 s");
     assert!(matches!(event, Some(Ev::Error(_, WsStatus::ConnectionLost, _))), "{event:?}");
 }
+
+/// A server crashes in the middle of a message: a frame header announcing 100 bytes, 10 of
+/// them, then its FIN, both in the socket before the host reads. The host is timer-driven: it
+/// calls ws_dispatch every 10 ms without waiting on the descriptor (a game loop), so the
+/// watchdog never finds it silent. Returns how long the final callback took (None: not
+/// within 2 s) and the final event.
+fn crash_mid_message_timer_host(on: bool) -> (Option<Duration>, Option<Ev>) {
+    let (sent_tx, sent_rx) = mpsc::channel::<ClientSocket>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (url, server) = serve(move |mut peer| {
+        peer.upgrade();
+        warm_up(&mut peer.stream, false, |_| {});
+        go_rx.recv().unwrap();
+        let mut partial = header(FIN | TEXT, 100);
+        partial.extend_from_slice(b"0123456789");
+        peer.send(&partial);
+        peer.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        sent_tx.send(peer.client_socket()).unwrap();
+        let _ = peer.read_to_end();
+    });
+    let client = Client::new();
+    let options = read_on_dispatch(on);
+    let rec = Recorder::default();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    assert!(pump(&client, DEADLINE, || rec.of(conn).len() == 3), "the warm-up");
+    if on {
+        wait_handed(&client, 1, "crash");
+    }
+    go_tx.send(()).unwrap();
+    let socket = sent_rx.recv().unwrap();
+    let arrived = !on || socket.wait_until(|s| s.is_some_and(|s| s.state == TCP_CLOSE_WAIT && s.rx_queue > 0));
+    let start = Instant::now();
+    let mut took = None;
+    while start.elapsed() < Duration::from_secs(2) {
+        client.dispatch();
+        if rec.finals(conn) > 0 {
+            took = Some(start.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let event = final_event(&rec, conn);
+    // However late, it ends once the host stops dispatching (the watchdog).
+    let _ = final_within(&client, &rec, conn, Duration::from_secs(70));
+    server.join().unwrap();
+    assert!(arrived, "the partial frame and the FIN never both reached the client's socket");
+    eprintln!("read_on_dispatch {on}: final after {took:?}: {event:?}");
+    (took, event)
+}
+
+/// FAILS: with reading on dispatch (the default), a server that crashes mid-message (a partial
+/// frame then its FIN in the socket together) never ends the connection for a host that
+/// dispatches every 10 ms on a timer: the host's short read took the partial frame, took the
+/// socket for drained, and never reads the FIN; the watchdog never fires for a host that
+/// dispatches (README: "Each connection gets exactly one final callback"; the descriptor
+/// "never misses" a wake-up). With the default keepalive it ends at the keepalive's ping, 30 s
+/// later.
+#[test]
+fn a_server_crashing_mid_message_ends_the_connection_for_a_timer_driven_host() {
+    let (took, event) = crash_mid_message_timer_host(true);
+    assert!(took.is_some(), "no final callback within 2 s of dispatching every 10 ms: {event:?}");
+    assert!(matches!(event, Some(Ev::Error(_, WsStatus::ConnectionLost, _))), "{event:?}");
+}
+
+/// The control: without reading on dispatch it ends at once.
+#[test]
+fn a_server_crashing_mid_message_ends_the_connection_for_a_timer_driven_host_without_reading_on_dispatch() {
+    let (took, event) = crash_mid_message_timer_host(false);
+    assert!(took.is_some_and(|t| t < Duration::from_millis(500)), "{took:?}: {event:?}");
+    assert!(matches!(event, Some(Ev::Error(_, WsStatus::ConnectionLost, _))), "{event:?}");
+}
