@@ -8,6 +8,17 @@
 //! asserts a documented outcome (README "Threading contract", "Flow control and memory
 //! bounds"; include/wsclient.h on ws_client_fd and ws_dispatch): no message lost, duplicated or
 //! reordered, one final callback, pings answered, no missed wake-up.
+//!
+//! What this round found (the tests marked FAILS):
+//! - a short read is not a drained socket: a FIN or a reset right behind the last bytes, or
+//!   data behind a TCP urgent byte, stays unread after the host's short read, and no edge
+//!   comes for it; the watchdog delivers it 100-200 ms later if the host idles, and never
+//!   while the host keeps dispatching (another busy connection, a timer-driven loop);
+//! - a loop run on one client from another client's callback never gets what the host's read
+//!   gives back to the I/O task (pings, large messages): the task's wake-up is deferred until
+//!   the outer callback returns;
+//! - (also without reading on dispatch) the I/O task's own short-read shortcut loses the data
+//!   behind a TCP urgent byte until new data arrives.
 
 mod common;
 
@@ -506,7 +517,12 @@ fn nested_case(sends: InnerSends, on: bool) {
 
 /// FAILS: with reading on dispatch (the default), a ping then a message arriving on a socket
 /// the host's thread reads, while the host dispatches that client from another client's
-/// callback: neither the pong nor the message comes until the outer callback returns.
+/// callback: neither the pong nor the message comes until the outer callback returns. The
+/// inner dispatch's read gives the reading back to the I/O task (src/host/reading.rs,
+/// `Conn::read_on_host`) and wakes it through `dispatch::wake_task`, which, on a thread inside
+/// any dispatch batch (the outer client's callback), only queues the wake-up until that batch
+/// ends (src/host/dispatch.rs, `wake_task`, `DEFER_DEPTH`); the watchdog never fires, since
+/// the inner client is being dispatched.
 #[test]
 fn a_ping_then_a_message_reach_a_loop_run_on_one_client_from_anothers_callback() {
     nested_case(InnerSends::PingAndText, true);
