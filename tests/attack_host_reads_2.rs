@@ -998,6 +998,7 @@ fn large_sends_while_the_host_reads_small_messages_lose_nothing_either_way() {
     let (url, server) = serve_on(listener, move |mut peer| {
         peer.upgrade();
         let mut reader = peer.stream.try_clone().unwrap();
+        let (all_bigs, got_all_bigs) = mpsc::channel::<()>();
         let reading = std::thread::spawn(move || {
             let (mut bigs, mut pongs) = (Vec::new(), Vec::new());
             while let Ok(f) = read_frame_from(&mut reader) {
@@ -1005,6 +1006,9 @@ fn large_sends_while_the_host_reads_small_messages_lose_nothing_either_way() {
                     PONG => pongs.push(f.payload),
                     BINARY => {
                         bigs.push(f.payload);
+                        if bigs.len() == big {
+                            let _ = all_bigs.send(());
+                        }
                         // A slow reader: the client's writes block now and then.
                         std::thread::sleep(Duration::from_millis(2));
                     }
@@ -1025,6 +1029,9 @@ fn large_sends_while_the_host_reads_small_messages_lose_nothing_either_way() {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
+        // The close only once the client's sends are all in: a close earlier would end them
+        // (seen under AddressSanitizer, which slows the client more than this server).
+        let _ = got_all_bigs.recv_timeout(Duration::from_secs(60));
         peer.send(&close_frame(1000, ""));
         let (bigs, pongs) = reading.join().unwrap();
         (bigs, pongs, pings)
