@@ -51,7 +51,7 @@ impl Conn {
             st.queue_for_task(|outbox| outbox.push_close(frame)).or_else(|| st.task_waker.take())
         };
         if let Some(w) = waker {
-            dispatch::wake_task(w);
+            dispatch::wake_task(w, self.hub.id);
         }
         Ok(())
     }
@@ -104,7 +104,7 @@ impl Conn {
             self.hub.schedule(self.clone());
         }
         if let Some(w) = waker {
-            dispatch::wake_task(w);
+            dispatch::wake_task(w, self.hub.id);
         }
     }
 
@@ -137,7 +137,7 @@ impl Conn {
     /// dispatch allocates nothing.
     pub(crate) fn dispatch(self: &Arc<Self>, batch: &mut VecDeque<Event>, mut budget: usize) -> u32 {
         // Sends made by these callbacks wake the I/O task once, when the batch is done.
-        let _wakes = dispatch::DeferredWakes::begin();
+        let _wakes = dispatch::DeferredWakes::begin(self.hub.id);
         let mut calling = self.invoke.calling();
         let mut ran = 0;
         debug_assert!(batch.is_empty());

@@ -113,7 +113,7 @@ impl Conn {
             return Err(Error::new(WsStatus::Closing, "the connection has ended: nothing more can be sent"));
         }
         self.accept(Counted::message(len))?;
-        if !st.corked.is_empty() || dispatch::in_callback() {
+        if !st.corked.is_empty() || dispatch::in_batch_of(self.hub.id) {
             if self.cork(&mut st, opcode, payload) {
                 return Ok(());
             }
@@ -245,7 +245,7 @@ impl Conn {
         // The task may have been told of sends queued meanwhile and found the socket taken.
         if task_waits || !st.outbox.is_empty() {
             if let Some(w) = st.task_waker.take() {
-                dispatch::wake_task(w);
+                dispatch::wake_task(w, self.hub.id);
             }
         }
         st
@@ -263,7 +263,7 @@ impl Conn {
         push: impl FnOnce(&mut Outbox),
     ) -> MutexGuard<'a, State> {
         if let Some(w) = st.queue_for_task(push) {
-            dispatch::wake_task(w);
+            dispatch::wake_task(w, self.hub.id);
         }
         st
     }

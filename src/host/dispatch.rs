@@ -18,7 +18,7 @@ use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use super::reading::{ReadTools, Readers, HOST_SILENT};
-use super::wakeup::Wakeup;
+use super::wakeup::{ReadySocket, Wakeup};
 use crate::conn::{Conn, Event};
 use crate::error::{Error, WsStatus};
 use crate::sync::lock;
@@ -27,6 +27,11 @@ thread_local! {
     /// How many dispatch batches are running on this thread (a callback may dispatch another
     /// client), and the I/O tasks their callbacks woke meanwhile.
     static DEFER_DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// The hub whose batch of callbacks runs on this thread (the innermost one), 0 if none:
+    /// only its connections' sends are held and its tasks' wake-ups deferred. A callback that
+    /// sends on, closes or completes a connection of another client, and runs that client's
+    /// loop to wait for the outcome, must not find them held until it returns.
+    static BATCH_HUB: Cell<u64> = const { Cell::new(0) };
     static DEFERRED: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
     /// Connections whose sends made by callbacks are held until the batch ends.
     static CORKED: RefCell<Vec<Arc<Conn>>> = const { RefCell::new(Vec::new()) };
@@ -110,11 +115,17 @@ pub(crate) fn in_callback() -> bool {
     DEFER_DEPTH.get() > 0
 }
 
-/// Wakes a connection's I/O task, or, inside a dispatch batch on this thread, when the batch
-/// ends. A host answering a batch of messages with sends then wakes the task once rather than
-/// once per send; each of those wake-ups is a switch between threads when they share a core.
-pub fn wake_task(waker: Waker) {
-    if DEFER_DEPTH.get() == 0 {
+/// Whether this thread is running a batch of callbacks of the client of `hub`.
+pub(crate) fn in_batch_of(hub: u64) -> bool {
+    BATCH_HUB.get() == hub
+}
+
+/// Wakes a connection's I/O task (of the client of `hub`), or, inside a dispatch batch of that
+/// client on this thread, when the batch ends. A host answering a batch of messages with sends
+/// then wakes the task once rather than once per send; each of those wake-ups is a switch
+/// between threads when they share a core.
+pub fn wake_task(waker: Waker, hub: u64) {
+    if !in_batch_of(hub) {
         return waker.wake();
     }
     DEFERRED.with_borrow_mut(|wakers| {
@@ -124,37 +135,45 @@ pub fn wake_task(waker: Waker) {
     });
 }
 
-/// Defers task wake-ups (see `wake_task`) for as long as it lives; wakes them when dropped,
-/// also when a callback panics, so no wake-up is ever lost.
-pub struct DeferredWakes(());
+/// A batch of callbacks of the client of a hub: defers its tasks' wake-ups (see `wake_task`)
+/// and holds its sends for as long as it lives; releases them when dropped, also when a
+/// callback panics, so no wake-up is ever lost. Nested (a callback dispatches another
+/// client), the inner batch's end releases what the outer one held so far too.
+pub struct DeferredWakes {
+    outer_hub: u64,
+}
 
 impl DeferredWakes {
-    pub fn begin() -> DeferredWakes {
+    pub fn begin(hub: u64) -> DeferredWakes {
         DEFER_DEPTH.set(DEFER_DEPTH.get() + 1);
-        DeferredWakes(())
+        DeferredWakes { outer_hub: BATCH_HUB.replace(hub) }
     }
 }
 
 impl Drop for DeferredWakes {
     fn drop(&mut self) {
-        let depth = DEFER_DEPTH.get() - 1;
-        DEFER_DEPTH.set(depth);
-        if depth == 0 {
-            // The sends held back go out first (they may wake tasks too).
-            let corked = CORKED.with_borrow_mut(std::mem::take);
-            corked.iter().for_each(|conn| conn.uncork());
-            CORKED.with_borrow_mut(|conns| {
-                if conns.is_empty() {
-                    // Keeps its capacity for the next batch.
-                    *conns = corked;
-                    conns.clear();
-                }
-            });
-            // Waking schedules the task on the runtime and calls no code of ours: the borrow
-            // is not re-entered. The vector keeps its capacity for the next batch.
-            DEFERRED.with_borrow_mut(|wakers| wakers.drain(..).for_each(Waker::wake));
-        }
+        DEFER_DEPTH.set(DEFER_DEPTH.get() - 1);
+        BATCH_HUB.set(self.outer_hub);
+        release_held();
     }
+}
+
+/// Writes the sends held back on this thread and wakes the tasks whose wake-ups were
+/// deferred, at the end of a batch of callbacks.
+fn release_held() {
+    // The sends held back go out first (they may wake tasks too).
+    let corked = CORKED.with_borrow_mut(std::mem::take);
+    corked.iter().for_each(|conn| conn.uncork());
+    CORKED.with_borrow_mut(|conns| {
+        if conns.is_empty() {
+            // Keeps its capacity for the next batch.
+            *conns = corked;
+            conns.clear();
+        }
+    });
+    // Waking schedules the task on the runtime and calls no code of ours: the borrow is not
+    // re-entered. The vector keeps its capacity for the next batch.
+    DEFERRED.with_borrow_mut(|wakers| wakers.drain(..).for_each(Waker::wake));
 }
 
 static NEXT_HUB_ID: AtomicU64 = AtomicU64::new(1);
@@ -192,8 +211,8 @@ struct DispatchScratch {
     /// How many events each of them had pending when the dispatch began.
     budgets: Vec<usize>,
     events: VecDeque<Event>,
-    /// The sockets to read in this dispatch, by connection id.
-    sockets: Vec<u64>,
+    /// The sockets to read in this dispatch.
+    sockets: Vec<ReadySocket>,
     /// What reading them takes (see `host::reading`).
     tools: ReadTools,
 }
@@ -267,7 +286,9 @@ impl Hub {
             // The harvest makes the descriptor unreadable and says which sockets have data;
             // what they hold is queued before the ready list is taken, so that it is
             // dispatched now. Whatever is scheduled after the harvest sets the descriptor.
-            sockets.append(&mut lock(&self.read_again));
+            let again =
+                lock(&self.read_again).drain(..).map(|id| ReadySocket { id, beyond_data: false }).collect::<Vec<_>>();
+            sockets.extend(again);
             self.wakeup.harvest(sockets);
             read_again = tools.with_spare(|tools| self.read_sockets(sockets, tools));
             std::mem::swap(&mut *lock(&self.ready), connections);
@@ -284,18 +305,18 @@ impl Hub {
         (ran, read_again || !lock(&self.ready).is_empty())
     }
 
-    /// Reads the sockets of `ids` (emptied) on this thread, for the connections whose reading
-    /// the host's thread has. Returns whether some must be read again at the next dispatch;
-    /// the descriptor is set for it then.
-    fn read_sockets(&self, ids: &mut Vec<u64>, tools: &mut ReadTools) -> bool {
-        if ids.is_empty() {
+    /// Reads the sockets of `ready` (emptied) on this thread, for the connections whose
+    /// reading the host's thread has. Returns whether some must be read again at the next
+    /// dispatch; the descriptor is set for it then.
+    fn read_sockets(&self, ready: &mut Vec<ReadySocket>, tools: &mut ReadTools) -> bool {
+        if ready.is_empty() {
             return false;
         }
         let _reading = ReadingFor::hub(self.id);
         let mut again = Vec::new();
-        for id in ids.drain(..) {
+        for ReadySocket { id, beyond_data } in ready.drain(..) {
             if let Some(conn) = self.readers.get(id) {
-                if conn.read_on_host(tools) && !again.contains(&id) {
+                if conn.read_on_host(tools, beyond_data) && !again.contains(&id) {
                     again.push(id);
                 }
             }
@@ -310,7 +331,7 @@ impl Hub {
 
     /// What a dispatch's harvest finds (the connections whose sockets have data), for tests.
     #[cfg(all(test, target_os = "linux", not(feature = "pipe-wake")))]
-    pub(crate) fn dispatch_harvest_for_tests(self: Arc<Self>, sockets: &mut Vec<u64>) {
+    pub(crate) fn dispatch_harvest_for_tests(self: Arc<Self>, sockets: &mut Vec<ReadySocket>) {
         sockets.clear();
         self.wakeup.harvest(sockets);
     }

@@ -76,6 +76,9 @@ pub(crate) struct Reading {
     pub(crate) ended: Option<io::Result<()>>,
     /// The I/O task, woken when the reading comes back.
     task: Waker,
+    /// The socket reported more than data (see `ReadySocket`): read it until it says it is
+    /// empty, a read shorter than asked does not prove it.
+    beyond_data: bool,
 }
 
 /// What one dispatch's read left.
@@ -109,8 +112,15 @@ impl Conn {
         task: &Waker,
     ) -> Result<(), FrameReader> {
         let fd = wire.socket();
-        let reading =
-            Box::new(Reading { reader, wire, returned: false, heard: false, ended: None, task: task.clone() });
+        let reading = Box::new(Reading {
+            reader,
+            wire,
+            returned: false,
+            heard: false,
+            ended: None,
+            task: task.clone(),
+            beyond_data: false,
+        });
         let mut slot = self.reading.lock();
         debug_assert!(slot.is_none());
         self.hub.add_reader(self);
@@ -156,21 +166,25 @@ impl Conn {
         self.hub.forget_reader(self.id);
     }
 
-    /// ws_dispatch, for a connection whose socket the harvest found ready: reads it and
-    /// queues the messages for this dispatch. Returns whether to read again at the next
-    /// dispatch (the socket may have more than one dispatch takes).
-    pub(crate) fn read_on_host(self: &Arc<Self>, tools: &mut ReadTools) -> bool {
+    /// ws_dispatch, for a connection whose socket the harvest found ready (`beyond_data`: see
+    /// `ReadySocket`): reads it and queues the messages for this dispatch. Returns whether to
+    /// read again at the next dispatch (the socket may have more than one dispatch takes).
+    pub(crate) fn read_on_host(self: &Arc<Self>, tools: &mut ReadTools, beyond_data: bool) -> bool {
         let mut slot = self.reading.lock();
         let Some(reading) = slot.as_mut().filter(|r| !r.returned) else {
             // Given back meanwhile: the task reads it.
             return false;
         };
+        reading.beyond_data |= beyond_data;
         match reading.read(self, tools) {
             Outcome::Drained => false,
             Outcome::Again => true,
             Outcome::GiveBack => {
                 self.stop_host_reading(reading);
-                crate::host::dispatch::wake_task(reading.task.clone());
+                // Woken now, not when the batch of callbacks this dispatch may be nested in
+                // ends (`dispatch::wake_task`): a loop run on this client from another
+                // client's callback waits for what the task does next.
+                reading.task.wake_by_ref();
                 false
             }
         }
@@ -201,7 +215,7 @@ impl Reading {
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
         let wanted_write = self.wire.session_wants_write();
         let (mut messages, mut cost, mut reads) = (0, 0, 0);
-        let mut from = Receiving::host(&self.wire);
+        let mut from = Receiving::host(&self.wire, !self.beyond_data);
         let outcome = loop {
             if messages >= allowance.messages || cost >= allowance.cost {
                 // The rest waits for the next dispatch (or the task, if the gate stays closed).
@@ -233,7 +247,11 @@ impl Reading {
                     self.ended = Some(Err(e));
                     break Outcome::GiveBack;
                 }
-                Poll::Pending => break Outcome::Drained,
+                Poll::Pending => {
+                    // The socket said it is empty: whatever comes next is a new wake-up.
+                    self.beyond_data = false;
+                    break Outcome::Drained;
+                }
             }
         };
         arena.drain_into(batch);
@@ -294,6 +312,7 @@ mod tests {
 
     use super::*;
     use crate::host::dispatch::Hub;
+    use crate::host::wakeup::ReadySocket;
     use crate::io::reader::Item;
 
     #[derive(Default)]
@@ -340,6 +359,7 @@ mod tests {
         let mut tools = ReadTools::default();
         let new_reader = || FrameReader::new(Vec::new(), 4096, 1 << 20, None);
         let mut harvested = Vec::new();
+        let beyond = |h: &[ReadySocket]| h.iter().any(|r| r.beyond_data);
 
         // Handed over: nothing arrived, nothing to read.
         assert!(conn.hand_reading_to_host(new_reader(), wire.clone(), &waker).is_ok());
@@ -349,8 +369,8 @@ mod tests {
         peer.write_all(&text(b"one")).unwrap();
         until_readable(&hub);
         hub.clone().dispatch_harvest_for_tests(&mut harvested);
-        assert_eq!(harvested, [7]);
-        assert!(!conn.read_on_host(&mut tools), "drained");
+        assert_eq!(harvested, [ReadySocket { id: 7, beyond_data: false }]);
+        assert!(!conn.read_on_host(&mut tools, beyond(&harvested)), "drained");
         assert_eq!(conn.pending_events(), 1);
         assert_eq!(woken(), 0);
         assert!(conn.take_reading_back(false, &waker).is_none(), "still the host's");
@@ -359,7 +379,7 @@ mod tests {
         peer.write_all(&[0x89, 1, b'p']).unwrap();
         until_readable(&hub);
         hub.clone().dispatch_harvest_for_tests(&mut harvested);
-        assert!(!conn.read_on_host(&mut tools));
+        assert!(!conn.read_on_host(&mut tools, beyond(&harvested)));
         assert_eq!(woken(), 1);
         peer.write_all(&text(b"two")).unwrap();
         std::thread::sleep(Duration::from_millis(50));
@@ -367,7 +387,7 @@ mod tests {
         let mut back = conn.take_reading_back(false, &waker).expect("given back");
         assert!(back.returned && back.heard && back.ended.is_none());
         assert_eq!(back.reader.next_item(), Ok(Some(Item::Ping)), "the ping waits for the task");
-        assert!(!conn.read_on_host(&mut tools), "nothing to read once taken back");
+        assert!(!conn.read_on_host(&mut tools, beyond(&harvested)), "nothing to read once taken back");
 
         // Handed over again (the task read "two"), then taken back by the watchdog: the task
         // is woken and takes it.
@@ -393,7 +413,7 @@ mod tests {
         peer.write_all(&text(b"three")).unwrap();
         until_readable(&hub);
         hub.clone().dispatch_harvest_for_tests(&mut harvested);
-        assert!(!conn.read_on_host(&mut tools));
+        assert!(!conn.read_on_host(&mut tools, beyond(&harvested)));
         assert_eq!(woken(), 3);
         let mut back = conn.take_reading_back(false, &waker).expect("given back for flow control");
         assert_eq!(back.reader.next_item(), Ok(None), "nothing read");
@@ -406,7 +426,7 @@ mod tests {
         drop(peer);
         until_readable(&hub);
         hub.clone().dispatch_harvest_for_tests(&mut harvested);
-        assert!(!conn.read_on_host(&mut tools));
+        assert!(!conn.read_on_host(&mut tools, beyond(&harvested)));
         let back = conn.take_reading_back(false, &waker).expect("given back at the end");
         assert!(matches!(back.ended, Some(Ok(()))));
         assert_eq!(woken(), 4);

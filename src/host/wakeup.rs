@@ -19,6 +19,16 @@ pub(crate) struct Wakeup {
     event: OwnedFd,
 }
 
+/// A socket the harvest found ready: its connection's id, and whether it reported more than
+/// data (the peer's FIN, a reset, TCP urgent data). Then a read shorter than asked may not have
+/// emptied it: it stopped at the end of the data before the FIN or the error, or at the urgent
+/// mark, and no new wake-up will come for what is left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ReadySocket {
+    pub(crate) id: u64,
+    pub(crate) beyond_data: bool,
+}
+
 /// The token of the eventfd in the epoll instance; sockets use their connection's id, never this.
 #[cfg(all(target_os = "linux", not(feature = "pipe-wake")))]
 const EVENT_TOKEN: u64 = u64::MAX;
@@ -49,8 +59,10 @@ impl Wakeup {
     }
 
     fn ctl(&self, op: i32, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut event =
-            libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32, u64: token };
+        // EPOLLRDHUP and EPOLLPRI (EPOLLERR and EPOLLHUP come always) tell a harvest what
+        // follows a socket's data (see `ReadySocket`).
+        let events = libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLPRI | libc::EPOLLET;
+        let mut event = libc::epoll_event { events: events as u32, u64: token };
         // SAFETY: a valid epoll instance and event.
         if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut event) } < 0 {
             return Err(io::Error::last_os_error());
@@ -79,15 +91,16 @@ impl Wakeup {
         self.harvest(&mut Vec::new());
     }
 
-    /// Takes what is ready: the tokens of sockets with data go to `sockets`.
-    pub(crate) fn harvest(&self, sockets: &mut Vec<u64>) {
+    /// Takes what is ready: the sockets with data (or their end) go to `sockets`.
+    pub(crate) fn harvest(&self, sockets: &mut Vec<ReadySocket>) {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; HARVEST_MAX];
         // SAFETY: `events` has room for HARVEST_MAX events; no waiting.
         let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), HARVEST_MAX as i32, 0) };
         for event in &events[..n.max(0) as usize] {
-            let token = event.u64;
+            let (token, flags) = (event.u64, event.events);
             if token != EVENT_TOKEN {
-                sockets.push(token);
+                let beyond = (libc::EPOLLRDHUP | libc::EPOLLPRI | libc::EPOLLERR | libc::EPOLLHUP) as u32;
+                sockets.push(ReadySocket { id: token, beyond_data: flags & beyond != 0 });
             }
         }
         if n == HARVEST_MAX as i32 {
@@ -151,7 +164,7 @@ impl Wakeup {
     /// A pipe cannot hold sockets: the I/O thread reads them all.
     pub(crate) const HOST_READS: bool = false;
 
-    pub(crate) fn harvest(&self, _sockets: &mut Vec<u64>) {
+    pub(crate) fn harvest(&self, _sockets: &mut Vec<ReadySocket>) {
         self.clear();
     }
 
@@ -300,16 +313,25 @@ mod tests {
         assert!(readable(&wakeup), "data on a watched socket");
         let mut ready = Vec::new();
         wakeup.harvest(&mut ready);
-        assert_eq!(ready, vec![42]);
+        assert_eq!(ready, vec![ReadySocket { id: 42, beyond_data: false }]);
         assert!(!readable(&wakeup), "harvested (the byte is still unread)");
         theirs.write_all(b"y").unwrap();
         assert!(readable(&wakeup), "more data is a new wake-up");
         ready.clear();
         wakeup.set();
         wakeup.harvest(&mut ready);
-        assert_eq!(ready, vec![42], "the eventfd is not reported as a socket");
+        assert_eq!(ready, vec![ReadySocket { id: 42, beyond_data: false }], "the eventfd is not reported as a socket");
         wakeup.unwatch(ours.as_raw_fd());
         theirs.write_all(b"z").unwrap();
         assert!(!readable(&wakeup), "an unwatched socket wakes nothing");
+        // The peer's end behind its data is reported with it: a short read does not empty
+        // the socket then.
+        wakeup.watch(ours.as_raw_fd(), 42).unwrap();
+        wakeup.harvest(&mut ready);
+        ready.clear();
+        theirs.write_all(b"w").unwrap();
+        drop(theirs);
+        wakeup.harvest(&mut ready);
+        assert_eq!(ready, vec![ReadySocket { id: 42, beyond_data: true }]);
     }
 }

@@ -42,11 +42,12 @@ pub(crate) struct Wire {
 /// host's thread during a dispatch (no watch: Pending when the socket has nothing). Both know
 /// that a short read drained the socket and spare the read that would only say so: the watch
 /// clears its readiness, and the host's reads end there (the socket's next data is a new edge
-/// in the descriptor the host's loop waits on).
+/// in the descriptor the host's loop waits on), unless the socket reported more than data.
 pub(crate) struct Receiving<'a> {
     wire: &'a Wire,
     watch: Option<&'a Watch>,
     drained: std::cell::Cell<bool>,
+    short_reads_drain: bool,
 }
 
 /// What a write left behind.
@@ -152,12 +153,14 @@ impl Wire {
 impl<'a> Receiving<'a> {
     /// The I/O task's reading side.
     pub(crate) fn task(wire: &'a Wire, watch: &'a Watch) -> Receiving<'a> {
-        Receiving { wire, watch: Some(watch), drained: Default::default() }
+        Receiving { wire, watch: Some(watch), drained: Default::default(), short_reads_drain: true }
     }
 
-    /// The dispatching thread's reading side, for one dispatch.
-    pub(crate) fn host(wire: &'a Wire) -> Receiving<'a> {
-        Receiving { wire, watch: None, drained: Default::default() }
+    /// The dispatching thread's reading side, for one dispatch. `short_reads_drain`: a read
+    /// shorter than asked emptied the socket (false when the socket reported its end, an
+    /// error or urgent data behind its data: see `crate::host::wakeup::ReadySocket`).
+    pub(crate) fn host(wire: &'a Wire, short_reads_drain: bool) -> Receiving<'a> {
+        Receiving { wire, watch: None, drained: Default::default(), short_reads_drain }
     }
 
     /// The dispatching thread's: whether a short read emptied the socket, and nothing it
@@ -175,7 +178,7 @@ impl<'a> Receiving<'a> {
             return match recv(self.wire.socket(), buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
                 Ok(n) => {
-                    self.drained.set(n > 0 && n < buf.len());
+                    self.drained.set(self.short_reads_drain && n > 0 && n < buf.len());
                     Poll::Ready(Ok(n))
                 }
                 other => Poll::Ready(other),
