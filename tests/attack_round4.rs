@@ -1,0 +1,747 @@
+//! Fourth round of attacks on reading on dispatch and on the sends held in callbacks (the
+//! change "a short read no longer hides a FIN, a reset or urgent data behind it; a callback
+//! holds only its own client's sends and wake-ups").
+//!
+//! Promises attacked (README "Threading contract", "Performance"; include/wsclient.h on
+//! ws_send, ws_dispatch, ws_client_fd): every connection ends with exactly one final callback,
+//! promptly; no message lost, duplicated or reordered; the descriptor is not readable after a
+//! dispatch that took everything; messages go out in the order of the calls that sent them,
+//! whatever the threads; a callback may run another client's loop and get its answers.
+
+#![allow(clippy::needless_range_loop)]
+
+mod common;
+
+use std::ffi::c_void;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::hostile::*;
+use common::*;
+
+/// The kernel's TCP_CLOSE_WAIT: the peer's FIN has arrived.
+const TCP_CLOSE_WAIT: u8 = 8;
+
+// ---- helpers -----------------------------------------------------------------------------------
+
+/// The descriptors the epoll instance `epfd` watches (from /proc/self/fdinfo).
+fn epoll_watched(epfd: i32) -> Vec<i32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{epfd}")).unwrap();
+    info.lines()
+        .filter_map(|l| l.strip_prefix("tfd:"))
+        .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap())
+        .collect()
+}
+
+fn sockets_handed(client: &Client) -> usize {
+    epoll_watched(client.fd()).len().saturating_sub(1)
+}
+
+/// Waits (dispatching) until `n` sockets are handed to the host's thread.
+fn wait_handed(client: &Client, n: usize, what: &str) {
+    let ok = pump(client, Duration::from_secs(10), || sockets_handed(client) == n);
+    assert!(ok, "{what}: {} sockets handed to the host's thread, expected {n}", sockets_handed(client));
+}
+
+const WARM_UP: &[u8] = b"warm-up";
+
+/// Two warm-up messages (the hand-over starts from the second message).
+fn warm_up<S: Write>(stream: &mut S, flush: impl Fn(&mut S)) {
+    for i in 0..2u8 {
+        let mut body = WARM_UP.to_vec();
+        body.push(b'0' + i);
+        stream.write_all(&frame(FIN | BINARY, &body)).unwrap();
+        flush(stream);
+    }
+}
+
+/// Texts received, warm-up messages left out.
+fn texts(rec: &Recorder, conn: WsConn) -> Vec<String> {
+    rec.texts(conn)
+}
+
+fn final_event(rec: &Recorder, conn: WsConn) -> Option<Ev> {
+    rec.of(conn).into_iter().find(Ev::is_final)
+}
+
+fn options_with(f: impl FnOnce(*mut WsOptions)) -> Options {
+    let o = Options::new();
+    unsafe { ws_options_set_deflate(o.0, false) };
+    set(unsafe { ws_options_set_keepalive(o.0, 0, 1000) });
+    f(o.0);
+    o
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Wait {
+    EpollLevel,
+    EpollEdge,
+    Poll,
+    Select,
+    /// ws_run with a short timeout, over and over.
+    Run,
+}
+
+/// A host loop that waits on the client's fd as `wait` says.
+struct Waiter {
+    wait: Wait,
+    fd: i32,
+    epoll: Option<Epoll>,
+}
+
+impl Waiter {
+    fn new(wait: Wait, fd: i32) -> Waiter {
+        let epoll = match wait {
+            Wait::EpollLevel | Wait::EpollEdge => {
+                let e = Epoll::new();
+                e.add(fd, 1, matches!(wait, Wait::EpollEdge));
+                Some(e)
+            }
+            _ => None,
+        };
+        Waiter { wait, fd, epoll }
+    }
+
+    fn wait(&self, timeout: Duration) -> bool {
+        let ms = timeout.as_millis() as i32;
+        match self.wait {
+            Wait::EpollLevel | Wait::EpollEdge => self.epoll.as_ref().unwrap().woken(timeout),
+            Wait::Poll | Wait::Run => readable(self.fd, timeout),
+            Wait::Select => unsafe {
+                let mut set: libc::fd_set = std::mem::zeroed();
+                libc::FD_ZERO(&mut set);
+                libc::FD_SET(self.fd, &mut set);
+                let mut tv = libc::timeval { tv_sec: (ms / 1000) as _, tv_usec: ((ms % 1000) * 1000) as _ };
+                libc::select(self.fd + 1, &mut set, std::ptr::null_mut(), std::ptr::null_mut(), &mut tv) == 1
+            },
+        }
+    }
+}
+
+/// Runs the host until `done` (at most `limit`), the way `waiter` says; returns whether `done`
+/// held. With Wait::Run, ws_run for 20 ms at a time.
+fn host_loop(client: &Client, waiter: &Waiter, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut more = true;
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        if let Wait::Run = waiter.wait {
+            let status = unsafe { ws_run(client.0, 20) };
+            assert!(matches!(status, WsStatus::Ok | WsStatus::Timeout), "ws_run: {status:?}");
+            continue;
+        }
+        if !more && !waiter.wait(Duration::from_millis(50)) {
+            continue;
+        }
+        more = client.dispatch().1;
+    }
+    true
+}
+
+/// How a quiet connection's server ends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum End {
+    /// Its burst, then a FIN in the same write.
+    Fin,
+    /// Its burst, then a reset (SO_LINGER 0).
+    Reset,
+    /// Its burst, then half a frame, then a FIN.
+    PartialThenFin,
+    /// Its burst, then a close frame and a FIN right behind.
+    CloseThenFin,
+}
+
+fn burst_message(conn: usize, i: usize) -> String {
+    format!("c{conn}.m{i}")
+}
+
+// ---- 1. several connections ending while another streams ---------------------------------------
+
+/// One client, `n` quiet connections and one busy one (its server sends a small message every
+/// 2 ms, so the host dispatches all the time: the watchdog never rescues a missed end). Once
+/// every socket is the host's, each quiet server writes a burst of small messages (one of them
+/// 1,500: more than one dispatch's 1,024) and its end (FIN, reset, partial frame + FIN, close
+/// frame + FIN), all in the socket before the host reads. Every quiet connection must get its
+/// whole burst in order (for a reset: a prefix of it in order) and exactly one final callback
+/// within 2 s; the loop is `wait`.
+fn ending_beside_a_stream(wait: Wait, on: bool) {
+    let what = format!("{wait:?}, read_on_dispatch {on}");
+    const N: usize = 8;
+    let ends = [End::Fin, End::Reset, End::PartialThenFin, End::CloseThenFin];
+    let counts: Vec<usize> = (0..N).map(|i| if i == 2 { 1500 } else { 1 + (i * 97) % 300 }).collect();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let go_rx = Arc::new(Mutex::new(go_rx));
+    let mut servers: Vec<(String, JoinHandle<ClientSocket>)> = Vec::new();
+    let mut go_txs = Vec::new();
+    for i in 0..N {
+        let (tx, rx) = mpsc::channel::<()>();
+        go_txs.push(tx);
+        let end = ends[i % ends.len()];
+        let count = counts[i];
+        servers.push(serve(move |mut peer| {
+            peer.upgrade();
+            warm_up(&mut peer.stream, |_| {});
+            rx.recv().unwrap();
+            let mut bytes = Vec::new();
+            for m in 0..count {
+                bytes.extend_from_slice(&frame(FIN | TEXT, burst_message(i, m).as_bytes()));
+            }
+            match end {
+                End::PartialThenFin => {
+                    bytes.extend_from_slice(&header(FIN | TEXT, 100));
+                    bytes.extend_from_slice(b"0123456789");
+                }
+                End::CloseThenFin => bytes.extend_from_slice(&close_frame(1000, "bye")),
+                _ => {}
+            }
+            peer.send(&bytes);
+            let socket = peer.client_socket();
+            if end == End::Reset {
+                reset(peer.stream);
+            } else {
+                peer.stream.shutdown(std::net::Shutdown::Write).unwrap();
+                let _ = peer.read_to_end();
+            }
+            socket
+        }));
+    }
+    drop(go_rx);
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let (busy_url, busy_server) = serve(move |mut peer| {
+        peer.upgrade();
+        let mut i = 0;
+        while stop_rx.try_recv().is_err() {
+            peer.send(&frame(FIN | TEXT, format!("busy{i}").as_bytes()));
+            i += 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        peer.send(&close_frame(1000, "busy"));
+        let _ = peer.read_until_close();
+        i
+    });
+    let client = Client::new();
+    let options = options_with(|o| set(unsafe { ws_options_set_read_on_dispatch(o, on) }));
+    let rec = Recorder::default();
+    let conns: Vec<WsConn> = servers.iter().map(|(url, _)| client.connect_with(url, options.0)).collect();
+    let busy = client.connect_with(&busy_url, options.0);
+    for &c in &conns {
+        watch(c, &rec);
+    }
+    watch(busy, &rec);
+    let warmed = |c: WsConn| rec.of(c).len() == 3;
+    assert!(pump(&client, DEADLINE, || conns.iter().all(|&c| warmed(c))), "{what}: the warm-up");
+    if on {
+        wait_handed(&client, N + 1, &what);
+    }
+    let waiter = Waiter::new(wait, client.fd());
+    go_txs.iter().for_each(|tx| tx.send(()).unwrap());
+    drop(go_tx);
+    let start = Instant::now();
+    let ended = host_loop(&client, &waiter, Duration::from_secs(3), || conns.iter().all(|&c| rec.finals(c) > 0));
+    let took = start.elapsed();
+    let late: Vec<usize> = (0..N).filter(|&i| rec.finals(conns[i]) == 0).collect();
+    // Whatever happened, everything ends before the verdict.
+    stop_tx.send(()).unwrap();
+    assert!(host_loop(&client, &waiter, DEADLINE, || rec.finals(busy) > 0), "{what}: the busy connection's end");
+    let late_end = host_loop(&client, &waiter, Duration::from_secs(40), || conns.iter().all(|&c| rec.finals(c) > 0));
+    for (_, s) in servers {
+        s.join().unwrap();
+    }
+    let busy_sent = busy_server.join().unwrap();
+    assert!(ended, "{what}: connections {late:?} had no final callback within 3 s (ended later: {late_end}); the host was dispatching");
+    eprintln!("{what}: all {N} ended within {took:?}; busy sent {busy_sent}");
+    for i in 0..N {
+        let c = conns[i];
+        let end = ends[i % ends.len()];
+        let got = texts(&rec, c);
+        let expected: Vec<String> = (0..counts[i]).map(|m| burst_message(i, m)).collect();
+        if end == End::Reset {
+            assert!(expected.starts_with(&got), "{what}: connection {i} ({end:?}): not a prefix in order");
+        } else {
+            assert!(got == expected, "{what}: connection {i} ({end:?}): {} of {} messages", got.len(), expected.len());
+        }
+        assert_eq!(rec.finals(c), 1, "{what}: connection {i}: {:?}", final_event(&rec, c));
+        let event = final_event(&rec, c).unwrap();
+        match end {
+            End::CloseThenFin => assert_eq!(event, Ev::Close(c, 1000, "bye".into()), "{what}: connection {i}"),
+            _ => assert!(matches!(event, Ev::Error(..)), "{what}: connection {i}: {event:?}"),
+        }
+        assert!(rec.of(c).last().unwrap().is_final(), "{what}: connection {i}: something after its final callback");
+    }
+    assert_eq!(rec.finals(busy), 1);
+    let busy_texts = texts(&rec, busy);
+    assert_eq!(busy_texts.len(), busy_sent, "{what}: the busy connection's messages");
+    assert!(busy_texts.iter().enumerate().all(|(i, t)| *t == format!("busy{i}")), "{what}: busy order");
+}
+
+#[test]
+fn connections_ending_every_way_beside_a_streaming_one_end_promptly_epoll_edge() {
+    ending_beside_a_stream(Wait::EpollEdge, true);
+}
+
+#[test]
+fn connections_ending_every_way_beside_a_streaming_one_end_promptly_poll_and_select() {
+    ending_beside_a_stream(Wait::Poll, true);
+    ending_beside_a_stream(Wait::Select, true);
+}
+
+#[test]
+fn connections_ending_every_way_beside_a_streaming_one_end_promptly_epoll_level_and_ws_run() {
+    ending_beside_a_stream(Wait::EpollLevel, true);
+    ending_beside_a_stream(Wait::Run, true);
+}
+
+#[test]
+fn connections_ending_every_way_beside_a_streaming_one_without_reading_on_dispatch() {
+    ending_beside_a_stream(Wait::EpollEdge, false);
+}
+
+// ---- 2. a FIN behind a long burst, tiny read buffer, one connection -----------------------------
+
+/// One connection, a read buffer of `read_buffer` bytes (the host reads a few buffers per
+/// dispatch at most), a burst of `count` small messages and the server's `end`, all in the
+/// client's socket before the host reads (checked in the kernel's table). The host loop
+/// (edge-triggered epoll) must get every message in order and the final callback, and the
+/// final callback must come within 90 ms of the last message (the watchdog needs 100 ms at
+/// least: an end that waited for it was missed by the descriptor). Afterwards the descriptor
+/// is not readable once a dispatch said nothing more is pending.
+fn fin_behind_a_long_burst(end: End, read_buffer: usize, count: usize, on: bool) {
+    let what = format!("{end:?}, read buffer {read_buffer}, {count} messages, read_on_dispatch {on}");
+    let (sent_tx, sent_rx) = mpsc::channel::<(ClientSocket, u64)>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (url, server) = serve(move |mut peer| {
+        peer.upgrade();
+        warm_up(&mut peer.stream, |_| {});
+        go_rx.recv().unwrap();
+        let mut bytes = Vec::new();
+        for m in 0..count {
+            bytes.extend_from_slice(&frame(FIN | TEXT, burst_message(0, m).as_bytes()));
+        }
+        match end {
+            End::PartialThenFin => {
+                bytes.extend_from_slice(&header(FIN | TEXT, 100));
+                bytes.extend_from_slice(b"0123");
+            }
+            End::CloseThenFin => bytes.extend_from_slice(&close_frame(1000, "bye")),
+            _ => {}
+        }
+        peer.send(&bytes);
+        let socket = peer.client_socket();
+        if end == End::Reset {
+            sent_tx.send((socket, bytes.len() as u64)).unwrap();
+            // Only once the client's socket has it all.
+            std::thread::sleep(Duration::from_millis(0));
+            reset(peer.stream);
+        } else {
+            peer.stream.shutdown(std::net::Shutdown::Write).unwrap();
+            sent_tx.send((socket, bytes.len() as u64)).unwrap();
+            let _ = peer.read_to_end();
+        }
+    });
+    let client = Client::new();
+    let options = options_with(|o| {
+        set(unsafe { ws_options_set_read_on_dispatch(o, on) });
+        set(unsafe { ws_options_set_read_buffer_size(o, read_buffer) });
+    });
+    let rec = Recorder::default();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    assert!(pump(&client, DEADLINE, || rec.of(conn).len() == 3), "{what}: the warm-up");
+    if on {
+        wait_handed(&client, 1, &what);
+    }
+    go_tx.send(()).unwrap();
+    let (socket, len) = sent_rx.recv().unwrap();
+    if on && end != End::Reset {
+        let all_in = socket.wait_until(|s| s.is_some_and(|s| s.state == TCP_CLOSE_WAIT && s.rx_queue >= len));
+        assert!(all_in, "{what}: the burst and the FIN never both reached the client's socket");
+    }
+    let waiter = Waiter::new(Wait::EpollEdge, client.fd());
+    let mut last_message_at = None;
+    let mut final_at = None;
+    let start = Instant::now();
+    host_loop(&client, &waiter, Duration::from_secs(3), || {
+        if last_message_at.is_none() && rec.texts(conn).len() >= count {
+            last_message_at = Some(start.elapsed());
+        }
+        if final_at.is_none() && rec.finals(conn) > 0 {
+            final_at = Some(start.elapsed());
+        }
+        final_at.is_some()
+    });
+    let _ = final_within(&client, &rec, conn, Duration::from_secs(40));
+    server.join().unwrap();
+    let got = texts(&rec, conn);
+    let expected: Vec<String> = (0..count).map(|m| burst_message(0, m)).collect();
+    eprintln!(
+        "{what}: last message after {last_message_at:?}, final after {final_at:?}: {:?}",
+        final_event(&rec, conn)
+    );
+    if end == End::Reset {
+        assert!(expected.starts_with(&got), "{what}: not a prefix in order");
+    } else {
+        assert!(
+            got == expected,
+            "{what}: {} of {} messages (in order: {})",
+            got.len(),
+            count,
+            expected.starts_with(&got)
+        );
+    }
+    assert_eq!(rec.finals(conn), 1, "{what}");
+    let final_at = final_at.unwrap_or_else(|| panic!("{what}: no final callback within 3 s"));
+    if let Some(last) = last_message_at {
+        assert!(
+            final_at.saturating_sub(last) < Duration::from_millis(90),
+            "{what}: the end came {:?} after the last message (the watchdog, not the descriptor)",
+            final_at - last
+        );
+    }
+    // Nothing left: a dispatch that says so leaves the descriptor unreadable.
+    let (_, more) = client.dispatch();
+    if !more {
+        assert!(
+            !readable(client.fd(), Duration::ZERO),
+            "{what}: the descriptor stayed readable after a dispatch took everything"
+        );
+    }
+}
+
+#[test]
+fn a_fin_behind_a_long_burst_with_a_tiny_read_buffer_ends_at_once() {
+    fin_behind_a_long_burst(End::Fin, 256, 3000, true);
+    fin_behind_a_long_burst(End::PartialThenFin, 256, 3000, true);
+    fin_behind_a_long_burst(End::CloseThenFin, 256, 3000, true);
+}
+
+#[test]
+fn a_fin_behind_a_burst_past_the_dispatch_budget_with_the_default_buffer_ends_at_once() {
+    fin_behind_a_long_burst(End::Fin, 64 << 10, 5000, true);
+    fin_behind_a_long_burst(End::CloseThenFin, 64 << 10, 5000, true);
+    fin_behind_a_long_burst(End::Reset, 64 << 10, 5000, true);
+}
+
+#[test]
+fn a_fin_behind_a_long_burst_without_reading_on_dispatch() {
+    fin_behind_a_long_burst(End::Fin, 256, 3000, false);
+    fin_behind_a_long_burst(End::PartialThenFin, 64 << 10, 5000, false);
+}
+
+// ---- 3. idle after ends: no busy loop, no readable descriptor ----------------------------------
+
+/// A client keeps one idle connection open while three others end (FIN behind data, close
+/// frame + FIN, reset). Afterwards, over an idle window, the host loop (level-triggered poll)
+/// is not woken more than a few times, and neither the process nor the I/O threads spin.
+#[test]
+fn no_busy_loop_after_peers_ended_beside_an_idle_connection() {
+    let mut servers = Vec::new();
+    let mut go = Vec::new();
+    for end in [End::Fin, End::CloseThenFin, End::Reset, End::PartialThenFin] {
+        let (tx, rx) = mpsc::channel::<()>();
+        go.push(tx);
+        servers.push(serve(move |mut peer| {
+            peer.upgrade();
+            warm_up(&mut peer.stream, |_| {});
+            rx.recv().unwrap();
+            let mut bytes = frame(FIN | TEXT, b"last");
+            match end {
+                End::CloseThenFin => bytes.extend_from_slice(&close_frame(1000, "")),
+                End::PartialThenFin => bytes.extend_from_slice(&header(FIN | TEXT, 10)),
+                _ => {}
+            }
+            peer.send(&bytes);
+            if end == End::Reset {
+                reset(peer.stream);
+            } else {
+                peer.stream.shutdown(std::net::Shutdown::Write).unwrap();
+                let _ = peer.read_to_end();
+            }
+        }));
+    }
+    let (idle_stop_tx, idle_stop_rx) = mpsc::channel::<()>();
+    let (idle_url, idle_server) = serve(move |mut peer| {
+        peer.upgrade();
+        warm_up(&mut peer.stream, |_| {});
+        idle_stop_rx.recv().unwrap();
+        peer.send(&close_frame(1000, "idle"));
+        let _ = peer.read_until_close();
+    });
+    let client = Client::new();
+    let options = options_with(|_| {});
+    let rec = Recorder::default();
+    let conns: Vec<WsConn> = servers.iter().map(|(u, _)| client.connect_with(u, options.0)).collect();
+    let idle = client.connect_with(&idle_url, options.0);
+    conns.iter().chain([&idle]).for_each(|&c| watch(c, &rec));
+    assert!(pump(&client, DEADLINE, || conns.iter().chain([&idle]).all(|&c| rec.of(c).len() == 3)), "warm-up");
+    wait_handed(&client, 5, "all five");
+    go.iter().for_each(|t| t.send(()).unwrap());
+    assert!(pump(&client, Duration::from_secs(3), || conns.iter().all(|&c| rec.finals(c) == 1)), "the ends");
+    // Settle, then count wake-ups over an idle window.
+    pump(&client, Duration::from_millis(300), || false);
+    let (io, process) = (io_threads_cpu(), process_cpu());
+    let start = Instant::now();
+    let mut wakeups = 0;
+    while start.elapsed() < Duration::from_millis(1500) {
+        if readable(client.fd(), Duration::from_millis(100)) {
+            wakeups += 1;
+            client.dispatch();
+        }
+    }
+    let (io, process) = (io_threads_cpu() - io, process_cpu() - process);
+    idle_stop_tx.send(()).unwrap();
+    assert!(pump(&client, DEADLINE, || rec.finals(idle) == 1), "the idle connection's end");
+    for (_, s) in servers {
+        s.join().unwrap();
+    }
+    idle_server.join().unwrap();
+    eprintln!("idle window: {wakeups} wake-ups, I/O threads {io:?}, process {process:?}");
+    assert!(wakeups <= 3, "the descriptor woke the host {wakeups} times in 1.5 s of silence");
+    assert!(
+        io < Duration::from_millis(150) && process < Duration::from_millis(300),
+        "busy: io {io:?} process {process:?}"
+    );
+    assert_eq!(rec.finals(idle), 1);
+}
+
+// ---- 4. wss: a FIN or close_notify behind a long burst of records --------------------------------
+
+/// wss (TLS 1.3, the test CA): a burst of `count` small messages in records of their own, then
+/// close_notify or not, then a FIN, all written at once behind the hand-over, read buffer 512.
+/// Every message arrives in order, exactly one final callback within 2 s.
+fn wss_fin_behind_records(close_notify: bool, count: usize) {
+    let what = format!("wss close_notify {close_notify}, {count} messages");
+    let identity = TlsIdentity::new();
+    let listener = Listener::bind();
+    let url = format!("wss://localhost:{}/", listener.port);
+    let config = Arc::new(identity.server_config());
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let peer = listener.accept();
+        let mut tls = rustls::StreamOwned::new(rustls::ServerConnection::new(config).unwrap(), peer.stream);
+        let request = read_request_from(&mut tls).unwrap();
+        tls.write_all(response_to(&request, "").as_bytes()).unwrap();
+        flush_tls(&mut tls).unwrap();
+        warm_up(&mut tls, |tls| flush_tls(tls).unwrap());
+        go_rx.recv().unwrap();
+        tls.conn.set_buffer_limit(None);
+        for m in 0..count {
+            tls.conn.writer().write_all(&frame(FIN | TEXT, burst_message(0, m).as_bytes())).unwrap();
+        }
+        if close_notify {
+            tls.conn.send_close_notify();
+        }
+        let mut records = Vec::new();
+        while tls.conn.wants_write() {
+            tls.conn.write_tls(&mut records).unwrap();
+        }
+        tls.sock.write_all(&records).unwrap();
+        tls.sock.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        let _ = tls.sock.read_to_end(&mut rest);
+    });
+    let client = Client::new();
+    let options = options_with(|o| {
+        let ca = cstr(identity.ca_pem.to_str().unwrap());
+        set(unsafe { ws_options_add_ca_file(o, ca.as_ptr()) });
+        set(unsafe { ws_options_set_read_buffer_size(o, 512) });
+    });
+    let rec = Recorder::default();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    assert!(pump(&client, DEADLINE, || rec.of(conn).len() == 3), "{what}: warm-up {:?}", rec.of(conn));
+    wait_handed(&client, 1, &what);
+    go_tx.send(()).unwrap();
+    let waiter = Waiter::new(Wait::EpollEdge, client.fd());
+    let ended = host_loop(&client, &waiter, Duration::from_secs(2), || rec.finals(conn) > 0);
+    let _ = final_within(&client, &rec, conn, Duration::from_secs(40));
+    server.join().unwrap();
+    let expected: Vec<String> = (0..count).map(|m| burst_message(0, m)).collect();
+    let got = texts(&rec, conn);
+    assert!(got == expected, "{what}: {} of {count} messages", got.len());
+    assert!(ended, "{what}: no final callback within 2 s");
+    assert_eq!(rec.finals(conn), 1, "{what}");
+    eprintln!("{what}: {:?}", final_event(&rec, conn));
+}
+
+#[test]
+fn wss_a_fin_with_or_without_close_notify_behind_a_long_burst_ends_at_once() {
+    wss_fin_behind_records(false, 2000);
+    wss_fin_behind_records(true, 2000);
+}
+
+// ---- 5. nested loops three deep, sends from everywhere ------------------------------------------
+
+/// A server that records every text it receives, answers "q..." with "r" + it, and answers a
+/// close frame.
+fn echo_server() -> (String, JoinHandle<Vec<String>>) {
+    serve(|mut peer| {
+        peer.upgrade();
+        peer.read_timeout(Duration::from_secs(20));
+        let mut got = Vec::new();
+        while let Ok(f) = peer.read_frame() {
+            match f.opcode {
+                TEXT => {
+                    let t = String::from_utf8(f.payload).unwrap();
+                    if t.starts_with('q') {
+                        peer.send(&frame(FIN | TEXT, format!("r{t}").as_bytes()));
+                    }
+                    got.push(t);
+                }
+                CLOSE => {
+                    peer.send(&close_frame(1000, ""));
+                    break;
+                }
+                _ => {}
+            }
+        }
+        got
+    })
+}
+
+struct Nest {
+    clients: [*mut WsClient; 3],
+    conns: [AtomicUsize; 3],
+    recs: [Recorder; 3],
+    /// Whether each nested wait got its reply (level 1: B's, level 2: C's).
+    waits: Mutex<Vec<(usize, bool)>>,
+    /// The inner loop runs with ws_run instead of ws_dispatch.
+    with_run: bool,
+}
+
+impl Nest {
+    fn conn(&self, k: usize) -> WsConn {
+        self.conns[k].load(Ordering::SeqCst) as WsConn
+    }
+
+    /// Runs client `k`'s loop until its recorder has `reply` (3 s at most).
+    unsafe fn wait_reply(&self, k: usize, reply: &str) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            if self.recs[k].texts(self.conn(k)).iter().any(|t| t == reply) {
+                return true;
+            }
+            if self.with_run {
+                let status = ws_run(self.clients[k], 20);
+                assert!(matches!(status, WsStatus::Timeout | WsStatus::Ok), "nested ws_run: {status:?}");
+            } else {
+                readable(ws_client_fd(self.clients[k]), Duration::from_millis(20));
+                assert_eq!(ws_dispatch(self.clients[k], std::ptr::null_mut(), std::ptr::null_mut()), WsStatus::Ok);
+            }
+        }
+        false
+    }
+}
+
+unsafe extern "C" fn nest_message(conn: WsConn, data: *const u8, len: usize, kind: WsMessageKind, user: *mut c_void) {
+    let nest = &*(user as *const Nest);
+    let k = (0..3).find(|&k| nest.conn(k) == conn).unwrap();
+    on_message(conn, data, len, kind, (&nest.recs[k] as *const Recorder).cast_mut().cast());
+    let text = std::str::from_utf8(std::slice::from_raw_parts(data, len)).unwrap();
+    let (a, b, c) = (nest.conn(0), nest.conn(1), nest.conn(2));
+    let ok = |s: WsStatus| assert_eq!(s, WsStatus::Ok, "{}", last_error());
+    match (k, text) {
+        (0, "rqa0") => {
+            ok(send_text(a, "a1"));
+            ok(send_text(b, "qb1"));
+            let got = nest.wait_reply(1, "rqb1");
+            nest.waits.lock().unwrap().push((1, got));
+            ok(send_text(a, "a5"));
+            ok(send_text(b, "b5"));
+        }
+        (1, "rqb1") => {
+            ok(send_text(b, "b2"));
+            ok(send_text(a, "a2"));
+            ok(send_text(c, "qc1"));
+            let got = nest.wait_reply(2, "rqc1");
+            nest.waits.lock().unwrap().push((2, got));
+            ok(send_text(a, "a4"));
+            ok(send_text(b, "b4"));
+            ok(send_text(c, "c4"));
+        }
+        (2, "rqc1") => {
+            ok(send_text(c, "c2"));
+            ok(send_text(b, "b3"));
+            ok(send_text(a, "a3"));
+        }
+        _ => {}
+    }
+}
+
+/// Three clients A, B, C, one connection each to a recording echo server. A's callback sends
+/// on A (held) and on B, then runs B's loop until B's reply; B's callback sends on B (held),
+/// on A, on C, and runs C's loop until C's reply; C's callback sends on C, B and A. Meanwhile
+/// another thread sends 3,000 numbered messages on A. Every nested wait gets its reply; each
+/// server receives the host's messages in the order of the calls (A: qa0 a1 a2 a3 a4 a5; B:
+/// qb1 b2 b3 b4 b5; C: qc1 c2 c4) and the other thread's all, in order.
+fn three_deep(with_run: bool) {
+    let what = format!("nested with {}", if with_run { "ws_run" } else { "ws_dispatch" });
+    let servers: Vec<_> = (0..3).map(|_| echo_server()).collect();
+    let clients = [Client::new(), Client::new(), Client::new()];
+    let nest = Box::new(Nest {
+        clients: [clients[0].0, clients[1].0, clients[2].0],
+        conns: Default::default(),
+        recs: Default::default(),
+        waits: Mutex::new(Vec::new()),
+        with_run,
+    });
+    let options = options_with(|_| {});
+    for k in 0..3 {
+        let c = clients[k].connect_with(&servers[k].0, options.0);
+        nest.conns[k].store(c as usize, Ordering::SeqCst);
+        watch(c, &nest.recs[k]);
+        assert_eq!(ws_on_message(c, Some(nest_message), user(&*nest)), WsStatus::Ok);
+        wait_open(&clients[k], &nest.recs[k], c);
+    }
+    let a = nest.conn(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            for i in 0..3000 {
+                assert_eq!(send_text(a, &format!("t{i}")), WsStatus::Ok);
+                if i % 50 == 0 {
+                    std::thread::yield_now();
+                }
+                if stop.load(Ordering::Relaxed) {
+                    return i + 1;
+                }
+            }
+            3000
+        })
+    };
+    assert_eq!(send_text(a, "qa0"), WsStatus::Ok);
+    assert!(pump(&clients[0], DEADLINE, || nest.waits.lock().unwrap().len() == 2), "{what}: the chain");
+    let sent = sender.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for k in 0..3 {
+        assert_eq!(close(nest.conn(k), 1000, ""), WsStatus::Ok);
+        assert!(pump(&clients[k], DEADLINE, || nest.recs[k].finals(nest.conn(k)) == 1), "{what}: final {k}");
+    }
+    let got: Vec<Vec<String>> = servers.into_iter().map(|(_, s)| s.join().unwrap()).collect();
+    let waits = nest.waits.lock().unwrap().clone();
+    assert!(waits.iter().all(|(_, ok)| *ok), "{what}: a nested wait never got its reply: {waits:?}");
+    let host_a: Vec<&str> = got[0].iter().filter(|t| !t.starts_with('t')).map(String::as_str).collect();
+    let thread_a: Vec<String> = got[0].iter().filter(|t| t.starts_with('t')).cloned().collect();
+    assert_eq!(host_a, ["qa0", "a1", "a2", "a3", "a4", "a5"], "{what}: A");
+    assert_eq!(got[1], ["qb1", "b2", "b3", "b4", "b5"], "{what}: B");
+    assert_eq!(got[2], ["qc1", "c2", "c4"], "{what}: C");
+    let expected: Vec<String> = (0..sent).map(|i| format!("t{i}")).collect();
+    assert!(thread_a == expected, "{what}: the other thread's {} messages: {} arrived", sent, thread_a.len());
+    drop(clients);
+    drop(nest);
+}
+
+#[test]
+fn three_nested_loops_with_ws_dispatch_get_their_replies_and_keep_every_order() {
+    three_deep(false);
+}
+
+#[test]
+fn three_nested_loops_with_ws_run_get_their_replies_and_keep_every_order() {
+    three_deep(true);
+}
