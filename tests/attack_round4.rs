@@ -745,3 +745,355 @@ fn three_nested_loops_with_ws_dispatch_get_their_replies_and_keep_every_order() 
 fn three_nested_loops_with_ws_run_get_their_replies_and_keep_every_order() {
     three_deep(true);
 }
+
+// ---- 6. the end racing the host's read ----------------------------------------------------------
+
+/// `rounds` connections one after the other, each handed to the host's thread; its server
+/// sends a last message (whole, or its first half then the rest) and then, after a delay of
+/// 0 to ~400 µs (so that the FIN lands before the harvest, between the harvest and the read,
+/// or after the read), its FIN. The host loop (edge-triggered epoll) must get the message and
+/// the final callback within 90 ms of the FIN being sent (the watchdog needs 100 ms at least).
+fn end_racing_the_read(split: bool, rounds: usize, seed: u64) {
+    let mut rng = Rng(seed);
+    let mut worst = Duration::ZERO;
+    for round in 0..rounds {
+        let delay_us = rng.below(400);
+        let (fin_tx, fin_rx) = mpsc::channel::<Instant>();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (url, server) = serve(move |mut peer| {
+            peer.upgrade();
+            warm_up(&mut peer.stream, |_| {});
+            go_rx.recv().unwrap();
+            let last = frame(FIN | TEXT, format!("last{round}").as_bytes());
+            if split {
+                peer.send(&last[..3]);
+                std::thread::sleep(Duration::from_micros(delay_us / 2));
+                peer.send(&last[3..]);
+            } else {
+                peer.send(&last);
+            }
+            std::thread::sleep(Duration::from_micros(delay_us));
+            peer.stream.shutdown(std::net::Shutdown::Write).unwrap();
+            fin_tx.send(Instant::now()).unwrap();
+            let _ = peer.read_to_end();
+        });
+        let client = Client::new();
+        let options = options_with(|_| {});
+        let rec = Recorder::default();
+        let conn = client.connect_with(&url, options.0);
+        watch(conn, &rec);
+        assert!(pump(&client, DEADLINE, || rec.of(conn).len() == 3), "round {round}: warm-up");
+        wait_handed(&client, 1, "race");
+        let waiter = Waiter::new(Wait::EpollEdge, client.fd());
+        go_tx.send(()).unwrap();
+        assert!(host_loop(&client, &waiter, Duration::from_secs(3), || rec.finals(conn) > 0), "round {round}: no end");
+        let ended = Instant::now();
+        let fin_at = fin_rx.recv().unwrap();
+        server.join().unwrap();
+        let took = ended.saturating_duration_since(fin_at);
+        worst = worst.max(took);
+        assert_eq!(rec.texts(conn), [format!("last{round}")], "round {round}");
+        assert_eq!(rec.finals(conn), 1);
+        assert!(
+            took < Duration::from_millis(90),
+            "round {round} (delay {delay_us} µs, split {split}): the end reached the host {took:?} after the FIN"
+        );
+    }
+    eprintln!("split {split}: worst {worst:?} over {rounds} rounds");
+}
+
+#[test]
+fn a_fin_racing_the_hosts_read_of_the_last_message_ends_at_once() {
+    end_racing_the_read(false, 40, 21);
+}
+
+#[test]
+fn a_fin_racing_the_hosts_read_of_a_split_last_frame_ends_at_once() {
+    end_racing_the_read(true, 40, 22);
+}
+
+// ---- 7. flow control and a FIN behind the messages ---------------------------------------------
+
+/// Flow control on; the server sends 20 small messages and a FIN at once (on a socket the
+/// host's thread had). The host completes each message from another thread a little later.
+/// Every message comes in order, the final callback once, after the last message was
+/// completed and within 90 ms of it.
+#[test]
+fn flow_control_with_completes_from_another_thread_and_a_fin_behind_the_messages() {
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (url, server) = serve(move |mut peer| {
+        peer.upgrade();
+        warm_up(&mut peer.stream, |_| {});
+        go_rx.recv().unwrap();
+        let bytes: Vec<u8> = (0..20).flat_map(|m| frame(FIN | TEXT, burst_message(0, m).as_bytes())).collect();
+        peer.send(&bytes);
+        peer.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let _ = peer.read_to_end();
+    });
+    let client = Client::new();
+    let options = options_with(|_| {});
+    let rec = Recorder::default();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    assert!(pump(&client, DEADLINE, || rec.of(conn).len() == 3), "warm-up");
+    wait_handed(&client, 1, "flow");
+    assert_eq!(ws_message_complete(conn), WsStatus::Ok);
+    assert_eq!(ws_set_flow_control(conn, true), WsStatus::Ok);
+    go_tx.send(()).unwrap();
+    let completed = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let completer = {
+        let (completed, seen) = (completed.clone(), seen.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut done = 0;
+            while done < 20 && Instant::now() < deadline {
+                if seen.load(Ordering::SeqCst) > done {
+                    std::thread::sleep(Duration::from_millis(3));
+                    assert_eq!(ws_message_complete(conn), WsStatus::Ok);
+                    completed.lock().unwrap().push(Instant::now());
+                    done += 1;
+                } else {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            done
+        })
+    };
+    let waiter = Waiter::new(Wait::EpollEdge, client.fd());
+    let ended = host_loop(&client, &waiter, Duration::from_secs(5), || {
+        seen.store(rec.texts(conn).len(), Ordering::SeqCst);
+        rec.finals(conn) > 0
+    });
+    let final_at = Instant::now();
+    let done = completer.join().unwrap();
+    server.join().unwrap();
+    let expected: Vec<String> = (0..20).map(|m| burst_message(0, m)).collect();
+    assert_eq!(rec.texts(conn), expected);
+    assert!(ended, "no final callback within 5 s (completed {done})");
+    assert_eq!(done, 20);
+    let last_complete = *completed.lock().unwrap().last().unwrap();
+    let took = final_at.saturating_duration_since(last_complete);
+    eprintln!("flow control: the final came {took:?} after the last complete");
+    assert!(took < Duration::from_millis(90), "the end came {took:?} after the last message was completed");
+    assert!(matches!(final_event(&rec, conn), Some(Ev::Error(_, WsStatus::ConnectionLost, _))));
+}
+
+// ---- 8. held sends and another thread's sends of every size on one connection --------------------
+
+/// The server pushes 400 small messages; the host's callback answers each with "h<i>" (held
+/// until its batch ends), while another thread sends 400 messages "t<j>" of sizes alternating
+/// from 8 bytes to 70 KiB (some held behind the callback's, some too large to hold). The
+/// server receives both subsequences whole and in order.
+#[test]
+fn held_replies_and_another_threads_sends_of_every_size_keep_their_order() {
+    const N: usize = 400;
+    let (url, server) = serve(move |mut peer| {
+        peer.upgrade();
+        let mut writer = peer.stream.try_clone().unwrap();
+        let pusher = std::thread::spawn(move || {
+            for i in 0..N {
+                writer.write_all(&frame(FIN | TEXT, format!("p{i}").as_bytes())).unwrap();
+                if i % 7 == 0 {
+                    std::thread::sleep(Duration::from_micros(300));
+                }
+            }
+        });
+        peer.read_timeout(Duration::from_secs(20));
+        let mut got = Vec::new();
+        while got.len() < 2 * N {
+            match peer.read_frame() {
+                Ok(f) if f.opcode == TEXT => got.push(String::from_utf8(f.payload).unwrap()),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        pusher.join().unwrap();
+        peer.send(&close_frame(1000, "done"));
+        let _ = peer.read_until_close();
+        got
+    });
+    struct Replier {
+        rec: Recorder,
+    }
+    unsafe extern "C" fn reply(conn: WsConn, data: *const u8, len: usize, kind: WsMessageKind, user: *mut c_void) {
+        let r = &*(user as *const Replier);
+        on_message(conn, data, len, kind, (&r.rec as *const Recorder).cast_mut().cast());
+        let text = std::str::from_utf8(std::slice::from_raw_parts(data, len)).unwrap();
+        if let Some(i) = text.strip_prefix('p') {
+            assert_eq!(send_text(conn, &format!("h{i}")), WsStatus::Ok);
+        }
+    }
+    let client = Client::new();
+    let options = options_with(|_| {});
+    let replier = Replier { rec: Recorder::default() };
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &replier.rec);
+    assert_eq!(ws_on_message(conn, Some(reply), user(&replier)), WsStatus::Ok);
+    wait_open(&client, &replier.rec, conn);
+    let sizes = [8usize, 16 << 10, 100, (16 << 10) + 1, 3000, 70 << 10, 1];
+    let body = move |j: usize| {
+        let mut t = format!("t{j}.");
+        while t.len() < sizes[j % sizes.len()] {
+            t.push('x');
+        }
+        t
+    };
+    let sender = std::thread::spawn(move || {
+        for j in 0..N {
+            assert_eq!(send_text(conn, &body(j)), WsStatus::Ok);
+            if j % 3 == 0 {
+                std::thread::yield_now();
+            }
+        }
+    });
+    client.run_until_final(&replier.rec, conn);
+    sender.join().unwrap();
+    let got = server.join().unwrap();
+    let hs: Vec<&String> = got.iter().filter(|t| t.starts_with('h')).collect();
+    let ts: Vec<&String> = got.iter().filter(|t| t.starts_with('t')).collect();
+    let expected_h: Vec<String> = (0..N).map(|i| format!("h{i}")).collect();
+    assert!(
+        hs.iter().map(|s| s.as_str()).eq(expected_h.iter().map(String::as_str)),
+        "the held replies: {} of {N}",
+        hs.len()
+    );
+    for (j, t) in ts.iter().enumerate() {
+        assert!(**t == body(j), "the other thread's message {j} differs or is out of order (len {})", t.len());
+    }
+    assert_eq!(ts.len(), N);
+}
+
+// ---- 9. a callback completing or freeing another client --------------------------------------------
+
+/// Client B has flow control on and holds its first message uncompleted; client A's callback
+/// completes it (ws_message_complete on B's connection) and runs B's loop until B's second
+/// message comes (3 s at most). Then it frees a third client C, whose connection it sent a
+/// message on just before (ws_client_free from a callback of another client: allowed, returns
+/// within 250 ms). `on`: reading on dispatch.
+fn complete_and_free_from_another_callback(on: bool) {
+    let what = format!("read_on_dispatch {on}");
+    let (b_go_tx, b_go_rx) = mpsc::channel::<()>();
+    let (b_url, b_server) = serve(move |mut peer| {
+        peer.upgrade();
+        warm_up(&mut peer.stream, |_| {});
+        b_go_rx.recv().unwrap();
+        peer.send(&frame(FIN | TEXT, b"b1"));
+        peer.send(&frame(FIN | TEXT, b"b2"));
+        let _ = peer.read_until_close();
+    });
+    let (c_url, c_server) = serve(move |mut peer| {
+        peer.upgrade();
+        peer.read_timeout(Duration::from_secs(5));
+        let mut got = Vec::new();
+        while let Ok(f) = peer.read_frame() {
+            got.push((f.opcode, f.payload.clone()));
+            if f.opcode == CLOSE {
+                break;
+            }
+        }
+        got
+    });
+    let (a_go_tx, a_go_rx) = mpsc::channel::<()>();
+    let (a_url, a_server) = serve(move |mut peer| {
+        peer.upgrade();
+        a_go_rx.recv().unwrap();
+        peer.send(&frame(FIN | TEXT, b"go"));
+        let _ = peer.read_until_close();
+    });
+    struct Outer {
+        rec: Recorder,
+        b: *mut WsClient,
+        b_rec: *const Recorder,
+        b_conn: AtomicUsize,
+        c: Mutex<Option<Client>>,
+        c_conn: AtomicUsize,
+        outcome: Mutex<Option<(bool, WsStatus, Duration)>>,
+    }
+    unsafe extern "C" fn outer_message(
+        conn: WsConn,
+        data: *const u8,
+        len: usize,
+        kind: WsMessageKind,
+        user: *mut c_void,
+    ) {
+        let o = &*(user as *const Outer);
+        on_message(conn, data, len, kind, (&o.rec as *const Recorder).cast_mut().cast());
+        let b_conn = o.b_conn.load(Ordering::SeqCst) as WsConn;
+        let b_rec = &*o.b_rec;
+        assert_eq!(ws_message_complete(b_conn), WsStatus::Ok);
+        let start = Instant::now();
+        let mut got = false;
+        while start.elapsed() < Duration::from_secs(3) {
+            if b_rec.texts(b_conn).iter().any(|t| t == "b2") {
+                got = true;
+                break;
+            }
+            readable(ws_client_fd(o.b), Duration::from_millis(20));
+            assert_eq!(ws_dispatch(o.b, std::ptr::null_mut(), std::ptr::null_mut()), WsStatus::Ok);
+        }
+        let c_conn = o.c_conn.load(Ordering::SeqCst) as WsConn;
+        assert_eq!(send_text(c_conn, "before free"), WsStatus::Ok);
+        let c = o.c.lock().unwrap().take().unwrap();
+        let free_start = Instant::now();
+        let status = ws_client_free(c.0);
+        let free_took = free_start.elapsed();
+        if status == WsStatus::Ok {
+            std::mem::forget(c);
+        }
+        *o.outcome.lock().unwrap() = Some((got, status, free_took));
+    }
+    let (a, b, c) = (Client::new(), Client::new(), Client::new());
+    let options = options_with(|o| set(unsafe { ws_options_set_read_on_dispatch(o, on) }));
+    let b_rec = Recorder::default();
+    let c_rec = Recorder::default();
+    let b_conn = b.connect_with(&b_url, options.0);
+    watch(b_conn, &b_rec);
+    let c_conn = c.connect_with(&c_url, options.0);
+    watch(c_conn, &c_rec);
+    wait_open(&c, &c_rec, c_conn);
+    assert!(pump(&b, DEADLINE, || b_rec.of(b_conn).len() == 3), "{what}: B's warm-up");
+    if on {
+        wait_handed(&b, 1, &what);
+    }
+    assert_eq!(ws_message_complete(b_conn), WsStatus::Ok);
+    assert_eq!(ws_set_flow_control(b_conn, true), WsStatus::Ok);
+    b_go_tx.send(()).unwrap();
+    assert!(pump(&b, DEADLINE, || b_rec.texts(b_conn).iter().any(|t| t == "b1")), "{what}: b1");
+    let outer = Outer {
+        rec: Recorder::default(),
+        b: b.0,
+        b_rec: &b_rec,
+        b_conn: AtomicUsize::new(b_conn as usize),
+        c: Mutex::new(Some(c)),
+        c_conn: AtomicUsize::new(c_conn as usize),
+        outcome: Mutex::new(None),
+    };
+    let a_conn = a.connect_with(&a_url, options.0);
+    watch(a_conn, &outer.rec);
+    assert_eq!(ws_on_message(a_conn, Some(outer_message), user(&outer)), WsStatus::Ok);
+    wait_open(&a, &outer.rec, a_conn);
+    a_go_tx.send(()).unwrap();
+    assert!(pump(&a, DEADLINE, || outer.outcome.lock().unwrap().is_some()), "{what}: A's go");
+    let (got, status, free_took) = outer.outcome.lock().unwrap().unwrap();
+    assert_eq!(ws_message_complete(b_conn), WsStatus::Ok);
+    let _ = close(b_conn, 1000, "");
+    close(a_conn, 1000, "");
+    assert!(pump(&b, DEADLINE, || b_rec.finals(b_conn) == 1), "{what}: B final");
+    assert!(pump(&a, DEADLINE, || outer.rec.finals(a_conn) == 1), "{what}: A final");
+    b_server.join().unwrap();
+    a_server.join().unwrap();
+    let c_got = c_server.join().unwrap();
+    eprintln!("{what}: b2 {got}, free {status:?} in {free_took:?}; C's server got {c_got:?}");
+    assert!(got, "{what}: B's second message never came to a loop run from A's callback after the complete");
+    assert_eq!(status, WsStatus::Ok, "{what}: ws_client_free of another client from a callback");
+    assert!(free_took < Duration::from_millis(250), "{what}: ws_client_free took {free_took:?}");
+    assert_eq!(c_rec.finals(c_conn), 0, "{what}: a callback ran after ws_client_free");
+    assert_eq!(b_rec.texts(b_conn), ["b1", "b2"], "{what}");
+}
+
+#[test]
+fn a_callback_completes_another_clients_message_waits_for_the_next_and_frees_a_third() {
+    complete_and_free_from_another_callback(true);
+    complete_and_free_from_another_callback(false);
+}
