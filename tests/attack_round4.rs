@@ -1097,3 +1097,264 @@ fn a_callback_completes_another_clients_message_waits_for_the_next_and_frees_a_t
     complete_and_free_from_another_callback(true);
     complete_and_free_from_another_callback(false);
 }
+
+// ---- 10. more sockets ending at once than one harvest takes ------------------------------------
+
+/// 300 connections of one client (more than the 256 events one harvest takes), every socket
+/// the host's; then each server writes a few messages and its end (FIN, or close frame + FIN)
+/// at once. Every connection gets its messages in order and exactly one final callback within
+/// 3 s, under edge-triggered epoll.
+#[test]
+fn three_hundred_connections_ending_at_once_all_end_promptly() {
+    three_hundred(true);
+}
+
+#[test]
+fn three_hundred_connections_ending_at_once_without_reading_on_dispatch() {
+    three_hundred(false);
+}
+
+fn three_hundred(on: bool) {
+    const N: usize = 300;
+    let listener = Listener::bind();
+    let url = format!("ws://127.0.0.1:{}/", listener.port);
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let mut peers: Vec<Peer> = (0..N)
+            .map(|_| {
+                let mut p = listener.accept();
+                p.upgrade();
+                p
+            })
+            .collect();
+        for p in &mut peers {
+            warm_up(&mut p.stream, |_| {});
+        }
+        go_rx.recv().unwrap();
+        peers
+    });
+    let client = Client::new();
+    let options = options_with(|_| {});
+    let rec = Recorder::default();
+    set(unsafe { ws_options_set_read_on_dispatch(options.0, on) });
+    let conns: Vec<WsConn> = (0..N).map(|_| client.connect_with(&url, options.0)).collect();
+    conns.iter().for_each(|&c| watch(c, &rec));
+    assert!(pump(&client, DEADLINE, || conns.iter().all(|&c| rec.of(c).len() == 3)), "warm-up");
+    if on {
+        wait_handed(&client, N, "300");
+    }
+    go_tx.send(()).unwrap();
+    let mut peers = server.join().unwrap();
+    // Which connection is which: each client socket's local port against the peer's remote one
+    // is not known here; so every server sends the same messages, ended by its index's kind.
+    for (i, p) in peers.iter_mut().enumerate() {
+        let mut bytes: Vec<u8> = (0..5).flat_map(|m| frame(FIN | TEXT, format!("m{m}").as_bytes())).collect();
+        if i % 2 == 1 {
+            bytes.extend_from_slice(&close_frame(1000, "bye"));
+        }
+        p.send(&bytes);
+        p.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let waiter = Waiter::new(Wait::EpollEdge, client.fd());
+    let start = Instant::now();
+    let mut finals_at = Vec::new();
+    let ended = host_loop(&client, &waiter, Duration::from_secs(3), || {
+        let n = conns.iter().filter(|&&c| rec.finals(c) > 0).count();
+        if n > finals_at.len() {
+            finals_at.resize(n, start.elapsed());
+        }
+        n == N
+    });
+    let took = start.elapsed();
+    let at = |k: usize| finals_at.get(k - 1).copied();
+    eprintln!(
+        "read_on_dispatch {on}: finals: 1st {:?}, 100th {:?}, 200th {:?}, 256th {:?}, 257th {:?}, 300th {:?}",
+        at(1),
+        at(100),
+        at(200),
+        at(256),
+        at(257),
+        at(300)
+    );
+    let missing = conns.iter().filter(|&&c| rec.finals(c) == 0).count();
+    let _ = host_loop(&client, &waiter, Duration::from_secs(40), || conns.iter().all(|&c| rec.finals(c) > 0));
+    drop(peers);
+    eprintln!("300 connections, read_on_dispatch {on}: ended {ended} after {took:?}");
+    assert!(ended, "{missing} of {N} connections had no final callback within 3 s");
+    let (mut closes, mut errors) = (0, 0);
+    for &c in &conns {
+        assert_eq!(rec.texts(c), ["m0", "m1", "m2", "m3", "m4"], "{:?}", rec.of(c));
+        assert_eq!(rec.finals(c), 1);
+        match final_event(&rec, c) {
+            Some(Ev::Close(_, 1000, _)) => closes += 1,
+            Some(Ev::Error(_, WsStatus::ConnectionLost, _)) => errors += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((closes, errors), (N / 2, N / 2));
+}
+
+// ---- 11. two event loops on two threads sending on each other's connections --------------------
+
+struct Cross {
+    rec: Recorder,
+    /// The other loop's connection.
+    other: AtomicUsize,
+    /// This loop's own connection.
+    own: AtomicUsize,
+    prefix: &'static str,
+    count: AtomicUsize,
+}
+
+unsafe extern "C" fn cross_message(conn: WsConn, data: *const u8, len: usize, kind: WsMessageKind, user: *mut c_void) {
+    let x = &*(user as *const Cross);
+    on_message(conn, data, len, kind, (&x.rec as *const Recorder).cast_mut().cast());
+    let n = x.count.fetch_add(1, Ordering::SeqCst);
+    let own = x.own.load(Ordering::SeqCst) as WsConn;
+    let other = x.other.load(Ordering::SeqCst) as WsConn;
+    // One send on its own connection (held), one on the other loop's (which may be held by the
+    // other thread's batch), alternately first.
+    let (first, second) = if n % 2 == 0 { (own, other) } else { (other, own) };
+    for c in [first, second] {
+        let body = format!("{}{n}", x.prefix);
+        let status = send_text(c, &body);
+        assert!(matches!(status, WsStatus::Ok | WsStatus::Closing), "{status:?}");
+    }
+}
+
+/// Two clients, each dispatched by a thread of its own; each server pushes 500 messages; each
+/// message callback sends "<prefix><n>" on its own connection and on the other loop's. Each
+/// server receives both loops' messages, each loop's in order, none lost or duplicated.
+#[test]
+fn two_loops_on_two_threads_sending_on_each_others_connections_keep_each_order() {
+    const N: usize = 500;
+    let server = || {
+        serve(move |mut peer| {
+            peer.upgrade();
+            let mut writer = peer.stream.try_clone().unwrap();
+            let pusher = std::thread::spawn(move || {
+                for i in 0..N {
+                    writer.write_all(&frame(FIN | TEXT, format!("p{i}").as_bytes())).unwrap();
+                    if i % 10 == 0 {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            });
+            peer.read_timeout(Duration::from_secs(20));
+            let mut got = Vec::new();
+            while got.len() < 2 * N {
+                match peer.read_frame() {
+                    Ok(f) if f.opcode == TEXT => got.push(String::from_utf8(f.payload).unwrap()),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            pusher.join().unwrap();
+            peer.send(&close_frame(1000, ""));
+            let _ = peer.read_until_close();
+            got
+        })
+    };
+    let ((url_a, sa), (url_b, sb)) = (server(), server());
+    let (ca, cb) = (Client::new(), Client::new());
+    let options = options_with(|_| {});
+    let xa = Arc::new(Cross { rec: Recorder::default(), other: 0.into(), own: 0.into(), prefix: "A", count: 0.into() });
+    let xb = Arc::new(Cross { rec: Recorder::default(), other: 0.into(), own: 0.into(), prefix: "B", count: 0.into() });
+    let a = ca.connect_with(&url_a, options.0);
+    let b = cb.connect_with(&url_b, options.0);
+    xa.own.store(a as usize, Ordering::SeqCst);
+    xa.other.store(b as usize, Ordering::SeqCst);
+    xb.own.store(b as usize, Ordering::SeqCst);
+    xb.other.store(a as usize, Ordering::SeqCst);
+    watch(a, &xa.rec);
+    watch(b, &xb.rec);
+    assert_eq!(ws_on_message(a, Some(cross_message), user(&*xa)), WsStatus::Ok);
+    assert_eq!(ws_on_message(b, Some(cross_message), user(&*xb)), WsStatus::Ok);
+    struct SendClient(Client);
+    unsafe impl Send for SendClient {}
+    let run = |c: Client, x: Arc<Cross>, conn: WsConn| {
+        let c = SendClient(c);
+        std::thread::spawn(move || {
+            let c = c;
+            c.0.run_until_final(&x.rec, conn);
+            c
+        })
+    };
+    let ta = run(ca, xa.clone(), a);
+    let tb = run(cb, xb.clone(), b);
+    let (ca, cb) = (ta.join().unwrap(), tb.join().unwrap());
+    let (got_a, got_b) = (sa.join().unwrap(), sb.join().unwrap());
+    for (name, got) in [("A's server", &got_a), ("B's server", &got_b)] {
+        for prefix in ["A", "B"] {
+            let seq: Vec<usize> =
+                got.iter().filter_map(|t| t.strip_prefix(prefix)).map(|n| n.parse().unwrap()).collect();
+            assert!(
+                seq.windows(2).all(|w| w[1] == w[0] + 1),
+                "{name}: loop {prefix}'s messages out of order or lost: {seq:?}"
+            );
+            assert_eq!(seq.first(), Some(&0), "{name}: loop {prefix}");
+        }
+        assert_eq!(got.len(), 2 * N, "{name}");
+    }
+    drop((ca, cb));
+}
+
+// ---- 12. an urgent byte in the middle of a long burst, a FIN behind ------------------------------
+
+/// The server writes 1,000 small messages, one more followed by a TCP urgent byte (MSG_OOB:
+/// out of the stream, so the WebSocket stream stays intact; a recv stops at its mark), 1,000
+/// more and its FIN, all before the host reads (the socket is the host's). Read buffer 1 KiB:
+/// many dispatches, the urgent mark in the middle. Every message in order, one final within 3 s.
+fn urgent_in_a_burst(on: bool) {
+    let what = format!("read_on_dispatch {on}");
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (url, server) = serve(move |mut peer| {
+        use std::os::fd::AsRawFd;
+        peer.upgrade();
+        warm_up(&mut peer.stream, |_| {});
+        go_rx.recv().unwrap();
+        let first: Vec<u8> = (0..1000).flat_map(|m| frame(FIN | TEXT, burst_message(0, m).as_bytes())).collect();
+        peer.send(&first);
+        let mut urgent = frame(FIN | TEXT, burst_message(0, 1000).as_bytes());
+        urgent.push(b'!');
+        let n = unsafe { libc::send(peer.stream.as_raw_fd(), urgent.as_ptr().cast(), urgent.len(), libc::MSG_OOB) };
+        assert_eq!(n, urgent.len() as isize);
+        let rest: Vec<u8> = (1001..2001).flat_map(|m| frame(FIN | TEXT, burst_message(0, m).as_bytes())).collect();
+        peer.send(&rest);
+        peer.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let _ = peer.read_to_end();
+    });
+    let client = Client::new();
+    let options = options_with(|o| {
+        set(unsafe { ws_options_set_read_on_dispatch(o, on) });
+        set(unsafe { ws_options_set_read_buffer_size(o, 1024) });
+    });
+    let rec = Recorder::default();
+    let conn = client.connect_with(&url, options.0);
+    watch(conn, &rec);
+    assert!(pump(&client, DEADLINE, || rec.of(conn).len() == 3), "{what}: warm-up");
+    if on {
+        wait_handed(&client, 1, &what);
+    }
+    go_tx.send(()).unwrap();
+    let waiter = Waiter::new(Wait::EpollEdge, client.fd());
+    let ended = host_loop(&client, &waiter, Duration::from_secs(3), || rec.finals(conn) > 0);
+    let got = texts(&rec, conn);
+    let _ = final_within(&client, &rec, conn, Duration::from_secs(40));
+    server.join().unwrap();
+    let expected: Vec<String> = (0..2001).map(|m| burst_message(0, m)).collect();
+    eprintln!("{what}: ended {ended}, {} messages then: {:?}", got.len(), final_event(&rec, conn));
+    assert!(ended, "{what}: no final callback within 3 s ({} of 2001 messages by then)", got.len());
+    assert!(texts(&rec, conn) == expected, "{what}: {} of 2001 messages", texts(&rec, conn).len());
+    assert_eq!(rec.finals(conn), 1);
+}
+
+#[test]
+fn an_urgent_byte_in_the_middle_of_a_long_burst_with_a_fin_behind() {
+    urgent_in_a_burst(true);
+}
+
+#[test]
+fn an_urgent_byte_in_the_middle_of_a_long_burst_with_a_fin_behind_without_reading_on_dispatch() {
+    urgent_in_a_burst(false);
+}
