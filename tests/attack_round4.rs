@@ -1362,3 +1362,112 @@ fn an_urgent_byte_in_the_middle_of_a_long_burst_with_a_fin_behind() {
 fn an_urgent_byte_in_the_middle_of_a_long_burst_with_a_fin_behind_without_reading_on_dispatch() {
     urgent_in_a_burst(false);
 }
+
+// ---- 13. a send held on the outer client's other connection, released by an inner batch ---------
+
+struct Relay {
+    rec: Recorder,
+    a2: AtomicUsize,
+    b: *mut WsClient,
+    b_rec: *const Recorder,
+    b_conn: AtomicUsize,
+    outcome: Mutex<Option<bool>>,
+}
+
+unsafe extern "C" fn relay_message(conn: WsConn, data: *const u8, len: usize, kind: WsMessageKind, user: *mut c_void) {
+    let r = &*(user as *const Relay);
+    on_message(conn, data, len, kind, (&r.rec as *const Recorder).cast_mut().cast());
+    if std::slice::from_raw_parts(data, len) != b"go" {
+        return;
+    }
+    // Held until a batch ends (same client as this callback's).
+    assert_eq!(send_text(r.a2.load(Ordering::SeqCst) as WsConn, "qx"), WsStatus::Ok);
+    let b_conn = r.b_conn.load(Ordering::SeqCst) as WsConn;
+    let start = Instant::now();
+    let mut got = false;
+    while start.elapsed() < Duration::from_secs(3) {
+        if (*r.b_rec).texts(b_conn).iter().any(|t| t == "relay") {
+            got = true;
+            break;
+        }
+        readable(ws_client_fd(r.b), Duration::from_millis(20));
+        assert_eq!(ws_dispatch(r.b, std::ptr::null_mut(), std::ptr::null_mut()), WsStatus::Ok);
+    }
+    *r.outcome.lock().unwrap() = Some(got);
+}
+
+/// Client A's callback (connection A1) sends "qx" on A's other connection A2 (held: a send of
+/// the same client), then runs client B's loop until B's server relays that A2's server got
+/// "qx". B's server sends "noise" first, so a batch of B's callbacks ends inside the wait: its
+/// end releases what A's batch held ("every batch's end, also a nested one, releases what is
+/// held"), A2's server gets "qx", and the relay comes.
+#[test]
+fn a_send_held_by_the_outer_batch_is_released_by_a_nested_batchs_end() {
+    let (relay_tx, relay_rx) = mpsc::channel::<()>();
+    let (noise_tx, noise_rx) = mpsc::channel::<()>();
+    let (b_url, b_server) = serve(move |mut peer| {
+        peer.upgrade();
+        noise_rx.recv().unwrap();
+        peer.send(&frame(FIN | TEXT, b"noise"));
+        if relay_rx.recv_timeout(Duration::from_secs(5)).is_ok() {
+            peer.send(&frame(FIN | TEXT, b"relay"));
+        }
+        let _ = peer.read_until_close();
+    });
+    let (a2_url, a2_server) = serve(move |mut peer| {
+        peer.upgrade();
+        peer.read_timeout(Duration::from_secs(5));
+        let f = peer.read_frame();
+        let got = matches!(&f, Ok(f) if f.payload == b"qx");
+        if got {
+            relay_tx.send(()).unwrap();
+        }
+        let _ = peer.read_until_close();
+        got
+    });
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (a1_url, a1_server) = serve(move |mut peer| {
+        peer.upgrade();
+        go_rx.recv().unwrap();
+        peer.send(&frame(FIN | TEXT, b"go"));
+        let _ = peer.read_until_close();
+    });
+    let (a, b) = (Client::new(), Client::new());
+    let options = options_with(|_| {});
+    let b_rec = Recorder::default();
+    let b_conn = b.connect_with(&b_url, options.0);
+    watch(b_conn, &b_rec);
+    wait_open(&b, &b_rec, b_conn);
+    let relay = Relay {
+        rec: Recorder::default(),
+        a2: 0.into(),
+        b: b.0,
+        b_rec: &b_rec,
+        b_conn: (b_conn as usize).into(),
+        outcome: Mutex::new(None),
+    };
+    let a1 = a.connect_with(&a1_url, options.0);
+    let a2 = a.connect_with(&a2_url, options.0);
+    relay.a2.store(a2 as usize, Ordering::SeqCst);
+    watch(a1, &relay.rec);
+    watch(a2, &relay.rec);
+    assert_eq!(ws_on_message(a1, Some(relay_message), user(&relay)), WsStatus::Ok);
+    wait_open(&a, &relay.rec, a1);
+    assert!(pump(&a, DEADLINE, || relay.rec.of(a2).contains(&Ev::Open(a2))), "A2 open");
+    noise_tx.send(()).unwrap();
+    go_tx.send(()).unwrap();
+    assert!(pump(&a, DEADLINE, || relay.outcome.lock().unwrap().is_some()), "A's go");
+    let got = relay.outcome.lock().unwrap().unwrap();
+    for c in [a1, a2] {
+        close(c, 1000, "");
+    }
+    close(b_conn, 1000, "");
+    assert!(pump(&a, DEADLINE, || relay.rec.finals(a1) == 1 && relay.rec.finals(a2) == 1), "A finals");
+    assert!(pump(&b, DEADLINE, || b_rec.finals(b_conn) == 1), "B final");
+    let a2_got = a2_server.join().unwrap();
+    a1_server.join().unwrap();
+    b_server.join().unwrap();
+    assert!(a2_got, "A2's server never got the held send");
+    assert!(got, "the relay never came: the held send was not released by the nested batch's end");
+    assert_eq!(b_rec.texts(b_conn), ["noise", "relay"]);
+}
