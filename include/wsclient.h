@@ -476,8 +476,8 @@ ws_status ws_on_error(ws_conn conn, ws_error_cb callback, void *user);
  * copied (or written) before it returns. Before the connection opens, messages wait and go out
  * in order right after the handshake. A message of at most 16 KiB with nothing queued before
  * it is written to the socket on the calling thread with one non-blocking write (sent from
- * inside a callback of the same client, when its dispatch batch ends, together with the
- * batch's other sends);
+ * inside a callback of the same client, when its dispatch batch ends or the callback
+ * dispatches another client, together with the batch's other sends);
  * anything else, and what the socket does not take, is written by the library's I/O thread.
  * Messages go out in the order of the calls that sent them, whatever the threads.
  *

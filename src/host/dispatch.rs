@@ -159,7 +159,7 @@ impl Drop for DeferredWakes {
 }
 
 /// Writes the sends held back on this thread and wakes the tasks whose wake-ups were
-/// deferred, at the end of a batch of callbacks.
+/// deferred: at the end of a batch of callbacks, and when a callback dispatches another client.
 fn release_held() {
     // The sends held back go out first (they may wake tasks too).
     let corked = CORKED.with_borrow_mut(std::mem::take);
@@ -275,6 +275,12 @@ impl Hub {
 
     /// `dispatch`, by a caller that holds the dispatch guard.
     fn dispatch_entered(&self) -> (u32, bool) {
+        if in_callback() {
+            // A loop run from a callback of another client: what that callback's batch holds
+            // goes now (the loop may wait for its answer, and may run no callback of its own
+            // whose batch's end would release it).
+            release_held();
+        }
         let mut scratch = lock(&self.scratch);
         let DispatchScratch { connections, budgets, events, sockets, tools } = &mut *scratch;
         self.dispatches.fetch_add(1, Ordering::Relaxed);
