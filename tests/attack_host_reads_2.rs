@@ -27,27 +27,6 @@ const PONG_BOUND: Duration = Duration::from_secs(1);
 
 // ---- what the host's descriptor watches ------------------------------------------------------
 
-/// The descriptors the epoll instance `epfd` watches (from /proc/self/fdinfo).
-fn epoll_watched(epfd: i32) -> Vec<i32> {
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{epfd}")).unwrap();
-    info.lines()
-        .filter_map(|l| l.strip_prefix("tfd:"))
-        .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap())
-        .collect()
-}
-
-/// Whether the host's thread has the reading of some socket of `client` (its epoll instance
-/// watches more than the eventfd).
-fn sockets_handed(client: &Client) -> usize {
-    epoll_watched(client.fd()).len().saturating_sub(1)
-}
-
-/// Waits (dispatching whenever the fd is readable) until `n` sockets are handed to the host.
-fn wait_handed(client: &Client, n: usize, what: &str) {
-    let ok = pump(client, Duration::from_secs(10), || sockets_handed(client) == n);
-    assert!(ok, "{what}: {} sockets handed to the host's thread, expected {n}", sockets_handed(client));
-}
-
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }

@@ -46,30 +46,6 @@ const KIB16: usize = 16 << 10;
 
 // ---- helpers (as in attack_host_reads_2.rs) ---------------------------------------------------
 
-/// The descriptors the epoll instance `epfd` watches (from /proc/self/fdinfo).
-fn epoll_watched(epfd: i32) -> Vec<i32> {
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{epfd}")).unwrap();
-    info.lines()
-        .filter_map(|l| l.strip_prefix("tfd:"))
-        .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap())
-        .collect()
-}
-
-/// How many sockets of the client behind `fd` the host's thread reads.
-fn sockets_handed_fd(fd: i32) -> usize {
-    epoll_watched(fd).len().saturating_sub(1)
-}
-
-fn sockets_handed(client: &Client) -> usize {
-    sockets_handed_fd(client.fd())
-}
-
-/// Waits (dispatching whenever the fd is readable) until `n` sockets are handed to the host.
-fn wait_handed(client: &Client, n: usize, what: &str) {
-    let ok = pump(client, Duration::from_secs(10), || sockets_handed(client) == n);
-    assert!(ok, "{what}: {} sockets handed to the host's thread, expected {n}", sockets_handed(client));
-}
-
 /// Records messages in order; replies to each with `r` + its first 12 bytes when asked; notes,
 /// at each message callback, its length and whether the host's thread had the socket then.
 #[derive(Default)]

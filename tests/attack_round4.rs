@@ -27,25 +27,6 @@ const TCP_CLOSE_WAIT: u8 = 8;
 
 // ---- helpers -----------------------------------------------------------------------------------
 
-/// The descriptors the epoll instance `epfd` watches (from /proc/self/fdinfo).
-fn epoll_watched(epfd: i32) -> Vec<i32> {
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{epfd}")).unwrap();
-    info.lines()
-        .filter_map(|l| l.strip_prefix("tfd:"))
-        .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap())
-        .collect()
-}
-
-fn sockets_handed(client: &Client) -> usize {
-    epoll_watched(client.fd()).len().saturating_sub(1)
-}
-
-/// Waits (dispatching) until `n` sockets are handed to the host's thread.
-fn wait_handed(client: &Client, n: usize, what: &str) {
-    let ok = pump(client, Duration::from_secs(10), || sockets_handed(client) == n);
-    assert!(ok, "{what}: {} sockets handed to the host's thread, expected {n}", sockets_handed(client));
-}
-
 const WARM_UP: &[u8] = b"warm-up";
 
 /// Two warm-up messages (the hand-over starts from the second message).

@@ -671,6 +671,39 @@ pub fn readable(fd: i32, timeout: Duration) -> bool {
     unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) > 0 }
 }
 
+/// The descriptors the epoll instance `epfd` watches (from /proc/self/fdinfo).
+pub fn epoll_watched(epfd: i32) -> Vec<i32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{epfd}")).unwrap();
+    info.lines()
+        .filter_map(|l| l.strip_prefix("tfd:"))
+        .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// How many sockets of the client whose descriptor is `fd` the host's thread reads (its epoll
+/// instance watches them beside the eventfd).
+pub fn sockets_handed_fd(fd: i32) -> usize {
+    epoll_watched(fd).len().saturating_sub(1)
+}
+
+pub fn sockets_handed(client: &Client) -> usize {
+    sockets_handed_fd(client.fd())
+}
+
+/// Waits until `n` sockets of `client` are handed to the host's thread (at most 10 s),
+/// dispatching at least every 20 ms, readable or not, as a timer-driven host does: a host that
+/// only waits lets the watchdog find it silent after 100-200 ms without a dispatch and take
+/// every reading back, and idle connections then stay with the I/O thread until their next
+/// message (seen under AddressSanitizer, where 300 hand-overs spread over more than that).
+pub fn wait_handed(client: &Client, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sockets_handed(client) != n && Instant::now() < deadline {
+        client.wait_readable(Duration::from_millis(20));
+        client.dispatch();
+    }
+    assert_eq!(sockets_handed(client), n, "{what}: sockets handed to the host's thread");
+}
+
 /// An epoll instance, as a host's event loop has one; closed when dropped.
 pub struct Epoll(i32);
 
