@@ -1554,9 +1554,12 @@ fn crash_mid_message_timer_host(on: bool) -> (Option<Duration>, Option<Ev>) {
         go_rx.recv().unwrap();
         let mut partial = header(FIN | TEXT, 100);
         partial.extend_from_slice(b"0123456789");
+        // Named before the FIN: a client that reads it at once closes its socket, and the
+        // addresses are then gone (ENOTCONN, seen with reading on dispatch off).
+        let socket = peer.client_socket();
         peer.send(&partial);
         peer.stream.shutdown(std::net::Shutdown::Write).unwrap();
-        sent_tx.send(peer.client_socket()).unwrap();
+        sent_tx.send(socket).unwrap();
         let _ = peer.read_to_end();
     });
     let client = Client::new();
