@@ -888,17 +888,7 @@ fn send_urgent(stream: &TcpStream, bytes: &[u8]) {
 
 /// Holds back (or lets go) what is written to `stream` until a full segment (TCP_CORK).
 fn cork(stream: &TcpStream, on: bool) {
-    let value: libc::c_int = on.into();
-    let status = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(status, 0, "TCP_CORK: {}", std::io::Error::last_os_error());
+    set_int_option(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CORK, on.into());
 }
 
 /// A server sends a message followed by one urgent byte (MSG_OOB: out of the stream, so the

@@ -652,7 +652,7 @@ pub fn in_child(name: &str, env: &[(&str, &str)]) -> bool {
 
 // ---- helpers for the raw sockets ------------------------------------------------------------
 
-fn set_int_option(fd: i32, level: i32, option: i32, value: i32) {
+pub fn set_int_option(fd: i32, level: i32, option: i32, value: i32) {
     let status = unsafe {
         libc::setsockopt(
             fd,
